@@ -1,0 +1,1 @@
+"""sdexplore: look inside Stable Diffusion."""
