@@ -1,0 +1,27 @@
+"""Exceptions sdexplore raises; each message says what to do."""
+
+from __future__ import annotations
+
+
+class SdexploreError(Exception):
+    """Base class of every sdexplore error."""
+
+
+class UnsupportedPipelineError(SdexploreError, TypeError):
+    """The pipeline's class or structure is not one sdexplore can observe."""
+
+
+class ModelNotAvailableError(SdexploreError, OSError):
+    """A model could not be found locally and cannot be downloaded (offline, missing path, not cached)."""
+
+
+class UnsafeCheckpointError(SdexploreError, ValueError):
+    """A pickle-based checkpoint was refused (it can run arbitrary code when loaded)."""
+
+
+class DeviceDtypeError(SdexploreError, ValueError):
+    """The requested device/dtype combination cannot run (e.g. float16 on the CPU)."""
+
+
+class RecorderStateError(SdexploreError, RuntimeError):
+    """A recorder was entered twice on one pipeline or used outside its ``with`` block."""
