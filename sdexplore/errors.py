@@ -25,3 +25,7 @@ class DeviceDtypeError(SdexploreError, ValueError):
 
 class RecorderStateError(SdexploreError, RuntimeError):
     """A recorder was entered twice on one pipeline or used outside its ``with`` block."""
+
+
+class InterpolationError(SdexploreError, ValueError):
+    """Keyframes or interpolation inputs cannot be interpolated (too few, mismatched, degenerate)."""
