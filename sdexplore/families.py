@@ -26,7 +26,9 @@ class Family:
     text_encoders: tuple[str, ...]  # pipeline attribute names of the text encoders, in concat order
     tokenizers: tuple[str, ...]  # pipeline attribute names of the tokenizers (same order)
     latent_channels: int  # channels of the VAE latent
-    latent_rgb_factors: tuple[tuple[float, float, float], ...]  # (latent_channels, 3): latent → RGB in [-1, 1]
+    latent_rgb_factors: tuple[
+        tuple[float, float, float], ...
+    ]  # (latent_channels, 3): latent → RGB in [-1, 1]
     latent_rgb_bias: tuple[float, float, float]  # added after the factors
     pooled_text_embeds: bool  # does the UNet take a pooled text embedding (SDXL's add_text_embeds)?
     cfg_uncond_first: bool = True  # in the CFG batch the unconditional half comes first
@@ -144,7 +146,9 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
     folder = model_dir(pipe)
     if folder is not None and (folder / "latent_rgb.json").is_file():
         data = json.loads((folder / "latent_rgb.json").read_text())
-        return torch.tensor(data["factors"], dtype=torch.float32), torch.tensor(data["bias"], dtype=torch.float32)
+        return torch.tensor(data["factors"], dtype=torch.float32), torch.tensor(
+            data["bias"], dtype=torch.float32
+        )
     fam = detect_family(pipe)
     return (
         torch.tensor(fam.latent_rgb_factors, dtype=torch.float32),

@@ -161,3 +161,58 @@ def tiny_pipeline(family: FixtureFamily = "sd1", *, prediction_type: str | None 
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def sd15_shaped_pipeline(device: str = "cuda", dtype: torch.dtype = torch.float16) -> Any:
+    """A pipeline with Stable Diffusion 1.5's exact architecture and random weights (about 1.07 B parameters).
+
+    Same compute and memory as the real checkpoint, so speed and memory benchmarks are honest without
+    downloading weights. Configs follow SD 1.5's published ``config.json`` files; PNDM is replaced by DDIM.
+    """
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            bos_token_id=49406,
+            eos_token_id=49407,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=_tokenizer("<|endoftext|>"),
+        unet=unet,
+        scheduler=_scheduler("epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)

@@ -32,7 +32,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             codes.append(256 + extra)
             extra += 1
-    return dict(zip(printable, [chr(c) for c in codes]))
+    return dict(zip(printable, [chr(c) for c in codes], strict=True))
 
 
 @lru_cache(maxsize=1)
