@@ -29,3 +29,11 @@ class RecorderStateError(SdexploreError, RuntimeError):
 
 class InterpolationError(SdexploreError, ValueError):
     """Keyframes or interpolation inputs cannot be interpolated (too few, mismatched, degenerate)."""
+
+
+class WordNotFoundError(SdexploreError, LookupError):
+    """A word or token asked of a result is not in the prompt (the message lists the prompt's words)."""
+
+
+class ResultFileError(SdexploreError, ValueError):
+    """A saved result file is truncated, corrupt, or not the kind of result being loaded."""
