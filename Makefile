@@ -1,0 +1,45 @@
+# sdexplore: two commands on a fresh machine.
+#   make lab    set up .venv and open the tutorial notebooks in JupyterLab (embedded model, offline, CPU)
+#   make test   set up .venv and run the whole test suite (what CI runs)
+# Users with a GPU: install your CUDA build of torch into .venv first (see README), or pass TORCH=...
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0: on the project's CI machines pip takes a CPU build that lies on disk. Override for your machine.
+TORCH ?= torch==2.13.0
+PORT ?= 8888
+
+.PHONY: setup lab test test-fast lint bench bench-gpu clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+lab: setup
+	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/run.py --gpu
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
