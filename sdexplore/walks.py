@@ -1,0 +1,547 @@
+"""Prompt and seed walks: keyframes → per-frame conditioning and noise, rendered in batches through the pipeline."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import export
+from .errors import InterpolationError, SdexploreError
+from .families import detect_family, vae_scale_factor
+from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
+from .smoothness import Metric, SmoothnessReport, insertion_plan, smoothness_report
+from .text import EncodedPrompt, default_size, encode_prompt, stack_prompts
+
+#: Batch size the CPU heuristic never exceeds: on a 2-core CPU with the 64×64 embedded model throughput
+#: stops growing past a batch of about 8 (see benchmarks/bench_walks.py).
+CPU_MAX_BATCH = 8
+#: GPU batch cap: on an H200, SD-1.5 at 512² gives 5.0 images/s at batch 4 and 5.8 at batch 8; beyond 16
+#: nothing is gained and the last partial batch wastes more.
+CUDA_MAX_BATCH = 16
+#: Measured peak-memory slope of SD-1.5 fp16 at 512², CFG, VAE decode included (MiB per extra image, FACTS).
+_MIB_PER_IMAGE_SD15_512 = 640.0
+_FORMAT_VERSION = 1
+
+
+# ---------------------------------------------------------------- result
+
+
+@dataclass
+class Walk:
+    """A rendered walk: frames as uint8 arrays plus where each frame lies on the keyframe path."""
+
+    images: np.ndarray  # (frames, H, W, 3) uint8
+    prompts: list[str | None]  # keyframe prompts (None for a keyframe given as an EncodedPrompt)
+    seeds: list[int]  # keyframe seeds
+    segments: list[int]  # per frame: keyframe index its segment starts at
+    ts: list[float]  # per frame: position in the segment (0 = that keyframe, 1 = the next)
+    keyframe_frames: list[int]  # frame index of each keyframe
+    settings: dict[str, Any] = field(
+        default_factory=dict
+    )  # steps, guidance, size, spacing, loop, family, ...
+    summaries: list[Any] | None = None  # per-frame recorder summaries when walk(..., observe=...) was used
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> Image.Image:
+        return Image.fromarray(self.images[i])
+
+    @property
+    def pil_images(self) -> list[Image.Image]:
+        """Every frame as a PIL image."""
+        return [Image.fromarray(f) for f in self.images]
+
+    def smoothness(self, metric: Metric = "pixel", *, top: int = 3) -> SmoothnessReport:
+        """Consecutive-frame distances, 1 − Gini and largest jumps (see :mod:`sdexplore.smoothness`)."""
+        return smoothness_report(self.images, metric, top=top)
+
+    def save_gif(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
+        """Animated GIF (``rubber``: forward then back)."""
+        return export.save_gif(self.images, path, fps=fps, rubber=rubber)
+
+    def save_mp4(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
+        """H.264 MP4 (``rubber``: forward then back)."""
+        return export.save_mp4(self.images, path, fps=fps, rubber=rubber)
+
+    def save_frames(self, folder: str | Path) -> list[Path]:
+        """One PNG per frame."""
+        return export.save_frames(self.images, folder)
+
+    def save_grid(self, path: str | Path, *, cols: int | None = None) -> Path:
+        """All frames tiled into one PNG."""
+        return export.save_grid(self.images, path, cols=cols)
+
+    def save(self, path: str | Path) -> Path:
+        """Save as ``path`` (safetensors: the frames) + ``path.json`` (everything else). Never pickle."""
+        path = Path(path)
+        meta = {
+            "format": "sdexplore.Walk",
+            "version": _FORMAT_VERSION,
+            "frames": len(self),
+            "prompts": self.prompts,
+            "seeds": self.seeds,
+            "segments": self.segments,
+            "ts": self.ts,
+            "keyframe_frames": self.keyframe_frames,
+            "settings": self.settings,
+            "summaries": self.summaries,
+        }
+        try:
+            text = json.dumps(meta)
+        except TypeError as err:
+            raise SdexploreError(
+                f"Walk metadata is not JSON-serialisable ({err}); keep per-frame summaries to plain numbers/lists."
+            ) from err
+        save_file(
+            {"images": np.ascontiguousarray(self.images)}, str(path), metadata={"format": "sdexplore.Walk"}
+        )
+        Path(str(path) + ".json").write_text(text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Walk:
+        """Load a walk written by :meth:`save`; a missing, truncated or mismatched file raises a clear error."""
+        path = Path(path)
+        meta_path = Path(str(path) + ".json")
+        if not path.is_file() or not meta_path.is_file():
+            raise SdexploreError(f"Need both {path} and {meta_path} (written by Walk.save).")
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = load_file(str(path))["images"]
+        except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as err:
+            raise SdexploreError(f"{path} is not a readable sdexplore walk ({err}); save it again.") from err
+        if meta.get("format") != "sdexplore.Walk" or meta.get("version") != _FORMAT_VERSION:
+            raise SdexploreError(f"{meta_path} is not a version-{_FORMAT_VERSION} sdexplore walk.")
+        if images.shape[0] != meta["frames"] or len(meta["ts"]) != meta["frames"]:
+            raise SdexploreError(
+                f"{path} holds {images.shape[0]} frames but its metadata says {meta['frames']}: the pair does not match."
+            )
+        return cls(
+            images=images,
+            prompts=meta["prompts"],
+            seeds=meta["seeds"],
+            segments=meta["segments"],
+            ts=meta["ts"],
+            keyframe_frames=meta["keyframe_frames"],
+            settings=meta["settings"],
+            summaries=meta["summaries"],
+        )
+
+
+# ---------------------------------------------------------------- keyframes
+
+
+@dataclass
+class _Keyframes:
+    """Encoded prompts and initial noises of the keyframes, on the pipeline's device."""
+
+    encoded: list[EncodedPrompt]
+    noises: list[torch.Tensor]  # each (1, C, h, w), unscaled N(0, I) exactly as the pipeline would draw it
+    seeds: list[int]
+    loop: bool
+
+
+def _broadcast(name: str, values: list[Any], n: int) -> list[Any]:
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise InterpolationError(
+            f"{name} has {len(values)} entries but there are {n} keyframes: give one, or one per keyframe."
+        )
+    return values
+
+
+def _seed_noise(
+    pipe: Any, seed: int, shape: tuple[int, ...], dtype: torch.dtype, gen_device: torch.device
+) -> Any:
+    """The pipeline's own draw for ``seed``: ``randn_tensor(shape, generator=Generator(gen_device).manual_seed(seed))``.
+
+    Returns ``(noise, generator)``; the generator has advanced past the noise, as in a plain call, so passing it on
+    to the pipeline reproduces a stochastic scheduler's later draws too.
+    """
+    g = torch.Generator(gen_device).manual_seed(int(seed))
+    noise = randn_tensor(shape, generator=g, device=pipe._execution_device, dtype=dtype)
+    return noise, g
+
+
+def _keyframes(
+    pipe: Any,
+    prompts: Any,
+    seeds: Any,
+    negative_prompt: Any,
+    *,
+    height: int,
+    width: int,
+    loop: bool,
+    gen_device: torch.device,
+) -> _Keyframes:
+    fam = detect_family(pipe)
+    prompts_l = [prompts] if isinstance(prompts, str | EncodedPrompt) else list(prompts)
+    seeds_l = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not prompts_l or not seeds_l:
+        raise InterpolationError("walk needs at least one prompt and one seed.")
+    n = max(len(prompts_l), len(seeds_l))
+    if n < 2:
+        raise InterpolationError(
+            "A walk needs at least 2 keyframes: give 2+ prompts, 2+ seeds, or both (e.g. seeds=[0, 1])."
+        )
+    prompts_l = _broadcast("prompts", prompts_l, n)
+    seeds_l = [int(s) for s in _broadcast("seeds", seeds_l, n)]
+    negs = _broadcast(
+        "negative_prompt", [negative_prompt] if not isinstance(negative_prompt, list) else negative_prompt, n
+    )
+    cache: dict[tuple[str, str | None], EncodedPrompt] = {}
+    encoded = []
+    for p, neg in zip(prompts_l, negs):
+        if isinstance(p, EncodedPrompt):
+            if p.family != fam.name:
+                raise InterpolationError(
+                    f"Keyframe encoded for {p.family} but the pipeline is {fam.name}: encode it with this pipeline."
+                )
+            encoded.append(p)
+            continue
+        if (p, neg) not in cache:
+            cache[(p, neg)] = encode_prompt(pipe, p, neg, height=height, width=width)
+        encoded.append(cache[(p, neg)])
+    shapes = {tuple(e.prompt_embeds.shape) for e in encoded}
+    if len(shapes) > 1:
+        raise InterpolationError(
+            f"Keyframe embeddings have different shapes {sorted(shapes)}; they must match."
+        )
+    shape = (
+        1,
+        pipe.unet.config.in_channels,
+        height // vae_scale_factor(pipe),
+        width // vae_scale_factor(pipe),
+    )
+    dtype = encoded[0].prompt_embeds.dtype
+    noises = [_seed_noise(pipe, s, shape, dtype, gen_device)[0] for s in seeds_l]
+    return _Keyframes(encoded, noises, seeds_l, loop)
+
+
+def _frame_inputs(
+    keys: _Keyframes, positions: Sequence[tuple[int, float]]
+) -> tuple[EncodedPrompt, torch.Tensor]:
+    """Conditioning (batch of frames) and unscaled initial noise ``(frames, C, h, w)`` at ``(segment, t)`` positions."""
+    n = len(keys.encoded)
+    conds, noises = [], []
+    for seg, t in positions:
+        a, b = keys.encoded[seg], keys.encoded[(seg + 1) % n]
+        conds.append(a.combine([b], lambda x, y, t=t: slerp(x, y, t), text=None))  # per-token slerp
+        noises.append(noise_slerp(keys.noises[seg], keys.noises[(seg + 1) % n], t))  # (1, C, h, w)
+    return stack_prompts(conds), torch.cat(noises)  # (frames, C, h, w)
+
+
+def _frame_generator(
+    keys: _Keyframes, seg: int, t: float, noise: torch.Tensor, gen_device: torch.device
+) -> Any:
+    """Generator for a frame's later random draws (stochastic schedulers): the nearer keyframe's seed, advanced."""
+    k = seg if t < 0.5 else (seg + 1) % len(keys.seeds)
+    g = torch.Generator(gen_device).manual_seed(keys.seeds[k])
+    randn_tensor(
+        tuple(noise.shape), generator=g, device=noise.device, dtype=noise.dtype
+    )  # advance as a plain call
+    return g
+
+
+# ---------------------------------------------------------------- batch size
+
+
+def _per_frame_mib(pipe: Any, height: int, width: int, guidance: bool) -> float:
+    """Rough peak-memory cost of one more frame in a batch, scaled from the SD-1.5 fp16 512² measurement."""
+    dtype_bytes = torch.finfo(pipe.unet.dtype).bits / 8
+    width_factor = pipe.unet.config.block_out_channels[0] / 320
+    cfg = 1.0 if guidance else 0.5
+    return (
+        _MIB_PER_IMAGE_SD15_512
+        * (height * width / 512**2)
+        * (dtype_bytes / 2)
+        * max(width_factor, 0.05)
+        * cfg
+    )
+
+
+def auto_batch_size(
+    pipe: Any, frames: int, *, height: int | None = None, width: int | None = None, guidance: bool = True
+) -> int:
+    """A batch size for ``frames`` frames on this pipeline's device.
+
+    CUDA: as many frames as fit in 80% of the free memory at the estimated per-frame cost, at most
+    :data:`CUDA_MAX_BATCH`. CPU: :data:`CPU_MAX_BATCH` (measured). The result is then evened out so the last
+    batch is not nearly empty (24 frames at a cap of 16 → 2 batches of 12).
+    """
+    if height is None or width is None:
+        height, width = default_size(pipe)
+    device = pipe._execution_device
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fit = int(0.8 * free / 2**20 // _per_frame_mib(pipe, height, width, guidance))
+        cap = max(1, min(CUDA_MAX_BATCH, fit))
+    else:
+        cap = CPU_MAX_BATCH
+    cap = max(1, min(cap, frames))
+    n_batches = math.ceil(frames / cap)
+    return math.ceil(frames / n_batches)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
+    """The default of ``pipe.__call__``'s ``name`` argument (SDXL's guidance is 5.0, SD's 7.5)."""
+    param = inspect.signature(pipe.__call__).parameters.get(name)
+    return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _observe_fn() -> Callable[..., Any]:
+    try:
+        from .observe import observe  # lazy: walks work without the recorders
+    except ImportError as err:
+        raise SdexploreError(
+            "walk(..., observe=...) needs sdexplore.observe, which this install lacks; upgrade sdexplore or drop observe."
+        ) from err
+    return observe
+
+
+def default_summary(obs: Any, index: int) -> Any:
+    """Per-frame summary kept from an observation: ``obs.frame_summary(index)`` if the recorder offers one, else None."""
+    fn = getattr(obs, "frame_summary", None)
+    return fn(index) if callable(fn) else None
+
+
+def _render(
+    pipe: Any,
+    keys: _Keyframes,
+    positions: Sequence[tuple[int, float]],
+    *,
+    batch_size: int,
+    gen_device: torch.device,
+    call_kwargs: dict[str, Any],
+    observe: dict[str, Any] | None,
+    summarize: Callable[[Any, int], Any],
+    progress: bool,
+) -> tuple[np.ndarray, list[Any] | None]:
+    """Render frames at ``positions`` in batches; returns ``(images (N, H, W, 3) uint8, summaries or None)``."""
+    images: list[np.ndarray] = []
+    summaries: list[Any] | None = [] if observe is not None else None
+    observe_fn = _observe_fn() if observe is not None else None
+    had_config = hasattr(pipe, "_progress_bar_config")
+    saved_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)  # one walk-level bar instead of one per batch
+    try:
+        with tqdm(total=len(positions), desc="walk", unit="frame", disable=not progress) as bar:
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                cond, noise = _frame_inputs(keys, chunk)
+                gens = [_frame_generator(keys, s, t, noise[:1], gen_device) for s, t in chunk]
+                kwargs = dict(
+                    call_kwargs, **cond.pipe_kwargs(), latents=noise, generator=gens, output_type="np"
+                )
+                if observe_fn is not None:
+                    with observe_fn(pipe, **observe) as obs:
+                        out = pipe(**kwargs)
+                    summaries.extend(summarize(obs, i) for i in range(len(chunk)))  # type: ignore[union-attr]
+                    del obs
+                else:
+                    out = pipe(**kwargs)
+                frames = np.asarray(out.images)  # (B, H, W, 3) float in [0, 1]
+                images.append((np.clip(frames, 0, 1) * 255).round().astype(np.uint8))
+                bar.update(len(chunk))
+    finally:
+        if had_config:
+            pipe._progress_bar_config = saved_config
+        else:
+            del pipe._progress_bar_config
+    return np.concatenate(images), summaries
+
+
+def walk(
+    pipe: Any,
+    prompts: str | EncodedPrompt | Sequence[str | EncodedPrompt],
+    seeds: int | Sequence[int] = 0,
+    frames: int = 16,
+    *,
+    batch_size: int | None = None,
+    negative_prompt: str | list[str | None] | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    spacing: Spacing = "even",
+    loop: bool = False,
+    generator_device: str | torch.device | None = None,
+    observe: dict[str, Any] | None = None,
+    summarize: Callable[[Any, int], Any] = default_summary,
+    progress: bool = True,
+    **pipe_kwargs: Any,
+) -> Walk:
+    """Walk between keyframes (prompts, seeds or both) and render ``frames`` images in batches.
+
+    Keyframe ``i`` is ``(prompts[i], seeds[i])``; a single prompt or seed is shared by all keyframes. Prompt
+    embeddings (and SDXL's pooled ones) are slerped per token, the initial noise is slerped as one vector
+    (keeping its norm), and each keyframe lands exactly on a frame, equal to ``pipe(prompt,
+    generator=torch.Generator(generator_device).manual_seed(seed))`` (``generator_device`` defaults to the
+    pipeline's device). Frames do not depend on ``batch_size`` (default: :func:`auto_batch_size`).
+    ``num_inference_steps``, ``guidance_scale``, ``height``, ``width`` default to the pipeline's own defaults.
+    ``spacing="ease"`` slows down near keyframes; ``loop=True`` returns to the first keyframe seamlessly.
+    ``observe``: keyword arguments for ``sdexplore.observe`` to record every frame; only ``summarize(obs, i)`` of
+    each frame is kept (bounded memory). Other keyword arguments go to the pipeline; its scheduler is used as set.
+    """
+    if frames < 2:
+        raise InterpolationError(f"frames must be at least 2, got {frames}.")
+    if "prompt" in pipe_kwargs or "latents" in pipe_kwargs or "generator" in pipe_kwargs:
+        raise InterpolationError(
+            "walk sets prompt embeddings, latents and generators itself; pass prompts= and seeds=."
+        )
+    if height is None or width is None:
+        dh, dw = default_size(pipe)
+        height, width = height or dh, width or dw
+    num_inference_steps = num_inference_steps or _call_default(pipe, "num_inference_steps", 50)
+    guidance_scale = _call_default(pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale
+    gen_device = torch.device(generator_device) if generator_device is not None else pipe._execution_device
+    keys = _keyframes(
+        pipe, prompts, seeds, negative_prompt, height=height, width=width, loop=loop, gen_device=gen_device
+    )
+    schedule: KeyframeSchedule = keyframe_schedule(len(keys.seeds), frames, spacing=spacing, loop=loop)
+    if batch_size is None:
+        batch_size = auto_batch_size(pipe, frames, height=height, width=width, guidance=guidance_scale > 1)
+    if batch_size < 1:
+        raise InterpolationError(f"batch_size must be at least 1, got {batch_size}.")
+    call_kwargs = dict(
+        pipe_kwargs,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+    )
+    positions = list(zip(schedule.segments, schedule.ts))
+    images, summaries = _render(
+        pipe,
+        keys,
+        positions,
+        batch_size=batch_size,
+        gen_device=gen_device,
+        call_kwargs=call_kwargs,
+        observe=observe,
+        summarize=summarize,
+        progress=progress,
+    )
+    settings = {
+        "family": detect_family(pipe).name,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "height": height,
+        "width": width,
+        "spacing": spacing,
+        "loop": loop,
+        "batch_size": batch_size,
+        "scheduler": type(pipe.scheduler).__name__,
+        "negative_prompt": negative_prompt,
+        "generator_device": str(gen_device),
+    }
+    return Walk(
+        images=images,
+        prompts=[e.prompt for e in keys.encoded],
+        seeds=keys.seeds,
+        segments=schedule.segments,
+        ts=schedule.ts,
+        keyframe_frames=schedule.keyframe_frames,
+        settings=settings,
+        summaries=summaries,
+    )
+
+
+def refine(
+    pipe: Any,
+    result: Walk,
+    extra: int,
+    *,
+    metric: Metric = "pixel",
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Walk:
+    """Insert ``extra`` frames where the walk jumps most (adaptive refinement), re-rendered with the same settings.
+
+    Each largest step (after greedy splitting, :func:`~sdexplore.smoothness.insertion_plan`) gets frames at evenly
+    spaced positions between its two frames' path positions. Keyframes given as text only (prompts not None).
+    Returns a new :class:`Walk`; existing frames are reused, not re-rendered.
+    """
+    if any(p is None for p in result.prompts):
+        raise InterpolationError("refine needs text keyframes; this walk had EncodedPrompt keyframes.")
+    s = result.settings
+    gen_device = torch.device(s["generator_device"])
+    keys = _keyframes(
+        pipe,
+        result.prompts,
+        result.seeds,
+        s["negative_prompt"],
+        height=s["height"],
+        width=s["width"],
+        loop=s["loop"],
+        gen_device=gen_device,
+    )
+    counts = insertion_plan(smoothness_report(result.images, metric).distances, extra)
+    n_keys = len(result.prompts)
+    new_pos: list[tuple[int, float]] = []
+    after: list[int] = []  # index of the original frame each new frame follows
+    for i, m in enumerate(counts):
+        (s0, t0), (s1, t1) = (result.segments[i], result.ts[i]), (result.segments[i + 1], result.ts[i + 1])
+        if s1 != s0:  # next frame starts a new segment: measure it as t = 1 of this one
+            t1 = 1.0 if t1 == 0.0 and (s1 == (s0 + 1) % n_keys) else t1
+            s1 = s0
+        for j in range(1, m + 1):
+            new_pos.append((s0, t0 + (t1 - t0) * j / (m + 1)))
+            after.append(i)
+    if not new_pos:
+        return result
+    call_kwargs = {
+        "num_inference_steps": s["num_inference_steps"],
+        "guidance_scale": s["guidance_scale"],
+        "height": s["height"],
+        "width": s["width"],
+    }
+    bs = batch_size or auto_batch_size(pipe, len(new_pos), height=s["height"], width=s["width"])
+    images, _ = _render(
+        pipe,
+        keys,
+        new_pos,
+        batch_size=bs,
+        gen_device=gen_device,
+        call_kwargs=call_kwargs,
+        observe=None,
+        summarize=default_summary,
+        progress=progress,
+    )
+    order: list[tuple[float, int, int]] = [
+        (i, 0, i) for i in range(len(result))
+    ]  # (sort key, new?, source index)
+    order += [(a + (k + 1) / (len(new_pos) + 2) * 1e-3 + 0.5, 1, k) for k, a in enumerate(after)]
+    order.sort()
+    all_images = [result.images[src] if new == 0 else images[src] for _, new, src in order]
+    segs = [result.segments[src] if new == 0 else new_pos[src][0] for _, new, src in order]
+    ts = [result.ts[src] if new == 0 else new_pos[src][1] for _, new, src in order]
+    key_frames = [k for k, (_, new, src) in enumerate(order) if new == 0 and src in result.keyframe_frames]
+    return Walk(
+        images=np.stack(all_images),
+        prompts=result.prompts,
+        seeds=result.seeds,
+        segments=segs,
+        ts=ts,
+        keyframe_frames=key_frames,
+        settings=dict(s, refined=s.get("refined", 0) + len(new_pos)),
+        summaries=None,
+    )
