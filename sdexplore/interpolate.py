@@ -189,7 +189,7 @@ def interpolate_path(
         raise InterpolationError(f"Unknown method {method!r}; choose 'slerp', 'noise' or 'lerp'.")
     n = len(keyframes)
     out = []
-    for seg, t in zip(schedule.segments, schedule.ts):
+    for seg, t in zip(schedule.segments, schedule.ts, strict=True):
         a, b = keyframes[seg], keyframes[(seg + 1) % n]
         out.append(fn(a, b, t))
     return torch.stack(out)

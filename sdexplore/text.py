@@ -159,7 +159,7 @@ class PromptInfo:
     def table(self, *, padding: bool = False) -> str:
         """A plain-text table: position, kind, id, token, norm (padding rows only if asked)."""
         rows = [f"{'pos':>3}  {'kind':<4}  {'id':>5}  {'token':<20}  norm"]
-        for i, (tok, id_, kind) in enumerate(zip(self.tokens, self.ids, self.kinds)):
+        for i, (tok, id_, kind) in enumerate(zip(self.tokens, self.ids, self.kinds, strict=True)):
             if kind == "pad" and not padding:
                 continue
             rows.append(f"{i:>3}  {kind:<4}  {id_:>5}  {tok:<20}  {self.norms[i].item():.3f}")
@@ -220,13 +220,15 @@ class PromptComparison:
     @property
     def mean_words(self) -> float:
         """Mean per-token cosine over positions that are words (or BOS/EOS) in either prompt, padding excluded."""
-        keep = torch.tensor([ka != "pad" or kb != "pad" for ka, kb in zip(self.a.kinds, self.b.kinds)])
+        keep = torch.tensor(
+            [ka != "pad" or kb != "pad" for ka, kb in zip(self.a.kinds, self.b.kinds, strict=True)]
+        )
         return float(self.per_token[keep].mean())
 
     def table(self) -> str:
         """A plain-text table of the non-padding positions: token in A, token in B, cosine."""
         rows = [f"{'pos':>3}  {'A':<18}  {'B':<18}  cosine"]
-        for i, (ta, tb) in enumerate(zip(self.a.tokens, self.b.tokens)):
+        for i, (ta, tb) in enumerate(zip(self.a.tokens, self.b.tokens, strict=True)):
             if self.a.kinds[i] == "pad" and self.b.kinds[i] == "pad":
                 continue
             rows.append(f"{i:>3}  {ta:<18}  {tb:<18}  {self.per_token[i].item():+.3f}")

@@ -206,7 +206,7 @@ def _keyframes(
     )
     cache: dict[tuple[str, str | None], EncodedPrompt] = {}
     encoded = []
-    for p, neg in zip(prompts_l, negs):
+    for p, neg in zip(prompts_l, negs, strict=True):
         if isinstance(p, EncodedPrompt):
             if p.family != fam.name:
                 raise InterpolationError(
@@ -428,7 +428,7 @@ def walk(
         height=height,
         width=width,
     )
-    positions = list(zip(schedule.segments, schedule.ts))
+    positions = list(zip(schedule.segments, schedule.ts, strict=True))
     images, summaries = _render(
         pipe,
         keys,
