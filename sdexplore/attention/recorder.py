@@ -1,0 +1,480 @@
+"""AttentionRecorder: a context manager that captures cross-attention maps per token while the pipeline runs."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import RecorderStateError, UnsupportedPipelineError
+from ..families import detect_family, vae_scale_factor
+from ..heatmaps import resize
+from .maps import AttentionMaps
+from .processor import CapturingAttnProcessor, is_reproducible
+from .tokens import TokenList, tokenize_prompt, unlabelled
+
+LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+_ACTIVE: set[int] = set()  # id() of pipelines with an AttentionRecorder attached
+
+
+class AttentionRecorder:
+    """Record cross-attention maps per token of every pipeline call made inside the ``with`` block.
+
+    ::
+
+        with AttentionRecorder(pipe) as rec:
+            image = pipe("a big red circle on a blue background").images[0]
+        rec.maps.word("circle")            # (64, 64) for SD 1.5 at 512², raw attention mass
+
+    Only the cross-attention layers get a capturing processor (self-attention keeps its fast kernel); the
+    previous processor objects, the UNet's hooks and ``pipe.encode_prompt`` are restored on exit, also after
+    an exception or KeyboardInterrupt. Maps are reduced on the device as the run goes: conditional half of
+    the CFG batch, mean over heads, per-step maps at ``step_resolution``, a running per-layer sum; nothing is
+    copied to the host until the maps are read, so there is no synchronisation per layer.
+
+    Args:
+        pipe: a Stable Diffusion 1.x / 2.x / XL pipeline.
+        layers: restrict capture to cross-attention layers whose name contains this substring (or any of these
+            substrings), or for which this callable returns True; e.g. ``"up_blocks"``. Default: all.
+        scales: keep only layers at these downsampling factors of the latent (1 = full latent resolution, 2 =
+            half, ...; SD 1.5 at 512²: 1 → 64×64, 4 → 16×16). Other layers run their original processor.
+        step_resolution: size of the per-step maps (for timestep scrubbing): an int caps the longer side (the
+            latent's aspect ratio is kept, never above the latent size), a ``(h, w)`` pair is exact, ``None``
+            records no per-step maps. Default 16.
+        per_head: also keep per-layer maps per head (``maps.layer_heads``), not just the head mean.
+        negative: also record the negative / unconditional half of the CFG batch (``maps.negative``).
+        keep_probs: keep every probability tensor (``maps.probs``), in the pipeline's dtype. Costly: SD 1.5,
+            512², 50 steps, one image: 16 layers × 8 heads × 26,944 queries × 77 keys × 50 steps × 2 bytes ≈
+            1.7 GB for the conditional half (3.3 GB with ``negative=True``), held on the device until read.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        layers: LayerFilter = None,
+        scales: Collection[int] | None = None,
+        step_resolution: int | tuple[int, int] | None = 16,
+        per_head: bool = False,
+        negative: bool = False,
+        keep_probs: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.family = detect_family(pipe)
+        unet = getattr(pipe, "unet", None)
+        if unet is None or not hasattr(unet, "attn_processors"):
+            raise UnsupportedPipelineError(
+                f"{type(pipe).__name__} has no UNet with attention processors; attention maps need one."
+            )
+        cross = self.family.cross_attention_layers(unet)
+        if not cross:
+            raise UnsupportedPipelineError(
+                f"No cross-attention layers found in {type(unet).__name__}: this UNet is not text-conditioned "
+                "through cross-attention, so there are no per-token maps to record."
+            )
+        self._selected = _select_layers(cross, layers)
+        #: Module names of the selected cross-attention layers.
+        self.layer_names = [n.removesuffix(".processor") for n in self._selected]
+        if scales is not None:
+            scales = {int(s) for s in scales}
+            if not scales or any(s < 1 or s & (s - 1) for s in scales):
+                raise ValueError(
+                    f"scales must be powers of two ≥ 1 (1 = latent resolution), got {sorted(scales)}."
+                )
+        self.scales = scales
+        if step_resolution is not None:
+            sr = (
+                (step_resolution, step_resolution)
+                if isinstance(step_resolution, int)
+                else tuple(step_resolution)
+            )
+            if len(sr) != 2 or min(sr) < 1:
+                raise ValueError(
+                    f"step_resolution must be a positive int, a (h, w) pair or None; got {step_resolution!r}."
+                )
+        self.step_resolution = step_resolution
+        self.per_head = bool(per_head)
+        self.negative = bool(negative)
+        self.keep_probs = bool(keep_probs)
+        #: Module names of selected cross-attention layers left untouched (their processor is not plain attention).
+        self.skipped_layers: list[str] = []
+        self._inside = False
+        self._entered_once = False
+        self._maps: AttentionMaps | None = None
+        self._reset_run()
+
+    # ---- context manager ----------------------------------------------------------------------------------
+    def __enter__(self) -> AttentionRecorder:
+        if self._inside:
+            raise RecorderStateError(
+                "This AttentionRecorder is already active; leave its `with` block first."
+            )
+        if id(self.pipe) in _ACTIVE:
+            raise RecorderStateError(
+                "An AttentionRecorder is already attached to this pipeline. Use one recorder per pipeline at a "
+                "time: leave the first `with` block before entering another."
+            )
+        unet = self.pipe.unet
+        procs = dict(unet.attn_processors)
+        if any(isinstance(p, CapturingAttnProcessor) for p in procs.values()):
+            raise RecorderStateError(
+                "This pipeline still carries sdexplore capturing processors (a recorder that was never exited?). "
+                "Restore its processors, e.g. pipe.unet.set_default_attn_processor(), then try again."
+            )
+        capture = [n for n in self._selected if is_reproducible(procs[n])]
+        skipped = [n for n in self._selected if not is_reproducible(procs[n])]
+        self.skipped_layers = [n.removesuffix(".processor") for n in skipped]
+        if not capture:
+            kinds = sorted({type(procs[n]).__name__ for n in self._selected})
+            raise UnsupportedPipelineError(
+                f"Cannot capture attention: every selected cross-attention layer uses a processor sdexplore cannot "
+                f"reproduce exactly ({', '.join(kinds)}). Reset them with pipe.unet.set_default_attn_processor() "
+                "(this discards what those processors do) or record without them."
+            )
+        if self.skipped_layers:
+            kinds = sorted({type(procs[n]).__name__ for n in skipped})
+            warnings.warn(
+                f"AttentionRecorder left {len(self.skipped_layers)} cross-attention layer(s) untouched because "
+                f"their processor ({', '.join(kinds)}) is not plain attention; maps cover the other "
+                f"{len(capture)} layer(s). See recorder.skipped_layers.",
+                stacklevel=2,
+            )
+        self._originals = procs
+        new = dict(procs)
+        for name in capture:
+            new[name] = CapturingAttnProcessor(name, procs[name], self._sink, self._gate)
+        self._hook = None
+        self._encode_wrapper = None
+        _ACTIVE.add(id(self.pipe))
+        self._inside = True
+        try:
+            unet.set_attn_processor(dict(new))  # set_attn_processor pops from the dict it gets: pass a copy
+            self._hook = unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)
+            self._wrap_encode_prompt()
+        except BaseException:
+            self._restore()
+            raise
+        self._captured = capture
+        self._maps = None
+        self._reset_run()
+        self._entered_once = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._restore()
+        if exc_type is None:
+            self._maps = self._build() if self._timesteps else None
+        else:
+            try:  # keep what was recorded before the error (e.g. an interrupted run), never mask the error
+                self._maps = self._build() if self._timesteps else None
+            except Exception:
+                self._maps = None
+        self._release_device_state()
+
+    def _restore(self) -> None:
+        try:
+            if getattr(self, "_hook", None) is not None:
+                self._hook.remove()
+                self._hook = None
+            self._unwrap_encode_prompt()
+            if getattr(self, "_originals", None) is not None:
+                self.pipe.unet.set_attn_processor(dict(self._originals))
+                self._originals = None
+        finally:
+            _ACTIVE.discard(id(self.pipe))
+            self._inside = False
+
+    # ---- results ------------------------------------------------------------------------------------------
+    @property
+    def maps(self) -> AttentionMaps:
+        """The maps of the last pipeline call made in the ``with`` block (readable inside it, after a call)."""
+        if self._inside and self._timesteps:
+            return self._build()
+        if self._maps is None:
+            if not self._entered_once:
+                raise RecorderStateError(
+                    "Nothing recorded yet: use `with AttentionRecorder(pipe) as rec:` and call pipe(...) inside."
+                )
+            raise RecorderStateError(
+                "No denoising step was recorded: call the pipeline inside the `with` block."
+            )
+        return self._maps
+
+    # ---- run state ----------------------------------------------------------------------------------------
+    def _reset_run(self) -> None:
+        self._timesteps: list[torch.Tensor] = []
+        self._latent_size: tuple[int, int] | None = None
+        self._sel = slice(None)
+        self._split: int | None = None
+        self._layer_hw: dict[str, tuple[int, int]] = {}
+        self._hw_cache: dict[tuple[int, int, int], tuple[int, int] | None] = {}
+        self._layer_sum: dict[str, torch.Tensor] = {}
+        self._layer_count: dict[str, int] = {}
+        self._head_sum: dict[str, torch.Tensor] = {}
+        self._probs: dict[str, list[torch.Tensor]] = {}
+        self._step_acc: dict[tuple[int, int], torch.Tensor] = {}
+        self._step_layers = 0
+        self._steps: list[torch.Tensor] = []
+        self._prompt_rows: tuple[list[TokenList], list[TokenList]] | None = None
+        self._num_keys = 77
+
+    def _release_device_state(self) -> None:
+        maps = self._maps
+        self._reset_run()
+        self._maps = maps
+
+    def _wrap_encode_prompt(self) -> None:
+        pipe = self.pipe
+        original = getattr(pipe, "encode_prompt", None)
+        if original is None:
+            return
+        self._had_own_encode = "encode_prompt" in pipe.__dict__
+        self._orig_encode = original
+        try:
+            signature = inspect.signature(original)
+        except (TypeError, ValueError):
+            signature = None
+
+        @functools.wraps(original)
+        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            if self._inside and signature is not None:
+                self._on_encode_prompt(signature, args, kwargs)
+            return original(*args, **kwargs)
+
+        pipe.__dict__["encode_prompt"] = encode_prompt  # instance attribute only; the class is untouched
+        self._encode_wrapper = encode_prompt
+
+    def _unwrap_encode_prompt(self) -> None:
+        wrapper = getattr(self, "_encode_wrapper", None)
+        if wrapper is None:
+            return
+        if self.pipe.__dict__.get("encode_prompt") is wrapper:
+            if self._had_own_encode:
+                self.pipe.__dict__["encode_prompt"] = self._orig_encode
+            else:
+                del self.pipe.__dict__["encode_prompt"]
+        self._encode_wrapper = None
+
+    # ---- hooks --------------------------------------------------------------------------------------------
+    def _on_encode_prompt(self, signature: inspect.Signature, args: tuple, kwargs: dict) -> None:
+        """A new pipeline call begins: start a fresh run and label its rows with the prompt's tokens."""
+        self._reset_run()
+        try:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            return
+        prompt = bound.get("prompt")
+        if prompt is None:
+            return  # prompt_embeds passed directly: rows stay unlabelled
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = int(bound.get("num_images_per_prompt") or 1)
+        negative = bound.get("negative_prompt")
+        negatives = (
+            [negative or ""] * len(prompts)
+            if negative is None or isinstance(negative, str)
+            else list(negative)
+        )
+        prompt_2 = bound.get("prompt_2")
+        if prompt_2 is not None and prompt_2 != prompt:
+            warnings.warn(
+                "prompt_2 differs from prompt: SDXL's keys mix both encoders position by position, and maps are "
+                "labelled with prompt's tokens (pipe.tokenizer).",
+                stacklevel=4,
+            )
+        tok = self.pipe.tokenizer
+        cond = [tokenize_prompt(tok, p) for p in prompts for _ in range(n)]
+        neg = [tokenize_prompt(tok, p) for p in negatives for _ in range(n)]
+        for tl in cond:
+            if tl.truncated:
+                warnings.warn(
+                    f"The prompt is longer than {len(tl.ids)} tokens; the text encoder never saw these and they have "
+                    f"no map: {' '.join(t.removesuffix('</w>') for t in tl.truncated)!r} (listed in maps.truncated).",
+                    stacklevel=4,
+                )
+        self._prompt_rows = (cond, neg)
+
+    def _on_unet(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """UNet pre-hook: close the previous step, note this step's timestep, latent size and CFG layout."""
+        self._close_step()
+        sample = args[0] if args else kwargs["sample"]
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
+        self._timesteps.append(
+            torch.as_tensor(timestep).detach().reshape(-1)[0].float().clone()
+        )  # () on device
+        size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self._latent_size is not None and size != self._latent_size:
+            raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
+        self._latent_size = size
+        if context is not None:
+            self._num_keys = int(context.shape[1])
+        rows = int(sample.shape[0])
+        try:
+            cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False))
+        except (AttributeError, TypeError):
+            cfg = False
+        cfg = cfg and rows % 2 == 0
+        half = rows // 2
+        if cfg and self.negative:
+            self._sel, self._split = slice(None), half  # uncond rows first, then cond rows
+        elif cfg:
+            self._sel, self._split = slice(half, rows), None
+        else:
+            self._sel, self._split = slice(None), None
+        self._cfg = cfg
+
+    def _grid(self, seq_len: int) -> tuple[int, int] | None:
+        """(h, w) of a layer's query grid from its sequence length and the latent size (any aspect ratio)."""
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        key = (seq_len, H, W)
+        if key not in self._hw_cache:
+            found = None
+            for k in range(8):
+                h, w = math.ceil(H / 2**k), math.ceil(W / 2**k)  # stride-2 convs round up
+                if h * w == seq_len:
+                    found = (h, w)
+                    break
+            self._hw_cache[key] = found
+        return self._hw_cache[key]
+
+    def _gate(self, name: str, seq_len: int) -> bool:
+        if not self._inside or self._latent_size is None:
+            return False
+        hw = self._grid(seq_len)
+        if hw is None:
+            raise RecorderStateError(
+                f"Cannot place the {seq_len} queries of layer {name} on a grid of the {self._latent_size} latent; "
+                "record with layers= excluding it."
+            )
+        if self.scales is not None and round(self._latent_size[0] / hw[0]) not in self.scales:
+            return False
+        self._layer_hw[name] = hw
+        return True
+
+    def _sink(self, proc_name: str, probs: torch.Tensor) -> None:
+        """Reduce one layer's probabilities (N, heads, HW, T) on the device; no host transfer, no sync."""
+        name = proc_name.removesuffix(".processor")
+        h, w = self._layer_hw[proc_name]
+        p = probs.detach()[self._sel]  # (B', heads, HW, T)
+        B, heads, _, T = p.shape
+        m = p.mean(1).transpose(1, 2).reshape(B, T, h, w)  # (B', T, h, w)
+        if name in self._layer_sum:
+            self._layer_sum[name] += m
+            self._layer_count[name] += 1
+        else:
+            self._layer_sum[name] = m.clone()
+            self._layer_count[name] = 1
+        if self.per_head:
+            mh = p.transpose(2, 3).reshape(B, heads, T, h, w)  # (B', heads, T, h, w)
+            if name in self._head_sum:
+                self._head_sum[name] += mh
+            else:
+                self._head_sum[name] = mh.clone()
+        if self.keep_probs:
+            dtype = self.pipe.unet.dtype
+            self._probs.setdefault(name, []).append(p.to(dtype, copy=True))  # (B', heads, HW, T)
+        if self.step_resolution is not None:
+            acc = self._step_acc.get((h, w))
+            self._step_acc[(h, w)] = m.clone() if acc is None else acc.add_(m)
+            self._step_layers += 1
+
+    def _step_size(self) -> tuple[int, int]:
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        if isinstance(self.step_resolution, int):
+            s = min(self.step_resolution, max(H, W)) / max(H, W)
+            return (max(1, round(H * s)), max(1, round(W * s)))
+        return (int(self.step_resolution[0]), int(self.step_resolution[1]))  # type: ignore[index]
+
+    def _close_step(self) -> None:
+        if not self._step_acc:
+            return
+        size = self._step_size()
+        total = sum(resize(acc, size) for acc in self._step_acc.values())  # (B', T, hs, ws)
+        self._steps.append(total / self._step_layers)
+        self._step_acc = {}
+        self._step_layers = 0
+
+    # ---- building the result ------------------------------------------------------------------------------
+    def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
+        if self._prompt_rows is not None and len(self._prompt_rows[0]) == rows:
+            cond, neg = self._prompt_rows
+            if all(len(tl.ids) == self._num_keys for tl in cond + neg):
+                return cond, neg
+        if self._prompt_rows is not None:
+            warnings.warn(
+                "Could not match the prompt's tokens to the UNet batch; maps are unlabelled (use .token(i)).",
+                stacklevel=3,
+            )
+        blank = [unlabelled(self._num_keys) for _ in range(rows)]
+        return blank, list(blank)
+
+    def _build(self) -> AttentionMaps:
+        self._close_step()
+        if not self._layer_sum:
+            raise RecorderStateError(
+                "No cross-attention call was captured (all selected layers filtered out by scales=?)."
+            )
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        layers = {n: (s / self._layer_count[n]) for n, s in self._layer_sum.items()}  # (B', T, h, w) each
+        aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
+        steps = torch.stack(self._steps) if self._steps else None  # (S, B', T, hs, ws)
+        heads = {n: s / self._layer_count[n] for n, s in self._head_sum.items()} if self.per_head else None
+        probs = (
+            {n: torch.stack(v) for n, v in self._probs.items()} if self.keep_probs else None
+        )  # (S, B', heads, HW, T)
+        timesteps = torch.stack(self._timesteps).cpu()  # first host transfer of the run
+
+        def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+            return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
+
+        def part(rows: slice) -> dict[str, Any]:
+            return dict(
+                aggregate=own(aggregate[rows]),
+                layers={n: own(m[rows]) for n, m in layers.items()},
+                steps=None if steps is None else own(steps[:, rows]),
+                layer_heads=None if heads is None else {n: own(m[rows]) for n, m in heads.items()},
+                probs=None if probs is None else {n: own(m[:, rows], None) for n, m in probs.items()},
+                timesteps=timesteps.clone(),
+            )
+
+        common = dict(
+            latent_size=(H, W),
+            vae_scale=vae_scale_factor(self.pipe),
+            skipped_layers=list(self.skipped_layers),
+            family=self.family.name,
+        )
+        if self._split is not None:
+            cond_rows, neg_rows = slice(self._split, None), slice(0, self._split)
+        else:
+            cond_rows, neg_rows = slice(None), None
+        rows = int(aggregate[cond_rows].shape[0])
+        cond_labels, neg_labels = self._labels(rows)
+        negative = None
+        if neg_rows is not None:
+            negative = AttentionMaps(**part(neg_rows), token_lists=neg_labels, **common)  # type: ignore[arg-type]
+        return AttentionMaps(**part(cond_rows), token_lists=cond_labels, negative=negative, **common)  # type: ignore[arg-type]
+
+
+def _select_layers(names: list[str], layers: LayerFilter) -> list[str]:
+    if layers is None:
+        return list(names)
+    if callable(layers):
+        chosen = [n for n in names if layers(n.removesuffix(".processor"))]
+    else:
+        subs = [layers] if isinstance(layers, str) else list(layers)
+        chosen = [n for n in names if any(s in n for s in subs)]
+    if not chosen:
+        listed = ", ".join(n.removesuffix(".processor") for n in names)
+        raise ValueError(
+            f"layers={layers!r} matches no cross-attention layer. Cross-attention layers: {listed}"
+        )
+    return chosen
