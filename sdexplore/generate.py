@@ -1,0 +1,36 @@
+"""generate(pipe, prompt, ...): run the pipeline once under observe() and return images with the Observation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .observe import Observation, observe
+
+
+def generate(
+    pipe: Any,
+    prompt: str | list[str],
+    *,
+    steps: bool | dict = True,
+    attention: bool | dict = False,
+    seed: int | None = None,
+    **pipe_kwargs: Any,
+) -> tuple[Any, Observation]:
+    """Call ``pipe(prompt, **pipe_kwargs)`` inside :func:`sdexplore.observe` and return ``(images, obs)``.
+
+    ``images`` is exactly the pipeline output's ``.images`` — a list of PIL images by default (one per
+    prompt × ``num_images_per_prompt``; use ``images[0]`` for a single prompt), a numpy array for
+    ``output_type="np"``. ``obs`` is the :class:`~sdexplore.observe.Observation` (``obs.steps``,
+    ``obs.attention``). ``seed`` is a shortcut for ``generator=torch.Generator("cpu").manual_seed(seed)``
+    (a CPU generator gives the same image on every device); ``steps`` / ``attention`` take the same values as
+    in :func:`sdexplore.observe`. Every other keyword goes to the pipeline unchanged.
+    """
+    if seed is not None:
+        if "generator" in pipe_kwargs:
+            raise ValueError("Pass either seed= or generator=, not both.")
+        pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    with observe(pipe, steps=steps, attention=attention) as obs:
+        out = pipe(prompt, **pipe_kwargs)
+    return out.images, obs

@@ -1,0 +1,103 @@
+"""Pure schedule math: noise levels and the predicted clean latent x0 from a model output, for any scheduler."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass(frozen=True)
+class NoiseLevel:
+    """The noise level of one model evaluation, in both conventions.
+
+    ``alpha_bar`` is the variance-preserving signal fraction (DDPM's ᾱ_t); ``sigma`` the
+    variance-exploding noise scale (Karras et al. 2022): ``sigma² = (1 − ᾱ) / ᾱ``.
+    """
+
+    alpha_bar: float  # ᾱ_t in (0, 1]
+    sigma: float  # sqrt((1 − ᾱ_t) / ᾱ_t), ≥ 0
+    source: str  # "alphas_cumprod" (DDIM/DDPM/PNDM...) or "sigmas" (Euler, Heun, LMS, DPM-Solver, UniPC...)
+
+
+def sigma_from_alpha_bar(alpha_bar: float) -> float:
+    """VE noise scale from the VP signal fraction: σ = sqrt((1 − ᾱ) / ᾱ)."""
+    return math.sqrt(max(1.0 - alpha_bar, 0.0) / alpha_bar)
+
+
+def alpha_bar_from_sigma(sigma: float) -> float:
+    """VP signal fraction from the VE noise scale: ᾱ = 1 / (1 + σ²)."""
+    return 1.0 / (1.0 + sigma * sigma)
+
+
+def x0_from_prediction(
+    model_output: torch.Tensor, model_input: torch.Tensor, alpha_bar: float, prediction_type: str
+) -> torch.Tensor:
+    """Predicted clean latent x0 from one model evaluation (Ho et al. 2020; Salimans & Ho 2022 for v).
+
+    ``model_input`` is what the UNet saw, in variance-preserving form ``x_t = sqrt(ᾱ) x0 + sqrt(1 − ᾱ) ε``:
+    the latents themselves for DDIM/DDPM/PNDM/DPM-Solver/UniPC, the *scaled* model input
+    ``latents / sqrt(σ² + 1)`` for Euler-type schedulers. Then
+
+    - epsilon: ``x0 = (x_t − sqrt(1 − ᾱ) ε) / sqrt(ᾱ)``
+    - v_prediction: ``x0 = sqrt(ᾱ) x_t − sqrt(1 − ᾱ) v``
+    - sample: ``x0 = model_output``
+    """
+    if prediction_type == "sample":
+        return model_output
+    if not 0.0 < alpha_bar <= 1.0:
+        raise ValueError(f"alpha_bar must be in (0, 1], got {alpha_bar}.")
+    a = math.sqrt(alpha_bar)
+    s = math.sqrt(max(1.0 - alpha_bar, 0.0))
+    if prediction_type == "epsilon":
+        return (model_input - s * model_output) / a
+    if prediction_type == "v_prediction":
+        return a * model_input - s * model_output
+    raise ValueError(f"Unknown prediction_type {prediction_type!r}; expected one of {PREDICTION_TYPES}.")
+
+
+def uses_sigmas(scheduler: Any) -> bool:
+    """True for sigma-based schedulers (Euler, Heun, LMS, KDPM2, DPM-Solver, UniPC, ...), which index
+    ``scheduler.sigmas`` by ``scheduler.step_index``; False for ᾱ-indexed ones (DDIM, DDPM, PNDM)."""
+    return getattr(scheduler, "sigmas", None) is not None and hasattr(scheduler, "step_index")
+
+
+def noise_level(scheduler: Any, timestep: Any, step_index: int | None = None) -> NoiseLevel:
+    """Noise level of the model evaluation at ``timestep`` (and, for sigma schedulers, ``step_index``).
+
+    For sigma-based schedulers pass the step index that evaluation used (read ``scheduler.step_index``
+    before ``step``, or ``step_index - 1`` after it); ᾱ-indexed schedulers use ``alphas_cumprod[timestep]``.
+    """
+    if uses_sigmas(scheduler) and step_index is not None:
+        sigma = float(scheduler.sigmas[step_index])
+        return NoiseLevel(alpha_bar_from_sigma(sigma), sigma, "sigmas")
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise ValueError(
+            f"{type(scheduler).__name__} has neither sigmas nor alphas_cumprod; sdexplore cannot compute its "
+            "noise level. Use a DDIM, PNDM, Euler, DPM-Solver or UniPC scheduler."
+        )
+    t = int(round(float(timestep)))
+    t = min(max(t, 0), len(acp) - 1)
+    ab = float(acp[t])
+    return NoiseLevel(ab, sigma_from_alpha_bar(ab), "alphas_cumprod")
+
+
+def prediction_type(scheduler: Any) -> str:
+    """The scheduler's configured prediction type ("epsilon", "v_prediction" or "sample")."""
+    return str(getattr(scheduler.config, "prediction_type", "epsilon"))
+
+
+def vp_model_input(latents: torch.Tensor, level: NoiseLevel, scheduler: Any) -> torch.Tensor:
+    """Best guess of the variance-preserving model input when the UNet input itself was not seen.
+
+    Euler-type schedulers keep latents in VE form (``init_noise_sigma > 1``) and scale them by
+    ``1 / sqrt(σ² + 1)`` before the UNet; the others feed the latents unchanged.
+    """
+    if level.source == "sigmas" and float(getattr(scheduler, "init_noise_sigma", 1.0)) > 1.0:
+        return latents * math.sqrt(level.alpha_bar)
+    return latents
