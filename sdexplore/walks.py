@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import export
-from .errors import InterpolationError, SdexploreError
+from .errors import InterpolationError, ResultFileError, SdexploreError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
 from .smoothness import Metric, SmoothnessReport, insertion_plan, smoothness_report
@@ -118,16 +118,16 @@ class Walk:
         path = Path(path)
         meta_path = Path(str(path) + ".json")
         if not path.is_file() or not meta_path.is_file():
-            raise SdexploreError(f"Need both {path} and {meta_path} (written by Walk.save).")
+            raise ResultFileError(f"Need both {path} and {meta_path} (written by Walk.save).")
         try:
             meta = json.loads(meta_path.read_text())
             images = load_file(str(path))["images"]
         except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as err:
-            raise SdexploreError(f"{path} is not a readable sdexplore walk ({err}); save it again.") from err
+            raise ResultFileError(f"{path} is not a readable sdexplore walk ({err}); save it again.") from err
         if meta.get("format") != "sdexplore.Walk" or meta.get("version") != _FORMAT_VERSION:
-            raise SdexploreError(f"{meta_path} is not a version-{_FORMAT_VERSION} sdexplore walk.")
+            raise ResultFileError(f"{meta_path} is not a version-{_FORMAT_VERSION} sdexplore walk.")
         if images.shape[0] != meta["frames"] or len(meta["ts"]) != meta["frames"]:
-            raise SdexploreError(
+            raise ResultFileError(
                 f"{path} holds {images.shape[0]} frames but its metadata says {meta['frames']}: the pair does not match."
             )
         return cls(
@@ -317,10 +317,24 @@ def _observe_fn() -> Callable[..., Any]:
     return observe
 
 
-def default_summary(obs: Any, index: int) -> Any:
-    """Per-frame summary kept from an observation: ``obs.frame_summary(index)`` if the recorder offers one, else None."""
-    fn = getattr(obs, "frame_summary", None)
-    return fn(index) if callable(fn) else None
+def default_summary(obs: Any, index: int) -> dict[str, Any]:
+    """Small JSON-able summary of frame ``index`` of a batched :class:`~sdexplore.observe.Observation`.
+
+    Steps: the timesteps and, where recorded, the per-step RMS of the guided noise prediction. Attention: the
+    mean attention mass of each of the 77 key positions over the image. Pass ``summarize=`` to keep more (e.g.
+    ``lambda obs, i: obs.attention.aggregate[i]``), knowing that it is kept for every frame.
+    """
+    out: dict[str, Any] = {}
+    runs = getattr(obs, "runs", None)
+    if runs:
+        trace = runs[-1]
+        out["timesteps"] = trace.timesteps.tolist()
+        if "noise_norm" in trace.quantities():
+            out["noise_norm"] = trace.stack("noise_norm")[:, index].float().tolist()  # (S, B) → (S,)
+    attention = getattr(obs, "attention", None)
+    if attention is not None:
+        out["attention_mass"] = attention.aggregate[index].mean(dim=(-2, -1)).tolist()  # (T, H, W) → (T,)
+    return out
 
 
 def _render(
