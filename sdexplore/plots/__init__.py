@@ -1,0 +1,1 @@
+"""Matplotlib figures over sdexplore result objects (they never touch a pipeline)."""
