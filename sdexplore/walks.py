@@ -252,9 +252,8 @@ def _frame_generator(
     """Generator for a frame's later random draws (stochastic schedulers): the nearer keyframe's seed, advanced."""
     k = seg if t < 0.5 else (seg + 1) % len(keys.seeds)
     g = torch.Generator(gen_device).manual_seed(keys.seeds[k])
-    randn_tensor(
-        tuple(noise.shape), generator=g, device=noise.device, dtype=noise.dtype
-    )  # advance as a plain call
+    # advance past the initial noise, as a plain call does before the denoising loop
+    randn_tensor(tuple(noise.shape), generator=g, device=noise.device, dtype=noise.dtype)
     return g
 
 

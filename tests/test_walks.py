@@ -1,0 +1,204 @@
+"""Walks: endpoints equal plain calls, batch-size invariance, errors, save/load, smoothness, refinement."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+from diffusers import EulerAncestralDiscreteScheduler
+
+from sdexplore.errors import InterpolationError, ResultFileError
+from sdexplore.smoothness import frame_distances, gini, insertion_plan, smoothness_report
+from sdexplore.text import encode_prompt
+from sdexplore.walks import CPU_MAX_BATCH, Walk, auto_batch_size, refine, walk
+
+PROMPTS = ["a red circle", "a blue square"]
+FAST = dict(num_inference_steps=3, progress=False)
+MODEL_DIR = Path(__file__).resolve().parents[1] / "sdexplore" / "models" / "tiny-shapes"
+
+
+def _plain(pipe, prompt, seed, **kw):
+    """A plain pipeline call, as uint8 frames (the walk's storage)."""
+    out = pipe(prompt, generator=gen(seed), output_type="np", num_inference_steps=3, **kw).images[0]
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def _close(x: np.ndarray, y: np.ndarray) -> bool:
+    """Equal up to one uint8 level (fp32 rounding across batch shapes); wrong noise/conditioning is far off."""
+    return int(np.abs(x.astype(int) - y.astype(int)).max()) <= 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_endpoints_equal_plain_calls_and_batch_size_does_not_matter(family, request):
+    pipe = request.getfixturevalue(f"{family}_pipe")
+    w1 = walk(pipe, PROMPTS, seeds=[0, 1], frames=4, batch_size=1, **FAST)
+    w3 = walk(pipe, PROMPTS, seeds=[0, 1], frames=4, batch_size=3, **FAST)
+    assert w1.images.shape == (4, 64, 64, 3) and w1.images.dtype == np.uint8
+    assert _close(w1.images, w3.images)
+    # guidance left unset: the pipeline's own default (SDXL 5.0, SD 7.5), as in the plain call
+    assert _close(w1.images[0], _plain(pipe, PROMPTS[0], 0))
+    assert _close(w1.images[-1], _plain(pipe, PROMPTS[1], 1))
+    assert not _close(w1.images[1], w1.images[0]) and not _close(w1.images[1], w1.images[-1])
+    assert w1.keyframe_frames == [0, 3] and w1.settings["family"] == family
+
+
+def test_stochastic_scheduler_endpoints_and_batch_invariance(sd1_pipe):
+    sd1_pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(sd1_pipe.scheduler.config)
+    a = walk(sd1_pipe, "a red circle", seeds=[4, 5], frames=3, batch_size=3, guidance_scale=3.0, **FAST)
+    b = walk(sd1_pipe, "a red circle", seeds=[4, 5], frames=3, batch_size=1, guidance_scale=3.0, **FAST)
+    assert a.settings["scheduler"] == "EulerAncestralDiscreteScheduler"
+    assert _close(a.images, b.images)
+    assert _close(a.images[0], _plain(sd1_pipe, "a red circle", 4, guidance_scale=3.0))
+    assert _close(a.images[-1], _plain(sd1_pipe, "a red circle", 5, guidance_scale=3.0))
+
+
+def test_pass_through_arguments_and_negative_prompt(sd1_pipe):
+    w = walk(sd1_pipe, PROMPTS, seeds=2, frames=2, negative_prompt="blurry", height=48, width=64, **FAST)
+    assert w.images.shape == (2, 48, 64, 3)
+    ref = _plain(sd1_pipe, PROMPTS[1], 2, negative_prompt="blurry", height=48, width=64)
+    assert _close(w.images[1], ref)
+
+
+def test_encoded_prompt_keyframes(sd1_pipe):
+    a = encode_prompt(sd1_pipe, PROMPTS[0])
+    w = walk(sd1_pipe, [a, PROMPTS[1]], seeds=0, frames=2, **FAST)
+    assert w.prompts == [PROMPTS[0], PROMPTS[1]]
+    assert _close(w.images[0], _plain(sd1_pipe, PROMPTS[0], 0))
+
+
+def test_walk_restores_progress_bar_config(sd1_pipe):
+    sd1_pipe.set_progress_bar_config(disable=False, leave=False)
+    walk(sd1_pipe, PROMPTS, frames=2, **FAST)
+    assert sd1_pipe._progress_bar_config == {"disable": False, "leave": False}
+
+
+def test_walk_errors(sd1_pipe, sdxl_pipe):
+    with pytest.raises(InterpolationError, match="at least 2 keyframes"):
+        walk(sd1_pipe, "a red circle", seeds=0, frames=4, **FAST)
+    with pytest.raises(InterpolationError, match="frames must be at least 2"):
+        walk(sd1_pipe, PROMPTS, frames=1, **FAST)
+    with pytest.raises(InterpolationError, match="keyframes"):
+        walk(sd1_pipe, PROMPTS, seeds=[0, 1, 2], frames=4, **FAST)
+    with pytest.raises(InterpolationError, match="sdxl"):
+        walk(sd1_pipe, [encode_prompt(sdxl_pipe, "x"), "y"], frames=3, **FAST)
+    enc = encode_prompt(sd1_pipe, "x")
+    enc.prompt_embeds = enc.prompt_embeds[:, :20]  # (1, 20, 32): a different token count
+    with pytest.raises(InterpolationError, match="shapes"):
+        walk(sd1_pipe, [enc, "y"], frames=3, **FAST)
+    with pytest.raises(InterpolationError, match="latents"):
+        walk(sd1_pipe, PROMPTS, frames=3, latents=torch.zeros(1), **FAST)
+
+
+def test_auto_batch_size_on_cpu_is_capped_and_evened(sd1_pipe):
+    assert auto_batch_size(sd1_pipe, 3) == 3
+    assert auto_batch_size(sd1_pipe, 10) == 5  # cap 8 → two batches of 5, not 8 + 2
+    assert auto_batch_size(sd1_pipe, 100) <= CPU_MAX_BATCH
+
+
+def test_loop_and_seed_walk(sd1_pipe):
+    w = walk(sd1_pipe, "a red circle", seeds=[0, 1], frames=4, loop=True, **FAST)
+    assert w.keyframe_frames == [0, 2] and w.settings["loop"]
+    assert _close(w.images[2], _plain(sd1_pipe, "a red circle", 1))
+    assert not _close(w.images[3], w.images[0])  # the loop closes without a duplicate frame
+
+
+def test_save_load_round_trip_and_bad_files(sd1_pipe, tmp_path):
+    w = walk(sd1_pipe, PROMPTS, seeds=[0, 1], frames=3, **FAST)
+    path = w.save(tmp_path / "walk.safetensors")
+    back = Walk.load(path)
+    assert np.array_equal(back.images, w.images)
+    assert (back.prompts, back.seeds, back.ts, back.settings) == (w.prompts, w.seeds, w.ts, w.settings)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.safetensors.json").write_text((tmp_path / "walk.safetensors.json").read_text())
+    with pytest.raises(ResultFileError, match="not a readable"):
+        Walk.load(tmp_path / "cut.safetensors")
+    short = Walk(w.images[:2], w.prompts, w.seeds, w.segments, w.ts, w.keyframe_frames, w.settings)
+    short.save(tmp_path / "short.safetensors")
+    (tmp_path / "short.safetensors.json").write_text((tmp_path / "walk.safetensors.json").read_text())
+    with pytest.raises(ResultFileError, match="does not match"):
+        Walk.load(tmp_path / "short.safetensors")
+    with pytest.raises(ResultFileError, match="Need both"):
+        Walk.load(tmp_path / "missing.safetensors")
+
+
+def test_smoothness_metrics_on_synthetic_frames():
+    ramp = np.stack([np.full((8, 8, 3), v, np.float32) for v in np.linspace(0, 1, 6)])
+    even = smoothness_report(ramp)
+    np.testing.assert_allclose(even.distances, 0.2, atol=1e-6)
+    assert even.smoothness == pytest.approx(1.0)
+    jumpy = np.stack([np.full((8, 8, 3), v, np.float32) for v in (0, 0.05, 0.1, 0.9, 0.95, 1.0)])
+    rep = smoothness_report(jumpy, top=1)
+    assert rep.jumps == [2] and rep.max == pytest.approx(0.8, abs=1e-6)
+    assert rep.smoothness < 0.5
+    assert "2→3" in str(rep)
+    assert frame_distances(jumpy, "lowres").shape == (5,)
+    assert gini(np.array([0, 0, 0, 1.0])) == pytest.approx(0.75)
+    assert insertion_plan(np.array([1.0, 4.0, 1.0]), 3) == [0, 3, 0]
+    with pytest.raises(ValueError, match="metric"):
+        frame_distances(jumpy, "lpips")  # type: ignore[arg-type]
+
+
+def test_refine_inserts_frames_where_the_walk_jumps(sd1_pipe):
+    w2 = walk(sd1_pipe, PROMPTS, seeds=[0, 1], frames=2, **FAST)
+    w3 = walk(sd1_pipe, PROMPTS, seeds=[0, 1], frames=3, **FAST)
+    r = refine(sd1_pipe, w2, 1, progress=False)
+    assert len(r) == 3 and r.ts == [0.0, 0.5, 1.0] and r.keyframe_frames == [0, 2]
+    assert _close(r.images, w3.images)  # the inserted frame is the walk's own midpoint
+    assert r.smoothness().max < w2.smoothness().max
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sdexplore.observe") is None, reason="sdexplore.observe not built yet"
+)
+def test_walk_with_observe_keeps_per_frame_summaries_and_restores(sd1_pipe):
+    procs = dict(sd1_pipe.unet.attn_processors)
+    step = sd1_pipe.scheduler.step
+    plain = walk(sd1_pipe, PROMPTS, seeds=[0, 1], frames=3, batch_size=2, **FAST)
+    seen = walk(
+        sd1_pipe,
+        PROMPTS,
+        seeds=[0, 1],
+        frames=3,
+        batch_size=2,
+        observe={"steps": True, "attention": True},
+        **FAST,
+    )
+    assert _close(seen.images, plain.images)  # observation never changes the result
+    assert len(seen.summaries) == 3
+    assert len(seen.summaries[0]["timesteps"]) == 3 and len(seen.summaries[0]["attention_mass"]) == 77
+    assert seen.summaries[0]["noise_norm"] != seen.summaries[2]["noise_norm"]  # per frame, not per batch
+    after = sd1_pipe.unet.attn_processors
+    assert all(after[k] is v for k, v in procs.items())
+    assert sd1_pipe.scheduler.step == step
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (MODEL_DIR / "model_index.json").is_file(), reason="embedded model tiny-shapes not trained yet"
+)
+def test_red_to_blue_walk_changes_colour_monotonically():
+    from diffusers import StableDiffusionPipeline
+
+    from sdexplore.scenes import read_scene
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR))
+    pipe.set_progress_bar_config(disable=True)
+    prompts = [f"a big {c} circle at the center on a white background" for c in ("red", "blue")]
+    w = walk(pipe, prompts, seeds=0, frames=9, num_inference_steps=20, progress=False)
+    red_minus_blue = []
+    for frame in w.images:
+        mask = read_scene(frame).mask
+        pixels = frame[mask] if mask.any() else frame.reshape(-1, 3)  # (n, 3)
+        red_minus_blue.append(float(pixels[:, 0].mean()) - float(pixels[:, 2].mean()))
+    rho = _spearman(np.arange(len(w)), np.array(red_minus_blue))
+    assert rho <= -0.8, f"R−B over frames {np.round(red_minus_blue, 1)} (Spearman {rho:.2f})"
