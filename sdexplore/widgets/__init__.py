@@ -1,0 +1,24 @@
+"""Jupyter explorers (ipywidgets 8) over sdexplore's plain-data results, with a static matplotlib fallback.
+
+Every explorer takes a result object (a Trace / Observation, AttentionMaps, a Walk or frames), never a
+pipeline: moving a control only shows what was already computed. In a Jupyter kernel an explorer displays
+as a widget; in a plain script, with ``static=True``, or with ``SDEXPLORE_STATIC=1`` it displays (and
+``.figure()`` returns) a matplotlib figure instead.
+"""
+
+from __future__ import annotations
+
+from ._base import Explorer, has_widget_frontend
+from .attention import AttentionExplorer
+from .interpolation import InterpolationExplorer
+from .player import WalkPlayer
+from .scrubber import TimestepScrubber
+
+__all__ = [
+    "AttentionExplorer",
+    "Explorer",
+    "InterpolationExplorer",
+    "TimestepScrubber",
+    "WalkPlayer",
+    "has_widget_frontend",
+]

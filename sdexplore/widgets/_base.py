@@ -1,0 +1,306 @@
+"""Shared pieces of the explorers: image → PNG bytes, colour maps, SVG curves, frontend detection, static fallback."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+#: Environment variable that forces the static (matplotlib) fallback everywhere: ``SDEXPLORE_STATIC=1``.
+STATIC_ENV = "SDEXPLORE_STATIC"
+#: Smallest side an image is shown at in a widget; smaller images (8×8 latents) are upscaled with
+#: nearest-neighbour so each latent cell stays a crisp square.
+MIN_DISPLAY_SIDE = 192
+
+
+# ---------------------------------------------------------------------------------------- frontend detection
+def has_widget_frontend() -> bool:
+    """True when widgets can render: running in a Jupyter kernel with ipywidgets installed.
+
+    False in a plain Python script or a terminal IPython (no kernel), when ipywidgets is missing, or when the
+    environment variable ``SDEXPLORE_STATIC=1`` asks for static figures (e.g. before exporting a notebook to
+    HTML or PDF). Executing a notebook with nbclient/nbconvert *does* run a kernel: widgets are created and,
+    with ``store_widget_state=True``, saved into the notebook.
+    """
+    if os.environ.get(STATIC_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return False
+    try:
+        import ipywidgets  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def _require_ipywidgets() -> Any:
+    try:
+        import ipywidgets
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "The interactive explorers need ipywidgets 8: pip install 'sdexplore[notebooks]'. "
+            "Without it, use explorer.figure() for a static matplotlib figure."
+        ) from e
+    return ipywidgets
+
+
+# ---------------------------------------------------------------------------------------- images
+def as_uint8_image(image: Any) -> np.ndarray:
+    """A PIL image, array or tensor (H, W, 3|4) / (H, W), uint8 or float in [0, 1] → (H, W, 3) uint8."""
+    if isinstance(image, Image.Image):
+        arr = np.asarray(image.convert("RGB"))
+    else:
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu().numpy()
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)  # (H, W) → (H, W, 3)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"Expected an image shaped (H, W, 3), got {arr.shape}.")
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def upscale(arr: np.ndarray, min_side: int = MIN_DISPLAY_SIDE) -> np.ndarray:
+    """Nearest-neighbour upscale (H, W, C) by the integer factor that brings its short side to ``min_side``."""
+    k = max(1, -(-min_side // min(arr.shape[:2])))  # ceil
+    if k == 1:
+        return arr
+    return np.repeat(np.repeat(arr, k, axis=0), k, axis=1)  # (H*k, W*k, C)
+
+
+def png_bytes(image: Any, *, min_side: int = MIN_DISPLAY_SIDE) -> bytes:
+    """Encode an image as PNG for an ``ipywidgets.Image`` (fast: compression level 1; small images upscaled)."""
+    arr = upscale(as_uint8_image(image), min_side)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def jpeg_bytes(image: Any, *, quality: int = 90) -> bytes:
+    """Encode an image as JPEG: ~5× faster than PNG for photo-like content such as heat-map overlays."""
+    buf = io.BytesIO()
+    Image.fromarray(as_uint8_image(image)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, fmt: str = "png") -> str:
+    """A ``data:image/...;base64,...`` URI for an HTML ``<img>``."""
+    return f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
+
+
+@lru_cache(maxsize=16)
+def _lut(cmap: str) -> np.ndarray:
+    from matplotlib import colormaps
+
+    return (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
+
+
+def colorize(values: Any, cmap: str = "inferno", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """Map a 2-D array to RGB uint8 (h, w, 3) through a matplotlib colour map (a lookup table: no figure)."""
+    v = (
+        values.detach().float().cpu().numpy()
+        if isinstance(values, torch.Tensor)
+        else np.asarray(values, np.float32)
+    )
+    scaled = (v - vmin) / max(vmax - vmin, 1e-12)
+    idx = np.clip(np.nan_to_num(scaled) * 255.0, 0, 255).astype(np.uint8)
+    return _lut(cmap)[idx]  # (h, w, 3)
+
+
+def channel_tiles(
+    tensor: Any, *, cmap: str = "RdBu_r", pad: int = 1, scale: float | None = None
+) -> np.ndarray:
+    """Latent-shaped (C, h, w) → RGB (rows·h, cols·w, 3): one tile per channel, symmetric diverging colours.
+
+    ``scale``: values at ±scale reach the ends of the colour map (default: 99th percentile of |x|, so one
+    outlier does not wash out the rest). Channels are laid out 2×2 for 4 channels, else in one row.
+    """
+    x = (
+        tensor.detach().float().cpu().numpy()
+        if isinstance(tensor, torch.Tensor)
+        else np.asarray(tensor, np.float32)
+    )
+    c, h, w = x.shape
+    if scale is None:
+        scale = float(np.percentile(np.abs(x), 99)) or 1.0
+    cols = 2 if c == 4 else c
+    rows = -(-c // cols)
+    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+    for i in range(c):
+        r, q = divmod(i, cols)
+        tile = colorize(x[i], cmap, -scale, scale)  # (h, w, 3)
+        out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = tile
+    return out
+
+
+def overlay(
+    image: np.ndarray | None, heat: Any, *, opacity: float = 0.6, cmap: str = "jet", size: int = 256
+) -> np.ndarray:
+    """Blend a heat map (h, w) in [0, 1] over an image (H, W, 3) uint8; returns (S, S', 3) uint8.
+
+    The heat map is bilinearly resized to the image (or to ``size`` when there is no image); an image
+    smaller than ``size`` is first upscaled (nearest) so 64×64 results stay legible.
+    """
+    h = (
+        heat.detach().float().cpu().numpy()
+        if isinstance(heat, torch.Tensor)
+        else np.asarray(heat, np.float32)
+    )
+    if image is None:
+        out_hw = (size, size * h.shape[1] // h.shape[0])
+        base = None
+    else:
+        base = image if min(image.shape[:2]) >= size else upscale(image, size)
+        out_hw = base.shape[:2]
+    # colour the small map, then resize the colours (bilinear): the same look, a fraction of the work
+    colours = np.asarray(
+        Image.fromarray(colorize(h, cmap)).resize(out_hw[::-1], Image.BILINEAR)
+    )  # (S, S', 3)
+    if base is None:
+        return colours
+    a = int(round(float(np.clip(opacity, 0.0, 1.0)) * 256))
+    blended = (base.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8  # (S, S', 3)
+    return blended.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- SVG curves
+def svg_curves(
+    curves: Sequence[tuple[str, Sequence[float], str]],
+    *,
+    marker: float | None = None,
+    width: int = 360,
+    height: int = 120,
+    xlabel: str = "",
+    highlight: Sequence[int] = (),
+) -> str:
+    """A small line chart as inline SVG (cheap to regenerate on every slider move: no figure, no PNG).
+
+    ``curves``: (label, values, colour) each; all share the x axis 0..n-1 and the y range. ``marker``: x of a
+    vertical line (the current position). ``highlight``: x indices of points drawn as red dots (e.g. jumps).
+    """
+    left, right, top, bottom = 40, 8, 8, 22
+    pw, ph = width - left - right, height - top - bottom
+    ys = [float(v) for _, vals, _ in curves for v in vals]
+    lo, hi = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    n = max((len(v) for _, v, _ in curves), default=1)
+
+    def px(i: float) -> float:
+        return left + (pw * i / max(n - 1, 1))
+
+    def py(y: float) -> float:
+        return top + ph * (1 - (y - lo) / (hi - lo))
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'style="font: 10px sans-serif; background: white">',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#ccc"/>',
+        f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{hi:.3g}</text>',
+        f'<text x="{left - 4}" y="{top + ph}" text-anchor="end">{lo:.3g}</text>',
+        f'<text x="{left + pw / 2}" y="{height - 4}" text-anchor="middle">{html.escape(xlabel)}</text>',
+    ]
+    for k, (label, vals, colour) in enumerate(curves):
+        pts = " ".join(f"{px(i):.1f},{py(float(v)):.1f}" for i, v in enumerate(vals))
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        parts.append(
+            f'<text x="{left + 4}" y="{top + 10 + 11 * k}" fill="{colour}">{html.escape(label)}</text>'
+        )
+        for i in highlight:
+            if 0 <= i < len(vals):
+                parts.append(f'<circle cx="{px(i):.1f}" cy="{py(float(vals[i])):.1f}" r="3" fill="#d62728"/>')
+    if marker is not None:
+        x = px(marker)
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#333" stroke-dasharray="3,2"/>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------- explorer base
+class Explorer:
+    """Base of the explorers: a lazily built ipywidgets view plus a static matplotlib fallback.
+
+    In a Jupyter kernel with ipywidgets, displaying an explorer shows its widget; elsewhere (a plain script,
+    ``SDEXPLORE_STATIC=1``, ``static=True``) it shows :meth:`figure`, a matplotlib figure. No explorer ever
+    runs a pipeline: it only reads the result object it was given.
+    """
+
+    def __init__(self, *, static: bool | None = None) -> None:
+        self.static = (not has_widget_frontend()) if static is None else bool(static)
+        self._widget: Any = None
+
+    # -- to implement --------------------------------------------------------------------------------------
+    def _build(self) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def figure(self) -> Any:  # pragma: no cover - abstract
+        """A static matplotlib ``Figure`` summarising what the widget shows."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------------------
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets view (built on first access; needs ipywidgets 8)."""
+        if self._widget is None:
+            _require_ipywidgets()
+            self._widget = self._build()
+        return self._widget
+
+    def show(self) -> Any:
+        """Display the explorer: the widget in Jupyter, else the static figure (returned, for ``savefig``)."""
+        if not self.static:
+            from IPython.display import display
+
+            display(self.widget)
+            return self.widget
+        fig = self.figure()
+        try:
+            from IPython import get_ipython
+
+            if get_ipython() is not None:
+                from IPython.display import Image as IPyImage
+                from IPython.display import display
+
+                display(IPyImage(data=figure_png(fig)))
+        except ImportError:  # pragma: no cover
+            pass
+        return fig
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        if not self.static:
+            return self.widget._repr_mimebundle_(include=include, exclude=exclude)
+        png = figure_png(self.figure())
+        return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": repr(self)}
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure to PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def new_figure(width: float, height: float) -> Any:
+    """A matplotlib ``Figure`` outside pyplot (no global state, no backend needed)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def evenly(n: int, k: int) -> list[int]:
+    """``k`` indices spread evenly over ``range(n)``, first and last included."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})

@@ -1,0 +1,346 @@
+"""AttentionExplorer: a word's cross-attention heat map over the image, by step range and layer, and a step × word grid."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..heatmaps import normalize, resize
+from ._base import Explorer, as_uint8_image, data_uri, jpeg_bytes, new_figure, overlay
+
+ALL_LAYERS = "all layers"
+
+
+def _as_maps(source: Any) -> Any:
+    """AttentionMaps from AttentionMaps or an Observation (``.attention``)."""
+    if hasattr(source, "aggregate") and hasattr(source, "word"):
+        return source
+    maps = getattr(source, "attention", None)
+    if maps is None:
+        raise TypeError(
+            "AttentionExplorer takes AttentionMaps or an Observation recorded with "
+            "sdexplore.observe(pipe, attention=True)."
+        )
+    return maps
+
+
+class _LRU(OrderedDict):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def get_or(self, key: Any, make: Any) -> Any:
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        value = self[key] = make()
+        if len(self) > self.size:
+            self.popitem(last=False)
+        return value
+
+
+class AttentionExplorer(Explorer):
+    """Pick a word, a step range and a layer group; see its cross-attention heat map over the image.
+
+    Controls: one button per word of the prompt; a step-range slider (needs the recorder's per-step maps);
+    a layer menu (all layers, a UNet block, a resolution, or one layer); the heat map's opacity; and a
+    *step × word* grid that shows how each word's map forms over the run. Each map is shown min-max
+    normalised (its shape, not its strength). Maps and composited images are cached, so moving a control
+    costs a few milliseconds and never runs the pipeline.
+
+    Args:
+        source: :class:`~sdexplore.attention.AttentionMaps` or an ``Observation`` with attention.
+        image: the generated image (PIL, array or tensor) to draw the maps over; ``None`` shows maps alone.
+        words: the words offered (default: every distinct word of the prompt).
+        batch_index: which image of the batch.
+        size: displayed side of the main image in pixels.
+        cmap: matplotlib colour map of the heat maps.
+        static: force the static figure (True) or the widget (False); default: detect a widget frontend.
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        image: Any = None,
+        *,
+        words: Sequence[str] | None = None,
+        batch_index: int = 0,
+        size: int = 320,
+        cmap: str = "jet",
+        static: bool | None = None,
+    ) -> None:
+        super().__init__(static=static)
+        self.maps = _as_maps(source)
+        self.batch_index = batch_index
+        self.image = as_uint8_image(image) if image is not None else None
+        self.size = size
+        self.cmap = cmap
+        prompt_words = list(dict.fromkeys(self.maps.token_lists[batch_index].words))
+        self.words = list(words) if words is not None else prompt_words
+        if not self.words:
+            raise ValueError("The prompt has no words to explore; pass words=[...] explicitly.")
+        self.num_steps = int(self.maps.num_steps)
+        self.has_steps = self.maps.steps is not None and self.num_steps > 0
+        self.layer_groups = self._layer_groups()
+        self._heat_cache = _LRU(512)
+        self._png_cache = _LRU(256)
+        self.last_update_ms = 0.0
+        # state (mirrored by the widget)
+        self.word = self.words[0]
+        self.step_range: tuple[int, int] = (0, max(self.num_steps - 1, 0))
+        self.layer = ALL_LAYERS
+        self.opacity = 0.6
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def _layer_groups(self) -> dict[str, list[str]]:
+        """Menu label → layer names: all, per UNet block, per resolution, then each layer."""
+        names = self.maps.layer_names
+        groups: dict[str, list[str]] = {ALL_LAYERS: []}
+        for block in ("down_blocks", "mid_block", "up_blocks"):
+            hit = [n for n in names if n.startswith(block)]
+            if hit and len(hit) < len(names):
+                groups[f"{block.replace('_', ' ')} ({len(hit)})"] = hit
+        by_res: dict[tuple[int, int], list[str]] = {}
+        for n in names:
+            by_res.setdefault(tuple(self.maps.layers[n].shape[-2:]), []).append(n)
+        if len(by_res) > 1:
+            for (h, w), hit in sorted(by_res.items(), key=lambda kv: -kv[0][0]):
+                groups[f"{h}×{w} maps ({len(hit)})"] = hit
+        for n in names:
+            groups[n.removesuffix(".processor")] = [n]
+        return groups
+
+    def _steps_selected(self, step_range: tuple[int, int]) -> range | None:
+        lo, hi = step_range
+        if not self.has_steps or (lo, hi) == (0, self.num_steps - 1):
+            return None
+        return range(lo, hi + 1)
+
+    def heat(
+        self, word: str, step_range: tuple[int, int] | None = None, layer: str = ALL_LAYERS
+    ) -> torch.Tensor:
+        """The min-max normalised map (h, w) of ``word`` for a step range (inclusive) and a layer-menu entry."""
+        step_range = tuple(step_range) if step_range is not None else (0, max(self.num_steps - 1, 0))
+        key = (word, step_range, layer)
+        return self._heat_cache.get_or(key, lambda: self._compute_heat(word, step_range, layer))
+
+    def _compute_heat(self, word: str, step_range: tuple[int, int], layer: str) -> torch.Tensor:
+        m, b = self.maps, self.batch_index
+        steps = self._steps_selected(step_range)
+        names = self.layer_groups.get(layer, [])
+        if not names:  # all layers
+            out = m.word(word, step=steps, image=b)
+        else:
+            if steps is not None and m.probs is None:
+                steps = (
+                    None  # per step *and* layer needs keep_probs=True: fall back to all steps (noted in UI)
+                )
+            per = [m.word(word, step=steps, layer=n, image=b) for n in names]
+            out = per[0] if len(per) == 1 else torch.stack([resize(p, m.latent_size) for p in per]).mean(0)
+        return normalize(out.float(), "minmax")
+
+    def _needs_probs_note(self) -> str:
+        steps = self._steps_selected(self.step_range)
+        if self.layer != ALL_LAYERS and steps is not None and self.maps.probs is None:
+            return (
+                "<small>step range ignored for a single layer group: per-step maps per layer need "
+                "<code>attention=dict(keep_probs=True)</code></small>"
+            )
+        if not self.has_steps:
+            return "<small>per-step maps were not recorded: the step range is fixed to the whole run</small>"
+        return ""
+
+    def overlay_png(
+        self,
+        word: str,
+        step_range: tuple[int, int] | None = None,
+        layer: str = ALL_LAYERS,
+        opacity: float = 0.6,
+        size: int | None = None,
+    ) -> bytes:
+        """JPEG bytes of the heat map of ``word`` over the image (cached)."""
+        size = size or self.size
+        step_range = tuple(step_range) if step_range is not None else (0, max(self.num_steps - 1, 0))
+        key = (word, step_range, layer, round(float(opacity), 3), size)
+        return self._png_cache.get_or(
+            key,
+            lambda: jpeg_bytes(
+                overlay(
+                    self.image, self.heat(word, step_range, layer), opacity=opacity, cmap=self.cmap, size=size
+                )
+            ),
+        )
+
+    def step_bins(self, n_bins: int = 5) -> list[tuple[int, int]]:
+        """Split the selected step range into up to ``n_bins`` consecutive (inclusive) ranges."""
+        lo, hi = self.step_range
+        if not self.has_steps:
+            return [(0, max(self.num_steps - 1, 0))]
+        n = hi - lo + 1
+        k = min(n_bins, n)
+        edges = [lo + round(i * n / k) for i in range(k + 1)]
+        return [(edges[i], edges[i + 1] - 1) for i in range(k)]
+
+    def _step_label(self, r: tuple[int, int]) -> str:
+        ts = self.maps.timesteps
+        if not len(ts):
+            return "all steps"
+        a, b = r
+        return f"steps {a + 1}–{b + 1}<br><small>t {float(ts[a]):.0f}→{float(ts[b]):.0f}</small>"
+
+    # ---- widget -----------------------------------------------------------------------------------------
+    def _build(self) -> Any:
+        import ipywidgets as w
+
+        self._word_buttons = w.ToggleButtons(options=self.words, value=self.word, description="word")
+        self._word_buttons.style.button_width = "auto"
+        self._word_buttons.add_class("sdx-word-buttons")
+        S = max(self.num_steps, 1)
+        self._range = w.IntRangeSlider(
+            value=self.step_range,
+            min=0,
+            max=S - 1,
+            description="steps",
+            disabled=not self.has_steps,
+            continuous_update=True,
+            layout=w.Layout(width="420px"),
+        )
+        self._range.add_class("sdx-step-range")
+        self._layer = w.Dropdown(
+            options=list(self.layer_groups),
+            value=self.layer,
+            description="layers",
+            layout=w.Layout(width="420px"),
+        )
+        self._opacity = w.FloatSlider(
+            value=self.opacity, min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=True
+        )
+        self._opacity.add_class("sdx-opacity")
+        self._view = w.ToggleButtons(
+            options=["overlay", "step × word grid"], value="overlay", description="view"
+        )
+        self._img = w.Image(
+            value=b"", format="jpeg", layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
+        )
+        self._img.add_class("sdx-attention-image")
+        self._grid = w.HTML()
+        self._grid.add_class("sdx-attention-grid")
+        self._caption = w.HTML()
+        self._note = w.HTML()
+        self._stage = w.Box([self._img])
+        for ctl in (self._word_buttons, self._range, self._layer, self._opacity, self._view):
+            ctl.observe(self._on_change, names="value")
+        box = w.VBox(
+            [
+                self._word_buttons,
+                w.HBox([self._range, self._opacity]),
+                w.HBox([self._layer, self._view]),
+                self._caption,
+                self._stage,
+                self._note,
+            ]
+        )
+        box.add_class("sdx-attention-explorer")
+        self._render()
+        return box
+
+    def _on_change(self, _change: Any = None) -> None:
+        self.word = self._word_buttons.value
+        self.step_range = tuple(self._range.value)
+        self.layer = self._layer.value
+        self.opacity = float(self._opacity.value)
+        self._render()
+
+    def _render(self) -> None:
+        t0 = time.perf_counter()
+        if self._view.value == "overlay":
+            self._img.value = self.overlay_png(self.word, self.step_range, self.layer, self.opacity)
+            self._stage.children = (self._img,)
+            self._caption.value = (
+                f"<b>“{html.escape(self.word)}”</b> · {self._step_label(self.step_range).replace('<br>', ' ')}"
+                f" · {html.escape(self.layer)}"
+            )
+        else:
+            self._grid.value = self.grid_html()
+            self._stage.children = (self._grid,)
+            self._caption.value = f"each word's map over the run · {html.escape(self.layer)}"
+        self._note.value = self._needs_probs_note()
+        self.last_update_ms = (time.perf_counter() - t0) * 1000
+
+    def grid_html(self, cell: int = 112) -> str:
+        """The step × word grid as an HTML table of images (rows: step bins, columns: words)."""
+        head = "".join(f"<th>{html.escape(wd)}</th>" for wd in self.words)
+        rows = []
+        for r in self.step_bins():
+            cells = "".join(
+                f'<td><img src="{data_uri(self.overlay_png(wd, r, self.layer, self.opacity, size=cell), "jpeg")}" '
+                f'width="{cell}" height="{cell}"/></td>'
+                for wd in self.words
+            )
+            rows.append(f'<tr><th style="text-align:right">{self._step_label(r)}</th>{cells}</tr>')
+        return f'<table class="sdx-grid"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
+
+    @property
+    def displayed_png(self) -> bytes:
+        """Image bytes (JPEG) the overlay view currently shows."""
+        self.widget  # noqa: B018 - build the widget first
+        return bytes(self._img.value)
+
+    def select(
+        self,
+        word: str | None = None,
+        step_range: tuple[int, int] | None = None,
+        layer: str | None = None,
+        opacity: float | None = None,
+        view: str | None = None,
+    ) -> None:
+        """Set controls programmatically (as if the user moved them)."""
+        self.widget  # noqa: B018
+        with self._word_buttons.hold_trait_notifications():
+            if word is not None:
+                self._word_buttons.value = word
+            if step_range is not None:
+                self._range.value = step_range
+            if layer is not None:
+                self._layer.value = layer
+            if opacity is not None:
+                self._opacity.value = opacity
+            if view is not None:
+                self._view.value = view
+
+    # ---- static -----------------------------------------------------------------------------------------
+    def figure(self, n_bins: int = 4, max_words: int = 8) -> Any:
+        """Static figure: a step × word grid of heat maps over the image (plus the whole-run row)."""
+        words = self.words[:max_words]
+        bins = self.step_bins(n_bins) if self.has_steps else []
+        rows = [*bins, (0, max(self.num_steps - 1, 0))]
+        fig = new_figure(1.7 * len(words) + 0.6, 1.7 * len(rows))
+        axes = fig.subplots(len(rows), len(words), squeeze=False)
+        for r, rng in enumerate(rows):
+            for c, wd in enumerate(words):
+                ax = axes[r][c]
+                ax.imshow(
+                    overlay(
+                        self.image,
+                        self.heat(wd, rng, self.layer),
+                        opacity=self.opacity,
+                        cmap=self.cmap,
+                        size=128,
+                    )
+                )
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(wd, fontsize=9)
+                if c == 0:
+                    label = "all steps" if r == len(rows) - 1 else f"steps {rng[0] + 1}–{rng[1] + 1}"
+                    ax.set_ylabel(label, fontsize=8)
+        return fig
+
+    def __repr__(self) -> str:
+        return f"AttentionExplorer(words={self.words}, steps={self.num_steps}, layers={len(self.maps.layer_names)})"

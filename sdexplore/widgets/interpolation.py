@@ -1,0 +1,205 @@
+"""InterpolationExplorer: a slider through precomputed frames between prompts (and seeds), with the smoothness curve."""
+
+from __future__ import annotations
+
+import html
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..smoothness import Metric, smoothness_report
+from ._base import Explorer, as_uint8_image, evenly, jpeg_bytes, new_figure, png_bytes, svg_curves, upscale
+
+_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
+
+
+def frames_of(source: Any) -> np.ndarray:
+    """(N, H, W, 3) uint8 frames from a Walk (``.images``), an array, or a list of images."""
+    images = getattr(source, "images", source)
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        arr = images if images.dtype == np.uint8 else (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        return np.ascontiguousarray(arr[..., :3])
+    return np.stack([as_uint8_image(im) for im in images])  # (N, H, W, 3)
+
+
+def encode_frame(frame: np.ndarray, size: int) -> tuple[bytes, str]:
+    """(bytes, format) of one frame for an ``ipywidgets.Image``: PNG for small frames (crisp), JPEG for large."""
+    if max(frame.shape[:2]) <= 256:
+        return png_bytes(frame, min_side=size), "png"
+    return jpeg_bytes(frame, quality=92), "jpeg"
+
+
+def frame_label(walk: Any, i: int) -> str:
+    """Where frame ``i`` of a Walk lies: between which keyframes (prompt, seed) and how far."""
+    segments, ts = getattr(walk, "segments", None), getattr(walk, "ts", None)
+    if not segments or not ts:
+        return f"frame {i + 1}"
+    prompts, seeds = list(walk.prompts), list(walk.seeds)
+    k = len(seeds)
+    a, b = segments[i], (segments[i] + 1) % k
+
+    def key(j: int) -> str:
+        p = prompts[j] if j < len(prompts) else None
+        s = seeds[j] if j < len(seeds) else "?"
+        return f"“{html.escape(str(p))}” (seed {s})" if p is not None else f"keyframe {j} (seed {s})"
+
+    mark = " · <b>keyframe</b>" if i in walk.keyframe_frames else ""
+    return f"frame {i + 1}/{len(ts)}: {key(a)} → {key(b)}, t = {ts[i]:.2f}{mark}"
+
+
+class InterpolationExplorer(Explorer):
+    """Scrub through frames interpolated between prompts and/or seeds, and see how smooth the path is.
+
+    Give one walk (a :class:`~sdexplore.walks.Walk` or an ``(N, H, W, 3)`` array) or several to compare side
+    by side on one slider, e.g. ``{"lerp": frames_lerp, "slerp": frames_slerp}``. Below the frames, the
+    distance between consecutive frames (one curve per walk, largest jumps as red dots) with a marker at the
+    current frame, and each walk's smoothness (1 − Gini of the distances: 1 = perfectly even steps).
+    Frames are encoded once; the slider never recomputes anything.
+
+    Args:
+        source: a Walk, a frames array, or a mapping name → Walk/array (all with the same frame count).
+        metric: distance for the smoothness curve, ``"pixel"`` or ``"lowres"`` (see :mod:`sdexplore.smoothness`).
+        size: displayed side of each frame in pixels.
+        static: force the static figure (True) or the widget (False); default: detect a widget frontend.
+    """
+
+    def __init__(
+        self, source: Any, *, metric: Metric = "pixel", size: int = 256, static: bool | None = None
+    ) -> None:
+        super().__init__(static=static)
+        items = source.items() if isinstance(source, Mapping) else [("frames", source)]
+        self.sources = {str(k): v for k, v in items}
+        self.frames = {k: frames_of(v) for k, v in self.sources.items()}
+        counts = {k: len(f) for k, f in self.frames.items()}
+        if len(set(counts.values())) != 1:
+            raise ValueError(f"Walks compared on one slider need the same number of frames, got {counts}.")
+        self.num_frames = next(iter(counts.values()))
+        if self.num_frames < 2:
+            raise ValueError("An interpolation needs at least 2 frames.")
+        self.size = size
+        self.reports = {k: smoothness_report(f, metric) for k, f in self.frames.items()}
+        from tqdm.auto import tqdm
+
+        total = self.num_frames * len(self.frames)
+        self._encoded: dict[str, list[tuple[bytes, str]]] = {}
+        with tqdm(total=total, desc="encoding frames", leave=False, disable=total < 64) as bar:
+            for k, f in self.frames.items():
+                self._encoded[k] = []
+                for fr in f:
+                    self._encoded[k].append(encode_frame(fr, size))
+                    bar.update(1)
+        self.last_update_ms = 0.0
+
+    def _label(self, i: int) -> str:
+        walk = next(iter(self.sources.values()))
+        return frame_label(walk, i)
+
+    def smoothness_svg(self, i: int | None = None) -> str:
+        """The consecutive-frame distance curves as inline SVG, with a marker at frame ``i``."""
+        curves = [
+            (f"{k}: 1−Gini {r.smoothness:.2f}", r.distances.tolist(), _COLOURS[n % len(_COLOURS)])
+            for n, (k, r) in enumerate(self.reports.items())
+        ]
+        jumps = next(iter(self.reports.values())).jumps if len(self.reports) == 1 else ()
+        marker = None if i is None else min(max(i - 0.5, 0.0), self.num_frames - 2)
+        return svg_curves(
+            curves,
+            marker=marker,
+            xlabel="distance from frame i to i+1",
+            highlight=jumps,
+            width=max(360, self.size * len(self.frames)),
+            height=130,
+        )
+
+    # ---- widget -----------------------------------------------------------------------------------------
+    def _build(self) -> Any:
+        import ipywidgets as w
+
+        self._images = {}
+        cols = []
+        for k in self.frames:
+            data, fmt = self._encoded[k][0]
+            img = w.Image(
+                value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
+            )
+            img.add_class("sdx-interp-image")
+            self._images[k] = img
+            cols.append(w.VBox([w.HTML(f"<b>{html.escape(k)}</b>"), img]) if len(self.frames) > 1 else img)
+        self._slider = w.IntSlider(
+            value=0,
+            min=0,
+            max=self.num_frames - 1,
+            description="frame",
+            continuous_update=True,
+            layout=w.Layout(width="420px"),
+        )
+        self._slider.add_class("sdx-frame-slider")
+        self._play = w.Play(value=0, min=0, max=self.num_frames - 1, interval=120)
+        w.jslink((self._play, "value"), (self._slider, "value"))
+        self._info = w.HTML()
+        self._curve = w.HTML()
+        self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
+        box = w.VBox([w.HBox([self._play, self._slider]), self._info, w.HBox(cols), self._curve])
+        box.add_class("sdx-interpolation-explorer")
+        self._show(0)
+        return box
+
+    def _show(self, i: int) -> None:
+        t0 = time.perf_counter()
+        for k, img in self._images.items():
+            img.value = self._encoded[k][i][0]
+        self._info.value = self._label(i)
+        self._curve.value = self.smoothness_svg(i)
+        self.last_update_ms = (time.perf_counter() - t0) * 1000
+
+    @property
+    def value(self) -> int:
+        """Index of the frame shown."""
+        self.widget  # noqa: B018 - build the widget first
+        return int(self._slider.value)
+
+    @value.setter
+    def value(self, i: int) -> None:
+        self.widget  # noqa: B018
+        self._slider.value = i
+
+    def displayed(self, name: str | None = None) -> bytes:
+        """Bytes currently shown for walk ``name`` (default: the first)."""
+        self.widget  # noqa: B018
+        return bytes(self._images[name or next(iter(self._images))].value)
+
+    # ---- static -----------------------------------------------------------------------------------------
+    def figure(self, count: int = 8) -> Any:
+        """Static figure: a strip of ``count`` frames per walk and the smoothness curves."""
+        picks = evenly(self.num_frames, count)
+        rows = len(self.frames)
+        fig = new_figure(1.5 * len(picks), 1.6 * rows + 2.0)
+        grid = fig.add_gridspec(rows + 1, len(picks), height_ratios=[1] * rows + [1.2])
+        for r, (k, f) in enumerate(self.frames.items()):
+            for c, i in enumerate(picks):
+                ax = fig.add_subplot(grid[r, c])
+                ax.imshow(upscale(f[i], 64), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"frame {i + 1}", fontsize=8)
+                if c == 0 and rows > 1:
+                    ax.set_ylabel(k, fontsize=9)
+        ax = fig.add_subplot(grid[rows, :])
+        for n, (k, rep) in enumerate(self.reports.items()):
+            ax.plot(
+                np.arange(len(rep.distances)) + 0.5,
+                rep.distances,
+                color=_COLOURS[n % len(_COLOURS)],
+                label=f"{k}: smoothness (1−Gini) {rep.smoothness:.2f}",
+            )
+            ax.scatter(np.asarray(rep.jumps) + 0.5, rep.distances[rep.jumps], color="#d62728", zorder=3, s=12)
+        ax.set_xlabel("between frame i and i+1")
+        ax.set_ylabel(f"{next(iter(self.reports.values())).metric} distance")
+        ax.legend(fontsize=8)
+        return fig
+
+    def __repr__(self) -> str:
+        return f"InterpolationExplorer({list(self.frames)}, {self.num_frames} frames)"
