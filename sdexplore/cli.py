@@ -1,0 +1,795 @@
+"""The ``sdexplore`` command: describe a model, record steps, attention maps and walks headless, into files."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+
+PROG = "sdexplore"
+
+#: Short scheduler names the command accepts besides any diffusers scheduler class name.
+SCHEDULER_ALIASES: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "kdpm2": "KDPM2DiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+}
+DEFAULT_STEPS = 25  # denoising steps of every command unless --steps says otherwise
+TILE = 128  # longer side of one step's tile in the strips and the attention grid, in pixels
+
+
+class InputError(ValueError):
+    """Bad command-line input, found before any expensive work (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors become one line (``sdexplore: error: ...``), not usage plus a message."""
+
+    def error(self, message: str) -> NoReturn:
+        raise InputError(f"{message} (see `{self.prog} --help`)")
+
+
+# ---------------------------------------------------------------- argument parsing
+
+_MAIN_EPILOG = """\
+commands:
+  describe   the component tour of a model as a table (tokenizer, text encoder, UNet, VAE, scheduler)
+  steps      generate one image and write every denoising step: x0 and preview strips, a GIF, the trace
+  attention  generate one image and write cross-attention heat maps per word, a step x word grid, the maps
+  walk       walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is
+
+examples:
+  sdexplore describe
+  sdexplore steps "a big red circle at the top left on a blue background" --out run1
+  sdexplore attention "a big red circle on a blue background" --words circle blue --out att
+  sdexplore walk "a red circle" "a blue square" --seeds 0 1 --frames 24 --out walk.gif
+  sdexplore steps "an astronaut riding a horse" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
+
+Without --model every command uses the embedded tiny model (offline, CPU, seconds).
+`sdexplore COMMAND --help` lists each command's options.
+"""
+
+_DESCRIBE_EPILOG = """\
+examples:
+  sdexplore describe
+  sdexplore describe stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
+  sdexplore describe ./my-pipeline-folder --json
+  sdexplore describe --prompt "a big red circle on a blue background"
+"""
+
+_STEPS_EPILOG = """\
+writes into --out (default sdexplore-steps/):
+  image.png           the final image
+  steps_x0.png        the predicted clean image (x0, VAE-decoded) at every step, labelled step and timestep
+  steps_preview.png   the cheap linear latent->RGB preview of x0 at every step
+  denoising.gif       one frame per step (x0; a bar at the bottom shows the progress through the run)
+  trace.safetensors   the recorded trace: sdexplore.trace.Trace.load("trace.safetensors")
+
+examples:
+  sdexplore steps "a big red circle at the top left on a blue background"
+  sdexplore steps "a small green triangle" --steps 50 --scheduler euler --seed 3 --out tri
+  sdexplore steps "a castle" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preview linear --out castle
+"""
+
+_ATTENTION_EPILOG = """\
+writes into --out (default sdexplore-attention/):
+  image.png                the generated image
+  attention_WORD.png       the word's heat map over the image (aggregated over steps and layers), one per word
+  attention_grid.png       rows = groups of steps (early -> late), columns = words
+  attention.safetensors    the maps: sdexplore.attention.AttentionMaps.load("attention.safetensors")
+
+Each heat map is min-max normalised on its own (it shows where a word attends, not how strongly).
+
+examples:
+  sdexplore attention "a big red circle at the top left on a blue background"
+  sdexplore attention "a big red circle on a blue background" --words circle "blue background" --out att
+"""
+
+_WALK_EPILOG = """\
+Keyframe i is (PROMPT i, seed i); one prompt or one seed is shared by every keyframe. A walk needs two
+keyframes at least: two prompts, two seeds, or both. Each keyframe lands exactly on a frame, equal to a plain
+`sdexplore steps` image of that prompt and seed.
+
+examples:
+  sdexplore walk "a big red circle on a white background" "a big blue circle on a white background"
+  sdexplore walk "a small green square" --seeds 0 1 2 --frames 36 --circular --out loop.mp4
+  sdexplore walk "a red circle" "a blue square" "a yellow triangle" --frames 30 --spacing ease --out tour.gif
+"""
+
+
+def _common(model_option: bool = True) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model and machine")
+    if model_option:
+        g.add_argument(
+            "--model",
+            metavar="M",
+            help="hub id, local diffusers folder or .safetensors file (default: the embedded tiny model)",
+        )
+    g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (float16 on a GPU, float32 on the CPU), float32, float16, bfloat16",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    g.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    return p
+
+
+def _generation() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation")
+    g.add_argument(
+        "--steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        metavar="N",
+        help=f"denoising steps (default {DEFAULT_STEPS})",
+    )
+    g.add_argument(
+        "--scheduler",
+        metavar="NAME",
+        help=f"{', '.join(SCHEDULER_ALIASES)}, or a diffusers class name such as EulerDiscreteScheduler "
+        "(default: the model's own)",
+    )
+    g.add_argument(
+        "--guidance", type=float, metavar="G", help="classifier-free guidance scale (default: the pipeline's)"
+    )
+    g.add_argument(
+        "--height",
+        type=int,
+        metavar="H",
+        help="image height in pixels, a multiple of 8 (default: the model's)",
+    )
+    g.add_argument(
+        "--width", type=int, metavar="W", help="image width in pixels, a multiple of 8 (default: the model's)"
+    )
+    g.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    return p
+
+
+def _output(default: str, what: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=default, metavar="PATH", help=f"{what} (default {default})")
+    g.add_argument("--force", action="store_true", help="overwrite files that already exist")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``sdexplore`` argument parser with its four commands."""
+    from . import __version__
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG,
+        description="Look inside Stable Diffusion from the command line: every denoising step, cross-attention "
+        "per word, walks between prompts.",
+        epilog=_MAIN_EPILOG,
+        formatter_class=fmt,
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser(
+        "describe",
+        parents=[_common(model_option=False)],
+        help="the component tour of a model",
+        description="Print the component tour of a model: each component's class, parameters, dtype, device "
+        "and role; the latent arithmetic; the scheduler and its timesteps.",
+        epilog=_DESCRIBE_EPILOG,
+        formatter_class=fmt,
+    )
+    d.add_argument(
+        "model", nargs="?", metavar="MODEL", help="hub id, folder or .safetensors (default: embedded model)"
+    )
+    d.add_argument("--model", dest="model_option", metavar="M", help="the same as MODEL")
+    d.add_argument(
+        "--steps",
+        type=int,
+        default=50,
+        metavar="N",
+        help="inference steps whose timesteps to list (default 50)",
+    )
+    d.add_argument("--height", type=int, metavar="H", help="image height for the latent arithmetic")
+    d.add_argument("--width", type=int, metavar="W", help="image width for the latent arithmetic")
+    d.add_argument("--prompt", metavar="TEXT", help="also show how this prompt is tokenized")
+    d.add_argument("--json", action="store_true", help="print the description as JSON")
+    d.set_defaults(run=_cmd_describe)
+
+    s = sub.add_parser(
+        "steps",
+        parents=[_common(), _generation(), _output("sdexplore-steps", "output folder")],
+        help="record every denoising step of one image",
+        description="Generate one image and record every denoising step: the final image, strips of x0 and "
+        "previews, an animated GIF of the denoising, and the saved trace.",
+        epilog=_STEPS_EPILOG,
+        formatter_class=fmt,
+    )
+    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    s.add_argument(
+        "--preview",
+        choices=("decode", "linear"),
+        default="decode",
+        help="decode: VAE-decode x0 at every step (GIF and x0 strip); linear: only the free linear preview",
+    )
+    s.add_argument("--fps", type=float, default=8.0, help="GIF frames per second (default 8)")
+    s.set_defaults(run=_cmd_steps)
+
+    a = sub.add_parser(
+        "attention",
+        parents=[_common(), _generation(), _output("sdexplore-attention", "output folder")],
+        help="cross-attention heat maps per word",
+        description="Generate one image and record its cross-attention maps: an overlay per word, a step x "
+        "word grid, and the saved maps.",
+        epilog=_ATTENTION_EPILOG,
+        formatter_class=fmt,
+    )
+    a.add_argument("prompt", metavar="PROMPT")
+    a.add_argument(
+        "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
+    )
+    a.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    a.add_argument("--rows", type=int, default=6, metavar="R", help="step groups in the grid (default 6)")
+    a.set_defaults(run=_cmd_attention)
+
+    w = sub.add_parser(
+        "walk",
+        parents=[_common(), _generation(), _output("sdexplore-walk.gif", "a .gif or .mp4 file")],
+        help="walk between prompts and seeds into a GIF or MP4",
+        description="Walk between keyframes (prompts, seeds or both), write the frames as a GIF or MP4 and "
+        "print the smoothness report.",
+        epilog=_WALK_EPILOG,
+        formatter_class=fmt,
+    )
+    w.add_argument("prompts", nargs="+", metavar="PROMPT")
+    w.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="S",
+        help="one seed, or one per keyframe (default 0)",
+    )
+    w.add_argument("--frames", type=int, default=16, metavar="N", help="frames in the walk (default 16)")
+    w.add_argument("--circular", action="store_true", help="return to the first keyframe: a seamless loop")
+    w.add_argument(
+        "--spacing", choices=("even", "ease"), default="even", help="ease: slow down near keyframes"
+    )
+    w.add_argument("--fps", type=float, default=12.0, help="frames per second (default 12)")
+    w.add_argument(
+        "--batch-size", type=int, metavar="B", help="frames per pipeline call (default: what fits)"
+    )
+    w.set_defaults(run=_cmd_walk)
+    return parser
+
+
+# ---------------------------------------------------------------- checks before the expensive work
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise InputError('the prompt is empty: pass some text, e.g. "a big red circle on a blue background"')
+    return text
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise InputError(f"{name} must be at least {minimum}, got {value}")
+
+
+def _check_size(args: argparse.Namespace) -> None:
+    for name in ("height", "width"):
+        v = getattr(args, name, None)
+        if v is not None and (v < 8 or v % 8):
+            raise InputError(
+                f"--{name} must be a positive multiple of 8 (the VAE works in 8x8 blocks), got {v}"
+            )
+
+
+def resolve_scheduler(name: str | None) -> str | None:
+    """A scheduler alias (``euler``, ``dpm++``...) or diffusers class name → the class name; unknown → InputError."""
+    if name is None:
+        return None
+    if name.lower() in SCHEDULER_ALIASES:
+        return SCHEDULER_ALIASES[name.lower()]
+    import diffusers
+
+    if name.endswith("Scheduler") and hasattr(diffusers, name):
+        return name
+    known = ", ".join(SCHEDULER_ALIASES)
+    raise InputError(
+        f"unknown scheduler {name!r}: use one of {known}, or a diffusers scheduler class name such as "
+        "EulerDiscreteScheduler"
+    )
+
+
+def _check_outputs(paths: Iterable[Path], force: bool) -> None:
+    """Refuse to overwrite without --force and refuse folders that cannot be written, before any work."""
+    paths = list(paths)
+    for folder in dict.fromkeys(p.parent for p in paths):
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise InputError(
+                f"cannot write into {folder}: {probe} is a file, not a folder; choose another --out"
+            )
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise InputError(f"cannot write into {folder}: {probe} is not writable; choose another --out")
+    existing = [p for p in paths if p.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise InputError(
+            f"{existing[0]} already exists{more}; pass --force to overwrite, or choose another --out"
+        )
+
+
+def _out_folder(out: str) -> Path:
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    return folder
+
+
+# ---------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _quiet_libraries(debug: bool) -> Iterator[None]:
+    """Hide diffusers' and transformers' informational chatter (not our own notes) unless --debug."""
+    if debug:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = (diffusers_logging, transformers_logging)  # their root loggers are set up on first use
+    levels = [lib.get_verbosity() for lib in libraries]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for lib in libraries:
+            lib.set_verbosity(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lib, level in zip(libraries, levels, strict=True):
+                lib.set_verbosity(level)
+
+
+def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = None) -> Any:
+    from .loading import embedded_model_available, load_pipeline
+
+    if model is None and not embedded_model_available():
+        _note(
+            "the embedded model is not installed; using a tiny random-weight stand-in (its images are noise)"
+        )
+    pipe = load_pipeline(
+        model, device=args.device, dtype=args.dtype, scheduler=scheduler, progress_bar=not args.no_progress
+    )
+    return pipe
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: note: {message}", file=sys.stderr)
+
+
+def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_inference_steps": args.steps}
+    if args.guidance is not None:
+        kwargs["guidance_scale"] = args.guidance
+    if args.height is not None:
+        kwargs["height"] = args.height
+    if args.width is not None:
+        kwargs["width"] = args.width
+    if args.negative is not None:
+        kwargs["negative_prompt"] = args.negative
+    return kwargs
+
+
+def _wrote(paths: Iterable[Path]) -> None:
+    for p in paths:
+        print(f"wrote {p}")
+
+
+# ---------------------------------------------------------------- image helpers
+
+
+def _fit(image: np.ndarray, longest: int, nearest: bool = False) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 image so its longer side is ``longest`` pixels (aspect ratio kept)."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = longest / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size == (w, h):
+        return image
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+    return np.asarray(Image.fromarray(image).resize(size, resample))
+
+
+def _label(image: np.ndarray, text: str) -> np.ndarray:
+    """Write ``text`` in the top-left corner of a copy of ``image`` (white on a black box)."""
+    from PIL import Image, ImageDraw
+
+    im = Image.fromarray(image)
+    draw = ImageDraw.Draw(im)
+    box = draw.textbbox((2, 1), text)
+    draw.rectangle((box[0] - 2, box[1] - 1, box[2] + 1, box[3] + 1), fill=(0, 0, 0))
+    draw.text((2, 1), text, fill=(255, 255, 255))
+    return np.asarray(im)
+
+
+def _strip(
+    images: Sequence[np.ndarray], labels: Sequence[str], *, nearest: bool, cols: int = 10
+) -> np.ndarray:
+    """Tiles of ``images`` (each (H, W, 3) uint8) labelled and laid out row by row, ``cols`` per row."""
+    from .export import image_grid
+
+    tiles = [_label(_fit(im, TILE, nearest), lab) for im, lab in zip(images, labels, strict=True)]
+    return image_grid(tiles, cols=min(cols, len(tiles)))
+
+
+def _with_progress_bar(frame: np.ndarray, i: int, n: int) -> np.ndarray:
+    """A copy of ``frame`` (H, W, 3) with a bar at the bottom filled to (i + 1) / n: where the run is."""
+    out = frame.copy()
+    h, w = out.shape[:2]
+    bar = max(2, h // 32)
+    out[h - bar :] = 0
+    out[h - bar :, : max(1, round(w * (i + 1) / n))] = 255
+    return out
+
+
+def _colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
+    """Values in [0, 1], (h, w) → (h, w, 3) uint8 through a matplotlib colour map."""
+    from matplotlib import colormaps
+
+    lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
+    return lut[(np.clip(heat, 0.0, 1.0) * 255).round().astype(np.int64)]
+
+
+def _overlay(image: np.ndarray, heat: Any, opacity: float = 0.5) -> np.ndarray:
+    """Blend a heat map (h, w), min-max normalised, upsampled to ``image`` (H, W, 3) uint8, over it."""
+    from .heatmaps import normalize, upsample
+
+    h, w = image.shape[:2]
+    m = upsample(normalize(heat, "minmax")[None], (h, w))[0].numpy()  # (1, h, w) → (H, W)
+    colours = _colorize(m).astype(np.float32)  # (H, W, 3)
+    return (image.astype(np.float32) * (1 - opacity) + colours * opacity).round().astype(np.uint8)
+
+
+def _slug(word: str, taken: set[str]) -> str:
+    base = re.sub(r"[^0-9A-Za-z_-]+", "_", word).strip("_") or "word"
+    name, k = base, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+# ---------------------------------------------------------------- commands
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    if args.model is not None and args.model_option is not None:
+        raise InputError("give the model once: as MODEL or as --model, not both")
+    model = args.model if args.model is not None else args.model_option
+    _positive("--steps", args.steps)
+    _check_size(args)
+    if args.prompt is not None:
+        _prompt(args.prompt)
+    from .describe import describe
+
+    pipe = _load(args, model)
+    desc = describe(pipe, steps=args.steps, height=args.height, width=args.width)
+    if args.json:
+        data = desc.to_dict()
+        data["model"] = model or "embedded"
+        if args.prompt is not None:
+            data["prompt_tokens"] = _prompt_tokens(pipe, args.prompt)
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"Model: {model or 'embedded (sdexplore.load_pipeline())'}")
+    print(desc)
+    if args.prompt is not None:
+        from .text import inspect_prompt
+
+        print(f"\nPrompt: {args.prompt!r}")
+        print(inspect_prompt(pipe, args.prompt).table())
+    return 0
+
+
+def _prompt_tokens(pipe: Any, prompt: str) -> list[dict[str, Any]]:
+    from .text import inspect_prompt
+
+    info = inspect_prompt(pipe, prompt)
+    return [
+        {"position": i, "kind": k, "id": t_id, "token": tok}
+        for i, (tok, t_id, k) in enumerate(zip(info.tokens, info.ids, info.kinds, strict=True))
+        if k != "pad"
+    ]
+
+
+def _cmd_steps(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    _positive("--steps", args.steps)
+    if args.fps <= 0:
+        raise InputError(f"--fps must be positive, got {args.fps}")
+    _check_size(args)
+    scheduler = resolve_scheduler(args.scheduler)
+    out = _out_folder(args.out)
+    decode = args.preview == "decode"
+    files = {
+        "image": out / "image.png",
+        "x0": out / "steps_x0.png",
+        "preview": out / "steps_preview.png",
+        "gif": out / "denoising.gif",
+        "trace": out / "trace.safetensors",
+    }
+    if not decode:
+        del files["x0"]
+    _check_outputs(files.values(), args.force)
+
+    from .export import save_gif
+    from .generate import generate
+
+    pipe = _load(args, args.model, scheduler)
+    images, obs = generate(
+        pipe, prompt, steps={"decode_every": 1} if decode else True, seed=args.seed, **_call_kwargs(args)
+    )
+    trace = obs.steps
+    trace.meta.update(
+        prompt=prompt,
+        seed=args.seed,
+        model=args.model or "embedded",
+        negative_prompt=args.negative,
+        command="sdexplore steps",
+    )
+    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
+    h, w = image.shape[:2]
+    labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
+    previews = [s.preview[0].numpy() for s in trace]  # each (h, w, 3) uint8, one pixel per latent cell
+    out.mkdir(parents=True, exist_ok=True)
+
+    from PIL import Image
+
+    Image.fromarray(image).save(files["image"])
+    Image.fromarray(_strip(previews, labels, nearest=True)).save(files["preview"])
+    if decode:
+        x0s = [s.decoded[0].numpy() for s in trace]  # each (H, W, 3) uint8
+        Image.fromarray(_strip(x0s, labels, nearest=False)).save(files["x0"])
+        frames = x0s
+    else:
+        frames = [_fit(p, max(h, w), nearest=True) for p in previews]
+    n = len(frames)
+    save_gif(
+        np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]), files["gif"], fps=args.fps
+    )
+    trace.save(files["trace"])
+    _wrote(files.values())
+    return 0
+
+
+def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:
+    from .errors import WordNotFoundError
+
+    for word in words:
+        try:
+            tokens.positions(word)
+        except WordNotFoundError as e:
+            if tokens.truncated and "cut off" in str(e):
+                raise InputError(str(e)) from e
+            known = ", ".join(dict.fromkeys(tokens.words))
+            raise InputError(
+                f"{word!r} is not a word of the prompt {prompt!r}; its words are: {known}. "
+                "Pass --words with some of these"
+            ) from e
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    _positive("--steps", args.steps)
+    _positive("--rows", args.rows)
+    _check_size(args)
+    scheduler = resolve_scheduler(args.scheduler)
+    out = _out_folder(args.out)
+    if args.words is not None:
+        for word in args.words:
+            if not word.strip():
+                raise InputError("--words has an empty word; pass words of the prompt")
+    fixed = {
+        "image": out / "image.png",
+        "grid": out / "attention_grid.png",
+        "maps": out / "attention.safetensors",
+    }
+    taken: set[str] = set()
+    word_files: dict[str, Path] = {}
+    if args.words is not None:
+        word_files = {wd: out / f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(args.words)}
+    _check_outputs([*fixed.values(), *word_files.values()], args.force)
+
+    from .attention.tokens import tokenize_prompt
+    from .generate import generate
+
+    pipe = _load(args, args.model, scheduler)
+    tokens = tokenize_prompt(pipe.tokenizer, prompt)
+    if args.words is None:
+        word_files = {wd: out / f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(tokens.words)}
+        if not word_files:
+            raise InputError(f"the prompt {prompt!r} has no words to map")
+        _check_outputs(word_files.values(), args.force)
+    _check_words(tokens, list(word_files), prompt)
+
+    images, obs = generate(pipe, prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args))
+    maps = obs.attention
+    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
+    out.mkdir(parents=True, exist_ok=True)
+
+    from PIL import Image
+
+    Image.fromarray(image).save(fixed["image"])
+    for word, path in word_files.items():
+        Image.fromarray(_overlay(image, maps.word(word))).save(path)
+    _attention_grid(maps, image, list(word_files), args.rows).savefig(fixed["grid"], dpi=100)
+    maps.save(fixed["maps"])
+    _wrote([fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]])
+    for word in word_files:
+        m = maps.word(word)  # (h, w) raw attention mass
+        r, c = divmod(int(m.argmax()), int(m.shape[1]))
+        print(
+            f"{word}: mean attention mass {float(m.mean()):.4f}, peak at row {r / m.shape[0]:.2f}, column {c / m.shape[1]:.2f} of the image"
+        )
+    return 0
+
+
+def _step_groups(n_steps: int, rows: int) -> list[range]:
+    """Split ``range(n_steps)`` into ``min(rows, n_steps)`` consecutive, nearly equal groups."""
+    rows = min(rows, n_steps)
+    edges = [round(i * n_steps / rows) for i in range(rows + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(rows)]
+
+
+def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> Any:
+    """Figure: one row per group of steps (early → late), one column per word, heat over the image."""
+    from matplotlib.figure import Figure
+
+    cell = _fit(image, TILE)
+    groups = _step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
+    fig = Figure(figsize=(1.3 * len(words) + 1.2, 1.3 * len(groups) + 0.5), layout="constrained")
+    axes = fig.subplots(len(groups), len(words), squeeze=False)
+    ts = maps.timesteps.tolist()
+    for r, group in enumerate(groups):
+        for c, word in enumerate(words):
+            ax = axes[r][c]
+            heat = maps.word(word, step=group) if group is not None else maps.word(word)  # (h, w)
+            ax.imshow(_overlay(cell, heat))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(word, fontsize=9)
+            if c == 0:
+                label = (
+                    "all steps"
+                    if group is None
+                    else f"steps {group[0]}–{group[-1]}\nt {ts[group[0]]:.0f}–{ts[group[-1]]:.0f}"
+                )
+                ax.set_ylabel(label, fontsize=7)
+    return fig
+
+
+def _cmd_walk(args: argparse.Namespace) -> int:
+    prompts = [_prompt(p) for p in args.prompts]
+    _positive("--steps", args.steps)
+    _positive("--frames", args.frames, 2)
+    _positive("--batch-size", args.batch_size)
+    if args.fps <= 0:
+        raise InputError(f"--fps must be positive, got {args.fps}")
+    _check_size(args)
+    n_keys = max(len(prompts), len(args.seeds))
+    if n_keys < 2:
+        raise InputError("a walk needs 2 keyframes at least: give 2+ prompts, 2+ --seeds, or both")
+    for name, values in (("prompts", prompts), ("--seeds", args.seeds)):
+        if len(values) not in (1, n_keys):
+            raise InputError(f"{len(values)} {name} for {n_keys} keyframes: give one, or one per keyframe")
+    scheduler = resolve_scheduler(args.scheduler)
+    out = Path(args.out).expanduser()
+    if out.suffix.lower() not in (".gif", ".mp4"):
+        raise InputError(f"--out must end in .gif or .mp4, got {args.out!r}")
+    if out.is_dir():
+        raise InputError(f"--out {args.out} is a folder; pass a file name ending in .gif or .mp4")
+    _check_outputs([out], args.force)
+
+    from .walks import walk
+
+    pipe = _load(args, args.model, scheduler)
+    kwargs = _call_kwargs(args)
+    result = walk(
+        pipe,
+        prompts,
+        seeds=args.seeds,
+        frames=args.frames,
+        batch_size=args.batch_size,
+        negative_prompt=kwargs.pop("negative_prompt", None),
+        num_inference_steps=kwargs.pop("num_inference_steps"),
+        guidance_scale=kwargs.pop("guidance_scale", None),
+        height=kwargs.pop("height", None),
+        width=kwargs.pop("width", None),
+        spacing=args.spacing,
+        loop=args.circular,
+        progress=not args.no_progress,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".mp4":
+        result.save_mp4(out, fps=args.fps)
+    else:
+        result.save_gif(out, fps=args.fps)
+    _wrote([out])
+    print(result.smoothness())
+    return 0
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, KeyError) and text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``sdexplore`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
+
+    0 on success; 2 for bad input (one line on stderr: ``sdexplore: error: ...``); 1 when the work itself
+    fails; 130 when interrupted. ``--debug`` shows the full traceback.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as done:  # --help and --version
+            return int(done.code or 0)
+        if args.command is None:
+            raise InputError("choose a command: describe, steps, attention or walk (see `sdexplore --help`)")
+        with _quiet_libraries(debug):
+            return int(args.run(args))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one line for the user; --debug for the traceback
+        from .errors import SdexploreError
+
+        if debug:
+            traceback.print_exc()
+        expected = isinstance(error, (SdexploreError, ValueError, OSError, LookupError, MemoryError))
+        hint = "" if expected or debug else f" ({type(error).__name__}; run with --debug for the traceback)"
+        print(f"{PROG}: error: {_one_line(error)}{hint}", file=sys.stderr)
+        return 2 if isinstance(error, InputError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
