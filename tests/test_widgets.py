@@ -1,0 +1,259 @@
+"""Explorers over real recorded results: sliders change what is shown, never run the pipeline; static fallback."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("ipywidgets")
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from sdexplore.export import read_frames  # noqa: E402
+from sdexplore.fixtures import tiny_pipeline  # noqa: E402
+from sdexplore.heatmaps import normalize  # noqa: E402
+from sdexplore.observe import observe  # noqa: E402
+from sdexplore.smoothness import smoothness_report  # noqa: E402
+from sdexplore.trace import Trace  # noqa: E402
+from sdexplore.walks import walk  # noqa: E402
+from sdexplore.widgets import (  # noqa: E402
+    AttentionExplorer,
+    InterpolationExplorer,
+    TimestepScrubber,
+    WalkPlayer,
+    has_widget_frontend,
+)
+from sdexplore.widgets._base import overlay, png_bytes  # noqa: E402
+
+PROMPT = "a big red circle on a blue background"
+STEPS = 6
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+class UnetCalls:
+    """Counts UNet forward calls through a removable forward hook."""
+
+    def __init__(self, pipe):
+        self.n = 0
+        self.handle = pipe.unet.register_forward_hook(self._hook)
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+@pytest.fixture(scope="module")
+def run():
+    """One recorded run (steps + attention with per-step maps) of the tiny SD1 pipeline, and its image."""
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline("sd1")
+    with observe(pipe, steps=True, attention=True) as obs:
+        image = pipe(PROMPT, num_inference_steps=STEPS, generator=_gen()).images[0]
+    return pipe, obs, image
+
+
+@pytest.fixture(scope="module")
+def frames():
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline("sd1")
+    return walk(
+        pipe, ["a red circle", "a blue square"], seeds=[0, 1], frames=6, num_inference_steps=3, progress=False
+    )
+
+
+def _decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+# ---------------------------------------------------------------------------------------- frontend detection
+def test_no_frontend_outside_a_kernel_means_static(run, monkeypatch):
+    _, obs, _ = run
+    assert not has_widget_frontend()  # pytest is not a Jupyter kernel
+    scrub = TimestepScrubber(obs)
+    assert scrub.static
+    bundle = scrub._repr_mimebundle_()
+    png = base64.b64decode(bundle["image/png"])
+    assert _decode(png).shape[0] > 100  # a real figure, not an error
+    monkeypatch.setenv("SDEXPLORE_STATIC", "1")
+    assert TimestepScrubber(obs, static=None).static
+
+
+# ---------------------------------------------------------------------------------------- TimestepScrubber
+def test_scrubber_slider_changes_images_without_running_the_pipeline(run):
+    pipe, obs, _ = run
+    scrub = TimestepScrubber(obs, static=False)
+    assert scrub.num_steps == STEPS
+    calls = UnetCalls(pipe)
+    try:
+        scrub.value = 0
+        first = {k: scrub.image_bytes(k) for k in ("noisy", "x0", "noise", "latents")}
+        scrub.value = STEPS - 1
+        last = {k: scrub.image_bytes(k) for k in first}
+        for i in range(STEPS):
+            scrub.value = i
+    finally:
+        calls.close()
+    assert calls.n == 0
+    assert all(first[k] != last[k] for k in first), "every panel must change between the first and last step"
+    assert f"step {STEPS} / {STEPS}" in scrub._info.value
+    assert "timestep" in scrub._info.value and "σ" in scrub._info.value
+
+
+def test_scrubber_x0_panel_shows_the_recorded_x0(run):
+    _, obs, _ = run
+    scrub = TimestepScrubber(obs, static=False, size=8)  # size 8: no upscaling, pixels comparable
+    scrub.value = 2
+    shown = _decode(scrub.image_bytes("x0"))
+    expected = obs.steps[2].preview[0].numpy()  # the recorder's own preview of x0
+    assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_scrubber_fills_in_live_and_follows_the_newest_step():
+    pipe = tiny_pipeline("sd1")
+    scrub = TimestepScrubber(static=False)
+    scrub.widget  # noqa: B018 - shown before the run, as in a notebook
+    seen = []
+
+    def listener(rec, trace):
+        scrub.on_step(rec, trace)
+        seen.append((scrub.num_steps, scrub.value))
+
+    with observe(pipe, on_step=listener):
+        pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    assert seen == [(i + 1, i) for i in range(STEPS)], "each step appears as it arrives; the slider follows"
+    live_bytes = scrub.image_bytes("x0")
+    # the user moves back: the next run starts over, and a moved slider is not dragged along
+    with observe(pipe, on_step=scrub.on_step) as obs:
+        pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    assert scrub.trace is obs.steps and scrub.num_steps == STEPS
+    assert scrub.image_bytes("x0") == live_bytes  # same seed, same final step
+    scrub.value = 1
+    scrub.on_step(obs.steps[-1], obs.steps)
+    assert scrub.value == 1 and scrub.num_steps == STEPS + 1
+
+
+def test_scrubber_reads_a_saved_trace(run, tmp_path):
+    _, obs, _ = run
+    path = obs.steps.save(tmp_path / "t.safetensors")
+    a, b = TimestepScrubber(obs, static=False), TimestepScrubber(Trace.load(path), static=False)
+    a.value = b.value = 3
+    # fp16 storage round-trips exactly, so the loaded trace shows the same images
+    assert a.image_bytes("latents") == b.image_bytes("latents")
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_scrubber_other_families(family):
+    pipe = tiny_pipeline(family)
+    with observe(pipe) as obs:
+        pipe(PROMPT, num_inference_steps=3, generator=_gen())
+    scrub = TimestepScrubber(obs, static=False)
+    a = scrub.image_bytes("noisy")
+    scrub.value = 0
+    assert a != scrub.image_bytes("noisy")
+    assert isinstance(scrub.figure(), Figure)
+
+
+def test_scrubber_static_figure_has_every_panel(run):
+    _, obs, _ = run
+    fig = TimestepScrubber(obs, static=True).figure(columns=3)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == 4 * 3
+    assert len(fig.axes[0].images) == 1
+    assert isinstance(TimestepScrubber(static=True).figure(), Figure)  # empty: a message, not an error
+
+
+# ---------------------------------------------------------------------------------------- AttentionExplorer
+def test_attention_controls_change_the_image_without_running_the_pipeline(run):
+    pipe, obs, image = run
+    ex = AttentionExplorer(obs, image, static=False)
+    assert ex.words == ["a", "big", "red", "circle", "on", "blue", "background"]
+    calls = UnetCalls(pipe)
+    try:
+        shown = [ex.displayed_png]
+        ex.select(word="circle")
+        shown.append(ex.displayed_png)
+        ex.select(opacity=0.2)
+        shown.append(ex.displayed_png)
+        ex.select(step_range=(0, 1))
+        shown.append(ex.displayed_png)
+        ex.select(layer=next(k for k in ex.layer_groups if k.startswith("up blocks")))
+        shown.append(ex.displayed_png)
+        ex.select(view="step × word grid")
+        grid = ex._grid.value
+    finally:
+        calls.close()
+    assert calls.n == 0
+    assert len(set(shown)) == len(shown), "each control must change the displayed image"
+    assert grid.count("<img") == len(ex.step_bins()) * len(ex.words)
+    assert "keep_probs" in ex._note.value  # step range + one layer group needs every probability tensor
+
+
+def test_attention_heat_is_the_normalised_word_map(run):
+    _, obs, image = run
+    ex = AttentionExplorer(obs.attention, image, static=False)
+    m = obs.attention
+    assert torch.allclose(ex.heat("red"), normalize(m.word("red"), "minmax"))
+    assert torch.allclose(ex.heat("red", (1, 2)), normalize(m.word("red", step=range(1, 3)), "minmax"))
+    assert not torch.allclose(ex.heat("red", (0, 0)), ex.heat("red", (STEPS - 1, STEPS - 1)))
+    bins = ex.step_bins(3)
+    assert bins[0][0] == 0 and bins[-1][1] == STEPS - 1 and len(bins) == 3
+
+
+def test_attention_static_figure(run):
+    _, obs, image = run
+    fig = AttentionExplorer(obs, image, static=True).figure(n_bins=2, max_words=3)
+    assert isinstance(fig, Figure) and len(fig.axes) == 3 * 3  # 2 step bins + whole run, × 3 words
+
+
+def test_overlay_blends_heat_over_image():
+    img = np.zeros((16, 16, 3), np.uint8)
+    heat = torch.zeros(4, 4)
+    heat[:2] = 1.0  # top half hot
+    out = overlay(img, heat, opacity=1.0, cmap="gray", size=16)
+    assert out[0, 0].mean() > 200 and out[-1, -1].mean() < 50
+    assert np.array_equal(overlay(img, heat, opacity=0.0, cmap="gray", size=16), img)
+
+
+# ---------------------------------------------------------------------------------------- interpolation, walks
+def test_interpolation_slider_and_smoothness(frames):
+    ex = InterpolationExplorer({"walk": frames, "reversed": frames.images[::-1]}, static=False)
+    a = ex.displayed("walk")
+    ex.value = 3
+    assert ex.displayed("walk") != a
+    assert ex.displayed("reversed") == png_bytes(frames.images[2], min_side=ex.size)
+    assert np.allclose(ex.reports["walk"].distances, smoothness_report(frames.images).distances)
+    svg0, svg3 = ex.smoothness_svg(0), ex.smoothness_svg(3)
+    assert svg0.startswith("<svg") and svg0 != svg3  # the marker moves
+    assert "a blue square" in ex._info.value and "t = " in ex._info.value
+    with pytest.raises(ValueError, match="same number of frames"):
+        InterpolationExplorer({"a": frames, "b": frames.images[:3]})
+    assert isinstance(ex.figure(), Figure)
+
+
+def test_walk_player_plays_and_exports(frames, tmp_path):
+    player = WalkPlayer(frames, fps=8, static=False)
+    a = player.displayed
+    player.value = len(frames) - 1
+    assert player.displayed != a
+    gif = player.export(tmp_path / "w.gif")
+    assert read_frames(gif).shape[0] == len(frames)
+    player._name.value = str(tmp_path / "w.mp4")
+    player._rubber.value = True
+    player._on_export()
+    assert "saved" in player._status.value and (tmp_path / "w.mp4").stat().st_size > 0
+    player._name.value = str(tmp_path / "w.txt")
+    player._on_export()  # a bad name is reported in the widget, not raised
+    assert "export failed" in player._status.value
+    player._speed.value = 20
+    assert player._play.interval == 50
+    assert isinstance(player.figure(), Figure)
