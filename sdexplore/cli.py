@@ -670,6 +670,12 @@ def _step_groups(n_steps: int, rows: int) -> list[range]:
     return [range(edges[i], edges[i + 1]) for i in range(rows)]
 
 
+def _group_label(group: range, ts: list[float]) -> str:
+    if len(group) == 1:
+        return f"step {group[0]}\nt {ts[group[0]]:.0f}"
+    return f"steps {group[0]}–{group[-1]}\nt {ts[group[0]]:.0f}–{ts[group[-1]]:.0f}"
+
+
 def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> Any:
     """Figure: one row per group of steps (early → late), one column per word, heat over the image."""
     from matplotlib.figure import Figure
@@ -689,11 +695,7 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
             if r == 0:
                 ax.set_title(word, fontsize=9)
             if c == 0:
-                label = (
-                    "all steps"
-                    if group is None
-                    else f"steps {group[0]}–{group[-1]}\nt {ts[group[0]]:.0f}–{ts[group[-1]]:.0f}"
-                )
+                label = "all steps" if group is None else _group_label(group, ts)
                 ax.set_ylabel(label, fontsize=7)
     return fig
 
@@ -770,9 +772,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extra = parser.parse_known_args(argv)
         except SystemExit as done:  # --help and --version
             return int(done.code or 0)
+        if extra:
+            where = f"{PROG} {args.command}" if args.command else PROG
+            raise InputError(f"unrecognized arguments: {' '.join(extra)} (see `{where} --help`)")
         if args.command is None:
             raise InputError("choose a command: describe, steps, attention or walk (see `sdexplore --help`)")
         with _quiet_libraries(debug):
