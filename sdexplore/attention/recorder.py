@@ -107,6 +107,7 @@ class AttentionRecorder:
         self._inside = False
         self._entered_once = False
         self._maps: AttentionMaps | None = None
+        self._why_no_maps: str | None = None
         self._reset_run()
 
     # ---- context manager ----------------------------------------------------------------------------------
@@ -168,14 +169,17 @@ class AttentionRecorder:
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         self._restore()
-        if exc_type is None:
-            self._maps = self._build() if self._timesteps else None
-        else:
-            try:  # keep what was recorded before the error (e.g. an interrupted run), never mask the error
-                self._maps = self._build() if self._timesteps else None
-            except Exception:
-                self._maps = None
-        self._release_device_state()
+        self._maps, self._why_no_maps = None, None
+        try:  # after an error too: keep what was recorded (e.g. an interrupted run), never mask the error
+            if self._timesteps:
+                self._maps = self._build()
+        except RecorderStateError as err:
+            self._why_no_maps = str(err)
+        except Exception:
+            if exc_type is None:
+                raise
+        finally:
+            self._release_device_state()
 
     def _restore(self) -> None:
         try:
@@ -202,7 +206,8 @@ class AttentionRecorder:
                     "Nothing recorded yet: use `with AttentionRecorder(pipe) as rec:` and call pipe(...) inside."
                 )
             raise RecorderStateError(
-                "No denoising step was recorded: call the pipeline inside the `with` block."
+                self._why_no_maps
+                or "No denoising step was recorded: call the pipeline inside the `with` block."
             )
         return self._maps
 

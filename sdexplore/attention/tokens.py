@@ -36,7 +36,7 @@ class TokenList:
         """Words of the prompt with the key positions of their sub-word tokens (a word ends at ``</w>``)."""
         spans: list[tuple[str, list[int]]] = []
         current: list[int] = []
-        for i, (piece, kind) in enumerate(zip(self.pieces, self.kinds)):
+        for i, (piece, kind) in enumerate(zip(self.pieces, self.kinds, strict=True)):
             if kind != TEXT:
                 continue
             current.append(i)
