@@ -1,0 +1,376 @@
+"""Evaluate the embedded tiny-shapes model and write its model card.
+
+Generates the held-out validation prompts (:func:`sdexplore.scenes.validation_prompts`, seed i for prompt i,
+25 steps of the saved PNDM scheduler, CFG 7.5), reads each image back with the world's scorer, and measures
+how well the shape word's cross-attention sits on the generated shape (IoU). Also measures VAE reconstruction
+PSNR, CPU seconds per image and the weights' size, then writes ``MODEL_CARD.md``, ``eval.json`` and
+``sample_grid.png`` into the model folder.
+
+    python scripts/eval_embedded.py                # full set (216 prompts) on the CPU, writes the card
+    python scripts/eval_embedded.py --subset 16 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from sdexplore import scenes
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_DIR = REPO / "sdexplore" / "models" / "tiny-shapes"
+STEPS, GUIDANCE = 25, 7.5
+#: Bars of the issue (fractions; IoU mean; dB).
+BARS = {"colour": 0.90, "background": 0.90, "shape": 0.80, "place": 0.75, "attention_iou": 0.45, "psnr": 28.0}
+GRID_PROMPTS = [
+    "a big red circle at the top left on a blue background",
+    "a small yellow square at the top on a black background",
+    "a big white triangle at the top right on a green background",
+    "a big orange circle at the left on a purple background",
+    "a small blue triangle in the center on a white background",
+    "a big green square at the right on a yellow background",
+    "a small purple circle at the bottom left on an orange background",
+    "a big black triangle at the bottom on a red background",
+    "a big yellow square at the bottom right on a blue background",
+    "a red triangle at the center",
+    "a big blue circle in the top left on a yellow background",
+    "a small white circle at the bottom right on a black background",
+    "an orange square at the top",
+    "a big green triangle at the left on a white background",
+    "a big purple square at the center on a green background",
+    "a small black circle at the right on a white background",
+]
+
+
+class ShapeWordAttention:
+    """Explicit-softmax cross-attention processor (for ``attn2`` layers) that records one token's attention.
+
+    Computes the same output as diffusers' default processor (to ~1e-6 in fp32) and adds, per image of the
+    conditional half of the CFG batch, the attention probability of the token at ``token_index[i]``, averaged
+    over heads, upsampled to the image size; ``total`` sums over layers and steps, ``count`` counts them.
+    """
+
+    def __init__(self, token_index: torch.Tensor, image_size: int = scenes.IMAGE_SIZE):
+        self.token_index = token_index  # (n,) position of the shape word in each prompt
+        self.image_size = image_size
+        self.total: torch.Tensor | None = None
+        self.count = 0
+
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
+    ):
+        residual = hidden_states
+        batch, hw, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (batch*heads, hw, d)
+        key = attn.head_to_batch_dim(attn.to_k(context))  # (batch*heads, tokens, d)
+        value = attn.head_to_batch_dim(attn.to_v(context))  # (batch*heads, tokens, d)
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        probs = attn.get_attention_scores(query, key, mask)  # (batch*heads, hw, tokens)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))  # (batch, hw, heads*d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        out = out / attn.rescale_output_factor
+
+        n = self.token_index.shape[0]
+        per_head = probs.view(batch, attn.heads, hw, -1)  # (batch, heads, hw, tokens)
+        cond = per_head[batch - n :].mean(1)  # (n, hw, tokens): the conditional half comes second
+        word = cond[torch.arange(n), :, self.token_index.to(cond.device)]  # (n, hw)
+        side = math.isqrt(hw)  # the embedded model's latents are square
+        maps = word.reshape(n, 1, side, side).float()  # (n, 1, side, side)
+        maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
+        self.total = maps if self.total is None else self.total + maps
+        self.count += 1
+        return out
+
+    def maps(self) -> torch.Tensor:
+        """Mean attention map per image over layers and steps, (n, H, W)."""
+        if self.total is None:
+            raise RuntimeError("no attention recorded: run the pipeline with the processor installed")
+        return (self.total / self.count)[:, 0]
+
+
+def shape_token_index(pipe: StableDiffusionPipeline, prompt: str) -> int:
+    """Position of the shape word's token in the tokenised prompt (BOS is position 0)."""
+    shape = scenes.parse_prompt(prompt).shape
+    ids = pipe.tokenizer(prompt).input_ids
+    (shape_id,) = pipe.tokenizer(shape, add_special_tokens=False).input_ids
+    return ids.index(shape_id)
+
+
+def attention_iou(attention: np.ndarray, mask: np.ndarray) -> float:
+    """IoU of the attention map (min-max normalised, thresholded at 0.5) with a bool mask."""
+    a = attention - attention.min()
+    a = a / max(float(a.max()), 1e-12) > 0.5
+    union = np.logical_or(a, mask).sum()
+    return float(np.logical_and(a, mask).sum() / union) if union else 0.0
+
+
+@dataclass
+class Evaluation:
+    """Scores of a set of generated prompts; ``rows`` has one dict per prompt."""
+
+    scores: dict[str, float]
+    attention_iou: float
+    rows: list[dict] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+
+
+@torch.no_grad()
+def evaluate(
+    pipe: StableDiffusionPipeline,
+    prompts: list[str],
+    seeds: list[int] | None = None,
+    batch_size: int = 16,
+) -> Evaluation:
+    """Generate ``prompts`` (seed ``seeds[i]``, default i; 25 steps, CFG 7.5) and score them.
+
+    Attention is recorded with :class:`ShapeWordAttention` on every ``attn2`` layer for the whole call and
+    restored afterwards; each image's shape mask comes from :func:`sdexplore.scenes.read_scene`.
+    """
+    seeds = list(range(len(prompts))) if seeds is None else seeds
+    original = dict(pipe.unet.attn_processors)
+    rows, images = [], []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            token_index = torch.tensor([shape_token_index(pipe, p) for p in chunk])
+            recorder = ShapeWordAttention(token_index)
+            processors = {k: (recorder if ".attn2." in k else v) for k, v in original.items()}
+            pipe.unet.set_attn_processor(processors)
+            generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + len(chunk)]]
+            out = pipe(
+                chunk,
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=generators,
+                output_type="np",
+            ).images  # (n, H, W, 3) in [0, 1]
+            maps = recorder.maps().cpu().numpy()  # (n, H, W)
+            for prompt, image, amap in zip(chunk, out, maps, strict=True):
+                image = (image * 255).round().astype(np.uint8)
+                reading = scenes.read_scene(image)
+                score = scenes.score_image(image, prompt)
+                iou = attention_iou(amap, reading.mask)
+                rows.append({"prompt": prompt, **score, "read": reading.as_params().prompt(), "iou": iou})
+                images.append(image)
+    finally:
+        pipe.unet.set_attn_processor(dict(original))
+    scores = scenes.score_images(images, prompts)
+    return Evaluation(scores, float(np.mean([r["iou"] for r in rows])), rows, images)
+
+
+@torch.no_grad()
+def vae_psnr(pipe: StableDiffusionPipeline, n: int = 256) -> float:
+    """VAE reconstruction PSNR (dB) on ``n`` validation scenes (posterior mean, images in [-1, 1])."""
+    batch = scenes.validation_scenes(n, seed=99)
+    images, _ = scenes.render_batch(batch)
+    recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    return 10 * math.log10(4.0 / F.mse_loss(recon, images).item())
+
+
+def seconds_per_image(pipe: StableDiffusionPipeline, repeats: int = 5, threads: int = 2) -> dict[str, float]:
+    """CPU wall seconds for one 64×64 image, 25 steps, CFG 7.5 (median and best of ``repeats``)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = []
+        for i in range(repeats + 1):
+            t = time.perf_counter()
+            pipe(GRID_PROMPTS[0], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(i))
+            times.append(time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(previous)
+    times = times[1:]  # the first call warms up
+    return {"median": statistics.median(times), "best": min(times), "threads": threads}
+
+
+def weights_mb(folder: Path) -> float:
+    """Size of all ``*.safetensors`` files under ``folder`` in MB (10^6 bytes)."""
+    return sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e6
+
+
+def sample_grid(pipe: StableDiffusionPipeline, path: Path) -> list[dict]:
+    """Generate :data:`GRID_PROMPTS` (seed 0) as a 4×4 grid PNG (256×256); returns their readings."""
+    result = evaluate(pipe, GRID_PROMPTS, seeds=[0] * len(GRID_PROMPTS))
+    tiles = np.stack(result.images).reshape(4, 4, 64, 64, 3)  # (rows, cols, H, W, 3)
+    grid = tiles.transpose(0, 2, 1, 3, 4).reshape(256, 256, 3)  # (rows*H, cols*W, 3)
+    Image.fromarray(grid).save(path, optimize=True)
+    return result.rows
+
+
+def load(folder: Path = MODEL_DIR) -> StableDiffusionPipeline:
+    """Load the model folder with plain diffusers, CPU, fp32, progress bar off."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_eval(folder: Path = MODEL_DIR, subset: int | None = None, write: bool = True) -> dict:
+    """Evaluate the model in ``folder`` on the first ``subset`` validation prompts (all 216 when None).
+
+    Returns the measured numbers; with ``write`` also writes eval.json, sample_grid.png and MODEL_CARD.md
+    (the card always records the 16-prompt subset too, so a test can reproduce it).
+    """
+    torch.manual_seed(0)
+    pipe = load(folder)
+    prompts = scenes.validation_prompts()
+    prompts = prompts[:subset] if subset else prompts
+    t0 = time.perf_counter()
+    full = evaluate(pipe, prompts)
+    result = {
+        "n_prompts": len(prompts),
+        "scores": full.scores,
+        "attention_iou": full.attention_iou,
+        "eval_seconds": time.perf_counter() - t0,
+        "psnr": vae_psnr(pipe),
+    }
+    if not write:
+        return result
+    small = full if len(prompts) == 16 else evaluate(pipe, prompts[:16])
+    result["subset16"] = {"scores": small.scores, "attention_iou": small.attention_iou}
+    result["cpu_seconds_per_image"] = seconds_per_image(pipe)
+    result["weights_mb"] = weights_mb(folder)
+    result["grid"] = sample_grid(pipe, folder / "sample_grid.png")
+    result["rows"] = full.rows
+    (folder / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "MODEL_CARD.md").write_text(model_card(folder, result))
+    return result
+
+
+def model_card(folder: Path, result: dict) -> str:
+    """The model card's Markdown, from eval results and the training record ``training.json``."""
+    train = json.loads((folder / "training.json").read_text())
+    latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
+    params = train["params"]
+    s = result["scores"]
+    cpu = result["cpu_seconds_per_image"]
+
+    def mark(value: float, bar: float) -> str:
+        return "✅" if value >= bar else "❌"
+
+    score_rows = "\n".join(
+        f"| {k} | {100 * s[k]:.1f}% | ≥ {100 * BARS[k]:.0f}% | {mark(s[k], BARS[k])} |"
+        for k in ("colour", "background", "shape", "place")
+    )
+    sub = result["subset16"]
+    grid_rows = "\n".join(
+        f"| {i // 4},{i % 4} | {r['prompt']} | {r['read']} |" for i, r in enumerate(result["grid"])
+    )
+    return f"""# tiny-shapes: the embedded model of sdexplore
+
+A tiny text-to-image latent diffusion model, trained by the sdexplore project and shipped inside the package
+(`sdexplore/models/tiny-shapes/`), so that every tool of the package can be tried offline, on a CPU, in under a
+second per image. It is a plain diffusers folder: `StableDiffusionPipeline.from_pretrained(path)` loads it.
+
+It knows one little world (see `docs/embedded_model.md`): one circle, square or triangle, small or big, of one
+of 8 CSS colours ({", ".join(scenes.COLOURS)}), at one of 9 places on a 3×3 grid, on a background of another
+of those colours. Prompts: "a {{size}} {{colour}} {{shape}} at the {{place}} on a {{background}} background",
+size and background optional, "in the" or "at the".
+
+![samples](sample_grid.png)
+
+## Architecture (all standard diffusers / transformers parts, fp32 safetensors)
+
+| part | class | parameters |
+| --- | --- | --- |
+| VAE | `AutoencoderKL`, 64×64×3 ↔ 16×16×4, channels (24, 48, 48), scaling_factor {train["scaling_factor"]:.4f} | {params["vae"]:,} |
+| UNet | `UNet2DConditionModel`, 16×16×4, channels (32, 64, 80), cross-attention at 16, 8, 4 and the mid block, 4 heads | {params["unet"]:,} |
+| text encoder | `CLIPTextModel`, hidden 64, 3 layers, 4 heads, 49,408-token CLIP vocabulary | {params["text_encoder"]:,} |
+| tokenizer | `CLIPTokenizer`, SD 1.5's ids ("a photo of a cat" → 49406 320 1125 539 320 2368 49407) | |
+| scheduler | `PNDMScheduler` like SD 1.5's (PLMS, leading spacing, offset 1) with DDPM's linear betas 1e-4…0.02 | |
+
+All weights: {result["weights_mb"]:.1f} MB. `latent_rgb.json`: latent→RGB preview factors fitted by least squares
+on (scaled latent, 4×4-pooled image) pairs (RMSE {latent_rgb.get("rmse", float("nan")):.3f} in [-1, 1] units).
+
+Why linear betas rather than SD's scaled_linear: on a 16×16 latent, scaled_linear's last timestep keeps
+alpha_bar = 0.0047 of signal, enough for the random initial noise (rather than the prompt) to decide where the
+shape goes; linear keeps 4e-5.
+
+## Data
+
+Scenes rendered procedurally in torch from sampled parameters (signed distance functions, anti-aliased edges,
+±{scenes._SHIFT_JITTER} px position and ±{100 * scenes._SCALE_JITTER:.0f}% size jitter), uniform over shapes,
+sizes, colours, places and backgrounds; prompts leave the size out 20% of the time and the background 20% (then
+either is random), use "in the" half the time; 10% of captions dropped to "" for classifier-free guidance.
+Nothing is stored: every training batch is fresh.
+
+## Training
+
+Machine: {train["machine"]}. Seed {train["seed"]}.
+- Phase 1, VAE: {train.get("vae_steps", "?")} steps, {train["seconds"]["vae"]:.0f} s, MSE + 1e-6·KL.
+- Phase 2, UNet + text encoder (VAE frozen): {train.get("unet_steps", "?")} steps at batch {train["batch"]},
+  {train["seconds"]["unet"]:.0f} s, AdamW lr {train["lr"]} with warmup and cosine decay, bf16 autocast on GPU,
+  epsilon prediction, EMA 0.999 of the weights (the EMA ships). Final training loss {train.get("final_loss") or float("nan"):.4f}.
+
+Reproduce: `python scripts/train_embedded.py --device cuda --minutes 5.6` then `python scripts/eval_embedded.py`.
+
+## Measured (held-out prompts, `scripts/eval_embedded.py`)
+
+{result["n_prompts"]} validation prompts (`sdexplore.scenes.validation_prompts()`, each shape × place pair equally
+often; prompt i generated with seed i), 25 PNDM steps, CFG 7.5, read back by `sdexplore.scenes.read_scene`.
+
+| part | right | bar | |
+| --- | --- | --- | --- |
+{score_rows}
+| all four right | {100 * s["all"]:.1f}% | | |
+| attention IoU (shape word) | {result["attention_iou"]:.3f} | ≥ {BARS["attention_iou"]} | {mark(result["attention_iou"], BARS["attention_iou"])} |
+| VAE reconstruction PSNR | {result["psnr"]:.2f} dB | ≥ {BARS["psnr"]} dB | {mark(result["psnr"], BARS["psnr"])} |
+
+Attention IoU: the shape word's cross-attention probability (explicit-softmax processor on every `attn2`
+layer, conditional half, mean over heads, layers and the 25 steps, bilinearly upsampled to 64×64, min-max
+normalised, thresholded at 0.5) against the shape's mask read from the generated image.
+
+First 16 prompts only (what `tests/test_embedded_model.py` reproduces): colour {100 * sub["scores"]["colour"]:.1f}%,
+background {100 * sub["scores"]["background"]:.1f}%, shape {100 * sub["scores"]["shape"]:.1f}%, place
+{100 * sub["scores"]["place"]:.1f}%, attention IoU {sub["attention_iou"]:.3f}.
+
+Speed: {cpu["median"]:.2f} s per 64×64 image (median; best {cpu["best"]:.2f} s), 25 steps with CFG, {cpu["threads"]}
+CPU threads, on {os.cpu_count()}-core CPU of the evaluating machine, torch {torch.__version__}.
+
+## Sample grid (seed 0; what the scorer read)
+
+| row,col | prompt | read back |
+| --- | --- | --- |
+{grid_rows}
+
+## Limits
+
+It draws only its world: other words are unknown tokens to it and give arbitrary pictures. Colours outside the
+8, shapes other than 3, two shapes, rotation or texture are out of reach. It is a test instrument, not an
+image generator.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=str(MODEL_DIR))
+    parser.add_argument(
+        "--subset", type=int, default=None, help="evaluate only the first N validation prompts"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the numbers, write nothing")
+    args = parser.parse_args(argv)
+    result = run_eval(Path(args.model), args.subset, write=not args.no_write)
+    result.pop("rows", None)
+    result.pop("grid", None)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,550 @@
+"""Train the embedded tiny-shapes model: a text-to-image latent diffusion model of standard diffusers parts.
+
+Phase 1 trains the VAE (AutoencoderKL, 64×64×3 ↔ 16×16×4) on rendered scenes until the time budget of the
+phase is spent and validation PSNR ≥ 28 dB (or 1.5× its budget passed), then sets ``scaling_factor`` = 1/std of
+the latents and fits the latent→RGB preview factors. Phase 2 trains the UNet and the CLIP text encoder jointly,
+VAE frozen: epsilon prediction, 10% caption dropout to "" for classifier-free guidance, warmup + cosine learning
+rate, an EMA of the weights (the EMA is what ships). Scenes are rendered on the training device from sampled
+parameters (:mod:`sdexplore.scenes`), so no data set is stored.
+
+The whole run has one time budget (``--minutes``); each phase calibrates its speed over its first steps and then
+fixes its step count, so the schedule is a function of the step alone. Checkpoints go to ``--run-dir``;
+``--resume`` continues from there. Runs unchanged on a GPU (``--device cuda``, bf16 autocast).
+
+    python scripts/train_embedded.py --minutes 2 --device cpu --out runs/tiny --run-dir runs/ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from sdexplore import scenes
+from sdexplore.tokenizer import clip_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "sdexplore" / "models" / "tiny-shapes"
+
+#: Noise schedule (DDPM's linear betas). SD's scaled_linear ends at alpha_bar_T = 0.0047, which on a 16×16
+#: latent leaves enough signal at the first sampling step for the initial noise, not the prompt, to pick
+#: where the shape goes; linear ends at 4e-5.
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+PSNR_TARGET = 28.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model: standard diffusers/transformers parts, small
+
+
+def build_vae() -> AutoencoderKL:
+    """AutoencoderKL 64×64×3 ↔ 16×16×4 (two downsamplings), ~0.54M parameters."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(24, 48, 48),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=scenes.IMAGE_SIZE,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    """UNet2DConditionModel on 16×16×4 latents, cross-attention at all three levels (16, 8, 4) and the mid
+    block, ~2.2M parameters. Zero padding at the 8×8 and 4×4 levels tells each position where it is."""
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 64, 80),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=4,  # diffusers' legacy name: the number of heads
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder() -> CLIPTextModel:
+    """CLIPTextModel, hidden 64, 3 layers, 4 heads, the full 49,408-token CLIP vocabulary (SD 1.x ids)."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=64,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def build_scheduler() -> PNDMScheduler:
+    """The saved default sampler: PNDM configured like SD 1.5's (PLMS steps, leading spacing, offset 1)."""
+    return PNDMScheduler(
+        **SCHEDULE,
+        skip_prk_steps=True,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def n_params(module: torch.nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training state, checkpoints
+
+
+class Run:
+    """Everything a checkpoint holds: models, optimisers, EMA, step counters, RNG states, the log."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        torch.manual_seed(args.seed)
+        self.vae = build_vae().to(device)
+        self.unet = build_unet().to(device)
+        self.text_encoder = build_text_encoder().to(device)
+        self.phase = "vae"
+        self.step = 0
+        self.total_steps: int | None = None
+        self.scene_gen = torch.Generator().manual_seed(args.seed)
+        self.noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+        self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.ema = [p.detach().clone() for p in self.params]
+        self.info: dict = {"log": [], "seconds": {"vae": 0.0, "unet": 0.0}}
+
+    def state(self) -> dict:
+        return {
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "opt": self.opt.state_dict(),
+            "ema": [e.cpu() for e in self.ema],
+            "phase": self.phase,
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "scaling_factor": self.vae.config.scaling_factor,
+            "scene_gen": self.scene_gen.get_state(),
+            "noise_gen": self.noise_gen.get_state(),
+            "info": self.info,
+        }
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.state(), tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.vae.load_state_dict(state["vae"])
+        self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text_encoder"])
+        self.vae_opt.load_state_dict(state["vae_opt"])
+        self.opt.load_state_dict(state["opt"])
+        for e, saved in zip(self.ema, state["ema"], strict=True):
+            e.copy_(saved.to(self.device))
+        self.phase, self.step, self.total_steps = state["phase"], state["step"], state["total_steps"]
+        self.vae.register_to_config(scaling_factor=state["scaling_factor"])
+        self.scene_gen.set_state(state["scene_gen"])
+        self.noise_gen.set_state(state["noise_gen"].to(self.noise_gen.get_state().device))
+        self.info = state["info"]
+
+    def init_from_pipeline(self, folder: Path) -> None:
+        """Start phase 2 from a saved pipeline folder (its weights, fresh optimiser): a later fine-tune."""
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device)
+        self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+        self.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+        for e, p in zip(self.ema, self.params, strict=True):
+            e.copy_(p.detach())
+        info = folder / "training.json"
+        if info.exists():
+            self.info = json.loads(info.read_text())
+            self.info.setdefault("log", [])
+        self.phase, self.step, self.total_steps = "unet", 0, None
+
+
+def log(run: Run, **fields) -> None:
+    """Print one JSON line and keep it in the run's log (the last 200 are kept)."""
+    fields = {k: (round(v, 5) if isinstance(v, float) else v) for k, v in fields.items()}
+    print(json.dumps(fields), flush=True)
+    run.info["log"] = (run.info["log"] + [fields])[-200:]
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on the CPU (fp32 there)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warmup then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 1: the VAE
+
+
+def render(run: Run, n: int) -> tuple[torch.Tensor, scenes.SceneBatch]:
+    """Sample ``n`` training scenes (CPU generator, so a seed means the same scenes anywhere) and draw them on
+    the training device: images (n, 3, 64, 64) in [-1, 1]."""
+    batch = scenes.sample_scenes(n, run.scene_gen, device=run.device)
+    images, _ = scenes.render_batch(batch)
+    return images, batch
+
+
+@torch.no_grad()
+def vae_psnr(vae: AutoencoderKL, device: torch.device, n: int = 256) -> float:
+    """PSNR (dB, images in [-1, 1] → peak-to-peak 2) of posterior-mean reconstructions of validation scenes."""
+    images, _ = scenes.render_batch(_to(scenes.validation_scenes(n, seed=99), device))
+    with autocast(device):
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.float()
+    mse = F.mse_loss(recon.clamp(-1, 1), images).item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def _to(batch: scenes.SceneBatch, device: torch.device) -> scenes.SceneBatch:
+    return scenes.SceneBatch(**{k: getattr(batch, k).to(device) for k in batch.__dataclass_fields__})
+
+
+def train_vae(run: Run, budget_s: float, deadline: float) -> None:
+    """Phase 1: reconstruction MSE + 1e-6 × KL (SD's ratio: KL summed per image over pixels summed per image)."""
+    args, vae = run.args, run.vae
+    vae.train()
+    start, last_ckpt, psnr = time.time(), time.time(), 0.0
+    spent0 = run.info["seconds"]["vae"]
+    first_step, t_first = run.step, None
+    while True:
+        spent = spent0 + time.time() - start
+        if run.step == first_step + 10:  # time steps 10..30, past the first (slow, warming-up) ones
+            t_first = time.time()
+        if run.total_steps is None and run.step == first_step + 30:
+            per_step = (time.time() - t_first) / 20
+            run.total_steps = run.step + max(10, int((budget_s - spent) / per_step))
+            log(run, phase="vae", calibrated_steps=run.total_steps, s_per_step=per_step)
+        total = run.total_steps or 10**9
+        if run.step >= total or time.time() > deadline:
+            psnr = vae_psnr(vae, run.device)
+            if psnr >= PSNR_TARGET or spent > 1.5 * budget_s or time.time() > deadline:
+                break
+            run.total_steps = run.step + max(20, run.step // 10)  # short extension at the low learning rate
+            log(run, phase="vae", psnr=psnr, extended_to=run.total_steps)
+        for group in run.vae_opt.param_groups:
+            group["lr"] = args.vae_lr * lr_factor(run.step, total, warmup=50)
+        images, _ = render(run, args.vae_batch)
+        with autocast(run.device):
+            posterior = vae.encode(images).latent_dist
+            z = posterior.sample(generator=run.noise_gen)
+            recon = vae.decode(z).sample.float()
+        rec = F.mse_loss(recon, images)
+        kl = posterior.kl().float().mean() / images[0].numel()
+        loss = rec + 1e-6 * kl
+        run.vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        run.vae_opt.step()
+        run.step += 1
+        if run.step % args.log_every == 0:
+            log(run, phase="vae", step=run.step, loss=loss.item(), psnr_batch=10 * math.log10(4 / rec.item()))
+        if time.time() - last_ckpt > args.ckpt_every:
+            run.info["seconds"]["vae"] = spent0 + time.time() - start
+            run.save(Path(args.run_dir) / "checkpoint.pt")
+            last_ckpt = time.time()
+    run.info["seconds"]["vae"] = spent0 + time.time() - start
+    run.info["vae_steps"] = run.step
+    run.info["vae_psnr"] = psnr
+    log(run, phase="vae", done=True, steps=run.step, psnr=psnr, seconds=run.info["seconds"]["vae"])
+    vae.eval().requires_grad_(False)
+    set_scaling_factor(run)
+    run.phase, run.step, run.total_steps = "unet", 0, None
+    run.save(Path(args.run_dir) / "checkpoint.pt")
+
+
+@torch.no_grad()
+def set_scaling_factor(run: Run) -> None:
+    """``scaling_factor`` = 1 / std of posterior samples on 512 validation scenes (SD's recipe; 0.18215 there)."""
+    run.vae.register_to_config(scaling_factor=1.0)
+    images, _ = scenes.render_batch(_to(scenes.validation_scenes(512, seed=7), run.device))
+    z = run.vae.encode(images.float()).latent_dist.mode()  # (512, 4, 16, 16)
+    factor = 1.0 / z.float().std().item()
+    run.vae.register_to_config(scaling_factor=factor)
+    log(run, phase="vae", scaling_factor=factor, latent_mean=z.mean().item())
+
+
+@torch.no_grad()
+def fit_latent_rgb(vae: AutoencoderKL, device: torch.device, n: int = 512) -> dict:
+    """Least-squares latent→RGB preview: (scaled latent, 4×4-average-pooled image) pairs → 4×3 factors + bias.
+
+    Rows of ``factors`` are latent channels, columns R, G, B; preview = latent·factors + bias ≈ image in [-1, 1]
+    at latent resolution. Latents are the scaled ones the UNet sees (posterior mean × scaling_factor).
+    """
+    images, _ = scenes.render_batch(_to(scenes.validation_scenes(n, seed=11), device))
+    latents = vae.encode(images).latent_dist.mode() * vae.config.scaling_factor  # (n, 4, 16, 16)
+    small = F.avg_pool2d(images, scenes.IMAGE_SIZE // latents.shape[-1])  # (n, 3, 16, 16)
+    x = latents.permute(0, 2, 3, 1).reshape(-1, 4).double()  # (n*256, 4)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (n*256, 5)
+    y = small.permute(0, 2, 3, 1).reshape(-1, 3).double()  # (n*256, 3)
+    w = torch.linalg.lstsq(x.cpu(), y.cpu()).solution  # (5, 3)
+    rmse = (x.cpu() @ w - y.cpu()).pow(2).mean().sqrt().item()
+    return {
+        "factors": [[round(v, 5) for v in row] for row in w[:4].tolist()],
+        "bias": [round(v, 5) for v in w[4].tolist()],
+        "rmse": round(rmse, 5),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Phase 2: UNet + text encoder
+
+
+def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: torch.Tensor) -> None:
+    """Phase 2: epsilon-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
+    args, device = run.args, run.device
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    run.unet.train()
+    run.text_encoder.train()
+    start, last_ckpt, spent0 = time.time(), time.time(), run.info["seconds"]["unet"]
+    smooth = None
+    first_step, t_first = run.step, None
+    while time.time() < deadline:
+        if run.step == first_step + 10:  # time steps 10..40, past the first (slow, warming-up) ones
+            t_first = time.time()
+        if run.total_steps is None and run.step == first_step + 40:
+            per_step = (time.time() - t_first) / 30
+            run.total_steps = run.step + max(10, int((deadline - time.time()) / per_step * 0.97))
+            log(run, phase="unet", calibrated_steps=run.total_steps, s_per_step=per_step)
+        total = run.total_steps or 10**9
+        if run.step >= total:
+            break
+        for group in run.opt.param_groups:
+            group["lr"] = args.lr * lr_factor(run.step, total, warmup=args.warmup)
+        images, batch = render(run, args.batch)
+        with torch.no_grad(), autocast(device):
+            latents = run.vae.encode(images).latent_dist.sample(generator=run.noise_gen)
+        latents = latents.float() * run.vae.config.scaling_factor  # (B, 4, 16, 16)
+        ids = prompt_ids[batch.prompt_index()]  # (B, 77)
+        drop = torch.rand(args.batch, device=device, generator=run.noise_gen) < args.caption_dropout
+        ids = torch.where(drop[:, None], empty_ids[None, :], ids)  # (B, 77)
+        t = torch.randint(
+            0, SCHEDULE["num_train_timesteps"], (args.batch,), device=device, generator=run.noise_gen
+        )
+        noise = torch.randn(latents.shape, device=device, generator=run.noise_gen)
+        a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with autocast(device):
+            context = run.text_encoder(ids)[0]  # (B, 77, 64)
+            pred = run.unet(noisy, t, context).sample
+        loss = F.mse_loss(pred.float(), noise)
+        if not torch.isfinite(loss):
+            log(run, phase="unet", step=run.step, skipped="non-finite loss")
+            run.step += 1
+            continue
+        run.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+        run.opt.step()
+        decay = min(args.ema, (1 + run.step) / (10 + run.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1 - decay)
+        run.step += 1
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        if run.step % args.log_every == 0:
+            log(
+                run,
+                phase="unet",
+                step=run.step,
+                loss=smooth,
+                grad=float(grad_norm),
+                lr=run.opt.param_groups[0]["lr"],
+                s=round(time.time() - start, 1),
+            )
+        if time.time() - last_ckpt > args.ckpt_every:
+            run.info["seconds"]["unet"] = spent0 + time.time() - start
+            run.save(Path(args.run_dir) / "checkpoint.pt")
+            last_ckpt = time.time()
+    run.info["seconds"]["unet"] = spent0 + time.time() - start
+    run.info["unet_steps"] = run.info.get("unet_steps_before", 0) + run.step
+    run.info["final_loss"] = smooth
+    run.save(Path(args.run_dir) / "checkpoint.pt")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export and a quick check
+
+
+def export(run: Run, out: Path) -> StableDiffusionPipeline:
+    """Write the pipeline folder (EMA weights, fp32 safetensors), latent_rgb.json and training.json."""
+    unet, text_encoder = build_unet(), build_text_encoder()
+    unet.to(run.device)
+    text_encoder.to(run.device)
+    for p, e in zip(list(unet.parameters()) + list(text_encoder.parameters()), run.ema, strict=True):
+        p.data.copy_(e)
+    vae = build_vae().to(run.device)
+    vae.load_state_dict(run.vae.state_dict())
+    vae.register_to_config(scaling_factor=run.vae.config.scaling_factor)
+    pipe = StableDiffusionPipeline(
+        vae=vae.float().cpu().eval(),
+        text_encoder=text_encoder.float().cpu().eval(),
+        tokenizer=clip_tokenizer(),
+        unet=unet.float().cpu().eval(),
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    latent_rgb = fit_latent_rgb(vae.to(run.device), run.device)
+    (out / "latent_rgb.json").write_text(json.dumps(latent_rgb, indent=1) + "\n")
+    info = dict(run.info)
+    info.update(
+        params={"unet": n_params(unet), "vae": n_params(vae), "text_encoder": n_params(text_encoder)},
+        scaling_factor=vae.config.scaling_factor,
+        machine=machine_name(run.device),
+        batch=run.args.batch,
+        lr=run.args.lr,
+        seed=run.args.seed,
+        schedule=SCHEDULE,
+    )
+    info["log"] = info["log"][-40:]
+    (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
+    return pipe
+
+
+def machine_name(device: torch.device) -> str:
+    """A short description of where this ran (GPU name, or CPU core count)."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores, {platform.machine()}), torch {torch.__version__}"
+
+
+@torch.no_grad()
+def quick_eval(pipe: StableDiffusionPipeline, device: torch.device, n: int) -> dict:
+    """Generate ``n`` validation prompts (25 PNDM steps, CFG 7.5, seed i for prompt i) and score them."""
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = scenes.validation_prompts()[:n]
+    images = []
+    for i in range(0, n, 64):
+        chunk = prompts[i : i + 64]
+        gens = [torch.Generator(device=device).manual_seed(i + j) for j in range(len(chunk))]
+        out = pipe(chunk, num_inference_steps=25, guidance_scale=7.5, generator=gens, output_type="np")
+        images += [(im * 255).round().astype("uint8") for im in out.images]
+    return scenes.score_images(images, prompts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--minutes", type=float, default=6.0, help="whole run's time budget (both phases)")
+    parser.add_argument("--vae-minutes", type=float, default=1.25, help="phase 1's share of the budget")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="pipeline folder to write")
+    parser.add_argument("--run-dir", default=str(REPO / "runs" / "embedded"), help="checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
+    parser.add_argument("--init-from", default=None, help="start phase 2 from a saved pipeline folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-batch", type=int, default=64)
+    parser.add_argument("--vae-lr", type=float, default=2e-3)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
+    parser.add_argument("--reserve-s", type=float, default=25.0, help="seconds kept for export and eval")
+    parser.add_argument(
+        "--eval-prompts", type=int, default=0, help="score this many validation prompts at the end"
+    )
+    args = parser.parse_args(argv)
+
+    t0 = time.time()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    deadline = t0 + args.minutes * 60 - args.reserve_s
+    run = Run(args, device)
+    ckpt = Path(args.run_dir) / "checkpoint.pt"
+    if args.resume and ckpt.exists():
+        run.load(ckpt)
+        log(run, resumed=str(ckpt), phase=run.phase, step=run.step)
+    elif args.init_from:
+        run.init_from_pipeline(Path(args.init_from))
+        run.info["unet_steps_before"] = run.info.get("unet_steps", 0)
+        log(run, init_from=args.init_from)
+    print(
+        f"params: unet {n_params(run.unet):,} vae {n_params(run.vae):,} text {n_params(run.text_encoder):,}; "
+        f"device {machine_name(device)}",
+        flush=True,
+    )
+
+    if run.phase == "vae":
+        train_vae(run, args.vae_minutes * 60, deadline)
+    else:
+        run.vae.eval().requires_grad_(False)
+    tokenizer = clip_tokenizer()
+    table = scenes.prompt_table()
+    prompt_ids = tokenizer(table, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    prompt_ids = prompt_ids.input_ids.to(device)  # (11664, 77)
+    empty_ids = (
+        tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0].to(device)
+    )
+    train_unet(run, deadline, prompt_ids, empty_ids)
+    log(run, phase="unet", done=True, steps=run.step, seconds=run.info["seconds"]["unet"])
+
+    pipe = export(run, Path(args.out))
+    psnr = vae_psnr(pipe.vae.to(device), device)
+    print(
+        json.dumps({"exported": args.out, "psnr": round(psnr, 2), "wall_s": round(time.time() - t0, 1)}),
+        flush=True,
+    )
+    if args.eval_prompts:
+        scores = quick_eval(pipe, device, args.eval_prompts)
+        print(json.dumps({"quick_eval": scores, "n": args.eval_prompts}), flush=True)
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
