@@ -74,7 +74,11 @@ def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
     m0 = (hist * centers).cumsum(0) / w0.clamp_min(1e-12)
     m1 = ((hist * centers).sum() - (hist * centers).cumsum(0)) / w1.clamp_min(1e-12)
     between = w0 * w1 * (m0 - m1) ** 2
-    k = int(between[:-1].argmax())  # cut between bin k and k+1
+    between = between[:-1]
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten()
+    k = int(
+        best[len(best) // 2]
+    )  # cut between bin k and k+1; middle of a flat optimum (a gap between classes)
     return float((centers[k] + centers[k + 1]) / 2)
 
 

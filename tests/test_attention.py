@@ -267,9 +267,9 @@ def test_batch_prompts_and_negative(sd1_pipe):
     maps = rec.maps
     assert maps.num_images == 4
     assert [tl.prompt for tl in maps.token_lists] == [prompts[0]] * 2 + [prompts[1]] * 2
-    assert maps.word("square", image=2).shape == (8, 8)
+    assert maps.word("square", index=2).shape == (8, 8)
     with pytest.raises(WordNotFoundError):
-        maps.word("square", image=0)
+        maps.word("square", index=0)
     assert maps.negative is not None and maps.negative.num_images == 4
     assert maps.negative.words == ["a", "dog"] and maps.negative.token_lists[3].words == ["a", "cat"]
     assert not torch.allclose(maps.negative.aggregate, maps.aggregate)

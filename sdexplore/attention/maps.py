@@ -30,7 +30,7 @@ class AttentionMaps:
     every pixel the maps of all ``T`` positions sum to 1; a word's map is the sum of its tokens' maps.
     Use :func:`sdexplore.heatmaps.normalize` (or ``normalize=`` on :meth:`word`) for per-map min-max display.
 
-    Batch index ``image`` follows the pipeline's output order (each prompt repeated ``num_images_per_prompt``
+    Batch ``index`` follows the pipeline's output order (each prompt repeated ``num_images_per_prompt``
     times). ``steps`` has one entry per UNet call (one per denoising step for DDIM, PNDM, Euler, DPM-Solver;
     Heun and KDPM2 evaluate the UNet twice per step).
     """
@@ -93,11 +93,11 @@ class AttentionMaps:
         *,
         step: StepSelector = None,
         layer: str | None = None,
-        image: int = 0,
+        index: int = 0,
         occurrence: int | None = None,
         normalize: Normalization = "mass",
     ) -> torch.Tensor:
-        """Heat map ``(h, w)`` of a word (or space-separated words) of the prompt.
+        """Heat map ``(h, w)`` of a word (or space-separated words) of image ``index``'s prompt.
 
         ``step=None`` averages every step; an int, range, slice or list picks steps (mean over them) from the
         per-step maps at their small resolution. ``layer`` (a layer name or a substring such as ``"up_blocks"``)
@@ -106,39 +106,41 @@ class AttentionMaps:
         several times sums all occurrences unless ``occurrence`` picks one. ``normalize``: see
         :func:`sdexplore.heatmaps.normalize` (default raw mass).
         """
-        positions = self._tokens_of(image).positions(word, occurrence)
-        return self._map(positions, step=step, layer=layer, image=image, norm=normalize)
+        positions = self._tokens_of(index).positions(word, occurrence)
+        return self._map(positions, step=step, layer=layer, index=index, norm=normalize)
 
     def token(
         self,
-        index: int,
+        position: int,
         *,
         step: StepSelector = None,
         layer: str | None = None,
-        image: int = 0,
+        index: int = 0,
         normalize: Normalization = "mass",
     ) -> torch.Tensor:
         """Heat map ``(h, w)`` of one key position (0 = BOS; see :attr:`tokens`); options as :meth:`word`."""
         T = int(self.aggregate.shape[1])
-        if not -T <= index < T:
-            raise IndexError(f"Token index {index} out of range: there are {T} key positions (see .tokens).")
-        return self._map([index % T], step=step, layer=layer, image=image, norm=normalize)
+        if not -T <= position < T:
+            raise IndexError(
+                f"Token position {position} out of range: there are {T} key positions (see .tokens)."
+            )
+        return self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
 
     def word_maps(
-        self, words: Sequence[str] | None = None, *, image: int = 0, normalize: Normalization = "mass"
+        self, words: Sequence[str] | None = None, *, index: int = 0, normalize: Normalization = "mass"
     ) -> dict[str, torch.Tensor]:
         """Aggregated map of each word (default: every word of the prompt), in prompt order."""
-        words = list(words) if words is not None else list(dict.fromkeys(self._tokens_of(image).words))
-        return {w: self.word(w, image=image, normalize=normalize) for w in words}
+        words = list(words) if words is not None else list(dict.fromkeys(self._tokens_of(index).words))
+        return {w: self.word(w, index=index, normalize=normalize) for w in words}
 
-    def to_numpy(self, words: Sequence[str] | None = None, *, image: int = 0) -> dict[str, np.ndarray]:
+    def to_numpy(self, words: Sequence[str] | None = None, *, index: int = 0) -> dict[str, np.ndarray]:
         """:meth:`word_maps` as numpy arrays."""
-        return {w: m.numpy() for w, m in self.word_maps(words, image=image).items()}
+        return {w: m.numpy() for w, m in self.word_maps(words, index=index).items()}
 
-    def _tokens_of(self, image: int) -> TokenList:
-        if not -self.num_images <= image < self.num_images:
-            raise IndexError(f"image={image} out of range: the call produced {self.num_images} image(s).")
-        return self.token_lists[image]
+    def _tokens_of(self, index: int) -> TokenList:
+        if not -self.num_images <= index < self.num_images:
+            raise IndexError(f"index={index} out of range: the call produced {self.num_images} image(s).")
+        return self.token_lists[index]
 
     def _step_indices(self, step: StepSelector) -> list[int]:
         S = self.num_steps
@@ -162,22 +164,22 @@ class AttentionMaps:
         return names
 
     def _map(
-        self, positions: list[int], *, step: StepSelector, layer: str | None, image: int, norm: Normalization
+        self, positions: list[int], *, step: StepSelector, layer: str | None, index: int, norm: Normalization
     ) -> torch.Tensor:
-        self._tokens_of(image)
+        self._tokens_of(index)
         if layer is None and step is None:
-            out = self.aggregate[image, positions].sum(0)  # (H, W)
+            out = self.aggregate[index, positions].sum(0)  # (H, W)
         elif layer is None:
             if self.steps is None:
                 raise ValueError(
                     "Per-step maps were not recorded (step_resolution=None); record with step_resolution=16."
                 )
             idx = self._step_indices(step)
-            out = self.steps[idx, image][:, positions].sum(1).mean(0)  # (h, w)
+            out = self.steps[idx, index][:, positions].sum(1).mean(0)  # (h, w)
         else:
             names = self._match_layers(layer)
             if step is None:
-                per = [self.layers[n][image, positions].sum(0) for n in names]  # each (h_l, w_l)
+                per = [self.layers[n][index, positions].sum(0) for n in names]  # each (h_l, w_l)
             else:
                 if self.probs is None:
                     raise ValueError(
@@ -187,7 +189,7 @@ class AttentionMaps:
                 idx = self._step_indices(step)
                 per = []
                 for n in names:
-                    p = self.probs[n][idx, image].float().mean(1)  # (S', HW, T): mean over heads
+                    p = self.probs[n][idx, index].float().mean(1)  # (S', HW, T): mean over heads
                     h, w = self.layers[n].shape[-2:]
                     per.append(p[..., positions].sum(-1).mean(0).reshape(h, w))  # (h, w)
             if len(per) == 1:

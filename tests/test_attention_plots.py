@@ -1,0 +1,51 @@
+"""Attention plots draw real, varied heat maps from recorded maps (Agg backend, no display)."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from conftest import gen
+
+from sdexplore.attention import AttentionRecorder
+from sdexplore.plots.attention import plot_step_grid, plot_word, plot_words
+
+matplotlib.use("Agg")
+
+
+@pytest.fixture
+def recorded(sd1_pipe):
+    with AttentionRecorder(sd1_pipe) as rec:
+        img = sd1_pipe(
+            "a big red circle", num_inference_steps=4, height=64, width=96, generator=gen(0)
+        ).images[0]
+    return rec.maps, img
+
+
+def _heat_layer(ax):
+    return np.asarray(ax.get_images()[-1].get_array())
+
+
+def test_plot_word_overlays_a_varied_map(recorded):
+    maps, img = recorded
+    ax = plot_word(maps, "circle", image=img)
+    assert len(ax.get_images()) == 2  # the picture, then the heat map
+    heat = _heat_layer(ax)
+    assert heat.shape == (64, 96)
+    assert heat.min() == pytest.approx(0.0) and heat.max() == pytest.approx(1.0) and heat.std() > 0.05
+    ax.figure.savefig("/tmp/sdexplore_attention_word.png")
+
+
+def test_plot_words_row_and_step_grid(recorded):
+    maps, img = recorded
+    fig = plot_words(maps, image=img)
+    assert [a.get_title() for a in fig.axes] == ["image", "a", "big", "red", "circle"]
+    assert not np.allclose(_heat_layer(fig.axes[2]), _heat_layer(fig.axes[4]))  # words differ
+    fig.savefig("/tmp/sdexplore_attention_words.png")
+    grid = plot_step_grid(
+        maps, ["red", "circle"], image=torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255
+    )
+    assert len(grid.axes) == 4 * 2  # 4 steps (all of them) × 2 words
+    assert not np.allclose(_heat_layer(grid.axes[0]), _heat_layer(grid.axes[-2]))  # step 0 vs last, "red"
+    grid.savefig("/tmp/sdexplore_attention_grid.png")
