@@ -461,12 +461,11 @@ def _with_progress_bar(frame: np.ndarray, i: int, n: int) -> np.ndarray:
     return out
 
 
-def _colorize(heat: np.ndarray, cmap: str = "jet") -> np.ndarray:
-    """Values in [0, 1], (h, w) → (h, w, 3) uint8 through a matplotlib colour map."""
-    from matplotlib import colormaps
-
-    lut = (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-    return lut[(np.clip(heat, 0.0, 1.0) * 255).round().astype(np.int64)]
+def _jet(heat: np.ndarray) -> np.ndarray:
+    """Values in [0, 1], (h, w) → (h, w, 3) uint8 in the "jet" colour map (blue → cyan → yellow → red)."""
+    x = np.clip(heat, 0.0, 1.0)[..., None] * 4  # (h, w, 1)
+    rgb = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)  # (h, w, 3): R, G, B ramps
+    return (rgb * 255).round().astype(np.uint8)
 
 
 def _overlay(image: np.ndarray, heat: Any, opacity: float = 0.5) -> np.ndarray:
@@ -475,7 +474,7 @@ def _overlay(image: np.ndarray, heat: Any, opacity: float = 0.5) -> np.ndarray:
 
     h, w = image.shape[:2]
     m = upsample(normalize(heat, "minmax")[None], (h, w))[0].numpy()  # (1, h, w) → (H, W)
-    colours = _colorize(m).astype(np.float32)  # (H, W, 3)
+    colours = _jet(m).astype(np.float32)  # (H, W, 3)
     return (image.astype(np.float32) * (1 - opacity) + colours * opacity).round().astype(np.uint8)
 
 
@@ -651,7 +650,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     Image.fromarray(image).save(fixed["image"])
     for word, path in word_files.items():
         Image.fromarray(_overlay(image, maps.word(word))).save(path)
-    _attention_grid(maps, image, list(word_files), args.rows).savefig(fixed["grid"], dpi=100)
+    Image.fromarray(_attention_grid(maps, image, list(word_files), args.rows)).save(fixed["grid"])
     maps.save(fixed["maps"])
     _wrote([fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]])
     for word in word_files:
@@ -673,31 +672,38 @@ def _step_groups(n_steps: int, rows: int) -> list[range]:
 def _group_label(group: range, ts: list[float]) -> str:
     if len(group) == 1:
         return f"step {group[0]}\nt {ts[group[0]]:.0f}"
-    return f"steps {group[0]}–{group[-1]}\nt {ts[group[0]]:.0f}–{ts[group[-1]]:.0f}"
+    return (
+        f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
+    )
 
 
-def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> Any:
-    """Figure: one row per group of steps (early → late), one column per word, heat over the image."""
-    from matplotlib.figure import Figure
+def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> np.ndarray:
+    """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image."""
+    from PIL import Image, ImageDraw
 
-    cell = _fit(image, TILE)
+    cell = _fit(image, TILE)  # (h, w, 3)
+    h, w = cell.shape[:2]
     groups = _step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
-    fig = Figure(figsize=(1.3 * len(words) + 1.2, 1.3 * len(groups) + 0.5), layout="constrained")
-    axes = fig.subplots(len(groups), len(words), squeeze=False)
     ts = maps.timesteps.tolist()
-    for r, group in enumerate(groups):
-        for c, word in enumerate(words):
-            ax = axes[r][c]
-            heat = maps.word(word, step=group) if group is not None else maps.word(word)  # (h, w)
-            ax.imshow(_overlay(cell, heat))
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(word, fontsize=9)
+    left, top, gap = 84, 18, 2
+    canvas = Image.new(
+        "RGB", (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for c, word in enumerate(words):
+        x = left + c * (w + gap)
+        label = word
+        while len(label) > 1 and draw.textlength(label) > w:
+            label = label[:-3] + ".."
+        draw.text((x + (w - draw.textlength(label)) / 2, 3), label, fill="black")
+        for r, group in enumerate(groups):
+            y = top + r * (h + gap)
+            heat = maps.word(word) if group is None else maps.word(word, step=group)  # (h', w')
+            canvas.paste(Image.fromarray(_overlay(cell, heat)), (x, y))
             if c == 0:
-                label = "all steps" if group is None else _group_label(group, ts)
-                ax.set_ylabel(label, fontsize=7)
-    return fig
+                text = "all steps" if group is None else _group_label(group, ts)
+                draw.multiline_text((3, y + h / 2 - 12), text, fill="black")
+    return np.asarray(canvas)
 
 
 def _cmd_walk(args: argparse.Namespace) -> int:

@@ -1,0 +1,327 @@
+"""The `sdexplore` command: each command's files (count, size, frames, loadable results) and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdexplore.attention import AttentionMaps
+from sdexplore.cli import SCHEDULER_ALIASES, TILE, main, resolve_scheduler
+from sdexplore.export import image_grid, read_frames
+from sdexplore.loading import EMBEDDED_MODEL_DIR, load_pipeline
+from sdexplore.trace import Trace
+
+PROMPT = "a big red circle at the top left on a blue background"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """main(argv) in-process → (exit code, stdout, stderr)."""
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    """stderr without notes and progress bars: what the user sees as the error."""
+    return [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("sdexplore: note:")]
+
+
+def size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file."""
+    with Image.open(path) as im:
+        return im.size
+
+
+def strip_size(n: int, tile_wh: tuple[int, int], cols: int = 10) -> tuple[int, int]:
+    """(width, height) of the strip the command lays out: n tiles of tile_wh, `cols` per row, 2 px gaps."""
+    grid = image_grid(np.zeros((n, tile_wh[1], tile_wh[0], 3), np.uint8), cols=min(cols, n))
+    return grid.shape[1], grid.shape[0]
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL pipeline saved with save_pretrained, to pass as --model."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("sdxl") / "tiny-sdxl"
+    tiny_pipeline("sdxl").save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- describe
+
+
+def test_describe_prints_the_component_table_and_prompt_tokens(capsys):
+    rc, out, _ = run(capsys, "describe", "--steps", "7", "--prompt", "a big red circle")
+    assert rc == 0
+    for part in ("unet", "UNet2DConditionModel", "vae", "text_encoder", "scheduler", "7 inference steps"):
+        assert part in out
+    assert "circle</w>" in out  # the prompt's tokens
+
+
+@pytest.mark.slow
+def test_describe_json_of_a_saved_sdxl_folder(capsys, sdxl_folder):
+    rc, out, _ = run(capsys, "describe", sdxl_folder, "--json", "--steps", "5", "--no-progress")
+    assert rc == 0
+    data = json.loads(out)
+    assert data["family"] == "sdxl"
+    assert len(data["timesteps"]) == 5
+    assert {"text_encoder_2", "tokenizer_2", "unet"} <= {c["name"] for c in data["components"]}
+
+
+# ---------------------------------------------------------------- steps
+
+
+def test_steps_writes_image_strips_gif_and_trace(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, _ = run(capsys, "steps", "a red circle", "--steps", "4", "--seed", "3", "--height", "64",
+                        "--width", "48", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    files = ["image.png", "steps_x0.png", "steps_preview.png", "denoising.gif", "trace.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert all(str(out / f) in stdout for f in files)  # says where it wrote
+    assert size(out / "image.png") == (48, 64)
+    tile = (TILE * 48 // 64, TILE)  # longer side TILE, aspect ratio kept
+    assert size(out / "steps_x0.png") == strip_size(4, tile)
+    assert size(out / "steps_preview.png") == strip_size(4, tile)
+    gif = read_frames(out / "denoising.gif")
+    assert gif.shape == (4, 64, 48, 3)  # one frame per step, at the image's size
+
+    trace = Trace.load(out / "trace.safetensors")
+    assert len(trace) == 4 and trace.num_steps == 4
+    assert trace.meta["prompt"] == "a red circle" and trace.meta["seed"] == 3
+    assert tuple(trace[0].decoded.shape) == (1, 64, 48, 3)  # x0 decoded at every step
+
+    # the seed, steps and size reach the pipeline: the image is a plain call's, pixel for pixel
+    pipe = load_pipeline()
+    plain = pipe("a red circle", num_inference_steps=4, height=64, width=48,
+                 generator=torch.Generator("cpu").manual_seed(3)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(plain), np.asarray(Image.open(out / "image.png").convert("RGB")))
+
+
+def test_steps_never_overwrites_without_force(capsys, tmp_path):
+    out = tmp_path / "run"
+    assert run(capsys, "steps", "a red circle", "--steps", "2", "--preview", "linear", "--out", out)[0] == 0
+    before = (out / "image.png").stat().st_mtime_ns
+    rc, _, err = run(capsys, "steps", "a blue square", "--steps", "2", "--preview", "linear", "--out", out)
+    assert rc != 0
+    assert error_lines(err) == [error_lines(err)[0]] and "--force" in err and "already exists" in err
+    assert (out / "image.png").stat().st_mtime_ns == before
+    rc, _, _ = run(capsys, "steps", "a blue square", "--steps", "3", "--preview", "linear", "--out", out,
+                   "--force", "--no-progress")  # fmt: skip
+    assert rc == 0
+    assert Trace.load(out / "trace.safetensors").meta["prompt"] == "a blue square"
+
+
+def test_steps_linear_preview_with_another_scheduler(capsys, tmp_path):
+    out = tmp_path / "lin"
+    rc, _, _ = run(capsys, "steps", "a green square", "--steps", "5", "--scheduler", "euler", "--preview",
+                   "linear", "--guidance", "3", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    assert not (out / "steps_x0.png").exists()  # no VAE decode per step
+    trace = Trace.load(out / "trace.safetensors")
+    assert trace.scheduler == "EulerDiscreteScheduler" and len(trace) == 5
+    assert trace.guidance_scale == 3.0 and trace[0].decoded is None
+    w, h = size(out / "image.png")
+    assert read_frames(out / "denoising.gif").shape == (5, h, w, 3)
+
+
+@pytest.mark.slow
+def test_steps_on_a_saved_sdxl_folder(capsys, tmp_path, sdxl_folder):
+    out = tmp_path / "xl"
+    rc, _, _ = run(
+        capsys, "steps", PROMPT, "--model", sdxl_folder, "--steps", "3", "--out", out, "--no-progress"
+    )
+    assert rc == 0
+    trace = Trace.load(out / "trace.safetensors")
+    assert trace.family == "sdxl" and len(trace) == 3
+    w, h = size(out / "image.png")
+    assert read_frames(out / "denoising.gif").shape == (3, h, w, 3)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_attention_writes_an_overlay_per_word_a_grid_and_the_maps(capsys, tmp_path):
+    out = tmp_path / "att"
+    rc, stdout, _ = run(capsys, "attention", "a big red circle on a blue background", "--steps", "4", "--out",
+                        out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    words = ["a", "big", "red", "circle", "on", "blue", "background"]  # "a" twice in the prompt, one file
+    overlays = sorted(p.name for p in out.glob("attention_*.png") if p.name != "attention_grid.png")
+    assert overlays == sorted(f"attention_{w}.png" for w in words)
+    image_size = size(out / "image.png")
+    assert all(size(out / name) == image_size for name in overlays)
+    maps = AttentionMaps.load(out / "attention.safetensors")
+    assert list(dict.fromkeys(maps.words)) == words and maps.num_steps == 4
+    assert maps.image_size == image_size[::-1]
+    tile_w, tile_h = TILE * image_size[0] // max(image_size), TILE * image_size[1] // max(image_size)
+    assert size(out / "attention_grid.png") == (
+        84 + 7 * (tile_w + 2) - 2,
+        18 + 4 * (tile_h + 2) - 2,
+    )  # 7 words, 4 steps
+    assert "circle: mean attention mass" in stdout
+    overlay = np.asarray(Image.open(out / "attention_circle.png"))
+    assert overlay.std() > 5  # not one flat colour
+
+
+def test_attention_selected_words_including_a_phrase(capsys, tmp_path):
+    out = tmp_path / "att"
+    rc, _, _ = run(capsys, "attention", "a big red circle on a blue background", "--words", "circle",
+                   "blue background", "--steps", "2", "--rows", "2", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [
+            "image.png",
+            "attention_circle.png",
+            "attention_blue_background.png",
+            "attention_grid.png",
+            "attention.safetensors",
+        ]  # fmt: skip
+    )
+
+
+@pytest.mark.slow
+def test_attention_on_a_saved_sdxl_folder(capsys, tmp_path, sdxl_folder):
+    out = tmp_path / "xl"
+    rc, _, _ = run(capsys, "attention", PROMPT, "--model", sdxl_folder, "--words", "circle", "--steps", "2",
+                   "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    maps = AttentionMaps.load(out / "attention.safetensors")
+    assert maps.family == "sdxl"
+    assert size(out / "attention_circle.png") == size(out / "image.png")
+
+
+# ---------------------------------------------------------------- walk
+
+
+def test_walk_writes_a_gif_with_one_frame_per_frame_and_prints_smoothness(capsys, tmp_path):
+    out = tmp_path / "walk.gif"
+    rc, stdout, _ = run(capsys, "walk", "a red circle", "a blue square", "--seeds", "0", "1", "--frames", "5",
+                        "--steps", "3", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    frames = read_frames(out)
+    assert frames.shape[0] == 5
+    assert f"wrote {out}" in stdout
+    assert "smoothness (1 − Gini)" in stdout and "5 frames" in stdout
+
+
+@pytest.mark.slow
+def test_walk_circular_mp4(capsys, tmp_path):
+    out = tmp_path / "loop.mp4"
+    rc, stdout, _ = run(capsys, "walk", "a small green square", "--seeds", "0", "1", "2", "--frames", "6",
+                        "--circular", "--steps", "2", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0
+    assert read_frames(out).shape[0] == 6
+    assert "6 frames" in stdout
+
+
+# ---------------------------------------------------------------- bad input: one line, non-zero exit
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["steps", "   "], "prompt is empty"),
+        (["walk", "a red circle", ""], "prompt is empty"),
+        (["steps", "a red circle", "--scheduler", "warp-drive"], "unknown scheduler 'warp-drive'"),
+        (["steps", "a red circle", "--model", "./no/such/model"], "No such file or folder"),
+        (["describe", "./no/such/model"], "No such file or folder"),
+        (["attention", "a big red circle", "--words", "dog"], "'dog' is not a word of the prompt"),
+        (["walk", "a red circle"], "2 keyframes"),
+        (["walk", "a", "b", "--out", "walk.avi"], ".gif or .mp4"),
+        (["walk", "a", "b", "c", "--seeds", "0", "1"], "one per keyframe"),
+        (["steps", "a red circle", "--height", "60"], "multiple of 8"),
+        (["steps", "a red circle", "--steps", "0"], "--steps must be at least 1"),
+        (["steps", "a red circle", "--dtype", "float16", "--device", "cpu"], "float16"),
+        (["steps", "a red circle", "--bogus"], "sdexplore steps --help"),
+        ([], "choose a command"),
+    ],
+)
+def test_bad_input_is_one_line_and_a_nonzero_exit(capsys, tmp_path, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    rc, stdout, err = run(capsys, *argv)
+    assert rc != 0
+    lines = error_lines(err)
+    assert len(lines) == 1, err
+    assert lines[0].startswith("sdexplore: error: ") and needle in lines[0]
+    assert "Traceback" not in err and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(capsys, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [(["steps", "a red circle", "--out", blocker / "run"], blocker / "run"),
+             (["walk", "a", "b", "--out", blocker / "w.gif"], blocker)]  # fmt: skip
+    for argv, folder in cases:
+        rc, _, err = run(capsys, *argv)
+        assert rc != 0
+        assert error_lines(err) == [
+            f"sdexplore: error: cannot write into {folder}: {blocker} is a file, not a folder; choose another --out"
+        ]
+    if os.geteuid() != 0:  # root may write anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        rc, _, err = run(capsys, "steps", "a red circle", "--out", locked / "run")
+        assert rc != 0 and "not writable" in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    rc, _, err = run(capsys, "steps", "a red circle", "--model", tmp_path / "missing", "--debug")
+    assert rc != 0 and "Traceback" in err and "ModelNotAvailableError" in err
+
+
+def test_scheduler_aliases_resolve_to_diffusers_classes():
+    import diffusers
+
+    for alias, cls in SCHEDULER_ALIASES.items():
+        assert resolve_scheduler(alias.upper()) == cls and hasattr(diffusers, cls)
+    assert resolve_scheduler("UniPCMultistepScheduler") == "UniPCMultistepScheduler"
+    assert resolve_scheduler(None) is None
+
+
+@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk"])
+def test_help_of_every_command_has_examples(capsys, command):
+    rc, out, _ = run(capsys, *([command] if command else []), "--help")
+    assert rc == 0 and "examples:" in out and "usage: sdexplore" in out
+
+
+@pytest.mark.slow
+def test_installed_console_script_help():
+    script = Path(sys.executable).parent / "sdexplore"
+    if not script.exists():
+        pytest.skip(f"the console script is not installed next to {sys.executable} (pip install -e .)")
+    done = subprocess.run([str(script), "steps", "--help"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "denoising.gif" in done.stdout and "examples:" in done.stdout
+
+
+# ---------------------------------------------------------------- the trained embedded model
+
+
+def test_trained_model_steps_and_attention_mean_something(capsys, tmp_path):
+    if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+        pytest.skip(
+            f"the trained embedded model is not installed yet ({EMBEDDED_MODEL_DIR / 'model_index.json'})"
+        )
+    from sdexplore.scenes import read_scene
+
+    out = tmp_path / "att"
+    rc, _, _ = run(capsys, "attention", PROMPT, "--words", "circle", "--out", out, "--no-progress")
+    assert rc == 0
+    image = np.asarray(Image.open(out / "image.png").convert("RGB"))
+    seen = read_scene(image)
+    assert seen.colour == "red" and seen.mask.any()
+    heat = AttentionMaps.load(out / "attention.safetensors").word("circle", normalize="minmax")  # (h, w)
+    from sdexplore.heatmaps import upsample
+
+    heat = upsample(heat[None], image.shape[:2])[0].numpy()  # (H, W)
+    assert heat[seen.mask].mean() > heat[~seen.mask].mean()  # the "circle" map sits on the circle
