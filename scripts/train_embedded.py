@@ -259,6 +259,8 @@ def train_vae(run: Run, budget_s: float, deadline: float) -> None:
             per_step = (time.time() - t_first) / 20
             run.total_steps = run.step + max(10, int((budget_s - spent) / per_step))
             log(run, phase="vae", calibrated_steps=run.total_steps, s_per_step=per_step)
+        if run.total_steps is None and spent > budget_s:  # too slow to calibrate (a loaded CPU)
+            run.total_steps = run.step
         total = run.total_steps or 10**9
         if run.step >= total or time.time() > deadline:
             psnr = vae_psnr(vae, run.device)
