@@ -277,6 +277,8 @@ class StepRecorder:
             every=self.every,
             guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
         )
+        # Euler-type schedulers keep latents in variance-exploding form (x0 + σ ε): previews scale them by sqrt(ᾱ)
+        trace.meta["ve_latents"] = float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0
         self.traces.append(trace)
         return trace
 
@@ -521,6 +523,10 @@ class StepRecorder:
             )
         if "preview" in qs:
             src = x0 if self.preview_of == "x0" else sample
+            if self.preview_of == "latents" and self.trace.meta.get("ve_latents"):
+                src = sample * math.sqrt(
+                    level.alpha_bar
+                )  # VE → VP form, the scale the preview factors expect
             rgb = to_uint8(latent_to_rgb(src.float(), self._factors, self._bias))  # (B, h, w, 3)
             rec.preview = self._store(rgb, torch.uint8)
         if (
