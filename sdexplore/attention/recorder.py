@@ -364,30 +364,34 @@ class AttentionRecorder:
         return True
 
     def _sink(self, proc_name: str, probs: torch.Tensor) -> None:
-        """Reduce one layer's probabilities (N, heads, HW, T) on the device; no host transfer, no sync."""
+        """Reduce one layer's probabilities (N, heads, HW, T) on the device; no host transfer, no sync.
+
+        Sums stay in the (B', HW, T) layout the probabilities come in (no per-call transpose); the maps are
+        laid out as (B', T, h, w) once, when a step closes or the result is built.
+        """
         name = proc_name.removesuffix(".processor")
-        h, w = self._layer_hw[proc_name]
         p = probs.detach()[self._sel]  # (B', heads, HW, T)
-        B, heads, _, T = p.shape
-        m = p.mean(1).transpose(1, 2).reshape(B, T, h, w)  # (B', T, h, w)
-        if name in self._layer_sum:
-            self._layer_sum[name] += m
-            self._layer_count[name] += 1
-        else:
+        m = p.mean(1)  # (B', HW, T)
+        total = self._layer_sum.get(name)
+        if total is None:
             self._layer_sum[name] = m.clone()
             self._layer_count[name] = 1
+        else:
+            total.add_(m)
+            self._layer_count[name] += 1
         if self.per_head:
-            mh = p.transpose(2, 3).reshape(B, heads, T, h, w)  # (B', heads, T, h, w)
-            if name in self._head_sum:
-                self._head_sum[name] += mh
-            else:
-                self._head_sum[name] = mh.clone()
+            head_total = self._head_sum.get(name)
+            self._head_sum[name] = (
+                p.clone() if head_total is None else head_total.add_(p)
+            )  # (B', heads, HW, T)
         if self.keep_probs:
-            dtype = self.pipe.unet.dtype
-            self._probs.setdefault(name, []).append(p.to(dtype, copy=True))  # (B', heads, HW, T)
+            self._probs.setdefault(name, []).append(
+                p.to(self.pipe.unet.dtype, copy=True)
+            )  # (B', heads, HW, T)
         if self.step_resolution is not None:
-            acc = self._step_acc.get((h, w))
-            self._step_acc[(h, w)] = m.clone() if acc is None else acc.add_(m)
+            hw = self._layer_hw[proc_name]
+            acc = self._step_acc.get(hw)
+            self._step_acc[hw] = m.clone() if acc is None else acc.add_(m)  # (B', HW, T)
             self._step_layers += 1
 
     def _step_size(self) -> tuple[int, int]:
@@ -402,7 +406,9 @@ class AttentionRecorder:
         if not self._step_acc:
             return
         size = self._step_size()
-        total = sum(resize(acc, size) for acc in self._step_acc.values())  # (B', T, hs, ws)
+        total = sum(
+            resize(_grid_maps(acc, hw), size) for hw, acc in self._step_acc.items()
+        )  # (B', T, hs, ws)
         self._steps.append(total / self._step_layers)
         self._step_acc = {}
         self._step_layers = 0
@@ -429,10 +435,18 @@ class AttentionRecorder:
             )
         assert self._latent_size is not None
         H, W = self._latent_size
-        layers = {n: (s / self._layer_count[n]) for n, s in self._layer_sum.items()}  # (B', T, h, w) each
+        layers = {  # (B', T, h, w) each
+            n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
+            for n, s in self._layer_sum.items()
+        }
         aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
         steps = torch.stack(self._steps) if self._steps else None  # (S, B', T, hs, ws)
-        heads = {n: s / self._layer_count[n] for n, s in self._head_sum.items()} if self.per_head else None
+        heads = None
+        if self.per_head:  # (B', heads, T, h, w) each
+            heads = {
+                n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
+                for n, s in self._head_sum.items()
+            }
         probs = (
             {n: torch.stack(v) for n, v in self._probs.items()} if self.keep_probs else None
         )  # (S, B', heads, HW, T)
@@ -467,6 +481,11 @@ class AttentionRecorder:
         if neg_rows is not None:
             negative = AttentionMaps(**part(neg_rows), token_lists=neg_labels, **common)  # type: ignore[arg-type]
         return AttentionMaps(**part(cond_rows), token_lists=cond_labels, negative=negative, **common)  # type: ignore[arg-type]
+
+
+def _grid_maps(flat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(..., HW, T) sums → (..., T, h, w) maps."""
+    return flat.transpose(-1, -2).reshape(*flat.shape[:-2], flat.shape[-1], *hw)  # (..., T, h, w)
 
 
 def _select_layers(names: list[str], layers: LayerFilter) -> list[str]:
