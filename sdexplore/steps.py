@@ -304,7 +304,12 @@ class StepRecorder:
         """Before the first UNet call of a run: validate steering against the run and the memory bound."""
         self._checked = True
         trace = self.trace
-        n = trace.num_steps or len(self._scheduler.timesteps)
+        # the pipeline's own loop length (img2img runs only the last `strength` part of the schedule)
+        n = (
+            int(getattr(self.pipe, "_num_timesteps", 0) or 0)
+            or trace.num_steps
+            or len(self._scheduler.timesteps)
+        )
         trace.num_steps = n
         trace.guidance_scale = float(getattr(self.pipe, "_guidance_scale", trace.guidance_scale))
         b = sample.shape[0] // 2 if self._cfg() else sample.shape[0]

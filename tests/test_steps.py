@@ -232,3 +232,30 @@ def test_decoded_previews_with_tiny_vae_and_full_vae(sd1_pipe) -> None:
     # the last step's full-VAE decode of x0 is close to the final image (x0 ≈ final latents)
     final = torch.from_numpy(out[0] * 255)
     assert (rec.trace[-1].decoded[0].float() - final).abs().mean() < 10
+
+
+@pytest.mark.parametrize("scheduler", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler"])
+def test_second_order_schedulers_record_one_step_per_model_evaluation(sd1_pipe, scheduler: str) -> None:
+    set_scheduler(sd1_pipe, scheduler)
+    ref = plain(sd1_pipe)
+    with StepRecorder(sd1_pipe, dtype=torch.float32) as rec:
+        out = plain(sd1_pipe)
+    assert np.abs(out - ref).max() <= 1e-6
+    tr = rec.trace
+    assert len(tr) == len(sd1_pipe.scheduler.timesteps) == 2 * 3 - 1
+    assert all(s.x0_source == "scheduler" for s in tr)
+    assert (tr[-1].x0 - tr.final_latents).abs().max() <= 1e-4
+
+
+def test_img2img_records_only_the_steps_it_runs(sd1_pipe) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = StableDiffusionImg2ImgPipeline(**sd1_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    init = torch.rand(1, 3, 64, 64)
+    kw = dict(image=init, strength=0.5, num_inference_steps=6, output_type="np")
+    ref = pipe("a red circle", generator=gen(0), **kw).images
+    with StepRecorder(pipe, dtype=torch.float32) as rec:
+        out = pipe("a red circle", generator=gen(0), **kw).images
+    assert np.abs(out - ref).max() <= 1e-6
+    assert len(rec.trace) == rec.trace.num_steps == 3 and rec.trace.final_latents is not None
