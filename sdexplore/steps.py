@@ -59,7 +59,9 @@ DEFAULT_QUANTITIES: tuple[str, ...] = (
 DEFAULT_MAX_BYTES = 1 << 30
 _LATENT_SHAPED = ("latents", "latents_out", "noise_uncond", "noise_cond", "noise_pred", "x0")
 
-_ACTIVE: dict[int, StepRecorder] = {}
+_ACTIVE: dict[
+    int, StepRecorder
+] = {}  # keyed by id(pipe.unet): pipelines built from shared components share it
 
 StepListener = Callable[[StepRecord, Trace], None]
 
@@ -208,7 +210,7 @@ class StepRecorder:
 
     # ---- context manager ----------------------------------------------------------------------------------
     def __enter__(self) -> StepRecorder:
-        key = id(self.pipe)
+        key = id(self.pipe.unet)
         if self._entered or key in _ACTIVE:
             raise RecorderStateError(
                 "A StepRecorder is already active on this pipeline: leave the first `with` block before entering "
@@ -253,7 +255,8 @@ class StepRecorder:
                 self._set_interrupt = False
             self._finish_run()
         finally:
-            _ACTIVE.pop(id(self.pipe), None)
+            if _ACTIVE.get(id(self.pipe.unet)) is self:
+                _ACTIVE.pop(id(self.pipe.unet))
             self._entered = False
 
     # ---- run bookkeeping ----------------------------------------------------------------------------------

@@ -134,6 +134,13 @@ def test_entering_twice_is_a_clear_error(sd1_pipe) -> None:
             with StepRecorder(sd1_pipe):
                 pass
         assert len(sd1_pipe.unet._forward_hooks) == 1
+        # another pipeline object over the same UNet and scheduler is the same pipeline for a recorder
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        twin = StableDiffusionImg2ImgPipeline(**sd1_pipe.components)
+        with pytest.raises(RecorderStateError, match="already active"):
+            with StepRecorder(twin):
+                pass
     assert len(sd1_pipe.unet._forward_hooks) == 0
 
 
