@@ -105,7 +105,7 @@ examples:
 
 _WALK_EPILOG = """\
 Keyframe i is (PROMPT i, seed i); one prompt or one seed is shared by every keyframe. A walk needs two
-keyframes at least: two prompts, two seeds, or both. Each keyframe lands exactly on a frame, equal to a plain
+keyframes at least: two prompts, two seeds, or both. Each keyframe lands exactly on a frame: the
 `sdexplore steps` image of that prompt and seed.
 
 examples:
@@ -531,7 +531,7 @@ def _prompt_tokens(pipe: Any, prompt: str) -> list[dict[str, Any]]:
 
 
 def _cmd_steps(args: argparse.Namespace) -> int:
-    prompt = _prompt(args.prompt)
+    _prompt(args.prompt)
     _positive("--steps", args.steps)
     if args.fps <= 0:
         raise InputError(f"--fps must be positive, got {args.fps}")
@@ -549,11 +549,20 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     if not decode:
         del files["x0"]
     _check_outputs(files.values(), args.force)
+    pipe = _load(args, args.model, scheduler)
+    write_steps(pipe, args, files)
+    _wrote(files.values())
+    return 0
+
+
+def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> None:
+    """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files``."""
+    from PIL import Image
 
     from .export import save_gif
     from .generate import generate
 
-    pipe = _load(args, args.model, scheduler)
+    prompt, decode = args.prompt, args.preview == "decode"
     images, obs = generate(
         pipe, prompt, steps={"decode_every": 1} if decode else True, seed=args.seed, **_call_kwargs(args)
     )
@@ -569,10 +578,7 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     h, w = image.shape[:2]
     labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
     previews = [s.preview[0].numpy() for s in trace]  # each (h, w, 3) uint8, one pixel per latent cell
-    out.mkdir(parents=True, exist_ok=True)
-
-    from PIL import Image
-
+    files["image"].parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(files["image"])
     Image.fromarray(_strip(previews, labels, nearest=True)).save(files["preview"])
     if decode:
@@ -586,8 +592,6 @@ def _cmd_steps(args: argparse.Namespace) -> int:
         np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]), files["gif"], fps=args.fps
     )
     trace.save(files["trace"])
-    _wrote(files.values())
-    return 0
 
 
 def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:
@@ -629,7 +633,6 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     _check_outputs([*fixed.values(), *word_files.values()], args.force)
 
     from .attention.tokens import tokenize_prompt
-    from .generate import generate
 
     pipe = _load(args, args.model, scheduler)
     tokens = tokenize_prompt(pipe.tokenizer, prompt)
@@ -639,27 +642,38 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             raise InputError(f"the prompt {prompt!r} has no words to map")
         _check_outputs(word_files.values(), args.force)
     _check_words(tokens, list(word_files), prompt)
-
-    images, obs = generate(pipe, prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args))
-    maps = obs.attention
-    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
-    out.mkdir(parents=True, exist_ok=True)
-
-    from PIL import Image
-
-    Image.fromarray(image).save(fixed["image"])
-    for word, path in word_files.items():
-        Image.fromarray(_overlay(image, maps.word(word))).save(path)
-    Image.fromarray(_attention_grid(maps, image, list(word_files), args.rows)).save(fixed["grid"])
-    maps.save(fixed["maps"])
+    maps = write_attention(pipe, args, fixed, word_files)
     _wrote([fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]])
     for word in word_files:
         m = maps.word(word)  # (h, w) raw attention mass
         r, c = divmod(int(m.argmax()), int(m.shape[1]))
         print(
-            f"{word}: mean attention mass {float(m.mean()):.4f}, peak at row {r / m.shape[0]:.2f}, column {c / m.shape[1]:.2f} of the image"
+            f"{word}: mean attention mass {float(m.mean()):.4f}, "
+            f"peak at row {r / m.shape[0]:.2f}, column {c / m.shape[1]:.2f} of the image"
         )
     return 0
+
+
+def write_attention(
+    pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
+) -> Any:
+    """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
+    from PIL import Image
+
+    from .generate import generate
+
+    images, obs = generate(
+        pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+    )
+    maps = obs.attention
+    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
+    fixed["image"].parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(fixed["image"])
+    for word, path in word_files.items():
+        Image.fromarray(_overlay(image, maps.word(word))).save(path)
+    Image.fromarray(_attention_grid(maps, image, list(word_files), args.rows)).save(fixed["grid"])
+    maps.save(fixed["maps"])
+    return maps
 
 
 def _step_groups(n_steps: int, rows: int) -> list[range]:
@@ -745,6 +759,7 @@ def _cmd_walk(args: argparse.Namespace) -> int:
         width=kwargs.pop("width", None),
         spacing=args.spacing,
         loop=args.circular,
+        generator_device="cpu",  # as `steps` and `attention`: a seed gives the same image on every device
         progress=not args.no_progress,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
