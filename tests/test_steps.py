@@ -266,3 +266,20 @@ def test_img2img_records_only_the_steps_it_runs(sd1_pipe) -> None:
         out = pipe("a red circle", generator=gen(0), **kw).images
     assert np.abs(out - ref).max() <= 1e-6
     assert len(rec.trace) == rec.trace.num_steps == 3 and rec.trace.final_latents is not None
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "PNDMScheduler"]
+)
+def test_computed_x0_for_sample_and_v_prediction_models(scheduler: str) -> None:
+    for pred in ("v_prediction",) if scheduler == "PNDMScheduler" else ("sample", "v_prediction"):
+        pipe = tiny_pipeline("sd1", prediction_type=pred)
+        set_scheduler(pipe, scheduler, **({"skip_prk_steps": True} if scheduler == "PNDMScheduler" else {}))
+        with StepRecorder(pipe, quantities="all", dtype=torch.float32) as rec:
+            plain(pipe)
+        tr = rec.trace
+        assert all(s.x0_source == "computed" for s in tr)
+        if pred == "sample":  # the model predicts x0 itself
+            assert all(torch.equal(s.x0, s.noise_pred) for s in tr)
+        tol = 0.15 if scheduler == "PNDMScheduler" else 1e-4
+        assert (tr[-1].x0 - tr.final_latents).abs().max() <= tol
