@@ -3,7 +3,7 @@
 Phase 1 trains the VAE (AutoencoderKL, 64×64×3 ↔ 16×16×4) on rendered scenes until the time budget of the
 phase is spent and validation PSNR ≥ 28 dB (or 1.5× its budget passed), then sets ``scaling_factor`` = 1/std of
 the latents and fits the latent→RGB preview factors. Phase 2 trains the UNet and the CLIP text encoder jointly,
-VAE frozen: epsilon prediction, 10% caption dropout to "" for classifier-free guidance, warmup + cosine learning
+VAE frozen: v-prediction with zero terminal SNR, 10% caption dropout to "" for classifier-free guidance, warmup + cosine learning
 rate, an EMA of the weights (the EMA is what ships). Scenes are rendered on the training device from sampled
 parameters (:mod:`sdexplore.scenes`), so no data set is stored.
 
@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
+    DDIMScheduler,
     DDPMScheduler,
-    PNDMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -43,10 +43,19 @@ from sdexplore.tokenizer import clip_tokenizer
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "sdexplore" / "models" / "tiny-shapes"
 
-#: Noise schedule (DDPM's linear betas). SD's scaled_linear ends at alpha_bar_T = 0.0047, which on a 16×16
-#: latent leaves enough signal at the first sampling step for the initial noise, not the prompt, to pick
-#: where the shape goes; linear ends at 4e-5.
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+#: Noise schedule: SD's scaled_linear betas rescaled to zero terminal SNR, with v-prediction and "trailing"
+#: timesteps (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). SD's own
+#: schedule ends at alpha_bar_T = 0.0047, which on a 16×16 latent leaves enough signal for the initial noise,
+#: not the prompt, to pick where the shape goes; and epsilon prediction gives the high-noise steps, where the
+#: layout is decided, almost no gradient. An eps-prediction, linear-beta run (1.16M samples) placed 10%.
+SCHEDULE = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    rescale_betas_zero_snr=True,
+)
+PREDICTION = "v_prediction"
 PSNR_TARGET = 28.0
 
 
@@ -104,15 +113,15 @@ def build_text_encoder() -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_scheduler() -> PNDMScheduler:
-    """The saved default sampler: PNDM configured like SD 1.5's (PLMS steps, leading spacing, offset 1)."""
-    return PNDMScheduler(
+def build_scheduler() -> DDIMScheduler:
+    """The saved default sampler: DDIM (eta 0), trailing timesteps so the first step is t = 999 (pure noise)."""
+    return DDIMScheduler(
         **SCHEDULE,
-        skip_prk_steps=True,
+        clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
+        timestep_spacing="trailing",
+        prediction_type=PREDICTION,
     )
 
 
@@ -145,6 +154,7 @@ class Run:
         self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
         self.ema = [p.detach().clone() for p in self.params]
         self.info: dict = {"log": [], "seconds": {"vae": 0.0, "unet": 0.0}}
+        self.latent_rgb: dict | None = None
 
     def state(self) -> dict:
         return {
@@ -192,9 +202,15 @@ class Run:
         for e, p in zip(self.ema, self.params, strict=True):
             e.copy_(p.detach())
         info = folder / "training.json"
-        if info.exists():
-            self.info = json.loads(info.read_text())
-            self.info.setdefault("log", [])
+        if info.exists():  # keep the earlier run's record; this run's phase 2 is counted on top
+            prev = json.loads(info.read_text())
+            keep = ("machine", "seconds", "unet_steps", "batch", "lr", "vae_steps", "vae_psnr", "earlier")
+            self.info["earlier"] = {k: prev[k] for k in keep if k in prev}
+            self.info["seconds"]["vae"] = prev["seconds"]["vae"]
+            self.info["vae_steps"] = prev.get("vae_steps")
+            self.info["vae_psnr"] = prev.get("vae_psnr")
+        if (folder / "latent_rgb.json").exists():  # the VAE is frozen from here on: its preview factors hold
+            self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
         self.phase, self.step, self.total_steps = "unet", 0, None
 
 
@@ -337,7 +353,7 @@ def fit_latent_rgb(vae: AutoencoderKL, device: torch.device, n: int = 512) -> di
 
 
 def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: torch.Tensor) -> None:
-    """Phase 2: epsilon-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
+    """Phase 2: v-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
     args, device = run.args, run.device
     noise_sched = DDPMScheduler(**SCHEDULE)
     alphas = noise_sched.alphas_cumprod.to(device)
@@ -374,7 +390,8 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
         with autocast(device):
             context = run.text_encoder(ids)[0]  # (B, 77, 64)
             pred = run.unet(noisy, t, context).sample
-        loss = F.mse_loss(pred.float(), noise)
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
+        loss = F.mse_loss(pred.float(), target)
         if not torch.isfinite(loss):
             log(run, phase="unet", step=run.step, skipped="non-finite loss")
             run.step += 1
@@ -400,10 +417,13 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             )
         if time.time() - last_ckpt > args.ckpt_every:
             run.info["seconds"]["unet"] = spent0 + time.time() - start
+            run.info["unet_steps"] = run.step
             run.save(Path(args.run_dir) / "checkpoint.pt")
+            if args.export_every:  # a snapshot of the EMA weights to look at while training goes on
+                export(run, Path(args.run_dir) / "snapshot")
             last_ckpt = time.time()
     run.info["seconds"]["unet"] = spent0 + time.time() - start
-    run.info["unet_steps"] = run.info.get("unet_steps_before", 0) + run.step
+    run.info["unet_steps"] = run.step
     run.info["final_loss"] = smooth
     run.save(Path(args.run_dir) / "checkpoint.pt")
 
@@ -435,7 +455,8 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
-    latent_rgb = fit_latent_rgb(vae.to(run.device), run.device)
+    latent_rgb = run.latent_rgb or fit_latent_rgb(vae.to(run.device), run.device)
+    run.latent_rgb = latent_rgb
     (out / "latent_rgb.json").write_text(json.dumps(latent_rgb, indent=1) + "\n")
     info = dict(run.info)
     info.update(
@@ -446,6 +467,7 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
         lr=run.args.lr,
         seed=run.args.seed,
         schedule=SCHEDULE,
+        prediction_type=PREDICTION,
     )
     info["log"] = info["log"][-40:]
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -461,7 +483,7 @@ def machine_name(device: torch.device) -> str:
 
 @torch.no_grad()
 def quick_eval(pipe: StableDiffusionPipeline, device: torch.device, n: int) -> dict:
-    """Generate ``n`` validation prompts (25 PNDM steps, CFG 7.5, seed i for prompt i) and score them."""
+    """Generate ``n`` validation prompts (25 DDIM steps, CFG 7.5, seed i for prompt i) and score them."""
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     prompts = scenes.validation_prompts()[:n]
@@ -488,13 +510,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-batch", type=int, default=64)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=8e-4)
-    parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
+    parser.add_argument("--export-every", action="store_true", help="export a snapshot at each checkpoint")
     parser.add_argument("--reserve-s", type=float, default=25.0, help="seconds kept for export and eval")
     parser.add_argument(
         "--eval-prompts", type=int, default=0, help="score this many validation prompts at the end"
@@ -514,7 +537,6 @@ def main(argv: list[str] | None = None) -> None:
         log(run, resumed=str(ckpt), phase=run.phase, step=run.step)
     elif args.init_from:
         run.init_from_pipeline(Path(args.init_from))
-        run.info["unet_steps_before"] = run.info.get("unet_steps", 0)
         log(run, init_from=args.init_from)
     print(
         f"params: unet {n_params(run.unet):,} vae {n_params(run.vae):,} text {n_params(run.text_encoder):,}; "
