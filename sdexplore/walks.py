@@ -34,6 +34,21 @@ CUDA_MAX_BATCH = 16
 #: Measured peak-memory slope of SD-1.5 fp16 at 512², CFG, VAE decode included (MiB per extra image, FACTS).
 _MIB_PER_IMAGE_SD15_512 = 640.0
 _FORMAT_VERSION = 1
+#: Pipeline arguments a walk sets per frame; passing them to walk() is an error, not a silent override.
+_RESERVED = frozenset(
+    {
+        "prompt",
+        "prompt_2",
+        "prompt_embeds",
+        "negative_prompt_embeds",
+        "pooled_prompt_embeds",
+        "negative_pooled_prompt_embeds",
+        "latents",
+        "generator",
+        "output_type",
+        "num_images_per_prompt",
+    }
+)
 
 
 # ---------------------------------------------------------------- result
@@ -167,15 +182,14 @@ def _broadcast(name: str, values: list[Any], n: int) -> list[Any]:
 
 def _seed_noise(
     pipe: Any, seed: int, shape: tuple[int, ...], dtype: torch.dtype, gen_device: torch.device
-) -> Any:
-    """The pipeline's own draw for ``seed``: ``randn_tensor(shape, generator=Generator(gen_device).manual_seed(seed))``.
+) -> torch.Tensor:
+    """The pipeline's own initial draw for ``seed``: ``randn_tensor(shape, generator=Generator(gen_device).manual_seed(seed))``.
 
-    Returns ``(noise, generator)``; the generator has advanced past the noise, as in a plain call, so passing it on
-    to the pipeline reproduces a stochastic scheduler's later draws too.
+    Unscaled: the pipeline's ``prepare_latents`` multiplies the ``latents`` it is given by the scheduler's
+    ``init_noise_sigma``, exactly as it does with its own draw.
     """
     g = torch.Generator(gen_device).manual_seed(int(seed))
-    noise = randn_tensor(shape, generator=g, device=pipe._execution_device, dtype=dtype)
-    return noise, g
+    return randn_tensor(shape, generator=g, device=pipe._execution_device, dtype=dtype)
 
 
 def _keyframes(
@@ -229,7 +243,7 @@ def _keyframes(
         width // vae_scale_factor(pipe),
     )
     dtype = encoded[0].prompt_embeds.dtype
-    noises = [_seed_noise(pipe, s, shape, dtype, gen_device)[0] for s in seeds_l]
+    noises = [_seed_noise(pipe, s, shape, dtype, gen_device) for s in seeds_l]
     return _Keyframes(encoded, noises, seeds_l, loop)
 
 
@@ -416,9 +430,10 @@ def walk(
     """
     if frames < 2:
         raise InterpolationError(f"frames must be at least 2, got {frames}.")
-    if "prompt" in pipe_kwargs or "latents" in pipe_kwargs or "generator" in pipe_kwargs:
+    clash = sorted(_RESERVED & set(pipe_kwargs))
+    if clash:
         raise InterpolationError(
-            "walk sets prompt embeddings, latents and generators itself; pass prompts= and seeds=."
+            f"walk sets {', '.join(clash)} itself (per frame); give keyframes as prompts= and seeds= instead."
         )
     if height is None or width is None:
         dh, dw = default_size(pipe)
