@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_STEPS_EPILOG,
         formatter_class=fmt,
     )
-    s.add_argument("prompt", metavar="PROMPT")
+    s.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes")
     s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
     s.add_argument(
         "--preview",
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_ATTENTION_EPILOG,
         formatter_class=fmt,
     )
-    a.add_argument("prompt", metavar="PROMPT")
+    a.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes (put it before --words)")
     a.add_argument(
         "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
     )
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_WALK_EPILOG,
         formatter_class=fmt,
     )
-    w.add_argument("prompts", nargs="+", metavar="PROMPT")
+    w.add_argument("prompts", nargs="+", metavar="PROMPT", help="one prompt per keyframe (or one for all)")
     w.add_argument(
         "--seeds",
         type=int,
