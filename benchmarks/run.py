@@ -67,17 +67,23 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         got = mod.benchmark(pipe, device=device, repeats=repeats, gpu=args.gpu)
         print(f"[{area}] {len(got)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        for r in got:
+            print(_row(r), flush=True)
         rows.extend(got)
+        if args.json:  # after every module, so an interrupted run keeps what it measured
+            args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
     print(f"\nmachine: {machine}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
-    print(f"{'group':<11} {'variant':<44} {'s/call':>8} {'ratio':>7} {'peak MiB':>9} {'extra MiB':>9}")
+    print(f"{'group':<11} {'variant':<48} {'s/call':>8} {'ratio':>7} {'peak MiB':>9} {'extra MiB':>9}")
     for r in rows:
-        print(
-            f"{r['group']:<11} {r['name']:<44} {r['seconds']:>8.3f} {r['ratio']:>7.3f} "
-            f"{r['peak_mib']:>9.0f} {r['extra_mib']:>9.0f}"
-        )
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
+        print(_row(r))
     return 0
+
+
+def _row(r: dict) -> str:
+    return (
+        f"{r['group']:<11} {r['name'][:48]:<48} {r['seconds']:>8.3f} {r['ratio']:>7.3f} "
+        f"{r['peak_mib']:>9.0f} {r['extra_mib']:>9.0f}"
+    )
 
 
 if __name__ == "__main__":
