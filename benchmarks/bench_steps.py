@@ -46,9 +46,12 @@ def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
     return rows_vs(interleaved(runs, repeats=repeats, device=device), "plain", "steps")
 
 
-if __name__ == "__main__":  # quick CPU run on the SD 1.x fixture
+if __name__ == "__main__":  # quick CPU run on the SD 1.x fixture: python benchmarks/bench_steps.py [repeats]
+    import sys
+
     from sdexplore.fixtures import tiny_pipeline
 
     torch.set_num_threads(2)
-    for row in benchmark(tiny_pipeline("sd1"), device="cpu", repeats=5, gpu=False):
+    reps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    for row in benchmark(tiny_pipeline("sd1"), device="cpu", repeats=reps, gpu=False):
         print(f"{row['name']:<50} {row['seconds']:.3f} s  ×{row['ratio']:.3f}")

@@ -213,8 +213,16 @@ class Trace:
             raise ResultFileError(
                 f"{source} was written by a newer sdexplore (trace version {header['version']}); upgrade sdexplore."
             )
+        try:
+            return cls._from_state(tensors, header, source)
+        except (KeyError, TypeError) as e:
+            raise ResultFileError(f"{source or 'This file'} has a mismatched trace header ({e!r}).") from e
+
+    @classmethod
+    def _from_state(cls, tensors: dict[str, torch.Tensor], header: dict[str, Any], source: str) -> Trace:
         steps = []
         for i, sh in enumerate(header["steps"]):
+            sh = dict(sh)
             names = sh.pop("tensors")
             rec = StepRecord(**sh)
             for k in names:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -67,6 +68,13 @@ def test_observation_and_trace_save_load_round_trip(sd1_pipe, tmp_path) -> None:
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ResultFileError, match="no 'sdexplore.trace' header"):
         Trace.load(tmp_path / "other.safetensors")
+    tensors, header = a.to_state()
+    del tensors["step1.x0"]
+    save_file(
+        tensors, str(tmp_path / "mismatch.safetensors"), metadata={"sdexplore.trace": json.dumps(header)}
+    )
+    with pytest.raises(ResultFileError, match="missing tensor 'step1.x0'"):
+        Trace.load(tmp_path / "mismatch.safetensors")
     with pytest.raises(ResultFileError, match="not a saved sdexplore Observation"):
         Observation.load(tmp_path)
 
