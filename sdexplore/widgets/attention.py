@@ -134,13 +134,13 @@ class AttentionExplorer(Explorer):
         steps = self._steps_selected(step_range)
         names = self.layer_groups.get(layer, [])
         if not names:  # all layers
-            out = m.word(word, step=steps, image=b)
+            out = m.word(word, step=steps, index=b)
         else:
             if steps is not None and m.probs is None:
                 steps = (
                     None  # per step *and* layer needs keep_probs=True: fall back to all steps (noted in UI)
                 )
-            per = [m.word(word, step=steps, layer=n, image=b) for n in names]
+            per = [m.word(word, step=steps, layer=n, index=b) for n in names]
             out = per[0] if len(per) == 1 else torch.stack([resize(p, m.latent_size) for p in per]).mean(0)
         return normalize(out.float(), "minmax")
 

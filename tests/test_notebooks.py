@@ -1,0 +1,111 @@
+"""The tutorial notebooks run top to bottom on the embedded model (nbclient, this venv's python3 kernel)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("ipywidgets")
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("0*.ipynb"))
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+#: Notebook → explorer classes it must display as live widgets.
+EXPLORERS = {
+    "02_step_by_step.ipynb": 2,  # TimestepScrubber after the run, and the live one
+    "03_attention.ipynb": 1,
+    "04_interpolation.ipynb": 3,
+    "05_latent_walks.ipynb": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def kernel_env(tmp_path_factory):
+    """A ``python3`` kernel spec that runs *this* interpreter, first on JUPYTER_PATH."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec = root / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "Python 3 (sdexplore tests)",
+                "language": "python",
+            }
+        )
+    )
+    return {
+        "JUPYTER_PATH": os.pathsep.join([str(root), os.environ.get("JUPYTER_PATH", "")]).rstrip(os.pathsep)
+    }
+
+
+def test_there_are_five_tutorials_committed_without_outputs():
+    assert [p.name for p in NOTEBOOKS] == [
+        "01_tour.ipynb",
+        "02_step_by_step.ipynb",
+        "03_attention.ipynb",
+        "04_interpolation.ipynb",
+        "05_latent_walks.ipynb",
+    ]
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), (
+            f"{path.name}: clear its outputs"
+        )
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# "), path.name
+        assert code[0].source.startswith("MODEL = None"), f"{path.name}: the first code cell sets MODEL"
+        assert "stable-diffusion" in code[0].source
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path, monkeypatch):
+    for k, v in kernel_env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("SDEXPLORE_OUT", str(tmp_path))  # notebook 5 writes its animations here
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    monkeypatch.delenv("SDEXPLORE_STATIC", raising=False)
+    # one BLAS/OpenMP thread in the kernel: on a shared CI box, spinning thread pools slow a tiny model 20×
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+        store_widget_state=True,
+    )
+    client.execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error"]
+    assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
+    assert any("image/png" in o.get("data", {}) for o in outputs), "the tutorial shows figures"
+    views = [o.data[WIDGET_VIEW]["model_id"] for o in outputs if WIDGET_VIEW in o.get("data", {})]
+    explorer_views = [v for v in views if _is_explorer(nb, v)]
+    assert len(explorer_views) >= EXPLORERS.get(path.name, 0), (
+        f"{path.name}: explorers must display as widgets"
+    )
+    if explorer_views:
+        state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+        assert all(v in state for v in explorer_views), (
+            "widget state is stored, so the saved notebook renders"
+        )
+    if path.name == "05_latent_walks.ipynb":
+        assert (tmp_path / "tour.gif").stat().st_size > 0 and (tmp_path / "tour.mp4").stat().st_size > 0
+
+
+def _is_explorer(nb, model_id: str) -> bool:
+    """Is this widget view one of sdexplore's explorers (a VBox with an ``sdx-...`` class)?"""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    classes = state.get(model_id, {}).get("state", {}).get("_dom_classes", [])
+    return any(c.startswith("sdx-") for c in classes)
