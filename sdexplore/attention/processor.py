@@ -117,12 +117,20 @@ class CapturingAttnProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            scores = (
-                torch.matmul(query.float(), key.float().transpose(-1, -2)) * attn.scale
-            )  # (N, heads, HW, T)
-            if attention_mask is not None:
-                scores = scores + attention_mask.float()
-            probs = scores.softmax(dim=-1)  # (N, heads, HW, T) float32
+            q3 = query.reshape(batch_size * heads, -1, head_dim)  # (N*heads, HW, d)
+            k3 = key.reshape(batch_size * heads, -1, head_dim)  # (N*heads, T, d)
+            if q3.dtype != torch.float32:
+                q3, k3 = q3.float(), k3.float()
+            if attention_mask is None:
+                scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(attn.scale)  # (N*heads, HW, T)
+            else:
+                mask = attention_mask.expand(batch_size, heads, q3.shape[1], key_len).reshape(
+                    -1, q3.shape[1], key_len
+                )
+                scores = torch.baddbmm(
+                    mask.float(), q3, k3.transpose(1, 2), alpha=attn.scale
+                )  # (N*heads, HW, T)
+            probs = scores.softmax(dim=-1).view(batch_size, heads, -1, key_len)  # (N, heads, HW, T) float32
             self.sink(self.name, probs)
             if type(self.original) is AttnProcessor2_0:
                 out = F.scaled_dot_product_attention(

@@ -225,7 +225,7 @@ class AttentionRecorder:
         self._probs: dict[str, list[torch.Tensor]] = {}
         self._step_acc: dict[tuple[int, int], torch.Tensor] = {}
         self._step_layers = 0
-        self._steps: list[torch.Tensor] = []
+        self._steps: list[tuple[dict[tuple, torch.Tensor], int]] = []  # per step: sums by group, layer count
         self._prompt_rows: tuple[list[TokenList], list[TokenList]] | None = None
         self._num_keys = 77
 
@@ -310,9 +310,7 @@ class AttentionRecorder:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         context = args[2] if len(args) > 2 else kwargs.get("encoder_hidden_states")
-        self._timesteps.append(
-            torch.as_tensor(timestep).detach().reshape(-1)[0].float().clone()
-        )  # () on device
+        self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1])  # (1,) view on the device: no sync
         size = (int(sample.shape[-2]), int(sample.shape[-1]))
         if self._latent_size is not None and size != self._latent_size:
             raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
@@ -370,7 +368,7 @@ class AttentionRecorder:
         laid out as (B', T, h, w) once, when a step closes or the result is built.
         """
         name = proc_name.removesuffix(".processor")
-        p = probs.detach()[self._sel]  # (B', heads, HW, T)
+        p = probs[self._sel]  # (B', heads, HW, T); runs under no_grad in pipelines, and maps never need grads
         m = p.mean(1)  # (B', HW, T)
         total = self._layer_sum.get(name)
         if total is None:
@@ -391,7 +389,7 @@ class AttentionRecorder:
         if self.step_resolution is not None:
             hw = self._layer_hw[proc_name]
             acc = self._step_acc.get(hw)
-            self._step_acc[hw] = m.clone() if acc is None else acc.add_(m)  # (B', HW, T)
+            self._step_acc[hw] = m if acc is None else acc.add_(m)  # (B', HW, T); layer sums already read m
             self._step_layers += 1
 
     def _step_size(self) -> tuple[int, int]:
@@ -403,15 +401,46 @@ class AttentionRecorder:
         return (int(self.step_resolution[0]), int(self.step_resolution[1]))  # type: ignore[index]
 
     def _close_step(self) -> None:
+        """File the finished step's per-resolution sums; shrink only groups larger than the step maps now.
+
+        Groups at or below the step resolution stay native and are resized for all steps at once when the
+        result is built: no per-step resize kernels for them, and their memory is at most the step maps'.
+        """
         if not self._step_acc:
             return
         size = self._step_size()
-        total = sum(
-            resize(_grid_maps(acc, hw), size) for hw, acc in self._step_acc.items()
-        )  # (B', T, hs, ws)
-        self._steps.append(total / self._step_layers)
+        parts: dict[tuple, torch.Tensor] = {}
+        shrunk = None
+        for hw, acc in self._step_acc.items():
+            if hw[0] * hw[1] > size[0] * size[1]:
+                small = resize(_grid_maps(acc, hw), size)  # (B', T, hs, ws)
+                shrunk = small if shrunk is None else shrunk.add_(small)
+            else:
+                parts[("native", hw)] = acc  # (B', HW, T)
+        if shrunk is not None:
+            parts[("shrunk", size)] = shrunk
+        self._steps.append((parts, self._step_layers))
         self._step_acc = {}
         self._step_layers = 0
+
+    def _step_maps(self) -> torch.Tensor | None:
+        """(S, B', T, hs, ws): per-step mean over layers, one resize per resolution group for the whole run."""
+        if not self._steps:
+            return None
+        size = self._step_size()
+        total = None
+        for key in dict.fromkeys(k for parts, _ in self._steps for k in parts):
+            idx = [s for s, (parts, _) in enumerate(self._steps) if key in parts]
+            stacked = torch.stack(
+                [self._steps[s][0][key] for s in idx]
+            )  # (S', B', HW, T) or (S', B', T, hs, ws)
+            if key[0] == "native":
+                stacked = resize(_grid_maps(stacked, key[1]), size)  # (S', B', T, hs, ws)
+            if total is None:
+                total = stacked.new_zeros((len(self._steps), *stacked.shape[1:]))
+            total[idx] += stacked
+        counts = torch.tensor([n for _, n in self._steps], dtype=total.dtype, device=total.device)
+        return total / counts.view(-1, 1, 1, 1, 1)
 
     # ---- building the result ------------------------------------------------------------------------------
     def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
@@ -440,7 +469,7 @@ class AttentionRecorder:
             for n, s in self._layer_sum.items()
         }
         aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
-        steps = torch.stack(self._steps) if self._steps else None  # (S, B', T, hs, ws)
+        steps = self._step_maps()  # (S, B', T, hs, ws)
         heads = None
         if self.per_head:  # (B', heads, T, h, w) each
             heads = {
@@ -450,7 +479,7 @@ class AttentionRecorder:
         probs = (
             {n: torch.stack(v) for n, v in self._probs.items()} if self.keep_probs else None
         )  # (S, B', heads, HW, T)
-        timesteps = torch.stack(self._timesteps).cpu()  # first host transfer of the run
+        timesteps = torch.cat(self._timesteps).float().cpu()  # (S,): the first host transfer of the run
 
         def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
             return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
