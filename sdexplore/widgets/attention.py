@@ -206,6 +206,7 @@ class AttentionExplorer(Explorer):
             min=0,
             max=S - 1,
             description="steps",
+            readout=False,  # the caption says "steps a–b", 1-based
             disabled=not self.has_steps,
             continuous_update=True,
             layout=w.Layout(width="420px"),

@@ -31,11 +31,11 @@ def encode_frame(frame: np.ndarray, size: int) -> tuple[bytes, str]:
     return jpeg_bytes(frame, quality=92), "jpeg"
 
 
-def frame_label(walk: Any, i: int) -> str:
+def frame_label(walk: Any, i: int, total: int | None = None) -> str:
     """Where frame ``i`` of a Walk lies: between which keyframes (prompt, seed) and how far."""
     segments, ts = getattr(walk, "segments", None), getattr(walk, "ts", None)
     if not segments or not ts:
-        return f"frame {i + 1}"
+        return f"frame {i + 1}" + (f"/{total}" if total else "")
     prompts, seeds = list(walk.prompts), list(walk.seeds)
     k = len(seeds)
     a, b = segments[i], (segments[i] + 1) % k
@@ -94,7 +94,7 @@ class InterpolationExplorer(Explorer):
 
     def _label(self, i: int) -> str:
         walk = next(iter(self.sources.values()))
-        return frame_label(walk, i)
+        return frame_label(walk, i, self.num_frames)
 
     def smoothness_svg(self, i: int | None = None) -> str:
         """The consecutive-frame distance curves as inline SVG, with a marker at frame ``i``."""
@@ -132,6 +132,7 @@ class InterpolationExplorer(Explorer):
             min=0,
             max=self.num_frames - 1,
             description="frame",
+            readout=False,  # the caption says "frame i/N", 1-based
             continuous_update=True,
             layout=w.Layout(width="420px"),
         )

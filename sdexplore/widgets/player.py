@@ -70,6 +70,7 @@ class WalkPlayer(Explorer):
             min=0,
             max=n - 1,
             description="frame",
+            readout=False,  # the caption says "frame i/N", 1-based
             continuous_update=True,
             layout=w.Layout(width="360px"),
         )
@@ -128,11 +129,7 @@ class WalkPlayer(Explorer):
     def _show(self, i: int) -> None:
         t0 = time.perf_counter()
         self._img.value = self._encoded[i][0]
-        self._info.value = (
-            frame_label(self.walk, i)
-            if hasattr(self.walk, "segments")
-            else f"frame {i + 1}/{len(self.frames)}"
-        )
+        self._info.value = frame_label(self.walk, i, len(self.frames))
         self.last_update_ms = (time.perf_counter() - t0) * 1000
 
     @property

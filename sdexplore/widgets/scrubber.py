@@ -16,9 +16,9 @@ from ..trace import StepRecord, Trace
 from ._base import Explorer, channel_tiles, evenly, new_figure, png_bytes, svg_curves
 
 PANELS: dict[str, str] = {
-    "noisy": "noisy latents (preview)",
+    "noisy": "noisy latents",
     "x0": "predicted x0",
-    "noise": "noise prediction (channels)",
+    "noise": "noise prediction",
     "latents": "latent channels",
 }
 
@@ -189,12 +189,18 @@ class TimestepScrubber(Explorer):
             img = w.Image(value=self._blank, format="png", layout=w.Layout(width=px, height=px))
             img.add_class(f"sdx-panel-{key}")
             self._images[key] = img
-            columns.append(w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), img]))
+            columns.append(
+                w.VBox(
+                    [w.HTML(f"<b>{html.escape(title)}</b>"), img],
+                    layout=w.Layout(width=f"{self.size + 8}px", margin="0 8px 0 0"),
+                )
+            )
         self._slider = w.IntSlider(
             value=max(n - 1, 0) if n else 0,
             min=0,
             max=max(n - 1, 0),
             description="step",
+            readout=False,  # the caption says "step i / N", 1-based
             continuous_update=True,
             disabled=n == 0,
             layout=w.Layout(width="420px"),
@@ -230,9 +236,9 @@ class TimestepScrubber(Explorer):
             r.x0_source, ""
         )
         return (
-            f"<b>step {r.index + 1} / {total}</b> &nbsp; timestep t = {r.timestep:.0f} &nbsp; "
-            f"noise σ = {r.sigma:.3f} &nbsp; signal √ᾱ = {np.sqrt(r.alpha_bar):.3f}, noise √(1−ᾱ) = {noise:.3f}"
-            f" &nbsp; guidance {r.guidance_scale:g}" + (f" &nbsp; <small>(x0 {src})</small>" if src else "")
+            f"<b>step {r.index + 1} / {total}</b> · timestep t = {r.timestep:.0f} · "
+            f"signal √ᾱ = {np.sqrt(r.alpha_bar):.3f} · noise √(1−ᾱ) = {noise:.3f} · σ = {r.sigma:.3g} · "
+            f"guidance {r.guidance_scale:g}" + (f" · <small>x0 {src}</small>" if src else "")
         )
 
     def _show(self, i: int) -> None:
