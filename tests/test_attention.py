@@ -397,3 +397,27 @@ def test_no_warning_in_the_plain_case(sd1_pipe):
         with AttentionRecorder(sd1_pipe) as rec:
             sd1_pipe(PROMPT, generator=gen(0), **RUN)
     assert rec.skipped_layers == []
+
+
+def test_observe_builds_the_recorder(sd1_pipe):
+    from sdexplore.observe import observe
+
+    before = _state(sd1_pipe)
+    with observe(sd1_pipe, steps=False, attention=dict(negative=True, step_resolution=4)) as obs:
+        sd1_pipe(PROMPT, generator=gen(0), **RUN)
+    _assert_restored(sd1_pipe, before)
+    assert obs.attention.word("circle").shape == (8, 8)
+    assert obs.attention.steps.shape == (3, 1, 77, 4, 4) and obs.attention.negative is not None
+
+
+def test_fp16_keep_probs_dtype_and_step_maps_shrink(sd1_pipe):
+    """Kept probabilities are stored in the UNet's dtype; groups larger than the step maps are shrunk."""
+    with AttentionRecorder(sd1_pipe, keep_probs=True, step_resolution=2) as rec:
+        sd1_pipe(PROMPT, generator=gen(0), **RUN)
+    maps = rec.maps
+    assert all(p.dtype == sd1_pipe.unet.dtype for p in maps.probs.values())
+    assert maps.steps.shape == (3, 1, 77, 2, 2)
+    assert torch.allclose(maps.steps.sum(2), torch.ones(()), atol=1e-5)
+    layers = torch.stack(list(maps.layers.values())).mean(0)  # (B, T, 4, 4): every layer sits at 4×4 here
+    shrunk = F.interpolate(layers, size=(2, 2), mode="bilinear", antialias=True)  # resizing is linear
+    assert torch.allclose(maps.steps.mean(0), shrunk, atol=1e-5)
