@@ -147,6 +147,32 @@ def test_steps_on_a_saved_sdxl_folder(capsys, tmp_path, sdxl_folder):
     assert read_frames(out / "denoising.gif").shape == (3, h, w, 3)
 
 
+@pytest.mark.xfail(
+    raises=ZeroDivisionError,
+    strict=False,
+    reason="steps recorder: schedule_math.sigma_from_alpha_bar divides by alpha_bar = 0 at the first step of a "
+    "zero-terminal-SNR schedule (rescale_betas_zero_snr=True, trailing spacing), as the trained model uses",
+)
+def test_steps_on_a_zero_terminal_snr_v_prediction_model(sd2_pipe, tmp_path):
+    from diffusers import DDIMScheduler
+
+    from sdexplore.cli import build_parser, write_steps
+
+    sd2_pipe.scheduler = DDIMScheduler.from_config(
+        sd2_pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    args = build_parser().parse_args(["steps", "a red circle", "--steps", "3"])
+    names = {
+        "image": "image.png",
+        "x0": "x0.png",
+        "preview": "p.png",
+        "gif": "d.gif",
+        "trace": "t.safetensors",
+    }
+    write_steps(sd2_pipe, args, {k: tmp_path / v for k, v in names.items()})
+    assert len(Trace.load(tmp_path / "t.safetensors")) == 3
+
+
 # ---------------------------------------------------------------- attention
 
 
