@@ -131,8 +131,10 @@ class CapturingAttnProcessor:
                     mask.float(), q3, k3.transpose(1, 2), alpha=attn.scale
                 )  # (N*heads, HW, T)
             probs = scores.softmax(dim=-1).view(batch_size, heads, -1, key_len)  # (N, heads, HW, T) float32
+            del scores  # keep the peak at one (N, heads, HW, T) float32 tensor per layer (GPU memory)
             self.sink(self.name, probs)
             if type(self.original) is AttnProcessor2_0:
+                del probs
                 out = F.scaled_dot_product_attention(
                     query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
                 )  # (N, heads, HW, d): the original's own kernel, so the output is unchanged

@@ -38,6 +38,9 @@ class AttentionRecorder:
     the CFG batch, mean over heads, per-step maps at ``step_resolution``, a running per-layer sum; nothing is
     copied to the host until the maps are read, so there is no synchronisation per layer.
 
+    Keys are labelled with ``pipe.tokenizer``'s tokens of ``prompt`` (for SDXL too: its two tokenizers give the
+    same ids for the same text, only the padding differs). Several calls in one block: ``maps`` holds the latest.
+
     Args:
         pipe: a Stable Diffusion 1.x / 2.x / XL pipeline.
         layers: restrict capture to cross-attention layers whose name contains this substring (or any of these
