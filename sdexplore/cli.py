@@ -563,9 +563,7 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     from .generate import generate
 
     prompt, decode = args.prompt, args.preview == "decode"
-    images, obs = generate(
-        pipe, prompt, steps={"decode_every": 1} if decode else True, seed=args.seed, **_call_kwargs(args)
-    )
+    images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
     trace = obs.steps
     trace.meta.update(
         prompt=prompt,
@@ -582,7 +580,7 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     Image.fromarray(image).save(files["image"])
     Image.fromarray(_strip(previews, labels, nearest=True)).save(files["preview"])
     if decode:
-        x0s = [s.decoded[0].numpy() for s in trace]  # each (H, W, 3) uint8
+        x0s = decode_x0(pipe, trace, progress=not args.no_progress)  # each (H, W, 3) uint8
         Image.fromarray(_strip(x0s, labels, nearest=False)).save(files["x0"])
         frames = x0s
     else:
@@ -592,6 +590,34 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
         np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]), files["gif"], fps=args.fps
     )
     trace.save(files["trace"])
+
+
+def decode_x0(pipe: Any, trace: Any, *, progress: bool = True) -> list[np.ndarray]:
+    """VAE-decode the x0 of every recorded step (image 0) after the run → (H, W, 3) uint8 each.
+
+    Decoding after the run keeps the denoising loop as fast as a plain call. A float16 VAE whose config asks
+    for ``force_upcast`` (SDXL's, which overflows in float16) decodes in float32, as the pipelines do, and
+    is put back afterwards.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from .preview import decode_with
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        out = []
+        for s in tqdm(trace, desc="decoding x0", unit="step", disable=not progress, file=sys.stderr):
+            z = s.x0 if s.x0 is not None else s.latents  # (B, C, h, w)
+            out.append(decode_with(vae, z[:1])[0].cpu().numpy())  # (1, H, W, 3) → (H, W, 3)
+        return out
+    finally:
+        if upcast:
+            vae.to(dtype)
 
 
 def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:

@@ -98,7 +98,7 @@ def test_steps_writes_image_strips_gif_and_trace(capsys, tmp_path):
     trace = Trace.load(out / "trace.safetensors")
     assert len(trace) == 4 and trace.num_steps == 4
     assert trace.meta["prompt"] == "a red circle" and trace.meta["seed"] == 3
-    assert tuple(trace[0].decoded.shape) == (1, 64, 48, 3)  # x0 decoded at every step
+    assert tuple(trace[0].x0.shape) == (1, 4, 8, 6)  # x0 of every step, at latent size
 
     # the seed, steps and size reach the pipeline: the image is a plain call's, pixel for pixel
     pipe = load_pipeline()
@@ -129,7 +129,7 @@ def test_steps_linear_preview_with_another_scheduler(capsys, tmp_path):
     assert not (out / "steps_x0.png").exists()  # no VAE decode per step
     trace = Trace.load(out / "trace.safetensors")
     assert trace.scheduler == "EulerDiscreteScheduler" and len(trace) == 5
-    assert trace.guidance_scale == 3.0 and trace[0].decoded is None
+    assert trace.guidance_scale == 3.0
     w, h = size(out / "image.png")
     assert read_frames(out / "denoising.gif").shape == (5, h, w, 3)
 
@@ -171,6 +171,26 @@ def test_steps_on_a_zero_terminal_snr_v_prediction_model(sd2_pipe, tmp_path):
     }
     write_steps(sd2_pipe, args, {k: tmp_path / v for k, v in names.items()})
     assert len(Trace.load(tmp_path / "t.safetensors")) == 3
+
+
+def test_x0_decoding_upcasts_a_float16_vae_that_asks_for_it_and_puts_it_back(sd1_pipe):
+    import copy
+
+    from sdexplore.cli import decode_x0
+    from sdexplore.generate import generate
+    from sdexplore.preview import decode_with
+
+    _, obs = generate(sd1_pipe, "a red circle", seed=0, num_inference_steps=2)
+    reference = copy.deepcopy(sd1_pipe.vae)  # float32
+    sd1_pipe.vae.to(torch.float16)
+    sd1_pipe.vae.register_to_config(force_upcast=True)  # as SDXL's VAE config says
+    decoded = decode_x0(sd1_pipe, obs.steps, progress=False)
+    assert sd1_pipe.vae.dtype == torch.float16  # restored
+    assert len(decoded) == 2 and decoded[0].shape == (64, 64, 3) and decoded[0].dtype == np.uint8
+    reference.load_state_dict({k: v.float() for k, v in sd1_pipe.vae.state_dict().items()})  # same weights
+    assert np.array_equal(
+        decoded[1], decode_with(reference, obs.steps[1].x0)[0].numpy()
+    )  # decoded in float32
 
 
 # ---------------------------------------------------------------- attention
