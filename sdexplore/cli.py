@@ -478,6 +478,13 @@ def _overlay(image: np.ndarray, heat: Any, opacity: float = 0.5) -> np.ndarray:
     return (image.astype(np.float32) * (1 - opacity) + colours * opacity).round().astype(np.uint8)
 
 
+def _save_png(image: np.ndarray, path: Path) -> None:
+    """Write an (H, W, 3) uint8 image as PNG, with light compression: grids save ~3x faster for ~15% more bytes."""
+    from PIL import Image
+
+    Image.fromarray(image).save(path, compress_level=1)
+
+
 def _slug(word: str, taken: set[str]) -> str:
     base = re.sub(r"[^0-9A-Za-z_-]+", "_", word).strip("_") or "word"
     name, k = base, 2
@@ -557,7 +564,6 @@ def _cmd_steps(args: argparse.Namespace) -> int:
 
 def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> None:
     """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files``."""
-    from PIL import Image
 
     from .export import save_gif
     from .generate import generate
@@ -577,11 +583,11 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
     previews = [s.preview[0].numpy() for s in trace]  # each (h, w, 3) uint8, one pixel per latent cell
     files["image"].parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(files["image"])
-    Image.fromarray(_strip(previews, labels, nearest=True)).save(files["preview"])
+    _save_png(image, files["image"])
+    _save_png(_strip(previews, labels, nearest=True), files["preview"])
     if decode:
         x0s = decode_x0(pipe, trace, progress=not args.no_progress)  # each (H, W, 3) uint8
-        Image.fromarray(_strip(x0s, labels, nearest=False)).save(files["x0"])
+        _save_png(_strip(x0s, labels, nearest=False), files["x0"])
         frames = x0s
     else:
         frames = [_fit(p, max(h, w), nearest=True) for p in previews]
@@ -684,7 +690,6 @@ def write_attention(
     pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
 ) -> Any:
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
-    from PIL import Image
 
     from .generate import generate
 
@@ -694,10 +699,10 @@ def write_attention(
     maps = obs.attention
     image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
     fixed["image"].parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(fixed["image"])
+    _save_png(image, fixed["image"])
     for word, path in word_files.items():
-        Image.fromarray(_overlay(image, maps.word(word))).save(path)
-    Image.fromarray(_attention_grid(maps, image, list(word_files), args.rows)).save(fixed["grid"])
+        _save_png(_overlay(image, maps.word(word)), path)
+    _save_png(_attention_grid(maps, image, list(word_files), args.rows), fixed["grid"])
     maps.save(fixed["maps"])
     return maps
 
