@@ -64,6 +64,7 @@ def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
         image = call().images[0]
     rows: list[dict] = []
 
+    TimestepScrubber(obs, static=False).widget  # noqa: B018 - warm-up: first ipywidgets/matplotlib imports
     t0 = time.perf_counter()
     scrub = TimestepScrubber(obs, static=False)
     scrub.widget  # noqa: B018

@@ -255,6 +255,11 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
             attention.locator(".sdx-opacity .noUi-handle").focus()
             page.keyboard.press("ArrowLeft")
             wait_changed(img, before)
+            attention.get_by_role("button", name="step × word grid").click()
+            grid = attention.locator(".sdx-attention-grid img")
+            expect(grid.first).to_be_visible()
+            assert grid.count() >= 2 * 11  # step bins × the prompt's 11 distinct words
+            attention.screenshot(path=str(shots / "attention_grid.png"))
 
             # InterpolationExplorer and WalkPlayer: frame sliders
             for explorer, selector, slider in (

@@ -120,7 +120,7 @@ def test_scrubber_x0_panel_shows_the_recorded_x0(run):
 
 def test_scrubber_fills_in_live_and_follows_the_newest_step():
     pipe = tiny_pipeline("sd1")
-    scrub = TimestepScrubber(static=False)
+    scrub = TimestepScrubber(static=False, live_fps=None)  # draw every step
     scrub.widget  # noqa: B018 - shown before the run, as in a notebook
     seen = []
 
@@ -140,6 +140,22 @@ def test_scrubber_fills_in_live_and_follows_the_newest_step():
     scrub.value = 1
     scrub.on_step(obs.steps[-1], obs.steps)
     assert scrub.value == 1 and scrub.num_steps == STEPS + 1
+
+
+def test_live_scrubber_throttles_drawing_but_always_shows_the_last_step():
+    pipe = tiny_pipeline("sd1")
+    scrub = TimestepScrubber(static=False, live_fps=1e-6)  # at most one redraw: the first step
+    scrub.widget  # noqa: B018
+    with observe(pipe, on_step=scrub.on_step) as obs:
+        pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    assert scrub.value == STEPS - 1 and f"step {STEPS} / {STEPS}" in scrub._info.value
+    assert sorted(scrub._cache) == [0, STEPS - 1], "skipped steps are not encoded during the run"
+    last = scrub.image_bytes("x0")
+    scrub.value = 2  # encoded on demand when the user scrubs back
+    assert scrub.image_bytes("x0") != last and 2 in scrub._cache
+    reference = TimestepScrubber(obs, static=False)
+    reference.value = 2
+    assert reference.image_bytes("x0") == scrub.image_bytes("x0")
 
 
 def test_scrubber_reads_a_saved_trace(run, tmp_path):

@@ -73,6 +73,8 @@ class TimestepScrubber(Explorer):
             ``meta["latent_rgb"]`` when present, else the family's published factors, see
             :func:`sdexplore.families.latent_rgb`).
         size: displayed side of each panel in pixels.
+        live_fps: while filling in live, redraw at most this often (the newest step; the last step of a run
+            is always drawn), so a fast GPU run is not slowed by encoding every step. ``None``: every step.
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
 
@@ -83,6 +85,7 @@ class TimestepScrubber(Explorer):
         image: int = 0,
         rgb_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
         size: int = 192,
+        live_fps: float | None = 12.0,
         static: bool | None = None,
     ) -> None:
         super().__init__(static=static)
@@ -90,7 +93,11 @@ class TimestepScrubber(Explorer):
         self.size = size
         self._rgb = rgb_factors
         self._trace: Trace | None = None
-        self._frames: list[_Frame] = []
+        self.live_fps = live_fps
+        self._records: list[StepRecord] = []
+        self._cache: dict[int, _Frame] = {}  # step position → prepared images (filled eagerly or on demand)
+        self._following = True  # the slider tracks the newest step while the user leaves it there
+        self._last_live = 0.0
         self._blank = png_bytes(np.full((8, 8, 3), 235, np.uint8), min_side=size)
         self.last_update_ms = 0.0  # kernel-side time of the latest slider update (see benchmarks)
         trace = _as_trace(source)
@@ -98,8 +105,11 @@ class TimestepScrubber(Explorer):
             self._reset(trace)
             from tqdm.auto import tqdm
 
-            for rec in tqdm(trace.steps, desc="preparing steps", leave=False, disable=len(trace) < 40):
-                self._frames.append(self._prepare(rec))
+            for i, rec in enumerate(
+                tqdm(trace.steps, desc="preparing steps", leave=False, disable=len(trace) < 40)
+            ):
+                self._records.append(rec)
+                self._cache[i] = self._prepare(rec)
 
     # ---- data -------------------------------------------------------------------------------------------
     @property
@@ -110,11 +120,13 @@ class TimestepScrubber(Explorer):
     @property
     def num_steps(self) -> int:
         """Steps available to scrub."""
-        return len(self._frames)
+        return len(self._records)
 
     def _reset(self, trace: Trace) -> None:
         self._trace = trace
-        self._frames = []
+        self._records = []
+        self._cache = {}
+        self._following = True
         if self._rgb is None:
             meta = trace.meta.get("latent_rgb")
             if meta:
@@ -150,6 +162,11 @@ class TimestepScrubber(Explorer):
         }
         return _Frame(rec, arrays, pngs)
 
+    def _frame(self, i: int) -> _Frame:
+        if i not in self._cache:
+            self._cache[i] = self._prepare(self._records[i])
+        return self._cache[i]
+
     # ---- live listener ----------------------------------------------------------------------------------
     def on_step(self, record: StepRecord, trace: Trace) -> None:
         """Step listener for ``StepRecorder(on_step=...)`` / ``observe(..., on_step=...)``: add one step live.
@@ -159,29 +176,31 @@ class TimestepScrubber(Explorer):
         """
         if trace is not self._trace:
             self._reset(trace)
-        follow = not self._frames or (
-            self._widget is not None and self._slider.value == len(self._frames) - 1
-        )
-        self._frames.append(self._prepare(record))
-        if self._widget is not None:
-            n = len(self._frames)
-            with self._slider.hold_trait_notifications():
-                self._slider.max = n - 1
-                self._play.max = n - 1
-                self._slider.disabled = self._play.disabled = False
-            if follow:
-                if self._slider.value == n - 1:
-                    self._show(n - 1)
-                else:
-                    self._slider.value = n - 1  # triggers _show
+        self._records.append(record)
+        if self._widget is None:
+            return
+        n = len(self._records)
+        with self._slider.hold_trait_notifications():
+            self._slider.max = n - 1
+            self._play.max = n - 1
+            self._slider.disabled = self._play.disabled = False
+        if not self._following:
+            self._info.value = self._info_html(self._slider.value)
+            return
+        now = time.perf_counter()
+        final = trace.stopped_at is not None or (trace.num_steps and record.index >= trace.num_steps - 1)
+        if self.live_fps is None or final or n == 1 or now - self._last_live >= 1.0 / self.live_fps:
+            self._last_live = now
+            if self._slider.value == n - 1:
+                self._show(n - 1)
             else:
-                self._info.value = self._info_html(self._slider.value)
+                self._slider.value = n - 1  # triggers _show
 
     # ---- widget -----------------------------------------------------------------------------------------
     def _build(self) -> Any:
         import ipywidgets as w
 
-        n = len(self._frames)
+        n = len(self._records)
         px = f"{self.size}px"
         self._images: dict[str, Any] = {}
         columns = []
@@ -210,7 +229,7 @@ class TimestepScrubber(Explorer):
         w.jslink((self._play, "value"), (self._slider, "value"))
         self._info = w.HTML()
         self._curve = w.HTML()
-        self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
+        self._slider.observe(self._on_slider, names="value")
         box = w.VBox(
             [
                 w.HBox([self._play, self._slider]),
@@ -227,9 +246,9 @@ class TimestepScrubber(Explorer):
         return box
 
     def _info_html(self, i: int) -> str:
-        r = self._frames[i].record
+        r = self._records[i]
         total = (
-            self._trace.num_steps if self._trace is not None and self._trace.num_steps else len(self._frames)
+            self._trace.num_steps if self._trace is not None and self._trace.num_steps else len(self._records)
         )
         noise = float(np.sqrt(max(0.0, 1.0 - r.alpha_bar)))
         src = {"scheduler": "from the scheduler", "computed": "computed from the model output"}.get(
@@ -241,15 +260,19 @@ class TimestepScrubber(Explorer):
             f"guidance {r.guidance_scale:g}" + (f" · <small>x0 {src}</small>" if src else "")
         )
 
+    def _on_slider(self, change: Any) -> None:
+        self._following = change["new"] == len(self._records) - 1
+        self._show(change["new"])
+
     def _show(self, i: int) -> None:
         t0 = time.perf_counter()
-        if not 0 <= i < len(self._frames):
+        if not 0 <= i < len(self._records):
             return
-        frame = self._frames[i]
+        frame = self._frame(i)
         for key, img in self._images.items():
             img.value = frame.pngs[key]
         self._info.value = self._info_html(i)
-        ab = [f.record.alpha_bar for f in self._frames]
+        ab = [r.alpha_bar for r in self._records]
         self._curve.value = svg_curves(
             [
                 ("signal √ᾱ", np.sqrt(ab).tolist(), "#1f77b4"),
@@ -280,7 +303,7 @@ class TimestepScrubber(Explorer):
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, columns: int = 6) -> Any:
         """Static figure: rows = the four panels, columns = ``columns`` steps spread over the run."""
-        picks = evenly(len(self._frames), columns)
+        picks = evenly(len(self._records), columns)
         fig = new_figure(1.8 * max(len(picks), 1), 1.9 * len(PANELS))
         if not picks:
             ax = fig.add_subplot()
@@ -289,7 +312,7 @@ class TimestepScrubber(Explorer):
             return fig
         axes = fig.subplots(len(PANELS), len(picks), squeeze=False)
         for c, i in enumerate(picks):
-            f = self._frames[i]
+            f = self._frame(i)
             for r, (key, title) in enumerate(PANELS.items()):
                 ax = axes[r][c]
                 a = f.arrays[key]
