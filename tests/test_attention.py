@@ -421,3 +421,12 @@ def test_fp16_keep_probs_dtype_and_step_maps_shrink(sd1_pipe):
     layers = torch.stack(list(maps.layers.values())).mean(0)  # (B, T, 4, 4): every layer sits at 4×4 here
     shrunk = F.interpolate(layers, size=(2, 2), mode="bilinear", antialias=True)  # resizing is linear
     assert torch.allclose(maps.steps.mean(0), shrunk, atol=1e-5)
+
+
+def test_sliced_attention_is_captured_too(sd1_pipe):
+    sd1_pipe.enable_attention_slicing(1)  # SlicedAttnProcessor everywhere: reproduced by the explicit path
+    plain = sd1_pipe(PROMPT, generator=gen(0), **RUN).images
+    with AttentionRecorder(sd1_pipe) as rec:
+        seen = sd1_pipe(PROMPT, generator=gen(0), **RUN).images
+    assert rec.skipped_layers == [] and rec.maps.num_steps == 3
+    assert (plain - seen).abs().max().item() <= 1e-5
