@@ -1,7 +1,7 @@
 """Evaluate the embedded tiny-shapes model and write its model card.
 
 Generates the held-out validation prompts (:func:`sdexplore.scenes.validation_prompts`, seed i for prompt i,
-25 steps of the saved PNDM scheduler, CFG 7.5), reads each image back with the world's scorer, and measures
+25 steps of the saved DDIM scheduler, CFG 7.5), reads each image back with the world's scorer, and measures
 how well the shape word's cross-attention sits on the generated shape (IoU). Also measures VAE reconstruction
 PSNR, CPU seconds per image and the weights' size, then writes ``MODEL_CARD.md``, ``eval.json`` and
 ``sample_grid.png`` into the model folder.
@@ -252,6 +252,35 @@ def run_eval(folder: Path = MODEL_DIR, subset: int | None = None, write: bool = 
     return result
 
 
+def training_lines(train: dict) -> str:
+    """Markdown bullets for the training record, earlier stages (a GPU run before a CPU fine-tune) first."""
+    stages = []
+    stage = train
+    while stage:
+        stages.append(stage)
+        stage = stage.get("earlier")
+    lines = []
+    vae = stages[-1]
+    lines.append(
+        f"- Phase 1, VAE: {vae.get('vae_steps', '?')} steps at batch 128, {vae['seconds']['vae']:.0f} s on "
+        f"{vae['machine']}, MSE + 1e-6·KL; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
+    )
+    for i, st in enumerate(reversed(stages)):
+        what = "Phase 2" if i == 0 else "Phase 2, continued"
+        lines.append(
+            f"- {what}, UNet + text encoder (VAE frozen): {st.get('unet_steps', '?')} steps at batch {st['batch']}, "
+            f"{st['seconds']['unet']:.0f} s on {st['machine']}, AdamW lr {st['lr']} with warmup and cosine decay."
+        )
+    lines.append(
+        "- v-prediction on SD's scaled_linear betas rescaled to zero terminal SNR, uniform timesteps, 10% captions "
+        'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights ships.'
+    )
+    lines.append(
+        f"- Seed {train['seed']}. Final training loss (v, smoothed) {train.get('final_loss') or float('nan'):.4f}."
+    )
+    return "\n".join(lines)
+
+
 def model_card(folder: Path, result: dict) -> str:
     """The model card's Markdown, from eval results and the training record ``training.json``."""
     train = json.loads((folder / "training.json").read_text())
@@ -292,14 +321,18 @@ size and background optional, "in the" or "at the".
 | UNet | `UNet2DConditionModel`, 16×16×4, channels (32, 64, 80), cross-attention at 16, 8, 4 and the mid block, 4 heads | {params["unet"]:,} |
 | text encoder | `CLIPTextModel`, hidden 64, 3 layers, 4 heads, 49,408-token CLIP vocabulary | {params["text_encoder"]:,} |
 | tokenizer | `CLIPTokenizer`, SD 1.5's ids ("a photo of a cat" → 49406 320 1125 539 320 2368 49407) | |
-| scheduler | `PNDMScheduler` like SD 1.5's (PLMS, leading spacing, offset 1) with DDPM's linear betas 1e-4…0.02 | |
+| scheduler | `DDIMScheduler`, v-prediction, SD's scaled_linear betas rescaled to zero terminal SNR, trailing timesteps | |
 
 All weights: {result["weights_mb"]:.1f} MB. `latent_rgb.json`: latent→RGB preview factors fitted by least squares
 on (scaled latent, 4×4-pooled image) pairs (RMSE {latent_rgb.get("rmse", float("nan")):.3f} in [-1, 1] units).
 
-Why linear betas rather than SD's scaled_linear: on a 16×16 latent, scaled_linear's last timestep keeps
-alpha_bar = 0.0047 of signal, enough for the random initial noise (rather than the prompt) to decide where the
-shape goes; linear keeps 4e-5.
+Why not SD 1.5's recipe (epsilon prediction, scaled_linear betas, PNDM): its last timestep keeps
+alpha_bar = 0.0047 of signal, which on a 16×16 latent is enough for the random initial noise, rather than the
+prompt, to decide where the shape goes, and epsilon prediction gives the high-noise steps, where the layout is
+decided, almost no gradient. Zero terminal SNR with v-prediction (Lin et al. 2024, "Common Diffusion Noise
+Schedules and Sample Steps are Flawed") removes both. Schedulers with a `rescale_betas_zero_snr` option
+(DDIM, DDPM, Euler, Euler-a, DPM-Solver++, UniPC) can replace the default with `from_config`; PNDM and LMS have
+none, so with them the betas are SD's unrescaled ones, a mismatch (they still run).
 
 ## Data
 
@@ -311,18 +344,14 @@ Nothing is stored: every training batch is fresh.
 
 ## Training
 
-Machine: {train["machine"]}. Seed {train["seed"]}.
-- Phase 1, VAE: {train.get("vae_steps", "?")} steps, {train["seconds"]["vae"]:.0f} s, MSE + 1e-6·KL.
-- Phase 2, UNet + text encoder (VAE frozen): {train.get("unet_steps", "?")} steps at batch {train["batch"]},
-  {train["seconds"]["unet"]:.0f} s, AdamW lr {train["lr"]} with warmup and cosine decay, bf16 autocast on GPU,
-  epsilon prediction, EMA 0.999 of the weights (the EMA ships). Final training loss {train.get("final_loss") or float("nan"):.4f}.
+{training_lines(train)}
 
 Reproduce: `python scripts/train_embedded.py --device cuda --minutes 5.6` then `python scripts/eval_embedded.py`.
 
 ## Measured (held-out prompts, `scripts/eval_embedded.py`)
 
 {result["n_prompts"]} validation prompts (`sdexplore.scenes.validation_prompts()`, each shape × place pair equally
-often; prompt i generated with seed i), 25 PNDM steps, CFG 7.5, read back by `sdexplore.scenes.read_scene`.
+often; prompt i generated with seed i), 25 DDIM steps, CFG 7.5, read back by `sdexplore.scenes.read_scene`.
 
 | part | right | bar | |
 | --- | --- | --- | --- |

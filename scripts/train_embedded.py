@@ -151,7 +151,10 @@ class Run:
         self.noise_gen = torch.Generator(device=device).manual_seed(args.seed + 1)
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
         self.params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0, fused=fused
+        )
         self.ema = [p.detach().clone() for p in self.params]
         self.info: dict = {"log": [], "seconds": {"vae": 0.0, "unet": 0.0}}
         self.latent_rgb: dict | None = None
@@ -392,10 +395,6 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             pred = run.unet(noisy, t, context).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
         loss = F.mse_loss(pred.float(), target)
-        if not torch.isfinite(loss):
-            log(run, phase="unet", step=run.step, skipped="non-finite loss")
-            run.step += 1
-            continue
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
@@ -404,13 +403,16 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
         with torch.no_grad():
             torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1 - decay)
         run.step += 1
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        # No .item() per step: a host sync each step would stop the CPU from queueing work ahead of the GPU.
+        smooth = loss.detach() if smooth is None else smooth.lerp_(loss.detach(), 0.02)
         if run.step % args.log_every == 0:
+            if not torch.isfinite(smooth):
+                raise FloatingPointError(f"non-finite loss at step {run.step}; lower --lr or resume earlier")
             log(
                 run,
                 phase="unet",
                 step=run.step,
-                loss=smooth,
+                loss=float(smooth),
                 grad=float(grad_norm),
                 lr=run.opt.param_groups[0]["lr"],
                 s=round(time.time() - start, 1),
@@ -424,7 +426,7 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             last_ckpt = time.time()
     run.info["seconds"]["unet"] = spent0 + time.time() - start
     run.info["unet_steps"] = run.step
-    run.info["final_loss"] = smooth
+    run.info["final_loss"] = None if smooth is None else float(smooth)
     run.save(Path(args.run_dir) / "checkpoint.pt")
 
 

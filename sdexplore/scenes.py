@@ -272,6 +272,11 @@ def sample_scenes(
         background_said=uniform() < p_background_said,
         in_the=uniform() < 0.5,
     )
+    device = torch.device(device)
+    if device.type == "cuda" and gen_device.type == "cpu":  # pinned + non_blocking: no host sync per tensor
+        return SceneBatch(
+            **{k: v.pin_memory().to(device, non_blocking=True) for k, v in asdict(batch).items()}
+        )
     return SceneBatch(**{k: v.to(device) for k, v in asdict(batch).items()})
 
 
@@ -283,13 +288,10 @@ def render_batch(batch: SceneBatch, image_size: int = IMAGE_SIZE) -> tuple[torch
     """
     device = batch.shape.device
     k = image_size / IMAGE_SIZE
-    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32, device=device) / 127.5 - 1  # (8, 3)
-    centres = torch.tensor(PLACE_CENTRES, device=device) * image_size  # (3,)
-    cx = centres[batch.place % 3] + batch.dx * k  # (B,)
-    cy = centres[batch.place // 3] + batch.dy * k  # (B,)
-    radius = (
-        torch.tensor([_SIZE_RADIUS[s] for s in SIZES], device=device)[batch.size] * batch.scale * k
-    )  # (B,)
+    palette, centres, radii = _constants(device)  # (8, 3) in [-1, 1], (3,) fractions, (2,) pixels at 64×64
+    cx = centres[batch.place % 3] * image_size + batch.dx * k  # (B,)
+    cy = centres[batch.place // 3] * image_size + batch.dy * k  # (B,)
+    radius = radii[batch.size] * batch.scale * k  # (B,)
 
     coords = torch.arange(image_size, device=device, dtype=torch.float32) + 0.5  # pixel centres
     px = coords.view(1, 1, image_size) - cx.view(-1, 1, 1)  # (B, 1, W)
@@ -309,6 +311,19 @@ def render_batch(batch: SceneBatch, image_size: int = IMAGE_SIZE) -> tuple[torch
     fg = palette[batch.colour].view(-1, 3, 1, 1)  # (B, 3, 1, 1)
     bg = palette[batch.background].view(-1, 3, 1, 1)  # (B, 3, 1, 1)
     return bg + (fg - bg) * coverage, coverage
+
+
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Palette, place centres and radii on ``device``, made once (a copy to a GPU each call would sync)."""
+    if device not in _CONSTANTS:
+        palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3)
+        centres = torch.tensor(PLACE_CENTRES, dtype=torch.float32)  # (3,)
+        radii = torch.tensor([_SIZE_RADIUS[s] for s in SIZES], dtype=torch.float32)  # (2,)
+        _CONSTANTS[device] = (palette.to(device), centres.to(device), radii.to(device))
+    return _CONSTANTS[device]
 
 
 def _triangle_sdf(px: torch.Tensor, py: torch.Tensor, circumradius: torch.Tensor) -> torch.Tensor:
