@@ -457,6 +457,7 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
     if out.exists():
         shutil.rmtree(out)
     pipe.save_pretrained(out, safe_serialization=True)
+    write_slow_tokenizer_files(out / "tokenizer")
     latent_rgb = run.latent_rgb or fit_latent_rgb(vae.to(run.device), run.device)
     run.latent_rgb = latent_rgb
     (out / "latent_rgb.json").write_text(json.dumps(latent_rgb, indent=1) + "\n")
@@ -474,6 +475,47 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
     info["log"] = info["log"][-40:]
     (out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     return pipe
+
+
+def write_slow_tokenizer_files(folder: Path) -> None:
+    """Add vocab.json and merges.txt beside tokenizer.json: transformers 4 builds its slow ``CLIPTokenizer``
+    from them (transformers 5 saves only tokenizer.json)."""
+    from sdexplore.tokenizer import _vocab_and_merges
+
+    vocab, merges = _vocab_and_merges()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines = ["#version: 0.2"] + [" ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def assemble(flat: Path, out: Path) -> None:
+    """Build the pipeline folder from a flat copy of a GPU run's files (what a device run can send back:
+    unet/vae/text_encoder ``.safetensors``, ``vae_config.json``, ``training.json``, ``latent_rgb.json``)."""
+    from safetensors.torch import load_file
+
+    vae, unet, text_encoder = build_vae(), build_unet(), build_text_encoder()
+    vae.load_state_dict(load_file(flat / "vae.safetensors"))
+    unet.load_state_dict(load_file(flat / "unet.safetensors"))
+    text_encoder.load_state_dict(load_file(flat / "text_encoder.safetensors"))
+    vae.register_to_config(
+        scaling_factor=json.loads((flat / "vae_config.json").read_text())["scaling_factor"]
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_slow_tokenizer_files(out / "tokenizer")
+    for name in ("training.json", "latent_rgb.json"):
+        shutil.copy(flat / name, out / name)
 
 
 def machine_name(device: torch.device) -> str:
@@ -524,7 +566,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-prompts", type=int, default=0, help="score this many validation prompts at the end"
     )
+    parser.add_argument("--assemble-from", default=None, help="only build --out from a GPU run's flat files")
     args = parser.parse_args(argv)
+    if args.assemble_from:
+        assemble(Path(args.assemble_from), Path(args.out))
+        return
 
     t0 = time.time()
     device = torch.device(args.device)
