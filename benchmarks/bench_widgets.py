@@ -144,21 +144,20 @@ def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
         )
     )
 
-    # live: the same call, feeding a TimestepScrubber step by step
+    # live: the same call, recorded, and recorded while feeding a TimestepScrubber step by step
     live = TimestepScrubber(static=False)
     live.widget  # noqa: B018
+
+    def observed() -> None:
+        with observe(pipe):
+            call()
 
     def watched() -> None:
         with observe(pipe, on_step=live.on_step):
             call()
 
-    rows += rows_vs(
-        interleaved(
-            {"plain": call, "observe + live TimestepScrubber": watched}, repeats=repeats, device=device
-        ),
-        "plain",
-        "widgets-live",
-    )
+    runs = {"plain": call, "observe (steps)": observed, "observe + live TimestepScrubber": watched}
+    rows += rows_vs(interleaved(runs, repeats=repeats, device=device), "plain", "widgets-live")
     return rows
 
 

@@ -10,7 +10,18 @@ from typing import Any
 import numpy as np
 
 from ..smoothness import Metric, smoothness_report
-from ._base import Explorer, as_uint8_image, evenly, jpeg_bytes, new_figure, png_bytes, svg_curves, upscale
+from ._base import (
+    WIDGET_MIN_SIDE,
+    Explorer,
+    as_uint8_image,
+    evenly,
+    jpeg_bytes,
+    new_figure,
+    png_bytes,
+    style_widget,
+    svg_curves,
+    upscale,
+)
 
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
 
@@ -27,7 +38,7 @@ def frames_of(source: Any) -> np.ndarray:
 def encode_frame(frame: np.ndarray, size: int) -> tuple[bytes, str]:
     """(bytes, format) of one frame for an ``ipywidgets.Image``: PNG for small frames (crisp), JPEG for large."""
     if max(frame.shape[:2]) <= 256:
-        return png_bytes(frame, min_side=size), "png"
+        return png_bytes(frame, min_side=min(size, WIDGET_MIN_SIDE)), "png"
     return jpeg_bytes(frame, quality=92), "jpeg"
 
 
@@ -125,6 +136,7 @@ class InterpolationExplorer(Explorer):
                 value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
             )
             img.add_class("sdx-interp-image")
+            img.add_class("sdx-pixelated")
             self._images[k] = img
             cols.append(w.VBox([w.HTML(f"<b>{html.escape(k)}</b>"), img]) if len(self.frames) > 1 else img)
         self._slider = w.IntSlider(
@@ -142,7 +154,9 @@ class InterpolationExplorer(Explorer):
         self._info = w.HTML()
         self._curve = w.HTML()
         self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
-        box = w.VBox([w.HBox([self._play, self._slider]), self._info, w.HBox(cols), self._curve])
+        box = w.VBox(
+            [style_widget(), w.HBox([self._play, self._slider]), self._info, w.HBox(cols), self._curve]
+        )
         box.add_class("sdx-interpolation-explorer")
         self._show(0)
         return box

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .. import export
-from ._base import Explorer, evenly, new_figure, upscale
+from ._base import Explorer, evenly, new_figure, style_widget, upscale
 from .interpolation import encode_frame, frame_label, frames_of
 
 
@@ -65,6 +65,7 @@ class WalkPlayer(Explorer):
             value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
         )
         self._img.add_class("sdx-walk-image")
+        self._img.add_class("sdx-pixelated")
         self._slider = w.IntSlider(
             value=0,
             min=0,
@@ -99,6 +100,7 @@ class WalkPlayer(Explorer):
         self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
         box = w.VBox(
             [
+                style_widget(),
                 w.HBox([self._play, self._slider, self._speed]),
                 self._info,
                 self._img,

@@ -13,7 +13,16 @@ import torch
 from ..families import FAMILIES
 from ..preview import latent_to_rgb, to_uint8
 from ..trace import StepRecord, Trace
-from ._base import Explorer, channel_tiles, evenly, new_figure, png_bytes, svg_curves
+from ._base import (
+    WIDGET_MIN_SIDE,
+    Explorer,
+    channel_tiles,
+    evenly,
+    new_figure,
+    png_bytes,
+    style_widget,
+    svg_curves,
+)
 
 PANELS: dict[str, str] = {
     "noisy": "noisy latents",
@@ -98,7 +107,7 @@ class TimestepScrubber(Explorer):
         self._cache: dict[int, _Frame] = {}  # step position → prepared images (filled eagerly or on demand)
         self._following = True  # the slider tracks the newest step while the user leaves it there
         self._last_live = 0.0
-        self._blank = png_bytes(np.full((8, 8, 3), 235, np.uint8), min_side=size)
+        self._blank = png_bytes(np.full((8, 8, 3), 235, np.uint8), min_side=8)
         self.last_update_ms = 0.0  # kernel-side time of the latest slider update (see benchmarks)
         trace = _as_trace(source)
         if trace is not None:
@@ -158,7 +167,8 @@ class TimestepScrubber(Explorer):
         if rec.noise_pred is not None:
             arrays["noise"] = channel_tiles(rec.noise_pred[b])
         pngs = {
-            k: (png_bytes(a, min_side=self.size) if a is not None else self._blank) for k, a in arrays.items()
+            k: (png_bytes(a, min_side=WIDGET_MIN_SIDE) if a is not None else self._blank)
+            for k, a in arrays.items()
         }
         return _Frame(rec, arrays, pngs)
 
@@ -207,6 +217,7 @@ class TimestepScrubber(Explorer):
         for key, title in PANELS.items():
             img = w.Image(value=self._blank, format="png", layout=w.Layout(width=px, height=px))
             img.add_class(f"sdx-panel-{key}")
+            img.add_class("sdx-pixelated")
             self._images[key] = img
             columns.append(
                 w.VBox(
@@ -232,6 +243,7 @@ class TimestepScrubber(Explorer):
         self._slider.observe(self._on_slider, names="value")
         box = w.VBox(
             [
+                style_widget(),
                 w.HBox([self._play, self._slider]),
                 self._info,
                 w.HBox(columns),
