@@ -25,13 +25,16 @@ class NoiseLevel:
 
 
 def sigma_from_alpha_bar(alpha_bar: float) -> float:
-    """VE noise scale from the VP signal fraction: σ = sqrt((1 − ᾱ) / ᾱ)."""
+    """VE noise scale from the VP signal fraction: σ = sqrt((1 − ᾱ) / ᾱ); ``inf`` at ᾱ = 0 (pure noise, as the
+    first step of a zero-terminal-SNR schedule)."""
+    if alpha_bar <= 0.0:
+        return math.inf
     return math.sqrt(max(1.0 - alpha_bar, 0.0) / alpha_bar)
 
 
 def alpha_bar_from_sigma(sigma: float) -> float:
-    """VP signal fraction from the VE noise scale: ᾱ = 1 / (1 + σ²)."""
-    return 1.0 / (1.0 + sigma * sigma)
+    """VP signal fraction from the VE noise scale: ᾱ = 1 / (1 + σ²) (0 for σ = inf)."""
+    return 0.0 if math.isinf(sigma) else 1.0 / (1.0 + sigma * sigma)
 
 
 def x0_from_prediction(
@@ -46,11 +49,19 @@ def x0_from_prediction(
     - epsilon: ``x0 = (x_t − sqrt(1 − ᾱ) ε) / sqrt(ᾱ)``
     - v_prediction: ``x0 = sqrt(ᾱ) x_t − sqrt(1 − ᾱ) v``
     - sample: ``x0 = model_output``
+
+    At ᾱ = 0 (the first step of a zero-terminal-SNR schedule, Lin et al. 2024) only v- and sample-prediction
+    define x0; epsilon-prediction raises a clear error there (the scheduler itself would divide by zero).
     """
     if prediction_type == "sample":
         return model_output
-    if not 0.0 < alpha_bar <= 1.0:
-        raise ValueError(f"alpha_bar must be in (0, 1], got {alpha_bar}.")
+    if not 0.0 <= alpha_bar <= 1.0:
+        raise ValueError(f"alpha_bar must be in [0, 1], got {alpha_bar}.")
+    if alpha_bar == 0.0 and prediction_type == "epsilon":
+        raise ValueError(
+            "x0 is undefined for an epsilon-prediction model at alpha_bar = 0 (zero terminal SNR); zero-terminal-SNR "
+            "schedules need a v-prediction model (rescale_betas_zero_snr=True with prediction_type='v_prediction')."
+        )
     a = math.sqrt(alpha_bar)
     s = math.sqrt(max(1.0 - alpha_bar, 0.0))
     if prediction_type == "epsilon":

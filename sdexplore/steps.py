@@ -265,6 +265,8 @@ class StepRecorder:
         self._unet_in: torch.Tensor | None = None  # (2B|B, C, h, w) last UNet input
         self._unet_out: torch.Tensor | None = None  # (2B|B, C, h, w) last UNet output (before guidance edits)
         self._checked = False
+        self._ts_cpu: torch.Tensor | None = None
+        self._ts_begin = 0
         self._switch_cache: tuple[Any, Any] | None = None
         self._staged = False
 
@@ -300,6 +302,12 @@ class StepRecorder:
             return t.device
         return self.device
 
+    def _preview_factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # cached per device: a host → GPU copy every step would wait for the GPU each time
+        if self._factors.device != device:
+            self._factors, self._bias = self._factors.to(device), self._bias.to(device)
+        return self._factors, self._bias
+
     def _cfg(self) -> bool:
         return bool(getattr(self.pipe, "do_classifier_free_guidance", False))
 
@@ -314,6 +322,9 @@ class StepRecorder:
             or len(self._scheduler.timesteps)
         )
         trace.num_steps = n
+        ts = getattr(self._scheduler, "timesteps", None)
+        self._ts_cpu = None if ts is None else torch.as_tensor(ts).detach().float().cpu()  # one sync per run
+        self._ts_begin = 0 if ts is None else len(ts) - n  # img2img loops over the tail of the schedule
         trace.guidance_scale = float(getattr(self.pipe, "_guidance_scale", trace.guidance_scale))
         b = sample.shape[0] // 2 if self._cfg() else sample.shape[0]
         shape = (b, *sample.shape[1:])
@@ -426,7 +437,8 @@ class StepRecorder:
         need_x0 = need_x0 or (
             self.stop_returns == "x0" and self.stop_at is not None and i + 1 == self.stop_at
         )
-        level = self._level(timestep)
+        t = self._timestep_value(timestep, i)
+        level = self._level(t)
         x0, x0_source = None, "none"
         if need_x0:
             if pred_x0 is not None:
@@ -454,7 +466,7 @@ class StepRecorder:
                 result.prev_sample = new_prev
 
         if keep:
-            rec = self._record(i, timestep, level, model_output, sample, new_prev, x0, x0_source, qs)
+            rec = self._record(i, t, level, model_output, sample, new_prev, x0, x0_source, qs)
             trace.steps.append(rec)
             if self.on_step is not None:
                 self.on_step(rec, trace)
@@ -466,7 +478,16 @@ class StepRecorder:
             self._finish_run()
         return result
 
-    def _level(self, timestep: Any) -> NoiseLevel:
+    def _timestep_value(self, timestep: Any, i: int) -> float:
+        """The step's timestep as a float, read from a CPU copy of the schedule when ``timestep`` lives on an
+        accelerator (``float()`` on a CUDA tensor would make every step wait for the GPU)."""
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu" and self._ts_cpu is not None:
+            j = self._ts_begin + i
+            if 0 <= j < len(self._ts_cpu):
+                return float(self._ts_cpu[j])
+        return float(timestep)
+
+    def _level(self, timestep: float) -> NoiseLevel:
         sched = self._scheduler
         idx = getattr(sched, "step_index", None) if uses_sigmas(sched) else None
         return noise_level(sched, timestep, None if idx is None else idx - 1)
@@ -503,7 +524,7 @@ class StepRecorder:
             g = guidance_at(self.guidance, i, self.trace.num_steps)
         rec = StepRecord(
             index=i,
-            timestep=float(timestep),
+            timestep=timestep,
             sigma=level.sigma,
             alpha_bar=level.alpha_bar,
             guidance_scale=g if cfg else 1.0,
@@ -535,7 +556,8 @@ class StepRecorder:
                 src = sample * math.sqrt(
                     level.alpha_bar
                 )  # VE → VP form, the scale the preview factors expect
-            rgb = to_uint8(latent_to_rgb(src.float(), self._factors, self._bias))  # (B, h, w, 3)
+            factors, bias = self._preview_factors(src.device)
+            rgb = to_uint8(latent_to_rgb(src.float(), factors, bias))  # (B, h, w, 3)
             rec.preview = self._store(rgb, torch.uint8)
         if (
             "decoded" in qs

@@ -83,4 +83,12 @@ def test_bad_inputs_are_clear() -> None:
     with pytest.raises(ValueError, match="prediction_type"):
         x0_from_prediction(x, x, 0.5, "flow")
     with pytest.raises(ValueError, match="alpha_bar"):
+        x0_from_prediction(x, x, 1.5, "epsilon")
+    with pytest.raises(ValueError, match="zero terminal SNR"):
         x0_from_prediction(x, x, 0.0, "epsilon")
+
+
+def test_zero_terminal_snr_first_step_is_defined_for_v_prediction() -> None:
+    assert sigma_from_alpha_bar(0.0) == float("inf") and alpha_bar_from_sigma(float("inf")) == 0.0
+    v = torch.randn(1, 4, 2, 2)
+    torch.testing.assert_close(x0_from_prediction(v, torch.randn(1, 4, 2, 2), 0.0, "v_prediction"), -v)

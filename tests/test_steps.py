@@ -266,6 +266,9 @@ def test_img2img_records_only_the_steps_it_runs(sd1_pipe) -> None:
         out = pipe("a red circle", generator=gen(0), **kw).images
     assert np.abs(out - ref).max() <= 1e-6
     assert len(rec.trace) == rec.trace.num_steps == 3 and rec.trace.final_latents is not None
+    # on an accelerator the timestep is read from a CPU copy of the schedule (no per-step sync): same values
+    on_device = torch.empty((), device="meta")
+    assert [rec._timestep_value(on_device, i) for i in range(3)] == rec.trace.timesteps.tolist()
 
 
 @pytest.mark.parametrize(
@@ -283,3 +286,17 @@ def test_computed_x0_for_sample_and_v_prediction_models(scheduler: str) -> None:
             assert all(torch.equal(s.x0, s.noise_pred) for s in tr)
         tol = 0.15 if scheduler == "PNDMScheduler" else 1e-4
         assert (tr[-1].x0 - tr.final_latents).abs().max() <= tol
+
+
+def test_zero_terminal_snr_v_prediction_schedule(sd2_pipe, tmp_path) -> None:
+    set_scheduler(sd2_pipe, "DDIMScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    ref = plain(sd2_pipe)
+    with StepRecorder(sd2_pipe, dtype=torch.float32) as rec:
+        out = plain(sd2_pipe)
+    assert np.abs(out - ref).max() <= 1e-6
+    tr = rec.trace
+    assert tr[0].alpha_bar == 0.0 and tr[0].sigma == float("inf")
+    assert all(torch.isfinite(s.x0).all() for s in tr)
+    torch.testing.assert_close(tr[0].x0, -tr[0].noise_pred)  # at alpha_bar = 0, x0 = -v
+    tr.save(tmp_path / "t.safetensors")
+    assert type(tr).load(tmp_path / "t.safetensors")[0].sigma == float("inf")

@@ -114,7 +114,9 @@ def plot_noise_levels(trace: Trace, ax: Any = None) -> Any:
     if ax is None:
         _, ax = plt.subplots(figsize=(4.5, 2.8))
     x = trace.indices
-    ax.semilogy(x, trace.sigmas.clamp_min(1e-6).numpy(), "o-", ms=3, color="C0", label="σ")
+    sig = trace.sigmas.clamp_min(1e-6)
+    sig[torch.isinf(sig)] = float("nan")  # zero-terminal-SNR schedules start at σ = inf: leave that point out
+    ax.semilogy(x, sig.numpy(), "o-", ms=3, color="C0", label="σ")
     ax.set_xlabel("step")
     ax.set_ylabel("σ (noise scale)", color="C0")
     twin = ax.twinx()
