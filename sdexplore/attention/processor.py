@@ -24,10 +24,13 @@ REPRODUCIBLE_PROCESSORS: tuple[type, ...] = (
     XFormersAttnProcessor,
 )
 
-# Called with (processor name, probabilities (N, heads, HW, T) float32); runs on the device, returns nothing.
+
+# Called with (processor name, probabilities (B', heads, HW, T) float32 of the captured batch rows); runs on
+# the device, returns nothing.
 Sink = Callable[[str, torch.Tensor], None]
-# Called with (processor name, query length HW); False hands the call to the original processor.
-Gate = Callable[[str, int], bool]
+# Called with (processor name, query length HW); returns the batch rows to capture, or None to hand the call
+# to the original processor.
+Gate = Callable[[str, int], "slice | None"]
 
 
 def is_reproducible(processor: Any) -> bool:
@@ -35,13 +38,37 @@ def is_reproducible(processor: Any) -> bool:
     return type(processor) in REPRODUCIBLE_PROCESSORS
 
 
+def attention_probs(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask)`` as float32 ``(B, heads, HW, T)`` from ``(B, heads, ·, d)`` queries and keys.
+
+    Scores are computed in the model's dtype (float32 where the layer asks to upcast), like diffusers'
+    ``Attention.get_attention_scores``; the softmax always runs in float32.
+    """
+    B, heads, L, d = query.shape
+    q3 = query.reshape(B * heads, L, d)  # (B*heads, HW, d)
+    k3 = key.reshape(B * heads, -1, d)  # (B*heads, T, d)
+    if attn.upcast_attention:
+        q3, k3 = q3.float(), k3.float()
+    if mask is None:
+        base, beta = q3.new_empty(1, 1, 1), 0.0  # ignored with beta=0 (NaNs in it are not propagated)
+    else:
+        base, beta = (
+            mask.expand(B, heads, L, k3.shape[1]).reshape(B * heads, L, -1).to(q3.dtype),
+            1.0,
+        )  # (B*heads, HW, T)
+    scores = torch.baddbmm(base, q3, k3.transpose(1, 2), beta=beta, alpha=attn.scale)  # (B*heads, HW, T)
+    return scores.softmax(dim=-1, dtype=torch.float32).view(B, heads, L, -1)  # (B, heads, HW, T)
+
+
 class CapturingAttnProcessor:
     """Cross-attention that also hands its softmax probabilities to a sink.
 
     The layer output is computed the way the original processor computes it, so capture never changes the
     image: with ``AttnProcessor2_0`` (diffusers' default) the output still comes from the same
-    ``scaled_dot_product_attention`` call (bitwise equal), and the probabilities are computed beside it
-    explicitly (``softmax(q kᵀ · scale)`` in float32); with ``AttnProcessor`` its own probabilities are used;
+    ``scaled_dot_product_attention`` call (bitwise equal) and the probabilities of the captured rows only are
+    computed beside it (:func:`attention_probs`); with ``AttnProcessor`` its own probabilities are used;
     sliced and xFormers processors are reproduced by the explicit path (equal to ~1e-6 in fp32). Calls the
     gate declines, and self-attention calls, go to the original processor untouched.
     """
@@ -67,7 +94,8 @@ class CapturingAttnProcessor:
             if hidden_states.ndim == 3
             else hidden_states.shape[-1] * hidden_states.shape[-2]
         )
-        if encoder_hidden_states is None or not self.gate(self.name, seq_len):
+        rows = None if encoder_hidden_states is None else self.gate(self.name, seq_len)
+        if rows is None:
             return self.original(
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
@@ -102,7 +130,9 @@ class CapturingAttnProcessor:
             key = attn.head_to_batch_dim(key)  # (N*heads, T, d)
             value = attn.head_to_batch_dim(value)  # (N*heads, T, d)
             probs = attn.get_attention_scores(query, key, attention_mask)  # (N*heads, HW, T)
-            self.sink(self.name, probs.float().view(batch_size, heads, -1, key_len))  # (N, heads, HW, T)
+            self.sink(
+                self.name, probs.view(batch_size, heads, -1, key_len)[rows].float()
+            )  # (B', heads, HW, T)
             hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (N, HW, heads*d)
         else:
             head_dim = key.shape[-1] // heads
@@ -117,28 +147,17 @@ class CapturingAttnProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            q3 = query.reshape(batch_size * heads, -1, head_dim)  # (N*heads, HW, d)
-            k3 = key.reshape(batch_size * heads, -1, head_dim)  # (N*heads, T, d)
-            if q3.dtype != torch.float32:
-                q3, k3 = q3.float(), k3.float()
-            if attention_mask is None:
-                scores = torch.bmm(q3, k3.transpose(1, 2)).mul_(attn.scale)  # (N*heads, HW, T)
-            else:
-                mask = attention_mask.expand(batch_size, heads, q3.shape[1], key_len).reshape(
-                    -1, q3.shape[1], key_len
-                )
-                scores = torch.baddbmm(
-                    mask.float(), q3, k3.transpose(1, 2), alpha=attn.scale
-                )  # (N*heads, HW, T)
-            probs = scores.softmax(dim=-1).view(batch_size, heads, -1, key_len)  # (N, heads, HW, T) float32
-            del scores  # keep the peak at one (N, heads, HW, T) float32 tensor per layer (GPU memory)
-            self.sink(self.name, probs)
             if type(self.original) is AttnProcessor2_0:
-                del probs
+                # Probabilities of the captured rows only (the conditional half by default), beside the original's
+                # own SDPA kernel, which still produces the output: bitwise unchanged.
+                mask = None if attention_mask is None else attention_mask[rows]
+                self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
                 out = F.scaled_dot_product_attention(
                     query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-                )  # (N, heads, HW, d): the original's own kernel, so the output is unchanged
+                )  # (N, heads, HW, d)
             else:
+                probs = attention_probs(attn, query, key, attention_mask)  # (N, heads, HW, T) float32
+                self.sink(self.name, probs[rows])
                 out = torch.matmul(probs.to(value.dtype), value)  # (N, heads, HW, d)
             hidden_states = (
                 out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)

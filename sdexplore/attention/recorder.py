@@ -350,9 +350,10 @@ class AttentionRecorder:
             self._hw_cache[key] = found
         return self._hw_cache[key]
 
-    def _gate(self, name: str, seq_len: int) -> bool:
+    def _gate(self, name: str, seq_len: int) -> slice | None:
+        """Rows of this call to capture (the CFG layout of the current step), or None to pass it through."""
         if not self._inside or self._latent_size is None:
-            return False
+            return None
         hw = self._grid(seq_len)
         if hw is None:
             raise RecorderStateError(
@@ -360,18 +361,18 @@ class AttentionRecorder:
                 "record with layers= excluding it."
             )
         if self.scales is not None and round(self._latent_size[0] / hw[0]) not in self.scales:
-            return False
+            return None
         self._layer_hw[name] = hw
-        return True
+        return self._sel
 
     def _sink(self, proc_name: str, probs: torch.Tensor) -> None:
-        """Reduce one layer's probabilities (N, heads, HW, T) on the device; no host transfer, no sync.
+        """Reduce one layer's probabilities (B', heads, HW, T) on the device; no host transfer, no sync.
 
         Sums stay in the (B', HW, T) layout the probabilities come in (no per-call transpose); the maps are
         laid out as (B', T, h, w) once, when a step closes or the result is built.
         """
         name = proc_name.removesuffix(".processor")
-        p = probs[self._sel]  # (B', heads, HW, T); runs under no_grad in pipelines, and maps never need grads
+        p = probs  # (B', heads, HW, T): the processor kept only the captured rows
         m = p.mean(1)  # (B', HW, T)
         total = self._layer_sum.get(name)
         if total is None:
