@@ -229,6 +229,21 @@ def test_attention_heat_is_the_normalised_word_map(run):
     assert bins[0][0] == 0 and bins[-1][1] == STEPS - 1 and len(bins) == 3
 
 
+def test_attention_without_prompt_text_offers_key_positions(run):
+    _, obs, image = run
+    from sdexplore.attention.tokens import unlabelled
+
+    m = obs.attention
+    T = int(m.aggregate.shape[1])
+    blind = type(m)(**{**m.__dict__, "token_lists": [unlabelled(T)]})  # as if called with prompt_embeds=
+    ex = AttentionExplorer(blind, image, static=False)
+    assert ex.words[0] == "#1"
+    assert torch.allclose(ex.heat("#4"), normalize(m.token(4), "minmax"))
+    a = ex.displayed_png
+    ex.select(word="#4")
+    assert ex.displayed_png != a
+
+
 def test_attention_static_figure(run):
     _, obs, image = run
     fig = AttentionExplorer(obs, image, static=True).figure(n_bins=2, max_words=3)

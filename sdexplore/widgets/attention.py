@@ -82,8 +82,12 @@ class AttentionExplorer(Explorer):
         self.cmap = cmap
         prompt_words = list(dict.fromkeys(self.maps.token_lists[batch_index].words))
         self.words = list(words) if words is not None else prompt_words
+        # maps recorded without the prompt's text (prompt_embeds=...) have no words: offer key positions
+        self._positions: dict[str, int] = {}
         if not self.words:
-            raise ValueError("The prompt has no words to explore; pass words=[...] explicitly.")
+            T = int(self.maps.aggregate.shape[1])
+            self._positions = {f"#{i}": i for i in range(1, min(T, 17))}
+            self.words = list(self._positions)
         self.num_steps = int(self.maps.num_steps)
         self.has_steps = self.maps.steps is not None and self.num_steps > 0
         self.layer_groups = self._layer_groups()
@@ -133,14 +137,23 @@ class AttentionExplorer(Explorer):
         m, b = self.maps, self.batch_index
         steps = self._steps_selected(step_range)
         names = self.layer_groups.get(layer, [])
+        if word in self._positions:  # unlabelled maps: a key position
+
+            def one(**kw: Any) -> torch.Tensor:
+                return m.token(self._positions[word], index=b, **kw)
+        else:
+
+            def one(**kw: Any) -> torch.Tensor:
+                return m.word(word, index=b, **kw)
+
         if not names:  # all layers
-            out = m.word(word, step=steps, index=b)
+            out = one(step=steps)
         else:
             if steps is not None and m.probs is None:
                 steps = (
                     None  # per step *and* layer needs keep_probs=True: fall back to all steps (noted in UI)
                 )
-            per = [m.word(word, step=steps, layer=n, index=b) for n in names]
+            per = [one(step=steps, layer=n) for n in names]
             out = per[0] if len(per) == 1 else torch.stack([resize(p, m.latent_size) for p in per]).mean(0)
         return normalize(out.float(), "minmax")
 
