@@ -32,8 +32,11 @@ PROMPTS = [
     "a big purple circle at the right on a green background",
     "a big black square at the left on a white background",
 ]
-# Provisional bar, to be set from what the trained model reaches (re-run and record the measured mIoU).
-MIN_MIOU = 0.3
+# Bars from what the embedded model reached (tiny-shapes as of 2026-11-26, 25 DDIM steps, Otsu thresholds):
+# aggregate map 0.264 (mismatched image pairs 0.122); down-block layers alone 0.367. The model's up blocks
+# attend broadly (0.11), so the aggregate sits below the down blocks. Re-measure if the model is retrained.
+MIN_MIOU = 0.2
+MIN_MIOU_DOWN = 0.3
 
 
 def test_shape_word_map_overlaps_generated_shape():
@@ -48,20 +51,25 @@ def test_shape_word_map_overlaps_generated_shape():
             prompts, generator=gens, num_inference_steps=25, output_type="np"
         ).images  # (B, H, W, 3)
     maps = rec.maps
-    masks, preds = [], []
+    masks, preds, downs = [], [], []
     for i, (prompt, image) in enumerate(zip(prompts, images, strict=True)):
         mask = read_scene((np.asarray(image) * 255).round().astype(np.uint8)).mask
         if not mask.any():
             continue  # the model drew no readable shape: nothing to overlap
-        heat = upsample(maps.word(parse_prompt(prompt).shape, index=i), mask.shape)
+        word = parse_prompt(prompt).shape
+        heat = upsample(maps.word(word, index=i), mask.shape)
+        down = upsample(maps.word(word, index=i, layer="down_blocks"), mask.shape)
         masks.append(mask)
         preds.append(threshold(heat, "otsu").numpy())
+        downs.append(threshold(down, "otsu").numpy())
     assert len(masks) >= len(prompts) - 2, "the model drew too few readable shapes to score attention"
     matched = float(np.mean([iou(p, m) for p, m in zip(preds, masks, strict=True)]))
     shuffled = float(np.mean([iou(p, m) for p, m in zip(preds, masks[1:] + masks[:1], strict=True)]))
-    print(f"shape-word mIoU {matched:.3f} (mismatched pairs: {shuffled:.3f})")
+    down = float(np.mean([iou(p, m) for p, m in zip(downs, masks, strict=True)]))
+    print(f"shape-word mIoU {matched:.3f} (mismatched pairs: {shuffled:.3f}; down blocks {down:.3f})")
     assert matched >= MIN_MIOU
-    assert matched > shuffled + 0.1  # the map follows *this* image's shape, not a fixed blob
+    assert down >= MIN_MIOU_DOWN
+    assert matched > shuffled + 0.08  # the map follows *this* image's shape, not a fixed blob
 
 
 def _parses(parse, prompt: str) -> bool:
