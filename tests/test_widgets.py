@@ -162,6 +162,26 @@ def test_live_scrubber_throttles_drawing_but_always_shows_the_last_step():
     assert reference.image_bytes("x0") == scrub.image_bytes("x0")
 
 
+def test_scrubber_recovers_a_models_own_preview_factors(run):
+    """A model folder may ship fitted latent → RGB factors; the scrubber reads them back from the previews."""
+    from sdexplore.preview import latent_to_rgb, to_uint8
+
+    _, obs, _ = run
+    trace = Trace.from_state(*obs.steps.to_state())
+    spread = float(
+        trace.stack("x0").float().std()
+    )  # the random model's x0 is large: keep previews unsaturated
+    factors = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.6, -0.3], [-0.4, 0.2, 0.5], [0.2, 0.1, -0.2]]) / (
+        3 * spread
+    )
+    bias = torch.tensor([0.05, -0.1, 0.02])
+    for rec in trace:
+        rec.preview = to_uint8(latent_to_rgb(rec.x0.float(), factors, bias))
+    scrub = TimestepScrubber(trace, static=False)
+    assert torch.allclose(scrub._factors * spread, factors * spread, atol=0.01)
+    assert torch.allclose(scrub._bias, bias, atol=0.01)
+
+
 def test_scrubber_reads_a_saved_trace(run, tmp_path):
     _, obs, _ = run
     path = obs.steps.save(tmp_path / "t.safetensors")

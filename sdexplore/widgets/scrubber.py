@@ -101,6 +101,7 @@ class TimestepScrubber(Explorer):
         self.image = image
         self.size = size
         self._rgb = rgb_factors
+        self._fit_pending = False
         self._trace: Trace | None = None
         self.live_fps = live_fps
         self._records: list[StepRecord] = []
@@ -141,10 +142,11 @@ class TimestepScrubber(Explorer):
             if meta:
                 self._factors = torch.tensor(meta["factors"], dtype=torch.float32)
                 self._bias = torch.tensor(meta["bias"], dtype=torch.float32)
-            else:
+            else:  # the family's factors until the recorder's own previews let us fit the model's
                 fam = FAMILIES.get(trace.family, FAMILIES["sd1"])
                 self._factors = torch.tensor(fam.latent_rgb_factors, dtype=torch.float32)
                 self._bias = torch.tensor(fam.latent_rgb_bias, dtype=torch.float32)
+                self._fit_pending = True
         else:
             self._factors, self._bias = (torch.as_tensor(t, dtype=torch.float32) for t in self._rgb)
 
@@ -152,7 +154,34 @@ class TimestepScrubber(Explorer):
         one = latents[self.image : self.image + 1].float()  # (1, C, h, w)
         return to_uint8(latent_to_rgb(one, self._factors, self._bias))[0].numpy()  # (h, w, 3)
 
+    def _fit_factors(self, rec: StepRecord) -> None:
+        """Recover the recorder's latent → RGB factors from one record: its ``preview`` is a linear map of
+        ``x0`` (or of ``latents``), so a least-squares fit over the unsaturated pixels gives them exactly
+        (up to uint8 rounding). A model with its own fitted factors (the embedded one) then previews right."""
+        if rec.preview is None:
+            return
+        rgb = rec.preview[self.image].float().reshape(-1, 3)  # (h*w, 3) uint8 values
+        ok = ((rgb > 0) & (rgb < 255)).all(dim=1)
+        if int(ok.sum()) < 16:
+            return  # all saturated: try the next step
+        target = rgb[ok] / 127.5 - 1.0  # (N, 3) in [-1, 1]
+        best = None
+        for src in (rec.x0, rec.latents):
+            if src is None:
+                continue
+            x = src[self.image].float().flatten(1).T[ok]  # (C, h*w) → (N, C)
+            design = torch.cat([x, torch.ones(len(x), 1)], dim=1)  # (N, C + 1)
+            sol = torch.linalg.lstsq(design, target).solution  # (C + 1, 3)
+            err = float((design @ sol - target).abs().max())
+            if best is None or err < best[0]:
+                best = (err, sol)
+        self._fit_pending = False
+        if best is not None and best[0] < 0.02:  # an exact linear relation: adopt it
+            self._factors, self._bias = best[1][:-1].contiguous(), best[1][-1].contiguous()
+
     def _prepare(self, rec: StepRecord) -> _Frame:
+        if self._fit_pending:
+            self._fit_factors(rec)
         b = self.image
         arrays: dict[str, np.ndarray | None] = dict.fromkeys(PANELS)
         if rec.latents is not None:
