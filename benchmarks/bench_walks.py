@@ -69,7 +69,7 @@ def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
         return run
 
     auto = auto_batch_size(pipe, frames, height=height, width=width)
-    fixed = (4, 8, 16) if gpu else (2, 4)
+    fixed = (4, 8, 16) if gpu else (2, 8)
     runs = {"plain": plain_loop, f"walk auto (batch {auto})": walker(None)}
     runs.update({f"walk batch {b}": walker(b) for b in fixed if b != auto})
     results = interleaved(runs, repeats=repeats, device=device)

@@ -25,9 +25,9 @@ from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_sle
 from .smoothness import Metric, SmoothnessReport, insertion_plan, smoothness_report
 from .text import EncodedPrompt, default_size, encode_prompt, stack_prompts
 
-#: Batch size the CPU heuristic never exceeds: on a 2-core CPU with the 64×64 embedded model throughput
-#: stops growing past a batch of about 8 (see benchmarks/bench_walks.py).
-CPU_MAX_BATCH = 8
+#: Batch size the CPU heuristic never exceeds: measured on a shared 2-core CPU (SD 1.x fixture, 64², 25 steps,
+#: 8 frames), batch 4 was fastest in both rounds (26 s vs 40–51 s at batch 8, 54–66 s at 2, 146–303 s one by one).
+CPU_MAX_BATCH = 4
 #: GPU batch cap: on an H200, SD-1.5 at 512² gives 5.0 images/s at batch 4 and 5.8 at batch 8; beyond 16
 #: nothing is gained and the last partial batch wastes more.
 CUDA_MAX_BATCH = 16

@@ -95,7 +95,7 @@ def test_walk_errors(sd1_pipe, sdxl_pipe):
 
 def test_auto_batch_size_on_cpu_is_capped_and_evened(sd1_pipe):
     assert auto_batch_size(sd1_pipe, 3) == 3
-    assert auto_batch_size(sd1_pipe, 10) == 5  # cap 8 → two batches of 5, not 8 + 2
+    assert auto_batch_size(sd1_pipe, 9) == 3  # cap 4 → three batches of 3, not 4 + 4 + 1
     assert auto_batch_size(sd1_pipe, 100) <= CPU_MAX_BATCH
 
 
