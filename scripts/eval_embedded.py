@@ -324,6 +324,11 @@ def model_card(folder: Path, result: dict) -> str:
         for k in ("colour", "background", "shape", "place")
     )
     sub = result["subset16"]
+    subset_line = (
+        "First 16 prompts only (what `tests/test_embedded_model.py` reproduces): "
+        + ", ".join(f"{k} {100 * sub['scores'][k]:.1f}%" for k in ("colour", "background", "shape", "place"))
+        + f", attention IoU {sub['attention_iou']:.3f}."
+    )
     grid_rows = "\n".join(
         f"| {i // 4},{i % 4} | {r['prompt']} | {r['read']} |" for i, r in enumerate(result["grid"])
     )
@@ -394,9 +399,7 @@ Attention IoU: the shape word's cross-attention probability (explicit-softmax pr
 layer, conditional half, mean over heads, layers and the 25 steps, bilinearly upsampled to 64×64, min-max
 normalised, thresholded at 0.5) against the shape's mask read from the generated image.
 
-First 16 prompts only (what `tests/test_embedded_model.py` reproduces): colour {100 * sub["scores"]["colour"]:.1f}%,
-background {100 * sub["scores"]["background"]:.1f}%, shape {100 * sub["scores"]["shape"]:.1f}%, place
-{100 * sub["scores"]["place"]:.1f}%, attention IoU {sub["attention_iou"]:.3f}.
+{subset_line}
 
 Speed: {cpu["median"]:.2f} s per 64×64 image (median of 5; best {cpu["best"]:.2f} s), 25 steps with CFG,
 {cpu["threads"]} CPU thread(s) of a {os.cpu_count()}-core machine, torch {torch.__version__}; load average at the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +20,13 @@ MODEL = REPO / "sdexplore" / "models" / "tiny-shapes"
 
 
 def _eval_module():
-    spec = importlib.util.spec_from_file_location("eval_embedded", REPO / "scripts" / "eval_embedded.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """scripts/eval_embedded.py as a module (registered first: its dataclasses look themselves up there)."""
+    if "eval_embedded" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("eval_embedded", REPO / "scripts" / "eval_embedded.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["eval_embedded"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["eval_embedded"]
 
 
 @pytest.fixture(scope="module")
