@@ -403,7 +403,9 @@ normalised, thresholded at 0.5) against the shape's mask read from the generated
 
 Speed: {cpu["median"]:.2f} s per 64×64 image (median of 5; best {cpu["best"]:.2f} s), 25 steps with CFG,
 {cpu["threads"]} CPU thread(s) of a {os.cpu_count()}-core machine, torch {torch.__version__}; load average at the
-time {cpu.get("load", "unknown")} (a shared machine: compare with care).
+time {cpu.get("load", "unknown")} (a shared machine: compare with care). On a busy 2-core machine two threads
+were 10-40× slower than one (OpenMP threads wait on a core another process holds): there, call
+`torch.set_num_threads(1)`.
 
 ## Sample grid (seed 0; what the scorer read)
 
