@@ -41,7 +41,7 @@ def _latency(name: str, update: Callable[[int], None], n: int, repeats: int) -> 
 
 def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
     """Latency of every explorer control on a realistic run, plus the live-scrubber overhead on the call."""
-    from sdexplore.observe import observe
+    from sdexplore.observation import observe
     from sdexplore.walks import walk
     from sdexplore.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
 

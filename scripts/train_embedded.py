@@ -355,6 +355,24 @@ def fit_latent_rgb(vae: AutoencoderKL, device: torch.device, n: int = 512) -> di
 # Phase 2: UNet + text encoder
 
 
+@torch.no_grad()
+def latent_pool(run: Run, n: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Render ``n`` training scenes once and keep their VAE posteriors: (mean, std, prompt index).
+
+    Phase 2 then samples minibatches from the pool (drawing a fresh posterior sample each time) instead of
+    running the frozen VAE encoder every step; on a 2-core CPU that removes about a fifth of a step's time.
+    """
+    means, stds, index = [], [], []
+    for start in range(0, n, chunk):
+        images, batch = render(run, min(chunk, n - start))
+        dist = run.vae.encode(images).latent_dist
+        means.append(dist.mean.float())  # (b, 4, 16, 16)
+        stds.append(dist.std.float())  # (b, 4, 16, 16)
+        index.append(batch.prompt_index())
+    log(run, phase="unet", latent_pool=n)
+    return torch.cat(means), torch.cat(stds), torch.cat(index)
+
+
 def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: torch.Tensor) -> None:
     """Phase 2: v-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
     args, device = run.args, run.device
@@ -362,6 +380,7 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
     alphas = noise_sched.alphas_cumprod.to(device)
     run.unet.train()
     run.text_encoder.train()
+    pool = latent_pool(run, args.latent_pool) if args.latent_pool else None
     start, last_ckpt, spent0 = time.time(), time.time(), run.info["seconds"]["unet"]
     smooth = None
     first_step, t_first = run.step, None
@@ -377,11 +396,19 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             break
         for group in run.opt.param_groups:
             group["lr"] = args.lr * lr_factor(run.step, total, warmup=args.warmup)
-        images, batch = render(run, args.batch)
-        with torch.no_grad(), autocast(device):
-            latents = run.vae.encode(images).latent_dist.sample(generator=run.noise_gen)
+        if pool is not None:  # cached posteriors: no VAE encoder in the step (the CPU's largest cost)
+            pick = torch.randint(0, pool[0].shape[0], (args.batch,), generator=run.noise_gen).to(device)
+            mean, std = pool[0][pick], pool[1][pick]  # (B, 4, 16, 16) each
+            eps = torch.randn(mean.shape, device=device, generator=run.noise_gen)
+            latents = mean + std * eps
+            prompt_index = pool[2][pick]
+        else:
+            images, batch = render(run, args.batch)
+            with torch.no_grad(), autocast(device):
+                latents = run.vae.encode(images).latent_dist.sample(generator=run.noise_gen)
+            prompt_index = batch.prompt_index()
         latents = latents.float() * run.vae.config.scaling_factor  # (B, 4, 16, 16)
-        ids = prompt_ids[batch.prompt_index()]  # (B, 77)
+        ids = prompt_ids[prompt_index]  # (B, 77)
         drop = torch.rand(args.batch, device=device, generator=run.noise_gen) < args.caption_dropout
         ids = torch.where(drop[:, None], empty_ids[None, :], ids)  # (B, 77)
         t = torch.randint(
@@ -558,6 +585,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument(
+        "--latent-pool",
+        type=int,
+        default=0,
+        help="phase 2: encode this many scenes once and sample from them",
+    )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")

@@ -1,40 +1,154 @@
 """sdexplore: look inside Stable Diffusion — every denoising step, cross-attention per token, walks between prompts.
 
-The public surface is deliberate and small; everything else lives in private or topic modules.
+The public surface is deliberate and small. Names are imported lazily (PEP 562), so ``import sdexplore`` and
+``sdexplore --help`` stay fast; torch and diffusers load on first use. Topic modules (``sdexplore.widgets``,
+``sdexplore.plots``, ``sdexplore.scenes``, ``sdexplore.interpolate``, ...) hold the rest.
 """
 
 from __future__ import annotations
 
-from .describe import PipelineDescription, describe
-from .errors import (
-    DeviceDtypeError,
-    ModelNotAvailableError,
-    RecorderStateError,
-    SdexploreError,
-    UnsafeCheckpointError,
-    UnsupportedPipelineError,
-)
-from .families import FAMILIES, Family, detect_family
-from .loading import EMBEDDED_MODEL_DIR, embedded_model_available, load_pipeline, set_scheduler
-from .tokenizer import clip_tokenizer
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # loading, families, the component tour
+    "load_pipeline": "loading",
+    "set_scheduler": "loading",
+    "embedded_model_available": "loading",
+    "EMBEDDED_MODEL_DIR": "loading",
+    "describe": "tour",
+    "PipelineDescription": "tour",
+    "Family": "families",
+    "FAMILIES": "families",
+    "detect_family": "families",
+    "clip_tokenizer": "tokenizer",
+    # recording and steering
+    "observe": "observation",
+    "Observation": "observation",
+    "generate": "generation",
+    "StepRecorder": "steps",
+    "Trace": "trace",
+    "StepRecord": "trace",
+    "PromptSwitch": "steering",
+    "AttentionRecorder": "attention",
+    "AttentionMaps": "attention",
+    # text, interpolation, walks
+    "encode_prompt": "text",
+    "inspect_prompt": "text",
+    "compare_prompts": "text",
+    "EncodedPrompt": "text",
+    "lerp": "interpolate",
+    "slerp": "interpolate",
+    "noise_slerp": "interpolate",
+    "walk": "walks",
+    "Walk": "walks",
+    "smoothness_report": "smoothness",
+    # errors
+    "SdexploreError": "errors",
+    "UnsupportedPipelineError": "errors",
+    "ModelNotAvailableError": "errors",
+    "UnsafeCheckpointError": "errors",
+    "DeviceDtypeError": "errors",
+    "RecorderStateError": "errors",
+    "WordNotFoundError": "errors",
+    "ResultFileError": "errors",
+    "InterpolationError": "errors",
+}
+_SUBMODULES = (
+    "widgets",
+    "plots",
+    "scenes",
+    "interpolate",
+    "heatmaps",
+    "export",
+    "families",
+    "fixtures",
+    "text",
+)
+
 __all__ = [
-    "EMBEDDED_MODEL_DIR",
-    "FAMILIES",
+    "AttentionMaps",
+    "AttentionRecorder",
     "DeviceDtypeError",
+    "EMBEDDED_MODEL_DIR",
+    "EncodedPrompt",
+    "FAMILIES",
     "Family",
+    "InterpolationError",
     "ModelNotAvailableError",
+    "Observation",
     "PipelineDescription",
+    "PromptSwitch",
     "RecorderStateError",
+    "ResultFileError",
     "SdexploreError",
+    "StepRecord",
+    "StepRecorder",
+    "Trace",
     "UnsafeCheckpointError",
     "UnsupportedPipelineError",
+    "Walk",
+    "WordNotFoundError",
+    "__version__",
     "clip_tokenizer",
+    "compare_prompts",
     "describe",
     "detect_family",
     "embedded_model_available",
+    "encode_prompt",
+    "generate",
+    "inspect_prompt",
+    "lerp",
     "load_pipeline",
+    "noise_slerp",
+    "observe",
     "set_scheduler",
+    "slerp",
+    "smoothness_report",
+    "walk",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sdexplore' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))
+
+
+if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
+    from .attention import AttentionMaps, AttentionRecorder
+    from .errors import (
+        DeviceDtypeError,
+        InterpolationError,
+        ModelNotAvailableError,
+        RecorderStateError,
+        ResultFileError,
+        SdexploreError,
+        UnsafeCheckpointError,
+        UnsupportedPipelineError,
+        WordNotFoundError,
+    )
+    from .families import FAMILIES, Family, detect_family
+    from .generation import generate
+    from .interpolate import lerp, noise_slerp, slerp
+    from .loading import EMBEDDED_MODEL_DIR, embedded_model_available, load_pipeline, set_scheduler
+    from .observation import Observation, observe
+    from .smoothness import smoothness_report
+    from .steering import PromptSwitch
+    from .steps import StepRecorder
+    from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt
+    from .tokenizer import clip_tokenizer
+    from .tour import PipelineDescription, describe
+    from .trace import StepRecord, Trace
+    from .walks import Walk, walk

@@ -505,7 +505,7 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     _check_size(args)
     if args.prompt is not None:
         _prompt(args.prompt)
-    from .describe import describe
+    from .tour import describe
 
     pipe = _load(args, model)
     desc = describe(pipe, steps=args.steps, height=args.height, width=args.width)
@@ -566,7 +566,7 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files``."""
 
     from .export import save_gif
-    from .generate import generate
+    from .generation import generate
 
     prompt, decode = args.prompt, args.preview == "decode"
     images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
@@ -691,7 +691,7 @@ def write_attention(
 ) -> Any:
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
 
-    from .generate import generate
+    from .generation import generate
 
     images, obs = generate(
         pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)

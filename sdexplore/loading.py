@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,23 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Hide diffusers' and transformers' per-component loading bars (noise for a local load; hub downloads
+    keep huggingface_hub's own bars), restoring their state after."""
+    import diffusers.utils.logging as d_logging
+    import transformers.utils.logging as t_logging
+
+    before = [(m, m.is_progress_bar_enabled()) for m in (d_logging, t_logging)]
+    for m, _ in before:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, enabled in before:
+            (m.enable_progress_bar if enabled else m.disable_progress_bar)()
 
 
 class ModelIdNote(UserWarning):
@@ -87,6 +106,15 @@ def pick_dtype(dtype: str | torch.dtype = "auto", device: torch.device | str = "
             "Use dtype='auto' (float32 on the CPU), or device='cuda'/'mps' for float16."
         )
     return dtype
+
+
+def _dtype_keyword() -> str:
+    """diffusers ≥ 0.42 takes ``dtype=`` (``torch_dtype=`` warns there); older releases only ``torch_dtype=``."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
 
 
 def _looks_like_path(model: str) -> bool:
@@ -148,7 +176,7 @@ def load_pipeline(
         safety_checker: keep the safety checker and feature extractor when the model has them.
         allow_pickle: opt in to loading pickle-based weights.
         scheduler: optional scheduler class name from diffusers (e.g. ``"EulerDiscreteScheduler"``).
-        progress_bar: show diffusers' per-call progress bar.
+        progress_bar: show diffusers' per-call progress bar (denoising steps).
         **kwargs: passed to ``from_pretrained`` / ``from_single_file``.
 
     Returns:
@@ -156,17 +184,33 @@ def load_pipeline(
     """
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    load_kwargs: dict[str, Any] = {"torch_dtype": dt, **kwargs}
+    load_kwargs: dict[str, Any] = {_dtype_keyword(): dt, **kwargs}
     if not safety_checker:
         load_kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
+    with _quiet_loading():
+        pipe = _load(model, load_kwargs, dt, allow_pickle)
+    detect_family(pipe)  # raises UnsupportedPipelineError for anything else
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    pipe.set_progress_bar_config(disable=not progress_bar)
+    if pipe.device != dev:
+        pipe = pipe.to(dev)
+    return pipe
+
+
+def _load(
+    model: str | os.PathLike[str] | None, load_kwargs: dict[str, Any], dt: torch.dtype, allow_pickle: bool
+) -> Any:
     if model is None:
         if embedded_model_available():
             pipe = _from_folder(EMBEDDED_MODEL_DIR, load_kwargs, allow_pickle)
         else:  # the structural stand-in until the trained model ships
             from .fixtures import tiny_pipeline
 
-            pipe = tiny_pipeline("sd1").to(dtype=dt)
+            pipe = tiny_pipeline("sd1")
+            if dt != torch.float32:
+                pipe = pipe.to(dtype=dt)
     else:
         name = os.fspath(model)
         if name in MOVED_MODEL_IDS and MOVED_MODEL_IDS[name] != name:
@@ -200,13 +244,6 @@ def load_pipeline(
             )
         else:
             pipe = _from_hub(name, load_kwargs, allow_pickle)
-
-    detect_family(pipe)  # raises UnsupportedPipelineError for anything else
-    if scheduler is not None:
-        set_scheduler(pipe, scheduler)
-    pipe.set_progress_bar_config(disable=not progress_bar)
-    if pipe.device != dev:
-        pipe = pipe.to(dev)
     return pipe
 
 

@@ -321,17 +321,13 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
 
 
 def _observe_fn() -> Callable[..., Any]:
-    try:
-        from .observe import observe  # lazy: walks work without the recorders
-    except ImportError as err:
-        raise SdexploreError(
-            "walk(..., observe=...) needs sdexplore.observe, which this install lacks; upgrade sdexplore or drop observe."
-        ) from err
+    from .observation import observe  # lazy: a walk without observe= never loads the recorders
+
     return observe
 
 
 def default_summary(obs: Any, index: int) -> dict[str, Any]:
-    """Small JSON-able summary of frame ``index`` of a batched :class:`~sdexplore.observe.Observation`.
+    """Small JSON-able summary of frame ``index`` of a batched :class:`~sdexplore.observation.Observation`.
 
     Steps: the timesteps and, where recorded, the per-step RMS of the guided noise prediction. Attention: the
     mean attention mass of each of the 77 key positions over the image. Pass ``summarize=`` to keep more (e.g.

@@ -400,7 +400,7 @@ def test_no_warning_in_the_plain_case(sd1_pipe):
 
 
 def test_observe_builds_the_recorder(sd1_pipe):
-    from sdexplore.observe import observe
+    from sdexplore.observation import observe
 
     before = _state(sd1_pipe)
     with observe(sd1_pipe, steps=False, attention=dict(negative=True, step_resolution=4)) as obs:

@@ -40,7 +40,7 @@ NOTEBOOK_CELLS = [
     """\
 import numpy as np, torch
 from sdexplore.loading import load_pipeline
-from sdexplore.observe import observe
+from sdexplore.observation import observe
 from sdexplore.walks import walk
 from sdexplore.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
 torch.set_num_threads(1)

@@ -106,3 +106,16 @@ def test_unknown_scheduler_lists_known(sd1_pipe):
         loading.set_scheduler(sd1_pipe, "FancyScheduler")
     loading.set_scheduler(sd1_pipe, "EulerDiscreteScheduler")
     assert type(sd1_pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_loading_leaves_library_progress_bar_settings_as_they_were():
+    import diffusers.utils.logging as d_logging
+    import transformers.utils.logging as t_logging
+
+    d_logging.enable_progress_bar()
+    t_logging.disable_progress_bar()
+    try:
+        load_pipeline(device="cpu")
+        assert d_logging.is_progress_bar_enabled() and not t_logging.is_progress_bar_enabled()
+    finally:
+        t_logging.enable_progress_bar()

@@ -11,8 +11,8 @@ import torch
 from conftest import gen
 
 from sdexplore.errors import RecorderStateError, ResultFileError
-from sdexplore.generate import generate
-from sdexplore.observe import Observation, observe
+from sdexplore.generation import generate
+from sdexplore.observation import Observation, observe
 from sdexplore.trace import Trace
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -152,9 +151,6 @@ def test_refine_inserts_frames_where_the_walk_jumps(sd1_pipe):
     assert r.smoothness().max < w2.smoothness().max
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("sdexplore.observe") is None, reason="sdexplore.observe not built yet"
-)
 def test_walk_with_observe_keeps_per_frame_summaries_and_restores(sd1_pipe):
     procs = dict(sd1_pipe.unet.attn_processors)
     step = sd1_pipe.scheduler.step

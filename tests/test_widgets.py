@@ -17,7 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from sdexplore.export import read_frames  # noqa: E402
 from sdexplore.fixtures import tiny_pipeline  # noqa: E402
 from sdexplore.heatmaps import normalize  # noqa: E402
-from sdexplore.observe import observe  # noqa: E402
+from sdexplore.observation import observe  # noqa: E402
 from sdexplore.smoothness import smoothness_report  # noqa: E402
 from sdexplore.trace import Trace  # noqa: E402
 from sdexplore.walks import walk  # noqa: E402

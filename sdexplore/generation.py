@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .observe import Observation, observe
+from .observation import Observation, observe
 
 
 def generate(
@@ -22,7 +22,7 @@ def generate(
 
     ``images`` is exactly the pipeline output's ``.images`` — a list of PIL images by default (one per
     prompt × ``num_images_per_prompt``; use ``images[0]`` for a single prompt), a numpy array for
-    ``output_type="np"``. ``obs`` is the :class:`~sdexplore.observe.Observation` (``obs.steps``,
+    ``output_type="np"``. ``obs`` is the :class:`~sdexplore.observation.Observation` (``obs.steps``,
     ``obs.attention``). ``seed`` is a shortcut for ``generator=torch.Generator("cpu").manual_seed(seed)``
     (a CPU generator gives the same image on every device); ``steps`` / ``attention`` take the same values as
     in :func:`sdexplore.observe`. Every other keyword goes to the pipeline unchanged.
