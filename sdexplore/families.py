@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +75,7 @@ SD1 = Family(
     pooled_text_embeds=False,
     default_resolution=512,
 )
-SD2 = Family(
-    name="sd2",
-    label="Stable Diffusion 2.x",
-    pipeline_classes=SD1.pipeline_classes,
-    text_encoders=("text_encoder",),
-    tokenizers=("tokenizer",),
-    latent_channels=4,
-    latent_rgb_factors=_SD_FACTORS,
-    latent_rgb_bias=(0.0, 0.0, 0.0),
-    pooled_text_embeds=False,
-    default_resolution=768,
-)
+SD2 = replace(SD1, name="sd2", label="Stable Diffusion 2.x", default_resolution=768)
 SDXL = Family(
     name="sdxl",
     label="Stable Diffusion XL",

@@ -317,3 +317,18 @@ def evenly(n: int, k: int) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
+
+
+class SliderExplorer(Explorer):
+    """An explorer driven by one main slider (``self._slider``, made in ``_build``): steps or frames."""
+
+    @property
+    def value(self) -> int:
+        """Index shown (the main slider's position); builds the widget first."""
+        self.widget  # noqa: B018 - build the widget first
+        return int(self._slider.value)
+
+    @value.setter
+    def value(self, i: int) -> None:
+        self.widget  # noqa: B018 - build the widget first
+        self._slider.value = i

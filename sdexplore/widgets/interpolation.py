@@ -12,7 +12,7 @@ import numpy as np
 from ..smoothness import Metric, smoothness_report
 from ._base import (
     WIDGET_MIN_SIDE,
-    Explorer,
+    SliderExplorer,
     as_uint8_image,
     evenly,
     jpeg_bytes,
@@ -60,7 +60,7 @@ def frame_label(walk: Any, i: int, total: int | None = None) -> str:
     return f"frame {i + 1}/{len(ts)}: {key(a)} → {key(b)}, t = {ts[i]:.2f}{mark}"
 
 
-class InterpolationExplorer(Explorer):
+class InterpolationExplorer(SliderExplorer):
     """Scrub through frames interpolated between prompts and/or seeds, and see how smooth the path is.
 
     Give one walk (a :class:`~sdexplore.walks.Walk` or an ``(N, H, W, 3)`` array) or several to compare side
@@ -168,17 +168,6 @@ class InterpolationExplorer(Explorer):
         self._info.value = self._label(i)
         self._curve.value = self.smoothness_svg(i)
         self.last_update_ms = (time.perf_counter() - t0) * 1000
-
-    @property
-    def value(self) -> int:
-        """Index of the frame shown."""
-        self.widget  # noqa: B018 - build the widget first
-        return int(self._slider.value)
-
-    @value.setter
-    def value(self, i: int) -> None:
-        self.widget  # noqa: B018
-        self._slider.value = i
 
     def displayed(self, name: str | None = None) -> bytes:
         """Bytes currently shown for walk ``name`` (default: the first)."""

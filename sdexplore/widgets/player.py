@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 
 from .. import export
-from ._base import Explorer, evenly, new_figure, style_widget, upscale
+from ._base import SliderExplorer, evenly, new_figure, style_widget, upscale
 from .interpolation import encode_frame, frame_label, frames_of
 
 
-class WalkPlayer(Explorer):
+class WalkPlayer(SliderExplorer):
     """Play a :class:`~sdexplore.walks.Walk` (or any ``(N, H, W, 3)`` frames) and export it.
 
     Play/pause and a frame slider (linked in the browser, so playback needs no kernel round trip to start),
@@ -133,17 +133,6 @@ class WalkPlayer(Explorer):
         self._img.value = self._encoded[i][0]
         self._info.value = frame_label(self.walk, i, len(self.frames))
         self.last_update_ms = (time.perf_counter() - t0) * 1000
-
-    @property
-    def value(self) -> int:
-        """Index of the frame shown."""
-        self.widget  # noqa: B018 - build the widget first
-        return int(self._slider.value)
-
-    @value.setter
-    def value(self, i: int) -> None:
-        self.widget  # noqa: B018
-        self._slider.value = i
 
     @property
     def displayed(self) -> bytes:

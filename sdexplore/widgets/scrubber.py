@@ -15,7 +15,7 @@ from ..preview import latent_to_rgb, to_uint8
 from ..trace import StepRecord, Trace
 from ._base import (
     WIDGET_MIN_SIDE,
-    Explorer,
+    SliderExplorer,
     channel_tiles,
     evenly,
     new_figure,
@@ -58,7 +58,7 @@ def _as_trace(source: Any) -> Trace | None:
     )
 
 
-class TimestepScrubber(Explorer):
+class TimestepScrubber(SliderExplorer):
     """A slider over the recorded steps of one run, with play/pause.
 
     Shows, side by side, the noisy latents as a colour preview, the predicted clean image x0 (the VAE decode
@@ -324,17 +324,6 @@ class TimestepScrubber(Explorer):
             width=4 * self.size,
         )
         self.last_update_ms = (time.perf_counter() - t0) * 1000
-
-    @property
-    def value(self) -> int:
-        """Index of the step shown (the slider's position)."""
-        self.widget  # noqa: B018 - build the widget first
-        return int(self._slider.value)
-
-    @value.setter
-    def value(self, i: int) -> None:
-        self.widget  # noqa: B018 - build the widget first
-        self._slider.value = i
 
     def image_bytes(self, panel: str = "x0") -> bytes:
         """PNG bytes currently displayed in ``panel`` (one of ``"noisy"``, ``"x0"``, ``"noise"``, ``"latents"``)."""
