@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 # torch 2.13.0: on the project's CI machines pip takes a CPU build that lies on disk. Override for your machine.
 TORCH ?= torch==2.13.0
 PORT ?= 8888
+# Jupyter refuses to run as root without this flag (containers, CI boxes); ordinary users never need it.
+LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: setup lab test test-fast lint bench bench-gpu clean
 
@@ -24,7 +26,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 setup: $(VENV)/.installed
 
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT)
+	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(LAB_FLAGS)
 
 test: setup
 	$(BIN)/python -m pytest -q -ra
