@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ._files import as_ordinary_file
 from .errors import ResultFileError
 
 #: Tensor quantities a step can hold, with their shapes (B = images in the batch).
@@ -256,7 +257,7 @@ class Trace:
         path = Path(path)
         tensors, header = self.to_state()
         save_file(tensors, str(path), metadata={_FORMAT: json.dumps(header)})
-        return path
+        return as_ordinary_file(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:

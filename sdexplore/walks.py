@@ -19,6 +19,7 @@ from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import export
+from ._files import as_ordinary_file
 from .errors import InterpolationError, ResultFileError, SdexploreError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
@@ -124,6 +125,7 @@ class Walk:
         save_file(
             {"images": np.ascontiguousarray(self.images)}, str(path), metadata={"format": "sdexplore.Walk"}
         )
+        as_ordinary_file(path)
         Path(str(path) + ".json").write_text(text)
         return path
 

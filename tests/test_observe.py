@@ -101,3 +101,16 @@ def test_observe_steps_and_attention_together(sd1_pipe) -> None:
     assert obs.attention.word("circle") is not None
     assert all(sd1_pipe.unet.attn_processors[k] is v for k, v in procs.items())
     assert not sd1_pipe.unet._forward_hooks and not sd1_pipe.unet._forward_pre_hooks
+
+
+def test_saved_results_are_readable_like_ordinary_files(sd1_pipe, tmp_path):
+    import os
+    import stat
+
+    with observe(sd1_pipe, steps=True, attention=True) as obs:
+        sd1_pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=gen(0))
+    folder = obs.save(tmp_path / "obs")
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("steps.safetensors", "attention.safetensors"):
+        assert stat.S_IMODE(os.stat(folder / f).st_mode) == 0o666 & ~umask, f

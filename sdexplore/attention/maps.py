@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._files import as_ordinary_file
 from ..errors import ResultFileError
 from ..heatmaps import Normalization, normalize, resize
 from .tokens import TokenList
@@ -236,7 +237,7 @@ class AttentionMaps:
             )
         header = {"format": _FORMAT, "version": str(_VERSION), "meta": json.dumps(self._meta())}
         save_file(self._tensors(), str(path), metadata=header)
-        return path
+        return as_ordinary_file(path)
 
     @classmethod
     def load(cls, path: str | Path) -> AttentionMaps:
