@@ -461,6 +461,27 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
 # Export and a quick check
 
 
+def save_pipeline(
+    out: Path, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """Assemble the shipped pipeline from its trained parts and write it to ``out`` (replacing what is there)."""
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        unet=unet,
+        scheduler=build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_slow_tokenizer_files(out / "tokenizer")
+    return pipe
+
+
 def export(run: Run, out: Path) -> StableDiffusionPipeline:
     """Write the pipeline folder (EMA weights, fp32 safetensors), latent_rgb.json and training.json."""
     unet, text_encoder = build_unet(), build_text_encoder()
@@ -471,20 +492,9 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
     vae = build_vae().to(run.device)
     vae.load_state_dict(run.vae.state_dict())
     vae.register_to_config(scaling_factor=run.vae.config.scaling_factor)
-    pipe = StableDiffusionPipeline(
-        vae=vae.float().cpu().eval(),
-        text_encoder=text_encoder.float().cpu().eval(),
-        tokenizer=clip_tokenizer(),
-        unet=unet.float().cpu().eval(),
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    pipe = save_pipeline(
+        out, vae.float().cpu().eval(), text_encoder.float().cpu().eval(), unet.float().cpu().eval()
     )
-    if out.exists():
-        shutil.rmtree(out)
-    pipe.save_pretrained(out, safe_serialization=True)
-    write_slow_tokenizer_files(out / "tokenizer")
     latent_rgb = run.latent_rgb or fit_latent_rgb(vae.to(run.device), run.device)
     run.latent_rgb = latent_rgb
     (out / "latent_rgb.json").write_text(json.dumps(latent_rgb, indent=1) + "\n")
@@ -527,20 +537,7 @@ def assemble(flat: Path, out: Path) -> None:
     vae.register_to_config(
         scaling_factor=json.loads((flat / "vae_config.json").read_text())["scaling_factor"]
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if out.exists():
-        shutil.rmtree(out)
-    pipe.save_pretrained(out, safe_serialization=True)
-    write_slow_tokenizer_files(out / "tokenizer")
+    save_pipeline(out, vae, text_encoder, unet)
     for name in ("training.json", "latent_rgb.json"):
         shutil.copy(flat / name, out / name)
 
