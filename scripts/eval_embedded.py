@@ -274,18 +274,43 @@ def training_lines(train: dict) -> str:
     )
     for i, st in enumerate(reversed(stages)):
         what = "Phase 2" if i == 0 else "Phase 2, continued"
+        timesteps = "uniform timesteps"
+        if st.get("high_noise"):
+            timesteps = f"{100 * st['high_noise']:.0f}% of timesteps from the noisier half (t ≥ 500), the rest uniform"
+        pool = f"; latents of {st['latent_pool']:,} pre-encoded scenes" if st.get("latent_pool") else ""
         lines.append(
             f"- {what}, UNet + text encoder (VAE frozen): {st.get('unet_steps', '?')} steps at batch {st['batch']}, "
-            f"{st['seconds']['unet']:.0f} s on {st['machine']}, AdamW lr {st['lr']} with warmup and cosine decay."
+            f"{st['seconds']['unet']:.0f} s on {st['machine']}, AdamW lr {st['lr']} with warmup and cosine decay; "
+            f"{timesteps}{pool}."
         )
     lines.append(
-        "- v-prediction on SD's scaled_linear betas rescaled to zero terminal SNR, uniform timesteps, 10% captions "
+        "- v-prediction on SD's scaled_linear betas rescaled to zero terminal SNR, 10% captions "
         'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights ships.'
     )
     lines.append(
         f"- Seed {train['seed']}. Final training loss (v, smoothed) {train.get('final_loss') or float('nan'):.4f}."
     )
     return "\n".join(lines)
+
+
+def reproduce_lines(train: dict) -> str:
+    """The training commands of every stage, first stage first, as a Markdown list."""
+    stages = []
+    while train:
+        stages.append(train)
+        train = train.get("earlier")
+    first = "python scripts/train_embedded.py --device cuda --minutes 1.5 --vae-minutes 0.35 --batch 256"
+    commands = [st.get("command") or first for st in reversed(stages)]
+    return "\n".join(f"- `{c}`" for c in commands)
+
+
+def unet_samples(train: dict) -> int:
+    """Training samples the UNet saw over all stages (steps × batch)."""
+    total = 0
+    while train:
+        total += int(train.get("unet_steps") or 0) * int(train.get("batch") or 0)
+        train = train.get("earlier")
+    return total
 
 
 def status_line(result: dict, train: dict) -> str:
@@ -297,8 +322,8 @@ def status_line(result: dict, train: dict) -> str:
         return "**Status:** meets every bar of the issue on the held-out prompts (table below)."
     return (
         f"**Status: undertrained.** This checkpoint misses the bars for {', '.join(missed)} (table below). Its "
-        f"UNet saw {train.get('unet_steps', '?')} optimiser steps (batch {train.get('batch', '?')}), which was "
-        "the GPU time this build had; the VAE, the world, the scorer and the scripts are final, and more "
+        f"UNet saw {unet_samples(train):,} training samples (see Training), which was "
+        "the compute this build had; the VAE, the world, the scorer and the scripts are final, and more "
         "training time with the same script (`--minutes`) is what it needs. It is fine for tests of structure "
         "(loading, recording, restoring, previews), not yet for tests of meaning."
     )
@@ -380,8 +405,10 @@ Nothing is stored: every training batch is fresh.
 
 {training_lines(train)}
 
-Reproduce: `python scripts/train_embedded.py --device cuda --minutes 1.5 --vae-minutes 0.35 --batch 256` (the
-shipped run; give `--minutes` more for a better model), then `python scripts/eval_embedded.py`.
+Reproduce (the shipped run's stages in order; give `--minutes` more for a better model), then
+`python scripts/eval_embedded.py`:
+
+{reproduce_lines(train)}
 
 ## Measured (held-out prompts, `scripts/eval_embedded.py`)
 

@@ -207,7 +207,19 @@ class Run:
         info = folder / "training.json"
         if info.exists():  # keep the earlier run's record; this run's phase 2 is counted on top
             prev = json.loads(info.read_text())
-            keep = ("machine", "seconds", "unet_steps", "batch", "lr", "vae_steps", "vae_psnr", "earlier")
+            keep = (
+                "machine",
+                "seconds",
+                "unet_steps",
+                "batch",
+                "lr",
+                "high_noise",
+                "latent_pool",
+                "command",
+                "vae_steps",
+                "vae_psnr",
+                "earlier",
+            )
             self.info["earlier"] = {k: prev[k] for k in keep if k in prev}
             self.info["seconds"]["vae"] = prev["seconds"]["vae"]
             self.info["vae_steps"] = prev.get("vae_steps")
@@ -373,6 +385,23 @@ def latent_pool(run: Run, n: int, chunk: int = 256) -> tuple[torch.Tensor, torch
     return torch.cat(means), torch.cat(stds), torch.cat(index)
 
 
+def sample_timesteps(
+    n: int, high_noise: float, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """Training timesteps: uniform over 0..999, except a ``high_noise`` fraction drawn from the upper half.
+
+    The layout of a scene (where the shape goes, which colour and kind it is) is decided in the first, noisiest
+    sampling steps; small budgets (a CPU) learn place faster when those steps get more of the batch.
+    """
+    T = SCHEDULE["num_train_timesteps"]
+    t = torch.randint(0, T, (n,), device=device, generator=generator)
+    if high_noise > 0:
+        upper = torch.randint(T // 2, T, (n,), device=device, generator=generator)
+        pick = torch.rand(n, device=device, generator=generator) < high_noise
+        t = torch.where(pick, upper, t)
+    return t
+
+
 def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: torch.Tensor) -> None:
     """Phase 2: v-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
     args, device = run.args, run.device
@@ -411,9 +440,7 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
         ids = prompt_ids[prompt_index]  # (B, 77)
         drop = torch.rand(args.batch, device=device, generator=run.noise_gen) < args.caption_dropout
         ids = torch.where(drop[:, None], empty_ids[None, :], ids)  # (B, 77)
-        t = torch.randint(
-            0, SCHEDULE["num_train_timesteps"], (args.batch,), device=device, generator=run.noise_gen
-        )
+        t = sample_timesteps(args.batch, args.high_noise, device, run.noise_gen)  # (B,)
         noise = torch.randn(latents.shape, device=device, generator=run.noise_gen)
         a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -504,6 +531,9 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
         scaling_factor=vae.config.scaling_factor,
         machine=machine_name(run.device),
         batch=run.args.batch,
+        high_noise=run.args.high_noise,
+        latent_pool=run.args.latent_pool,
+        command="python scripts/train_embedded.py " + " ".join(sys.argv[1:]),
         lr=run.args.lr,
         seed=run.args.seed,
         schedule=SCHEDULE,
@@ -589,6 +619,13 @@ def main(argv: list[str] | None = None) -> None:
         help="phase 2: encode this many scenes once and sample from them",
     )
     parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument(
+        "--high-noise",
+        type=float,
+        default=0.0,
+        help="phase 2: fraction of timesteps drawn from the noisier half (where layout is decided)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--ckpt-every", type=float, default=60.0, help="seconds between checkpoints")
     parser.add_argument("--export-every", action="store_true", help="export a snapshot at each checkpoint")
@@ -603,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     t0 = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
