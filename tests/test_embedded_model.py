@@ -19,14 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "sdexplore" / "models" / "tiny-shapes"
 
 
-def _eval_module():
-    """scripts/eval_embedded.py as a module (registered first: its dataclasses look themselves up there)."""
-    if "eval_embedded" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("eval_embedded", REPO / "scripts" / "eval_embedded.py")
+def _script(name: str):
+    """scripts/<name>.py as a module (registered first: its dataclasses look themselves up there)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
-        sys.modules["eval_embedded"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["eval_embedded"]
+    return sys.modules[name]
+
+
+def _eval_module():
+    return _script("eval_embedded")
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +149,22 @@ def test_shape_word_attention_sits_on_the_shape(subset16):
     of whose area passes the threshold, could not reach an IoU of 0.15 on average."""
     ious = [row["iou"] for row in subset16.rows]
     assert np.mean(ious) > 0.15
+
+
+@pytest.mark.parametrize("place", scenes.PLACES)
+def test_layout_probe_finds_a_rendered_shape_in_its_cell(place):
+    """The layout probe's reading (centroid of the departure from the background) on ground truth."""
+    image, _, _ = scenes.render_scene(f"a small red square at the {place} on a white background", seed=3)
+    assert _script("diagnose_layout")._departure_place(image.astype(np.float32)) == place
+
+
+def test_layout_probe_on_the_model_agrees_with_its_final_images(pipe):
+    """x0 at the last step is (almost) the final latent: the probe reads the same places in both; the grid
+    shows the chosen steps and the final image for the 9 places."""
+    right, grid = _script("diagnose_layout").layout_probe(
+        pipe, "a big red circle at the {place} on a white background", seeds=1, steps=4
+    )
+    assert len(right) == 5 and all(0.0 <= r <= 1.0 for r in right)
+    assert right[-2] == right[-1]
+    assert grid.shape == (3 * 64, 9 * 64, 3) and grid.dtype == np.uint8  # x0 at steps 0 and 2, final image
+    assert grid.std() > 5  # not a blank picture
