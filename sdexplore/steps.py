@@ -179,6 +179,8 @@ class StepRecorder:
         self._set_interrupt = False
         self._reset_run_state()
         self._factors, self._bias = latent_rgb(pipe)
+        # kept in each trace, so a saved trace previews with the factors it was recorded with
+        self._rgb_meta = {"factors": self._factors.tolist(), "bias": self._bias.tolist()}
 
     # ---- public results ------------------------------------------------------------------------------------
     @property
@@ -284,6 +286,7 @@ class StepRecorder:
         )
         # Euler-type schedulers keep latents in variance-exploding form (x0 + σ ε): previews scale them by sqrt(ᾱ)
         trace.meta["ve_latents"] = float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0
+        trace.meta["latent_rgb"] = self._rgb_meta
         self.traces.append(trace)
         return trace
 

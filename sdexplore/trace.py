@@ -87,6 +87,8 @@ class Trace:
     guidance_scale: float = 1.0  # the pipeline's CFG scale
     stopped_at: int | None = None  # the step the run was stopped after (steering), if any
     final_latents: torch.Tensor | None = None  # (B, C, h, w) latents after the last step (what gets decoded)
+    # "ve_latents": latents in variance-exploding form (Euler-type schedulers); "latent_rgb": {"factors": C×3,
+    # "bias": 3}, the latent → RGB preview factors the previews were made with
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:

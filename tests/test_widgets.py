@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,11 +164,13 @@ def test_live_scrubber_throttles_drawing_but_always_shows_the_last_step():
 
 
 def test_scrubber_recovers_a_models_own_preview_factors(run):
-    """A model folder may ship fitted latent → RGB factors; the scrubber reads them back from the previews."""
+    """A trace without factors in its meta (saved before they were kept there) whose previews were made with
+    other factors than the family's: the scrubber recovers them from the previews."""
     from sdexplore.preview import latent_to_rgb, to_uint8
 
     _, obs, _ = run
     trace = Trace.from_state(*obs.steps.to_state())
+    del trace.meta["latent_rgb"]
     spread = float(
         trace.stack("x0").float().std()
     )  # the random model's x0 is large: keep previews unsaturated
@@ -180,6 +183,27 @@ def test_scrubber_recovers_a_models_own_preview_factors(run):
     scrub = TimestepScrubber(trace, static=False)
     assert torch.allclose(scrub._factors * spread, factors * spread, atol=0.01)
     assert torch.allclose(scrub._bias, bias, atol=0.01)
+
+
+def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(tmp_path):
+    """The embedded model ships its own latent → RGB factors: recorded traces carry them, also saved."""
+    import json
+
+    import sdexplore as sdx
+    from sdexplore.families import latent_rgb
+
+    pipe = sdx.load_pipeline()
+    shipped = json.loads(
+        (Path(sdx.__file__).parent / "models" / "tiny-shapes" / "latent_rgb.json").read_text()
+    )
+    _, obs = sdx.generate(pipe, "a red circle", seed=0, num_inference_steps=2)
+    saved = Trace.load(obs.steps.save(tmp_path / "t.safetensors"))
+    for trace in (obs.steps, saved):
+        assert np.allclose(trace.meta["latent_rgb"]["factors"], shipped["factors"])
+        assert np.allclose(trace.meta["latent_rgb"]["bias"], shipped["bias"])
+        scrub = TimestepScrubber(trace, static=False)
+        assert not scrub._fit_pending
+        assert torch.allclose(scrub._factors, latent_rgb(pipe)[0])
 
 
 def test_scrubber_reads_a_saved_trace(run, tmp_path):
