@@ -2,7 +2,7 @@
 
 Generates the 9 places of one prompt template (a few seeds each, 25 DDIM steps, CFG 7.5) inside
 ``sdexplore.observe`` recording x0 at every step, decodes x0, and finds where it departs from its own
-background (the weighted centroid of the colour difference). A model that has learned place puts that departure
+median colour (the weighted centroid of the colour difference). A model that has learned place puts that departure
 in the prompt's 3×3 cell from the first steps on (at t = 999, with zero terminal SNR, x0 is the model's mean
 picture for the prompt); one that has not draws a background only at first and lets the shape grow wherever the
 noise starts one, and place is at chance in the final images. Prints the fraction of places right per step and
@@ -66,10 +66,10 @@ def _decode(pipe: StableDiffusionPipeline, x0: torch.Tensor) -> np.ndarray:
 
 
 def _departure_place(image: np.ndarray) -> str:
-    """The 3×3 cell of the colour-difference centroid from the image's border colour."""
+    """The 3×3 cell of the colour-difference centroid from the image's median colour (the background covers
+    most of the picture; an early x0 often has a dark rim, so the border is no guide)."""
     h, w, _ = image.shape
-    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3)])
-    diff = np.linalg.norm(image - np.median(border, axis=0), axis=-1)  # (H, W)
+    diff = np.linalg.norm(image - np.median(image.reshape(-1, 3), axis=0), axis=-1)  # (H, W)
     diff = np.clip(diff - diff.mean(), 0, None)
     if diff.sum() == 0:
         return "none"
