@@ -32,11 +32,12 @@ PROMPTS = [
     "a big purple circle at the right on a green background",
     "a big black square at the left on a white background",
 ]
-# Bars from what the embedded model reached (tiny-shapes as of 2026-11-26, 25 DDIM steps, Otsu thresholds):
-# aggregate map 0.264 (mismatched image pairs 0.122); down-block layers alone 0.367. The model's up blocks
-# attend broadly (0.11), so the aggregate sits below the down blocks. Re-measure if the model is retrained.
-MIN_MIOU = 0.2
-MIN_MIOU_DOWN = 0.3
+# Bars from what the embedded model reached (tiny-shapes as of 2026-11-26, after its CPU fine-tune; 25 DDIM
+# steps, Otsu thresholds): aggregate map 0.419 (mismatched image pairs 0.034); down-block layers alone 0.442.
+# (The earlier, undertrained checkpoint: 0.264 / 0.122 / 0.367.) Re-measure if the model is retrained.
+MIN_MIOU = 0.37
+MIN_MIOU_DOWN = 0.39
+MIN_MARGIN = 0.25  # over the mismatched pairs
 
 
 def test_shape_word_map_overlaps_generated_shape():
@@ -69,7 +70,7 @@ def test_shape_word_map_overlaps_generated_shape():
     print(f"shape-word mIoU {matched:.3f} (mismatched pairs: {shuffled:.3f}; down blocks {down:.3f})")
     assert matched >= MIN_MIOU
     assert down >= MIN_MIOU_DOWN
-    assert matched > shuffled + 0.08  # the map follows *this* image's shape, not a fixed blob
+    assert matched > shuffled + MIN_MARGIN  # the map follows *this* image's shape, not a fixed blob
 
 
 def _parses(parse, prompt: str) -> bool:

@@ -183,21 +183,27 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
     not (MODEL_DIR / "model_index.json").is_file(), reason="embedded model tiny-shapes not trained yet"
 )
 def test_red_to_blue_walk_changes_colour_monotonically():
+    """On the embedded model, a walk from a red to a blue circle turns the circle from red to blue.
+
+    Measured on the central 6×6 pixels, inside a big circle at the center whatever its jitter (radius ≥ 7.8 px,
+    shift ≤ 1.5 px). Measured (tiny-shapes of 2026-11-26, seeds 0–3): keyframes read red and blue, R − B falls
+    from about +224 to −255, Spearman ρ = −0.98 (ties at −255) for every seed.
+    """
     from diffusers import StableDiffusionPipeline
 
-    from sdexplore.scenes import read_scene
+    from sdexplore.scenes import COLOURS
 
     pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
     prompts = [f"a big {c} circle at the center on a white background" for c in ("red", "blue")]
     w = walk(pipe, prompts, seeds=0, frames=9, num_inference_steps=20, progress=False)
-    ends = (read_scene(w.images[0]).colour, read_scene(w.images[-1]).colour)
-    if ends != ("red", "blue"):  # the keyframes are plain calls: the model itself must draw them first
-        pytest.skip(f"embedded model draws the keyframes as {ends}, not (red, blue): train it further")
-    red_minus_blue = []
-    for frame in w.images:
-        mask = read_scene(frame).mask
-        pixels = frame[mask] if mask.any() else frame.reshape(-1, 3)  # (n, 3)
-        red_minus_blue.append(float(pixels[:, 0].mean()) - float(pixels[:, 2].mean()))
-    rho = _spearman(np.arange(len(w)), np.array(red_minus_blue))
-    assert rho <= -0.8, f"R−B over frames {np.round(red_minus_blue, 1)} (Spearman {rho:.2f})"
+    centres = [frame[29:35, 29:35].reshape(-1, 3).astype(float) for frame in w.images]  # (36, 3) each
+
+    def name(pixels: np.ndarray) -> str:
+        median = np.median(pixels, axis=0)
+        return min(COLOURS, key=lambda c: float(np.linalg.norm(np.array(COLOURS[c], float) - median)))
+
+    assert (name(centres[0]), name(centres[-1])) == ("red", "blue")
+    red_minus_blue = np.array([c[:, 0].mean() - c[:, 2].mean() for c in centres])
+    rho = _spearman(np.arange(len(w)), red_minus_blue)
+    assert rho <= -0.9, f"R−B over frames {np.round(red_minus_blue, 1)} (Spearman {rho:.2f})"
