@@ -66,26 +66,61 @@ def test_there_are_five_tutorials_committed_without_outputs():
         assert "stable-diffusion" in code[0].source
 
 
+@pytest.fixture(scope="module")
+def executed(kernel_env, tmp_path_factory):
+    """Every tutorial executed, two kernels at a time (each kernel single-threaded: two cores, two kernels).
+
+    Returns ``{name: (notebook, error or None)}`` and the folder notebook 5 writes its animations to.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path_factory.mktemp("sdexplore_out")
+    env = {
+        **kernel_env,
+        "SDEXPLORE_OUT": str(out),  # notebook 5 writes its animations here
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        # one BLAS/OpenMP thread per kernel: on a shared CI box, spinning thread pools slow a tiny model 20×
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+    saved = {k: os.environ.get(k) for k in [*env, "SDEXPLORE_STATIC"]}
+    os.environ.update(env)
+    os.environ.pop("SDEXPLORE_STATIC", None)
+
+    def run(path: Path):
+        nb = nbformat.read(path, as_version=4)
+        client = nbclient.NotebookClient(
+            nb,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
+            store_widget_state=True,
+        )
+        try:
+            client.execute()
+        except Exception as exc:  # reported by the notebook's own test
+            return nb, exc
+        return nb, None
+
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip([p.name for p in NOTEBOOKS], pool.map(run, NOTEBOOKS), strict=True))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return results, out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_top_to_bottom(path, kernel_env, tmp_path, monkeypatch):
-    for k, v in kernel_env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("SDEXPLORE_OUT", str(tmp_path))  # notebook 5 writes its animations here
-    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    monkeypatch.delenv("SDEXPLORE_STATIC", raising=False)
-    # one BLAS/OpenMP thread in the kernel: on a shared CI box, spinning thread pools slow a tiny model 20×
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("MKL_NUM_THREADS", "1")
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
-        store_widget_state=True,
-    )
-    client.execute()
+def test_notebook_runs_top_to_bottom(path, executed):
+    results, tmp_path = executed
+    nb, error = results[path.name]
+    if error is not None:
+        raise error
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     errors = [o for o in outputs if o.output_type == "error"]
     assert not errors, f"{path.name}: {errors[0].ename}: {errors[0].evalue}"
