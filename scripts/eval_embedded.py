@@ -259,20 +259,25 @@ def run_eval(
     return result
 
 
+def training_stages(train: dict) -> list[dict]:
+    """The training record's stages, first stage first (each later stage keeps the one before as ``earlier``)."""
+    stages = []
+    while train:
+        stages.append(train)
+        train = train.get("earlier")
+    return stages[::-1]
+
+
 def training_lines(train: dict) -> str:
     """Markdown bullets for the training record, earlier stages (a GPU run before a CPU fine-tune) first."""
-    stages = []
-    stage = train
-    while stage:
-        stages.append(stage)
-        stage = stage.get("earlier")
+    stages = training_stages(train)
     lines = []
-    vae = stages[-1]
+    vae = stages[0]
     lines.append(
         f"- Phase 1, VAE: {vae.get('vae_steps', '?')} steps at batch 128, {vae['seconds']['vae']:.0f} s on "
         f"{vae['machine']}, MSE + 1e-6·KL; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
     )
-    for i, st in enumerate(reversed(stages)):
+    for i, st in enumerate(stages):
         what = "Phase 2" if i == 0 else "Phase 2, continued"
         timesteps = "uniform timesteps"
         if st.get("high_noise"):
@@ -295,22 +300,14 @@ def training_lines(train: dict) -> str:
 
 def reproduce_lines(train: dict) -> str:
     """The training commands of every stage, first stage first, as a Markdown list."""
-    stages = []
-    while train:
-        stages.append(train)
-        train = train.get("earlier")
     first = "python scripts/train_embedded.py --device cuda --minutes 1.5 --vae-minutes 0.35 --batch 256"
-    commands = [st.get("command") or first for st in reversed(stages)]
+    commands = [st.get("command") or first for st in training_stages(train)]
     return "\n".join(f"- `{c}`" for c in commands)
 
 
 def unet_samples(train: dict) -> int:
     """Training samples the UNet saw over all stages (steps × batch)."""
-    total = 0
-    while train:
-        total += int(train.get("unet_steps") or 0) * int(train.get("batch") or 0)
-        train = train.get("earlier")
-    return total
+    return sum(int(st.get("unet_steps") or 0) * int(st.get("batch") or 0) for st in training_stages(train))
 
 
 def status_line(result: dict, train: dict) -> str:
