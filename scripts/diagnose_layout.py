@@ -32,8 +32,8 @@ SHOW_STEPS = (0, 2, 5, 10)
 def layout_probe(
     pipe: StableDiffusionPipeline, template: str, seeds: int = 3, steps: int = 25
 ) -> tuple[list[float], np.ndarray]:
-    """Per sampling step, the fraction of (place, seed) runs whose decoded x0 departs from its background in the
-    prompt's cell (the last entry: the final image); and a uint8 grid image (SHOW_STEPS + final × places)."""
+    """Per sampling step, the fraction of (place, seed) runs whose decoded x0 departs from its median colour in
+    the prompt's cell (the last entry: the final image); and a uint8 grid image (SHOW_STEPS + final × places)."""
     places = list(scenes.PLACES)
     prompts = [template.format(place=p) for p in places]
     hits = np.zeros(steps + 1)
@@ -75,8 +75,7 @@ def _departure_place(image: np.ndarray) -> str:
         return "none"
     ys, xs = np.mgrid[0:h, 0:w]
     cy, cx = (diff * ys).sum() / diff.sum() + 0.5, (diff * xs).sum() / diff.sum() + 0.5
-    row, col = min(int(3 * cy / h), 2), min(int(3 * cx / w), 2)  # the scorer's grid (scenes.read_scene)
-    return scenes.PLACES[3 * row + col]
+    return scenes.grid_place(cx, cy, w, h)  # the scorer's grid
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "SceneParams",
     "SceneReading",
     "format_prompt",
+    "grid_place",
     "parse_prompt",
     "prompt_table",
     "read_scene",
@@ -428,6 +429,13 @@ _PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)  # (8, 3)
 _DIFF_THRESHOLD = 45.0  # half the smallest distance between two world colours (orange-yellow, 90)
 
 
+def grid_place(x: float, y: float, width: int, height: int) -> str:
+    """The place on the 3×3 grid of the point (``x``, ``y``) in pixels (0 = left/top edge) of an image."""
+    col = min(int(3 * x / width), 2)
+    row = min(int(3 * y / height), 2)
+    return PLACES[3 * row + col]
+
+
 def read_scene(image: np.ndarray | torch.Tensor) -> SceneReading:
     """Segment an image of the world and name what is in it, without knowing the prompt.
 
@@ -463,9 +471,6 @@ def read_scene(image: np.ndarray | torch.Tensor) -> SceneReading:
     if not mask.any():
         mask = region
     ys, xs = np.nonzero(mask)
-    cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
-    col = min(int(3 * cx / w), 2)
-    row = min(int(3 * cy / h), 2)
     bbox_area = (xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1)
     fill = float(mask.sum()) / float(bbox_area)
     kind = "triangle" if fill < 0.64 else ("circle" if fill < 0.89 else "square")
@@ -473,7 +478,7 @@ def read_scene(image: np.ndarray | torch.Tensor) -> SceneReading:
         colour=_nearest_colour(fg_rgb),
         background=background,
         shape=kind,
-        place=PLACES[3 * row + col],
+        place=grid_place(xs.mean() + 0.5, ys.mean() + 0.5, w, h),
         size_px=float(np.sqrt(mask.sum())),
         fill_ratio=fill,
         mask=mask,

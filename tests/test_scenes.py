@@ -191,3 +191,11 @@ def test_scorer_accepts_uint8_float_and_chw_and_catches_mistakes():
     assert scenes.score_image(image, "a green triangle at the bottom left")["background"] is None
     blank = np.full((64, 64, 3), 255, dtype=np.uint8)
     assert scenes.read_scene(blank).shape == "none"
+
+
+def test_grid_place_splits_the_image_in_thirds_and_clamps_the_far_edge():
+    assert scenes.grid_place(0, 0, 64, 64) == "top left"
+    assert scenes.grid_place(32, 32, 64, 64) == "center"
+    assert scenes.grid_place(21.3, 42.7, 64, 64) == "bottom left"  # just past the 2/3 line
+    assert scenes.grid_place(64, 0, 64, 64) == "top right"  # the right edge itself stays on the grid
+    assert scenes.grid_place(10, 20, 30, 30) == "bottom"  # any image size
