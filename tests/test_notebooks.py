@@ -83,9 +83,6 @@ def executed(kernel_env, tmp_path_factory):
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
     }
-    saved = {k: os.environ.get(k) for k in [*env, "SDEXPLORE_STATIC"]}
-    os.environ.update(env)
-    os.environ.pop("SDEXPLORE_STATIC", None)
 
     def run(path: Path):
         nb = nbformat.read(path, as_version=4)
@@ -102,15 +99,11 @@ def executed(kernel_env, tmp_path_factory):
             return nb, exc
         return nb, None
 
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            results = dict(zip([p.name for p in NOTEBOOKS], pool.map(run, NOTEBOOKS), strict=True))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp, ThreadPoolExecutor(max_workers=2) as pool:
+        for k, v in env.items():  # kernels inherit this process's environment
+            mp.setenv(k, v)
+        mp.delenv("SDEXPLORE_STATIC", raising=False)
+        results = dict(zip([p.name for p in NOTEBOOKS], pool.map(run, NOTEBOOKS), strict=True))
     return results, out
 
 
