@@ -403,7 +403,8 @@ def sample_timesteps(
 
 
 def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: torch.Tensor) -> None:
-    """Phase 2: v-prediction MSE at uniform timesteps, 10% of captions dropped to ""; EMA of the weights."""
+    """Phase 2: v-prediction MSE (timesteps from :func:`sample_timesteps`), 10% of captions dropped to "";
+    EMA of the weights."""
     args, device = run.args, run.device
     noise_sched = DDPMScheduler(**SCHEDULE)
     alphas = noise_sched.alphas_cumprod.to(device)
@@ -533,7 +534,7 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
         batch=run.args.batch,
         high_noise=run.args.high_noise,
         latent_pool=run.args.latent_pool,
-        command="python scripts/train_embedded.py " + " ".join(sys.argv[1:]),
+        command="python scripts/train_embedded.py " + " ".join(run.args.argv),
         lr=run.args.lr,
         seed=run.args.seed,
         schedule=SCHEDULE,
@@ -635,6 +636,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--assemble-from", default=None, help="only build --out from a GPU run's flat files")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in training.json as the run's command
     if args.assemble_from:
         assemble(Path(args.assemble_from), Path(args.out))
         return
