@@ -15,6 +15,7 @@ PNDM's warm-up evaluations are steps too. If the UNet runs more than once before
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterable
@@ -286,7 +287,7 @@ class StepRecorder:
         )
         # Euler-type schedulers keep latents in variance-exploding form (x0 + σ ε): previews scale them by sqrt(ᾱ)
         trace.meta["ve_latents"] = float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0
-        trace.meta["latent_rgb"] = self._rgb_meta
+        trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
         self.traces.append(trace)
         return trace
 
