@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "set_scheduler": "loading",
     "embedded_model_available": "loading",
     "EMBEDDED_MODEL_DIR": "loading",
+    "EMBEDDED_GUIDANCE_SCALE": "loading",
     "describe": "tour",
     "PipelineDescription": "tour",
     "Family": "families",
@@ -74,6 +75,7 @@ __all__ = [
     "AttentionRecorder",
     "DeviceDtypeError",
     "EMBEDDED_MODEL_DIR",
+    "EMBEDDED_GUIDANCE_SCALE",
     "EncodedPrompt",
     "FAMILIES",
     "Family",
@@ -142,7 +144,13 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from .families import FAMILIES, Family, detect_family
     from .generation import generate
     from .interpolate import lerp, noise_slerp, slerp
-    from .loading import EMBEDDED_MODEL_DIR, embedded_model_available, load_pipeline, set_scheduler
+    from .loading import (
+        EMBEDDED_GUIDANCE_SCALE,
+        EMBEDDED_MODEL_DIR,
+        embedded_model_available,
+        load_pipeline,
+        set_scheduler,
+    )
     from .observation import Observation, observe
     from .smoothness import smoothness_report
     from .steering import PromptSwitch

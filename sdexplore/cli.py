@@ -152,7 +152,10 @@ def _generation() -> argparse.ArgumentParser:
         "(default: the model's own)",
     )
     g.add_argument(
-        "--guidance", type=float, metavar="G", help="classifier-free guidance scale (default: the pipeline's)"
+        "--guidance",
+        type=float,
+        metavar="G",
+        help="classifier-free guidance scale (default: the pipeline's; for the embedded model its recommended scale)",
     )
     g.add_argument(
         "--height",
@@ -399,6 +402,10 @@ def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps}
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
+    elif getattr(args, "model", None) is None:  # the embedded model: its own scale, not diffusers' 7.5
+        from .loading import EMBEDDED_GUIDANCE_SCALE
+
+        kwargs["guidance_scale"] = EMBEDDED_GUIDANCE_SCALE
     if args.height is not None:
         kwargs["height"] = args.height
     if args.width is not None:

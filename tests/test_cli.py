@@ -16,7 +16,7 @@ from PIL import Image
 from sdexplore.attention import AttentionMaps
 from sdexplore.cli import SCHEDULER_ALIASES, TILE, main, resolve_scheduler
 from sdexplore.export import image_grid, read_frames
-from sdexplore.loading import EMBEDDED_MODEL_DIR, load_pipeline
+from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, load_pipeline
 from sdexplore.trace import Trace
 
 PROMPT = "a big red circle at the top left on a blue background"
@@ -102,8 +102,11 @@ def test_steps_writes_image_strips_gif_and_trace(capsys, tmp_path):
     f = pipe.vae_scale_factor
     assert tuple(trace[0].x0.shape) == (1, 4, 64 // f, 48 // f)  # x0 of every step, at latent size
 
-    # the seed, steps and size reach the pipeline: the image is a plain call's, pixel for pixel
+    # the seed, steps and size reach the pipeline, and no --guidance means the embedded model's recommended
+    # scale (not diffusers' 7.5): the image is that plain call's, pixel for pixel
+    assert trace.guidance_scale == EMBEDDED_GUIDANCE_SCALE != 7.5
     plain = pipe("a red circle", num_inference_steps=4, height=64, width=48,
+                 guidance_scale=EMBEDDED_GUIDANCE_SCALE,
                  generator=torch.Generator("cpu").manual_seed(3)).images[0]  # fmt: skip
     assert np.array_equal(np.asarray(plain), np.asarray(Image.open(out / "image.png").convert("RGB")))
 
