@@ -1,7 +1,8 @@
 """Evaluate the embedded tiny-shapes model and write its model card.
 
 Generates the held-out validation prompts (:func:`sdexplore.scenes.validation_prompts`, seed i for prompt i,
-25 steps of the saved DDIM scheduler, CFG 7.5), reads each image back with the world's scorer, and measures
+25 steps of the saved DDIM scheduler, the recommended CFG scale :data:`GUIDANCE`; also diffusers' default 7.5
+for the card), reads each image back with the world's scorer, and measures
 how well the shape word's cross-attention sits on the generated shape (IoU). Also measures VAE reconstruction
 PSNR, CPU seconds per image and the weights' size, then writes ``MODEL_CARD.md``, ``eval.json`` and
 ``sample_grid.png`` into the model folder.
@@ -29,12 +30,22 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from sdexplore import scenes
+from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "sdexplore" / "models" / "tiny-shapes"
-STEPS, GUIDANCE = 25, 7.5
+STEPS = 25
+#: The model's recommended CFG scale, used for the bars. Chosen with ``--tune-guidance`` on a tuning set
+#: (``validation_prompts(54, seed=4321)``, not the held-out set) among 3, 4, 5 and 7.5 by one rule: the most
+#: images with all four parts right, ties to the higher attention IoU. Tiny-shapes of 2026-11-26 (all right /
+#: colour / attention IoU): 3 → 0.296 / 0.907 / 0.412, 4 → 0.296 / 0.870 / 0.425, 5 → 0.222 / 0.833 / 0.437,
+#: 7.5 → 0.204 / 0.778 / 0.451. Stronger guidance over-saturates this zero-terminal-SNR model's colours (red
+#: reads as orange); the card reports 7.5 too. The package's copy: ``sdexplore.EMBEDDED_GUIDANCE_SCALE``.
+GUIDANCE = EMBEDDED_GUIDANCE_SCALE
+SD_GUIDANCE = 7.5  # diffusers' default for Stable Diffusion pipelines, reported beside the recommended scale
 #: Bars of the issue (fractions; IoU mean; dB).
 BARS = {"colour": 0.90, "background": 0.90, "shape": 0.80, "place": 0.75, "attention_iou": 0.45, "psnr": 28.0}
+LABELS = {"attention_iou": "attention IoU", "psnr": "VAE PSNR"}
 GRID_PROMPTS = [
     "a big red circle at the top left on a blue background",
     "a small yellow square at the top on a black background",
@@ -136,8 +147,9 @@ def evaluate(
     prompts: list[str],
     seeds: list[int] | None = None,
     batch_size: int = 16,
+    guidance_scale: float = GUIDANCE,
 ) -> Evaluation:
-    """Generate ``prompts`` (seed ``seeds[i]``, default i; 25 steps, CFG 7.5) and score them.
+    """Generate ``prompts`` (seed ``seeds[i]``, default i; 25 steps, CFG ``guidance_scale``) and score them.
 
     Attention is recorded with :class:`ShapeWordAttention` on every ``attn2`` layer for the whole call and
     restored afterwards; each image's shape mask comes from :func:`sdexplore.scenes.read_scene`.
@@ -156,7 +168,7 @@ def evaluate(
             out = pipe(
                 chunk,
                 num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
+                guidance_scale=guidance_scale,
                 generator=generators,
                 output_type="np",
             ).images  # (n, H, W, 3) in [0, 1]
@@ -183,15 +195,30 @@ def vae_psnr(pipe: StableDiffusionPipeline, n: int = 256) -> float:
     return 10 * math.log10(4.0 / F.mse_loss(recon, images).item())
 
 
+@torch.no_grad()
+def vae_ceiling(pipe: StableDiffusionPipeline) -> dict[str, float]:
+    """The scorer's reading of VAE reconstructions of the held-out scenes themselves (ground truth → encode →
+    decode): what a perfect UNet, one that produced exactly the encoder's latents, would score at most."""
+    batch = scenes.validation_scenes()
+    images, _ = scenes.render_batch(batch)  # (216, 3, 64, 64) in [-1, 1]
+    recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
+    return scenes.score_images(list(recon), batch.prompts())
+
+
 def seconds_per_image(pipe: StableDiffusionPipeline, repeats: int = 5, threads: int = 2) -> dict[str, float]:
-    """CPU wall seconds for one 64×64 image, 25 steps, CFG 7.5 (median and best of ``repeats``)."""
+    """CPU wall seconds for one 64×64 image, 25 steps with CFG (median and best of ``repeats``)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         times = []
         for i in range(repeats + 1):
             t = time.perf_counter()
-            pipe(GRID_PROMPTS[0], num_inference_steps=STEPS, generator=torch.Generator().manual_seed(i))
+            pipe(
+                GRID_PROMPTS[0],
+                num_inference_steps=STEPS,
+                guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(i),
+            )
             times.append(time.perf_counter() - t)
     finally:
         torch.set_num_threads(previous)
@@ -239,13 +266,23 @@ def run_eval(
     _progress(f"scores {full.scores}, attention IoU {full.attention_iou:.3f}")
     result = {
         "n_prompts": len(prompts),
+        "guidance_scale": GUIDANCE,
         "scores": full.scores,
         "attention_iou": full.attention_iou,
         "eval_seconds": time.perf_counter() - t0,
         "psnr": vae_psnr(pipe),
+        "vae_ceiling": vae_ceiling(pipe),
     }
     if not write:
         return result
+    if GUIDANCE != SD_GUIDANCE:
+        _progress(f"the same prompts at CFG {SD_GUIDANCE}")
+        sd = evaluate(pipe, prompts, guidance_scale=SD_GUIDANCE)
+        result["at_sd_guidance"] = {
+            "guidance_scale": SD_GUIDANCE,
+            "scores": sd.scores,
+            "attention_iou": sd.attention_iou,
+        }
     small = full if len(prompts) == 16 else evaluate(pipe, prompts[:16])
     result["subset16"] = {"scores": small.scores, "attention_iou": small.attention_iou}
     _progress("timing")
@@ -257,6 +294,22 @@ def run_eval(
     (folder / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "MODEL_CARD.md").write_text(model_card(folder, result))
     return result
+
+
+TUNING_SCALES = (3.0, 4.0, 5.0, 7.5)
+
+
+def tune_guidance(folder: Path = MODEL_DIR, scales: tuple[float, ...] = TUNING_SCALES) -> dict[float, dict]:
+    """Scores per CFG scale on the tuning set (``validation_prompts(54, seed=4321)``: drawn with another seed
+    than the held-out set), the data behind :data:`GUIDANCE`."""
+    pipe = load(folder)
+    prompts = scenes.validation_prompts(54, seed=4321)
+    out = {}
+    for scale in scales:
+        ev = evaluate(pipe, prompts, guidance_scale=scale)
+        out[scale] = {**ev.scores, "attention_iou": ev.attention_iou}
+        _progress(f"CFG {scale}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[scale].items()))
+    return out
 
 
 def training_stages(train: dict) -> list[dict]:
@@ -315,15 +368,25 @@ def status_line(result: dict, train: dict) -> str:
     s = result["scores"]
     values = {**s, "attention_iou": result["attention_iou"], "psnr": result["psnr"]}
     missed = [k for k, bar in BARS.items() if values[k] < bar]
-    met = [k for k in BARS if k not in missed]
+    met = [LABELS.get(k, k) for k in BARS if k not in missed]
     if not missed:
         return "**Status:** meets every bar of the issue on the held-out prompts (table below)."
+    ceiling = result.get("vae_ceiling", {})
+    capped = [k for k in missed if k in ceiling and ceiling[k] < BARS[k]]
+    limit = (
+        f" The VAE caps {', '.join(capped)}: the scorer reads its reconstructions of the held-out scenes "
+        f"themselves right only "
+        + ", ".join(f"{100 * ceiling[k]:.0f}% of the time for {k}" for k in capped)
+        + " (it rounds the corners of small squares and triangles), so no UNet on these latents can reach "
+        "the bar; that needs a sharper VAE and a UNet retrained on its latents."
+        if capped
+        else ""
+    )
     return (
         f"**Status: partly trained.** This checkpoint meets the bars for {', '.join(met) or 'nothing'} and "
-        f"misses them for {', '.join(missed)} (table below). Its UNet saw {unet_samples(train):,} training "
-        "samples (see Training), which was the compute this build had; the VAE, the world, the scorer and the "
-        "scripts are final, and more training time with the same script (`--minutes`, `--init-from`) is what "
-        "it needs. Read its attention maps and walks with the missed bars in mind."
+        f"misses them for {', '.join(LABELS.get(k, k) for k in missed)} (table below). Its UNet saw {unet_samples(train):,} training "
+        "samples (see Training), which was the compute this build had." + limit + " Read its attention maps "
+        "and walks with the missed bars in mind."
     )
 
 
@@ -352,6 +415,22 @@ def model_card(folder: Path, result: dict) -> str:
         + ", ".join(f"{k} {100 * sub['scores'][k]:.1f}%" for k in ("colour", "background", "shape", "place"))
         + f", attention IoU {sub['attention_iou']:.3f}."
     )
+    ceiling = result.get("vae_ceiling")
+    ceiling_row = (
+        ""
+        if ceiling is None
+        else "| ceiling: VAE reconstructions of the same scenes read back | "
+        + ", ".join(f"{k} {100 * ceiling[k]:.0f}%" for k in ("colour", "background", "shape", "place"))
+        + " | | |\n"
+    )
+    sd = result.get("at_sd_guidance")
+    sd_line = (
+        ""
+        if sd is None
+        else f"The same prompts at CFG {sd['guidance_scale']} (diffusers' default): "
+        + ", ".join(f"{k} {100 * sd['scores'][k]:.1f}%" for k in ("colour", "background", "shape", "place"))
+        + f", attention IoU {sd['attention_iou']:.3f}."
+    )
     grid_rows = "\n".join(
         f"| {i // 4},{i % 4} | {r['prompt']} | {r['read']} |" for i, r in enumerate(result["grid"])
     )
@@ -369,6 +448,18 @@ of those colours. Prompts: "a {{size}} {{colour}} {{shape}} at the {{place}} on 
 size and background optional, "in the" or "at the".
 
 ![samples](sample_grid.png)
+
+## Use
+
+```python
+import sdexplore as sdx
+pipe = sdx.load_pipeline()  # this folder, CPU, fp32
+image = pipe("a big red circle at the top left on a blue background", num_inference_steps=25,
+             guidance_scale={result["guidance_scale"]}).images[0]
+```
+
+Recommended: guidance_scale {result["guidance_scale"]}, 25 steps of the saved DDIM scheduler. At diffusers' default
+7.5 the colours over-saturate (a zero-terminal-SNR model with a strong guidance; Lin et al. 2024 §3.4).
 
 ## Architecture (all standard diffusers / transformers parts, fp32 safetensors)
 
@@ -411,7 +502,8 @@ Reproduce (the shipped run's stages in order; give `--minutes` more for a better
 ## Measured (held-out prompts, `scripts/eval_embedded.py`)
 
 {result["n_prompts"]} validation prompts (`sdexplore.scenes.validation_prompts()`, each shape × place pair equally
-often; prompt i generated with seed i), 25 DDIM steps, CFG 7.5, read back by `sdexplore.scenes.read_scene`.
+often; prompt i generated with seed i), 25 DDIM steps, CFG {result["guidance_scale"]} (the recommended scale, see
+Use), read back by `sdexplore.scenes.read_scene`.
 
 | part | right | bar | |
 | --- | --- | --- | --- |
@@ -419,12 +511,14 @@ often; prompt i generated with seed i), 25 DDIM steps, CFG 7.5, read back by `sd
 | all four right | {100 * s["all"]:.1f}% | | |
 | attention IoU (shape word) | {result["attention_iou"]:.3f} | ≥ {BARS["attention_iou"]} | {mark(result["attention_iou"], BARS["attention_iou"])} |
 | VAE reconstruction PSNR | {result["psnr"]:.2f} dB | ≥ {BARS["psnr"]} dB | {mark(result["psnr"], BARS["psnr"])} |
-
+{ceiling_row}
 Attention IoU: the shape word's cross-attention probability (explicit-softmax processor on every `attn2`
 layer, conditional half, mean over heads, layers and the 25 steps, bilinearly upsampled to 64×64, min-max
 normalised, thresholded at 0.5) against the shape's mask read from the generated image.
 
 {subset_line}
+
+{sd_line}
 
 Speed: {cpu["median"]:.2f} s per 64×64 image (median of 5; best {cpu["best"]:.2f} s), 25 steps with CFG,
 {cpu["threads"]} CPU thread(s) of a {os.cpu_count()}-core machine, torch {torch.__version__}; load average at the
@@ -456,7 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--no-write", action="store_true", help="print the numbers, write nothing")
     parser.add_argument("--timing-threads", type=int, default=2, help="CPU threads for the speed measurement")
+    parser.add_argument(
+        "--tune-guidance",
+        action="store_true",
+        help=f"only score the tuning set at CFG {', '.join(map(str, TUNING_SCALES))} (how GUIDANCE was chosen)",
+    )
     args = parser.parse_args(argv)
+    if args.tune_guidance:
+        print(json.dumps(tune_guidance(Path(args.model)), indent=1))
+        return
     result = run_eval(
         Path(args.model), args.subset, write=not args.no_write, timing_threads=args.timing_threads
     )
