@@ -186,8 +186,8 @@ def test_red_to_blue_walk_changes_colour_monotonically():
     """On the embedded model, a walk from a red to a blue circle turns the circle from red to blue.
 
     Measured on the central 6×6 pixels, inside a big circle at the center whatever its jitter (radius ≥ 7.8 px,
-    shift ≤ 1.5 px). Measured (tiny-shapes of 2026-11-26, seeds 0–3): keyframes read red and blue, R − B falls
-    from about +224 to −255, Spearman ρ = −0.98 (ties at −255) for every seed.
+    shift ≤ 1.5 px). Measured (tiny-shapes of 2026-11-26 after its second CPU fine-tune, seeds 0–3): keyframes
+    read red and blue, R − B falls from about +250 to −255, Spearman ρ = −0.98 (ties at −255) for every seed.
     """
     from diffusers import StableDiffusionPipeline
 
