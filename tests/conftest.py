@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import pytest
 import torch
 
@@ -34,3 +39,15 @@ def any_pipe(request):
 def gen(seed: int = 0) -> torch.Generator:
     """A seeded CPU generator."""
     return torch.Generator("cpu").manual_seed(seed)
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, loaded once (registered in sys.modules before it runs: its dataclasses look
+    their module up there)."""
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 from safetensors import safe_open
 
 from sdexplore import scenes
@@ -19,18 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "sdexplore" / "models" / "tiny-shapes"
 
 
-def _script(name: str):
-    """scripts/<name>.py as a module (registered first: its dataclasses look themselves up there)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 def _eval_module():
-    return _script("eval_embedded")
+    return load_script("eval_embedded")
 
 
 @pytest.fixture(scope="module")
@@ -167,13 +156,13 @@ def test_shape_word_attention_sits_on_the_shape(subset16):
 def test_layout_probe_finds_a_rendered_shape_in_its_cell(place):
     """The layout probe's reading (centroid of the departure from the background) on ground truth."""
     image, _, _ = scenes.render_scene(f"a small red square at the {place} on a white background", seed=3)
-    assert _script("diagnose_layout")._departure_place(image.astype(np.float32)) == place
+    assert load_script("diagnose_layout")._departure_place(image.astype(np.float32)) == place
 
 
 def test_layout_probe_on_the_model_agrees_with_its_final_images(pipe):
     """x0 at the last step is (almost) the final latent: the probe reads the same places in both; the grid
     shows the chosen steps and the final image for the 9 places."""
-    right, grid = _script("diagnose_layout").layout_probe(
+    right, grid = load_script("diagnose_layout").layout_probe(
         pipe, "a big red circle at the {place} on a white background", seeds=1, steps=4
     )
     assert len(right) == 5 and all(0.0 <= r <= 1.0 for r in right)

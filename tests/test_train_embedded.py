@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _train_module():
-    name = "train_embedded"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # registered first: its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.mark.slow
@@ -31,7 +20,7 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     and the shipped model's record as ``earlier``."""
     from diffusers import StableDiffusionPipeline
 
-    train = _train_module()
+    train = load_script("train_embedded")
     shipped = REPO / "sdexplore" / "models" / "tiny-shapes"
     threads = torch.get_num_threads()  # --threads sets torch's thread count; restored below
     out, run_dir = tmp_path / "model", tmp_path / "ckpt"
@@ -64,7 +53,7 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
 
 
 def test_sample_timesteps_draws_the_asked_share_from_the_noisier_half():
-    train = _train_module()
+    train = load_script("train_embedded")
     gen = torch.Generator().manual_seed(0)
     uniform = train.sample_timesteps(20_000, 0.0, torch.device("cpu"), gen)
     skewed = train.sample_timesteps(20_000, 0.5, torch.device("cpu"), gen)
