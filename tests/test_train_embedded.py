@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tmp_path):
-    """``--init-from`` the shipped model (the VAE phase is skipped), a 20-second budget: UNet steps, a checkpoint,
+    """``--init-from`` the shipped model (the VAE phase is skipped), a 15-second budget: UNet steps, a checkpoint,
     a diffusers folder that plain ``from_pretrained`` loads and runs, and training.json with this run's command
     and the shipped model's record as ``earlier``."""
     from diffusers import StableDiffusionPipeline
@@ -24,7 +24,7 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     shipped = REPO / "sdexplore" / "models" / "tiny-shapes"
     threads = torch.get_num_threads()  # --threads sets torch's thread count; restored below
     out, run_dir = tmp_path / "model", tmp_path / "ckpt"
-    argv = ["--device", "cpu", "--threads", "1", "--init-from", str(shipped), "--minutes", "0.35", "--batch", "4",
+    argv = ["--device", "cpu", "--threads", "1", "--init-from", str(shipped), "--minutes", "0.25", "--batch", "4",
             "--out", str(out), "--run-dir", str(run_dir), "--reserve-s", "2", "--log-every", "5",
             "--high-noise", "0.5"]  # fmt: skip
     try:
