@@ -402,7 +402,7 @@ def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"num_inference_steps": args.steps}
     if args.guidance is not None:
         kwargs["guidance_scale"] = args.guidance
-    elif getattr(args, "model", None) is None:  # the embedded model: its own scale, not diffusers' 7.5
+    elif args.model is None:  # the embedded model: its own scale, not diffusers' 7.5
         from .loading import EMBEDDED_GUIDANCE_SCALE
 
         kwargs["guidance_scale"] = EMBEDDED_GUIDANCE_SCALE

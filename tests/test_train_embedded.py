@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import load_script
 
-REPO = Path(__file__).resolve().parents[1]
+from sdexplore.loading import EMBEDDED_MODEL_DIR
 
 
 @pytest.mark.slow
@@ -21,7 +20,7 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     from diffusers import StableDiffusionPipeline
 
     train = load_script("train_embedded")
-    shipped = REPO / "sdexplore" / "models" / "tiny-shapes"
+    shipped = EMBEDDED_MODEL_DIR
     threads = torch.get_num_threads()  # --threads sets torch's thread count; restored below
     out, run_dir = tmp_path / "model", tmp_path / "ckpt"
     argv = ["--device", "cpu", "--threads", "1", "--init-from", str(shipped), "--minutes", "0.25", "--batch", "4",
@@ -35,9 +34,8 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     assert (run_dir / "checkpoint.pt").is_file()
     info = json.loads((out / "training.json").read_text())
     assert info["unet_steps"] > 0 and info["batch"] == 4 and info["high_noise"] == 0.5
-    assert info["command"] == "python scripts/train_embedded.py " + " ".join(
-        argv
-    )  # main()'s argv, not sys.argv
+    # main()'s own argv, not sys.argv (pytest's)
+    assert info["command"] == "python scripts/train_embedded.py " + " ".join(argv)
     before = json.loads((shipped / "training.json").read_text())
     assert info["earlier"]["unet_steps"] == before["unet_steps"]  # the model card's history goes on
     assert json.loads((out / "latent_rgb.json").read_text()) == json.loads(
