@@ -60,3 +60,43 @@ def test_sample_timesteps_draws_the_asked_share_from_the_noisier_half():
     assert (
         abs(float((skewed >= 500).float().mean()) - 0.75) < 0.02
     )  # half from the upper half + half of the rest
+
+
+def _one_scene(shape: str = "square", size: str = "small"):
+    from sdexplore import scenes
+
+    batch = scenes.validation_scenes(216, seed=3)
+    hit = (batch.shape == scenes.SHAPES.index(shape)) & (batch.size == scenes.SIZES.index(size))
+    pick = torch.nonzero(hit)[:1, 0]  # (1,): the first such scene
+    one = scenes.SceneBatch(**{k: getattr(batch, k)[pick] for k in batch.__dataclass_fields__})
+    return scenes.render_batch(one)  # (1, 3, 64, 64), (1, 1, 64, 64)
+
+
+def test_shape_weight_map_puts_the_weight_on_the_shape_and_keeps_the_mean():
+    """The UNet loss weight at latent resolution: mean 1 per image, 1 + w times heavier on the shape and its
+    edge than on the far background; w = 0 is plain MSE."""
+    train = load_script("train_embedded")
+    _, coverage = _one_scene()
+    w = train.shape_weight_map(coverage, 10.0)
+    assert w.shape == (1, 1, 16, 16)
+    assert float(w.mean()) == pytest.approx(1.0, abs=1e-5)
+    on_shape = torch.nn.functional.avg_pool2d(coverage, 4) > 0.5  # (1, 1, 16, 16)
+    assert on_shape.any() and (w[on_shape] / w.min()).min() == pytest.approx(11.0, rel=1e-4)
+    assert torch.allclose(train.shape_weight_map(coverage, 0.0), torch.ones(1, 1, 16, 16))
+
+
+def test_reconstruction_loss_charges_a_missing_corner_more_with_the_shape_weight():
+    """The same 16-pixel error costs the same as MSE on the background and on the shape with weight 0; with
+    weight 10 the error on the shape's corner costs several times more than on the background."""
+    train = load_script("train_embedded")
+    images, coverage = _one_scene("square", "big")
+    ys, xs = torch.nonzero(coverage[0, 0] > 0.99, as_tuple=True)
+    y0, x0 = int(ys.min()), int(xs.min())  # the square's top-left corner
+    corner, background = images.clone(), images.clone()
+    corner[:, :, y0 : y0 + 4, x0 : x0 + 4] += 0.5
+    background[:, :, 0:4, 0:4] += 0.5  # a scene corner: far from any shape placed on the 3×3 grid
+    assert coverage[0, 0, 0:6, 0:6].max() == 0
+    plain = [train.reconstruction_loss(x, images, coverage, 0.0) for x in (corner, background)]
+    assert plain[0] == pytest.approx(float(plain[1]))
+    weighted = [train.reconstruction_loss(x, images, coverage, 10.0) for x in (corner, background)]
+    assert weighted[0] / weighted[1] == pytest.approx(11.0, rel=1e-5)
