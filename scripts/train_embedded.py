@@ -599,6 +599,25 @@ def write_slow_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+#: A pipeline folder's files as a flat folder (a device run sends back plain files at most two folders down).
+FLAT_FILES = {
+    "unet.safetensors": "unet/diffusion_pytorch_model.safetensors",
+    "vae.safetensors": "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder.safetensors": "text_encoder/model.safetensors",
+    "vae_config.json": "vae/config.json",
+    "training.json": "training.json",
+    "latent_rgb.json": "latent_rgb.json",
+}
+
+
+def flatten(out: Path, flat: Path) -> None:
+    """Copy the exported pipeline folder ``out``'s weights and records into the flat folder ``flat``
+    (``--flat-out``, e.g. a device run's ``$OUT``); :func:`assemble` rebuilds the folder from them."""
+    flat.mkdir(parents=True, exist_ok=True)
+    for name, rel in FLAT_FILES.items():
+        shutil.copy(out / rel, flat / name)
+
+
 def assemble(flat: Path, out: Path) -> None:
     """Build the pipeline folder from a flat copy of a GPU run's files (what a device run can send back:
     unet/vae/text_encoder ``.safetensors``, ``vae_config.json``, ``training.json``, ``latent_rgb.json``)."""
@@ -689,6 +708,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--eval-prompts", type=int, default=0, help="score this many validation prompts at the end"
     )
+    parser.add_argument(
+        "--flat-out",
+        default=None,
+        help="also copy the exported weights and records here, flat (a device's $OUT)",
+    )
     parser.add_argument("--assemble-from", default=None, help="only build --out from a GPU run's flat files")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in training.json as the run's command
@@ -738,6 +762,8 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"exported": args.out, "psnr": round(psnr, 2), "wall_s": round(time.time() - t0, 1)}),
         flush=True,
     )
+    if args.flat_out:
+        flatten(Path(args.out), Path(args.flat_out))
     if args.eval_prompts:
         scores = quick_eval(pipe, device, args.eval_prompts)
         print(json.dumps({"quick_eval": scores, "n": args.eval_prompts}), flush=True)

@@ -22,10 +22,10 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     train = load_script("train_embedded")
     shipped = EMBEDDED_MODEL_DIR
     threads = torch.get_num_threads()  # --threads sets torch's thread count; restored below
-    out, run_dir = tmp_path / "model", tmp_path / "ckpt"
+    out, run_dir, flat = tmp_path / "model", tmp_path / "ckpt", tmp_path / "flat"
     argv = ["--device", "cpu", "--threads", "1", "--init-from", str(shipped), "--minutes", "0.25", "--batch", "4",
             "--out", str(out), "--run-dir", str(run_dir), "--reserve-s", "2", "--log-every", "5",
-            "--high-noise", "0.5"]  # fmt: skip
+            "--high-noise", "0.5", "--flat-out", str(flat)]  # fmt: skip
     try:
         train.main(argv)
     finally:
@@ -48,6 +48,17 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     assert pipe.vae.config.scaling_factor == pytest.approx(info["scaling_factor"])
     image = pipe("a big red circle at the top left", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+    # What a device run sends back (flat files, no folders) rebuilds the same pipeline here.
+    assert sorted(p.name for p in flat.iterdir()) == sorted(train.FLAT_FILES)
+    train.main(["--assemble-from", str(flat), "--out", str(tmp_path / "assembled")])
+    again = StableDiffusionPipeline.from_pretrained(tmp_path / "assembled", local_files_only=True)
+    again.set_progress_bar_config(disable=True)
+    for name in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert again.vae.config.scaling_factor == pipe.vae.config.scaling_factor
+    assert json.loads((tmp_path / "assembled" / "training.json").read_text()) == info
 
 
 def test_sample_timesteps_draws_the_asked_share_from_the_noisier_half():
