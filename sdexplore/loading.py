@@ -20,7 +20,7 @@ EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-shapes"
 #: The embedded model's recommended classifier-free guidance scale (diffusers' default 7.5 over-saturates its
 #: colours; chosen by ``scripts/eval_embedded.py --tune-guidance``, see its MODEL_CARD.md). The command line
 #: uses it for the embedded model when ``--guidance`` is not given; pass ``guidance_scale=`` in your own calls.
-EMBEDDED_GUIDANCE_SCALE = 4.0
+EMBEDDED_GUIDANCE_SCALE = 3.0
 
 #: Hub ids that moved; the old id resolves to the maintained one with a one-line note.
 MOVED_MODEL_IDS = {
