@@ -329,9 +329,14 @@ def training_lines(train: dict) -> str:
     stages = training_stages(train)
     lines = []
     vae = stages[0]
+    vae_loss = "MSE + 1e-6·KL"
+    if train.get("vae_shape_weight"):  # --vae-shape-weight W
+        vae_loss = (
+            f"L1 + MSE weighted {1 + train['vae_shape_weight']:g}× on the shape and a 2-px ring, + 1e-6·KL"
+        )
     lines.append(
         f"- Phase 1, VAE: {vae.get('vae_steps', '?')} steps at batch 128, {vae['seconds']['vae']:.0f} s on "
-        f"{vae['machine']}, MSE + 1e-6·KL; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
+        f"{vae['machine']}, {vae_loss}; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
     )
     for i, st in enumerate(stages):
         what = "Phase 2" if i == 0 else "Phase 2, continued"
@@ -339,6 +344,8 @@ def training_lines(train: dict) -> str:
         if st.get("high_noise"):
             timesteps = f"{100 * st['high_noise']:.0f}% of timesteps from the noisier half (t ≥ 500), the rest uniform"
         pool = f"; latents of {st['latent_pool']:,} pre-encoded scenes" if st.get("latent_pool") else ""
+        if st.get("shape_weight"):  # --shape-weight W
+            pool += f"; loss weighted {1 + st['shape_weight']:g}× on the shape and its edge"
         lines.append(
             f"- {what}, UNet + text encoder (VAE frozen): {st.get('unet_steps', '?')} steps at batch {st['batch']}, "
             f"{st['seconds']['unet']:.0f} s on {st['machine']}, AdamW lr {st['lr']} with warmup and cosine decay; "
