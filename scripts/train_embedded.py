@@ -267,10 +267,11 @@ def shape_weight_map(coverage: torch.Tensor, weight: float) -> torch.Tensor:
     """Per-latent-pixel loss weight: 1 on the background, 1 + ``weight`` on the shape and a one-latent-pixel
     ring around it (where circle, square and triangle differ), normalised to mean 1 per image.
 
-    ``coverage`` (B, 1, 64, 64) → (B, 1, 16, 16). Plain MSE spends almost all of its gradient on the large,
+    ``coverage`` (B, 1, 64, 64), or already at latent resolution (B, 1, 16, 16) as the latent pool keeps it,
+    → (B, 1, 16, 16). Plain MSE spends almost all of its gradient on the large,
     easy background; the kind of a 10-pixel shape is a few latent pixels at its edge.
     """
-    small = F.avg_pool2d(coverage.float(), scenes.IMAGE_SIZE // 16)  # (B, 1, 16, 16)
+    small = F.adaptive_avg_pool2d(coverage.float(), 16)  # (B, 1, 16, 16); 4×4 means at 64×64
     near = F.max_pool2d(small, 3, stride=1, padding=1)  # (B, 1, 16, 16): dilated by one latent pixel
     w = 1 + weight * near
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
@@ -414,7 +415,7 @@ def latent_pool(run: Run, n: int, chunk: int = 256) -> tuple[torch.Tensor, ...]:
         means.append(dist.mean.float())  # (b, 4, 16, 16)
         stds.append(dist.std.float())  # (b, 4, 16, 16)
         index.append(batch.prompt_index())
-        covers.append(coverage)  # (b, 1, 64, 64)
+        covers.append(F.adaptive_avg_pool2d(coverage, 16))  # (b, 1, 16, 16): a 16th of the memory
     log(run, phase="unet", latent_pool=n)
     return torch.cat(means), torch.cat(stds), torch.cat(index), torch.cat(covers)
 
