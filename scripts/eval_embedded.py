@@ -100,7 +100,7 @@ class ShapeWordAttention:
         n = self.token_index.shape[0]
         per_head = probs.view(batch, attn.heads, hw, -1)  # (batch, heads, hw, tokens)
         cond = per_head[batch - n :].mean(1)  # (n, hw, tokens): the conditional half comes second
-        word = cond[torch.arange(n), :, self.token_index.to(cond.device)]  # (n, hw)
+        word = cond[torch.arange(n, device=cond.device), :, self.token_index.to(cond.device)]  # (n, hw)
         side = math.isqrt(hw)  # the embedded model's latents are square
         maps = word.reshape(n, 1, side, side).float()  # (n, 1, side, side)
         maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
@@ -302,14 +302,18 @@ def run_eval(
 TUNING_SCALES = (3.0, 4.0, 5.0, 7.5)
 
 
-def tune_guidance(folder: Path = MODEL_DIR, scales: tuple[float, ...] = TUNING_SCALES) -> dict[float, dict]:
+def tune_guidance(
+    folder: Path = MODEL_DIR, scales: tuple[float, ...] = TUNING_SCALES, device: str = "cpu"
+) -> dict[float, dict]:
     """Scores per CFG scale on the tuning set (``validation_prompts(54, seed=4321)``: drawn with another seed
-    than the held-out set), the data behind :data:`GUIDANCE`."""
-    pipe = load(folder)
+    than the held-out set), the data behind :data:`GUIDANCE`. On a GPU (``device="cuda"``) all 54 prompts go
+    in one batch; the seeds are CPU generators either way, so the starting noise is the same."""
+    pipe = load(folder).to(device)
     prompts = scenes.validation_prompts(54, seed=4321)
+    batch_size = len(prompts) if device != "cpu" else 16
     out = {}
     for scale in scales:
-        ev = evaluate(pipe, prompts, guidance_scale=scale)
+        ev = evaluate(pipe, prompts, batch_size=batch_size, guidance_scale=scale)
         out[scale] = {**ev.scores, "attention_iou": ev.attention_iou}
         _progress(f"CFG {scale}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[scale].items()))
     return out
@@ -334,9 +338,11 @@ def training_lines(train: dict) -> str:
         vae_loss = (
             f"L1 + MSE weighted {1 + train['vae_shape_weight']:g}× on the shape and a 2-px ring, + 1e-6·KL"
         )
+    vae_batch = train.get("vae_batch") or "?"  # recorded since 2026-11-26; older records lack it
+    vae_machine = train.get("vae_machine") or vae["machine"]  # --vae-from: the VAE run's machine
     lines.append(
-        f"- Phase 1, VAE: {vae.get('vae_steps', '?')} steps at batch 128, {vae['seconds']['vae']:.0f} s on "
-        f"{vae['machine']}, {vae_loss}; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
+        f"- Phase 1, VAE: {vae.get('vae_steps', '?')} steps at batch {vae_batch}, {vae['seconds']['vae']:.0f} s on "
+        f"{vae_machine}, {vae_loss}; validation PSNR {vae.get('vae_psnr') or float('nan'):.1f} dB."
     )
     for i, st in enumerate(stages):
         what = "Phase 2" if i == 0 else "Phase 2, continued"
@@ -353,7 +359,9 @@ def training_lines(train: dict) -> str:
         )
     lines.append(
         "- v-prediction on SD's scaled_linear betas rescaled to zero terminal SNR, 10% captions "
-        'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights ships.'
+        'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights'
+        + (f" (decay {train['ema']})" if train.get("ema") else "")
+        + " ships."
     )
     lines.append(
         f"- Seed {train['seed']}. Final training loss (v, smoothed) {train.get('final_loss') or float('nan'):.4f}."
@@ -364,7 +372,10 @@ def training_lines(train: dict) -> str:
 def reproduce_lines(train: dict) -> str:
     """The training commands of every stage, first stage first, as a Markdown list."""
     first = "python scripts/train_embedded.py --device cuda --minutes 1.5 --vae-minutes 0.35 --batch 256"
-    commands = [st.get("command") or first for st in training_stages(train)]
+    stages = training_stages(train)
+    commands = [st.get("command") or first for st in stages]
+    if stages[0].get("vae_command"):  # phase 1 ran on its own (--vae-only), phase 2 took it with --vae-from
+        commands.insert(0, stages[0]["vae_command"])
     return "\n".join(f"- `{c}`" for c in commands)
 
 
@@ -411,11 +422,27 @@ def _parts(scores: dict[str, float], decimals: int = 1) -> str:
     )
 
 
+def architecture(folder: Path) -> tuple[str, str]:
+    """The card's UNet description and the VAE's channels, read from the saved configs."""
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    side = unet["sample_size"]
+    sides = [side // 2**i for i in range(len(unet["block_out_channels"]))]  # latent side at each level
+    attn = [str(n) for n, kind in zip(sides, unet["down_block_types"], strict=True) if "CrossAttn" in kind]
+    where = ", ".join(attn) + (" and the mid block" if unet.get("mid_block_type") != "UNetMidBlock2D" else "")
+    row = (
+        f"{side}×{side}×{unet['in_channels']}, channels {tuple(unet['block_out_channels'])}, cross-attention at "
+        f"{where}, {unet['attention_head_dim']} heads"
+    )
+    return row, str(tuple(vae["block_out_channels"]))
+
+
 def model_card(folder: Path, result: dict) -> str:
     """The model card's Markdown, from eval results and the training record ``training.json``."""
     train = json.loads((folder / "training.json").read_text())
     latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
     params = train["params"]
+    unet_row, vae_channels = architecture(folder)
     s = result["scores"]
     cpu = result["cpu_seconds_per_image"]
 
@@ -484,8 +511,8 @@ Recommended: guidance_scale {result["guidance_scale"]}, 25 steps of the saved DD
 
 | part | class | parameters |
 | --- | --- | --- |
-| VAE | `AutoencoderKL`, 64×64×3 ↔ 16×16×4, channels (24, 48, 48), scaling_factor {train["scaling_factor"]:.4f} | {params["vae"]:,} |
-| UNet | `UNet2DConditionModel`, 16×16×4, channels (32, 64, 80), cross-attention at 16, 8, 4 and the mid block, 4 heads | {params["unet"]:,} |
+| VAE | `AutoencoderKL`, 64×64×3 ↔ 16×16×4, channels {vae_channels}, scaling_factor {train["scaling_factor"]:.4f} | {params["vae"]:,} |
+| UNet | `UNet2DConditionModel`, {unet_row} | {params["unet"]:,} |
 | text encoder | `CLIPTextModel`, hidden 64, 3 layers, 4 heads, 49,408-token CLIP vocabulary | {params["text_encoder"]:,} |
 | tokenizer | `CLIPTokenizer`, SD 1.5's ids ("a photo of a cat" → 49406 320 1125 539 320 2368 49407) | |
 | scheduler | `DDIMScheduler`, v-prediction, SD's scaled_linear betas rescaled to zero terminal SNR, trailing timesteps | |
@@ -574,9 +601,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help=f"only score the tuning set at CFG {', '.join(map(str, TUNING_SCALES))} (how GUIDANCE was chosen)",
     )
+    parser.add_argument("--device", default="cpu", help="where --tune-guidance generates (cpu, cuda)")
+    parser.add_argument(
+        "--scales", type=float, nargs="+", default=TUNING_SCALES, help="the CFG scales --tune-guidance tries"
+    )
     args = parser.parse_args(argv)
     if args.tune_guidance:
-        print(json.dumps(tune_guidance(Path(args.model)), indent=1))
+        print(json.dumps(tune_guidance(Path(args.model), tuple(args.scales), device=args.device), indent=1))
         return
     result = run_eval(
         Path(args.model), args.subset, write=not args.no_write, timing_threads=args.timing_threads

@@ -79,15 +79,19 @@ def build_vae() -> AutoencoderKL:
 
 
 def build_unet() -> UNet2DConditionModel:
-    """UNet2DConditionModel on 16×16×4 latents, cross-attention at all three levels (16, 8, 4) and the mid
-    block, ~2.2M parameters. Zero padding at the 8×8 and 4×4 levels tells each position where it is."""
+    """UNet2DConditionModel on 16×16×4 latents, two levels (16×16 with 48 channels, 8×8 with 80) with
+    cross-attention at both and in the mid block, ~1.8M parameters; the mid block's self-attention sees the
+    whole 8×8 map, and zero padding tells each position where it is.
+
+    Two levels, not three: at 64×64 every layer's cost on a CPU is mostly per-call overhead, so the number of
+    blocks sets the speed (2 threads, batch 2: three levels (32, 64, 80) ~40 ms a call, these two ~27 ms)."""
     return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3,
-        up_block_types=("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 64, 80),
+        down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2,
+        block_out_channels=(48, 80),
         layers_per_block=1,
         cross_attention_dim=64,
         attention_head_dim=4,  # diffusers' legacy name: the number of heads
@@ -137,12 +141,15 @@ def n_params(module: torch.nn.Module) -> int:
 class Run:
     """Everything a checkpoint holds: models, optimisers, EMA, step counters, RNG states, the log."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device, unet_config: dict | None = None):
         self.args = args
         self.device = device
         torch.manual_seed(args.seed)
         self.vae = build_vae().to(device)
-        self.unet = build_unet().to(device)
+        # A fine-tune or a resumed run keeps the architecture it started with (an older model's UNet may differ
+        # from build_unet()'s); a new run builds build_unet().
+        unet = UNet2DConditionModel.from_config(unet_config) if unet_config else build_unet()
+        self.unet = unet.to(device)
         self.text_encoder = build_text_encoder().to(device)
         self.phase = "vae"
         self.step = 0
@@ -167,6 +174,7 @@ class Run:
             "vae_opt": self.vae_opt.state_dict(),
             "opt": self.opt.state_dict(),
             "ema": [e.cpu() for e in self.ema],
+            "unet_config": dict(self.unet.config),
             "phase": self.phase,
             "step": self.step,
             "total_steps": self.total_steps,
@@ -226,8 +234,22 @@ class Run:
             self.info["vae_steps"] = prev.get("vae_steps")
             self.info["vae_psnr"] = prev.get("vae_psnr")
             self.info["vae_shape_weight"] = prev.get("vae_shape_weight", 0.0)
+            self.info["vae_batch"] = prev.get("vae_batch")
         if (folder / "latent_rgb.json").exists():  # the VAE is frozen from here on: its preview factors hold
             self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
+        self.phase, self.step, self.total_steps = "unet", 0, None
+
+    def vae_from_pipeline(self, folder: Path) -> None:
+        """Skip phase 1: take the frozen VAE, its preview factors and its record from a saved pipeline folder
+        (e.g. a ``--vae-only`` run) and train a new UNet and text encoder from scratch on its latents."""
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device)
+        prev = json.loads((folder / "training.json").read_text())
+        self.info["seconds"]["vae"] = prev["seconds"]["vae"]
+        for key in ("vae_steps", "vae_psnr", "vae_shape_weight", "vae_batch"):
+            self.info[key] = prev.get(key)
+        self.info["vae_machine"] = prev.get("machine")
+        self.info["vae_command"] = prev.get("command")
+        self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
         self.phase, self.step, self.total_steps = "unet", 0, None
 
 
@@ -356,6 +378,7 @@ def train_vae(run: Run, budget_s: float, deadline: float) -> None:
     run.info["vae_steps"] = run.step
     run.info["vae_psnr"] = psnr
     run.info["vae_shape_weight"] = args.vae_shape_weight
+    run.info["vae_batch"] = args.vae_batch
     log(run, phase="vae", done=True, steps=run.step, psnr=psnr, seconds=run.info["seconds"]["vae"])
     vae.eval().requires_grad_(False)
     set_scaling_factor(run)
@@ -466,7 +489,8 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
         for group in run.opt.param_groups:
             group["lr"] = args.lr * lr_factor(run.step, total, warmup=args.warmup)
         if pool is not None:  # cached posteriors: no VAE encoder in the step (the CPU's largest cost)
-            pick = torch.randint(0, pool[0].shape[0], (args.batch,), generator=run.noise_gen).to(device)
+            n_pool = pool[0].shape[0]  # drawn on the device: a host→device copy each step would sync the GPU
+            pick = torch.randint(0, n_pool, (args.batch,), device=device, generator=run.noise_gen)
             mean, std = pool[0][pick], pool[1][pick]  # (B, 4, 16, 16) each
             eps = torch.randn(mean.shape, device=device, generator=run.noise_gen)
             latents = mean + std * eps
@@ -555,7 +579,7 @@ def save_pipeline(
 
 def export(run: Run, out: Path) -> StableDiffusionPipeline:
     """Write the pipeline folder (EMA weights, fp32 safetensors), latent_rgb.json and training.json."""
-    unet, text_encoder = build_unet(), build_text_encoder()
+    unet, text_encoder = UNet2DConditionModel.from_config(run.unet.config), build_text_encoder()
     unet.to(run.device)
     text_encoder.to(run.device)
     for p, e in zip(list(unet.parameters()) + list(text_encoder.parameters()), run.ema, strict=True):
@@ -580,6 +604,7 @@ def export(run: Run, out: Path) -> StableDiffusionPipeline:
         latent_pool=run.args.latent_pool,
         command="python scripts/train_embedded.py " + " ".join(run.args.argv),
         lr=run.args.lr,
+        ema=run.args.ema,
         seed=run.args.seed,
         schedule=SCHEDULE,
         prediction_type=PREDICTION,
@@ -606,6 +631,7 @@ FLAT_FILES = {
     "vae.safetensors": "vae/diffusion_pytorch_model.safetensors",
     "text_encoder.safetensors": "text_encoder/model.safetensors",
     "vae_config.json": "vae/config.json",
+    "unet_config.json": "unet/config.json",
     "training.json": "training.json",
     "latent_rgb.json": "latent_rgb.json",
 }
@@ -621,10 +647,17 @@ def flatten(out: Path, flat: Path) -> None:
 
 def assemble(flat: Path, out: Path) -> None:
     """Build the pipeline folder from a flat copy of a GPU run's files (what a device run can send back:
-    unet/vae/text_encoder ``.safetensors``, ``vae_config.json``, ``training.json``, ``latent_rgb.json``)."""
+    unet/vae/text_encoder ``.safetensors``, the VAE's and UNet's ``config.json``, ``training.json``,
+    ``latent_rgb.json``)."""
     from safetensors.torch import load_file
 
-    vae, unet, text_encoder = build_vae(), build_unet(), build_text_encoder()
+    unet_config = flat / "unet_config.json"  # older flat copies have none: build_unet()'s architecture
+    unet = (
+        UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
+        if unet_config.exists()
+        else build_unet()
+    )
+    vae, text_encoder = build_vae(), build_text_encoder()
     vae.load_state_dict(load_file(flat / "vae.safetensors"))
     unet.load_state_dict(load_file(flat / "unet.safetensors"))
     text_encoder.load_state_dict(load_file(flat / "text_encoder.safetensors"))
@@ -669,6 +702,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-dir", default=str(REPO / "runs" / "embedded"), help="checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from --run-dir/checkpoint.pt")
     parser.add_argument("--init-from", default=None, help="start phase 2 from a saved pipeline folder")
+    parser.add_argument(
+        "--vae-from", default=None, help="skip phase 1: this pipeline folder's VAE; new UNet and text encoder"
+    )
+    parser.add_argument(
+        "--vae-only", action="store_true", help="stop after phase 1 and export (the VAE for --vae-from)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-batch", type=int, default=64)
     parser.add_argument("--vae-lr", type=float, default=2e-3)
@@ -729,14 +768,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     deadline = t0 + args.minutes * 60 - args.reserve_s
-    run = Run(args, device)
     ckpt = Path(args.run_dir) / "checkpoint.pt"
+    unet_config = None
+    if args.resume and ckpt.exists():
+        unet_config = torch.load(ckpt, map_location="cpu", weights_only=False).get("unet_config")
+    elif args.init_from:
+        unet_config = UNet2DConditionModel.load_config(Path(args.init_from) / "unet")
+    run = Run(args, device, unet_config)
     if args.resume and ckpt.exists():
         run.load(ckpt)
         log(run, resumed=str(ckpt), phase=run.phase, step=run.step)
     elif args.init_from:
         run.init_from_pipeline(Path(args.init_from))
         log(run, init_from=args.init_from)
+    elif args.vae_from:
+        run.vae_from_pipeline(Path(args.vae_from))
+        log(run, vae_from=args.vae_from)
     print(
         f"params: unet {n_params(run.unet):,} vae {n_params(run.vae):,} text {n_params(run.text_encoder):,}; "
         f"device {machine_name(device)}",
@@ -747,6 +794,10 @@ def main(argv: list[str] | None = None) -> None:
         train_vae(run, args.vae_minutes * 60, deadline)
     else:
         run.vae.eval().requires_grad_(False)
+    if args.vae_only:
+        export(run, Path(args.out))
+        print(json.dumps({"exported_vae": args.out, "wall_s": round(time.time() - t0, 1)}), flush=True)
+        return
     tokenizer = clip_tokenizer()
     table = scenes.prompt_table()
     prompt_ids = tokenizer(table, padding="max_length", max_length=77, truncation=True, return_tensors="pt")

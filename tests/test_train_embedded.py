@@ -61,6 +61,63 @@ def test_a_short_fine_tune_exports_a_loadable_pipeline_that_keeps_its_history(tm
     assert json.loads((tmp_path / "assembled" / "training.json").read_text()) == info
 
 
+@pytest.mark.slow
+def test_vae_only_then_vae_from_trains_a_new_unet_on_that_vae_and_fine_tunes_keep_their_architecture(
+    tmp_path,
+):
+    """The two-call recipe of a retrain: ``--vae-only`` exports phase 1; ``--vae-from`` takes that VAE (bit for
+    bit, with its preview factors and record) and trains a new UNet of ``build_unet()``'s architecture; a later
+    ``--init-from`` a folder whose UNet differs from ``build_unet()`` keeps that folder's architecture."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    train = load_script("train_embedded")
+    threads = torch.get_num_threads()
+    vae_dir, new_dir, odd_dir, tuned = (tmp_path / n for n in ("vae", "new", "odd", "tuned"))
+    common = ["--device", "cpu", "--threads", "1", "--reserve-s", "1", "--log-every", "5", "--batch", "4"]
+    vae_argv = common + ["--vae-only", "--minutes", "0.15", "--vae-minutes", "0.1", "--vae-batch", "8",
+                         "--vae-shape-weight", "10", "--out", str(vae_dir), "--run-dir", str(tmp_path / "c0")]  # fmt: skip
+    new_argv = common + ["--vae-from", str(vae_dir), "--minutes", "0.2", "--out", str(new_dir),
+                         "--run-dir", str(tmp_path / "c1")]  # fmt: skip
+    try:
+        train.main(vae_argv)
+        train.main(new_argv)
+        first = StableDiffusionPipeline.from_pretrained(new_dir, local_files_only=True)
+        # A folder whose UNet is not build_unet()'s (as an older shipped model's was): three levels, 8 channels.
+        odd = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 8, 8),
+                                   down_block_types=("CrossAttnDownBlock2D",) * 3, layers_per_block=1,
+                                   up_block_types=("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64,
+                                   attention_head_dim=2, norm_num_groups=4)  # fmt: skip
+        first.register_modules(unet=odd)
+        first.save_pretrained(odd_dir)
+        for name in ("training.json", "latent_rgb.json"):
+            (odd_dir / name).write_text((new_dir / name).read_text())
+        train.main(common + ["--init-from", str(odd_dir), "--minutes", "0.15", "--out", str(tuned),
+                             "--run-dir", str(tmp_path / "c2")])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+    vae_info = json.loads((vae_dir / "training.json").read_text())
+    info = json.loads((new_dir / "training.json").read_text())
+    assert info["vae_command"] == "python scripts/train_embedded.py " + " ".join(vae_argv)
+    assert info["command"] == "python scripts/train_embedded.py " + " ".join(new_argv)
+    assert (info["vae_steps"], info["vae_batch"], info["vae_shape_weight"]) == (
+        vae_info["vae_steps"],
+        8,
+        10.0,
+    )
+    assert "earlier" not in info and info["unet_steps"] > 0
+    assert json.loads((new_dir / "latent_rgb.json").read_text()) == json.loads(
+        (vae_dir / "latent_rgb.json").read_text()
+    )
+    source = StableDiffusionPipeline.from_pretrained(vae_dir, local_files_only=True).vae.state_dict()
+    assert all(torch.equal(source[k], v) for k, v in first.vae.state_dict().items())  # frozen, bit for bit
+    assert first.unet.config.block_out_channels == list(train.build_unet().config.block_out_channels)
+
+    kept = UNet2DConditionModel.from_pretrained(tuned / "unet")
+    assert list(kept.config.block_out_channels) == [8, 8, 8]
+    assert json.loads((tuned / "training.json").read_text())["earlier"]["unet_steps"] == info["unet_steps"]
+
+
 def test_sample_timesteps_draws_the_asked_share_from_the_noisier_half():
     train = load_script("train_embedded")
     gen = torch.Generator().manual_seed(0)
