@@ -37,10 +37,11 @@ MODEL_DIR = REPO / "sdexplore" / "models" / "tiny-shapes"
 STEPS = 25
 #: The model's recommended CFG scale, used for the bars. Chosen with ``--tune-guidance`` on a tuning set
 #: (``validation_prompts(54, seed=4321)``, not the held-out set) among 3, 4, 5 and 7.5 by one rule: the most
-#: images with all four parts right, ties to the higher attention IoU. Tiny-shapes of 2026-11-26 (all right /
-#: colour / attention IoU): 3 → 0.296 / 0.907 / 0.412, 4 → 0.296 / 0.870 / 0.425, 5 → 0.222 / 0.833 / 0.437,
-#: 7.5 → 0.204 / 0.778 / 0.451. Stronger guidance over-saturates this zero-terminal-SNR model's colours (red
-#: reads as orange); the card reports 7.5 too. The package's copy: ``sdexplore.EMBEDDED_GUIDANCE_SCALE``.
+#: images with all four parts right, ties to the higher attention IoU. The retrained tiny-shapes (2026-11-26,
+#: evening; all right / shape / attention IoU): 3 → 0.833 / 0.833 / 0.4832, 4 → 0.833 / 0.833 / 0.4831 (a tie,
+#: to 3 by IoU), 5 → 0.685 / 0.685 / 0.480, 7.5 → 0.704 / 0.704 / 0.475; colour, background and place are 1.0 at
+#: every scale. (The model before it over-saturated colours at 7.5: colour 0.778.) The card reports 7.5 too.
+#: The package's copy: ``sdexplore.EMBEDDED_GUIDANCE_SCALE``.
 GUIDANCE = EMBEDDED_GUIDANCE_SCALE
 SD_GUIDANCE = 7.5  # diffusers' default for Stable Diffusion pipelines, reported beside the recommended scale
 #: Bars of the issue (fractions; IoU mean; dB).
@@ -352,6 +353,8 @@ def training_lines(train: dict) -> str:
         pool = f"; latents of {st['latent_pool']:,} pre-encoded scenes" if st.get("latent_pool") else ""
         if st.get("shape_weight"):  # --shape-weight W
             pool += f"; loss weighted {1 + st['shape_weight']:g}× on the shape and its edge"
+        if st.get("ema"):  # recorded since 2026-11-26
+            pool += f"; EMA decay {st['ema']}"
         lines.append(
             f"- {what}, UNet + text encoder (VAE frozen): {st.get('unet_steps', '?')} steps at batch {st['batch']}, "
             f"{st['seconds']['unet']:.0f} s on {st['machine']}, AdamW lr {st['lr']} with warmup and cosine decay; "
@@ -359,9 +362,7 @@ def training_lines(train: dict) -> str:
         )
     lines.append(
         "- v-prediction on SD's scaled_linear betas rescaled to zero terminal SNR, 10% captions "
-        'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights'
-        + (f" (decay {train['ema']})" if train.get("ema") else "")
-        + " ships."
+        'dropped to "", bf16 autocast on GPU, fp32 on CPU; an EMA of the UNet and text-encoder weights ships.'
     )
     lines.append(
         f"- Seed {train['seed']}. Final training loss (v, smoothed) {train.get('final_loss') or float('nan'):.4f}."
@@ -505,7 +506,8 @@ image = pipe(
 ```
 
 Recommended: guidance_scale {result["guidance_scale"]}, 25 steps of the saved DDIM scheduler. At diffusers' default
-{SD_GUIDANCE} the colours over-saturate (a zero-terminal-SNR model with a strong guidance; Lin et al. 2024 §3.4).
+{SD_GUIDANCE} it draws the wrong kind of shape more often (the CFG {SD_GUIDANCE} line under Measured; a zero-terminal-SNR
+model with a strong guidance, Lin et al. 2024 §3.4).
 
 ## Architecture (all standard diffusers / transformers parts, fp32 safetensors)
 
@@ -540,7 +542,8 @@ Nothing is stored: every training batch is fresh.
 
 {training_lines(train)}
 
-Reproduce (the shipped run's stages in order; give `--minutes` more for a better model), then
+Reproduce (the shipped run's stages in order, with the paths they had on the machines that ran them: each
+stage reads the folder the one before wrote; give `--minutes` more for a better model), then
 `python scripts/eval_embedded.py`:
 
 {reproduce_lines(train)}

@@ -227,6 +227,10 @@ class Run:
                 "command",
                 "vae_steps",
                 "vae_psnr",
+                "vae_batch",
+                "vae_machine",
+                "vae_command",
+                "ema",
                 "earlier",
             )
             self.info["earlier"] = {k: prev[k] for k in keep if k in prev}
@@ -235,6 +239,7 @@ class Run:
             self.info["vae_psnr"] = prev.get("vae_psnr")
             self.info["vae_shape_weight"] = prev.get("vae_shape_weight", 0.0)
             self.info["vae_batch"] = prev.get("vae_batch")
+            self.info["vae_machine"] = prev.get("vae_machine")
         if (folder / "latent_rgb.json").exists():  # the VAE is frozen from here on: its preview factors hold
             self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
         self.phase, self.step, self.total_steps = "unet", 0, None

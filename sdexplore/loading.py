@@ -17,8 +17,8 @@ from .families import FAMILIES, detect_family
 
 #: Folder of the embedded default model shipped inside the package.
 EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-shapes"
-#: The embedded model's recommended classifier-free guidance scale (diffusers' default 7.5 over-saturates its
-#: colours; chosen by ``scripts/eval_embedded.py --tune-guidance``, see its MODEL_CARD.md). The command line
+#: The embedded model's recommended classifier-free guidance scale (at diffusers' default 7.5 it draws the wrong
+#: kind of shape more often; chosen by ``scripts/eval_embedded.py --tune-guidance``, see its MODEL_CARD.md). The command line
 #: uses it for the embedded model when ``--guidance`` is not given; pass ``guidance_scale=`` in your own calls.
 EMBEDDED_GUIDANCE_SCALE = 3.0
 

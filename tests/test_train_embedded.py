@@ -74,14 +74,15 @@ def test_vae_only_then_vae_from_trains_a_new_unet_on_that_vae_and_fine_tunes_kee
     threads = torch.get_num_threads()
     vae_dir, new_dir, odd_dir, tuned = (tmp_path / n for n in ("vae", "new", "odd", "tuned"))
     common = ["--device", "cpu", "--threads", "1", "--reserve-s", "1", "--log-every", "5", "--batch", "4"]
-    vae_argv = common + ["--vae-only", "--minutes", "0.15", "--vae-minutes", "0.1", "--vae-batch", "8",
+    vae_argv = common + ["--vae-only", "--minutes", "0.1", "--vae-minutes", "0.05", "--vae-batch", "8",
                          "--vae-shape-weight", "10", "--out", str(vae_dir), "--run-dir", str(tmp_path / "c0")]  # fmt: skip
-    new_argv = common + ["--vae-from", str(vae_dir), "--minutes", "0.2", "--out", str(new_dir),
+    new_argv = common + ["--vae-from", str(vae_dir), "--minutes", "0.12", "--out", str(new_dir),
                          "--run-dir", str(tmp_path / "c1")]  # fmt: skip
     try:
         train.main(vae_argv)
         train.main(new_argv)
         first = StableDiffusionPipeline.from_pretrained(new_dir, local_files_only=True)
+        first_vae, first_channels = first.vae.state_dict(), tuple(first.unet.config.block_out_channels)
         # A folder whose UNet is not build_unet()'s (as an older shipped model's was): three levels, 8 channels.
         odd = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(8, 8, 8),
                                    down_block_types=("CrossAttnDownBlock2D",) * 3, layers_per_block=1,
@@ -91,7 +92,7 @@ def test_vae_only_then_vae_from_trains_a_new_unet_on_that_vae_and_fine_tunes_kee
         first.save_pretrained(odd_dir)
         for name in ("training.json", "latent_rgb.json"):
             (odd_dir / name).write_text((new_dir / name).read_text())
-        train.main(common + ["--init-from", str(odd_dir), "--minutes", "0.15", "--out", str(tuned),
+        train.main(common + ["--init-from", str(odd_dir), "--minutes", "0.1", "--out", str(tuned),
                              "--run-dir", str(tmp_path / "c2")])  # fmt: skip
     finally:
         torch.set_num_threads(threads)
@@ -110,11 +111,11 @@ def test_vae_only_then_vae_from_trains_a_new_unet_on_that_vae_and_fine_tunes_kee
         (vae_dir / "latent_rgb.json").read_text()
     )
     source = StableDiffusionPipeline.from_pretrained(vae_dir, local_files_only=True).vae.state_dict()
-    assert all(torch.equal(source[k], v) for k, v in first.vae.state_dict().items())  # frozen, bit for bit
-    assert first.unet.config.block_out_channels == list(train.build_unet().config.block_out_channels)
+    assert all(torch.equal(source[k], v) for k, v in first_vae.items())  # frozen, bit for bit
+    assert first_channels == tuple(train.build_unet().config.block_out_channels)
 
     kept = UNet2DConditionModel.from_pretrained(tuned / "unet")
-    assert list(kept.config.block_out_channels) == [8, 8, 8]
+    assert tuple(kept.config.block_out_channels) == (8, 8, 8)
     assert json.loads((tuned / "training.json").read_text())["earlier"]["unet_steps"] == info["unet_steps"]
 
 
