@@ -761,6 +761,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assemble-from", default=None, help="only build --out from a GPU run's flat files")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in training.json as the run's command
+    if args.vae_from and args.init_from:
+        parser.error(
+            "--vae-from trains a new UNet on a saved VAE, --init-from fine-tunes a saved model: pick one"
+        )
+    if args.vae_only and (args.vae_from or args.init_from):
+        parser.error("--vae-only trains phase 1, which --vae-from and --init-from skip: drop one of them")
     if args.assemble_from:
         assemble(Path(args.assemble_from), Path(args.out))
         return

@@ -169,3 +169,19 @@ def test_reconstruction_loss_charges_a_missing_corner_more_with_the_shape_weight
     assert plain[0] == pytest.approx(float(plain[1]))
     weighted = [train.reconstruction_loss(x, images, coverage, 10.0) for x in (corner, background)]
     assert weighted[0] / weighted[1] == pytest.approx(11.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["--vae-from", "a", "--init-from", "b"], "pick one"),
+        (["--vae-only", "--init-from", "b"], "drop one of them"),
+        (["--vae-only", "--vae-from", "a"], "drop one of them"),
+    ],
+)
+def test_conflicting_starting_points_are_refused_before_anything_runs(argv, says, capsys, tmp_path):
+    train = load_script("train_embedded")
+    with pytest.raises(SystemExit):
+        train.main(argv + ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "ckpt")])
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
