@@ -304,6 +304,17 @@ def shape_weight_map(coverage: torch.Tensor, weight: float) -> torch.Tensor:
     return w / w.mean(dim=(1, 2, 3), keepdim=True)
 
 
+def diffusion_loss(
+    pred: torch.Tensor, target: torch.Tensor, coverage: torch.Tensor, shape_weight: float
+) -> torch.Tensor:
+    """Phase 2's loss: MSE of the v-prediction, or with ``shape_weight`` > 0 weighted by
+    :func:`shape_weight_map`. ``pred``/``target`` (B, 4, 16, 16), ``coverage`` (B, 1, 64, 64) or (B, 1, 16, 16)."""
+    if not shape_weight:
+        return F.mse_loss(pred, target)
+    err = (pred - target).pow(2)  # (B, 4, 16, 16)
+    return (err * shape_weight_map(coverage, shape_weight)).mean()
+
+
 @torch.no_grad()
 def vae_psnr(vae: AutoencoderKL, device: torch.device, n: int = 256) -> float:
     """PSNR (dB, images in [-1, 1] → peak-to-peak 2) of posterior-mean reconstructions of validation scenes."""
@@ -365,7 +376,6 @@ def train_vae(run: Run, budget_s: float, deadline: float) -> None:
             posterior = vae.encode(images).latent_dist
             z = posterior.sample(generator=run.noise_gen)
             recon = vae.decode(z).sample.float()
-        rec = F.mse_loss(recon, images)
         kl = posterior.kl().float().mean() / images[0].numel()
         loss = reconstruction_loss(recon, images, coverage, args.vae_shape_weight) + 1e-6 * kl
         run.vae_opt.zero_grad(set_to_none=True)
@@ -374,7 +384,8 @@ def train_vae(run: Run, budget_s: float, deadline: float) -> None:
         run.vae_opt.step()
         run.step += 1
         if run.step % args.log_every == 0:
-            log(run, phase="vae", step=run.step, loss=loss.item(), psnr_batch=10 * math.log10(4 / rec.item()))
+            rec = F.mse_loss(recon.detach(), images).item()  # plain MSE for the log, whatever the loss
+            log(run, phase="vae", step=run.step, loss=loss.item(), psnr_batch=10 * math.log10(4 / rec))
         if time.time() - last_ckpt > args.ckpt_every:
             run.info["seconds"]["vae"] = spent0 + time.time() - start
             run.save(Path(args.run_dir) / "checkpoint.pt")
@@ -517,11 +528,7 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             context = run.text_encoder(ids)[0]  # (B, 77, 64)
             pred = run.unet(noisy, t, context).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
-        if args.shape_weight:
-            err = (pred.float() - target).pow(2)  # (B, 4, 16, 16)
-            loss = (err * shape_weight_map(coverage, args.shape_weight)).mean()
-        else:
-            loss = F.mse_loss(pred.float(), target)
+        loss = diffusion_loss(pred.float(), target, coverage, args.shape_weight)
         run.opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)

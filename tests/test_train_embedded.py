@@ -185,3 +185,23 @@ def test_conflicting_starting_points_are_refused_before_anything_runs(argv, says
         train.main(argv + ["--out", str(tmp_path / "out"), "--run-dir", str(tmp_path / "ckpt")])
     assert says in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_diffusion_loss_is_mse_without_weight_and_charges_the_shape_more_with_it():
+    train = load_script("train_embedded")
+    coverage = torch.zeros(1, 1, 16, 16)
+    coverage[..., 2:4, 2:4] = 1.0  # a 2×2-latent-pixel shape in a corner
+    target = torch.zeros(1, 4, 16, 16)
+    on_shape, off_shape = target.clone(), target.clone()
+    on_shape[..., 3, 3] = 1.0  # the same error, once on the shape ...
+    off_shape[..., 12, 12] = 1.0  # ... once far from it
+    assert train.diffusion_loss(on_shape, target, coverage, 0.0) == torch.nn.functional.mse_loss(
+        on_shape, target
+    )
+    assert train.diffusion_loss(on_shape, target, coverage, 0.0) == train.diffusion_loss(
+        off_shape, target, coverage, 0.0
+    )
+    ratio = train.diffusion_loss(on_shape, target, coverage, 10.0) / train.diffusion_loss(
+        off_shape, target, coverage, 10.0
+    )
+    assert ratio == pytest.approx(11.0)
