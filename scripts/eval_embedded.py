@@ -430,7 +430,8 @@ def architecture(folder: Path) -> tuple[str, str]:
     side = unet["sample_size"]
     sides = [side // 2**i for i in range(len(unet["block_out_channels"]))]  # latent side at each level
     attn = [str(n) for n, kind in zip(sides, unet["down_block_types"], strict=True) if "CrossAttn" in kind]
-    where = ", ".join(attn) + (" and the mid block" if unet.get("mid_block_type") != "UNetMidBlock2D" else "")
+    mid = unet.get("mid_block_type", "UNetMidBlock2DCrossAttn")  # diffusers' default
+    where = ", ".join(attn) + (" and the mid block" if mid == "UNetMidBlock2DCrossAttn" else "")
     row = (
         f"{side}×{side}×{unet['in_channels']}, channels {tuple(unet['block_out_channels'])}, cross-attention at "
         f"{where}, {unet['attention_head_dim']} heads"

@@ -190,8 +190,8 @@ class Run:
         torch.save(self.state(), tmp)
         os.replace(tmp, path)
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+    def load(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state` (as ``torch.load`` read it)."""
         self.vae.load_state_dict(state["vae"])
         self.unet.load_state_dict(state["unet"])
         self.text_encoder.load_state_dict(state["text_encoder"])
@@ -207,14 +207,14 @@ class Run:
 
     def init_from_pipeline(self, folder: Path) -> None:
         """Start phase 2 from a saved pipeline folder (its weights, fresh optimiser): a later fine-tune."""
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device)
         self.unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
         self.text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
         for e, p in zip(self.ema, self.params, strict=True):
             e.copy_(p.detach())
         info = folder / "training.json"
-        if info.exists():  # keep the earlier run's record; this run's phase 2 is counted on top
-            prev = json.loads(info.read_text())
+        prev = json.loads(info.read_text()) if info.exists() else None
+        self._adopt_vae(folder, prev)
+        if prev:  # keep the earlier run's record; this run's phase 2 is counted on top
             keep = (
                 "machine",
                 "seconds",
@@ -234,27 +234,27 @@ class Run:
                 "earlier",
             )
             self.info["earlier"] = {k: prev[k] for k in keep if k in prev}
-            self.info["seconds"]["vae"] = prev["seconds"]["vae"]
-            self.info["vae_steps"] = prev.get("vae_steps")
-            self.info["vae_psnr"] = prev.get("vae_psnr")
-            self.info["vae_shape_weight"] = prev.get("vae_shape_weight", 0.0)
-            self.info["vae_batch"] = prev.get("vae_batch")
             self.info["vae_machine"] = prev.get("vae_machine")
-        if (folder / "latent_rgb.json").exists():  # the VAE is frozen from here on: its preview factors hold
-            self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
-        self.phase, self.step, self.total_steps = "unet", 0, None
 
     def vae_from_pipeline(self, folder: Path) -> None:
         """Skip phase 1: take the frozen VAE, its preview factors and its record from a saved pipeline folder
         (e.g. a ``--vae-only`` run) and train a new UNet and text encoder from scratch on its latents."""
-        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device)
         prev = json.loads((folder / "training.json").read_text())
-        self.info["seconds"]["vae"] = prev["seconds"]["vae"]
-        for key in ("vae_steps", "vae_psnr", "vae_shape_weight", "vae_batch"):
-            self.info[key] = prev.get(key)
-        self.info["vae_machine"] = prev.get("machine")
-        self.info["vae_command"] = prev.get("command")
-        self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
+        self._adopt_vae(folder, prev)
+        self.info["vae_machine"] = prev.get("vae_machine") or prev.get("machine")
+        self.info["vae_command"] = prev.get("vae_command") or prev.get("command")
+
+    def _adopt_vae(self, folder: Path, prev: dict | None) -> None:
+        """Take ``folder``'s VAE (frozen from here on), its preview factors (which hold for it) and, from its
+        record ``prev``, the VAE's numbers; phase 2 starts next."""
+        self.vae = AutoencoderKL.from_pretrained(folder / "vae").to(self.device)
+        if prev:
+            self.info["seconds"]["vae"] = prev["seconds"]["vae"]
+            for key in ("vae_steps", "vae_psnr", "vae_batch"):
+                self.info[key] = prev.get(key)
+            self.info["vae_shape_weight"] = prev.get("vae_shape_weight", 0.0)
+        if (folder / "latent_rgb.json").exists():
+            self.latent_rgb = json.loads((folder / "latent_rgb.json").read_text())
         self.phase, self.step, self.total_steps = "unet", 0, None
 
 
@@ -663,12 +663,12 @@ def assemble(flat: Path, out: Path) -> None:
     ``latent_rgb.json``)."""
     from safetensors.torch import load_file
 
-    unet_config = flat / "unet_config.json"  # older flat copies have none: build_unet()'s architecture
-    unet = (
-        UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
-        if unet_config.exists()
-        else build_unet()
-    )
+    unet_config = flat / "unet_config.json"
+    if not unet_config.exists():  # flat copies from before 2026-11-26 lack it (and hold a three-level UNet)
+        raise FileNotFoundError(
+            f"{unet_config} is missing: copy the UNet's config.json of the run that wrote these files there"
+        )
+    unet = UNet2DConditionModel.from_config(json.loads(unet_config.read_text()))
     vae, text_encoder = build_vae(), build_text_encoder()
     vae.load_state_dict(load_file(flat / "vae.safetensors"))
     unet.load_state_dict(load_file(flat / "unet.safetensors"))
@@ -787,14 +787,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     deadline = t0 + args.minutes * 60 - args.reserve_s
     ckpt = Path(args.run_dir) / "checkpoint.pt"
+    state = (
+        torch.load(ckpt, map_location=device, weights_only=False) if args.resume and ckpt.exists() else None
+    )
     unet_config = None
-    if args.resume and ckpt.exists():
-        unet_config = torch.load(ckpt, map_location="cpu", weights_only=False).get("unet_config")
+    if state is not None:
+        unet_config = state.get("unet_config")
     elif args.init_from:
         unet_config = UNet2DConditionModel.load_config(Path(args.init_from) / "unet")
     run = Run(args, device, unet_config)
-    if args.resume and ckpt.exists():
-        run.load(ckpt)
+    if state is not None:
+        run.load(state)
         log(run, resumed=str(ckpt), phase=run.phase, step=run.step)
     elif args.init_from:
         run.init_from_pipeline(Path(args.init_from))
