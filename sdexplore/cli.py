@@ -615,7 +615,7 @@ def decode_x0(pipe: Any, trace: Any, *, progress: bool = True) -> list[np.ndarra
     import torch
     from tqdm.auto import tqdm
 
-    from .preview import decode_with
+    from .decoding import decode_with
 
     vae = pipe.vae
     dtype = vae.dtype

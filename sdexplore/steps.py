@@ -25,7 +25,8 @@ import torch
 
 from .errors import RecorderStateError, UnsupportedPipelineError
 from .families import detect_family, latent_rgb
-from .preview import decode_with, latent_to_rgb, to_uint8
+from .decoding import decode_with
+from .preview import latent_to_rgb, to_uint8
 from .schedule_math import (
     NoiseLevel,
     noise_level,

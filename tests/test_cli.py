@@ -176,7 +176,7 @@ def test_x0_decoding_upcasts_a_float16_vae_that_asks_for_it_and_puts_it_back(sd1
 
     from sdexplore.cli import decode_x0
     from sdexplore.generation import generate
-    from sdexplore.preview import decode_with
+    from sdexplore.decoding import decode_with
 
     _, obs = generate(sd1_pipe, "a red circle", seed=0, num_inference_steps=2)
     reference = copy.deepcopy(sd1_pipe.vae)  # float32
