@@ -16,6 +16,10 @@ from sdexplore import scenes
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "sdexplore" / "models" / "tiny-shapes"
+#: The bars the embedded model was specified to meet on the held-out prompts (MODEL_CARD.md's "bar" column,
+#: the same since the first card): fractions right per part, the shape word's mean attention IoU, VAE PSNR in
+#: dB. Fixed numbers, never derived from what the card measured.
+BARS = {"colour": 0.90, "background": 0.90, "shape": 0.80, "place": 0.75, "attention_iou": 0.45, "psnr": 28.0}
 
 
 def _eval_module():
@@ -87,7 +91,7 @@ def test_vae_reconstructs_scenes_above_28_db(pipe):
     with torch.no_grad():
         recon = pipe.vae.decode(pipe.vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
     psnr = 10 * math.log10(4 / torch.mean((recon - images) ** 2).item())
-    assert psnr >= 28.0
+    assert psnr >= BARS["psnr"], psnr
 
 
 def test_latent_rgb_factors_preview_the_image(pipe):
@@ -109,16 +113,26 @@ def test_latent_rgb_factors_preview_the_image(pipe):
 
 
 @pytest.mark.slow
-def test_held_out_prompts_reach_the_bars_or_the_cards_numbers(subset16):
-    """16 held-out prompts (seed i for prompt i). Each part must reach its bar, or, where the shipped
-    checkpoint's card says it does not (an undertrained model, see MODEL_CARD.md), the card's number; less one
-    prompt (6.25 points) for float drift across CPUs, which can flip a borderline pixel of one image."""
+def test_held_out_prompts_reach_the_bars(subset16):
+    """16 held-out prompts (seed i for prompt i): every part reaches its bar, and the shape word's attention
+    map its IoU bar. The bars are BARS, never the card's measured numbers."""
+    # The 16 prompts and their seeds are fixed, so on one machine this score is deterministic: a regression
+    # check on a fixed sample, not a fresh random draw each run. As an estimate of the 216-prompt score it is
+    # coarse (one prompt is 6.25 points; the binomial standard error at the card's shape 84.3% is 9 points,
+    # and a fresh random 16 would fall under 80% about 24% of the time), which is why the sample is fixed and
+    # the full set is scripts/eval_embedded.py's job. Reaching the bar on 16 prompts means at least 15/16 for
+    # colour and background, 13/16 for shape, 12/16 for place. The card's first-16 numbers (shape 14/16,
+    # IoU 0.483) sit one prompt / 0.03 above the bars, so float drift across CPUs flipping one borderline
+    # image still passes; a model that fell below a bar does not.
     scores = subset16.scores
-    card = json.loads((MODEL / "eval.json").read_text())["subset16"]
-    for part, bar in (("colour", 0.90), ("background", 0.90), ("shape", 0.80), ("place", 0.75)):
-        floor = min(bar, card["scores"][part]) - 1 / 16
-        assert scores[part] >= floor, (part, scores[part])
-    assert subset16.attention_iou >= min(0.45, card["attention_iou"]) - 0.03
+    for part in ("colour", "background", "shape", "place"):
+        assert scores[part] >= BARS[part], (part, scores[part], BARS[part])
+    assert subset16.attention_iou >= BARS["attention_iou"], subset16.attention_iou
+
+
+def test_eval_script_reports_against_the_same_bars():
+    """The card's bar column comes from scripts/eval_embedded.py: it must print these bars, not lower ones."""
+    assert _eval_module().BARS == BARS
 
 
 @pytest.mark.slow
