@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -10,13 +9,13 @@ import pytest
 import torch
 from conftest import gen
 
+from sdexplore.attention import AttentionRecorder
 from sdexplore.errors import RecorderStateError, ResultFileError
 from sdexplore.generation import generate
 from sdexplore.observation import Observation, observe
 from sdexplore.trace import Trace
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")
-HAS_ATTENTION = importlib.util.find_spec("sdexplore.attention") is not None
 
 
 def test_observe_steps_on_every_family(any_pipe) -> None:
@@ -88,19 +87,22 @@ def test_generate_returns_images_and_observation(sdxl_pipe) -> None:
         generate(sdxl_pipe, "x", seed=1, generator=gen(1))
 
 
-@pytest.mark.skipif(
-    not HAS_ATTENTION, reason="sdexplore.attention (the attention engineer's package) is not there yet"
-)
 def test_observe_steps_and_attention_together(sd1_pipe) -> None:
     procs = dict(sd1_pipe.unet.attn_processors)
     ref = sd1_pipe("a red circle", generator=gen(0), **KW).images
     with observe(sd1_pipe, steps=True, attention=True) as obs:
         out = sd1_pipe("a red circle", generator=gen(0), **KW).images
     assert np.abs(out - ref).max() <= 1e-5
-    assert len(obs.steps) == 3 and obs.attention is not None
-    assert obs.attention.word("circle") is not None
+    assert len(obs.steps) == 3 and obs.attention.words == ["a", "red", "circle"]
+    assert obs.attention.steps.shape == (3, 1, 77, 8, 8)  # (steps, images, tokens, h, w)
     assert all(sd1_pipe.unet.attn_processors[k] is v for k, v in procs.items())
     assert not sd1_pipe.unet._forward_hooks and not sd1_pipe.unet._forward_pre_hooks
+    # The map observe() recorded is the one an AttentionRecorder alone records for the same call.
+    with AttentionRecorder(sd1_pipe) as rec:
+        sd1_pipe("a red circle", generator=gen(0), **KW)
+    circle = obs.attention.word("circle")
+    assert circle.shape == (8, 8) and circle.std() > 0  # a map, not a constant
+    assert torch.allclose(circle, rec.maps.word("circle"), atol=1e-6)
 
 
 def test_saved_results_are_readable_like_ordinary_files(sd1_pipe, tmp_path):
