@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,14 +10,7 @@ import sdexplore
 from sdexplore.attention import AttentionRecorder
 from sdexplore.heatmaps import iou, threshold, upsample
 
-MODEL_INDEX = Path(sdexplore.__file__).parent / "models" / "tiny-shapes" / "model_index.json"
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not MODEL_INDEX.is_file(),
-        reason="needs the embedded model (sdexplore/models/tiny-shapes/model_index.json), not trained/landed yet",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 # Big shapes at varied places, every shape and several colours: the masks are large enough to score.
 PROMPTS = [

@@ -179,9 +179,6 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (MODEL_DIR / "model_index.json").is_file(), reason="embedded model tiny-shapes not trained yet"
-)
 def test_red_to_blue_walk_changes_colour_monotonically():
     """On the embedded model, a walk from a red to a blue circle turns the circle from red to blue.
 
