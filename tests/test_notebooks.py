@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
+# The dev extras (pip install -e ".[dev]"): a missing one is an import error, not a skipped tutorial.
+import ipykernel  # noqa: F401  (the notebooks' kernel)
+import ipywidgets  # noqa: F401  (the notebooks' explorers)
+import nbclient
+import nbformat
 import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("ipywidgets")
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("0*.ipynb"))
