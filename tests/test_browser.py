@@ -90,13 +90,16 @@ def _get(url: str) -> int:
 def lab(tmp_path_factory):
     """A JupyterLab server on 127.0.0.1 with a python3 kernel spec for this interpreter; yields (url, token, root)."""
     if CHROMIUM is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium); the browser test needs it.")
+        pytest.skip(
+            "environment: no Chromium on this machine (apt-get install -y chromium); the browser test needs it"
+        )
     pytest.importorskip(
-        "playwright.sync_api", reason="the browser test needs the playwright package (dev extra)"
+        "jupyterlab", reason="environment: jupyterlab (the notebooks extra, not a dev one) is not installed"
     )
-    pytest.importorskip("jupyterlab", reason="the browser test needs jupyterlab")
-    pytest.importorskip("ipywidgets")
-    nbformat = pytest.importorskip("nbformat")
+    # Dev extras (pip install -e ".[dev]"): a missing one is an error, not a skip.
+    import ipywidgets  # noqa: F401  (the explorers in the notebook)
+    import nbformat
+    import playwright.sync_api  # noqa: F401  (the test drives Chromium with it)
 
     base = tmp_path_factory.mktemp("lab")
     root = base / "work"
