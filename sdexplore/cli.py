@@ -468,23 +468,6 @@ def _with_progress_bar(frame: np.ndarray, i: int, n: int) -> np.ndarray:
     return out
 
 
-def _jet(heat: np.ndarray) -> np.ndarray:
-    """Values in [0, 1], (h, w) → (h, w, 3) uint8 in the "jet" colour map (blue → cyan → yellow → red)."""
-    x = np.clip(heat, 0.0, 1.0)[..., None] * 4  # (h, w, 1)
-    rgb = np.clip(1.5 - np.abs(x - np.array([3.0, 2.0, 1.0])), 0.0, 1.0)  # (h, w, 3): R, G, B ramps
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def _overlay(image: np.ndarray, heat: Any, opacity: float = 0.5) -> np.ndarray:
-    """Blend a heat map (h, w), min-max normalised, upsampled to ``image`` (H, W, 3) uint8, over it."""
-    from .heatmaps import normalize, upsample
-
-    h, w = image.shape[:2]
-    m = upsample(normalize(heat, "minmax")[None], (h, w))[0].numpy()  # (1, h, w) → (H, W)
-    colours = _jet(m).astype(np.float32)  # (H, W, 3)
-    return (image.astype(np.float32) * (1 - opacity) + colours * opacity).round().astype(np.uint8)
-
-
 def _save_png(image: np.ndarray, path: Path) -> None:
     """Write an (H, W, 3) uint8 image as PNG, with light compression: grids save ~3x faster for ~15% more bytes."""
     from PIL import Image
@@ -612,25 +595,9 @@ def decode_x0(pipe: Any, trace: Any, *, progress: bool = True) -> list[np.ndarra
     for ``force_upcast`` (SDXL's, which overflows in float16) decodes in float32, as the pipelines do, and
     is put back afterwards.
     """
-    import torch
-    from tqdm.auto import tqdm
+    from .render import decode_steps
 
-    from .decoding import decode_with
-
-    vae = pipe.vae
-    dtype = vae.dtype
-    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        out = []
-        for s in tqdm(trace, desc="decoding x0", unit="step", disable=not progress, file=sys.stderr):
-            z = s.x0 if s.x0 is not None else s.latents  # (B, C, h, w)
-            out.append(decode_with(vae, z[:1])[0].cpu().numpy())  # (1, H, W, 3) → (H, W, 3)
-        return out
-    finally:
-        if upcast:
-            vae.to(dtype)
+    return decode_steps(pipe.vae, trace, progress=progress)
 
 
 def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:
@@ -699,6 +666,7 @@ def write_attention(
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
 
     from .generation import generate
+    from .render import heat_overlay
 
     images, obs = generate(
         pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
@@ -708,17 +676,10 @@ def write_attention(
     fixed["image"].parent.mkdir(parents=True, exist_ok=True)
     _save_png(image, fixed["image"])
     for word, path in word_files.items():
-        _save_png(_overlay(image, maps.word(word)), path)
+        _save_png(heat_overlay(image, maps.word(word)), path)
     _save_png(_attention_grid(maps, image, list(word_files), args.rows), fixed["grid"])
     maps.save(fixed["maps"])
     return maps
-
-
-def _step_groups(n_steps: int, rows: int) -> list[range]:
-    """Split ``range(n_steps)`` into ``min(rows, n_steps)`` consecutive, nearly equal groups."""
-    rows = min(rows, n_steps)
-    edges = [round(i * n_steps / rows) for i in range(rows + 1)]
-    return [range(edges[i], edges[i + 1]) for i in range(rows)]
 
 
 def _group_label(group: range, ts: list[float]) -> str:
@@ -733,9 +694,11 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
     """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image."""
     from PIL import Image, ImageDraw
 
+    from .render import heat_overlay, step_groups
+
     cell = _fit(image, TILE)  # (h, w, 3)
     h, w = cell.shape[:2]
-    groups = _step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
+    groups = step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
     ts = maps.timesteps.tolist()
     left, top, gap = 84, 18, 2
     canvas = Image.new(
@@ -751,7 +714,7 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
         for r, group in enumerate(groups):
             y = top + r * (h + gap)
             heat = maps.word(word) if group is None else maps.word(word, step=group)  # (h', w')
-            canvas.paste(Image.fromarray(_overlay(cell, heat)), (x, y))
+            canvas.paste(Image.fromarray(heat_overlay(cell, heat)), (x, y))
             if c == 0:
                 text = "all steps" if group is None else _group_label(group, ts)
                 draw.multiline_text((3, y + h / 2 - 12), text, fill="black")

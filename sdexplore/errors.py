@@ -37,3 +37,7 @@ class WordNotFoundError(SdexploreError, LookupError):
 
 class ResultFileError(SdexploreError, ValueError):
     """A saved result file is truncated, corrupt, or not the kind of result being loaded."""
+
+
+class NotRecordedError(SdexploreError, ValueError):
+    """A view asked for a quantity a result did not record (the message says how to record it)."""

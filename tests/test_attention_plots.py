@@ -10,6 +10,7 @@ from conftest import gen
 
 from sdexplore.attention import AttentionRecorder
 from sdexplore.plots.attention import plot_step_grid, plot_word, plot_words
+from sdexplore.render import heat_overlay
 
 matplotlib.use("Agg")
 
@@ -30,11 +31,18 @@ def _heat_layer(ax):
 def test_plot_word_overlays_a_varied_map(recorded):
     maps, img = recorded
     ax = plot_word(maps, "circle", image=img)
-    assert len(ax.get_images()) == 2  # the picture, then the heat map
-    heat = _heat_layer(ax)
-    assert heat.shape == (64, 96)
-    assert heat.min() == pytest.approx(0.0) and heat.max() == pytest.approx(1.0) and heat.std() > 0.05
-    ax.figure.savefig("/tmp/sdexplore_attention_word.png")
+    assert len(ax.get_images()) == 1  # one picture: the heat map blended over the image
+    shown = _heat_layer(ax)
+    assert shown.shape == (64, 96, 3) and shown.dtype == np.uint8
+    # the same blend as the CLI's and the widgets' overlays
+    assert np.array_equal(shown, heat_overlay(np.asarray(img), maps.word("circle")))
+    assert shown.std() > 5  # not one flat colour
+    alone = _heat_layer(plot_word(maps, "circle"))  # no image: the coloured map, at the image's size
+    assert alone.shape == (64, 96, 3) and alone.std() > 5
+    mass = _heat_layer(plot_word(maps, "circle", image=img, normalize="mass"))
+    assert not np.array_equal(mass, shown)  # zero, not the map's minimum, at the bottom of the colour map
+    with pytest.raises(ValueError, match="opacity"):
+        plot_word(maps, "circle", image=img, alpha=1.5)
 
 
 def test_plot_words_row_and_step_grid(recorded):

@@ -54,3 +54,30 @@ def test_step_plots_draw_real_content(sd1_pipe, tmp_path) -> None:
         plot_steps(tr, ("decoded",))
     with pytest.raises(ValueError, match="Cannot draw 'pixels'"):
         plot_steps(tr, ("pixels",))
+
+
+def test_step_plots_preview_with_the_traces_own_factors(sd1_pipe) -> None:
+    """A trace recorded with factors unlike its family's (as a model folder's latent_rgb.json gives): the
+    plotted x0 and latents follow trace.meta["latent_rgb"], not the family table."""
+    import numpy as np
+
+    from sdexplore.plots.steps import plot_steps, step_image
+
+    with StepRecorder(sd1_pipe, quantities=("latents", "x0", "preview")) as rec:
+        sd1_pipe("a red circle", generator=gen(0), num_inference_steps=3, height=64, width=64)
+    tr = rec.trace
+    spread = float(tr.stack("x0").float().std())  # the random model's x0 is large: keep previews unsaturated
+    factors = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.6, -0.3], [-0.4, 0.2, 0.5], [0.2, 0.1, -0.2]]) / (
+        3 * spread
+    )
+    bias = torch.tensor([0.05, -0.1, 0.02])
+    tr.meta["latent_rgb"] = {"factors": factors.tolist(), "bias": bias.tolist()}
+    for q in ("x0", "latents"):
+        expected = to_uint8(latent_to_rgb(getattr(tr[1], q)[:1].float(), factors, bias))[0].numpy()
+        family = to_uint8(
+            latent_to_rgb(getattr(tr[1], q)[:1].float(), torch.tensor(SD1.latent_rgb_factors), torch.zeros(3))
+        )[0].numpy()
+        assert not np.array_equal(expected, family)
+        assert np.array_equal(step_image(tr, 1, q), expected), q
+    fig = plot_steps(tr, ("x0",), steps=[1])
+    assert np.array_equal(np.asarray(fig.axes[0].get_images()[0].get_array()), step_image(tr, 1, "x0"))

@@ -19,6 +19,7 @@ from sdexplore.export import read_frames  # noqa: E402
 from sdexplore.fixtures import tiny_pipeline  # noqa: E402
 from sdexplore.heatmaps import normalize  # noqa: E402
 from sdexplore.observation import observe  # noqa: E402
+from sdexplore.render import heat_overlay  # noqa: E402
 from sdexplore.smoothness import smoothness_report  # noqa: E402
 from sdexplore.trace import Trace  # noqa: E402
 from sdexplore.walks import walk  # noqa: E402
@@ -29,7 +30,7 @@ from sdexplore.widgets import (  # noqa: E402
     WalkPlayer,
     has_widget_frontend,
 )
-from sdexplore.widgets._base import overlay  # noqa: E402
+from sdexplore.widgets._base import jpeg_bytes  # noqa: E402
 from sdexplore.widgets.interpolation import encode_frame  # noqa: E402
 
 PROMPT = "a big red circle on a blue background"
@@ -163,26 +164,71 @@ def test_live_scrubber_throttles_drawing_but_always_shows_the_last_step():
     assert reference.image_bytes("x0") == scrub.image_bytes("x0")
 
 
-def test_scrubber_recovers_a_models_own_preview_factors(run):
-    """A trace without factors in its meta (saved before they were kept there) whose previews were made with
-    other factors than the family's: the scrubber recovers them from the previews."""
+def _panel(scrub, panel, shape):
+    """The array a scrubber panel shows, at one pixel per latent cell (it is sent upscaled, nearest)."""
+    shown = _decode(scrub.image_bytes(panel))
+    k = shown.shape[0] // shape[0]
+    assert k >= 1 and shown.shape[:2] == (k * shape[0], k * shape[1])
+    return shown[::k, ::k]
+
+
+def _other_factors(trace):
+    """Preview factors unlike any family's, scaled so the random model's previews stay unsaturated."""
+    spread = float(trace.stack("x0").float().std())
+    factors = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.6, -0.3], [-0.4, 0.2, 0.5], [0.2, 0.1, -0.2]]) / (
+        3 * spread
+    )
+    return factors, torch.tensor([0.05, -0.1, 0.02])
+
+
+def test_scrubber_previews_with_the_traces_factors_and_never_refits(run):
+    """The noisy and x0 panels use trace.meta["latent_rgb"]; without it, the family's factors, never factors
+    refitted from the recorded previews (a refit recovered whatever made those previews)."""
+    from sdexplore.families import SD1
     from sdexplore.preview import latent_to_rgb, to_uint8
 
     _, obs, _ = run
     trace = Trace.from_state(*obs.steps.to_state())
-    del trace.meta["latent_rgb"]
-    spread = float(
-        trace.stack("x0").float().std()
-    )  # the random model's x0 is large: keep previews unsaturated
-    factors = torch.tensor([[0.5, -0.2, 0.1], [0.1, 0.6, -0.3], [-0.4, 0.2, 0.5], [0.2, 0.1, -0.2]]) / (
-        3 * spread
-    )
-    bias = torch.tensor([0.05, -0.1, 0.02])
-    for rec in trace:
-        rec.preview = to_uint8(latent_to_rgb(rec.x0.float(), factors, bias))
+    factors, bias = _other_factors(trace)
+    trace.meta["latent_rgb"] = {"factors": factors.tolist(), "bias": bias.tolist()}
+    rec = trace[3]
     scrub = TimestepScrubber(trace, static=False)
-    assert torch.allclose(scrub._factors * spread, factors * spread, atol=0.01)
-    assert torch.allclose(scrub._bias, bias, atol=0.01)
+    scrub.value = 3
+    for panel, src in (("noisy", rec.latents), ("x0", rec.x0)):
+        expected = to_uint8(latent_to_rgb(src[:1].float(), factors, bias))[0].numpy()
+        assert np.array_equal(_panel(scrub, panel, expected.shape), expected), panel
+
+    del trace.meta["latent_rgb"]  # a trace saved before traces kept their factors
+    for r in trace:  # ... whose previews were made with other factors: they must not leak in
+        r.preview = to_uint8(latent_to_rgb(r.x0.float(), factors, bias))
+    scrub = TimestepScrubber(trace, static=False)
+    scrub.value = 3
+    fam = torch.tensor(SD1.latent_rgb_factors), torch.tensor(SD1.latent_rgb_bias)
+    expected = to_uint8(latent_to_rgb(rec.x0[:1].float(), *fam))[0].numpy()
+    assert np.array_equal(_panel(scrub, "x0", expected.shape), expected)
+
+
+def test_scrubber_noisy_panel_scales_euler_latents_by_the_signal_level():
+    """Euler latents are x0 + σ·ε: the noisy panel is latent_to_rgb(latents · √ᾱ), as the recorder's previews."""
+    from diffusers import EulerDiscreteScheduler
+
+    from sdexplore.preview import latent_to_rgb, to_uint8
+    from sdexplore.render import preview_factors
+
+    pipe = tiny_pipeline("sd1")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with observe(pipe) as obs:
+        pipe(PROMPT, num_inference_steps=4, generator=_gen())
+    trace = obs.steps
+    assert trace.meta["ve_latents"]
+    rec = trace[0]  # the noisiest step: σ ≈ 14.6, unscaled latents saturate every pixel
+    scrub = TimestepScrubber(trace, static=False)
+    scrub.value = 0
+    scaled = rec.latents[:1].float() * np.sqrt(rec.alpha_bar)
+    expected = to_uint8(latent_to_rgb(scaled, *preview_factors(trace)))[0].numpy()
+    unscaled = to_uint8(latent_to_rgb(rec.latents[:1].float(), *preview_factors(trace)))[0].numpy()
+    assert not np.array_equal(expected, unscaled)
+    assert np.array_equal(_panel(scrub, "noisy", expected.shape), expected)
 
 
 def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(tmp_path):
@@ -191,6 +237,7 @@ def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(t
 
     import sdexplore as sdx
     from sdexplore.families import latent_rgb
+    from sdexplore.preview import latent_to_rgb, to_uint8
 
     pipe = sdx.load_pipeline()
     shipped = json.loads(
@@ -202,8 +249,9 @@ def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(t
         assert np.allclose(trace.meta["latent_rgb"]["factors"], shipped["factors"])
         assert np.allclose(trace.meta["latent_rgb"]["bias"], shipped["bias"])
         scrub = TimestepScrubber(trace, static=False)
-        assert not scrub._fit_pending
-        assert torch.allclose(scrub._factors, latent_rgb(pipe)[0])
+        rec = trace[-1]
+        expected = to_uint8(latent_to_rgb(rec.x0[:1].float(), *latent_rgb(pipe)))[0].numpy()
+        assert np.array_equal(_panel(scrub, "x0", expected.shape), expected)
 
 
 def test_scrubber_reads_a_saved_trace(run, tmp_path):
@@ -294,13 +342,13 @@ def test_attention_static_figure(run):
     assert isinstance(fig, Figure) and len(fig.axes) == 3 * 3  # 2 step bins + whole run, × 3 words
 
 
-def test_overlay_blends_heat_over_image():
-    img = np.zeros((16, 16, 3), np.uint8)
-    heat = torch.zeros(4, 4)
-    heat[:2] = 1.0  # top half hot
-    out = overlay(img, heat, opacity=1.0, cmap="gray", size=16)
-    assert out[0, 0].mean() > 200 and out[-1, -1].mean() < 50
-    assert np.array_equal(overlay(img, heat, opacity=0.0, cmap="gray", size=16), img)
+def test_attention_explorer_shows_the_shared_overlay(run):
+    _, obs, image = run
+    ex = AttentionExplorer(obs, image, static=False, size=128)
+    ex.select(word="circle")
+    expected = heat_overlay(np.asarray(image), ex.heat("circle"), size=128)  # the CLI's and plots' blend
+    assert expected.shape == (128, 128, 3) and expected.std() > 5
+    assert ex.displayed_png == jpeg_bytes(expected)
 
 
 # ---------------------------------------------------------------------------------------- interpolation, walks

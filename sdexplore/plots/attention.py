@@ -6,43 +6,35 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..attention.maps import AttentionMaps, StepSelector
-from ..heatmaps import Normalization, upsample
+from ..heatmaps import Normalization
 from ..heatmaps import normalize as norm
+from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, spread
 
 
-def _picture(image: Any) -> np.ndarray | None:
-    """A PIL image, uint8/float array (H, W, 3) or tensor (3, H, W) / (H, W, 3) in [0, 1] → float (H, W, 3)."""
-    if image is None:
-        return None
-    if isinstance(image, torch.Tensor):
-        t = image.detach().float().cpu()
-        if t.ndim == 4:
-            t = t[0]
-        if t.shape[0] in (1, 3) and t.shape[-1] not in (1, 3):
-            t = t.permute(1, 2, 0)  # (H, W, C)
-        arr = t.numpy()
-    else:
-        arr = np.asarray(image)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    return np.clip(arr.astype(np.float32), 0.0, 1.0)
-
-
-def _heat(
+def word_overlay(
     maps: AttentionMaps,
     word: str,
     *,
-    step: StepSelector,
-    layer: str | None,
-    index: int,
-    normalize: Normalization,
-    size: tuple[int, int],
+    image: Any = None,
+    step: StepSelector = None,
+    layer: str | None = None,
+    index: int = 0,
+    normalize: Normalization = "minmax",
+    cmap: str = HEAT_CMAP,
+    alpha: float = HEAT_OPACITY,
 ) -> np.ndarray:
-    m = maps.word(word, step=step, layer=layer, index=index)  # (h, w) raw mass
-    return norm(upsample(m, size), normalize).numpy()  # (H, W) in image pixels, normalised after upsampling
+    """The picture :func:`plot_word` draws: ``word``'s map over ``image`` (or alone), (H, W, 3) uint8.
+
+    ``"minmax"`` stretches each map to the whole colour map; ``"mass"`` / ``"sum"`` keep zero at its bottom
+    and the map's peak at its top. The blend is :func:`sdexplore.render.heat_overlay`, as in the CLI and widgets.
+    """
+    heat = norm(maps.word(word, step=step, layer=layer, index=index), normalize)  # (h, w)
+    vmin = None if normalize == "minmax" else 0.0
+    if image is None:
+        return heat_overlay(None, heat, cmap=cmap, size=min(maps.image_size), vmin=vmin)
+    return heat_overlay(as_uint8_image(image), heat, opacity=alpha, cmap=cmap, vmin=vmin)
 
 
 def plot_word(
@@ -55,27 +47,31 @@ def plot_word(
     layer: str | None = None,
     index: int = 0,
     normalize: Normalization = "minmax",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = HEAT_CMAP,
+    alpha: float = HEAT_OPACITY,
 ) -> Any:
     """Heat map of ``word`` over the generated ``image`` (PIL, array or tensor); returns the matplotlib Axes.
 
-    The map is upsampled bilinearly to the image's pixel size; ``normalize`` defaults to per-map min-max
-    (shape of the map; use ``"mass"`` with a shared scale to compare strengths). Without ``image`` the heat map
-    is drawn alone.
+    The map is upsampled bilinearly to the image's pixel size and blended over it (:func:`word_overlay`);
+    ``normalize`` defaults to per-map min-max (the shape of the map; ``"mass"`` keeps zero at the bottom of
+    the colour map). Without ``image`` the heat map is drawn alone.
     """
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(3, 3))
-    pic = _picture(image)
-    size = pic.shape[:2] if pic is not None else maps.image_size
-    heat = _heat(maps, word, step=step, layer=layer, index=index, normalize=normalize, size=size)
-    if pic is not None:
-        ax.imshow(pic)
-        ax.imshow(heat, cmap=cmap, alpha=alpha, vmin=0.0, vmax=1.0 if normalize == "minmax" else None)
-    else:
-        ax.imshow(heat, cmap=cmap, vmin=0.0, vmax=1.0 if normalize == "minmax" else None)
+    picture = word_overlay(
+        maps,
+        word,
+        image=image,
+        step=step,
+        layer=layer,
+        index=index,
+        normalize=normalize,
+        cmap=cmap,
+        alpha=alpha,
+    )
+    ax.imshow(picture)
     title = word if step is None else f"{word} · step {step}"
     ax.set_title(title, fontsize=9)
     ax.set_axis_off()
@@ -93,8 +89,8 @@ def plot_words(
     image: Any = None,
     index: int = 0,
     normalize: Normalization = "minmax",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = HEAT_CMAP,
+    alpha: float = HEAT_OPACITY,
     size: float = 2.2,
 ) -> Any:
     """A row: the image (if given), then each word's heat map over it. Default words: every word of the prompt."""
@@ -106,7 +102,7 @@ def plot_words(
     n = lead + len(words)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size * aspect + 0.4), squeeze=False)
     if image is not None:
-        axes[0, 0].imshow(_picture(image))
+        axes[0, 0].imshow(as_uint8_image(image))
         axes[0, 0].set_title("image", fontsize=9)
         axes[0, 0].set_axis_off()
     for ax, word in zip(axes[0, lead:], words, strict=True):
@@ -123,8 +119,8 @@ def plot_step_grid(
     image: Any = None,
     index: int = 0,
     normalize: Normalization = "minmax",
-    cmap: str = "jet",
-    alpha: float = 0.5,
+    cmap: str = HEAT_CMAP,
+    alpha: float = HEAT_OPACITY,
     size: float = 1.8,
 ) -> Any:
     """A grid of per-step maps: one row per step (default: up to 6 spread over the run), one column per word."""
@@ -134,7 +130,7 @@ def plot_step_grid(
         raise ValueError("These maps have no per-step maps (recorded with step_resolution=None).")
     words = list(words) if words is not None else _default_words(maps, index)
     if steps is None:
-        steps = sorted({int(round(x)) for x in np.linspace(0, maps.num_steps - 1, min(6, maps.num_steps))})
+        steps = spread(maps.num_steps, 6)
     steps = list(steps)
     aspect = maps.image_size[0] / maps.image_size[1]  # rows / columns of a cell
     fig, axes = plt.subplots(

@@ -2,52 +2,46 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..families import FAMILIES
-from ..preview import latent_to_rgb, to_uint8
+from ..errors import NotRecordedError
+from ..render import LATENT_QUANTITIES, spread, trace_preview
 from ..trace import Trace
 
 _IMAGE_QUANTITIES = ("preview", "decoded")
-_LATENT_QUANTITIES = ("latents", "latents_out", "x0", "noise_pred", "noise_cond", "noise_uncond")
+_LATENT_QUANTITIES = LATENT_QUANTITIES
 
 
 def pick_steps(trace: Trace, count: int = 8) -> list[int]:
     """``count`` record positions spread evenly over the trace, always including the first and last."""
-    n = len(trace)
-    if n == 0:
-        raise ValueError("The trace is empty: nothing to plot.")
-    if count >= n:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, count)})
+    if len(trace) == 0:
+        raise NotRecordedError("The trace is empty: nothing to plot (call the pipeline inside the recorder).")
+    return spread(len(trace), count)
 
 
 def step_image(trace: Trace, position: int, quantity: str = "preview", image: int = 0) -> np.ndarray:
-    """One record's picture as (H, W, 3) uint8: a preview / decode, or a latent quantity through latent→RGB."""
-    rec = trace[position]
-    t = getattr(rec, quantity, None) if quantity in _IMAGE_QUANTITIES + _LATENT_QUANTITIES else None
+    """One record's picture as (H, W, 3) uint8: a preview / decode, or a latent quantity through latent→RGB.
+
+    Latent quantities are previewed with the factors the trace was recorded with (``meta["latent_rgb"]``)
+    and Euler-type noisy latents scaled by √ᾱ first: :func:`sdexplore.render.trace_preview`.
+    """
     if quantity not in _IMAGE_QUANTITIES + _LATENT_QUANTITIES:
         raise ValueError(
             f"Cannot draw {quantity!r}; choose one of {', '.join(_IMAGE_QUANTITIES + _LATENT_QUANTITIES)}."
         )
+    if quantity in _LATENT_QUANTITIES:
+        return trace_preview(trace, position, quantity, image=image)
+    rec = trace[position]
+    t = getattr(rec, quantity)
     if t is None:
-        raise ValueError(
+        raise NotRecordedError(
             f"{quantity!r} was not recorded at step {rec.index}; record it with quantities=(..., {quantity!r})."
         )
-    if quantity in _IMAGE_QUANTITIES:
-        return t[image].cpu().numpy()  # (H, W, 3)
-    fam = FAMILIES.get(trace.family, FAMILIES["sd1"])
-    factors = torch.tensor(fam.latent_rgb_factors, dtype=torch.float32)
-    bias = torch.tensor(fam.latent_rgb_bias, dtype=torch.float32)
-    lat = t[image : image + 1].float().cpu()  # (1, C, h, w)
-    if quantity in ("latents", "latents_out") and trace.meta.get("ve_latents"):
-        lat = lat * math.sqrt(rec.alpha_bar)  # Euler-type latents are x0 + σ ε: bring them to the VP scale
-    return to_uint8(latent_to_rgb(lat, factors, bias))[0].numpy()  # (h, w, 3)
+    return t[image].cpu().numpy()  # (H, W, 3)
 
 
 def plot_steps(

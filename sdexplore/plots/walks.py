@@ -8,13 +8,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..export import as_uint8_frames
+from ..render import spread
 from ..smoothness import Metric, SmoothnessReport, smoothness_report
-
-
-def _pick(n_frames: int, count: int, keep: list[int]) -> list[int]:
-    """``count`` evenly spread frame indices, always including the ``keep`` ones (keyframes)."""
-    base = np.linspace(0, n_frames - 1, min(count, n_frames)).round().astype(int).tolist()
-    return sorted(set(base) | {k for k in keep if 0 <= k < n_frames})
 
 
 def plot_frame_strip(walk: Any, *, count: int = 8, height: float = 1.6) -> Figure:
@@ -24,7 +19,7 @@ def plot_frame_strip(walk: Any, *, count: int = 8, height: float = 1.6) -> Figur
     """
     frames = as_uint8_frames(walk)
     keyframes = list(getattr(walk, "keyframe_frames", []))
-    picks = _pick(len(frames), count, keyframes)
+    picks = spread(len(frames), count, keep=keyframes)
     fig = Figure(figsize=(height * len(picks), height + 0.5), layout="constrained")
     axes = fig.subplots(1, len(picks), squeeze=False)[0]
     for ax, k in zip(axes, picks, strict=True):

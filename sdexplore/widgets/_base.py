@@ -1,4 +1,7 @@
-"""Shared pieces of the explorers: image → PNG bytes, colour maps, SVG curves, frontend detection, static fallback."""
+"""Shared pieces of the explorers: image → PNG bytes, channel tiles, SVG curves, frontend detection, static fallback.
+
+Pictures themselves (heat-map overlays, colour maps, trace previews) come from :mod:`sdexplore.render`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +10,13 @@ import html
 import io
 import os
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..render import as_uint8_image, colorize, upscale
 
 #: Environment variable that forces the static (matplotlib) fallback everywhere: ``SDEXPLORE_STATIC=1``.
 STATIC_ENV = "SDEXPLORE_STATIC"
@@ -58,32 +62,6 @@ def _require_ipywidgets() -> Any:
 
 
 # ---------------------------------------------------------------------------------------- images
-def as_uint8_image(image: Any) -> np.ndarray:
-    """A PIL image, array or tensor (H, W, 3|4) / (H, W), uint8 or float in [0, 1] → (H, W, 3) uint8."""
-    if isinstance(image, Image.Image):
-        arr = np.asarray(image.convert("RGB"))
-    else:
-        if isinstance(image, torch.Tensor):
-            image = image.detach().cpu().numpy()
-        arr = np.asarray(image)
-        if arr.dtype != np.uint8:
-            arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)  # (H, W) → (H, W, 3)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise ValueError(f"Expected an image shaped (H, W, 3), got {arr.shape}.")
-    return np.ascontiguousarray(arr[..., :3])
-
-
-def upscale(arr: np.ndarray, min_side: int = MIN_DISPLAY_SIDE) -> np.ndarray:
-    """Nearest-neighbour upscale (H, W, C) by the integer factor that brings its short side to ``min_side``."""
-    k = max(1, -(-min_side // min(arr.shape[:2])))  # ceil
-    if k == 1:
-        return arr
-    h, w = arr.shape[:2]
-    return np.asarray(Image.fromarray(arr).resize((w * k, h * k), Image.NEAREST))  # (H*k, W*k, C)
-
-
 def style_widget() -> Any:
     """An invisible ``ipywidgets.HTML`` carrying :data:`PIXELATED_CSS` (add it to an explorer's box)."""
     import ipywidgets as w
@@ -111,25 +89,6 @@ def data_uri(data: bytes, fmt: str = "png") -> str:
     return f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
 
 
-@lru_cache(maxsize=16)
-def _lut(cmap: str) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
-
-
-def colorize(values: Any, cmap: str = "inferno", vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
-    """Map a 2-D array to RGB uint8 (h, w, 3) through a matplotlib colour map (a lookup table: no figure)."""
-    v = (
-        values.detach().float().cpu().numpy()
-        if isinstance(values, torch.Tensor)
-        else np.asarray(values, np.float32)
-    )
-    scaled = (v - vmin) / max(vmax - vmin, 1e-12)
-    idx = np.clip(np.nan_to_num(scaled) * 255.0, 0, 255).astype(np.uint8)
-    return _lut(cmap)[idx]  # (h, w, 3)
-
-
 def channel_tiles(
     tensor: Any, *, cmap: str = "RdBu_r", pad: int = 1, scale: float | None = None
 ) -> np.ndarray:
@@ -154,36 +113,6 @@ def channel_tiles(
         tile = colorize(x[i], cmap, -scale, scale)  # (h, w, 3)
         out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = tile
     return out
-
-
-def overlay(
-    image: np.ndarray | None, heat: Any, *, opacity: float = 0.6, cmap: str = "jet", size: int = 256
-) -> np.ndarray:
-    """Blend a heat map (h, w) in [0, 1] over an image (H, W, 3) uint8; returns (S, S', 3) uint8.
-
-    The heat map is bilinearly resized to the image (or to ``size`` when there is no image); an image
-    smaller than ``size`` is first upscaled (nearest) so 64×64 results stay legible.
-    """
-    h = (
-        heat.detach().float().cpu().numpy()
-        if isinstance(heat, torch.Tensor)
-        else np.asarray(heat, np.float32)
-    )
-    if image is None:
-        out_hw = (size, size * h.shape[1] // h.shape[0])
-        base = None
-    else:
-        base = image if min(image.shape[:2]) >= size else upscale(image, size)
-        out_hw = base.shape[:2]
-    # colour the small map, then resize the colours (bilinear): the same look, a fraction of the work
-    colours = np.asarray(
-        Image.fromarray(colorize(h, cmap)).resize(out_hw[::-1], Image.BILINEAR)
-    )  # (S, S', 3)
-    if base is None:
-        return colours
-    a = int(round(float(np.clip(opacity, 0.0, 1.0)) * 256))
-    blended = (base.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8  # (S, S', 3)
-    return blended.astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------- SVG curves
@@ -310,13 +239,6 @@ def new_figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
-
-
-def evenly(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)``, first and last included."""
-    if n <= k:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)})
 
 
 class SliderExplorer(Explorer):

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from ..heatmaps import normalize, resize
-from ._base import Explorer, as_uint8_image, data_uri, jpeg_bytes, new_figure, overlay
+from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, step_groups
+from ._base import Explorer, data_uri, jpeg_bytes, new_figure
 
 ALL_LAYERS = "all layers"
 
@@ -59,7 +60,7 @@ class AttentionExplorer(Explorer):
         words: the words offered (default: every distinct word of the prompt).
         batch_index: which image of the batch.
         size: displayed side of the main image in pixels.
-        cmap: matplotlib colour map of the heat maps.
+        cmap: matplotlib colour map of the heat maps (default: the one the CLI and plots use).
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
 
@@ -71,7 +72,7 @@ class AttentionExplorer(Explorer):
         words: Sequence[str] | None = None,
         batch_index: int = 0,
         size: int = 320,
-        cmap: str = "jet",
+        cmap: str = HEAT_CMAP,
         static: bool | None = None,
     ) -> None:
         super().__init__(static=static)
@@ -98,7 +99,7 @@ class AttentionExplorer(Explorer):
         self.word = self.words[0]
         self.step_range: tuple[int, int] = (0, max(self.num_steps - 1, 0))
         self.layer = ALL_LAYERS
-        self.opacity = 0.6
+        self.opacity = HEAT_OPACITY
 
     # ---- data -------------------------------------------------------------------------------------------
     def _layer_groups(self) -> dict[str, list[str]]:
@@ -173,7 +174,7 @@ class AttentionExplorer(Explorer):
         word: str,
         step_range: tuple[int, int] | None = None,
         layer: str = ALL_LAYERS,
-        opacity: float = 0.6,
+        opacity: float = HEAT_OPACITY,
         size: int | None = None,
     ) -> bytes:
         """JPEG bytes of the heat map of ``word`` over the image (cached)."""
@@ -183,7 +184,7 @@ class AttentionExplorer(Explorer):
         return self._png_cache.get_or(
             key,
             lambda: jpeg_bytes(
-                overlay(
+                heat_overlay(
                     self.image, self.heat(word, step_range, layer), opacity=opacity, cmap=self.cmap, size=size
                 )
             ),
@@ -194,10 +195,7 @@ class AttentionExplorer(Explorer):
         lo, hi = self.step_range
         if not self.has_steps:
             return [(0, max(self.num_steps - 1, 0))]
-        n = hi - lo + 1
-        k = min(n_bins, n)
-        edges = [lo + round(i * n / k) for i in range(k + 1)]
-        return [(edges[i], edges[i + 1] - 1) for i in range(k)]
+        return [(g[0], g[-1]) for g in step_groups(hi - lo + 1, n_bins, start=lo)]
 
     def _step_label(self, r: tuple[int, int]) -> str:
         ts = self.maps.timesteps
@@ -339,7 +337,7 @@ class AttentionExplorer(Explorer):
             for c, wd in enumerate(words):
                 ax = axes[r][c]
                 ax.imshow(
-                    overlay(
+                    heat_overlay(
                         self.image,
                         self.heat(wd, rng, self.layer),
                         opacity=self.opacity,

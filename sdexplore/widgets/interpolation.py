@@ -9,18 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from ..render import as_uint8_image, spread, upscale
 from ..smoothness import Metric, smoothness_report
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,
-    as_uint8_image,
-    evenly,
     jpeg_bytes,
     new_figure,
     png_bytes,
     style_widget,
     svg_curves,
-    upscale,
 )
 
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
@@ -177,7 +175,7 @@ class InterpolationExplorer(SliderExplorer):
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, count: int = 8) -> Any:
         """Static figure: a strip of ``count`` frames per walk and the smoothness curves."""
-        picks = evenly(self.num_frames, count)
+        picks = spread(self.num_frames, count)
         rows = len(self.frames)
         fig = new_figure(1.5 * len(picks), 1.6 * rows + 2.0)
         grid = fig.add_gridspec(rows + 1, len(picks), height_ratios=[1] * rows + [1.2])

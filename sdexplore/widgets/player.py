@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 
 from .. import export
-from ._base import SliderExplorer, evenly, new_figure, style_widget, upscale
+from ..render import spread, upscale
+from ._base import SliderExplorer, new_figure, style_widget
 from .interpolation import encode_frame, frame_label, frames_of
 
 
@@ -143,7 +144,7 @@ class WalkPlayer(SliderExplorer):
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, count: int = 8) -> Any:
         """Static figure: ``count`` frames spread over the walk, keyframes marked."""
-        picks = evenly(len(self.frames), count)
+        picks = spread(len(self.frames), count)
         keys = set(getattr(self.walk, "keyframe_frames", []) or [])
         fig = new_figure(1.6 * len(picks), 1.9)
         axes = np.atleast_1d(fig.subplots(1, len(picks)))

@@ -10,14 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..families import FAMILIES
-from ..preview import latent_to_rgb, to_uint8
+from ..render import spread, trace_preview
 from ..trace import StepRecord, Trace
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,
     channel_tiles,
-    evenly,
     new_figure,
     png_bytes,
     style_widget,
@@ -61,8 +59,9 @@ def _as_trace(source: Any) -> Trace | None:
 class TimestepScrubber(SliderExplorer):
     """A slider over the recorded steps of one run, with play/pause.
 
-    Shows, side by side, the noisy latents as a colour preview, the predicted clean image x0 (the VAE decode
-    when recorded, else its linear preview), the noise prediction and the latent channels, with the
+    Shows, side by side, the noisy latents as a colour preview (scaled by √ᾱ first for Euler-type
+    schedulers, whose latents are x0 + σ·ε), the predicted clean image x0 (the VAE decode when recorded,
+    else its linear preview), the noise prediction and the latent channels, with the
     timestep, the noise level (σ, √ᾱ) and the guidance scale. Every image is encoded once when its step
     arrives, so moving the slider only swaps bytes: it never runs the pipeline.
 
@@ -78,9 +77,8 @@ class TimestepScrubber(SliderExplorer):
         source: a :class:`~sdexplore.trace.Trace`, an ``Observation`` (its latest run) or a ``StepRecorder``;
             ``None`` for an empty scrubber filled by :meth:`on_step`.
         image: which image of the batch to show.
-        rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the trace's
-            ``meta["latent_rgb"]`` when present, else the family's published factors, see
-            :func:`sdexplore.families.latent_rgb`).
+        rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the factors the
+            trace was recorded with, ``meta["latent_rgb"]``, see :func:`sdexplore.render.trace_preview`).
         size: displayed side of each panel in pixels.
         live_fps: while filling in live, redraw at most this often (the newest step; the last step of a run
             is always drawn), so a fast GPU run is not slowed by encoding every step. ``None``: every step.
@@ -101,7 +99,6 @@ class TimestepScrubber(SliderExplorer):
         self.image = image
         self.size = size
         self._rgb = rgb_factors
-        self._fit_pending = False
         self._trace: Trace | None = None
         self.live_fps = live_fps
         self._records: list[StepRecord] = []
@@ -137,60 +134,20 @@ class TimestepScrubber(SliderExplorer):
         self._records = []
         self._cache = {}
         self._following = True
-        if self._rgb is None:
-            meta = trace.meta.get("latent_rgb")
-            if meta:
-                self._factors = torch.tensor(meta["factors"], dtype=torch.float32)
-                self._bias = torch.tensor(meta["bias"], dtype=torch.float32)
-            else:  # the family's factors until the recorder's own previews let us fit the model's
-                fam = FAMILIES.get(trace.family, FAMILIES["sd1"])
-                self._factors = torch.tensor(fam.latent_rgb_factors, dtype=torch.float32)
-                self._bias = torch.tensor(fam.latent_rgb_bias, dtype=torch.float32)
-                self._fit_pending = True
-        else:
-            self._factors, self._bias = (torch.as_tensor(t, dtype=torch.float32) for t in self._rgb)
 
-    def _rgb_of(self, latents: torch.Tensor) -> np.ndarray:
-        one = latents[self.image : self.image + 1].float()  # (1, C, h, w)
-        return to_uint8(latent_to_rgb(one, self._factors, self._bias))[0].numpy()  # (h, w, 3)
-
-    def _fit_factors(self, rec: StepRecord) -> None:
-        """Recover the recorder's latent → RGB factors from one record: its ``preview`` is a linear map of
-        ``x0`` (or of ``latents``), so a least-squares fit over the unsaturated pixels gives them exactly
-        (up to uint8 rounding). A model with its own fitted factors (the embedded one) then previews right."""
-        if rec.preview is None:
-            return
-        rgb = rec.preview[self.image].float().reshape(-1, 3)  # (h*w, 3) uint8 values
-        ok = ((rgb > 0) & (rgb < 255)).all(dim=1)
-        if int(ok.sum()) < 16:
-            return  # all saturated: try the next step
-        target = rgb[ok] / 127.5 - 1.0  # (N, 3) in [-1, 1]
-        best = None
-        for src in (rec.x0, rec.latents):
-            if src is None:
-                continue
-            x = src[self.image].float().flatten(1).T[ok]  # (C, h*w) → (N, C)
-            design = torch.cat([x, torch.ones(len(x), 1)], dim=1)  # (N, C + 1)
-            sol = torch.linalg.lstsq(design, target).solution  # (C + 1, 3)
-            err = float((design @ sol - target).abs().max())
-            if best is None or err < best[0]:
-                best = (err, sol)
-        self._fit_pending = False
-        if best is not None and best[0] < 0.02:  # an exact linear relation: adopt it
-            self._factors, self._bias = best[1][:-1].contiguous(), best[1][-1].contiguous()
+    def _preview(self, rec: StepRecord, of: str) -> np.ndarray:
+        return trace_preview(self._trace, rec, of, image=self.image, factors=self._rgb)  # (h, w, 3)
 
     def _prepare(self, rec: StepRecord) -> _Frame:
-        if self._fit_pending:
-            self._fit_factors(rec)
         b = self.image
         arrays: dict[str, np.ndarray | None] = dict.fromkeys(PANELS)
         if rec.latents is not None:
-            arrays["noisy"] = self._rgb_of(rec.latents)
+            arrays["noisy"] = self._preview(rec, "latents")
             arrays["latents"] = channel_tiles(rec.latents[b])
         if rec.decoded is not None:
             arrays["x0"] = rec.decoded[b].numpy()
         elif rec.x0 is not None:
-            arrays["x0"] = self._rgb_of(rec.x0)
+            arrays["x0"] = self._preview(rec, "x0")
         elif rec.preview is not None:
             arrays["x0"] = rec.preview[b].numpy()
         if rec.noise_pred is not None:
@@ -333,7 +290,7 @@ class TimestepScrubber(SliderExplorer):
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, columns: int = 6) -> Any:
         """Static figure: rows = the four panels, columns = ``columns`` steps spread over the run."""
-        picks = evenly(len(self._records), columns)
+        picks = spread(len(self._records), columns)
         fig = new_figure(1.8 * max(len(picks), 1), 1.9 * len(PANELS))
         if not picks:
             ax = fig.add_subplot()

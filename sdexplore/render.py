@@ -1,0 +1,281 @@
+"""Pictures for every view (widgets, plots, the CLI): heat-map overlays, step picking, trace previews, x0 decodes.
+
+One implementation of each, so a notebook, a figure and a CLI file show the same thing: numpy/torch in,
+(H, W, 3) uint8 out. Imports no widget, no plotting library at import time and no pipeline.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decoding import decode_with
+from .errors import NotRecordedError
+from .heatmaps import resize
+from .preview import latent_to_rgb, to_uint8
+
+if TYPE_CHECKING:
+    from .trace import StepRecord, Trace
+
+#: The colour map of every heat-map overlay (CLI files, widgets, plots).
+HEAT_CMAP = "jet"
+#: How much of the heat map shows over the image (0: the image only, 1: the heat map only).
+HEAT_OPACITY = 0.5
+#: Quantities of a step that are latents (B, C, h, w) and so can be previewed through latent → RGB.
+LATENT_QUANTITIES = ("x0", "latents", "latents_out", "noise_pred", "noise_cond", "noise_uncond")
+
+
+# ---------------------------------------------------------------------------------------- images
+def as_uint8_image(image: Any) -> np.ndarray:
+    """A PIL image, array or tensor → (H, W, 3) uint8.
+
+    Takes (H, W, 3|4), (H, W), (3, H, W) or a batch of one (1, …); uint8, or float in [0, 1] (clipped).
+    """
+    if isinstance(image, Image.Image):
+        return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().float().numpy() if image.dtype != torch.uint8 else image.cpu().numpy()
+    arr = np.asarray(image)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]  # (1, …) → one image
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3, 4):
+        arr = arr.transpose(1, 2, 0)  # (C, H, W) → (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]  # (H, W, 1) → (H, W)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=-1)  # (H, W) → (H, W, 3)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"Expected an image shaped (H, W, 3) or (3, H, W), got {arr.shape}.")
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def upscale(arr: np.ndarray, min_side: int) -> np.ndarray:
+    """Nearest-neighbour upscale (H, W, C) by the integer factor that brings its short side to ``min_side``."""
+    k = max(1, -(-min_side // min(arr.shape[:2])))  # ceil
+    if k == 1:
+        return arr
+    h, w = arr.shape[:2]
+    return np.asarray(Image.fromarray(arr).resize((w * k, h * k), Image.NEAREST))  # (H*k, W*k, C)
+
+
+@lru_cache(maxsize=16)
+def _lut(cmap: str) -> np.ndarray:
+    from matplotlib import colormaps  # the colour tables only: no figure, no backend
+
+    return (colormaps[cmap](np.linspace(0.0, 1.0, 256))[:, :3] * 255).round().astype(np.uint8)  # (256, 3)
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().float().cpu().numpy()
+    return np.asarray(values, np.float32)
+
+
+def colorize(values: Any, cmap: str = HEAT_CMAP, vmin: float = 0.0, vmax: float = 1.0) -> np.ndarray:
+    """Map a 2-D array to RGB uint8 (h, w, 3) through a matplotlib colour map (a lookup table: no figure)."""
+    scaled = (_numpy(values) - vmin) / max(vmax - vmin, 1e-12)
+    idx = np.clip(np.nan_to_num(scaled) * 255.0, 0, 255).round().astype(np.uint8)
+    return _lut(cmap)[idx]  # (h, w, 3)
+
+
+def heat_overlay(
+    image: Any,
+    heat: Any,
+    *,
+    opacity: float = HEAT_OPACITY,
+    cmap: str = HEAT_CMAP,
+    size: int | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> np.ndarray:
+    """A heat map (h, w) over an image: bilinearly upsampled, coloured, blended. Returns (H, W, 3) uint8.
+
+    ``vmin`` / ``vmax`` go to the ends of the colour map; by default the upsampled map's own minimum and
+    maximum (min-max normalised, so every map shows its shape). ``opacity``: 0 shows the image, 1 the
+    colours alone. ``size``: the output's shortest side at least this many pixels (a smaller image is
+    upscaled by nearest neighbour, so a 64×64 image stays legible); ``None`` keeps the image's size.
+    Without an image (``None``) the coloured map alone is returned, its shorter side ``size`` (default 256).
+    """
+    if not 0.0 <= float(opacity) <= 1.0:
+        raise ValueError(f"opacity must lie in [0, 1], got {opacity}.")
+    h = torch.as_tensor(_numpy(heat))
+    if h.ndim != 2:
+        raise ValueError(f"A heat map is one 2-D map (h, w), got shape {tuple(h.shape)}; pick one word/step.")
+    if image is None:
+        side = size or 256
+        k = side / min(h.shape)
+        base, out_hw = None, (round(h.shape[0] * k), round(h.shape[1] * k))
+    else:
+        base = as_uint8_image(image)
+        if size is not None:
+            base = upscale(base, size)
+        out_hw = base.shape[:2]
+    m = resize(h, out_hw).numpy()  # (H, W) bilinear
+    lo = float(m.min()) if vmin is None else float(vmin)
+    hi = float(m.max()) if vmax is None else float(vmax)
+    colours = colorize(m, cmap, lo, hi)  # (H, W, 3)
+    if base is None:
+        return colours
+    a = int(round(float(opacity) * 256))
+    blended = (base.astype(np.uint16) * (256 - a) + colours.astype(np.uint16) * a) >> 8  # (H, W, 3)
+    return blended.astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------- which steps
+def spread(n: int, k: int, keep: Iterable[int] = ()) -> list[int]:
+    """``k`` of ``range(n)`` spread evenly, first and last included, plus any ``keep`` (e.g. keyframes).
+
+    The panels of a strip of ``k`` steps (or frames): all of them when ``n <= k``.
+    """
+    if n < 0 or k < 1:
+        raise ValueError(f"spread needs n >= 0 items and k >= 1 panels, got n={n}, k={k}.")
+    if n <= k:
+        base = set(range(n))
+    elif k == 1:
+        base = {n - 1}  # one panel: the end of the run
+    else:
+        base = {round(i * (n - 1) / (k - 1)) for i in range(k)}
+    return sorted(base | {i for i in keep if 0 <= i < n})
+
+
+def step_groups(n: int, k: int, start: int = 0) -> list[range]:
+    """``range(start, start + n)`` cut into ``min(k, n)`` consecutive, nearly equal groups (early → late)."""
+    if n < 1 or k < 1:
+        raise ValueError(f"step_groups needs n >= 1 steps and k >= 1 groups, got n={n}, k={k}.")
+    k = min(k, n)
+    edges = [start + round(i * n / k) for i in range(k + 1)]
+    return [range(edges[i], edges[i + 1]) for i in range(k)]
+
+
+# ---------------------------------------------------------------------------------------- trace previews
+def preview_factors(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latent → RGB factors ``(factors (C, 3), bias (3,))`` a trace's previews were made with.
+
+    ``trace.meta["latent_rgb"]`` (recorded since traces carry it); for an older trace without it, the
+    family's published factors.
+    """
+    meta = trace.meta.get("latent_rgb")
+    if meta:
+        return (
+            torch.tensor(meta["factors"], dtype=torch.float32),
+            torch.tensor(meta["bias"], dtype=torch.float32),
+        )
+    from .families import FAMILIES
+
+    fam = FAMILIES.get(trace.family)
+    if fam is None:
+        raise NotRecordedError(
+            f"This trace (family {trace.family!r}) carries no latent → RGB factors in meta['latent_rgb']; "
+            "pass factors=(factors (C, 3), bias (3,))."
+        )
+    return (
+        torch.tensor(fam.latent_rgb_factors, dtype=torch.float32),
+        torch.tensor(fam.latent_rgb_bias, dtype=torch.float32),
+    )
+
+
+def _position(trace: Trace, step: int | StepRecord) -> int:
+    if isinstance(step, int):
+        trace[step]  # noqa: B018 - the trace's own IndexError names the valid range
+        return step % len(trace)
+    for i, rec in enumerate(trace.steps):
+        if rec is step:
+            return i
+    raise ValueError("That StepRecord is not one of this trace's steps; pass its position in the trace.")
+
+
+def _signal_level(trace: Trace, pos: int, of: str) -> float:
+    """√ᾱ that brings ``of`` of record ``pos`` from variance-exploding form (x0 + σε) to the VP scale."""
+    rec = trace[pos]
+    if of == "latents":
+        return math.sqrt(rec.alpha_bar)
+    # latents_out sit at the next step's noise level
+    if pos + 1 < len(trace) and trace[pos + 1].index == rec.index + 1:
+        return math.sqrt(trace[pos + 1].alpha_bar)
+    if trace.num_steps and rec.index >= trace.num_steps - 1:
+        return 1.0  # after the last step: σ = 0
+    return math.sqrt(rec.alpha_bar)  # the next step was not recorded (every > 1): the nearest level known
+
+
+def trace_preview(
+    trace: Trace,
+    step: int | StepRecord,
+    of: str = "x0",
+    *,
+    image: int = 0,
+    factors: tuple[Any, Any] | None = None,
+) -> np.ndarray:
+    """Linear latent → RGB preview of one recorded step's ``of`` (``"x0"``, ``"latents"``, …): (h, w, 3) uint8.
+
+    Uses the factors the trace was recorded with (:func:`preview_factors`; ``factors`` overrides them) and,
+    for an Euler-type trace (``meta["ve_latents"]``, latents = x0 + σ·ε), scales noisy latents by √ᾱ first,
+    exactly as the recorder's own ``preview_of="latents"`` previews. ``step``: a position in the trace
+    (``trace[step]``) or one of its records.
+    """
+    if of not in LATENT_QUANTITIES:
+        raise ValueError(f"Cannot preview {of!r}; choose one of {', '.join(LATENT_QUANTITIES)}.")
+    pos = _position(trace, step)
+    rec = trace[pos]
+    t = getattr(rec, of)
+    if t is None:
+        raise NotRecordedError(
+            f"{of!r} was not recorded at step {rec.index}; record it with StepRecorder(quantities=(..., {of!r}))."
+        )
+    if not 0 <= image < t.shape[0]:
+        raise IndexError(f"image {image} is out of range: this trace holds {t.shape[0]} image(s) per step.")
+    f, b = (
+        preview_factors(trace)
+        if factors is None
+        else (torch.as_tensor(factors[0]).float(), torch.as_tensor(factors[1]).float())
+    )
+    lat = t[image : image + 1].float().cpu()  # (1, C, h, w)
+    if of in ("latents", "latents_out") and trace.meta.get("ve_latents"):
+        lat = lat * _signal_level(trace, pos, of)  # VE → VP form, the scale the factors expect
+    return to_uint8(latent_to_rgb(lat, f, b))[0].numpy()  # (h, w, 3)
+
+
+# ---------------------------------------------------------------------------------------- x0 decodes
+def decode_steps(
+    vae: Any,
+    trace: Trace,
+    steps: Sequence[int] | None = None,
+    *,
+    image: int = 0,
+    progress: bool = False,
+) -> list[np.ndarray]:
+    """VAE-decode the predicted x0 of recorded ``steps`` (positions; default all) → (H, W, 3) uint8 each.
+
+    Decoding after the run keeps the denoising loop as fast as a plain call. A float16 VAE whose config asks
+    for ``force_upcast`` (SDXL's, which overflows in float16) decodes in float32, as the pipelines do, and
+    is put back afterwards. Every step is checked for a recorded x0 before the first decode.
+    """
+    positions = list(range(len(trace))) if steps is None else [_position(trace, s) for s in steps]
+    for p in positions:
+        if trace[p].x0 is None:
+            raise NotRecordedError(
+                f"x0 was not recorded at step {trace[p].index}; record it with StepRecorder(quantities=(..., 'x0'))."
+            )
+    from tqdm.auto import tqdm
+
+    dtype = vae.dtype
+    upcast = dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        out = []
+        for p in tqdm(positions, desc="decoding x0", unit="step", disable=not progress, file=sys.stderr):
+            z = trace[p].x0[image : image + 1]  # (1, C, h, w)
+            out.append(decode_with(vae, z)[0].cpu().numpy())  # (1, H, W, 3) → (H, W, 3)
+        return out
+    finally:
+        if upcast:
+            vae.to(dtype)
