@@ -7,10 +7,21 @@ import sdexplore
 
 
 def test_every_public_name_resolves():
+    """Each exported name resolves to the object of that name (a wrong lazy-import entry gives another one)."""
+    constants = {"EMBEDDED_MODEL_DIR", "EMBEDDED_GUIDANCE_SCALE", "FAMILIES", "__version__"}
     for name in sdexplore.__all__:
-        assert getattr(sdexplore, name) is not None, name
-    assert callable(sdexplore.observe) and callable(sdexplore.walk) and callable(sdexplore.load_pipeline)
-    assert sdexplore.widgets.TimestepScrubber is not None
+        obj = getattr(sdexplore, name)
+        if name not in constants:
+            assert callable(obj) and obj.__name__ == name, name
+            assert obj.__module__.startswith("sdexplore."), (name, obj.__module__)
+        if name.endswith("Error"):
+            assert issubclass(obj, sdexplore.SdexploreError) and issubclass(obj, Exception), name
+    assert (sdexplore.EMBEDDED_MODEL_DIR / "model_index.json").is_file()
+    assert sdexplore.EMBEDDED_GUIDANCE_SCALE > 1.0  # a scale that turns classifier-free guidance on
+    assert set(sdexplore.FAMILIES) == {"sd1", "sd2", "sdxl"}
+    assert all(isinstance(f, sdexplore.Family) for f in sdexplore.FAMILIES.values())
+    scrubber = sdexplore.widgets.TimestepScrubber
+    assert isinstance(scrubber, type) and scrubber.__module__.startswith("sdexplore.widgets")
 
 
 def test_import_does_not_load_diffusers():
