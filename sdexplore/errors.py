@@ -41,3 +41,7 @@ class ResultFileError(SdexploreError, ValueError):
 
 class NotRecordedError(SdexploreError, ValueError):
     """A view asked for a quantity a result did not record (the message says how to record it)."""
+
+
+class TrainingConfigError(SdexploreError, ValueError):
+    """A training run's settings contradict each other or are out of range (checked before anything runs)."""

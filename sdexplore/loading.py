@@ -12,15 +12,10 @@ from typing import Any
 
 import torch
 
+# The embedded model's folder, guidance scale and availability live in embedded/model.py; re-exported here.
+from .embedded.model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, embedded_model_available  # noqa: F401
 from .errors import DeviceDtypeError, ModelNotAvailableError, UnsafeCheckpointError, UnsupportedPipelineError
 from .families import FAMILIES, detect_family
-
-#: Folder of the embedded default model shipped inside the package.
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "tiny-shapes"
-#: The embedded model's recommended classifier-free guidance scale (at diffusers' default 7.5 it draws the wrong
-#: kind of shape more often; chosen by ``scripts/eval_embedded.py --tune-guidance``, see its MODEL_CARD.md). The command line
-#: uses it for the embedded model when ``--guidance`` is not given; pass ``guidance_scale=`` in your own calls.
-EMBEDDED_GUIDANCE_SCALE = 3.0
 
 #: Hub ids that moved; the old id resolves to the maintained one with a one-line note.
 MOVED_MODEL_IDS = {
@@ -61,11 +56,6 @@ def _quiet_loading() -> Iterator[None]:
 
 class ModelIdNote(UserWarning):
     """A one-line note that a model id was resolved to another one."""
-
-
-def embedded_model_available() -> bool:
-    """True when the trained embedded model ships with this installation."""
-    return (EMBEDDED_MODEL_DIR / "model_index.json").is_file()
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:

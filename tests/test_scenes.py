@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdexplore import scenes
-from sdexplore.scenes import COLOURS, PLACES, SHAPES, SceneParams
+from sdexplore.embedded import scenes
+from sdexplore.embedded.scenes import COLOURS, PLACES, SHAPES, SceneParams
 
 
 def _cell(mask: np.ndarray) -> str:
@@ -199,3 +199,42 @@ def test_grid_place_splits_the_image_in_thirds_and_clamps_the_far_edge():
     assert scenes.grid_place(21.3, 42.7, 64, 64) == "bottom left"  # just past the 2/3 line
     assert scenes.grid_place(64, 0, 64, 64) == "top right"  # the right edge itself stays on the grid
     assert scenes.grid_place(10, 20, 30, 30) == "bottom"  # any image size
+
+
+def test_scene_batch_to_moves_every_tensor_and_keeps_the_scenes():
+    batch = scenes.validation_scenes(5)
+    moved = batch.to("meta")
+    assert all(getattr(moved, k).device.type == "meta" for k in batch.__dataclass_fields__)
+    back = batch.to("cpu")
+    assert back.prompts() == batch.prompts() and back is not batch
+
+
+def test_the_old_address_sdexplore_scenes_offers_the_same_objects():
+    """``sdexplore.scenes`` (and ``sdx.scenes``) re-exports the world at its new home, object for object."""
+    import sdexplore
+    import sdexplore.scenes as old
+
+    assert sdexplore.scenes is old
+    assert sorted(old.__all__) == sorted(scenes.__all__)
+    for name in scenes.__all__:
+        assert getattr(old, name) is getattr(scenes, name), name
+
+
+def test_the_embedded_model_s_constants_keep_their_old_homes():
+    import sdexplore
+    from sdexplore import loading
+    from sdexplore.embedded import model
+
+    for name in ("EMBEDDED_MODEL_DIR", "EMBEDDED_GUIDANCE_SCALE", "embedded_model_available"):
+        assert getattr(loading, name) is getattr(model, name) is getattr(sdexplore, name), name
+    assert model.EMBEDDED_MODEL_DIR.parent == model.MODELS_DIR
+    assert model.embedded_model_available() == (model.EMBEDDED_MODEL_DIR / "model_index.json").is_file()
+
+
+def test_importing_the_embedded_package_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sdexplore.embedded, sdexplore.embedded.config; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
