@@ -14,7 +14,11 @@ def test_detect_each_fixture(fam):
     pipe = tiny_pipeline(fam)
     f = detect_family(pipe)
     assert f.name == fam
-    assert all(getattr(pipe, n) is not None for n in f.text_encoders + f.tokenizers)
+    assert len(f.text_encoders) == len(f.tokenizers) == (2 if fam == "sdxl" else 1)
+    # The named encoders, in concat order, are the ones whose hidden states the UNet's cross-attention reads.
+    widths = [getattr(pipe, n).config.hidden_size for n in f.text_encoders]
+    assert sum(widths) == pipe.unet.config.cross_attention_dim
+    assert all(getattr(pipe, n).model_max_length == 77 for n in f.tokenizers)
     cross = f.cross_attention_layers(pipe.unet)
     assert cross and all(n.endswith("attn2.processor") for n in cross)
     assert len(cross) * 2 == len(pipe.unet.attn_processors)  # every transformer block: attn1 + attn2
