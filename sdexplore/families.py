@@ -13,11 +13,63 @@ from .errors import UnsupportedPipelineError
 
 
 @dataclass(frozen=True)
+class DenoiserArgs:
+    """Where the denoiser's ``forward`` finds its inputs, as (keyword, position) pairs.
+
+    The attachment reads the noisy sample, the timestep and the text conditioning through these, and a prompt
+    switch replaces the text (and pooled text) through them, so a transformer denoiser with other argument names
+    is a new record, not a new recorder.
+    """
+
+    sample: tuple[str, int] = ("sample", 0)
+    timestep: tuple[str, int] = ("timestep", 1)
+    text: tuple[str, int] = ("encoder_hidden_states", 2)
+    pooled: tuple[str, str] | None = (
+        None  # (keyword holding a dict, key): SDXL's ("added_cond_kwargs", "text_embeds")
+    )
+
+    def get(self, which: str, args: tuple, kwargs: dict) -> Any:
+        """The value of input ``which`` ("sample", "timestep", "text", "pooled") in a forward call, or None."""
+        if which == "pooled":
+            if self.pooled is None:
+                return None
+            holder = kwargs.get(self.pooled[0])
+            return None if not holder else holder.get(self.pooled[1])
+        name, pos = getattr(self, which)
+        if name in kwargs:
+            return kwargs[name]
+        return args[pos] if len(args) > pos else None
+
+    def replace(self, which: str, args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of a forward call with input ``which`` set to ``value`` (the originals untouched)."""
+        kwargs = dict(kwargs)
+        if which == "pooled":
+            assert self.pooled is not None
+            kwargs[self.pooled[0]] = {**kwargs[self.pooled[0]], self.pooled[1]: value}
+            return args, kwargs
+        name, pos = getattr(self, which)
+        if name in kwargs or len(args) <= pos:
+            kwargs[name] = value
+            return args, kwargs
+        return (*args[:pos], value, *args[pos + 1 :]), kwargs
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """What a pipeline's ``encode_prompt`` returned, named: (N, tokens, D) embeddings, (N, P) pooled ones."""
+
+    embeds: torch.Tensor
+    negative: torch.Tensor | None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class Family:
     """What sdexplore needs to know about one model family.
 
-    Adding a family (SD3, Flux, ...) means adding one record to :data:`FAMILIES`; recorders, walks and
-    widgets read only these fields.
+    Adding a family (SD3, Flux, ...) means adding one record to :data:`FAMILIES`; the attachment, recorders,
+    walks and widgets read only these fields and methods.
     """
 
     name: str  # short id: "sd1", "sd2", "sdxl"
@@ -30,16 +82,40 @@ class Family:
         tuple[float, float, float], ...
     ]  # (latent_channels, 3): latent → RGB in [-1, 1]
     latent_rgb_bias: tuple[float, float, float]  # added after the factors
-    pooled_text_embeds: bool  # does the UNet take a pooled text embedding (SDXL's add_text_embeds)?
+    pooled_text_embeds: bool  # does the denoiser take a pooled text embedding (SDXL's add_text_embeds)?
     cfg_uncond_first: bool = True  # in the CFG batch the unconditional half comes first
-    default_resolution: int = 512  # native image side in pixels
+    denoiser: str = "unet"  # pipeline attribute of the denoising network the attachment hooks
+    denoiser_args: DenoiserArgs = DenoiserArgs()  # where its forward finds sample, timestep and text
+
+    def get_denoiser(self, pipe: Any) -> torch.nn.Module:
+        """The pipeline's denoising network (``pipe.unet`` for the UNet families)."""
+        module = getattr(pipe, self.denoiser, None)
+        if module is None:
+            raise UnsupportedPipelineError(
+                f"{type(pipe).__name__} has no {self.denoiser!r}: sdexplore observes the {self.label} denoiser there."
+            )
+        return module
+
+    def cfg_halves(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(uncond, cond)`` halves of a CFG batch (2B, ...) in this family's layout; views, no copy."""
+        a, b = batch.chunk(2)  # (B, ...) each
+        return (a, b) if self.cfg_uncond_first else (b, a)
+
+    def cfg_rows(self, rows: int) -> tuple[slice, slice]:
+        """``(uncond, cond)`` row slices of a CFG batch of ``rows`` rows."""
+        half = rows // 2
+        first, second = slice(0, half), slice(half, rows)
+        return (first, second) if self.cfg_uncond_first else (second, first)
+
+    def join_cfg(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The CFG batch (2B, ...) from its halves, in this family's layout."""
+        return torch.cat([uncond, cond] if self.cfg_uncond_first else [cond, uncond])
 
     def cross_attention_layers(self, unet: torch.nn.Module) -> list[str]:
         """Processor names (keys of ``unet.attn_processors``) of the cross-attention layers.
 
-        Detected structurally, not by size: an ``Attention`` module is cross-attention when it is
-        configured with a ``cross_attention_dim`` different from its query dim or named ``attn2`` in a
-        transformer block (diffusers' convention for text cross-attention).
+        Detected structurally, not by size: an ``Attention`` module named ``attn2`` in a transformer block
+        (diffusers' convention for text cross-attention).
         """
         names = []
         for proc_name in unet.attn_processors:
@@ -47,6 +123,30 @@ class Family:
             if module_name.split(".")[-1] == "attn2":
                 names.append(proc_name)
         return names
+
+    def encode_prompt(
+        self,
+        pipe: Any,
+        prompt: Any,
+        *,
+        device: Any,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt: Any = None,
+        clip_skip: int | None = None,
+    ) -> TextEncoding:
+        """Call the pipeline's own ``encode_prompt`` and name what it returns (its tuple differs per family)."""
+        out = pipe.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_classifier_free_guidance,
+            negative_prompt=negative_prompt,
+            clip_skip=clip_skip,
+        )
+        if self.pooled_text_embeds:  # (embeds, negative, pooled, negative pooled)
+            return TextEncoding(out[0], out[1], out[2], out[3])
+        return TextEncoding(out[0], out[1])
 
 
 # Latent → RGB factors as published with ComfyUI's latent formats (rows = latent channels, columns = R, G, B).
@@ -73,9 +173,8 @@ SD1 = Family(
     latent_rgb_factors=_SD_FACTORS,
     latent_rgb_bias=(0.0, 0.0, 0.0),
     pooled_text_embeds=False,
-    default_resolution=512,
 )
-SD2 = replace(SD1, name="sd2", label="Stable Diffusion 2.x", default_resolution=768)
+SD2 = replace(SD1, name="sd2", label="Stable Diffusion 2.x")
 SDXL = Family(
     name="sdxl",
     label="Stable Diffusion XL",
@@ -86,7 +185,7 @@ SDXL = Family(
     latent_rgb_factors=_SDXL_FACTORS,
     latent_rgb_bias=(0.1084, -0.0175, -0.0011),
     pooled_text_embeds=True,
-    default_resolution=1024,
+    denoiser_args=DenoiserArgs(pooled=("added_cond_kwargs", "text_embeds")),
 )
 
 #: Every supported family, in detection order.

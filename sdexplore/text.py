@@ -102,29 +102,23 @@ def encode_prompt(
         raise TypeError(
             f"encode_prompt takes one prompt string, got {type(prompt).__name__}; call it per prompt."
         )
-    device = pipe._execution_device
     with torch.no_grad():
-        if fam.pooled_text_embeds:
-            pe, ne, pp, npp = pipe.encode_prompt(
-                prompt,
-                device=device,
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=True,
-                negative_prompt=negative_prompt,
-                clip_skip=clip_skip,
-            )
-            h, w = (height, width) if height and width else default_size(pipe)
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)  # (1, 6)
-            return EncodedPrompt(fam.name, prompt, negative_prompt, pe, ne, pp, npp, time_ids)
-        pe, ne = pipe.encode_prompt(
+        enc = fam.encode_prompt(
+            pipe,
             prompt,
-            device,
-            1,
-            True,
+            device=pipe._execution_device,
             negative_prompt=negative_prompt,
             clip_skip=clip_skip,
         )
-    return EncodedPrompt(fam.name, prompt, negative_prompt, pe, ne)
+    if not fam.pooled_text_embeds:
+        return EncodedPrompt(fam.name, prompt, negative_prompt, enc.embeds, enc.negative)
+    h, w = (height, width) if height and width else default_size(pipe)
+    time_ids = torch.tensor(
+        [[h, w, 0, 0, h, w]], dtype=torch.float32
+    )  # (1, 6): SDXL's size/crop conditioning
+    return EncodedPrompt(
+        fam.name, prompt, negative_prompt, enc.embeds, enc.negative, enc.pooled, enc.negative_pooled, time_ids
+    )
 
 
 def stack_prompts(prompts: Sequence[EncodedPrompt]) -> EncodedPrompt:

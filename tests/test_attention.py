@@ -323,8 +323,12 @@ def test_layer_and_scale_selection(sdxl_pipe):
     assert maps.word("circle", layer="up_blocks.0.attentions.1").shape == (8, 8)  # two layers: latent size
     with pytest.raises(ValueError, match="keep_probs"):
         maps.word("circle", layer="up_blocks", step=0)
+    before = _state(sdxl_pipe)
     with AttentionRecorder(sdxl_pipe, scales=[1]) as rec:  # no layer works at full latent resolution here
-        sdxl_pipe(PROMPT, generator=gen(0), **RUN)
+        # said after the first step, naming the scales there are, not after the whole run or never
+        with pytest.raises(RecorderStateError, match=r"scales=\[1\].*at scales 2"):
+            sdxl_pipe(PROMPT, generator=gen(0), **RUN)
+    _assert_restored(sdxl_pipe, before)
     with pytest.raises(RecorderStateError, match="scales"):
         _ = rec.maps
     with AttentionRecorder(sdxl_pipe, scales=[2]) as rec:

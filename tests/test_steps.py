@@ -266,9 +266,8 @@ def test_img2img_records_only_the_steps_it_runs(sd1_pipe) -> None:
         out = pipe("a red circle", generator=gen(0), **kw).images
     assert np.abs(out - ref).max() <= 1e-6
     assert len(rec.trace) == rec.trace.num_steps == 3 and rec.trace.final_latents is not None
-    # on an accelerator the timestep is read from a CPU copy of the schedule (no per-step sync): same values
-    on_device = torch.empty((), device="meta")
-    assert [rec._timestep_value(on_device, i) for i in range(3)] == rec.trace.timesteps.tolist()
+    # timesteps are read from a host copy of the schedule made once per run (no per-step sync): its tail
+    assert rec.trace.timesteps.tolist() == pipe.scheduler.timesteps[-3:].float().tolist()
 
 
 @pytest.mark.parametrize(

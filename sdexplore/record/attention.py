@@ -1,0 +1,531 @@
+"""AttentionRecorder: capture cross-attention maps per token while the pipeline runs.
+
+The recorder patches nothing: it asks the pipeline's attachment (:mod:`sdexplore.record.attach`) to swap a
+capturing processor onto the chosen cross-attention layers, and hears from it when a run starts (the call's
+prompt labels the keys), before each denoiser call (a step boundary, the CFG layout) and when the run ends.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+
+from ..attention.tokens import TokenList, tokenize_prompt, unlabelled
+from ..errors import RecorderStateError, UnsupportedPipelineError
+from ..families import detect_family, vae_scale_factor
+from ..heatmaps import resize
+from ..results.attention_maps import AttentionMaps
+from .attach import AttentionTap, Run, Subscriber, attach, attachment_of
+from .processor import CapturingAttnProcessor, is_reproducible
+
+LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
+
+
+class AttentionRecorder:
+    """Record cross-attention maps per token of every pipeline call made inside the ``with`` block.
+
+    ::
+
+        with AttentionRecorder(pipe) as rec:
+            image = pipe("a big red circle on a blue background").images[0]
+        rec.maps.word("circle")            # (64, 64) for SD 1.5 at 512², raw attention mass
+
+    Only the cross-attention layers get a capturing processor (self-attention keeps its fast kernel); the
+    previous processor objects are restored on exit, also after an exception or KeyboardInterrupt. Maps are reduced on the device as the run goes: conditional half of
+    the CFG batch, mean over heads, per-step maps at ``step_resolution``, a running per-layer sum; nothing is
+    copied to the host until the maps are read, so there is no synchronisation per layer.
+
+    Keys are labelled with ``pipe.tokenizer``'s tokens of ``prompt`` (for SDXL too: its two tokenizers give the
+    same ids for the same text, only the padding differs). A run is one top-level ``pipe(...)`` call: calls to
+    ``pipe.encode_prompt`` or :func:`sdexplore.inspect_prompt` in the block never reset it. Several calls in one
+    block: ``maps`` holds the latest. After a :class:`~sdexplore.steering.PromptSwitch` the keys of the later steps
+    belong to the switched prompt; the labels stay those of the call's prompt.
+
+    Args:
+        pipe: a Stable Diffusion 1.x / 2.x / XL pipeline.
+        layers: restrict capture to cross-attention layers whose name contains this substring (or any of these
+            substrings), or for which this callable returns True; e.g. ``"up_blocks"``. Default: all.
+        scales: keep only layers at these downsampling factors of the latent (1 = full latent resolution, 2 =
+            half, ...; SD 1.5 at 512²: 1 → 64×64, 4 → 16×16). Other layers run their original processor. A run
+            in which no layer is at these scales stops after its first step with an error naming the scales
+            there are.
+        step_resolution: size of the per-step maps (for timestep scrubbing): an int caps the longer side (the
+            latent's aspect ratio is kept, never above the latent size), a ``(h, w)`` pair is exact, ``None``
+            records no per-step maps. Default 16.
+        per_head: also keep per-layer maps per head (``maps.layer_heads``), not just the head mean.
+        negative: also record the negative / unconditional half of the CFG batch (``maps.negative``).
+        keep_probs: keep every probability tensor (``maps.probs``), in the pipeline's dtype. Costly: SD 1.5,
+            512², 50 steps, one image: 16 layers × 8 heads × 26,944 queries × 77 keys × 50 steps × 2 bytes ≈
+            1.7 GB for the conditional half (3.3 GB with ``negative=True``), held on the device until read.
+    """
+
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        layers: LayerFilter = None,
+        scales: Collection[int] | None = None,
+        step_resolution: int | tuple[int, int] | None = 16,
+        per_head: bool = False,
+        negative: bool = False,
+        keep_probs: bool = False,
+    ) -> None:
+        self.pipe = pipe
+        self.family = detect_family(pipe)
+        unet = getattr(pipe, self.family.denoiser, None)
+        if unet is None or not hasattr(unet, "attn_processors"):
+            raise UnsupportedPipelineError(
+                f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
+                "need one."
+            )
+        cross = self.family.cross_attention_layers(unet)
+        if not cross:
+            raise UnsupportedPipelineError(
+                f"No cross-attention layers found in {type(unet).__name__}: this UNet is not text-conditioned "
+                "through cross-attention, so there are no per-token maps to record."
+            )
+        self._selected = _select_layers(cross, layers)
+        #: Module names of the selected cross-attention layers.
+        self.layer_names = [n.removesuffix(".processor") for n in self._selected]
+        if scales is not None:
+            scales = {int(s) for s in scales}
+            if not scales or any(s < 1 or s & (s - 1) for s in scales):
+                raise ValueError(
+                    f"scales must be powers of two ≥ 1 (1 = latent resolution), got {sorted(scales)}."
+                )
+        self.scales = scales
+        if step_resolution is not None:
+            sr = (
+                (step_resolution, step_resolution)
+                if isinstance(step_resolution, int)
+                else tuple(step_resolution)
+            )
+            if len(sr) != 2 or min(sr) < 1:
+                raise ValueError(
+                    f"step_resolution must be a positive int, a (h, w) pair or None; got {step_resolution!r}."
+                )
+        self.step_resolution = step_resolution
+        self.per_head = bool(per_head)
+        self.negative = bool(negative)
+        self.keep_probs = bool(keep_probs)
+        #: Module names of selected cross-attention layers left untouched (their processor is not plain attention).
+        self.skipped_layers: list[str] = []
+        self._attach: attach | None = None
+        self._entered_once = False
+        self._maps: AttentionMaps | None = None
+        self._why_no_maps: str | None = None
+        self._prompt_rows: tuple[list[TokenList], list[TokenList]] | None = None
+        self._reset_run()
+
+    # ---- context manager ----------------------------------------------------------------------------------
+    # ---- context manager ----------------------------------------------------------------------------------
+    def __enter__(self) -> AttentionRecorder:
+        if self._attach is not None:
+            raise RecorderStateError(
+                "This AttentionRecorder is already active; leave its `with` block first."
+            )
+        existing = attachment_of(self.pipe)
+        if existing is not None:
+            existing.check_free("attention")
+        den = self.family.get_denoiser(self.pipe)
+        procs = dict(den.attn_processors)
+        if any(isinstance(p, CapturingAttnProcessor) for p in procs.values()):
+            raise RecorderStateError(
+                "This pipeline still carries sdexplore capturing processors from a recorder that was never exited "
+                "(a `with` block left by a crashed kernel?). Leave that block, or rebuild the pipeline."
+            )
+        capture = [n for n in self._selected if is_reproducible(procs[n])]
+        skipped = [n for n in self._selected if not is_reproducible(procs[n])]
+        self.skipped_layers = [n.removesuffix(".processor") for n in skipped]
+        if not capture:
+            kinds = sorted({type(procs[n]).__name__ for n in self._selected})
+            raise UnsupportedPipelineError(
+                f"Cannot capture attention: every selected cross-attention layer uses a processor sdexplore cannot "
+                f"reproduce exactly ({', '.join(kinds)}). Reset them with pipe.unet.set_default_attn_processor() "
+                "(this discards what those processors do) or record without them."
+            )
+        if self.skipped_layers:
+            kinds = sorted({type(procs[n]).__name__ for n in skipped})
+            warnings.warn(
+                f"AttentionRecorder left {len(self.skipped_layers)} cross-attention layer(s) untouched because "
+                f"their processor ({', '.join(kinds)}) is not plain attention; maps cover the other "
+                f"{len(capture)} layer(s). See recorder.skipped_layers.",
+                stacklevel=2,
+            )
+
+        def capturing(name: str) -> Callable[[Any], Any]:
+            return lambda original: CapturingAttnProcessor(name, original, self._sink, self._gate)
+
+        sub = Subscriber(
+            kind="attention",
+            run_start=self._run_start,
+            run_end=self._run_end,
+            denoiser_pre=self._denoiser_pre,
+            attention=AttentionTap({name: capturing(name) for name in capture}),
+        )
+        ctx = attach(self.pipe, sub, self.family)
+        ctx.__enter__()
+        self._attach = ctx
+        self._captured = capture
+        self._maps, self._why_no_maps = None, None
+        self._prompt_rows = None
+        self._reset_run()
+        self._entered_once = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        ctx, self._attach = self._attach, None
+        try:
+            if ctx is not None:
+                ctx.__exit__(exc_type, exc, tb)
+        finally:
+            if self._timesteps:  # a run that ended without its run_end (should not happen): build it now
+                self._finish(exc_type is not None)
+            self._release_device_state()
+
+    @property
+    def _inside(self) -> bool:
+        return self._attach is not None
+
+    # ---- results ------------------------------------------------------------------------------------------
+    @property
+    def maps(self) -> AttentionMaps:
+        """The maps of the last pipeline call made in the ``with`` block (readable inside it, during or after a
+        call)."""
+        if self._inside and self._timesteps:
+            return self._build()
+        if self._maps is None:
+            if not self._entered_once:
+                raise RecorderStateError(
+                    "Nothing recorded yet: use `with AttentionRecorder(pipe) as rec:` and call pipe(...) inside."
+                )
+            raise RecorderStateError(
+                self._why_no_maps
+                or "No denoising step was recorded: call the pipeline inside the `with` block."
+            )
+        return self._maps
+
+    # ---- run state ----------------------------------------------------------------------------------------
+    def _reset_run(self) -> None:
+        self._timesteps: list[torch.Tensor] = []
+        self._latent_size: tuple[int, int] | None = None
+        self._sel = slice(None)
+        self._split: tuple[slice, slice] | None = None  # (uncond, cond) rows when both halves are kept
+        self._layer_hw: dict[str, tuple[int, int]] = {}
+        self._hw_cache: dict[tuple[int, int, int], tuple[int, int] | None] = {}
+        self._layer_sum: dict[str, torch.Tensor] = {}
+        self._layer_count: dict[str, int] = {}
+        self._head_sum: dict[str, torch.Tensor] = {}
+        self._probs: dict[str, list[torch.Tensor]] = {}
+        self._step_acc: dict[tuple[int, int], torch.Tensor] = {}
+        self._step_layers = 0
+        self._steps: list[tuple[dict[tuple, torch.Tensor], int]] = []  # per step: sums by group, layer count
+        self._num_keys = 77
+        self._scales_seen: set[int] = set()
+        self._first_step_checked = False
+
+    def _release_device_state(self) -> None:
+        maps = self._maps
+        self._reset_run()
+        self._maps = maps
+
+    def _run_start(self, run: Run) -> None:
+        """A pipeline call begins: a fresh run, its rows labelled with the call's prompt tokens."""
+        self._reset_run()
+        self._prompt_rows = self._labels_of_call(run.arguments)
+
+    def _run_end(self, run: Run, error: BaseException | None) -> None:
+        """A pipeline call ended: build its maps now (a failed or interrupted run keeps what it recorded)."""
+        if self._timesteps:
+            self._finish(error is not None)
+        self._release_device_state()
+
+    def _finish(self, failed: bool) -> None:
+        try:
+            self._maps, self._why_no_maps = self._build(), None
+        except RecorderStateError as err:
+            self._maps, self._why_no_maps = None, str(err)
+            if not failed:
+                raise
+        except Exception:
+            if not failed:
+                raise
+
+    def _labels_of_call(self, bound: dict[str, Any]) -> tuple[list[TokenList], list[TokenList]] | None:
+        """Token labels of the call's prompt (and negative prompt), one list per image; None for prompt_embeds."""
+        prompt = bound.get("prompt")
+        if prompt is None:
+            return None  # prompt_embeds passed directly: rows stay unlabelled
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        n = int(bound.get("num_images_per_prompt") or 1)
+        negative = bound.get("negative_prompt")
+        negatives = (
+            [negative or ""] * len(prompts)
+            if negative is None or isinstance(negative, str)
+            else list(negative)
+        )
+        prompt_2 = bound.get("prompt_2")
+        if prompt_2 is not None and prompt_2 != prompt:
+            warnings.warn(
+                "prompt_2 differs from prompt: SDXL's keys mix both encoders position by position, and maps are "
+                "labelled with prompt's tokens (pipe.tokenizer).",
+                stacklevel=5,
+            )
+        tok = getattr(self.pipe, self.family.tokenizers[0])
+        cond = [tokenize_prompt(tok, p) for p in prompts for _ in range(n)]
+        neg = [tokenize_prompt(tok, p) for p in negatives for _ in range(n)]
+        for tl in cond:
+            if tl.truncated:
+                warnings.warn(
+                    f"The prompt is longer than {len(tl.ids)} tokens; the text encoder never saw these and they have "
+                    f"no map: {' '.join(t.removesuffix('</w>') for t in tl.truncated)!r} (listed in maps.truncated).",
+                    stacklevel=5,
+                )
+        return cond, neg
+
+    def _denoiser_pre(self, run: Run, args: tuple, kwargs: dict) -> None:
+        """Before each denoiser call: close the previous step, note this step's timestep, latent size, CFG rows."""
+        if self._timesteps and not self._first_step_checked:
+            self._check_first_step()
+        self._close_step()
+        spec = self.family.denoiser_args
+        sample = spec.get("sample", args, kwargs)
+        timestep = spec.get("timestep", args, kwargs)
+        context = spec.get("text", args, kwargs)
+        self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1])  # (1,) view on the device: no sync
+        size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self._latent_size is not None and size != self._latent_size:
+            raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
+        self._latent_size = size
+        if context is not None:
+            self._num_keys = int(context.shape[1])
+        rows = int(sample.shape[0])
+        uncond, cond = self.family.cfg_rows(rows)
+        if run.cfg and self.negative:
+            self._sel, self._split = slice(None), (uncond, cond)
+        elif run.cfg:
+            self._sel, self._split = cond, None
+        else:
+            self._sel, self._split = slice(None), None
+        return None
+
+    def _check_first_step(self) -> None:
+        """After the first step: a scales= filter that matched no layer stops the run with the reason."""
+        self._first_step_checked = True
+        if self.scales is not None and not self._layer_sum:
+            raise RecorderStateError(self._no_capture_reason())
+
+    def _no_capture_reason(self) -> str:
+        if self.scales is None:
+            return "No cross-attention call was captured in this run: the selected layers never ran."
+        there = ", ".join(str(s) for s in sorted(self._scales_seen)) or "none"
+        return (
+            f"No cross-attention layer is at scales={sorted(self.scales)} in this run; the selected layers are at "
+            f"scales {there} (1 = latent resolution). Pass scales= from those, or leave it out."
+        )
+
+    def _grid(self, seq_len: int) -> tuple[int, int] | None:
+        """(h, w) of a layer's query grid from its sequence length and the latent size (any aspect ratio)."""
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        key = (seq_len, H, W)
+        if key not in self._hw_cache:
+            found = None
+            for k in range(8):
+                h, w = math.ceil(H / 2**k), math.ceil(W / 2**k)  # stride-2 convs round up
+                if h * w == seq_len:
+                    found = (h, w)
+                    break
+            self._hw_cache[key] = found
+        return self._hw_cache[key]
+
+    def _gate(self, name: str, seq_len: int) -> slice | None:
+        """Rows of this call to capture (the CFG layout of the current step), or None to pass it through."""
+        if not self._inside or self._latent_size is None:
+            return None
+        hw = self._grid(seq_len)
+        if hw is None:
+            raise RecorderStateError(
+                f"Cannot place the {seq_len} queries of layer {name} on a grid of the {self._latent_size} latent; "
+                "record with layers= excluding it."
+            )
+        if self.scales is not None:
+            scale = round(self._latent_size[0] / hw[0])
+            self._scales_seen.add(scale)
+            if scale not in self.scales:
+                return None
+        self._layer_hw[name] = hw
+        return self._sel
+
+    def _sink(self, proc_name: str, probs: torch.Tensor) -> None:
+        """Reduce one layer's probabilities (B', heads, HW, T) on the device; no host transfer, no sync.
+
+        Sums stay in the (B', HW, T) layout the probabilities come in (no per-call transpose); the maps are
+        laid out as (B', T, h, w) once, when a step closes or the result is built.
+        """
+        name = proc_name.removesuffix(".processor")
+        p = probs  # (B', heads, HW, T): the processor kept only the captured rows
+        m = p.mean(1)  # (B', HW, T)
+        total = self._layer_sum.get(name)
+        if total is None:
+            self._layer_sum[name] = m.clone()
+            self._layer_count[name] = 1
+        else:
+            total.add_(m)
+            self._layer_count[name] += 1
+        if self.per_head:
+            head_total = self._head_sum.get(name)
+            self._head_sum[name] = (
+                p.clone() if head_total is None else head_total.add_(p)
+            )  # (B', heads, HW, T)
+        if self.keep_probs:
+            self._probs.setdefault(name, []).append(
+                p.to(self.family.get_denoiser(self.pipe).dtype, copy=True)
+            )  # (B', heads, HW, T)
+        if self.step_resolution is not None:
+            hw = self._layer_hw[proc_name]
+            acc = self._step_acc.get(hw)
+            self._step_acc[hw] = m if acc is None else acc.add_(m)  # (B', HW, T); layer sums already read m
+            self._step_layers += 1
+
+    def _step_size(self) -> tuple[int, int]:
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        if isinstance(self.step_resolution, int):
+            s = min(self.step_resolution, max(H, W)) / max(H, W)
+            return (max(1, round(H * s)), max(1, round(W * s)))
+        return (int(self.step_resolution[0]), int(self.step_resolution[1]))  # type: ignore[index]
+
+    def _close_step(self) -> None:
+        """File the finished step's per-resolution sums; shrink only groups larger than the step maps now.
+
+        Groups at or below the step resolution stay native and are resized for all steps at once when the
+        result is built: no per-step resize kernels for them, and their memory is at most the step maps'.
+        """
+        if not self._step_acc:
+            return
+        size = self._step_size()
+        parts: dict[tuple, torch.Tensor] = {}
+        shrunk = None
+        for hw, acc in self._step_acc.items():
+            if hw[0] * hw[1] > size[0] * size[1]:
+                small = resize(_grid_maps(acc, hw), size)  # (B', T, hs, ws)
+                shrunk = small if shrunk is None else shrunk.add_(small)
+            else:
+                parts[("native", hw)] = acc  # (B', HW, T)
+        if shrunk is not None:
+            parts[("shrunk", size)] = shrunk
+        self._steps.append((parts, self._step_layers))
+        self._step_acc = {}
+        self._step_layers = 0
+
+    def _step_maps(self) -> torch.Tensor | None:
+        """(S, B', T, hs, ws): per-step mean over layers, one resize per resolution group for the whole run."""
+        if not self._steps:
+            return None
+        size = self._step_size()
+        total = None
+        for key in dict.fromkeys(k for parts, _ in self._steps for k in parts):
+            idx = [s for s, (parts, _) in enumerate(self._steps) if key in parts]
+            stacked = torch.stack(
+                [self._steps[s][0][key] for s in idx]
+            )  # (S', B', HW, T) or (S', B', T, hs, ws)
+            if key[0] == "native":
+                stacked = resize(_grid_maps(stacked, key[1]), size)  # (S', B', T, hs, ws)
+            if total is None:
+                total = stacked.new_zeros((len(self._steps), *stacked.shape[1:]))
+            total[idx] += stacked
+        counts = torch.tensor([n for _, n in self._steps], dtype=total.dtype, device=total.device)
+        return total / counts.view(-1, 1, 1, 1, 1)
+
+    # ---- building the result ------------------------------------------------------------------------------
+    def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
+        if self._prompt_rows is not None and len(self._prompt_rows[0]) == rows:
+            cond, neg = self._prompt_rows
+            if all(len(tl.ids) == self._num_keys for tl in cond + neg):
+                return cond, neg
+        if self._prompt_rows is not None:
+            warnings.warn(
+                "Could not match the prompt's tokens to the UNet batch; maps are unlabelled (use .token(i)).",
+                stacklevel=3,
+            )
+        blank = [unlabelled(self._num_keys) for _ in range(rows)]
+        return blank, list(blank)
+
+    def _build(self) -> AttentionMaps:
+        self._close_step()
+        if not self._layer_sum:
+            raise RecorderStateError(self._no_capture_reason())
+        assert self._latent_size is not None
+        H, W = self._latent_size
+        layers = {  # (B', T, h, w) each
+            n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
+            for n, s in self._layer_sum.items()
+        }
+        aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
+        steps = self._step_maps()  # (S, B', T, hs, ws)
+        heads = None
+        if self.per_head:  # (B', heads, T, h, w) each
+            heads = {
+                n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
+                for n, s in self._head_sum.items()
+            }
+        probs = (
+            {n: torch.stack(v) for n, v in self._probs.items()} if self.keep_probs else None
+        )  # (S, B', heads, HW, T)
+        timesteps = torch.cat(self._timesteps).float().cpu()  # (S,): the first host transfer of the run
+
+        def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+            return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
+
+        def part(rows: slice) -> dict[str, Any]:
+            return dict(
+                aggregate=own(aggregate[rows]),
+                layers={n: own(m[rows]) for n, m in layers.items()},
+                steps=None if steps is None else own(steps[:, rows]),
+                layer_heads=None if heads is None else {n: own(m[rows]) for n, m in heads.items()},
+                probs=None if probs is None else {n: own(m[:, rows], None) for n, m in probs.items()},
+                timesteps=timesteps.clone(),
+            )
+
+        common = dict(
+            latent_size=(H, W),
+            vae_scale=vae_scale_factor(self.pipe),
+            skipped_layers=list(self.skipped_layers),
+            family=self.family.name,
+        )
+        if self._split is not None:
+            neg_rows, cond_rows = self._split
+        else:
+            cond_rows, neg_rows = slice(None), None
+        rows = int(aggregate[cond_rows].shape[0])
+        cond_labels, neg_labels = self._labels(rows)
+        negative = None
+        if neg_rows is not None:
+            negative = AttentionMaps(**part(neg_rows), token_lists=neg_labels, **common)  # type: ignore[arg-type]
+        return AttentionMaps(**part(cond_rows), token_lists=cond_labels, negative=negative, **common)  # type: ignore[arg-type]
+
+
+def _grid_maps(flat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(..., HW, T) sums → (..., T, h, w) maps."""
+    return flat.transpose(-1, -2).reshape(*flat.shape[:-2], flat.shape[-1], *hw)  # (..., T, h, w)
+
+
+def _select_layers(names: list[str], layers: LayerFilter) -> list[str]:
+    if layers is None:
+        return list(names)
+    if callable(layers):
+        chosen = [n for n in names if layers(n.removesuffix(".processor"))]
+    else:
+        subs = [layers] if isinstance(layers, str) else list(layers)
+        chosen = [n for n in names if any(s in n for s in subs)]
+    if not chosen:
+        listed = ", ".join(n.removesuffix(".processor") for n in names)
+        raise ValueError(
+            f"layers={layers!r} matches no cross-attention layer. Cross-attention layers: {listed}"
+        )
+    return chosen

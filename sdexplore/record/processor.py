@@ -1,0 +1,174 @@
+"""The capturing cross-attention processor: explicit softmax on chosen layers, output equal to the original's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import (
+    Attention,
+    AttnProcessor,
+    AttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+#: Processors whose output is plain softmax attention, so a capturing replacement reproduces it. Any other
+#: processor (IP-Adapter, custom editing processors, ...) is left in place and its layer is not captured.
+REPRODUCIBLE_PROCESSORS: tuple[type, ...] = (
+    AttnProcessor,
+    AttnProcessor2_0,
+    SlicedAttnProcessor,
+    XFormersAttnProcessor,
+)
+
+
+# Called with (processor name, probabilities (B', heads, HW, T) float32 of the captured batch rows); runs on
+# the device, returns nothing.
+Sink = Callable[[str, torch.Tensor], None]
+# Called with (processor name, query length HW); returns the batch rows to capture, or None to hand the call
+# to the original processor.
+Gate = Callable[[str, int], "slice | None"]
+
+
+def is_reproducible(processor: Any) -> bool:
+    """Whether ``processor`` computes plain attention that :class:`CapturingAttnProcessor` reproduces."""
+    return type(processor) in REPRODUCIBLE_PROCESSORS
+
+
+def attention_probs(
+    attn: Attention, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``softmax(q kᵀ · scale + mask)`` as float32 ``(B, heads, HW, T)`` from ``(B, heads, ·, d)`` queries and keys.
+
+    Scores are computed in the model's dtype (float32 where the layer asks to upcast), like diffusers'
+    ``Attention.get_attention_scores``; the softmax always runs in float32.
+    """
+    B, heads, L, d = query.shape
+    q3 = query.reshape(B * heads, L, d)  # (B*heads, HW, d)
+    k3 = key.reshape(B * heads, -1, d)  # (B*heads, T, d)
+    if attn.upcast_attention:
+        q3, k3 = q3.float(), k3.float()
+    if mask is None:
+        base, beta = q3.new_empty(1, 1, 1), 0.0  # ignored with beta=0 (NaNs in it are not propagated)
+    else:
+        base, beta = (
+            mask.expand(B, heads, L, k3.shape[1]).reshape(B * heads, L, -1).to(q3.dtype),
+            1.0,
+        )  # (B*heads, HW, T)
+    scores = torch.baddbmm(base, q3, k3.transpose(1, 2), beta=beta, alpha=attn.scale)  # (B*heads, HW, T)
+    return scores.softmax(dim=-1, dtype=torch.float32).view(B, heads, L, -1)  # (B, heads, HW, T)
+
+
+class CapturingAttnProcessor:
+    """Cross-attention that also hands its softmax probabilities to a sink.
+
+    The layer output is computed the way the original processor computes it, so capture never changes the
+    image: with ``AttnProcessor2_0`` (diffusers' default) the output still comes from the same
+    ``scaled_dot_product_attention`` call (bitwise equal) and the probabilities of the captured rows only are
+    computed beside it (:func:`attention_probs`); with ``AttnProcessor`` its own probabilities are used;
+    sliced and xFormers processors are reproduced by the explicit path (equal to ~1e-6 in fp32). Calls the
+    gate declines, and self-attention calls, go to the original processor untouched.
+    """
+
+    def __init__(self, name: str, original: Any, sink: Sink, gate: Gate) -> None:
+        self.name = name
+        self.original = original
+        self.sink = sink
+        self.gate = gate
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        seq_len = (
+            hidden_states.shape[1]
+            if hidden_states.ndim == 3
+            else hidden_states.shape[-1] * hidden_states.shape[-2]
+        )
+        rows = None if encoder_hidden_states is None else self.gate(self.name, seq_len)
+        if rows is None:
+            return self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(
+                1, 2
+            )  # (N, HW, C)
+
+        batch_size, key_len, _ = encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, key_len, batch_size
+            )  # (N*heads, ., T)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # (N, HW, heads*d)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)  # (N, T, heads*d)
+        value = attn.to_v(encoder_hidden_states)  # (N, T, heads*d)
+        heads = attn.heads
+
+        if type(self.original) is AttnProcessor:
+            query = attn.head_to_batch_dim(query)  # (N*heads, HW, d)
+            key = attn.head_to_batch_dim(key)  # (N*heads, T, d)
+            value = attn.head_to_batch_dim(value)  # (N*heads, T, d)
+            probs = attn.get_attention_scores(query, key, attention_mask)  # (N*heads, HW, T)
+            self.sink(
+                self.name, probs.view(batch_size, heads, -1, key_len)[rows].float()
+            )  # (B', heads, HW, T)
+            hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))  # (N, HW, heads*d)
+        else:
+            head_dim = key.shape[-1] // heads
+            query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, HW, d)
+            key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+            value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+            if attention_mask is not None:
+                attention_mask = attention_mask.view(
+                    batch_size, heads, -1, attention_mask.shape[-1]
+                )  # (N, heads, ., T)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if type(self.original) is AttnProcessor2_0:
+                # Probabilities of the captured rows only (the conditional half by default), beside the original's
+                # own SDPA kernel, which still produces the output: bitwise unchanged.
+                mask = None if attention_mask is None else attention_mask[rows]
+                self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
+                out = F.scaled_dot_product_attention(
+                    query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+                )  # (N, heads, HW, d)
+            else:
+                probs = attention_probs(attn, query, key, attention_mask)  # (N, heads, HW, T) float32
+                self.sink(self.name, probs[rows])
+                out = torch.matmul(probs.to(value.dtype), value)  # (N, heads, HW, d)
+            hidden_states = (
+                out.transpose(1, 2).reshape(batch_size, -1, heads * head_dim).to(query.dtype)
+            )  # (N, HW, C)
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )  # (N, C, h, w)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,396 @@
+"""StepRecorder: record every denoising step of a user's own, unchanged diffusers call.
+
+The recorder patches nothing: it subscribes to the pipeline's attachment (:mod:`sdexplore.record.attach`), which
+hands it each scheduler step (latents in and out, the guided prediction, x0) and the raw denoiser output (the CFG
+batch). Steering options given to it are applied by a separate :class:`~sdexplore.record.steering.Steering`
+subscriber of the same attachment.
+
+One *step* is one ``scheduler.step`` call, i.e. one iteration of the pipeline's loop: for second-order schedulers
+(Heun, KDPM2) that is one model evaluation, so a run has ``len(pipe.scheduler.timesteps)`` steps. PNDM's warm-up
+evaluations are steps too. If the denoiser runs more than once before a step, the last call wins.
+
+No step synchronises with the device: timesteps and noise levels come from host copies of the schedule made once
+per run, and on CUDA (without a live ``on_step`` listener) records are staged on the device and moved to the host
+in one go when the run ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from ..decoding import decode_with
+from ..errors import RecorderStateError
+from ..families import detect_family, latent_rgb
+from ..preview import latent_to_rgb, to_uint8
+from ..trace import TENSOR_FIELDS, StepRecord, Trace
+from .attach import Attachment, Run, Step, Subscriber, attach
+from .steering import Steering
+
+#: Quantities recorded by default: everything but ``latents_out`` (= the next step's ``latents``) and ``decoded``.
+DEFAULT_QUANTITIES: tuple[str, ...] = (
+    "latents",
+    "noise_uncond",
+    "noise_cond",
+    "noise_pred",
+    "x0",
+    "preview",
+    "noise_norm",
+)
+#: Default memory bound of one run's trace (bytes); a run that would exceed it raises before its first step.
+DEFAULT_MAX_BYTES = 1 << 30
+_LATENT_SHAPED = ("latents", "latents_out", "noise_uncond", "noise_cond", "noise_pred", "x0")
+_STEERING_OPTIONS = ("edit_latents", "switch_prompt", "guidance", "stop_at", "stop_returns")
+
+StepListener = Callable[[StepRecord, Trace], None]
+
+
+def _validate_quantities(quantities: Iterable[str] | str) -> tuple[str, ...]:
+    if isinstance(quantities, str):
+        if quantities == "all":
+            return tuple(q for q in TENSOR_FIELDS if q != "decoded")
+        quantities = (quantities,)
+    qs = tuple(quantities)
+    bad = [q for q in qs if q not in TENSOR_FIELDS]
+    if bad:
+        raise ValueError(f"Unknown quantity {bad[0]!r}; choose from {', '.join(TENSOR_FIELDS)} (or 'all').")
+    return qs
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int ≥ 1, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What a :class:`StepRecorder` keeps, and where. Validated on construction."""
+
+    quantities: tuple[str, ...] = DEFAULT_QUANTITIES  # see sdexplore.trace.TENSOR_FIELDS, or "all"
+    every: int = 1  # keep one step in `every` (the last step is always kept)
+    dtype: torch.dtype = (
+        torch.float16
+    )  # storage dtype of latent-shaped tensors (half the memory, ~1e-3 relative)
+    device: torch.device = torch.device("cpu")  # where records are stored
+    max_bytes: int | None = (
+        DEFAULT_MAX_BYTES  # memory bound of one run's trace, checked before its first step
+    )
+    preview_of: str = (
+        "x0"  # "x0" (the predicted clean image) or "latents" (the noisy latents entering a step)
+    )
+    tiny_vae: Any = None  # an AutoencoderTiny that decodes x0 into `decoded` every `decode_every` steps
+    decode_every: int | None = None  # decode x0 every k-th recorded step (tiny_vae, else the pipeline's VAE)
+    on_step: StepListener | None = field(default=None, compare=False)  # live listener (record, trace) -> None
+
+    def __post_init__(self) -> None:
+        qs = _validate_quantities(self.quantities)
+        _positive_int("every", self.every)
+        _positive_int("decode_every", self.decode_every, allow_none=True)
+        if self.preview_of not in ("x0", "latents"):
+            raise ValueError(f"preview_of must be 'x0' or 'latents', got {self.preview_of!r}.")
+        if self.max_bytes is not None and (
+            not isinstance(self.max_bytes, int) or isinstance(self.max_bytes, bool) or self.max_bytes <= 0
+        ):
+            raise ValueError(
+                f"max_bytes must be a positive int (or None for no bound), got {self.max_bytes!r}."
+            )
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise ValueError(
+                f"dtype must be a floating torch.dtype (e.g. torch.float16), got {self.dtype!r}."
+            )
+        if self.on_step is not None and not callable(self.on_step):
+            raise ValueError("on_step must be a function (record, trace) -> None.")
+        decode_every = self.decode_every
+        if self.tiny_vae is not None and decode_every is None:
+            decode_every = 1
+        if decode_every is not None and "decoded" not in qs:
+            qs = (*qs, "decoded")
+        if "decoded" in qs and decode_every is None:
+            raise ValueError(
+                "'decoded' needs a decoder: pass tiny_vae=AutoencoderTiny(...) or decode_every=k."
+            )
+        object.__setattr__(self, "quantities", qs)
+        object.__setattr__(self, "decode_every", decode_every)
+        try:
+            object.__setattr__(self, "device", torch.device(self.device))
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}."
+            ) from e
+
+
+_CONFIG_OPTIONS = tuple(f.name for f in fields(StepConfig))
+
+
+class StepRecorder:
+    """Context manager that records every denoising step of the pipeline calls made inside it.
+
+    >>> with StepRecorder(pipe) as rec:
+    ...     image = pipe("a red circle", generator=torch.Generator().manual_seed(0)).images[0]
+    >>> rec.trace[10].x0, rec.trace[-1].preview
+
+    Args:
+        pipe: a StableDiffusion(XL) pipeline (see :mod:`sdexplore.families`).
+        config: a :class:`StepConfig`; or give its fields as keywords (``quantities``, ``every``, ``dtype``,
+            ``device``, ``max_bytes``, ``preview_of``, ``tiny_vae``, ``decode_every``, ``on_step``). On CUDA,
+            without ``on_step``, records are staged on the GPU and moved in one go when the run ends.
+        edit_latents, switch_prompt, guidance, stop_at, stop_returns: steering, see :mod:`sdexplore.steering`
+            (applied by a :class:`~sdexplore.record.steering.Steering` beside the recorder).
+    """
+
+    def __init__(self, pipe: Any, config: StepConfig | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(_CONFIG_OPTIONS) - set(_STEERING_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"StepRecorder got unexpected option(s) {unknown}; allowed: "
+                f"{sorted(_CONFIG_OPTIONS + _STEERING_OPTIONS)}."
+            )
+        config_opts = {k: v for k, v in options.items() if k in _CONFIG_OPTIONS}
+        if config is not None and config_opts:
+            raise TypeError(f"Pass either config= or the options {sorted(config_opts)}, not both.")
+        self.family = detect_family(pipe)
+        self.family.get_denoiser(pipe)  # a clear error now if the pipeline has none
+        if getattr(pipe, "scheduler", None) is None:
+            raise RecorderStateError(f"{type(pipe).__name__} has no scheduler: there are no steps to record.")
+        self.pipe = pipe
+        self.config = config or StepConfig(**config_opts)
+        self.steering = Steering(pipe, **{k: v for k, v in options.items() if k in _STEERING_OPTIONS})
+        self.traces: list[Trace] = []
+        self.subscriber = Subscriber(
+            kind="steps",
+            run_start=self._run_start,
+            run_end=self._run_end,
+            denoiser_pre=self._denoiser_pre,
+            step=self._step,
+        )
+        self._attach: attach | None = None
+        self._factors, self._bias = latent_rgb(pipe)
+        # kept in each trace, so a saved trace previews with the factors it was recorded with
+        self._rgb_meta = {"factors": self._factors.tolist(), "bias": self._bias.tolist()}
+        self._reset_run_state()
+
+    # options read as attributes, as before the config existed
+    def __getattr__(self, name: str) -> Any:
+        if name in _CONFIG_OPTIONS:
+            return getattr(self.__dict__["config"], name)
+        if name in _STEERING_OPTIONS:
+            return getattr(self.__dict__["steering"], name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # ---- public results ------------------------------------------------------------------------------------
+    @property
+    def trace(self) -> Trace:
+        """The trace of the latest pipeline call (live while it runs)."""
+        if not self.traces:
+            raise RecorderStateError(
+                "No pipeline call was recorded: call the pipeline inside the `with StepRecorder(pipe)` block."
+            )
+        return self.traces[-1]
+
+    def estimate_bytes(self, latent_shape: tuple[int, ...], num_steps: int) -> int:
+        """Upper bound of the bytes one run's trace holds, for latents of ``latent_shape`` (B, C, h, w)."""
+        cfg = self.config
+        b, _, h, w = latent_shape
+        numel = math.prod(latent_shape)
+        el = torch.empty((), dtype=cfg.dtype).element_size()
+        per_step = sum(numel * el for q in _LATENT_SHAPED if q in cfg.quantities)
+        if "preview" in cfg.quantities:
+            per_step += b * h * w * 3
+        if "noise_norm" in cfg.quantities:
+            per_step += b * 4
+        kept = math.ceil(num_steps / cfg.every) + 1
+        total = per_step * kept + numel * el  # + final_latents
+        if "decoded" in cfg.quantities and cfg.decode_every:
+            scale = 8  # every SD VAE (and TAESD) upsamples latents 8×
+            total += (math.ceil(kept / cfg.decode_every) + 1) * b * (h * scale) * (w * scale) * 3
+        return total
+
+    # ---- context manager ----------------------------------------------------------------------------------
+    def __enter__(self) -> StepRecorder:
+        if self._attach is not None:
+            raise RecorderStateError("This StepRecorder is already active; leave its `with` block first.")
+        ctx = attach(self.pipe, self.subscriber, self.family)
+        ctx.__enter__()
+        self._attach = ctx
+        try:
+            if self.steering.active:
+                self.steering.__enter__()
+        except BaseException:
+            self._attach = None
+            ctx.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        ctx, self._attach = self._attach, None
+        try:
+            if self.steering.active:
+                self.steering.__exit__(*exc)
+        finally:
+            if ctx is not None:
+                ctx.__exit__(*exc)
+            self._finish_run()
+
+    @property
+    def attachment(self) -> Attachment | None:
+        """The pipeline's attachment while the recorder is active."""
+        return None if self._attach is None else self._attach.attachment
+
+    # ---- run bookkeeping ----------------------------------------------------------------------------------
+    def _reset_run_state(self) -> None:
+        self._checked = False
+        self._staged = False
+        self._factors_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _run_start(self, run: Run) -> None:
+        self._finish_run()
+        self._reset_run_state()
+        sched = run.scheduler
+        trace = Trace(
+            family=self.family.name,
+            scheduler=type(sched).__name__,
+            prediction_type=str(getattr(sched.config, "prediction_type", "epsilon")),
+            num_steps=0 if getattr(sched, "timesteps", None) is None else len(sched.timesteps),
+            every=self.config.every,
+            guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
+        )
+        trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
+        self.traces.append(trace)
+
+    def _run_end(self, run: Run, error: BaseException | None) -> None:
+        self._finish_run()
+
+    def _finish_run(self) -> None:
+        if self._staged and self.traces:
+            self.traces[-1].to(self.config.device)
+        self._staged = False
+
+    def _denoiser_pre(self, run: Run, args: tuple, kwargs: dict) -> None:
+        """Before the first denoiser call of a run: fill the trace's run fields and check the memory bound."""
+        if self._checked:
+            return None
+        self._checked = True
+        cfg = self.config
+        trace = self.trace
+        trace.num_steps = run.num_steps
+        trace.guidance_scale = run.guidance_scale
+        # Euler-type schedulers keep latents in variance-exploding form (x0 + σ ε): previews scale them by sqrt(ᾱ)
+        trace.meta["ve_latents"] = run.ve_latents
+        sample = self.family.denoiser_args.get("sample", args, kwargs)
+        b = sample.shape[0] // 2 if run.cfg else sample.shape[0]
+        shape = (b, *sample.shape[1:])
+        est = self.estimate_bytes(shape, run.num_steps)
+        if cfg.max_bytes is not None and est > cfg.max_bytes:
+            raise ValueError(
+                f"Recording this run would need about {est / 2**20:.1f} MiB (latents {tuple(shape)} × {run.num_steps} "
+                f"steps × {len(cfg.quantities)} quantities {cfg.quantities}, every={cfg.every}, {cfg.dtype}), over "
+                f"max_bytes={cfg.max_bytes / 2**20:.1f} MiB. Record fewer quantities, pass every=k, "
+                "dtype=torch.float16, or raise max_bytes."
+            )
+        trace.meta.update(latent_shape=list(shape), estimated_bytes=est)
+        return None
+
+    def _store(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dev = self.config.device
+        if t.device.type == "cuda" and dev.type == "cpu" and self.config.on_step is None:
+            self._staged = True  # stay on the GPU until the run ends: no step waits for a transfer
+            dev = t.device
+        return t.detach().to(device=dev, dtype=dtype or self.config.dtype, copy=True)
+
+    def _preview_factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # cached per device: a host → GPU copy every step would wait for the GPU each time
+        pair = self._factors_dev.get(device)
+        if pair is None:
+            pair = self._factors_dev[device] = (self._factors.to(device), self._bias.to(device))
+        return pair
+
+    # ---- a step -------------------------------------------------------------------------------------------
+    def _step(self, step: Step) -> None:
+        cfg = self.config
+        trace = self.trace
+        i = step.index
+        last = step.last or step.stop
+        if step.stop:
+            trace.stopped_at = i
+        if i % cfg.every == 0 or last:
+            rec = self._record(step)
+            trace.steps.append(rec)
+            if cfg.on_step is not None:
+                cfg.on_step(rec, trace)
+        if last:
+            trace.final_latents = self._store(step.prev_sample)
+        return None
+
+    def _record(self, step: Step) -> StepRecord:
+        qs = self.config.quantities
+        run = step.run
+        sample = step.sample  # (B, C, h, w)
+        b = sample.shape[0]
+        need_x0 = "x0" in qs or "decoded" in qs or ("preview" in qs and self.config.preview_of == "x0")
+        x0 = step.x0 if need_x0 else None
+        rec = StepRecord(
+            index=step.index,
+            timestep=step.timestep,
+            sigma=step.level.sigma,
+            alpha_bar=step.level.alpha_bar,
+            guidance_scale=step.guidance_scale,
+            x0_source=step.x0_source,
+        )
+        if "latents" in qs:
+            rec.latents = self._store(sample)
+        if "latents_out" in qs:
+            rec.latents_out = self._store(step.prev_sample)
+        if "noise_pred" in qs:
+            rec.noise_pred = self._store(step.model_output)
+        out = run.denoiser_out  # (2B|B, C, h, w) raw, before any guidance edit
+        if out is not None and out.shape[0] == 2 * b:
+            uncond, cond = self.family.cfg_halves(out)  # (B, C, h, w) each
+            if "noise_uncond" in qs:
+                rec.noise_uncond = self._store(uncond)
+            if "noise_cond" in qs:
+                rec.noise_cond = self._store(cond)
+        elif out is not None and "noise_cond" in qs:
+            rec.noise_cond = self._store(out)
+        if x0 is not None and "x0" in qs:
+            rec.x0 = self._store(x0)
+        if "noise_norm" in qs:
+            norm = torch.linalg.vector_norm(step.model_output.float().flatten(1), dim=1) / math.sqrt(
+                step.model_output[0].numel()
+            )  # (B,) root mean square
+            rec.noise_norm = self._store(norm, torch.float32)
+        if "preview" in qs:
+            if self.config.preview_of == "x0":
+                src = x0
+            elif run.ve_latents:
+                src = sample * math.sqrt(step.level.alpha_bar)  # VE → VP form, the scale the factors expect
+            else:
+                src = sample
+            assert src is not None
+            factors, bias = self._preview_factors(src.device)
+            rgb = to_uint8(latent_to_rgb(src.float(), factors, bias))  # (B, h, w, 3)
+            rec.preview = self._store(rgb, torch.uint8)
+        every = self.config.decode_every
+        if "decoded" in qs and every and x0 is not None and len(self.trace.steps) % every == 0:
+            vae = self.config.tiny_vae if self.config.tiny_vae is not None else self.pipe.vae
+            rec.decoded = self._store(decode_with(vae, x0), torch.uint8)
+        return rec
+
+
+def steer(pipe: Any, **steering: Any) -> StepRecorder:
+    """Steer the pipeline calls inside a ``with`` block without recording tensors.
+
+    Takes the steering options of :class:`StepRecorder` (``edit_latents``, ``switch_prompt``, ``guidance``,
+    ``stop_at``, ``stop_returns``); see :mod:`sdexplore.steering`. Step scalars are still kept in ``.trace``.
+    """
+    allowed = {*_STEERING_OPTIONS, "on_step"}
+    bad = sorted(set(steering) - allowed)
+    if bad:
+        raise TypeError(f"steer() got unexpected option(s) {bad}; allowed: {sorted(allowed)}.")
+    return StepRecorder(pipe, quantities=(), **steering)
