@@ -317,3 +317,17 @@ def test_a_failed_folder_write_leaves_the_previous_model_in_place(tmp_path, monk
         folder.save_pipeline(out, build_vae(), build_text_encoder(), build_unet(), {"training.json": "{}"})
     assert sorted(p.name for p in out.iterdir()) == ["model_index.json"]
     assert json.loads((out / "model_index.json").read_text()) == {"old": True}
+
+
+def test_the_card_writer_reproduces_the_shipped_card_from_its_numbers():
+    """sdexplore.embedded.card, given the shipped eval.json and training.json, writes the shipped MODEL_CARD.md
+    (the speed line's machine facts, core count and torch version, masked: they are this machine's)."""
+    from sdexplore.embedded.card import model_card
+
+    shipped = (EMBEDDED_MODEL_DIR / "MODEL_CARD.md").read_text()
+    written = model_card(EMBEDDED_MODEL_DIR, json.loads((EMBEDDED_MODEL_DIR / "eval.json").read_text()))
+
+    def mask(text: str) -> str:
+        return re.sub(r"of a \d+-core machine, torch \S+;", "of a N-core machine, torch V;", text)
+
+    assert mask(written) == mask(shipped)

@@ -243,9 +243,9 @@ stage reads the folder the one before wrote; give `--minutes` more for a better 
 
 ## Measured (held-out prompts, `scripts/eval_embedded.py`)
 
-{result["n_prompts"]} validation prompts (`sdexplore.scenes.validation_prompts()`, each shape × place pair equally
+{result["n_prompts"]} validation prompts (`sdexplore.embedded.scenes.validation_prompts()`, each shape × place pair equally
 often; prompt i generated with seed i), 25 DDIM steps, CFG {result["guidance_scale"]} (the recommended scale, see
-Use), read back by `sdexplore.scenes.read_scene`.
+Use), read back by `sdexplore.embedded.scenes.read_scene`.
 
 | part | right | bar | |
 | --- | --- | --- | --- |
