@@ -265,7 +265,11 @@ def test_img2img_records_only_the_steps_it_runs(sd1_pipe) -> None:
     with StepRecorder(pipe, dtype=torch.float32) as rec:
         out = pipe("a red circle", generator=gen(0), **kw).images
     assert np.abs(out - ref).max() <= 1e-6
-    assert len(rec.trace) == rec.trace.num_steps == 3 and rec.trace.final_latents is not None
+    assert len(rec.trace) == rec.trace.num_steps == 3
+    final = rec.trace.final_latents / pipe.vae.config.scaling_factor  # (1, 4, 8, 8)
+    with torch.no_grad():  # the recorded final latents decode to the pipeline's own output
+        decoded = pipe.vae.decode(final).sample  # (1, 3, 64, 64)
+    assert np.abs(pipe.image_processor.postprocess(decoded, output_type="np") - out).max() <= 1e-6
     # timesteps are read from a host copy of the schedule made once per run (no per-step sync): its tail
     assert rec.trace.timesteps.tolist() == pipe.scheduler.timesteps[-3:].float().tolist()
 
