@@ -28,14 +28,14 @@ _EXPORTS: dict[str, str] = {
     "clip_tokenizer": "tokenizer",
     # recording and steering
     "observe": "observation",
-    "Observation": "observation",
+    "Observation": "results",
     "generate": "generation",
     "StepRecorder": "steps",
-    "Trace": "trace",
-    "StepRecord": "trace",
+    "Trace": "results",
+    "StepRecord": "results",
     "PromptSwitch": "steering",
     "AttentionRecorder": "attention",
-    "AttentionMaps": "attention",
+    "AttentionMaps": "results",
     # text, interpolation, walks
     "encode_prompt": "text",
     "inspect_prompt": "text",
@@ -45,7 +45,7 @@ _EXPORTS: dict[str, str] = {
     "slerp": "interpolate",
     "noise_slerp": "interpolate",
     "walk": "walks",
-    "Walk": "walks",
+    "Walk": "results",
     "smoothness_report": "smoothness",
     # errors
     "SdexploreError": "errors",
@@ -129,7 +129,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
-    from .attention import AttentionMaps, AttentionRecorder
+    from .attention import AttentionRecorder
     from .errors import (
         DeviceDtypeError,
         InterpolationError,
@@ -151,12 +151,12 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         load_pipeline,
         set_scheduler,
     )
-    from .observation import Observation, observe
+    from .observation import observe
+    from .results import AttentionMaps, Observation, StepRecord, Trace, Walk
     from .smoothness import smoothness_report
     from .steering import PromptSwitch
     from .steps import StepRecorder
     from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt
     from .tokenizer import clip_tokenizer
     from .tour import PipelineDescription, describe
-    from .trace import StepRecord, Trace
-    from .walks import Walk, walk
+    from .walks import walk

@@ -45,3 +45,12 @@ class NotRecordedError(SdexploreError, ValueError):
 
 class TrainingConfigError(SdexploreError, ValueError):
     """A training run's settings contradict each other or are out of range (checked before anything runs)."""
+
+
+class SelectionError(SdexploreError, IndexError, KeyError):
+    """A step, image, layer or token position asked of a result does not exist (the message lists what does).
+
+    An ``IndexError`` and a ``KeyError`` too, as the plain lookups it replaces were.
+    """
+
+    __str__ = Exception.__str__  # KeyError's __str__ would quote the message

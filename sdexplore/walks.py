@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
+from numbers import Integral, Real
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import export
-from ._files import as_ordinary_file
-from .errors import InterpolationError, ResultFileError, SdexploreError
+from .errors import InterpolationError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
-from .smoothness import Metric, SmoothnessReport, insertion_plan, smoothness_report
+from .results.walk import Walk
+from .smoothness import Metric, insertion_plan, smoothness_report
 from .text import EncodedPrompt, default_size, encode_prompt, stack_prompts
 
 #: Batch size the CPU heuristic never exceeds: measured on a shared 2-core CPU (SD 1.x fixture, 64², 25 steps,
@@ -34,7 +29,6 @@ CPU_MAX_BATCH = 4
 CUDA_MAX_BATCH = 16
 #: Measured peak-memory slope of SD-1.5 fp16 at 512², CFG, VAE decode included (MiB per extra image, FACTS).
 _MIB_PER_IMAGE_SD15_512 = 640.0
-_FORMAT_VERSION = 1
 #: Pipeline arguments a walk sets per frame; passing them to walk() is an error, not a silent override.
 _RESERVED = frozenset(
     {
@@ -50,113 +44,6 @@ _RESERVED = frozenset(
         "num_images_per_prompt",
     }
 )
-
-
-# ---------------------------------------------------------------- result
-
-
-@dataclass
-class Walk:
-    """A rendered walk: frames as uint8 arrays plus where each frame lies on the keyframe path."""
-
-    images: np.ndarray  # (frames, H, W, 3) uint8
-    prompts: list[str | None]  # keyframe prompts (None for a keyframe given as an EncodedPrompt)
-    seeds: list[int]  # keyframe seeds
-    segments: list[int]  # per frame: keyframe index its segment starts at
-    ts: list[float]  # per frame: position in the segment (0 = that keyframe, 1 = the next)
-    keyframe_frames: list[int]  # frame index of each keyframe
-    settings: dict[str, Any] = field(
-        default_factory=dict
-    )  # steps, guidance, size, spacing, loop, family, ...
-    summaries: list[Any] | None = None  # per-frame recorder summaries when walk(..., observe=...) was used
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def __getitem__(self, i: int) -> Image.Image:
-        return Image.fromarray(self.images[i])
-
-    @property
-    def pil_images(self) -> list[Image.Image]:
-        """Every frame as a PIL image."""
-        return [Image.fromarray(f) for f in self.images]
-
-    def smoothness(self, metric: Metric = "pixel", *, top: int = 3) -> SmoothnessReport:
-        """Consecutive-frame distances, 1 − Gini and largest jumps (see :mod:`sdexplore.smoothness`)."""
-        return smoothness_report(self.images, metric, top=top)
-
-    def save_gif(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
-        """Animated GIF (``rubber``: forward then back)."""
-        return export.save_gif(self.images, path, fps=fps, rubber=rubber)
-
-    def save_mp4(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
-        """H.264 MP4 (``rubber``: forward then back)."""
-        return export.save_mp4(self.images, path, fps=fps, rubber=rubber)
-
-    def save_frames(self, folder: str | Path) -> list[Path]:
-        """One PNG per frame."""
-        return export.save_frames(self.images, folder)
-
-    def save_grid(self, path: str | Path, *, cols: int | None = None) -> Path:
-        """All frames tiled into one PNG."""
-        return export.save_grid(self.images, path, cols=cols)
-
-    def save(self, path: str | Path) -> Path:
-        """Save as ``path`` (safetensors: the frames) + ``path.json`` (everything else). Never pickle."""
-        path = Path(path)
-        meta = {
-            "format": "sdexplore.Walk",
-            "version": _FORMAT_VERSION,
-            "frames": len(self),
-            "prompts": self.prompts,
-            "seeds": self.seeds,
-            "segments": self.segments,
-            "ts": self.ts,
-            "keyframe_frames": self.keyframe_frames,
-            "settings": self.settings,
-            "summaries": self.summaries,
-        }
-        try:
-            text = json.dumps(meta)
-        except TypeError as err:
-            raise SdexploreError(
-                f"Walk metadata is not JSON-serialisable ({err}); keep per-frame summaries to plain numbers/lists."
-            ) from err
-        save_file(
-            {"images": np.ascontiguousarray(self.images)}, str(path), metadata={"format": "sdexplore.Walk"}
-        )
-        as_ordinary_file(path)
-        Path(str(path) + ".json").write_text(text)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> Walk:
-        """Load a walk written by :meth:`save`; a missing, truncated or mismatched file raises a clear error."""
-        path = Path(path)
-        meta_path = Path(str(path) + ".json")
-        if not path.is_file() or not meta_path.is_file():
-            raise ResultFileError(f"Need both {path} and {meta_path} (written by Walk.save).")
-        try:
-            meta = json.loads(meta_path.read_text())
-            images = load_file(str(path))["images"]
-        except (SafetensorError, json.JSONDecodeError, KeyError, OSError) as err:
-            raise ResultFileError(f"{path} is not a readable sdexplore walk ({err}); save it again.") from err
-        if meta.get("format") != "sdexplore.Walk" or meta.get("version") != _FORMAT_VERSION:
-            raise ResultFileError(f"{meta_path} is not a version-{_FORMAT_VERSION} sdexplore walk.")
-        if images.shape[0] != meta["frames"] or len(meta["ts"]) != meta["frames"]:
-            raise ResultFileError(
-                f"{path} holds {images.shape[0]} frames but its metadata says {meta['frames']}: the pair does not match."
-            )
-        return cls(
-            images=images,
-            prompts=meta["prompts"],
-            seeds=meta["seeds"],
-            segments=meta["segments"],
-            ts=meta["ts"],
-            keyframe_frames=meta["keyframe_frames"],
-            settings=meta["settings"],
-            summaries=meta["summaries"],
-        )
 
 
 # ---------------------------------------------------------------- keyframes
@@ -394,6 +281,75 @@ def _render(
     return np.concatenate(images), summaries
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _check_count(name: str, value: Any, lo: int, *, optional: bool = True) -> None:
+    """``value`` is an int ≥ ``lo`` (or None where ``optional``), else InterpolationError naming it."""
+    if (value is None and optional) or (_is_int(value) and value >= lo):
+        return
+    default = ", or None for the default" if optional else ""
+    raise InterpolationError(f"{name} must be at least {lo} (an int{default}), got {value!r}.")
+
+
+def _check_walk_args(pipe: Any, **a: Any) -> None:
+    """Every walk() argument checked before anything is encoded or rendered (InterpolationError naming it)."""
+    _check_count("frames", a["frames"], 2, optional=False)
+    _check_count("batch_size", a["batch_size"], 1)
+    _check_count("num_inference_steps", a["num_inference_steps"], 1)
+    g = a["guidance_scale"]
+    if g is not None and (isinstance(g, bool) or not isinstance(g, Real) or not math.isfinite(float(g))):
+        raise InterpolationError(
+            f"guidance_scale={g!r} is not accepted: pass a finite number (e.g. 7.5), or None for the default."
+        )
+    scale = vae_scale_factor(pipe)
+    for name in ("height", "width"):
+        v = a[name]
+        if v is not None and not (_is_int(v) and v >= scale and v % scale == 0):
+            raise InterpolationError(
+                f"{name}={v!r} is not accepted: pass a positive multiple of {scale} (the VAE's scale factor), "
+                "or None for the pipeline's default."
+            )
+    if a["spacing"] not in ("even", "ease"):
+        raise InterpolationError(f"spacing={a['spacing']!r} is not accepted: pass 'even' or 'ease'.")
+    if not isinstance(a["loop"], bool):
+        raise InterpolationError(f"loop={a['loop']!r} is not accepted: pass True or False.")
+    prompts = a["prompts"]
+    items = [prompts] if isinstance(prompts, str | EncodedPrompt) else prompts
+    if not isinstance(items, Sequence) or not all(isinstance(p, str | EncodedPrompt) for p in items):
+        raise InterpolationError(
+            f"prompts={prompts!r} is not accepted: pass a prompt, an EncodedPrompt or a list of them."
+        )
+    seeds = a["seeds"]
+    seed_list = [seeds] if _is_int(seeds) else seeds
+    if isinstance(seeds, str) or not isinstance(seed_list, Sequence) or not all(map(_is_int, seed_list)):
+        raise InterpolationError(f"seeds={seeds!r} is not accepted: pass an int or a list of ints.")
+    neg = a["negative_prompt"]
+    negs = neg if isinstance(neg, list) else [neg]
+    if not all(n is None or isinstance(n, str) for n in negs):
+        raise InterpolationError(
+            f"negative_prompt={neg!r} is not accepted: pass None, a string, or a list of strings (or None)."
+        )
+    if a["observe"] is not None and not isinstance(a["observe"], dict):
+        raise InterpolationError(
+            f"observe={a['observe']!r} is not accepted: pass a dict of sdexplore.observe options, e.g. "
+            "dict(steps=True), or None."
+        )
+    if not callable(a["summarize"]):
+        raise InterpolationError(
+            f"summarize={a['summarize']!r} is not accepted: pass a function (obs, i) -> summary."
+        )
+    if a["generator_device"] is not None:
+        try:
+            torch.device(a["generator_device"])
+        except (RuntimeError, TypeError) as e:
+            raise InterpolationError(
+                f"generator_device={a['generator_device']!r} is not accepted: pass a device such as 'cpu' or "
+                f"'cuda', or None for the pipeline's device ({e})."
+            ) from e
+
+
 def walk(
     pipe: Any,
     prompts: str | EncodedPrompt | Sequence[str | EncodedPrompt],
@@ -426,8 +382,23 @@ def walk(
     ``observe``: keyword arguments for ``sdexplore.observe`` to record every frame; only ``summarize(obs, i)`` of
     each frame is kept (bounded memory). Other keyword arguments go to the pipeline; its scheduler is used as set.
     """
-    if frames < 2:
-        raise InterpolationError(f"frames must be at least 2, got {frames}.")
+    _check_walk_args(
+        pipe,
+        prompts=prompts,
+        seeds=seeds,
+        frames=frames,
+        batch_size=batch_size,
+        negative_prompt=negative_prompt,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        spacing=spacing,
+        loop=loop,
+        generator_device=generator_device,
+        observe=observe,
+        summarize=summarize,
+    )
     clash = sorted(_RESERVED & set(pipe_kwargs))
     if clash:
         raise InterpolationError(
@@ -445,8 +416,6 @@ def walk(
     schedule: KeyframeSchedule = keyframe_schedule(len(keys.seeds), frames, spacing=spacing, loop=loop)
     if batch_size is None:
         batch_size = auto_batch_size(pipe, frames, height=height, width=width, guidance=guidance_scale > 1)
-    if batch_size < 1:
-        raise InterpolationError(f"batch_size must be at least 1, got {batch_size}.")
     call_kwargs = dict(
         pipe_kwargs,
         num_inference_steps=num_inference_steps,
@@ -506,6 +475,8 @@ def refine(
     spaced positions between its two frames' path positions. Keyframes given as text only (prompts not None).
     Returns a new :class:`Walk`; existing frames are reused, not re-rendered.
     """
+    _check_count("extra", extra, 0, optional=False)
+    _check_count("batch_size", batch_size, 1)
     if any(p is None for p in result.prompts):
         raise InterpolationError("refine needs text keyframes; this walk had EncodedPrompt keyframes.")
     s = result.settings

@@ -1,0 +1,422 @@
+"""AttentionMaps: cross-attention heat maps per token and word (aggregated, per step, per layer) as plain data."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import SelectionError, WordNotFoundError
+from ..heatmaps import Normalization, normalize, resize
+from . import fileformat as ff
+from .tokens import TokenList
+
+StepSelector = int | range | slice | Sequence[int] | None
+
+_FORMAT = "sdexplore.AttentionMaps"
+
+
+@dataclass
+class AttentionMaps:
+    """Cross-attention maps of one pipeline call, reduced as it ran.
+
+    Values are raw attention mass: for each latent pixel (a query), the probability it gives each of the
+    ``T`` key positions (77 tokens), averaged over heads, the captured layers and the denoising steps. At
+    every pixel the maps of all ``T`` positions sum to 1; a word's map is the sum of its tokens' maps.
+    Use :func:`sdexplore.heatmaps.normalize` (or ``normalize=`` on :meth:`word`) for per-map min-max display.
+
+    Batch ``index`` follows the pipeline's output order (each prompt repeated ``num_images_per_prompt``
+    times). ``steps`` has one entry per UNet call (one per denoising step for DDIM, PNDM, Euler, DPM-Solver;
+    Heun and KDPM2 evaluate the UNet twice per step).
+    """
+
+    aggregate: torch.Tensor  # (B, T, H, W) float32: mean over steps, layers, heads at latent resolution
+    timesteps: torch.Tensor  # (S,) float32: the timestep of each UNet call
+    layers: dict[str, torch.Tensor]  # layer name → (B, T, h, w): mean over steps and heads, native resolution
+    token_lists: list[TokenList]  # one per image: labels of the T key positions
+    latent_size: tuple[int, int]  # (H, W) of the latents
+    vae_scale: int = 8  # pixels per latent cell
+    steps: torch.Tensor | None = None  # (S, B, T, h, w) float32: per-step mean over layers and heads
+    layer_heads: dict[str, torch.Tensor] | None = None  # name → (B, heads, T, h, w): per_head=True
+    probs: dict[str, torch.Tensor] | None = None  # name → (S, B, heads, h*w, T): keep_probs=True
+    negative: AttentionMaps | None = (
+        None  # the same maps for the negative (unconditional) prompt, negative=True
+    )
+    skipped_layers: list[str] = field(default_factory=list)  # cross-attention layers left uncaptured
+    family: str = ""  # "sd1", "sd2", "sdxl"
+
+    # ---- labels -------------------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        """Number of images (conditional rows of the batch)."""
+        return int(self.aggregate.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        """Number of recorded UNet calls."""
+        return int(self.timesteps.shape[0])
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the captured cross-attention layers (``unet`` module paths)."""
+        return list(self.layers)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) of the generated image in pixels."""
+        return (self.latent_size[0] * self.vae_scale, self.latent_size[1] * self.vae_scale)
+
+    @property
+    def tokens(self) -> list[str]:
+        """Tokens of image 0, one per key position: BOS, prompt tokens, EOS and padding all visible."""
+        return self.token_lists[0].tokens
+
+    @property
+    def words(self) -> list[str]:
+        """Words of image 0's prompt (sub-word tokens merged)."""
+        return self.token_lists[0].words
+
+    @property
+    def truncated(self) -> list[str]:
+        """Tokens of image 0's prompt cut off beyond 77 positions (they have no map)."""
+        return self.token_lists[0].truncated
+
+    # ---- maps ---------------------------------------------------------------------------------------------
+    def word(
+        self,
+        word: str,
+        *,
+        step: StepSelector = None,
+        layer: str | None = None,
+        index: int = 0,
+        occurrence: int | None = None,
+        normalize: Normalization = "mass",
+    ) -> torch.Tensor:
+        """Heat map ``(h, w)`` of a word (or space-separated words) of image ``index``'s prompt.
+
+        ``step=None`` averages every step; an int, range, slice or list picks steps (mean over them) from the
+        per-step maps at their small resolution. ``layer`` (a layer name or a substring such as ``"up_blocks"``)
+        restricts to matching layers at their native resolution (several matches: upsampled to the latent
+        size and averaged). ``step`` and ``layer`` together need ``keep_probs=True``. A word that occurs
+        several times sums all occurrences unless ``occurrence`` picks one. ``normalize``: see
+        :func:`sdexplore.heatmaps.normalize` (default raw mass).
+        """
+        positions = self._tokens_of(index).positions(word, occurrence)  # WordNotFoundError for a non-word
+        return self._map(positions, step=step, layer=layer, index=index, norm=normalize)
+
+    def token(
+        self,
+        position: int,
+        *,
+        step: StepSelector = None,
+        layer: str | None = None,
+        index: int = 0,
+        normalize: Normalization = "mass",
+    ) -> torch.Tensor:
+        """Heat map ``(h, w)`` of one key position (0 = BOS; see :attr:`tokens`); options as :meth:`word`."""
+        T = int(self.aggregate.shape[1])
+        if isinstance(position, bool) or not isinstance(position, int) or not -T <= position < T:
+            raise SelectionError(
+                f"Token position {position!r} is not a key position: pass an int in 0..{T - 1} (or -{T}..-1); "
+                f"see .tokens for what each holds, or use .word() for a word."
+            )
+        return self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
+
+    def word_maps(
+        self, words: Sequence[str] | None = None, *, index: int = 0, normalize: Normalization = "mass"
+    ) -> dict[str, torch.Tensor]:
+        """Aggregated map of each word (default: every word of the prompt), in prompt order."""
+        if isinstance(words, str):
+            raise WordNotFoundError(
+                f"words={words!r} is one string: pass a list of words, e.g. [{words!r}], or None for every word."
+            )
+        words = list(words) if words is not None else list(dict.fromkeys(self._tokens_of(index).words))
+        return {w: self.word(w, index=index, normalize=normalize) for w in words}
+
+    def to_numpy(self, words: Sequence[str] | None = None, *, index: int = 0) -> dict[str, np.ndarray]:
+        """:meth:`word_maps` as numpy arrays."""
+        return {w: m.numpy() for w, m in self.word_maps(words, index=index).items()}
+
+    def _tokens_of(self, index: int) -> TokenList:
+        n = self.num_images
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise SelectionError(
+                f"index={index!r} is not an image of this call: pass an int in 0..{n - 1} ({n} image(s))."
+            )
+        return self.token_lists[index]
+
+    def _step_indices(self, step: StepSelector) -> list[int]:
+        S = self.num_steps
+        accepted = f"pass an int in 0..{S - 1}, a range, a slice or a list of ints ({S} steps were recorded)"
+        if (
+            isinstance(step, bool)
+            or not isinstance(step, int | slice | range | Sequence)
+            or isinstance(step, str)
+        ):
+            raise SelectionError(f"step={step!r} is not a step selector: {accepted}.")
+        if isinstance(step, int):
+            if not -S <= step < S:
+                raise SelectionError(f"step={step} is out of range: {accepted}.")
+            return [step % S]
+        idx = list(range(S))[step] if isinstance(step, slice) else list(step)
+        bad = [i for i in idx if isinstance(i, bool) or not isinstance(i, int) or not -S <= i < S]
+        if bad or not idx:
+            raise SelectionError(
+                f"step={step!r} selects no valid step{f' ({bad[0]!r})' if bad else ''}: {accepted}."
+            )
+        return [i % S for i in idx]
+
+    def _match_layers(self, layer: str) -> list[str]:
+        if not isinstance(layer, str):
+            raise SelectionError(
+                f"layer={layer!r} is not a layer name: pass a name or a part of one. Captured layers: {self.layer_names}"
+            )
+        names = [n for n in self.layers if n == layer] or [n for n in self.layers if layer in n]
+        if not names:
+            raise SelectionError(f"No captured layer matches {layer!r}. Captured layers: {self.layer_names}")
+        return names
+
+    def _map(
+        self, positions: list[int], *, step: StepSelector, layer: str | None, index: int, norm: Normalization
+    ) -> torch.Tensor:
+        self._tokens_of(index)
+        if layer is None and step is None:
+            out = self.aggregate[index, positions].sum(0)  # (H, W)
+        elif layer is None:
+            if self.steps is None:
+                raise ValueError(
+                    "Per-step maps were not recorded (step_resolution=None); record with step_resolution=16."
+                )
+            idx = self._step_indices(step)
+            out = self.steps[idx, index][:, positions].sum(1).mean(0)  # (h, w)
+        else:
+            names = self._match_layers(layer)
+            if step is None:
+                per = [self.layers[n][index, positions].sum(0) for n in names]  # each (h_l, w_l)
+            else:
+                if self.probs is None:
+                    raise ValueError(
+                        "Maps per step *and* layer need every probability tensor: record with keep_probs=True "
+                        "(costly), or ask for step= or layer= alone."
+                    )
+                idx = self._step_indices(step)
+                per = []
+                for n in names:
+                    p = self.probs[n][idx, index].float().mean(1)  # (S', HW, T): mean over heads
+                    h, w = self.layers[n].shape[-2:]
+                    per.append(p[..., positions].sum(-1).mean(0).reshape(h, w))  # (h, w)
+            if len(per) == 1:
+                out = per[0]
+            else:
+                out = torch.stack([resize(m, self.latent_size) for m in per]).mean(0)  # (H, W)
+        return normalize(out, norm)
+
+    # ---- save / load --------------------------------------------------------------------------------------
+    def _tensors(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        t = {f"{prefix}aggregate": self.aggregate, f"{prefix}timesteps": self.timesteps}
+        if self.steps is not None:
+            t[f"{prefix}steps"] = self.steps
+        for group in ("layers", "layer_heads", "probs"):
+            for name, v in (getattr(self, group) or {}).items():
+                t[f"{prefix}{group}/{name}"] = v
+        if self.negative is not None:
+            t.update(self.negative._tensors(prefix + "negative/"))
+        return {k: v.detach().cpu().contiguous() for k, v in t.items()}
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "token_lists": [tl.to_json() for tl in self.token_lists],
+            "latent_size": list(self.latent_size),
+            "vae_scale": self.vae_scale,
+            "layer_names": self.layer_names,
+            "has_steps": self.steps is not None,
+            "has_layer_heads": self.layer_heads is not None,
+            "has_probs": self.probs is not None,
+            "skipped_layers": self.skipped_layers,
+            "family": self.family,
+            "negative": self.negative._meta() if self.negative is not None else None,
+        }
+
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors by name, JSON-able header): the form saved to disk."""
+        return self._tensors(), {"format": _FORMAT, "version": ff.VERSION, "maps": self._meta()}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], header: Any, source: str = "") -> AttentionMaps:
+        """Rebuild maps from :meth:`to_state` output; any mismatch raises ResultFileError naming the field."""
+        check = ff.Checker(source or "these attention maps")
+        header = check.kind(header, _FORMAT, "AttentionMaps")
+        unknown = sorted(set(header) - {"format", "version", "maps", ff.TABLE, ff.HEADER_SUM})
+        if unknown:
+            check.fail(f"field {unknown[0]!r}", "is not a field of saved AttentionMaps")
+        meta = check.get(header, "maps", "maps")
+        ff.require_tensors(check, tensors, _tensor_names(check, meta, "", "maps"))
+        return _build(check, meta, tensors, "", "maps")
+
+    def save(self, path: str | Path) -> Path:
+        """Write to one ``.safetensors`` file (tensors; labels, sizes and checksums as JSON in its header).
+
+        Written atomically; returns the path (``.safetensors`` is appended when missing).
+        """
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            path = (
+                path.with_suffix(path.suffix + ".safetensors")
+                if path.suffix
+                else path.with_suffix(".safetensors")
+            )
+        tensors, header = self.to_state()
+        return ff.save_result(path, _FORMAT, header, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttentionMaps:
+        """Read a file written by :meth:`save`; every field, shape, dtype and checksum is checked.
+
+        A truncated, corrupt, edited or foreign file raises :class:`~sdexplore.errors.ResultFileError`.
+        """
+        rf = ff.read_result(path, _FORMAT, "AttentionMaps")
+        maps = cls.from_state(rf.tensors, rf.header, str(rf.path))
+        rf.verify_checksums()
+        return maps
+
+
+_META_KEYS = frozenset(
+    {
+        "token_lists",
+        "latent_size",
+        "vae_scale",
+        "layer_names",
+        "has_steps",
+        "has_layer_heads",
+        "has_probs",
+        "skipped_layers",
+        "family",
+        "negative",
+    }
+)
+_TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt"})
+_KINDS = ("bos", "text", "eos", "pad")
+
+
+def _tensor_names(c: ff.Checker, meta: Any, prefix: str, field: str) -> list[str]:
+    """Names of the tensors a ``maps`` header describes (negative maps included)."""
+    meta = c.dict(meta, field)
+    unknown = sorted(set(meta) - _META_KEYS)
+    if unknown:
+        c.fail(f"{field}.{unknown[0]}", "is not a field of saved AttentionMaps")
+    layers = c.list(c.get(meta, "layer_names", f"{field}.layer_names"), f"{field}.layer_names")
+    for i, n in enumerate(layers):
+        c.str(n, f"{field}.layer_names[{i}]")
+    if len(set(layers)) != len(layers):
+        c.fail(f"{field}.layer_names", "names a layer twice")
+    names = [f"{prefix}aggregate", f"{prefix}timesteps"]
+    if c.bool(c.get(meta, "has_steps", f"{field}.has_steps"), f"{field}.has_steps"):
+        names.append(f"{prefix}steps")
+    names += [f"{prefix}layers/{n}" for n in layers]
+    for group in ("layer_heads", "probs"):
+        if c.bool(c.get(meta, f"has_{group}", f"{field}.has_{group}"), f"{field}.has_{group}"):
+            names += [f"{prefix}{group}/{n}" for n in layers]
+    negative = c.get(meta, "negative", f"{field}.negative")
+    if negative is not None:
+        if prefix:
+            c.fail(f"{field}.negative", "is set inside negative maps (only one level is saved)")
+        names += _tensor_names(c, negative, "negative/", f"{field}.negative")
+    return names
+
+
+def _build(
+    c: ff.Checker, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, field: str
+) -> AttentionMaps:
+    """AttentionMaps from a checked ``maps`` header and its tensors, every shape and dtype checked."""
+    B, T, H, W = ff.check_tensor(
+        c, f"{prefix}aggregate", tensors[f"{prefix}aggregate"], (None,) * 4, floating=True
+    )
+    (S,) = ff.check_tensor(c, f"{prefix}timesteps", tensors[f"{prefix}timesteps"], (None,), floating=True)
+    size = c.list(c.get(meta, "latent_size", f"{field}.latent_size"), f"{field}.latent_size", length=2)
+    latent_size = (
+        c.int(size[0], f"{field}.latent_size[0]", lo=1),
+        c.int(size[1], f"{field}.latent_size[1]", lo=1),
+    )
+    if latent_size != (H, W):
+        c.fail(f"{field}.latent_size", f"is {list(latent_size)}, but the aggregate maps are {H}×{W}")
+    steps = None
+    if meta["has_steps"]:
+        steps = tensors[f"{prefix}steps"]
+        ff.check_tensor(c, f"{prefix}steps", steps, (S, B, T, None, None), floating=True)  # (S, B, T, h, w)
+    layers: dict[str, torch.Tensor] = {}
+    heads: dict[str, torch.Tensor] | None = {} if meta["has_layer_heads"] else None
+    probs: dict[str, torch.Tensor] | None = {} if meta["has_probs"] else None
+    for n in meta["layer_names"]:
+        t = layers[n] = tensors[f"{prefix}layers/{n}"]
+        _, _, h, w = ff.check_tensor(
+            c, f"{prefix}layers/{n}", t, (B, T, None, None), floating=True
+        )  # (B, T, h, w)
+        nh = None
+        if heads is not None:
+            t = heads[n] = tensors[f"{prefix}layer_heads/{n}"]
+            nh = ff.check_tensor(c, f"{prefix}layer_heads/{n}", t, (B, None, T, h, w), floating=True)[1]
+        if probs is not None:
+            t = probs[n] = tensors[f"{prefix}probs/{n}"]
+            ff.check_tensor(
+                c, f"{prefix}probs/{n}", t, (S, B, nh, h * w, T), floating=True
+            )  # (S, B, heads, hw, T)
+    token_lists = [
+        _token_list(c, d, T, f"{field}.token_lists[{i}]")
+        for i, d in enumerate(
+            c.list(c.get(meta, "token_lists", f"{field}.token_lists"), f"{field}.token_lists", length=B)
+        )
+    ]
+    skipped = c.list(c.get(meta, "skipped_layers", f"{field}.skipped_layers"), f"{field}.skipped_layers")
+    for i, n in enumerate(skipped):
+        c.str(n, f"{field}.skipped_layers[{i}]")
+    negative = None
+    if meta["negative"] is not None:
+        negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
+        if negative.aggregate.shape != (B, T, H, W) or negative.num_steps != S:
+            c.fail(f"{field}.negative", "does not match the conditional maps' images, tokens, size or steps")
+    return AttentionMaps(
+        aggregate=tensors[f"{prefix}aggregate"],
+        timesteps=tensors[f"{prefix}timesteps"],
+        layers=layers,
+        token_lists=token_lists,
+        latent_size=latent_size,
+        vae_scale=c.int(c.get(meta, "vae_scale", f"{field}.vae_scale"), f"{field}.vae_scale", lo=1),
+        steps=steps,
+        layer_heads=heads,
+        probs=probs,
+        negative=negative,
+        skipped_layers=list(skipped),
+        family=c.str(c.get(meta, "family", f"{field}.family"), f"{field}.family"),
+    )
+
+
+def _token_list(c: ff.Checker, value: Any, T: int, field: str) -> TokenList:
+    """One image's token labels: ids, pieces and kinds for each of the ``T`` key positions."""
+    d = c.dict(value, field)
+    unknown = sorted(set(d) - _TOKEN_KEYS)
+    if unknown:
+        c.fail(f"{field}.{unknown[0]}", "is not a field of a token list")
+    ids = [
+        c.int(v, f"{field}.ids[{i}]")
+        for i, v in enumerate(c.list(c.get(d, "ids", f"{field}.ids"), f"{field}.ids", length=T))
+    ]
+    pieces = [
+        c.str(v, f"{field}.pieces[{i}]")
+        for i, v in enumerate(c.list(c.get(d, "pieces", f"{field}.pieces"), f"{field}.pieces", length=T))
+    ]
+    kinds = [
+        c.str(v, f"{field}.kinds[{i}]", choices=_KINDS)
+        for i, v in enumerate(c.list(c.get(d, "kinds", f"{field}.kinds"), f"{field}.kinds", length=T))
+    ]
+    truncated = [
+        c.str(v, f"{field}.truncated[{i}]")
+        for i, v in enumerate(c.list(c.get(d, "truncated", f"{field}.truncated"), f"{field}.truncated"))
+    ]
+    prompt = c.get(d, "prompt", f"{field}.prompt")
+    return TokenList(
+        ids, pieces, kinds, truncated, None if prompt is None else c.str(prompt, f"{field}.prompt")
+    )
