@@ -270,7 +270,9 @@ def test_batch_prompts_and_negative(sd1_pipe):
     assert maps.word("square", index=2).shape == (8, 8)
     with pytest.raises(WordNotFoundError):
         maps.word("square", index=0)
-    assert maps.negative is not None and maps.negative.num_images == 4
+    assert maps.negative.num_images == 4
+    assert [tl.prompt for tl in maps.negative.token_lists] == ["a dog", "a dog", "a cat", "a cat"]
+    assert maps.negative.word("cat", index=2).shape == (8, 8)
     assert maps.negative.words == ["a", "dog"] and maps.negative.token_lists[3].words == ["a", "cat"]
     assert not torch.allclose(maps.negative.aggregate, maps.aggregate)
 
@@ -411,7 +413,10 @@ def test_observe_builds_the_recorder(sd1_pipe):
         sd1_pipe(PROMPT, generator=gen(0), **RUN)
     _assert_restored(sd1_pipe, before)
     assert obs.attention.word("circle").shape == (8, 8)
-    assert obs.attention.steps.shape == (3, 1, 77, 4, 4) and obs.attention.negative is not None
+    assert obs.attention.steps.shape == (3, 1, 77, 4, 4)
+    negative = obs.attention.negative  # the unconditional half: the empty negative prompt's maps
+    assert [tl.prompt for tl in negative.token_lists] == [""] and negative.steps.shape == (3, 1, 77, 4, 4)
+    assert not torch.equal(negative.aggregate, obs.attention.aggregate)
 
 
 def test_fp16_keep_probs_dtype_and_step_maps_shrink(sd1_pipe):
