@@ -526,14 +526,8 @@ class attach:  # noqa: N801 - used like a function: `with attach(pipe, sub) as a
         att = _BY_PIPE.get(id(self.pipe))
         created = att is None
         if created:
+            check_attachable(self.pipe, self.family)
             den = self.family.get_denoiser(self.pipe)
-            other = _BY_DENOISER.get(id(den))
-            if other is not None:
-                raise RecorderStateError(
-                    f"A recorder is already active on this pipeline's {self.family.denoiser}, through another "
-                    f"pipeline object ({type(other.pipe).__name__}) built from the same components. Leave that "
-                    "`with` block first: one pipeline object per denoiser can be observed at a time."
-                )
             att = Attachment(self.pipe, self.family)
             _BY_PIPE[id(self.pipe)] = att
             _BY_DENOISER[id(den)] = att
@@ -553,6 +547,17 @@ class attach:  # noqa: N801 - used like a function: `with attach(pipe, sub) as a
         if self.attachment is not None:
             att, self.attachment = self.attachment, None
             att.unsubscribe(self.sub)
+
+
+def check_attachable(pipe: Any, family: Family) -> None:
+    """Raise :class:`RecorderStateError` if ``pipe``'s denoiser is observed through another pipeline object."""
+    other = _BY_DENOISER.get(id(family.get_denoiser(pipe)))
+    if other is not None and other.pipe is not pipe:
+        raise RecorderStateError(
+            f"A recorder is already active on this pipeline's {family.denoiser}, through another pipeline object "
+            f"({type(other.pipe).__name__}) built from the same components. Leave that `with` block first: one "
+            "pipeline object per denoiser can be observed at a time."
+        )
 
 
 def attachment_of(pipe: Any) -> Attachment | None:

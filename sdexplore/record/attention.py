@@ -19,7 +19,7 @@ from ..errors import RecorderStateError, UnsupportedPipelineError
 from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
-from .attach import AttentionTap, Run, Subscriber, attach, attachment_of
+from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
 from .processor import CapturingAttnProcessor, is_reproducible
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -131,6 +131,7 @@ class AttentionRecorder:
         existing = attachment_of(self.pipe)
         if existing is not None:
             existing.check_free("attention")
+        check_attachable(self.pipe, self.family)
         den = self.family.get_denoiser(self.pipe)
         procs = dict(den.attn_processors)
         if any(isinstance(p, CapturingAttnProcessor) for p in procs.values()):
