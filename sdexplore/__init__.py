@@ -57,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "WordNotFoundError": "errors",
     "ResultFileError": "errors",
     "InterpolationError": "errors",
+    "InvalidArgumentError": "errors",
+    "ExportError": "errors",
 }
 _SUBMODULES = (
     "widgets",
@@ -77,9 +79,11 @@ __all__ = [
     "EMBEDDED_MODEL_DIR",
     "EMBEDDED_GUIDANCE_SCALE",
     "EncodedPrompt",
+    "ExportError",
     "FAMILIES",
     "Family",
     "InterpolationError",
+    "InvalidArgumentError",
     "ModelNotAvailableError",
     "Observation",
     "PipelineDescription",
@@ -132,7 +136,9 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from .attention import AttentionRecorder
     from .errors import (
         DeviceDtypeError,
+        ExportError,
         InterpolationError,
+        InvalidArgumentError,
         ModelNotAvailableError,
         RecorderStateError,
         ResultFileError,

@@ -54,3 +54,11 @@ class SelectionError(SdexploreError, IndexError, KeyError):
     """
 
     __str__ = Exception.__str__  # KeyError's __str__ would quote the message
+
+
+class InvalidArgumentError(SdexploreError, ValueError, TypeError):
+    """An argument's type or value is not one sdexplore accepts (the message names it and what is accepted)."""
+
+
+class ExportError(SdexploreError, ValueError, OSError):
+    """A frame, grid, GIF or video file cannot be written (bad fps or extension, encoder failure); names the file."""
