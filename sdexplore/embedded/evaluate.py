@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from ..errors import ModelNotAvailableError
 from . import scenes
 from .data import autocast, validation_images
-from .folder import write_text_atomic
 from .model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, EMBEDDED_STEPS, SD_GUIDANCE_SCALE
 
 if TYPE_CHECKING:
@@ -274,7 +273,9 @@ def run_eval(
     Returns the measured numbers; with ``write`` also writes eval.json, sample_grid.png and MODEL_CARD.md
     (the card always records the 16-prompt subset too, so a test can reproduce it).
     """
+    # Imported here, not at the top: .folder loads diffusers, and the script's --help should not wait for it.
     from .card import model_card
+    from .folder import write_text_atomic
 
     folder = Path(folder)
     torch.manual_seed(0)
