@@ -11,7 +11,7 @@ import torch
 from . import scenes
 from .model import SD_GUIDANCE_SCALE as SD_GUIDANCE
 
-#: Bars of the issue (fractions; IoU mean; dB).
+#: The bars the embedded model is held to (fractions; IoU mean; dB); tests/test_embedded_model.py checks them.
 BARS = {"colour": 0.90, "background": 0.90, "shape": 0.80, "place": 0.75, "attention_iou": 0.45, "psnr": 28.0}
 LABELS = {"attention_iou": "attention IoU", "psnr": "VAE PSNR"}
 
@@ -88,7 +88,7 @@ def status_line(result: dict, train: dict) -> str:
     missed = [k for k, bar in BARS.items() if values[k] < bar]
     met = [LABELS.get(k, k) for k in BARS if k not in missed]
     if not missed:
-        return "**Status:** meets every bar of the issue on the held-out prompts (table below)."
+        return "**Status:** meets every bar set for it on the held-out prompts (table below)."
     ceiling = result.get("vae_ceiling", {})
     capped = [k for k in missed if k in ceiling and ceiling[k] < BARS[k]]
     limit = (
@@ -103,7 +103,7 @@ def status_line(result: dict, train: dict) -> str:
     return (
         f"**Status: partly trained.** This checkpoint meets the bars for {', '.join(met) or 'nothing'} and "
         f"misses them for {', '.join(LABELS.get(k, k) for k in missed)} (table below). Its UNet saw {unet_samples(train):,} training "
-        "samples (see Training), which was the compute this build had." + limit + " Read its attention maps "
+        "samples (see Training), which was the compute it had." + limit + " Read its attention maps "
         "and walks with the missed bars in mind."
     )
 
