@@ -26,11 +26,8 @@ MAX_GIF_FPS = 50
 #: Video suffix → (ffmpeg muxer, encoder arguments). H.264 in yuv420p plays everywhere; VP9 is the WebM codec
 #: browsers play (``-b:v 0``: constant quality, set by ``-crf``).
 _VIDEO_CODECS: dict[str, tuple[str, list[str]]] = {
-    ".mp4": ("mp4", ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-movflags", "+faststart"]),
-    ".webm": (
-        "webm",
-        ["-c:v", "libvpx-vp9", "-pix_fmt", "yuv420p", "-b:v", "0", "-deadline", "good", "-cpu-used", "4"],
-    ),
+    ".mp4": ("mp4", "-c:v libx264 -pix_fmt yuv420p -movflags +faststart".split()),
+    ".webm": ("webm", "-c:v libvpx-vp9 -pix_fmt yuv420p -b:v 0 -deadline good -cpu-used 4 -row-mt 1".split()),
 }
 _CRF_MAX = {"libx264": 51, "libvpx-vp9": 63}  # worst quality of each encoder's -crf scale
 

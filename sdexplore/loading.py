@@ -334,14 +334,19 @@ def load_pipeline(
             ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``; a local diffusers folder; or a single
             ``.safetensors`` checkpoint file. Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) are refused
             unless ``allow_pickle=True`` (they can run arbitrary code when loaded).
-        device: ``"auto"`` (cuda, then mps, then cpu) or an explicit device.
-        dtype: ``"auto"`` (float16 on cuda/mps, float32 on the CPU) or an explicit dtype. float16 on the CPU
-            raises one clear :class:`~sdexplore.errors.DeviceDtypeError`.
+        device: ``"auto"`` (cuda, then mps, then cpu) or ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``,
+            ``"xpu"``; anything else raises :class:`~sdexplore.errors.DeviceDtypeError`.
+        dtype: ``"auto"`` (float16 on cuda/mps, float32 on the CPU), float32, float16 or bfloat16. float16 on
+            the CPU, or any other dtype, raises one clear :class:`~sdexplore.errors.DeviceDtypeError`.
         safety_checker: keep the safety checker and feature extractor when the model has them.
         allow_pickle: opt in to loading pickle-based weights.
-        scheduler: optional scheduler class name from diffusers (e.g. ``"EulerDiscreteScheduler"``).
+        scheduler: optional scheduler class name from diffusers (e.g. ``"EulerDiscreteScheduler"``), checked
+            against the model's scheduler config before loading (:func:`check_scheduler_name`).
         progress_bar: show diffusers' per-call progress bar (denoising steps).
         **kwargs: passed to ``from_pretrained`` / ``from_single_file``.
+
+    Every argument, the model folder's index and the header of every ``.safetensors`` file are checked before
+    any weights load; each problem is one sdexplore error naming the file or value and what is accepted.
 
     Returns:
         A diffusers pipeline of a supported family (see :mod:`sdexplore.families`).
@@ -582,6 +587,7 @@ def check_scheduler_name(name: str, model: str | os.PathLike[str] | None = None)
     DDPM-type UNet model) raises :class:`~sdexplore.errors.InvalidArgumentError` listing what is accepted. A hub
     model not yet downloaded is checked by name only (the pipeline is checked again once loaded).
     """
+    _check_model_argument(model)
     name = _checked_scheduler_name(name)
     current = _model_scheduler_class(model)
     if current is not None:
