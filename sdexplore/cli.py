@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
 import re
+import secrets
+import shutil
+import signal
+import socket
 import sys
+import tempfile
+import threading
+import time
 import traceback
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -115,6 +124,57 @@ examples:
 """
 
 
+MAX_STEPS = 1000  # diffusers' SD schedulers have 1000 training timesteps; more inference steps fail
+MAX_SIDE = 8192  # --height / --width, pixels
+MAX_FRAMES = 10_000  # frames of one walk
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale (SD uses 1..20; beyond 100 images are saturated noise)
+MAX_FPS = 240.0
+MAX_GIF_FPS = 50.0  # GIF frame times are 1/100 s; most viewers slow anything under 2/100 s to 1/10 s
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high] (a clear one-line error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float, high: float, *, above: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high] (``above``: (low, high]); nan and ±inf are refused."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (low < value if above else low <= value) and value <= high
+        if not ok:
+            lower = f"above {low:g}" if above else f"from {low:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {lower} to {high:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed, a whole number with 0 <= seed < 2**64 (what torch.Generator.manual_seed takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
 def _common(model_option: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and machine")
@@ -140,7 +200,7 @@ def _generation() -> argparse.ArgumentParser:
     g = p.add_argument_group("generation")
     g.add_argument(
         "--steps",
-        type=int,
+        type=_whole(1, MAX_STEPS),
         default=DEFAULT_STEPS,
         metavar="N",
         help=f"denoising steps (default {DEFAULT_STEPS})",
@@ -153,18 +213,21 @@ def _generation() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--guidance",
-        type=float,
+        type=_number(0.0, MAX_GUIDANCE),
         metavar="G",
         help="classifier-free guidance scale (default: the pipeline's; for the embedded model its recommended scale)",
     )
     g.add_argument(
         "--height",
-        type=int,
+        type=_whole(8, MAX_SIDE),
         metavar="H",
         help="image height in pixels, a multiple of 8 (default: the model's)",
     )
     g.add_argument(
-        "--width", type=int, metavar="W", help="image width in pixels, a multiple of 8 (default: the model's)"
+        "--width",
+        type=_whole(8, MAX_SIDE),
+        metavar="W",
+        help="image width in pixels, a multiple of 8 (default: the model's)",
     )
     g.add_argument("--negative", metavar="TEXT", help="negative prompt")
     return p
@@ -174,7 +237,9 @@ def _output(default: str, what: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=default, metavar="PATH", help=f"{what} (default {default})")
-    g.add_argument("--force", action="store_true", help="overwrite files that already exist")
+    g.add_argument(
+        "--force", action="store_true", help="replace an existing output as a whole (no stale files remain)"
+    )
     return p
 
 
@@ -208,13 +273,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", dest="model_option", metavar="M", help="the same as MODEL")
     d.add_argument(
         "--steps",
-        type=int,
+        type=_whole(1, MAX_STEPS),
         default=50,
         metavar="N",
         help="inference steps whose timesteps to list (default 50)",
     )
-    d.add_argument("--height", type=int, metavar="H", help="image height for the latent arithmetic")
-    d.add_argument("--width", type=int, metavar="W", help="image width for the latent arithmetic")
+    d.add_argument(
+        "--height", type=_whole(8, MAX_SIDE), metavar="H", help="image height for the latent arithmetic"
+    )
+    d.add_argument(
+        "--width", type=_whole(8, MAX_SIDE), metavar="W", help="image width for the latent arithmetic"
+    )
     d.add_argument("--prompt", metavar="TEXT", help="also show how this prompt is tokenized")
     d.add_argument("--json", action="store_true", help="print the description as JSON")
     d.set_defaults(run=_cmd_describe)
@@ -229,14 +298,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     s.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes")
-    s.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
+    s.add_argument(
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
+    )
     s.add_argument(
         "--preview",
         choices=("decode", "linear"),
         default="decode",
         help="decode: VAE-decode x0 at every step (GIF and x0 strip); linear: only the free linear preview",
     )
-    s.add_argument("--fps", type=float, default=8.0, help="GIF frames per second (default 8)")
+    s.add_argument(
+        "--fps",
+        type=_number(0.0, MAX_GIF_FPS, above=True),
+        default=8.0,
+        help="GIF frames per second (default 8)",
+    )
     s.set_defaults(run=_cmd_steps)
 
     a = sub.add_parser(
@@ -252,8 +328,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
     )
-    a.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default 0)")
-    a.add_argument("--rows", type=int, default=6, metavar="R", help="step groups in the grid (default 6)")
+    a.add_argument(
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
+    )
+    a.add_argument(
+        "--rows",
+        type=_whole(1, MAX_STEPS),
+        default=6,
+        metavar="R",
+        help="step groups in the grid (default 6)",
+    )
     a.set_defaults(run=_cmd_attention)
 
     w = sub.add_parser(
@@ -268,20 +352,31 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("prompts", nargs="+", metavar="PROMPT", help="one prompt per keyframe (or one for all)")
     w.add_argument(
         "--seeds",
-        type=int,
+        type=_seed,
         nargs="+",
         default=[0],
         metavar="S",
         help="one seed, or one per keyframe (default 0)",
     )
-    w.add_argument("--frames", type=int, default=16, metavar="N", help="frames in the walk (default 16)")
+    w.add_argument(
+        "--frames",
+        type=_whole(2, MAX_FRAMES),
+        default=16,
+        metavar="N",
+        help="frames in the walk (default 16)",
+    )
     w.add_argument("--circular", action="store_true", help="return to the first keyframe: a seamless loop")
     w.add_argument(
         "--spacing", choices=("even", "ease"), default="even", help="ease: slow down near keyframes"
     )
-    w.add_argument("--fps", type=float, default=12.0, help="frames per second (default 12)")
     w.add_argument(
-        "--batch-size", type=int, metavar="B", help="frames per pipeline call (default: what fits)"
+        "--fps", type=_number(0.0, MAX_FPS, above=True), default=12.0, help="frames per second (default 12)"
+    )
+    w.add_argument(
+        "--batch-size",
+        type=_whole(1, MAX_FRAMES),
+        metavar="B",
+        help="frames per pipeline call (default: what fits)",
     )
     w.set_defaults(run=_cmd_walk)
     return parser
@@ -296,18 +391,21 @@ def _prompt(text: str) -> str:
     return text
 
 
-def _positive(name: str, value: int | None, minimum: int = 1) -> None:
-    if value is not None and value < minimum:
-        raise InputError(f"{name} must be at least {minimum}, got {value}")
-
-
 def _check_size(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
         v = getattr(args, name, None)
-        if v is not None and (v < 8 or v % 8):
+        if v is not None and v % 8:
             raise InputError(
                 f"--{name} must be a positive multiple of 8 (the VAE works in 8x8 blocks), got {v}"
             )
+
+
+def _check_fps(fps: float, suffix: str) -> None:
+    if suffix == ".gif" and fps > MAX_GIF_FPS:
+        raise InputError(
+            f"--fps {fps:g} is too fast for a GIF (it stores frame times in 1/100 s, and most viewers slow frames "
+            f"shorter than 1/{MAX_GIF_FPS:g} s down to 1/10 s): use at most {MAX_GIF_FPS:g}, or write an .mp4"
+        )
 
 
 def resolve_scheduler(name: str | None) -> str | None:
@@ -327,32 +425,430 @@ def resolve_scheduler(name: str | None) -> str | None:
     )
 
 
-def _check_outputs(paths: Iterable[Path], force: bool) -> None:
-    """Refuse to overwrite without --force and refuse folders that cannot be written, before any work."""
-    paths = list(paths)
-    for folder in dict.fromkeys(p.parent for p in paths):
-        probe = folder
+def _check_model_source(model: str | None) -> None:
+    """A local --model that is missing or not loadable is refused here; a hub id must at least be well formed."""
+    if model is None:
+        return
+    from .loading import MOVED_MODEL_IDS, _looks_like_path
+
+    if not model.strip():
+        raise InputError(
+            "--model is empty: leave it out for the embedded model, or pass a hub id, folder or file"
+        )
+    path = Path(model).expanduser()
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):
+        exists = False
+    if exists:
+        if path.is_dir() and not (path / "model_index.json").is_file():
+            raise InputError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder saved with "
+                "pipe.save_pretrained(...), a .safetensors file or a hub id"
+            )
+        if not path.is_dir() and path.suffix.lower() != ".safetensors":
+            raise InputError(
+                f"{path} is not a .safetensors checkpoint; convert a pickle checkpoint (.ckpt, .bin, .pt) to "
+                ".safetensors, or pass a diffusers folder or a hub id"
+            )
+        return
+    if _looks_like_path(model):
+        raise InputError(
+            f"No such file or folder: {path}. Check the path, or pass a hub id like "
+            "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+        )
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(MOVED_MODEL_IDS.get(model, model))
+    except HFValidationError as e:
+        raise InputError(
+            f"--model {model!r} is no file or folder here and not a hub id ('org/name'): {_one_line(e)}"
+        ) from e
+
+
+def _check_model(args: argparse.Namespace, model: str | None, scheduler: str | None = None) -> str | None:
+    """Device, dtype, the model's path and the scheduler's fit to the model, without loading anything.
+
+    Returns the scheduler's diffusers class name (``None``: the model's own).
+    """
+    from .errors import SdexploreError
+    from .loading import check_scheduler_name, pick_device, pick_dtype
+
+    try:
+        pick_dtype(args.dtype, pick_device(args.device))
+    except (
+        SdexploreError,
+        RuntimeError,
+        ValueError,
+        TypeError,
+    ) as e:  # torch.device("x") raises RuntimeError
+        raise InputError(f"--device {args.device} --dtype {args.dtype}: {_one_line(e)}") from e
+    _check_model_source(model)
+    name = resolve_scheduler(scheduler)
+    if name is None:
+        return None
+    try:  # against the model's scheduler_config.json: FlowMatchEuler cannot drive a DDPM-type UNet
+        return check_scheduler_name(name, model)
+    except (SdexploreError, ValueError) as e:
+        raise InputError(f"--scheduler {scheduler}: {_one_line(e)}") from e
+
+
+def _tokenizer_before_loading(model: str | None) -> Any:
+    """The model's tokenizer read alone from its folder (embedded model or a local folder), or None."""
+    from .loading import EMBEDDED_MODEL_DIR, embedded_model_available
+
+    if model is None:
+        folder = EMBEDDED_MODEL_DIR if embedded_model_available() else None
+    else:
+        folder = Path(model).expanduser()
+    if folder is None or not (folder / "tokenizer").is_dir():
+        return None
+    try:
+        import transformers
+
+        cls_name = json.loads((folder / "model_index.json").read_text())["tokenizer"][1]
+        return getattr(transformers, cls_name).from_pretrained(folder / "tokenizer")
+    except Exception:  # noqa: BLE001 - anything odd here is reported by the model load itself
+        return None
+
+
+def _start_output(args: argparse.Namespace, *, folder: bool) -> _Output:
+    """The command's output transaction, checked (write probe, what exists); kept on ``args`` for Ctrl-C's note."""
+    output = _Output(args.out, folder=folder, force=args.force)
+    output.check()
+    args.output = output
+    return output
+
+
+# ---------------------------------------------------------------- output: atomic, exclusive, no stale files
+
+#: Files a command may write into its --out folder. --force replaces a folder only when it holds nothing else.
+_OUR_FILES = re.compile(
+    r"(image\.png|steps_x0\.png|steps_preview\.png|denoising\.gif|attention_grid\.png|attention_[^/]+\.png"
+    r"|trace\.[^/]+|attention\.[^/]+)"
+)
+_STALE_LOCK_AGE_S = 30.0  # an empty or garbled lock file older than this is a leftover, not a run starting up
+
+
+def _side_name(target: Path, kind: str) -> str:
+    """``.NAME.sdexplore-KIND``: the lock, temporary and set-aside paths beside ``target`` (short enough for
+    any file system: a long name is cut and a hash of it added)."""
+    name = target.name
+    if len(name.encode()) > 120:
+        name = name[:60] + "-" + hashlib.sha1(target.name.encode()).hexdigest()[:12]
+    return f".{name}.sdexplore-{kind}"
+
+
+def _lock_path(target: Path) -> Path:
+    """The lock file of an output path (beside it, in its parent folder)."""
+    return target.parent / _side_name(target, "lock")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def _ordinary_mode(path: Path, folder: bool) -> None:
+    """The mode a plain mkdir / open(path, "w") would give (mkdtemp and mkstemp make private 0700 / 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
+
+
+class OutputBusyError(InputError):
+    """Another run holds the lock of the same --out."""
+
+
+class _Output:
+    """One command's output, written whole or not at all.
+
+    Everything is written into a temporary folder (or file) beside ``--out`` and renamed into place when
+    complete; ``--force`` sets the old output aside, renames the new one in and then deletes the old one, so no
+    stale file survives. A lock file beside ``--out`` (created with O_CREAT | O_EXCL, holding ``pid host``)
+    refuses a second run into the same place; a lock whose process is dead is taken over. On any failure or
+    Ctrl-C the temporary output and the lock are removed and the old output is left as it was.
+    """
+
+    def __init__(self, out: str, *, folder: bool, force: bool) -> None:
+        try:
+            os.fsencode(out)  # a name the file system cannot store (a lone surrogate, a NUL byte) fails here
+            if "\0" in out:
+                raise ValueError("embedded null byte")
+            self.shown = Path(out).expanduser()  # as the user spelled it: for messages and "wrote" lines
+            self.target = Path(os.path.abspath(self.shown))
+            if self.target.parent.exists():  # follow a symlinked parent, so renames stay in one folder
+                self.target = self.target.parent.resolve() / self.target.name
+            if self.target.is_symlink():  # replace what the link points to, keep the link
+                self.target = self.target.resolve()
+        except (OSError, ValueError, RuntimeError) as e:
+            raise InputError(
+                f"--out {out!r} is not a usable path ({_one_line(e)}); choose another --out"
+            ) from e
+        self.folder, self.force = folder, force
+        self.parent = self.target.parent
+        self.lock = _lock_path(self.target)
+        self.path: Path | None = None  # the temporary folder or file to write into
+        self.committed = False
+        self._locked = False
+
+    # -- before the model loads
+
+    def check(self) -> None:
+        """Every check that needs no model: a real write probe, what exists, the cwd. Writes nothing."""
+        t, shown = self.target, self.shown
+        if self.folder:
+            if t.exists() and not t.is_dir():
+                raise InputError(f"--out {shown} is a file; pass a folder (it is created if missing)")
+            cwd = Path.cwd().resolve()
+            if t == cwd or t in cwd.parents:
+                raise InputError(
+                    f"--out {shown} is the current folder or holds it, and a command replaces its whole --out "
+                    "folder; pass a new folder name such as run1"
+                )
+        elif t.is_dir():
+            raise InputError(f"--out {shown} is a folder; pass a file name ending in .gif or .mp4")
+        probe = self.parent
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
+        where = shown if self.folder else shown.parent
         if not probe.is_dir():
             raise InputError(
-                f"cannot write into {folder}: {probe} is a file, not a folder; choose another --out"
+                f"cannot write into {where}: {probe} is a file, not a folder; choose another --out"
             )
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise InputError(f"cannot write into {folder}: {probe} is not writable; choose another --out")
-    existing = [p for p in paths if p.exists()]
-    if existing and not force:
-        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-        raise InputError(
-            f"{existing[0]} already exists{more}; pass --force to overwrite, or choose another --out"
+        try:
+            name_max = os.pathconf(probe, "PC_NAME_MAX")
+        except (OSError, ValueError):
+            name_max = 255
+        for part in t.relative_to(probe).parts:
+            if len(os.fsencode(part)) > name_max:
+                raise InputError(
+                    f"--out {shown}: the name {part[:24]}... is longer than this file system allows "
+                    f"({name_max} bytes); choose a shorter --out"
+                )
+        try:  # a real probe: os.access says yes to root everywhere, even on /proc or a read-only mount
+            fd, name = tempfile.mkstemp(dir=probe, prefix=".sdexplore-probe-")
+            os.close(fd)
+            os.unlink(name)
+        except OSError as e:
+            raise InputError(
+                f"cannot write into {where}: {e.strerror or _one_line(e)} ({probe}); choose another --out"
+            ) from e
+        self._check_existing()
+
+    def _check_existing(self) -> None:
+        t, shown = self.target, self.shown
+        if not t.exists():
+            return
+        if not self.folder:
+            if not self.force:
+                raise InputError(
+                    f"{shown} already exists; pass --force to replace it, or choose another --out"
+                )
+            return
+        try:
+            entries = sorted(os.listdir(t))
+        except OSError as e:
+            raise InputError(f"cannot read --out {shown}: {e.strerror}; choose another --out") from e
+        if not entries:
+            return  # an empty folder is simply filled
+        foreign = [e for e in entries if not (_OUR_FILES.fullmatch(e) and (t / e).is_file())]
+        if foreign:
+            raise InputError(
+                f"{shown} holds files sdexplore did not write (e.g. {foreign[0]}), and a command replaces its "
+                "whole --out folder; choose a new --out folder"
+            )
+        if not self.force:
+            more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+            raise InputError(
+                f"{shown} already exists ({entries[0]}{more}); pass --force to replace it, or choose another --out"
+            )
+
+    def acquire(self) -> None:
+        """Create the parent folder, take the lock, clear a dead run's leftovers, make the temporary output."""
+        try:
+            self.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create {self.parent}: {e.strerror}; choose another --out") from e
+        self._take_lock()
+        try:
+            self._clear_leftovers()
+            self._check_existing()  # again, under the lock
+            prefix = _side_name(self.target, "tmp-")
+            if self.folder:
+                self.path = Path(tempfile.mkdtemp(dir=self.parent, prefix=prefix))
+            else:
+                fd, name = tempfile.mkstemp(dir=self.parent, prefix=prefix, suffix=self.target.suffix)
+                os.close(fd)
+                self.path = Path(name)
+            _ordinary_mode(self.path, self.folder)
+        except BaseException:
+            self.close()
+            raise
+
+    def _take_lock(self) -> None:
+        me = f"{os.getpid()} {socket.gethostname()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._lock_is_stale():
+                    break
+                continue  # taken over: try again
+            except OSError as e:
+                raise InputError(
+                    f"cannot write into {self.shown.parent}: {e.strerror} ({self.lock}); choose another --out"
+                ) from e
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._locked = True
+            return
+        owner = self._read_lock() or "?"
+        raise OutputBusyError(
+            f"another sdexplore run (pid {owner.split()[0]}) is writing {self.shown}; wait for it to end or choose "
+            f"another --out (if no run is going on, delete {self.lock})"
         )
 
+    def _read_lock(self, path: Path | None = None) -> str | None:
+        try:
+            return (path or self.lock).read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
 
-def _out_folder(out: str) -> Path:
-    folder = Path(out).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"--out {out} is a file; pass a folder (it is created if missing)")
-    return folder
+    def _lock_is_stale(self) -> bool:
+        """True when the lock was left by a dead run and has been moved away by this call (taken over)."""
+        text = self._read_lock()
+        if text is None:
+            return False
+        parts = text.split()
+        if len(parts) == 2 and parts[0].isdigit():
+            if parts[1] != socket.gethostname() or _pid_alive(int(parts[0])):
+                return False  # a live run, or one on another machine sharing this folder: never taken over
+        else:  # empty or garbled: a run that has just created it, unless it is old
+            try:
+                if time.time() - self.lock.stat().st_mtime < _STALE_LOCK_AGE_S:
+                    return False
+            except OSError:
+                return False
+        # Move it aside, then make sure what was moved is the dead lock read above, not a new run's lock.
+        aside = self.parent / _side_name(self.target, f"deadlock-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.lock, aside)
+        except OSError:
+            return False
+        if self._read_lock(aside) != text:  # another run took it over first: put its lock back
+            with contextlib.suppress(OSError):
+                os.link(aside, self.lock)
+            with contextlib.suppress(OSError):
+                os.unlink(aside)
+            return False
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        return True
+
+    def _clear_leftovers(self) -> None:
+        """Remove what a killed run (kill -9, power loss) left beside this output; only the lock holder does."""
+        pattern = re.compile(
+            re.escape(_side_name(self.target, ""))
+            + r"(tmp|old)-[A-Za-z0-9_]{8}"
+            + re.escape(self.target.suffix)
+            if not self.folder
+            else re.escape(_side_name(self.target, "")) + r"(tmp|old)-[A-Za-z0-9_]{8}"
+        )
+        for name in os.listdir(self.parent):
+            m = pattern.fullmatch(name)
+            if m is None:
+                continue
+            left = self.parent / name
+            if m.group(1) == "old" and not self.target.exists():  # killed between the two renames
+                os.rename(left, self.target)
+                _note(f"restored {self.shown} from an interrupted earlier run")
+            else:
+                _remove(left)
+
+    # -- after the work
+
+    def commit(self) -> None:
+        """Rename the finished output into place (replacing the old one with --force); Ctrl-C waits till done."""
+        assert self.path is not None and not self.committed
+        with _interrupts_deferred():
+            t = self.target
+            if not self.folder:
+                if t.exists() and not self.force:
+                    raise InputError(
+                        f"{self.shown} appeared while this run was writing; nothing was replaced"
+                    )
+                os.replace(self.path, t)
+            elif t.exists() and os.listdir(t):
+                if not self.force:
+                    raise InputError(
+                        f"{self.shown} appeared while this run was writing; nothing was replaced"
+                    )
+                old = self.parent / (_side_name(t, "old-") + secrets.token_hex(4))
+                os.rename(t, old)
+                try:
+                    os.rename(self.path, t)
+                except BaseException:
+                    os.rename(old, t)
+                    raise
+                _remove(old)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    t.rmdir()  # empty
+                os.rename(self.path, t)
+            self.committed = True
+            self.path = None
+
+    def close(self) -> None:
+        """Remove the temporary output (if not committed) and release the lock."""
+        try:
+            if self.path is not None:
+                _remove(self.path)
+                self.path = None
+        finally:
+            if self._locked:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lock)
+                self._locked = False
+
+    def __enter__(self) -> _Output:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back until the block ends (a rename pair must not be cut in half); main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if pending:
+            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- loading
@@ -382,16 +878,23 @@ def _quiet_libraries(debug: bool) -> Iterator[None]:
 
 
 def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = None) -> Any:
+    from .errors import InvalidArgumentError
     from .loading import embedded_model_available, load_pipeline
 
     if model is None and not embedded_model_available():
         _note(
             "the embedded model is not installed; using a tiny random-weight stand-in (its images are noise)"
         )
-    pipe = load_pipeline(
-        model, device=args.device, dtype=args.dtype, scheduler=scheduler, progress_bar=not args.no_progress
-    )
-    return pipe
+    try:
+        return load_pipeline(
+            model,
+            device=args.device,
+            dtype=args.dtype,
+            scheduler=scheduler,
+            progress_bar=not args.no_progress,
+        )
+    except InvalidArgumentError as e:  # a scheduler that a hub model, checked once loaded, cannot use
+        raise InputError(_one_line(e)) from e
 
 
 def _note(message: str) -> None:
@@ -491,10 +994,10 @@ def _cmd_describe(args: argparse.Namespace) -> int:
     if args.model is not None and args.model_option is not None:
         raise InputError("give the model once: as MODEL or as --model, not both")
     model = args.model if args.model is not None else args.model_option
-    _positive("--steps", args.steps)
     _check_size(args)
     if args.prompt is not None:
         _prompt(args.prompt)
+    _check_model(args, model)
     from .tour import describe
 
     pipe = _load(args, model)
@@ -529,26 +1032,24 @@ def _prompt_tokens(pipe: Any, prompt: str) -> list[dict[str, Any]]:
 
 def _cmd_steps(args: argparse.Namespace) -> int:
     _prompt(args.prompt)
-    _positive("--steps", args.steps)
-    if args.fps <= 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
     _check_size(args)
-    scheduler = resolve_scheduler(args.scheduler)
-    out = _out_folder(args.out)
-    decode = args.preview == "decode"
-    files = {
-        "image": out / "image.png",
-        "x0": out / "steps_x0.png",
-        "preview": out / "steps_preview.png",
-        "gif": out / "denoising.gif",
-        "trace": out / "trace.safetensors",
+    _check_fps(args.fps, ".gif")
+    output = _start_output(args, folder=True)
+    scheduler = _check_model(args, args.model, args.scheduler)
+    names = {
+        "image": "image.png",
+        "x0": "steps_x0.png",
+        "preview": "steps_preview.png",
+        "gif": "denoising.gif",
+        "trace": "trace.safetensors",
     }
-    if not decode:
-        del files["x0"]
-    _check_outputs(files.values(), args.force)
-    pipe = _load(args, args.model, scheduler)
-    write_steps(pipe, args, files)
-    _wrote(files.values())
+    if args.preview != "decode":
+        del names["x0"]
+    with output:  # the lock is taken here: a second run into the same --out is refused before loading
+        pipe = _load(args, args.model, scheduler)
+        write_steps(pipe, args, {k: output.path / v for k, v in names.items()})
+        output.commit()
+    _wrote(output.shown / v for v in names.values())
     return 0
 
 
@@ -616,40 +1117,49 @@ def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:
             ) from e
 
 
+def _word_files(words: Iterable[str]) -> dict[str, str]:
+    """Each word → its overlay's file name (``attention_WORD.png``, made unique)."""
+    taken: set[str] = set()
+    return {wd: f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(words)}
+
+
+def _words_to_map(tokens: Any, args: argparse.Namespace) -> list[str]:
+    """The words the command maps (--words or every word of the prompt), each checked against the prompt."""
+    words = list(dict.fromkeys(args.words)) if args.words is not None else list(dict.fromkeys(tokens.words))
+    if not words:
+        raise InputError(f"the prompt {args.prompt!r} has no words to map")
+    _check_words(tokens, words, args.prompt)
+    return words
+
+
 def _cmd_attention(args: argparse.Namespace) -> int:
     prompt = _prompt(args.prompt)
-    _positive("--steps", args.steps)
-    _positive("--rows", args.rows)
     _check_size(args)
-    scheduler = resolve_scheduler(args.scheduler)
-    out = _out_folder(args.out)
     if args.words is not None:
         for word in args.words:
             if not word.strip():
                 raise InputError("--words has an empty word; pass words of the prompt")
-    fixed = {
-        "image": out / "image.png",
-        "grid": out / "attention_grid.png",
-        "maps": out / "attention.safetensors",
-    }
-    taken: set[str] = set()
-    word_files: dict[str, Path] = {}
-    if args.words is not None:
-        word_files = {wd: out / f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(args.words)}
-    _check_outputs([*fixed.values(), *word_files.values()], args.force)
+    output = _start_output(args, folder=True)
+    scheduler = _check_model(args, args.model, args.scheduler)
 
     from .attention.tokens import tokenize_prompt
 
-    pipe = _load(args, args.model, scheduler)
-    tokens = tokenize_prompt(pipe.tokenizer, prompt)
-    if args.words is None:
-        word_files = {wd: out / f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(tokens.words)}
-        if not word_files:
-            raise InputError(f"the prompt {prompt!r} has no words to map")
-        _check_outputs(word_files.values(), args.force)
-    _check_words(tokens, list(word_files), prompt)
-    maps = write_attention(pipe, args, fixed, word_files)
-    _wrote([fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]])
+    tokenizer = _tokenizer_before_loading(args.model)
+    words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None
+    fixed = {"image": "image.png", "grid": "attention_grid.png", "maps": "attention.safetensors"}
+    with output:
+        pipe = _load(args, args.model, scheduler)
+        if words is None:  # a hub model: its tokenizer came with it
+            words = _words_to_map(tokenize_prompt(pipe.tokenizer, prompt), args)
+        word_files = _word_files(words)
+        maps = write_attention(
+            pipe,
+            args,
+            {k: output.path / v for k, v in fixed.items()},
+            {wd: output.path / v for wd, v in word_files.items()},
+        )
+        output.commit()
+    _wrote(output.shown / v for v in (fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]))
     for word in word_files:
         m = maps.word(word)  # (h, w) raw attention mass
         r, c = divmod(int(m.argmax()), int(m.shape[1]))
@@ -723,11 +1233,6 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
 
 def _cmd_walk(args: argparse.Namespace) -> int:
     prompts = [_prompt(p) for p in args.prompts]
-    _positive("--steps", args.steps)
-    _positive("--frames", args.frames, 2)
-    _positive("--batch-size", args.batch_size)
-    if args.fps <= 0:
-        raise InputError(f"--fps must be positive, got {args.fps}")
     _check_size(args)
     n_keys = max(len(prompts), len(args.seeds))
     if n_keys < 2:
@@ -735,40 +1240,47 @@ def _cmd_walk(args: argparse.Namespace) -> int:
     for name, values in (("prompts", prompts), ("--seeds", args.seeds)):
         if len(values) not in (1, n_keys):
             raise InputError(f"{len(values)} {name} for {n_keys} keyframes: give one, or one per keyframe")
-    scheduler = resolve_scheduler(args.scheduler)
-    out = Path(args.out).expanduser()
-    if out.suffix.lower() not in (".gif", ".mp4"):
+    from .errors import InterpolationError
+    from .interpolate import keyframe_schedule
+
+    try:  # every keyframe must land on a frame
+        keyframe_schedule(n_keys, args.frames, spacing=args.spacing, loop=args.circular)
+    except InterpolationError as e:
+        raise InputError(f"{n_keys} keyframes, --frames {args.frames}: {_one_line(e)}") from e
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".gif", ".mp4"):
         raise InputError(f"--out must end in .gif or .mp4, got {args.out!r}")
-    if out.is_dir():
-        raise InputError(f"--out {args.out} is a folder; pass a file name ending in .gif or .mp4")
-    _check_outputs([out], args.force)
+    _check_fps(args.fps, suffix)
+    output = _start_output(args, folder=False)
+    scheduler = _check_model(args, args.model, args.scheduler)
 
     from .walks import walk
 
-    pipe = _load(args, args.model, scheduler)
-    kwargs = _call_kwargs(args)
-    result = walk(
-        pipe,
-        prompts,
-        seeds=args.seeds,
-        frames=args.frames,
-        batch_size=args.batch_size,
-        negative_prompt=kwargs.pop("negative_prompt", None),
-        num_inference_steps=kwargs.pop("num_inference_steps"),
-        guidance_scale=kwargs.pop("guidance_scale", None),
-        height=kwargs.pop("height", None),
-        width=kwargs.pop("width", None),
-        spacing=args.spacing,
-        loop=args.circular,
-        generator_device="cpu",  # as `steps` and `attention`: a seed gives the same image on every device
-        progress=not args.no_progress,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".mp4":
-        result.save_mp4(out, fps=args.fps)
-    else:
-        result.save_gif(out, fps=args.fps)
-    _wrote([out])
+    with output:
+        pipe = _load(args, args.model, scheduler)
+        kwargs = _call_kwargs(args)
+        result = walk(
+            pipe,
+            prompts,
+            seeds=args.seeds,
+            frames=args.frames,
+            batch_size=args.batch_size,
+            negative_prompt=kwargs.pop("negative_prompt", None),
+            num_inference_steps=kwargs.pop("num_inference_steps"),
+            guidance_scale=kwargs.pop("guidance_scale", None),
+            height=kwargs.pop("height", None),
+            width=kwargs.pop("width", None),
+            spacing=args.spacing,
+            loop=args.circular,
+            generator_device="cpu",  # as `steps` and `attention`: a seed gives the same image on every device
+            progress=not args.no_progress,
+        )
+        if suffix == ".mp4":
+            result.save_mp4(output.path, fps=args.fps)
+        else:
+            result.save_gif(output.path, fps=args.fps)
+        output.commit()
+    _wrote([output.shown])
     print(result.smoothness())
     return 0
 
@@ -791,6 +1303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    args: argparse.Namespace | None = None
     try:
         parser = build_parser()
         try:
@@ -804,8 +1317,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError("choose a command: describe, steps, attention or walk (see `sdexplore --help`)")
         with _quiet_libraries(debug):
             return int(args.run(args))
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # the output's temporary files and lock are already removed
+        output = getattr(args, "output", None)
+        if output is None:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+        elif output.committed:
+            print(f"{PROG}: interrupted after writing {output.shown}", file=sys.stderr)
+        else:
+            print(f"{PROG}: interrupted; nothing was written ({output.shown} is as it was)", file=sys.stderr)
         return 130
     except Exception as error:  # one line for the user; --debug for the traceback
         from .errors import SdexploreError

@@ -175,8 +175,8 @@ def test_x0_decoding_upcasts_a_float16_vae_that_asks_for_it_and_puts_it_back(sd1
     import copy
 
     from sdexplore.cli import decode_x0
-    from sdexplore.generation import generate
     from sdexplore.decoding import decode_with
+    from sdexplore.generation import generate
 
     _, obs = generate(sd1_pipe, "a red circle", seed=0, num_inference_steps=2)
     reference = copy.deepcopy(sd1_pipe.vae)  # float32
@@ -284,7 +284,7 @@ def test_walk_circular_mp4(capsys, tmp_path):
         (["walk", "a", "b", "--out", "walk.avi"], ".gif or .mp4"),
         (["walk", "a", "b", "c", "--seeds", "0", "1"], "one per keyframe"),
         (["steps", "a red circle", "--height", "60"], "multiple of 8"),
-        (["steps", "a red circle", "--steps", "0"], "--steps must be at least 1"),
+        (["steps", "a red circle", "--steps", "0"], "--steps: must be a whole number from 1"),
         (["steps", "a red circle", "--dtype", "float16", "--device", "cpu"], "float16"),
         (["steps", "a red circle", "--bogus"], "sdexplore steps --help"),
         ([], "choose a command"),
@@ -319,8 +319,14 @@ def test_unwritable_output_folder_is_refused_before_any_work(capsys, tmp_path):
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path):
-    rc, _, err = run(capsys, "steps", "a red circle", "--model", tmp_path / "missing", "--debug")
-    assert rc != 0 and "Traceback" in err and "ModelNotAvailableError" in err
+    broken = tmp_path / "broken"  # passes every check before loading (a pipeline folder), fails to load
+    broken.mkdir()
+    (broken / "model_index.json").write_text(
+        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}'
+    )
+    rc, _, err = run(capsys, "steps", "a red circle", "--model", broken, "--out", tmp_path / "o", "--debug")
+    assert rc == 1 and "Traceback" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # a failed run leaves no output, no lock
 
 
 def test_scheduler_aliases_resolve_to_diffusers_classes():
