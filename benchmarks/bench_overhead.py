@@ -405,47 +405,61 @@ def format_host_reads(reads: dict[str, dict[str, Any]], cuda: bool = False) -> s
 
 
 class _LoopClock:
-    """Times the denoising loop of each call: from the first UNet call's pre-hook to the call's return.
+    """Times the denoising loop of one call: from the first UNet call to the pipeline's return.
 
-    CUDA events on a GPU (they sit in the stream, so host stalls that starve the GPU are timed and nothing is
-    synchronised mid-call); ``time.perf_counter`` on the CPU (``dry``). With ``output_type="latent"`` nothing but
-    the recorders' own end-of-call work follows the loop, so text encoding and VAE decoding are outside the window.
+    Why there: a UNet forward pre-hook registered before ``observe`` enters runs ahead of every recorder's work for
+    step 0 (``callback_on_step_end`` at step 0 would come after step 0's UNet and scheduler step, and the
+    recorders' own callbacks may run before or after a user callback). The end mark is taken right after the
+    pipeline returns, still inside the ``observe`` block: with ``output_type="latent"`` only the last step's
+    callbacks lie between the loop and it, while text encoding before the loop and the recorders' end-of-call
+    work on leaving the block (building maps, copying results to the host) fall outside; ``wall`` times the whole
+    call with them. CUDA events on a GPU: they sit in the stream, so nothing waits mid-call and host stalls that
+    starve the GPU are timed; ``time.perf_counter`` on the CPU (``dry``).
     """
 
-    def __init__(self, pipe: Any, call: Callable[[], Any], cuda: bool) -> None:
+    def __init__(
+        self, pipe: Any, call: Callable[[], Any], cuda: bool, options: dict[str, Any] | None = None
+    ) -> None:
         self.pipe, self.call, self.cuda = pipe, call, cuda
+        self.run = self._timed if options is None else _observed(pipe, self._timed, options)
         self._start: Any = None
+        self._end: Any = None
+
+    def _mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def _on_unet(self, i: int) -> None:
         if i == 0:
-            if self.cuda:
-                self._start = torch.cuda.Event(enable_timing=True)
-                self._start.record()
-            else:
-                self._start = time.perf_counter()
+            self._start = self._mark()
+
+    def _timed(self) -> Any:
+        out = self.call()
+        self._end = self._mark()
+        return out
 
     def __call__(self) -> dict[str, float]:
-        self._start = None
+        self._start = self._end = None
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         wall0 = time.perf_counter()
         with _UnetCalls(self.pipe.unet, self._on_unet):
-            self.call()
-            if self.cuda:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-            else:
-                end = time.perf_counter()
-        if self._start is None:
-            raise RuntimeError("The UNet was never called: nothing to time.")
+            self.run()
         if self.cuda:
             torch.cuda.synchronize()
-            loop = self._start.elapsed_time(end) / 1000.0
+        wall = time.perf_counter() - wall0
+        if self._start is None or self._end is None:
+            raise RuntimeError("The UNet was never called: nothing to time.")
+        if self.cuda:
+            loop = self._start.elapsed_time(self._end) / 1000.0
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
-            loop, peak = end - self._start, float("nan")
-        return {"time": loop, "wall": time.perf_counter() - wall0, "peak_mib": peak}
+            loop, peak = self._end - self._start, float("nan")
+        return {"time": loop, "wall": wall, "peak_mib": peak}
 
 
 def gpu_paired(
@@ -485,7 +499,7 @@ def gpu_paired(
     build_s = time.perf_counter() - t0
     call = _pipe_call(pipe, steps, size)
     plain = _LoopClock(pipe, call, cuda)
-    variants = {name: _LoopClock(pipe, _observed(pipe, call, options), cuda) for name, options in VARIANTS}
+    variants = {name: _LoopClock(pipe, call, cuda, options) for name, options in VARIANTS}
     series = run_pairs(
         plain,
         variants,

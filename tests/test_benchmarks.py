@@ -152,7 +152,7 @@ def test_gpu_set_dry_run_on_the_cpu(tmp_path, capsys):
     assert "target ≤ 1.02" in printed and "peak memory extra: not measured" in printed
 
 
-def test_loop_clock_times_the_denoising_loop_only():
+def test_loop_clock_times_the_denoising_loop_only(monkeypatch):
     pipe = tiny_pipeline("sd1")
     call = bench_overhead._pipe_call(pipe, 2, 64)
     encode = pipe.encode_prompt
@@ -161,10 +161,19 @@ def test_loop_clock_times_the_denoising_loop_only():
         time.sleep(0.3)
         return encode(*args, **kwargs)
 
+    def slow_exit(pipe, call, options):  # a recorder's end-of-call work, after the pipeline returns
+        def run():
+            out = call()
+            time.sleep(0.3)
+            return out
+
+        return run
+
     pipe.encode_prompt = slow_encode
-    got = bench_overhead._LoopClock(pipe, call, cuda=False)()
-    assert got["wall"] - got["time"] >= 0.3
-    assert 0 < got["time"] < got["wall"]
+    monkeypatch.setattr(bench_overhead, "_observed", slow_exit)
+    got = bench_overhead._LoopClock(pipe, call, cuda=False, options={"steps": True})()
+    assert got["wall"] - got["time"] >= 0.6
+    assert 0 < got["time"] < 0.3  # two tiny steps
 
 
 def test_run_refuses_bad_flag_combinations(capsys):
