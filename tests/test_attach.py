@@ -122,7 +122,11 @@ def test_images_under_observation_equal_a_plain_call(any_pipe) -> None:
     with sdx.observe(any_pipe, steps=True, attention={"per_head": True, "negative": True}) as obs:
         out = any_pipe(P, generator=gen(0), **RUN).images
     assert np.array_equal(out, ref)
-    assert len(obs.steps) == 6 and obs.attention.negative is not None
+    assert len(obs.steps) == 6
+    negative = obs.attention.negative  # the unconditional half: the empty negative prompt's own maps
+    assert [tl.prompt for tl in negative.token_lists] == [""]
+    assert negative.aggregate.shape == obs.attention.aggregate.shape  # (images, tokens, h, w)
+    assert not torch.equal(negative.aggregate, obs.attention.aggregate)
 
 
 @pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
