@@ -3,7 +3,7 @@
 Three instruments, all on the public API ``sdexplore.observe(pipe, steps=..., attention=...)``:
 
 * :func:`cpu_overhead` — host CPU time the recorders add, on the tiny SD 1.x fixture, one thread, 50 steps:
-  per pair, (process CPU s of the recorded call − of the plain call) / steps. Targets (issue 15): steps with a
+  per pair, (process CPU s of the recorded call − of the plain call) / steps. Targets: steps with a
   preview every step ≤ 0.3 ms per step; attention maps of every token ≤ 0.06 ms per cross-attention layer per step.
 * :func:`gpu_paired` — the same three variants on an SD-1.5-shaped fp16 pipeline at 512², time of the denoising
   loop only (CUDA events), per-pair ratios. Targets: steps ≤ 1.02×, attention ≤ 1.05×, both ≤ 1.05×,
@@ -42,10 +42,10 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("attention", {"steps": False, "attention": True}),  # per-step maps of every token + aggregate
     ("both", {"steps": True, "attention": True}),
 )
-#: CPU targets (issue 15): ms per step for steps, ms per cross-attention layer per step for attention.
+#: CPU targets: ms per step for steps, ms per cross-attention layer per step for attention.
 CPU_TARGET_STEPS_MS = 0.3
 CPU_TARGET_ATTENTION_MS_PER_LAYER = 0.06
-#: GPU targets (issue 15): ratio of the denoising loop's time to the plain loop's; peak memory extra.
+#: GPU targets: ratio of the denoising loop's time to the plain loop's; peak memory extra.
 GPU_TARGET_RATIO = {"steps": 1.02, "attention": 1.05, "both": 1.05}
 GPU_TARGET_EXTRA_MIB = 100.0
 
