@@ -19,7 +19,7 @@ from PIL import Image
 from .decoding import decode_with
 from .errors import NotRecordedError
 from .heatmaps import resize
-from .preview import latent_to_rgb, to_uint8
+from .preview import latent_to_uint8
 
 if TYPE_CHECKING:
     from .trace import StepRecord, Trace
@@ -241,7 +241,7 @@ def trace_preview(
     lat = t[image : image + 1].float().cpu()  # (1, C, h, w)
     if of in ("latents", "latents_out") and trace.meta.get("ve_latents"):
         lat = lat * _signal_level(trace, pos, of)  # VE → VP form, the scale the factors expect
-    return to_uint8(latent_to_rgb(lat, f, b))[0].numpy()  # (h, w, 3)
+    return latent_to_uint8(lat, f, b)[0].numpy()  # (h, w, 3): the recorder's own preview function
 
 
 # ---------------------------------------------------------------------------------------- x0 decodes

@@ -44,7 +44,9 @@ def _assert_restored(pipe, before: dict) -> None:
     assert now["sched"] is before["sched"]
     assert now["sched_vars"].keys() == before["sched_vars"].keys() and "step" not in vars(pipe.scheduler)
     assert all(now["pipe_vars"][k] is v for k, v in before["pipe_vars"].items())
-    added = now["pipe_vars"].keys() - before["pipe_vars"].keys()  # a call sets diffusers' own _guidance_scale...
+    added = (
+        now["pipe_vars"].keys() - before["pipe_vars"].keys()
+    )  # a call sets diffusers' own _guidance_scale...
     assert all(k.startswith("_") and not callable(now["pipe_vars"][k]) for k in added), added
     assert attachment_of(pipe) is None
 

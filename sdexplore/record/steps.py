@@ -27,7 +27,7 @@ import torch
 from ..decoding import decode_with
 from ..errors import RecorderStateError
 from ..families import detect_family, latent_rgb
-from ..preview import latent_to_rgb, to_uint8
+from ..preview import latent_to_uint8, uint8_factors
 from ..trace import TENSOR_FIELDS, StepRecord, Trace
 from .attach import Attachment, Run, Step, Subscriber, attach
 from .steering import Steering
@@ -308,7 +308,8 @@ class StepRecorder:
         # cached per device: a host → GPU copy every step would wait for the GPU each time
         pair = self._factors_dev.get(device)
         if pair is None:
-            pair = self._factors_dev[device] = (self._factors.to(device), self._bias.to(device))
+            f, b = uint8_factors(self._factors, self._bias)
+            pair = self._factors_dev[device] = (f.to(device), b.to(device))
         return pair
 
     # ---- a step -------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ class StepRecorder:
                 src = sample
             assert src is not None
             factors, bias = self._preview_factors(src.device)
-            rgb = to_uint8(latent_to_rgb(src.float(), factors, bias))  # (B, h, w, 3)
+            rgb = latent_to_uint8(src, factors, bias, scaled=True)  # (B, h, w, 3)
             rec.preview = self._store(rgb, torch.uint8)
         every = self.config.decode_every
         if "decoded" in qs and every and x0 is not None and len(self.trace.steps) % every == 0:
