@@ -27,14 +27,14 @@ _EXPORTS: dict[str, str] = {
     "detect_family": "families",
     "clip_tokenizer": "tokenizer",
     # recording and steering
-    "observe": "observation",
+    "observe": "record.observe",
     "Observation": "results",
     "generate": "generation",
-    "StepRecorder": "steps",
+    "StepRecorder": "record.steps",
     "Trace": "results",
     "StepRecord": "results",
-    "PromptSwitch": "steering",
-    "AttentionRecorder": "attention",
+    "PromptSwitch": "record.steering",
+    "AttentionRecorder": "record.attention",
     "AttentionMaps": "results",
     # text, interpolation, walks
     "encode_prompt": "text",
@@ -70,6 +70,11 @@ _SUBMODULES = (
     "families",
     "fixtures",
     "text",
+    "record",
+    "results",
+    "embedded",
+    "render",
+    "decoding",
 )
 
 __all__ = [
@@ -133,7 +138,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
-    from .attention import AttentionRecorder
     from .errors import (
         DeviceDtypeError,
         ExportError,
@@ -157,11 +161,12 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         load_pipeline,
         set_scheduler,
     )
-    from .observation import observe
+    from .record.attention import AttentionRecorder
+    from .record.observe import observe
+    from .record.steering import PromptSwitch
+    from .record.steps import StepRecorder
     from .results import AttentionMaps, Observation, StepRecord, Trace, Walk
     from .smoothness import smoothness_report
-    from .steering import PromptSwitch
-    from .steps import StepRecorder
     from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt
     from .tokenizer import clip_tokenizer
     from .tour import PipelineDescription, describe

@@ -32,6 +32,8 @@ from .model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, EMBEDDED_STEPS, 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
+    from ..results.attention_maps import AttentionMaps
+
 MODEL_DIR = EMBEDDED_MODEL_DIR
 STEPS = EMBEDDED_STEPS
 #: The model's recommended CFG scale, used for the bars. Chosen with ``--tune-guidance`` on a tuning set
@@ -65,53 +67,22 @@ GRID_PROMPTS = [
 ]
 
 
-class ShapeWordAttention:
-    """Explicit-softmax cross-attention processor (for ``attn2`` layers) that records one token's attention.
+def shape_word_maps(
+    maps: AttentionMaps, token_index: list[int], image_size: int = scenes.IMAGE_SIZE
+) -> torch.Tensor:
+    """Mean attention map of each image's shape token over layers and steps, upsampled to the image: (n, H, W).
 
-    Computes the same output as diffusers' default processor (to ~1e-6 in fp32) and adds, per image of the
-    conditional half of the CFG batch, the attention probability of the token at ``token_index[i]``, averaged
-    over heads, upsampled to the image size; ``total`` sums over layers and steps, ``count`` counts them.
+    Each layer's map (the recorder's mean over steps) is upsampled bilinearly to the image size and the layers
+    are averaged: by linearity the same as upsampling every layer call and averaging over layers and steps.
     """
-
-    def __init__(self, token_index: torch.Tensor, image_size: int = scenes.IMAGE_SIZE):
-        self.token_index = token_index  # (n,) position of the shape word in each prompt
-        self.image_size = image_size
-        self.total: torch.Tensor | None = None
-        self.count = 0
-
-    def __call__(
-        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs
-    ):
-        residual = hidden_states
-        batch, hw, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))  # (batch*heads, hw, d)
-        key = attn.head_to_batch_dim(attn.to_k(context))  # (batch*heads, tokens, d)
-        value = attn.head_to_batch_dim(attn.to_v(context))  # (batch*heads, tokens, d)
-        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-        probs = attn.get_attention_scores(query, key, mask)  # (batch*heads, hw, tokens)
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))  # (batch, hw, heads*d)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        out = out / attn.rescale_output_factor
-
-        n = self.token_index.shape[0]
-        per_head = probs.view(batch, attn.heads, hw, -1)  # (batch, heads, hw, tokens)
-        cond = per_head[batch - n :].mean(1)  # (n, hw, tokens): the conditional half comes second
-        word = cond[torch.arange(n, device=cond.device), :, self.token_index.to(cond.device)]  # (n, hw)
-        side = math.isqrt(hw)  # the embedded model's latents are square
-        maps = word.reshape(n, 1, side, side).float()  # (n, 1, side, side)
-        maps = F.interpolate(maps, size=self.image_size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
-        self.total = maps if self.total is None else self.total + maps
-        self.count += 1
-        return out
-
-    def maps(self) -> torch.Tensor:
-        """Mean attention map per image over layers and steps, (n, H, W)."""
-        if self.total is None:
-            raise RuntimeError("no attention recorded: run the pipeline with the processor installed")
-        return (self.total / self.count)[:, 0]
+    rows = torch.arange(len(token_index))
+    total = None
+    for layer in maps.layers.values():  # (n, T, h, w) each
+        word = layer[rows, torch.as_tensor(token_index)][:, None].float()  # (n, 1, h, w)
+        up = F.interpolate(word, size=image_size, mode="bilinear", align_corners=False)  # (n, 1, H, W)
+        total = up if total is None else total + up
+    assert total is not None
+    return (total / len(maps.layers))[:, 0]  # (n, H, W)
 
 
 def shape_token_index(pipe: StableDiffusionPipeline, prompt: str) -> int:
@@ -150,20 +121,17 @@ def evaluate(
 ) -> Evaluation:
     """Generate ``prompts`` (seed ``seeds[i]``, default i; 25 steps, CFG ``guidance_scale``) and score them.
 
-    Attention is recorded with :class:`ShapeWordAttention` on every ``attn2`` layer for the whole call and
-    restored afterwards; each image's shape mask comes from :func:`~.scenes.read_scene`.
+    Attention is recorded with sdexplore's own :class:`~sdexplore.AttentionRecorder` on every ``attn2`` layer
+    (:func:`shape_word_maps`); each image's shape mask comes from :func:`~.scenes.read_scene`.
     """
+    from ..record.attention import AttentionRecorder
+
     seeds = list(range(len(prompts))) if seeds is None else seeds
-    original = dict(pipe.unet.attn_processors)
     rows, images = [], []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            token_index = torch.tensor([shape_token_index(pipe, p) for p in chunk])
-            recorder = ShapeWordAttention(token_index)
-            processors = {k: (recorder if ".attn2." in k else v) for k, v in original.items()}
-            pipe.unet.set_attn_processor(processors)
-            generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + len(chunk)]]
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(s) for s in seeds[start : start + len(chunk)]]
+        with AttentionRecorder(pipe, step_resolution=None) as recorder:
             out = pipe(
                 chunk,
                 num_inference_steps=STEPS,
@@ -171,16 +139,15 @@ def evaluate(
                 generator=generators,
                 output_type="np",
             ).images  # (n, H, W, 3) in [0, 1]
-            maps = recorder.maps().cpu().numpy()  # (n, H, W)
-            for prompt, image, amap in zip(chunk, out, maps, strict=True):
-                image = (image * 255).round().astype(np.uint8)
-                reading = scenes.read_scene(image)
-                score = scenes.score_image(image, prompt)
-                iou = attention_iou(amap, reading.mask)
-                rows.append({"prompt": prompt, **score, "read": reading.as_params().prompt(), "iou": iou})
-                images.append(image)
-    finally:
-        pipe.unet.set_attn_processor(dict(original))
+        token_index = [shape_token_index(pipe, p) for p in chunk]
+        maps = shape_word_maps(recorder.maps, token_index).cpu().numpy()  # (n, H, W)
+        for prompt, image, amap in zip(chunk, out, maps, strict=True):
+            image = (image * 255).round().astype(np.uint8)
+            reading = scenes.read_scene(image)
+            score = scenes.score_image(image, prompt)
+            iou = attention_iou(amap, reading.mask)
+            rows.append({"prompt": prompt, **score, "read": reading.as_params().prompt(), "iou": iou})
+            images.append(image)
     scores = scenes.score_images(images, prompts)
     return Evaluation(scores, float(np.mean([r["iou"] for r in rows])), rows, images)
 

@@ -5,16 +5,8 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+from ..results.observation import Observation
 from .steps import StepRecorder
-
-
-def _observation_class() -> type:
-    try:
-        from ..results.observation import Observation
-    except ImportError:
-        from ..observation import Observation
-
-    return Observation
 
 
 class _Observe:
@@ -44,9 +36,9 @@ class _Observe:
                 pipe, **(attention if isinstance(attention, dict) else {})
             )
         self._stack: ExitStack | None = None
-        self.observation = _observation_class()(_attention_recorder=self._attention_recorder)
+        self.observation = Observation(_attention_recorder=self._attention_recorder)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Observation:
         if self._stack is not None:
             raise ValueError("This observe(...) block is already active; leave it before entering it again.")
         with ExitStack() as stack:
