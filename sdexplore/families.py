@@ -115,14 +115,14 @@ class Family:
         """Processor names (keys of ``unet.attn_processors``) of the cross-attention layers.
 
         Detected structurally, not by size: an ``Attention`` module named ``attn2`` in a transformer block
-        (diffusers' convention for text cross-attention).
+        (diffusers' convention for text cross-attention). Read from the module tree directly, which is several
+        times cheaper than building ``unet.attn_processors``.
         """
-        names = []
-        for proc_name in unet.attn_processors:
-            module_name = proc_name.removesuffix(".processor")
-            if module_name.split(".")[-1] == "attn2":
-                names.append(proc_name)
-        return names
+        return [
+            f"{name}.processor"
+            for name, module in unet.named_modules()
+            if name.rpartition(".")[2] == "attn2" and hasattr(module, "set_processor")
+        ]
 
     def encode_prompt(
         self,

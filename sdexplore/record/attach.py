@@ -64,7 +64,8 @@ class Run:
     arguments: dict[str, Any]
     scheduler: Any  # the scheduler instance this run uses
     num_steps: int = 0  # length of the pipeline's loop (img2img: the tail of the schedule)
-    steps_done: int = 0  # scheduler steps completed so far
+    steps_done: int = 0  # scheduler steps completed so far (counted only while a subscriber hears steps)
+    calls: int = 0  # denoiser calls completed so far (one per step of the pipeline's loop)
     cfg: bool = False  # classifier-free guidance on (the denoiser batch is 2B: uncond, cond)
     prediction_type: str = "epsilon"
     ve_latents: bool = False  # Euler-type: latents are x0 + σ·ε (init_noise_sigma > 1)
@@ -267,14 +268,24 @@ class Attachment:
                 self._undo.pop(i)[1]()
 
     def _swap_processors(self, sub: Subscriber) -> None:
+        """Give the named attention layers their capturing processors, module by module (the other layers are
+        not touched at all); undone by putting the very same original objects back."""
         assert sub.attention is not None
         den = self.denoiser
-        originals = dict(den.attn_processors)
-        new = dict(originals)
-        for name, make in sub.attention.processors.items():
-            new[name] = make(originals[name])
-        den.set_attn_processor(dict(new))  # diffusers pops from the dict it gets: pass a copy
-        self._undo.append((f"processors:{sub.kind}", lambda: den.set_attn_processor(dict(originals))))
+        originals: list[tuple[Any, Any]] = []  # (module, its original processor)
+        try:
+            for name, make in sub.attention.processors.items():
+                module = den.get_submodule(name.removesuffix(".processor"))
+                original = module.processor
+                module.set_processor(make(original))
+                originals.append((module, original))
+        finally:
+
+            def undo() -> None:
+                for module, original in reversed(originals):
+                    module.set_processor(original)
+
+            self._undo.append((f"processors:{sub.kind}", undo))
 
     def _wrap_scheduler(self, sched: Any) -> None:
         had = "step" in vars(sched)
@@ -346,7 +357,8 @@ class Attachment:
         sched = self.pipe.scheduler
         self.run = Run(index=self.runs, arguments=arguments, scheduler=sched)
         self.runs += 1
-        self._wrap_scheduler(sched)
+        if any(sub.step is not None for sub in self.subscribers):  # attention alone never needs the scheduler
+            self._wrap_scheduler(sched)
         for sub in self.subscribers:
             if sub.run_start is not None:
                 sub.run_start(self.run)
@@ -421,6 +433,7 @@ class Attachment:
                     args, kwargs = new
                     changed = True
         run.denoiser_in = sample
+        run.calls += 1
         return (args, kwargs) if changed else None
 
     def _denoiser_post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:

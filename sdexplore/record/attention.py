@@ -23,6 +23,27 @@ from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_
 from .processor import CapturingAttnProcessor, is_reproducible
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
+# the attributes that hold one run's state (set aside when a run ends, built into maps when first read)
+_RUN_STATE = (
+    "_timesteps",
+    "_latent_size",
+    "_sel",
+    "_split",
+    "_layer_hw",
+    "_hw_cache",
+    "_groups",
+    "_queued",
+    "_probs",
+    "_step_acc",
+    "_step_layers",
+    "_steps",
+    "_num_keys",
+    "_scales_seen",
+    "_first_step_checked",
+    "_passed",
+    "_rows",
+    "_prompt_rows",
+)
 
 
 class AttentionRecorder:
@@ -115,6 +136,7 @@ class AttentionRecorder:
         #: Module names of selected cross-attention layers left untouched (their processor is not plain attention).
         self.skipped_layers: list[str] = []
         self._attach: attach | None = None
+        self._pending: dict[str, Any] | None = None  # an ended run's state, built into maps when first read
         self._entered_once = False
         self._maps: AttentionMaps | None = None
         self._why_no_maps: str | None = None
@@ -133,7 +155,7 @@ class AttentionRecorder:
             existing.check_free("attention")
         check_attachable(self.pipe, self.family)
         den = self.family.get_denoiser(self.pipe)
-        procs = dict(den.attn_processors)
+        procs = {n: den.get_submodule(n.removesuffix(".processor")).processor for n in self._selected}
         if any(isinstance(p, CapturingAttnProcessor) for p in procs.values()):
             raise RecorderStateError(
                 "This pipeline still carries sdexplore capturing processors from a recorder that was never exited "
@@ -158,8 +180,11 @@ class AttentionRecorder:
                 stacklevel=2,
             )
 
-        def capturing(name: str) -> Callable[[Any], Any]:
-            return lambda original: CapturingAttnProcessor(name, original, self._sink, self._gate)
+        def capturing(proc_name: str) -> Callable[[Any], Any]:
+            name = proc_name.removesuffix(".processor")  # the recorder keys everything by module name
+            return lambda original: CapturingAttnProcessor(
+                name, original, self._sink, self._gate, self._defer
+            )
 
         sub = Subscriber(
             kind="attention",
@@ -173,6 +198,7 @@ class AttentionRecorder:
         self._attach = ctx
         self._captured = capture
         self._maps, self._why_no_maps = None, None
+        self._pending = None
         self._prompt_rows = None
         self._reset_run()
         self._entered_once = True
@@ -184,9 +210,12 @@ class AttentionRecorder:
             if ctx is not None:
                 ctx.__exit__(exc_type, exc, tb)
         finally:
-            if self._timesteps:  # a run that ended without its run_end (should not happen): build it now
-                self._finish(exc_type is not None)
-            self._release_device_state()
+            try:
+                self._build_pending()  # the block's last run, built now: after the block nothing waits on it
+            except Exception:
+                if exc_type is None:
+                    raise  # never mask the block's own exception
+            self._reset_run()
 
     @property
     def _inside(self) -> bool:
@@ -198,7 +227,8 @@ class AttentionRecorder:
         """The maps of the last pipeline call made in the ``with`` block (readable inside it, during or after a
         call)."""
         if self._inside and self._timesteps:
-            return self._build()
+            return self._build()  # a run in progress: its maps so far
+        self._build_pending(raise_errors=True)
         if self._maps is None:
             if not self._entered_once:
                 raise RecorderStateError(
@@ -212,15 +242,17 @@ class AttentionRecorder:
 
     # ---- run state ----------------------------------------------------------------------------------------
     def _reset_run(self) -> None:
-        self._timesteps: list[torch.Tensor] = []
+        self._timesteps: list[float] = []  # one per denoiser call, from the host copy of the schedule
         self._latent_size: tuple[int, int] | None = None
         self._sel = slice(None)
         self._split: tuple[slice, slice] | None = None  # (uncond, cond) rows when both halves are kept
         self._layer_hw: dict[str, tuple[int, int]] = {}
         self._hw_cache: dict[tuple[int, int, int], tuple[int, int] | None] = {}
-        self._layer_sum: dict[str, torch.Tensor] = {}
-        self._layer_count: dict[str, int] = {}
-        self._head_sum: dict[str, torch.Tensor] = {}
+        # per group of layers filed together: [head sums summed over steps (n, B', HW, T), steps, per-head sums
+        # (n, B', heads, HW, T) or None, head count]
+        self._groups: dict[tuple[str, ...], list[Any]] = {}
+        # this step's deferred queries and keys, by shape: [(layer, q (B', heads, HW, d), k (B', heads, T, d))]
+        self._queued: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
         self._probs: dict[str, list[torch.Tensor]] = {}
         self._step_acc: dict[tuple[int, int], torch.Tensor] = {}
         self._step_layers = 0
@@ -228,33 +260,40 @@ class AttentionRecorder:
         self._num_keys = 77
         self._scales_seen: set[int] = set()
         self._first_step_checked = False
-
-    def _release_device_state(self) -> None:
-        maps = self._maps
-        self._reset_run()
-        self._maps = maps
+        self._passed: set[str] = set()  # layers the scales= filter hands to their own processor this run
+        self._rows = -1  # denoiser batch rows the CFG layout was worked out for
 
     def _run_start(self, run: Run) -> None:
         """A pipeline call begins: a fresh run, its rows labelled with the call's prompt tokens."""
+        self._pending = None  # the previous run's maps, never read: "maps" is the latest run's
         self._reset_run()
         self._prompt_rows = self._labels_of_call(run.arguments)
 
     def _run_end(self, run: Run, error: BaseException | None) -> None:
-        """A pipeline call ended: build its maps now (a failed or interrupted run keeps what it recorded)."""
-        if self._timesteps:
-            self._finish(error is not None)
-        self._release_device_state()
+        """A pipeline call ended (a failed or interrupted one keeps what it recorded): set its state aside.
 
-    def _finish(self, failed: bool) -> None:
+        The maps are built when first read, or when the ``with`` block ends, not inside the call: the call
+        returns as soon as its last step is done, and a run whose maps are never read costs no build.
+        """
+        self._pending = {k: getattr(self, k) for k in _RUN_STATE} if self._timesteps else None
+        self._maps, self._why_no_maps = None, None
+        self._reset_run()
+
+    def _build_pending(self, raise_errors: bool = False) -> None:
+        """Build the ended run's maps from its set-aside state (once)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        current = {k: getattr(self, k) for k in _RUN_STATE}
+        self.__dict__.update(pending)
         try:
             self._maps, self._why_no_maps = self._build(), None
         except RecorderStateError as err:
             self._maps, self._why_no_maps = None, str(err)
-            if not failed:
+            if raise_errors:
                 raise
-        except Exception:
-            if not failed:
-                raise
+        finally:
+            self.__dict__.update(current)
 
     def _labels_of_call(self, bound: dict[str, Any]) -> tuple[list[TokenList], list[TokenList]] | None:
         """Token labels of the call's prompt (and negative prompt), one list per image; None for prompt_embeds."""
@@ -295,29 +334,30 @@ class AttentionRecorder:
         self._close_step()
         spec = self.family.denoiser_args
         sample = spec.get("sample", args, kwargs)
-        timestep = spec.get("timestep", args, kwargs)
         context = spec.get("text", args, kwargs)
-        self._timesteps.append(torch.as_tensor(timestep).reshape(-1)[:1])  # (1,) view on the device: no sync
+        # from the host copy of the schedule: no tensor op, no sync
+        self._timesteps.append(run.timestep(run.calls, spec.get("timestep", args, kwargs)))
         size = (int(sample.shape[-2]), int(sample.shape[-1]))
         if self._latent_size is not None and size != self._latent_size:
             raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
         self._latent_size = size
         if context is not None:
             self._num_keys = int(context.shape[1])
-        rows = int(sample.shape[0])
-        uncond, cond = self.family.cfg_rows(rows)
-        if run.cfg and self.negative:
-            self._sel, self._split = slice(None), (uncond, cond)
-        elif run.cfg:
-            self._sel, self._split = cond, None
-        else:
-            self._sel, self._split = slice(None), None
+        if self._rows != sample.shape[0]:  # the CFG layout, worked out once per run
+            self._rows = rows = int(sample.shape[0])
+            uncond, cond = self.family.cfg_rows(rows)
+            if run.cfg and self.negative:
+                self._sel, self._split = slice(None), (uncond, cond)
+            elif run.cfg:
+                self._sel, self._split = cond, None
+            else:
+                self._sel, self._split = slice(None), None
         return None
 
     def _check_first_step(self) -> None:
         """After the first step: a scales= filter that matched no layer stops the run with the reason."""
         self._first_step_checked = True
-        if self.scales is not None and not self._layer_sum:
+        if self.scales is not None and not self._layer_hw:
             raise RecorderStateError(self._no_capture_reason())
 
     def _no_capture_reason(self) -> str:
@@ -346,7 +386,9 @@ class AttentionRecorder:
 
     def _gate(self, name: str, seq_len: int) -> slice | None:
         """Rows of this call to capture (the CFG layout of the current step), or None to pass it through."""
-        if not self._inside or self._latent_size is None:
+        if name in self._layer_hw:  # placed earlier in this run: the common path, one dict lookup
+            return self._sel
+        if self._latent_size is None or name in self._passed:
             return None
         hw = self._grid(seq_len)
         if hw is None:
@@ -358,40 +400,86 @@ class AttentionRecorder:
             scale = round(self._latent_size[0] / hw[0])
             self._scales_seen.add(scale)
             if scale not in self.scales:
+                self._passed.add(name)
                 return None
         self._layer_hw[name] = hw
         return self._sel
 
-    def _sink(self, proc_name: str, probs: torch.Tensor) -> None:
-        """Reduce one layer's probabilities (B', heads, HW, T) on the device; no host transfer, no sync.
+    def _sink(self, name: str, probs: torch.Tensor) -> None:
+        """File one layer's probabilities (B', heads, HW, T) at once (a processor that computed them itself)."""
+        self._file((name,), probs[None])  # (1, B', heads, HW, T)
 
-        Sums stay in the (B', HW, T) layout the probabilities come in (no per-call transpose); the maps are
-        laid out as (B', T, h, w) once, when a step closes or the result is built.
+    def _defer(self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any) -> None:
+        """Keep one layer's captured queries (B', heads, HW, d) and keys (B', heads, T, d) until the step ends.
+
+        The tensors are the layer's own (views, no copy); at the end of the step every layer of one shape gets
+        its probabilities from one batched matmul and softmax (:meth:`_flush`): a handful of kernels per
+        resolution instead of per layer.
         """
-        name = proc_name.removesuffix(".processor")
-        p = probs  # (B', heads, HW, T): the processor kept only the captured rows
-        m = p.mean(1)  # (B', HW, T)
-        total = self._layer_sum.get(name)
-        if total is None:
-            self._layer_sum[name] = m.clone()
-            self._layer_count[name] = 1
+        group = (query.shape, key.shape, query.dtype, bool(attn.upcast_attention), float(attn.scale))
+        self._queued.setdefault(group, []).append((name, query, key))
+
+    def _flush(self) -> None:
+        """Probabilities of the step's deferred layers, one batch per shape, filed like any others."""
+        queued, self._queued = self._queued, {}
+        for (_, _, _, upcast, scale), items in queued.items():
+            q = torch.stack([it[1] for it in items])  # (n, B', heads, HW, d)
+            k = torch.stack([it[2] for it in items])  # (n, B', heads, T, d)
+            n, b, heads, length, d = q.shape
+            q3 = q.view(n * b * heads, length, d)  # (n*B'*heads, HW, d)
+            k3 = k.view(n * b * heads, -1, d)  # (n*B'*heads, T, d)
+            if upcast:
+                q3, k3 = q3.float(), k3.float()
+            scores = torch.baddbmm(
+                _empty(q3), q3, k3.transpose(1, 2), beta=0.0, alpha=scale
+            )  # (n*B'*heads, HW, T)
+            probs = (
+                scores.softmax(dim=-1)
+                if scores.dtype == torch.float32
+                else scores.softmax(-1, dtype=torch.float32)
+            )  # (n*B'*heads, HW, T) float32
+            self._file(tuple(it[0] for it in items), probs.view(n, b, heads, length, -1))
+
+    def _file(self, names: tuple[str, ...], p: torch.Tensor) -> None:
+        """Reduce the probabilities ``p`` (n, B', heads, HW, T) of the layers ``names`` (all of one grid) on the
+        device: no host transfer, no sync. Sums stay in the (HW, T) layout the probabilities come in; maps are
+        laid out as (T, h, w) once, when a step closes or the result is built."""
+        m = p.sum(
+            2
+        )  # (n, B', HW, T): sums over heads, divided by the head count when read (a sum is cheaper)
+        slot = self._groups.get(names)
+        if slot is None:
+            self._groups[names] = [m.clone(), 1, p.clone() if self.per_head else None, p.shape[2]]
         else:
-            total.add_(m)
-            self._layer_count[name] += 1
-        if self.per_head:
-            head_total = self._head_sum.get(name)
-            self._head_sum[name] = (
-                p.clone() if head_total is None else head_total.add_(p)
-            )  # (B', heads, HW, T)
+            slot[0].add_(m)
+            slot[1] += 1
+            if self.per_head:
+                slot[2].add_(p)  # (n, B', heads, HW, T)
         if self.keep_probs:
-            self._probs.setdefault(name, []).append(
-                p.to(self.family.get_denoiser(self.pipe).dtype, copy=True)
-            )  # (B', heads, HW, T)
+            dtype = self.family.get_denoiser(self.pipe).dtype
+            for j, name in enumerate(names):
+                self._probs.setdefault(name, []).append(p[j].to(dtype, copy=True))  # (B', heads, HW, T)
         if self.step_resolution is not None:
-            hw = self._layer_hw[proc_name]
+            hw = self._layer_hw[names[0]]
+            step = (m.sum(0) if len(names) > 1 else m[0]).div_(p.shape[2])  # (B', HW, T): head means, summed
             acc = self._step_acc.get(hw)
-            self._step_acc[hw] = m if acc is None else acc.add_(m)  # (B', HW, T); layer sums already read m
-            self._step_layers += 1
+            self._step_acc[hw] = step if acc is None else acc.add_(step)  # step is a fresh tensor of its own
+            self._step_layers += len(names)
+
+    def _per_layer(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+        """Mean over the run's steps of each layer's head-mean (B', HW, T), and of its heads (B', heads, HW, T)."""
+        sums: dict[str, torch.Tensor] = {}
+        heads: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for names, (total, count, head_total, num_heads) in self._groups.items():
+            for j, name in enumerate(names):
+                mean = total[j] / num_heads  # (B', HW, T)
+                sums[name] = mean if name not in sums else sums[name] + mean
+                counts[name] = counts.get(name, 0) + count
+                if head_total is not None:
+                    heads[name] = head_total[j] if name not in heads else heads[name] + head_total[j]
+        means = {n: s / counts[n] for n, s in sums.items()}
+        return means, ({n: h / counts[n] for n, h in heads.items()} if self.per_head else None)
 
     def _step_size(self) -> tuple[int, int]:
         assert self._latent_size is not None
@@ -407,6 +495,8 @@ class AttentionRecorder:
         Groups at or below the step resolution stay native and are resized for all steps at once when the
         result is built: no per-step resize kernels for them, and their memory is at most the step maps'.
         """
+        if self._queued:
+            self._flush()
         if not self._step_acc:
             return
         size = self._step_size()
@@ -459,26 +549,24 @@ class AttentionRecorder:
 
     def _build(self) -> AttentionMaps:
         self._close_step()
-        if not self._layer_sum:
+        if not self._groups:
             raise RecorderStateError(self._no_capture_reason())
         assert self._latent_size is not None
         H, W = self._latent_size
-        layers = {  # (B', T, h, w) each
-            n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
-            for n, s in self._layer_sum.items()
-        }
+        means, head_means = self._per_layer()
+        order = [
+            n.removesuffix(".processor") for n in self._captured if n.removesuffix(".processor") in means
+        ]
+        layers = {n: _grid_maps(means[n], self._layer_hw[n]) for n in order}  # (B', T, h, w) each
         aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
         steps = self._step_maps()  # (S, B', T, hs, ws)
         heads = None
-        if self.per_head:  # (B', heads, T, h, w) each
-            heads = {
-                n: _grid_maps(s / self._layer_count[n], self._layer_hw[n + ".processor"])
-                for n, s in self._head_sum.items()
-            }
+        if head_means is not None:  # (B', heads, T, h, w) each
+            heads = {n: _grid_maps(head_means[n], self._layer_hw[n]) for n in order}
         probs = (
-            {n: torch.stack(v) for n, v in self._probs.items()} if self.keep_probs else None
+            {n: torch.stack(self._probs[n]) for n in order} if self.keep_probs else None
         )  # (S, B', heads, HW, T)
-        timesteps = torch.cat(self._timesteps).float().cpu()  # (S,): the first host transfer of the run
+        timesteps = torch.tensor(self._timesteps, dtype=torch.float32)  # (S,) host floats: no device read
 
         def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
             return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
@@ -509,6 +597,18 @@ class AttentionRecorder:
         if neg_rows is not None:
             negative = AttentionMaps(**part(neg_rows), token_lists=neg_labels, **common)  # type: ignore[arg-type]
         return AttentionMaps(**part(cond_rows), token_lists=cond_labels, negative=negative, **common)  # type: ignore[arg-type]
+
+
+_EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    """A (1, 1, 1) tensor for baddbmm's ignored input (beta=0), made once per dtype and device."""
+    key = (like.dtype, like.device)
+    base = _EMPTY.get(key)
+    if base is None:
+        base = _EMPTY[key] = torch.zeros(1, 1, 1, dtype=like.dtype, device=like.device)
+    return base
 
 
 def _grid_maps(flat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -31,6 +31,9 @@ Sink = Callable[[str, torch.Tensor], None]
 # Called with (processor name, query length HW); returns the batch rows to capture, or None to hand the call
 # to the original processor.
 Gate = Callable[[str, int], "slice | None"]
+# Called with (processor name, queries (B', heads, HW, d), keys (B', heads, T, d), the Attention module) of the
+# captured rows: the receiver computes the probabilities later (batched over layers), from these very tensors.
+Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention], None]
 
 
 def is_reproducible(processor: Any) -> bool:
@@ -73,11 +76,12 @@ class CapturingAttnProcessor:
     gate declines, and self-attention calls, go to the original processor untouched.
     """
 
-    def __init__(self, name: str, original: Any, sink: Sink, gate: Gate) -> None:
+    def __init__(self, name: str, original: Any, sink: Sink, gate: Gate, defer: Defer | None = None) -> None:
         self.name = name
         self.original = original
         self.sink = sink
         self.gate = gate
+        self.defer = defer
 
     def __call__(
         self,
@@ -150,8 +154,11 @@ class CapturingAttnProcessor:
             if type(self.original) is AttnProcessor2_0:
                 # Probabilities of the captured rows only (the conditional half by default), beside the original's
                 # own SDPA kernel, which still produces the output: bitwise unchanged.
-                mask = None if attention_mask is None else attention_mask[rows]
-                self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
+                if attention_mask is None and self.defer is not None:
+                    self.defer(self.name, query[rows], key[rows], attn)  # probabilities later, batched
+                else:
+                    mask = None if attention_mask is None else attention_mask[rows]
+                    self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
                 out = F.scaled_dot_product_attention(
                     query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
                 )  # (N, heads, HW, d)
