@@ -1142,7 +1142,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
 
-    from .attention.tokens import tokenize_prompt
+    from .record.tokens import tokenize_prompt
 
     tokenizer = _tokenizer_before_loading(args.model)
     words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from .observation import Observation, observe
+from .record.observe import observe
+from .results.observation import Observation
 
 
 def generate(

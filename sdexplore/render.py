@@ -22,7 +22,7 @@ from .heatmaps import resize
 from .preview import latent_to_uint8
 
 if TYPE_CHECKING:
-    from .trace import StepRecord, Trace
+    from .results.trace import StepRecord, Trace
 
 #: The colour map of every heat-map overlay (CLI files, widgets, plots).
 HEAT_CMAP = "jet"

@@ -210,7 +210,7 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
 
 
 def _observe_fn() -> Callable[..., Any]:
-    from .observation import observe  # lazy: a walk without observe= never loads the recorders
+    from .record.observe import observe  # lazy: a walk without observe= never loads the recorders
 
     return observe
 

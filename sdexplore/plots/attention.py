@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from ..attention.maps import AttentionMaps, StepSelector
 from ..heatmaps import Normalization
 from ..heatmaps import normalize as norm
 from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, spread
+from ..results.attention_maps import AttentionMaps, StepSelector
 
 
 def word_overlay(

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import NotRecordedError
 from ..render import LATENT_QUANTITIES, spread, trace_preview
-from ..trace import Trace
+from ..results.trace import Trace
 
 _IMAGE_QUANTITIES = ("preview", "decoded")
 _LATENT_QUANTITIES = LATENT_QUANTITIES

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from ..attention.tokens import TokenList, tokenize_prompt, unlabelled
 from ..errors import RecorderStateError, UnsupportedPipelineError
 from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
 from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
 from .processor import CapturingAttnProcessor, is_reproducible
+from .tokens import TokenList, tokenize_prompt, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
 # the attributes that hold one run's state (set aside when a run ends, built into maps when first read)

@@ -28,7 +28,7 @@ from ..decoding import decode_with
 from ..errors import RecorderStateError
 from ..families import detect_family, latent_rgb
 from ..preview import latent_to_uint8, uint8_factors
-from ..trace import TENSOR_FIELDS, StepRecord, Trace
+from ..results.trace import TENSOR_FIELDS, StepRecord, Trace
 from .attach import Attachment, Run, Step, Subscriber, attach
 from .steering import Steering
 

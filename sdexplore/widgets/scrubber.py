@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..render import spread, trace_preview
-from ..trace import StepRecord, Trace
+from ..results.trace import StepRecord, Trace
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,
