@@ -23,6 +23,14 @@ from .processor import CapturingAttnProcessor, is_reproducible
 from .tokens import TokenList, tokenize_prompt, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
+#: Queries waiting for their probabilities are turned into maps once this many bytes of them wait (and at the
+#: end of the run): many steps in one batch where they are small, about a step at a time at SD 1.5's 64×64.
+QUEUE_BYTES = 16 << 20
+#: The largest probability tensor one batch computes at once (bytes, float32): large on an accelerator (fewer
+#: kernels), cache-sized on a CPU (measured on the tiny fixture: 1 MiB batches flush a run in 5.2 ms, 64 MiB
+#: ones in 11.7 ms).
+PROBS_BYTES = 64 << 20
+PROBS_BYTES_CPU = 1 << 20
 # the attributes that hold one run's state (set aside when a run ends, built into maps when first read)
 _RUN_STATE = (
     "_timesteps",
@@ -32,10 +40,9 @@ _RUN_STATE = (
     "_layer_hw",
     "_hw_cache",
     "_groups",
-    "_queued",
+    "_queue",
+    "_queued_bytes",
     "_probs",
-    "_step_acc",
-    "_step_layers",
     "_steps",
     "_num_keys",
     "_scales_seen",
@@ -248,15 +255,16 @@ class AttentionRecorder:
         self._split: tuple[slice, slice] | None = None  # (uncond, cond) rows when both halves are kept
         self._layer_hw: dict[str, tuple[int, int]] = {}
         self._hw_cache: dict[tuple[int, int, int], tuple[int, int] | None] = {}
-        # per group of layers filed together: [head sums summed over steps (n, B', HW, T), steps, per-head sums
+        # per tuple of layers filed together: [head sums summed over steps (n, B', HW, T), steps, per-head sums
         # (n, B', heads, HW, T) or None, head count]
         self._groups: dict[tuple[str, ...], list[Any]] = {}
-        # this step's deferred queries and keys, by shape: [(layer, q (B', heads, HW, d), k (B', heads, T, d))]
-        self._queued: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        # deferred queries by shape and text: [text tensor, {layer: keys (B', heads, T, d)}, [(step, layer, queries
+        # (B', heads, HW, d))], upcast, scale]; turned into probabilities in batches (:meth:`_flush`)
+        self._queue: dict[tuple, list[Any]] = {}
+        self._queued_bytes = 0
         self._probs: dict[str, list[torch.Tensor]] = {}
-        self._step_acc: dict[tuple[int, int], torch.Tensor] = {}
-        self._step_layers = 0
-        self._steps: list[tuple[dict[tuple, torch.Tensor], int]] = []  # per step: sums by group, layer count
+        # per step: [sums of head-mean maps by resolution group, number of layer maps summed]
+        self._steps: list[list[Any]] = []
         self._num_keys = 77
         self._scales_seen: set[int] = set()
         self._first_step_checked = False
@@ -331,7 +339,8 @@ class AttentionRecorder:
         """Before each denoiser call: close the previous step, note this step's timestep, latent size, CFG rows."""
         if self._timesteps and not self._first_step_checked:
             self._check_first_step()
-        self._close_step()
+        if self.step_resolution is not None:
+            self._steps.append([{}, 0])
         spec = self.family.denoiser_args
         sample = spec.get("sample", args, kwargs)
         context = spec.get("text", args, kwargs)
@@ -407,64 +416,105 @@ class AttentionRecorder:
 
     def _sink(self, name: str, probs: torch.Tensor) -> None:
         """File one layer's probabilities (B', heads, HW, T) at once (a processor that computed them itself)."""
-        self._file((name,), probs[None])  # (1, B', heads, HW, T)
+        self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
 
-    def _defer(self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any) -> None:
-        """Keep one layer's captured queries (B', heads, HW, d) and keys (B', heads, T, d) until the step ends.
+    def _defer(self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any) -> None:
+        """Keep one layer's captured queries (B', heads, HW, d) for later, with its keys (B', heads, T, d).
 
-        The tensors are the layer's own (views, no copy); at the end of the step every layer of one shape gets
-        its probabilities from one batched matmul and softmax (:meth:`_flush`): a handful of kernels per
-        resolution instead of per layer.
+        The tensors are the layer's own (views, no copy). Queries wait until the run ends, its maps are read, or
+        :data:`QUEUE_BYTES` of them are waiting; then every waiting step of every layer of one shape gets its
+        probabilities from one batched matmul and softmax (:meth:`_flush`). A layer's keys depend only on the
+        text, so one copy serves every step that saw the same text tensor.
         """
-        group = (query.shape, key.shape, query.dtype, bool(attn.upcast_attention), float(attn.scale))
-        self._queued.setdefault(group, []).append((name, query, key))
+        group = (
+            query.shape,
+            key.shape,
+            query.dtype,
+            bool(attn.upcast_attention),
+            float(attn.scale),
+            id(context),
+        )
+        batch = self._queue.get(group)
+        if batch is None:  # holding the text tensor keeps its id() from being reused while the batch waits
+            batch = self._queue[group] = [context, {}, [], bool(attn.upcast_attention), float(attn.scale)]
+        batch[1].setdefault(name, key)
+        batch[2].append((len(self._timesteps) - 1, name, query))
+        self._queued_bytes += query.numel() * query.element_size()
+        if self._queued_bytes > QUEUE_BYTES:
+            self._flush()
 
     def _flush(self) -> None:
-        """Probabilities of the step's deferred layers, one batch per shape, filed like any others."""
-        queued, self._queued = self._queued, {}
-        for (_, _, _, upcast, scale), items in queued.items():
-            q = torch.stack([it[1] for it in items])  # (n, B', heads, HW, d)
-            k = torch.stack([it[2] for it in items])  # (n, B', heads, T, d)
-            n, b, heads, length, d = q.shape
-            q3 = q.view(n * b * heads, length, d)  # (n*B'*heads, HW, d)
-            k3 = k.view(n * b * heads, -1, d)  # (n*B'*heads, T, d)
-            if upcast:
-                q3, k3 = q3.float(), k3.float()
-            scores = torch.baddbmm(
-                _empty(q3), q3, k3.transpose(1, 2), beta=0.0, alpha=scale
-            )  # (n*B'*heads, HW, T)
-            probs = (
-                scores.softmax(dim=-1)
-                if scores.dtype == torch.float32
-                else scores.softmax(-1, dtype=torch.float32)
-            )  # (n*B'*heads, HW, T) float32
-            self._file(tuple(it[0] for it in items), probs.view(n, b, heads, length, -1))
+        """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
+        queue, self._queue, self._queued_bytes = self._queue, {}, 0
+        for _, keys, items, upcast, scale in queue.values():
+            by_step: dict[int, list[tuple[str, torch.Tensor]]] = {}
+            for step, name, q in items:
+                by_step.setdefault(step, []).append((name, q))
+            by_names: dict[tuple[str, ...], list[int]] = {}  # steps that ran the same layers go together
+            for step, entries in by_step.items():
+                by_names.setdefault(tuple(n for n, _ in entries), []).append(step)
+            for names, steps in by_names.items():
+                k = torch.stack([keys[n] for n in names])  # (n, B', heads, T, d)
+                n, b, heads, t, d = k.shape
+                kt = k.view(n * b * heads, t, d).transpose(1, 2)  # (n*B'*heads, d, T)
+                length = by_step[steps[0]][0][1].shape[-2]
+                cap = PROBS_BYTES_CPU if k.device.type == "cpu" else PROBS_BYTES
+                chunk = max(1, cap // (n * b * heads * length * t * 4))  # steps per batch
+                for start in range(0, len(steps), chunk):
+                    part = steps[start : start + chunk]
+                    # name-major, step-minor: the steps of one layer share its keys, so they become one long
+                    # query sequence per layer and head, and one bmm serves every step
+                    q = torch.stack(
+                        [dict(by_step[s])[name] for name in names for s in part]
+                    )  # (n*S, B', heads, HW, d)
+                    q = q.view(n, len(part), b, heads, length, d).permute(
+                        0, 2, 3, 1, 4, 5
+                    )  # (n, B', heads, S, HW, d)
+                    q3 = q.reshape(n * b * heads, len(part) * length, d)  # (n*B'*heads, S*HW, d)
+                    if upcast:
+                        q3, kt = q3.float(), kt.float()
+                    scores = torch.baddbmm(_empty(q3), q3, kt, beta=0.0, alpha=scale)  # (n*B'*heads, S*HW, T)
+                    probs = scores.softmax(-1, dtype=torch.float32)  # (n*B'*heads, S*HW, T)
+                    probs = probs.view(n, b, heads, len(part), length, t).permute(3, 0, 1, 2, 4, 5)
+                    self._file(part, names, probs)  # (S, n, B', heads, HW, T)
 
-    def _file(self, names: tuple[str, ...], p: torch.Tensor) -> None:
-        """Reduce the probabilities ``p`` (n, B', heads, HW, T) of the layers ``names`` (all of one grid) on the
-        device: no host transfer, no sync. Sums stay in the (HW, T) layout the probabilities come in; maps are
-        laid out as (T, h, w) once, when a step closes or the result is built."""
-        m = p.sum(
-            2
-        )  # (n, B', HW, T): sums over heads, divided by the head count when read (a sum is cheaper)
+    def _file(self, steps: list[int], names: tuple[str, ...], p: torch.Tensor) -> None:
+        """Reduce the probabilities ``p`` (S, n, B', heads, HW, T) of ``steps`` × the layers ``names`` (all of one
+        grid) on the device: no host transfer, no sync. Sums stay in the (HW, T) layout the probabilities come
+        in; maps are laid out as (T, h, w) once, for the step maps or when the result is built."""
+        heads = p.shape[3]
+        m = p.sum(3)  # (S, n, B', HW, T): sums over heads, divided by the head count when read
         slot = self._groups.get(names)
+        total = m.sum(0) if len(steps) > 1 else m[0]  # (n, B', HW, T)
         if slot is None:
-            self._groups[names] = [m.clone(), 1, p.clone() if self.per_head else None, p.shape[2]]
-        else:
-            slot[0].add_(m)
-            slot[1] += 1
+            head_total = None
             if self.per_head:
-                slot[2].add_(p)  # (n, B', heads, HW, T)
+                head_total = p.sum(0) if len(steps) > 1 else p[0].clone()  # (n, B', heads, HW, T)
+            self._groups[names] = [total.clone(), len(steps), head_total, heads]
+        else:
+            slot[0].add_(total)
+            slot[1] += len(steps)
+            if self.per_head:
+                slot[2].add_(p.sum(0))  # (n, B', heads, HW, T)
         if self.keep_probs:
             dtype = self.family.get_denoiser(self.pipe).dtype
             for j, name in enumerate(names):
-                self._probs.setdefault(name, []).append(p[j].to(dtype, copy=True))  # (B', heads, HW, T)
+                self._probs.setdefault(name, []).extend(
+                    p[i, j].to(dtype, copy=True) for i in range(len(steps))
+                )  # (B', heads, HW, T) each
         if self.step_resolution is not None:
             hw = self._layer_hw[names[0]]
-            step = (m.sum(0) if len(names) > 1 else m[0]).div_(p.shape[2])  # (B', HW, T): head means, summed
-            acc = self._step_acc.get(hw)
-            self._step_acc[hw] = step if acc is None else acc.add_(step)  # step is a fresh tensor of its own
-            self._step_layers += len(names)
+            per = m.sum(1).div_(heads) if len(names) > 1 else m[:, 0].div(heads)  # (S, B', HW, T)
+            size = self._step_size()
+            if hw[0] * hw[1] > size[0] * size[1]:  # shrink now: native maps this large would cost memory
+                per, key = resize(_grid_maps(per, hw), size), ("shrunk", size)  # (S, B', T, hs, ws)
+            else:  # resized for all steps at once when the result is built
+                key = ("native", hw)
+            for i, step in enumerate(steps):
+                if 0 <= step < len(self._steps):
+                    parts = self._steps[step]
+                    parts[0][key] = per[i] if key not in parts[0] else parts[0][key].add_(per[i])
+                    parts[1] += len(names)
 
     def _per_layer(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
         """Mean over the run's steps of each layer's head-mean (B', HW, T), and of its heads (B', heads, HW, T)."""
@@ -489,34 +539,9 @@ class AttentionRecorder:
             return (max(1, round(H * s)), max(1, round(W * s)))
         return (int(self.step_resolution[0]), int(self.step_resolution[1]))  # type: ignore[index]
 
-    def _close_step(self) -> None:
-        """File the finished step's per-resolution sums; shrink only groups larger than the step maps now.
-
-        Groups at or below the step resolution stay native and are resized for all steps at once when the
-        result is built: no per-step resize kernels for them, and their memory is at most the step maps'.
-        """
-        if self._queued:
-            self._flush()
-        if not self._step_acc:
-            return
-        size = self._step_size()
-        parts: dict[tuple, torch.Tensor] = {}
-        shrunk = None
-        for hw, acc in self._step_acc.items():
-            if hw[0] * hw[1] > size[0] * size[1]:
-                small = resize(_grid_maps(acc, hw), size)  # (B', T, hs, ws)
-                shrunk = small if shrunk is None else shrunk.add_(small)
-            else:
-                parts[("native", hw)] = acc  # (B', HW, T)
-        if shrunk is not None:
-            parts[("shrunk", size)] = shrunk
-        self._steps.append((parts, self._step_layers))
-        self._step_acc = {}
-        self._step_layers = 0
-
     def _step_maps(self) -> torch.Tensor | None:
         """(S, B', T, hs, ws): per-step mean over layers, one resize per resolution group for the whole run."""
-        if not self._steps:
+        if not self._steps or not any(n for _, n in self._steps):
             return None
         size = self._step_size()
         total = None
@@ -530,8 +555,8 @@ class AttentionRecorder:
             if total is None:
                 total = stacked.new_zeros((len(self._steps), *stacked.shape[1:]))
             total[idx] += stacked
-        counts = torch.tensor([n for _, n in self._steps], dtype=total.dtype, device=total.device)
-        return total / counts.view(-1, 1, 1, 1, 1)
+        counts = torch.tensor([max(n, 1) for _, n in self._steps], dtype=total.dtype, device=total.device)
+        return total / counts.view(-1, 1, 1, 1, 1)  # a step that captured nothing stays zero
 
     # ---- building the result ------------------------------------------------------------------------------
     def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
@@ -548,7 +573,7 @@ class AttentionRecorder:
         return blank, list(blank)
 
     def _build(self) -> AttentionMaps:
-        self._close_step()
+        self._flush()
         if not self._groups:
             raise RecorderStateError(self._no_capture_reason())
         assert self._latent_size is not None

@@ -31,9 +31,10 @@ Sink = Callable[[str, torch.Tensor], None]
 # Called with (processor name, query length HW); returns the batch rows to capture, or None to hand the call
 # to the original processor.
 Gate = Callable[[str, int], "slice | None"]
-# Called with (processor name, queries (B', heads, HW, d), keys (B', heads, T, d), the Attention module) of the
-# captured rows: the receiver computes the probabilities later (batched over layers), from these very tensors.
-Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention], None]
+# Called with (processor name, queries (B', heads, HW, d), keys (B', heads, T, d), the Attention module, the text
+# tensor the keys came from) of the captured rows: the receiver computes the probabilities later (batched over
+# layers and steps), from these very tensors.
+Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention, torch.Tensor], None]
 
 
 def is_reproducible(processor: Any) -> bool:
@@ -104,6 +105,7 @@ class CapturingAttnProcessor:
                 attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
 
+        context = encoder_hidden_states  # the text tensor itself: its keys are the same at every step
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -155,7 +157,9 @@ class CapturingAttnProcessor:
                 # Probabilities of the captured rows only (the conditional half by default), beside the original's
                 # own SDPA kernel, which still produces the output: bitwise unchanged.
                 if attention_mask is None and self.defer is not None:
-                    self.defer(self.name, query[rows], key[rows], attn)  # probabilities later, batched
+                    self.defer(
+                        self.name, query[rows], key[rows], attn, context
+                    )  # probabilities later, batched
                 else:
                     mask = None if attention_mask is None else attention_mask[rows]
                     self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))

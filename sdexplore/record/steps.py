@@ -297,12 +297,14 @@ class StepRecorder:
         trace.meta.update(latent_shape=list(shape), estimated_bytes=est)
         return None
 
-    def _store(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, dtype: torch.dtype | None = None, fresh: bool = False) -> torch.Tensor:
+        """A copy of ``t`` for the trace (``fresh``: ``t`` is already a new tensor of the recorder's own, so it is
+        kept as it is when device and dtype match)."""
         dev = self.config.device
         if t.device.type == "cuda" and dev.type == "cpu" and self.config.on_step is None:
             self._staged = True  # stay on the GPU until the run ends: no step waits for a transfer
             dev = t.device
-        return t.detach().to(device=dev, dtype=dtype or self.config.dtype, copy=True)
+        return t.detach().to(device=dev, dtype=dtype or self.config.dtype, copy=not fresh)
 
     def _preview_factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # cached per device: a host → GPU copy every step would wait for the GPU each time
@@ -344,28 +346,29 @@ class StepRecorder:
             guidance_scale=step.guidance_scale,
             x0_source=step.x0_source,
         )
-        if "latents" in qs:
-            rec.latents = self._store(sample)
-        if "latents_out" in qs:
-            rec.latents_out = self._store(step.prev_sample)
-        if "noise_pred" in qs:
-            rec.noise_pred = self._store(step.model_output)
         out = run.denoiser_out  # (2B|B, C, h, w) raw, before any guidance edit
+        sources: dict[str, torch.Tensor | None] = {
+            "latents": sample,
+            "latents_out": step.prev_sample,
+            "noise_pred": step.model_output,
+            "x0": x0,
+        }
         if out is not None and out.shape[0] == 2 * b:
-            uncond, cond = self.family.cfg_halves(out)  # (B, C, h, w) each
-            if "noise_uncond" in qs:
-                rec.noise_uncond = self._store(uncond)
-            if "noise_cond" in qs:
-                rec.noise_cond = self._store(cond)
-        elif out is not None and "noise_cond" in qs:
-            rec.noise_cond = self._store(out)
-        if x0 is not None and "x0" in qs:
-            rec.x0 = self._store(x0)
+            sources["noise_uncond"], sources["noise_cond"] = self.family.cfg_halves(out)  # (B, C, h, w) each
+        elif out is not None:
+            sources["noise_cond"] = out
+        kept = [q for q in _LATENT_SHAPED if q in qs and sources.get(q) is not None]
+        if kept:
+            # one copy for all of them: (k, B, C, h, w) → a view per quantity (k kernels fewer each step)
+            block = self._store(torch.stack([sources[q] for q in kept]), fresh=True)
+            for j, q in enumerate(kept):
+                setattr(rec, q, block[j])
         if "noise_norm" in qs:
-            norm = torch.linalg.vector_norm(step.model_output.float().flatten(1), dim=1) / math.sqrt(
-                step.model_output[0].numel()
+            mo = step.model_output
+            norm = torch.linalg.vector_norm(mo, dim=(1, 2, 3), dtype=torch.float32).mul_(
+                1.0 / math.sqrt(mo[0].numel())
             )  # (B,) root mean square
-            rec.noise_norm = self._store(norm, torch.float32)
+            rec.noise_norm = self._store(norm, torch.float32, fresh=True)
         if "preview" in qs:
             if self.config.preview_of == "x0":
                 src = x0
@@ -376,7 +379,7 @@ class StepRecorder:
             assert src is not None
             factors, bias = self._preview_factors(src.device)
             rgb = latent_to_uint8(src, factors, bias, scaled=True)  # (B, h, w, 3)
-            rec.preview = self._store(rgb, torch.uint8)
+            rec.preview = self._store(rgb, torch.uint8, fresh=True)
         every = self.config.decode_every
         if "decoded" in qs and every and x0 is not None and len(self.trace.steps) % every == 0:
             vae = self.config.tiny_vae if self.config.tiny_vae is not None else self.pipe.vae
