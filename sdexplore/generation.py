@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from .errors import InvalidArgumentError
 from .record.observe import observe
 from .results.observation import Observation
 
@@ -30,7 +31,7 @@ def generate(
     """
     if seed is not None:
         if "generator" in pipe_kwargs:
-            raise ValueError("Pass either seed= or generator=, not both.")
+            raise InvalidArgumentError("Pass either seed= or generator=, not both.")
         pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     with observe(pipe, steps=steps, attention=attention) as obs:
         out = pipe(prompt, **pipe_kwargs)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import InterpolationError
+from .errors import InterpolationError, InvalidArgumentError
 from .families import detect_family, vae_scale_factor
 
 _TENSOR_FIELDS = (
@@ -99,7 +99,7 @@ def encode_prompt(
     """
     fam = detect_family(pipe)
     if not isinstance(prompt, str):
-        raise TypeError(
+        raise InvalidArgumentError(
             f"encode_prompt takes one prompt string, got {type(prompt).__name__}; call it per prompt."
         )
     with torch.no_grad():

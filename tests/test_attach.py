@@ -253,3 +253,34 @@ def test_only_the_attachment_patches_pipelines() -> None:
             if pattern.search(line) and not line.lstrip().startswith("#"):
                 offenders.append(f"{path.relative_to(root)}:{i}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"every": 0},
+        {"quantities": "noise"},
+        {"dtype": torch.int8},
+        {"device": "tpu"},
+        {"max_bytes": -1},
+        {"stop_at": 0},
+        {"preview_of": "pixels"},
+        {"switch_prompt": "a blue square"},
+        {"guidance": [float("nan")] * 6},
+        {"on_step": 3},
+        {"no_such_option": 1},
+        {"steps": "yes"},
+        {"attention": {"step_resolution": 0}},
+        {"attention": {"scales": [3]}},
+        {"attention": {"layers": "nowhere"}},
+    ],
+    ids=lambda kw: next(iter(kw)),
+)
+def test_bad_observe_options_are_the_librarys_own_error_before_any_change(sd1_pipe, kwargs) -> None:
+    from sdexplore.errors import InvalidArgumentError
+
+    before = _state(sd1_pipe)
+    kwargs = {"attention": True, **kwargs} if "attention" in kwargs else kwargs
+    with pytest.raises(InvalidArgumentError):
+        sdx.observe(sd1_pipe, **kwargs)
+    _assert_restored(sd1_pipe, before)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RecorderStateError
+from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family, detect_family
 from ..schedule_math import (
     NoiseLevel,
@@ -488,7 +488,7 @@ class Attachment:
                 new = sub.step(step)
                 if new is not None:
                     if not isinstance(new, torch.Tensor) or new.shape != prev.shape:
-                        raise ValueError(
+                        raise InvalidArgumentError(
                             f"A step edit must return a tensor of shape {tuple(prev.shape)} (the latents it was given)."
                         )
                     step.prev_sample = new

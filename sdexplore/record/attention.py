@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RecorderStateError, UnsupportedPipelineError
+from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
 from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
@@ -122,7 +122,7 @@ class AttentionRecorder:
         if scales is not None:
             scales = {int(s) for s in scales}
             if not scales or any(s < 1 or s & (s - 1) for s in scales):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"scales must be powers of two ≥ 1 (1 = latent resolution), got {sorted(scales)}."
                 )
         self.scales = scales
@@ -133,7 +133,7 @@ class AttentionRecorder:
                 else tuple(step_resolution)
             )
             if len(sr) != 2 or min(sr) < 1:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"step_resolution must be a positive int, a (h, w) pair or None; got {step_resolution!r}."
                 )
         self.step_resolution = step_resolution
@@ -651,7 +651,7 @@ def _select_layers(names: list[str], layers: LayerFilter) -> list[str]:
         chosen = [n for n in names if any(s in n for s in subs)]
     if not chosen:
         listed = ", ".join(n.removesuffix(".processor") for n in names)
-        raise ValueError(
+        raise InvalidArgumentError(
             f"layers={layers!r} matches no cross-attention layer. Cross-attention layers: {listed}"
         )
     return chosen

@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+from ..errors import InvalidArgumentError
 from ..results.observation import Observation
 from .steps import StepRecorder
 
@@ -17,13 +18,15 @@ class _Observe:
     ) -> None:
         for name, value in (("steps", steps), ("attention", attention)):
             if not isinstance(value, (bool, dict)):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"observe({name}=...) takes True, False or a dict of options, got {value!r}."
                 )
         if not steps and not attention:
-            raise ValueError("observe() needs steps=True and/or attention=True (or a dict of their options).")
+            raise InvalidArgumentError(
+                "observe() needs steps=True and/or attention=True (or a dict of their options)."
+            )
         if options and not steps:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Step options {sorted(options)} given with steps=False; pass steps=True or drop them."
             )
         step_opts = {**(steps if isinstance(steps, dict) else {}), **options}
@@ -40,7 +43,9 @@ class _Observe:
 
     def __enter__(self) -> Observation:
         if self._stack is not None:
-            raise ValueError("This observe(...) block is already active; leave it before entering it again.")
+            raise InvalidArgumentError(
+                "This observe(...) block is already active; leave it before entering it again."
+            )
         with ExitStack() as stack:
             if self._attention_recorder is not None:
                 stack.enter_context(self._attention_recorder)

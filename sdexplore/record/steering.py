@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..errors import RecorderStateError
+from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family
 from .attach import Attachment, Run, Step, Subscriber, attach
 
@@ -51,9 +51,9 @@ class PromptSwitch:
 
     def __post_init__(self) -> None:
         if not isinstance(self.at_step, int) or self.at_step < 0:
-            raise ValueError(f"PromptSwitch.at_step must be an int ≥ 0, got {self.at_step!r}.")
+            raise InvalidArgumentError(f"PromptSwitch.at_step must be an int ≥ 0, got {self.at_step!r}.")
         if (self.prompt is None) == (self.prompt_embeds is None):
-            raise ValueError("PromptSwitch needs exactly one of prompt= or prompt_embeds=.")
+            raise InvalidArgumentError("PromptSwitch needs exactly one of prompt= or prompt_embeds=.")
 
 
 def guidance_at(schedule: GuidanceSchedule, step: int, num_steps: int) -> float:
@@ -66,7 +66,7 @@ def guidance_at(schedule: GuidanceSchedule, step: int, num_steps: int) -> float:
 def check_guidance_schedule(schedule: GuidanceSchedule, num_steps: int) -> None:
     """Raise a clear error if a list schedule is too short for the run."""
     if not callable(schedule) and len(schedule) < num_steps:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"The guidance schedule has {len(schedule)} values but the run has {num_steps} steps; give one scale "
             "per step (len(pipe.scheduler.timesteps)) or a callable (step, num_steps) -> scale."
         )
@@ -77,7 +77,7 @@ def rescale_conditional(
 ) -> torch.Tensor:
     """The conditional prediction c' for which ``u + base (c' − u) == u + target (c − u)``."""
     if base_scale == 0:
-        raise ValueError("Cannot schedule guidance when the pipeline's guidance_scale is 0.")
+        raise InvalidArgumentError("Cannot schedule guidance when the pipeline's guidance_scale is 0.")
     return uncond + (target_scale / base_scale) * (cond - uncond)
 
 
@@ -106,13 +106,15 @@ def replace_conditional(
     (1|B, ...)."""
     n = current.shape[0] // 2 if cfg else current.shape[0]
     if new.shape[1:] != current.shape[1:]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"The switched prompt's embedding has shape {tuple(new.shape[1:])} per image but the pipeline uses "
             f"{tuple(current.shape[1:])}; encode it with the same pipeline (or pass prompt= instead)."
         )
     new = new.expand(n, *new.shape[1:]) if new.shape[0] == 1 else new
     if new.shape[0] != n:
-        raise ValueError(f"The switched prompt's embedding has batch {new.shape[0]}; expected 1 or {n}.")
+        raise InvalidArgumentError(
+            f"The switched prompt's embedding has batch {new.shape[0]}; expected 1 or {n}."
+        )
     if cfg:
         uncond_first = family is None or family.cfg_uncond_first
         uncond = current[:n] if uncond_first else current[n:]  # (B, ...)
@@ -139,24 +141,24 @@ class Steering:
         stop_returns: str = "latents",
     ) -> None:
         if stop_at is not None and (not isinstance(stop_at, int) or isinstance(stop_at, bool) or stop_at < 1):
-            raise ValueError(f"stop_at must be an int ≥ 1, got {stop_at!r}.")
+            raise InvalidArgumentError(f"stop_at must be an int ≥ 1, got {stop_at!r}.")
         if stop_returns not in ("latents", "x0"):
-            raise ValueError(f"stop_returns must be 'latents' or 'x0', got {stop_returns!r}.")
+            raise InvalidArgumentError(f"stop_returns must be 'latents' or 'x0', got {stop_returns!r}.")
         if edit_latents is not None and not callable(edit_latents):
-            raise ValueError("edit_latents must be a function (step, latents) -> latents.")
+            raise InvalidArgumentError("edit_latents must be a function (step, latents) -> latents.")
         if switch_prompt is not None and not isinstance(switch_prompt, PromptSwitch):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "switch_prompt must be a sdexplore.steering.PromptSwitch(at_step=..., prompt=...)."
             )
         if guidance is not None and not callable(guidance):
             try:
                 scales = [float(g) for g in guidance]
             except (TypeError, ValueError) as e:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "guidance must be a list of scales (one per step) or a callable (step, num_steps) -> scale."
                 ) from e
             if not all(math.isfinite(g) for g in scales):
-                raise ValueError(f"guidance scales must be finite numbers, got {list(guidance)!r}.")
+                raise InvalidArgumentError(f"guidance scales must be finite numbers, got {list(guidance)!r}.")
         self.pipe = pipe
         self._attach: attach | None = None
         self.edit_latents = edit_latents
@@ -204,14 +206,16 @@ class Steering:
         self._checked = True
         n = run.num_steps
         if self.stop_at is not None and self.stop_at > n:
-            raise ValueError(f"stop_at={self.stop_at} is beyond this run's {n} steps; choose 1..{n}.")
+            raise InvalidArgumentError(
+                f"stop_at={self.stop_at} is beyond this run's {n} steps; choose 1..{n}."
+            )
         if self.switch_prompt is not None and self.switch_prompt.at_step >= n:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"PromptSwitch.at_step={self.switch_prompt.at_step} is beyond this run's {n} steps."
             )
         if self.guidance is not None:
             if not run.cfg:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "A guidance schedule needs classifier-free guidance: call the pipeline with guidance_scale > 1."
                 )
             check_guidance_schedule(self.guidance, n)
@@ -252,7 +256,7 @@ class Steering:
         if self.edit_latents is not None:
             new = self.edit_latents(step.index, step.prev_sample)
             if not isinstance(new, torch.Tensor) or new.shape != step.prev_sample.shape:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"edit_latents must return a tensor of shape {tuple(step.prev_sample.shape)} (the latents it was "
                     "given)."
                 )

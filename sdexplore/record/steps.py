@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..decoding import decode_with
-from ..errors import RecorderStateError
+from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import detect_family, latent_rgb
 from ..preview import latent_to_uint8, uint8_factors
 from ..results.trace import TENSOR_FIELDS, StepRecord, Trace
@@ -58,7 +58,9 @@ def _validate_quantities(quantities: Iterable[str] | str) -> tuple[str, ...]:
     qs = tuple(quantities)
     bad = [q for q in qs if q not in TENSOR_FIELDS]
     if bad:
-        raise ValueError(f"Unknown quantity {bad[0]!r}; choose from {', '.join(TENSOR_FIELDS)} (or 'all').")
+        raise InvalidArgumentError(
+            f"Unknown quantity {bad[0]!r}; choose from {', '.join(TENSOR_FIELDS)} (or 'all')."
+        )
     return qs
 
 
@@ -66,7 +68,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be an int ≥ 1, got {value!r}.")
+        raise InvalidArgumentError(f"{name} must be an int ≥ 1, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -94,26 +96,26 @@ class StepConfig:
         _positive_int("every", self.every)
         _positive_int("decode_every", self.decode_every, allow_none=True)
         if self.preview_of not in ("x0", "latents"):
-            raise ValueError(f"preview_of must be 'x0' or 'latents', got {self.preview_of!r}.")
+            raise InvalidArgumentError(f"preview_of must be 'x0' or 'latents', got {self.preview_of!r}.")
         if self.max_bytes is not None and (
             not isinstance(self.max_bytes, int) or isinstance(self.max_bytes, bool) or self.max_bytes <= 0
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_bytes must be a positive int (or None for no bound), got {self.max_bytes!r}."
             )
         if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"dtype must be a floating torch.dtype (e.g. torch.float16), got {self.dtype!r}."
             )
         if self.on_step is not None and not callable(self.on_step):
-            raise ValueError("on_step must be a function (record, trace) -> None.")
+            raise InvalidArgumentError("on_step must be a function (record, trace) -> None.")
         decode_every = self.decode_every
         if self.tiny_vae is not None and decode_every is None:
             decode_every = 1
         if decode_every is not None and "decoded" not in qs:
             qs = (*qs, "decoded")
         if "decoded" in qs and decode_every is None:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "'decoded' needs a decoder: pass tiny_vae=AutoencoderTiny(...) or decode_every=k."
             )
         object.__setattr__(self, "quantities", qs)
@@ -121,7 +123,7 @@ class StepConfig:
         try:
             object.__setattr__(self, "device", torch.device(self.device))
         except (RuntimeError, TypeError) as e:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}."
             ) from e
 
@@ -148,13 +150,13 @@ class StepRecorder:
     def __init__(self, pipe: Any, config: StepConfig | None = None, **options: Any) -> None:
         unknown = sorted(set(options) - set(_CONFIG_OPTIONS) - set(_STEERING_OPTIONS))
         if unknown:
-            raise TypeError(
+            raise InvalidArgumentError(
                 f"StepRecorder got unexpected option(s) {unknown}; allowed: "
                 f"{sorted(_CONFIG_OPTIONS + _STEERING_OPTIONS)}."
             )
         config_opts = {k: v for k, v in options.items() if k in _CONFIG_OPTIONS}
         if config is not None and config_opts:
-            raise TypeError(f"Pass either config= or the options {sorted(config_opts)}, not both.")
+            raise InvalidArgumentError(f"Pass either config= or the options {sorted(config_opts)}, not both.")
         self.family = detect_family(pipe)
         self.family.get_denoiser(pipe)  # a clear error now if the pipeline has none
         if getattr(pipe, "scheduler", None) is None:
@@ -288,7 +290,7 @@ class StepRecorder:
         shape = (b, *sample.shape[1:])
         est = self.estimate_bytes(shape, run.num_steps)
         if cfg.max_bytes is not None and est > cfg.max_bytes:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"Recording this run would need about {est / 2**20:.1f} MiB (latents {tuple(shape)} × {run.num_steps} "
                 f"steps × {len(cfg.quantities)} quantities {cfg.quantities}, every={cfg.every}, {cfg.dtype}), over "
                 f"max_bytes={cfg.max_bytes / 2**20:.1f} MiB. Record fewer quantities, pass every=k, "
@@ -396,5 +398,5 @@ def steer(pipe: Any, **steering: Any) -> StepRecorder:
     allowed = {*_STEERING_OPTIONS, "on_step"}
     bad = sorted(set(steering) - allowed)
     if bad:
-        raise TypeError(f"steer() got unexpected option(s) {bad}; allowed: {sorted(allowed)}.")
+        raise InvalidArgumentError(f"steer() got unexpected option(s) {bad}; allowed: {sorted(allowed)}.")
     return StepRecorder(pipe, quantities=(), **steering)
