@@ -51,7 +51,9 @@ def latent_to_uint8(
     if not scaled:
         factors, bias = uint8_factors(factors, bias)
     b, c, h, w = latents.shape
-    x = latents.float().permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, C)
-    f, bias = factors.to(x.device), bias.to(x.device)
-    rgb = torch.addmm(bias, x, f)  # (B·h·w, 3) = 127.5 (rgb + 1) + 0.5
+    x = latents if latents.dtype == torch.float32 else latents.float()
+    x = x.permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, C)
+    if factors.device != x.device:
+        factors, bias = factors.to(x.device), bias.to(x.device)
+    rgb = torch.addmm(bias, x, factors)  # (B·h·w, 3) = 127.5 (rgb + 1) + 0.5
     return rgb.clamp_(0.0, 255.0).to(torch.uint8).view(b, h, w, 3)  # (B, h, w, 3): truncation rounds (+0.5)

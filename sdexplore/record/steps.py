@@ -363,8 +363,8 @@ class StepRecorder:
         if kept:
             # one copy for all of them: (k, B, C, h, w) → a view per quantity (k kernels fewer each step)
             block = self._store(torch.stack([sources[q] for q in kept]), fresh=True)
-            for j, q in enumerate(kept):
-                setattr(rec, q, block[j])
+            for q, view in zip(kept, block.unbind(0), strict=True):
+                setattr(rec, q, view)
         if "noise_norm" in qs:
             mo = step.model_output
             norm = torch.linalg.vector_norm(mo, dim=(1, 2, 3), dtype=torch.float32).mul_(
