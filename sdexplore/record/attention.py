@@ -418,25 +418,22 @@ class AttentionRecorder:
         """File one layer's probabilities (B', heads, HW, T) at once (a processor that computed them itself)."""
         self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
 
-    def _defer(self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any) -> None:
-        """Keep one layer's captured queries (B', heads, HW, d) for later, with its keys (B', heads, T, d).
+    def _defer(
+        self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any, rows: slice
+    ) -> None:
+        """Keep one layer's queries (N, heads, HW, d) for later, with its keys (N, heads, T, d): the whole CFG
+        batch, its ``rows`` taken once per batch rather than once per layer and step.
 
         The tensors are the layer's own (views, no copy). Queries wait until the run ends, its maps are read, or
         :data:`QUEUE_BYTES` of them are waiting; then every waiting step of every layer of one shape gets its
         probabilities from one batched matmul and softmax (:meth:`_flush`). A layer's keys depend only on the
         text, so one copy serves every step that saw the same text tensor.
         """
-        group = (
-            query.shape,
-            key.shape,
-            query.dtype,
-            bool(attn.upcast_attention),
-            float(attn.scale),
-            id(context),
-        )
+        upcast, scale = bool(attn.upcast_attention), float(attn.scale)
+        group = (query.shape, key.shape, query.dtype, upcast, scale, id(context), rows.start, rows.stop)
         batch = self._queue.get(group)
         if batch is None:  # holding the text tensor keeps its id() from being reused while the batch waits
-            batch = self._queue[group] = [context, {}, [], bool(attn.upcast_attention), float(attn.scale)]
+            batch = self._queue[group] = [context, {}, [], upcast, scale, rows]
         batch[1].setdefault(name, key)
         batch[2].append((len(self._timesteps) - 1, name, query))
         self._queued_bytes += query.numel() * query.element_size()
@@ -446,7 +443,7 @@ class AttentionRecorder:
     def _flush(self) -> None:
         """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
         queue, self._queue, self._queued_bytes = self._queue, {}, 0
-        for _, keys, items, upcast, scale in queue.values():
+        for _, keys, items, upcast, scale, rows in queue.values():
             by_step: dict[int, list[tuple[str, torch.Tensor]]] = {}
             for step, name, q in items:
                 by_step.setdefault(step, []).append((name, q))
@@ -454,9 +451,9 @@ class AttentionRecorder:
             for step, entries in by_step.items():
                 by_names.setdefault(tuple(n for n, _ in entries), []).append(step)
             for names, steps in by_names.items():
-                k = torch.stack([keys[n] for n in names])  # (n, B', heads, T, d)
+                k = torch.stack([keys[n] for n in names])[:, rows]  # (n, B', heads, T, d)
                 n, b, heads, t, d = k.shape
-                kt = k.view(n * b * heads, t, d).transpose(1, 2)  # (n*B'*heads, d, T)
+                kt = k.reshape(n * b * heads, t, d).transpose(1, 2)  # (n*B'*heads, d, T)
                 length = by_step[steps[0]][0][1].shape[-2]
                 cap = PROBS_BYTES_CPU if k.device.type == "cpu" else PROBS_BYTES
                 chunk = max(1, cap // (n * b * heads * length * t * 4))  # steps per batch
@@ -466,10 +463,10 @@ class AttentionRecorder:
                     # query sequence per layer and head, and one bmm serves every step
                     q = torch.stack(
                         [dict(by_step[s])[name] for name in names for s in part]
-                    )  # (n*S, B', heads, HW, d)
-                    q = q.view(n, len(part), b, heads, length, d).permute(
-                        0, 2, 3, 1, 4, 5
-                    )  # (n, B', heads, S, HW, d)
+                    )  # (n*S, N, heads, HW, d): every row of the CFG batch
+                    q = (
+                        q[:, rows].reshape(n, len(part), b, heads, length, d).permute(0, 2, 3, 1, 4, 5)
+                    )  # (n, B', heads, S, HW, d): the captured rows
                     q3 = q.reshape(n * b * heads, len(part) * length, d)  # (n*B'*heads, S*HW, d)
                     if upcast:
                         q3, kt = q3.float(), kt.float()

@@ -31,10 +31,10 @@ Sink = Callable[[str, torch.Tensor], None]
 # Called with (processor name, query length HW); returns the batch rows to capture, or None to hand the call
 # to the original processor.
 Gate = Callable[[str, int], "slice | None"]
-# Called with (processor name, queries (B', heads, HW, d), keys (B', heads, T, d), the Attention module, the text
-# tensor the keys came from) of the captured rows: the receiver computes the probabilities later (batched over
-# layers and steps), from these very tensors.
-Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention, torch.Tensor], None]
+# Called with (processor name, queries (N, heads, HW, d), keys (N, heads, T, d), the Attention module, the text
+# tensor the keys came from, the rows to capture): the receiver computes the captured rows' probabilities later
+# (batched over layers and steps), from these very tensors.
+Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention, torch.Tensor, slice], None]
 
 
 def is_reproducible(processor: Any) -> bool:
@@ -157,9 +157,7 @@ class CapturingAttnProcessor:
                 # Probabilities of the captured rows only (the conditional half by default), beside the original's
                 # own SDPA kernel, which still produces the output: bitwise unchanged.
                 if attention_mask is None and self.defer is not None:
-                    self.defer(
-                        self.name, query[rows], key[rows], attn, context
-                    )  # probabilities later, batched
+                    self.defer(self.name, query, key, attn, context, rows)  # probabilities later, batched
                 else:
                     mask = None if attention_mask is None else attention_mask[rows]
                     self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
