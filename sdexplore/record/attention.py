@@ -105,7 +105,9 @@ class AttentionRecorder:
         self.pipe = pipe
         self.family = detect_family(pipe)
         unet = getattr(pipe, self.family.denoiser, None)
-        if unet is None or not hasattr(unet, "attn_processors"):
+        if unet is None or not hasattr(
+            type(unet), "attn_processors"
+        ):  # the class: the property walks every module
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
