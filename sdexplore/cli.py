@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import sys
-import tempfile
-import threading
-import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +17,16 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-PROG = "sdexplore"
+from .cli_output import (  # noqa: F401 - InputError and OutputBusyError are part of the CLI's surface
+    PROG,
+    InputError,
+    OutputBusyError,
+    _lock_path,
+    _note,
+    _one_line,
+    _Output,
+    _side_name,
+)
 
 #: Short scheduler names the command accepts besides any diffusers scheduler class name.
 SCHEDULER_ALIASES: dict[str, str] = {
@@ -43,10 +43,6 @@ SCHEDULER_ALIASES: dict[str, str] = {
 }
 DEFAULT_STEPS = 25  # denoising steps of every command unless --steps says otherwise
 TILE = 128  # longer side of one step's tile in the strips and the attention grid, in pixels
-
-
-class InputError(ValueError):
-    """Bad command-line input, found before any expensive work (exit code 2)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -521,339 +517,6 @@ def _start_output(args: argparse.Namespace, *, folder: bool) -> _Output:
     return output
 
 
-# ---------------------------------------------------------------- output: atomic, exclusive, no stale files
-
-#: Files a command may write into its --out folder. --force replaces a folder only when it holds nothing else.
-_OUR_FILES = re.compile(
-    r"(image\.png|steps_x0\.png|steps_preview\.png|denoising\.gif|attention_grid\.png|attention_[^/]+\.png"
-    r"|trace\.[^/]+|attention\.[^/]+)"
-)
-_STALE_LOCK_AGE_S = 30.0  # an empty or garbled lock file older than this is a leftover, not a run starting up
-
-
-def _side_name(target: Path, kind: str) -> str:
-    """``.NAME.sdexplore-KIND``: the lock, temporary and set-aside paths beside ``target`` (short enough for
-    any file system: a long name is cut and a hash of it added)."""
-    name = target.name
-    if len(name.encode()) > 120:
-        name = name[:60] + "-" + hashlib.sha1(target.name.encode()).hexdigest()[:12]
-    return f".{name}.sdexplore-{kind}"
-
-
-def _lock_path(target: Path) -> Path:
-    """The lock file of an output path (beside it, in its parent folder)."""
-    return target.parent / _side_name(target, "lock")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
-def _ordinary_mode(path: Path, folder: bool) -> None:
-    """The mode a plain mkdir / open(path, "w") would give (mkdtemp and mkstemp make private 0700 / 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if folder else 0o666) & ~umask)
-
-
-class OutputBusyError(InputError):
-    """Another run holds the lock of the same --out."""
-
-
-class _Output:
-    """One command's output, written whole or not at all.
-
-    Everything is written into a temporary folder (or file) beside ``--out`` and renamed into place when
-    complete; ``--force`` sets the old output aside, renames the new one in and then deletes the old one, so no
-    stale file survives. A lock file beside ``--out`` (created with O_CREAT | O_EXCL, holding ``pid host``)
-    refuses a second run into the same place; a lock whose process is dead is taken over. On any failure or
-    Ctrl-C the temporary output and the lock are removed and the old output is left as it was.
-    """
-
-    def __init__(self, out: str, *, folder: bool, force: bool) -> None:
-        try:
-            os.fsencode(out)  # a name the file system cannot store (a lone surrogate, a NUL byte) fails here
-            if "\0" in out:
-                raise ValueError("embedded null byte")
-            self.shown = Path(out).expanduser()  # as the user spelled it: for messages and "wrote" lines
-            self.target = Path(os.path.abspath(self.shown))
-            if self.target.parent.exists():  # follow a symlinked parent, so renames stay in one folder
-                self.target = self.target.parent.resolve() / self.target.name
-            if self.target.is_symlink():  # replace what the link points to, keep the link
-                self.target = self.target.resolve()
-        except (OSError, ValueError, RuntimeError) as e:
-            raise InputError(
-                f"--out {out!r} is not a usable path ({_one_line(e)}); choose another --out"
-            ) from e
-        self.folder, self.force = folder, force
-        self.parent = self.target.parent
-        self.lock = _lock_path(self.target)
-        self.path: Path | None = None  # the temporary folder or file to write into
-        self.committed = False
-        self._locked = False
-
-    # -- before the model loads
-
-    def check(self) -> None:
-        """Every check that needs no model: a real write probe, what exists, the cwd. Writes nothing."""
-        t, shown = self.target, self.shown
-        if self.folder:
-            if t.exists() and not t.is_dir():
-                raise InputError(f"--out {shown} is a file; pass a folder (it is created if missing)")
-            cwd = Path.cwd().resolve()
-            if t == cwd or t in cwd.parents:
-                raise InputError(
-                    f"--out {shown} is the current folder or holds it, and a command replaces its whole --out "
-                    "folder; pass a new folder name such as run1"
-                )
-        elif t.is_dir():
-            raise InputError(f"--out {shown} is a folder; pass a file name ending in .gif or .mp4")
-        probe = self.parent
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        where = shown if self.folder else shown.parent
-        if not probe.is_dir():
-            raise InputError(
-                f"cannot write into {where}: {probe} is a file, not a folder; choose another --out"
-            )
-        try:
-            name_max = os.pathconf(probe, "PC_NAME_MAX")
-        except (OSError, ValueError):
-            name_max = 255
-        for part in t.relative_to(probe).parts:
-            if len(os.fsencode(part)) > name_max:
-                raise InputError(
-                    f"--out {shown}: the name {part[:24]}... is longer than this file system allows "
-                    f"({name_max} bytes); choose a shorter --out"
-                )
-        try:  # a real probe: os.access says yes to root everywhere, even on /proc or a read-only mount
-            fd, name = tempfile.mkstemp(dir=probe, prefix=".sdexplore-probe-")
-            os.close(fd)
-            os.unlink(name)
-        except OSError as e:
-            raise InputError(
-                f"cannot write into {where}: {e.strerror or _one_line(e)} ({probe}); choose another --out"
-            ) from e
-        self._check_existing()
-
-    def _check_existing(self) -> None:
-        t, shown = self.target, self.shown
-        if not t.exists():
-            return
-        if not self.folder:
-            if not self.force:
-                raise InputError(
-                    f"{shown} already exists; pass --force to replace it, or choose another --out"
-                )
-            return
-        try:
-            entries = sorted(os.listdir(t))
-        except OSError as e:
-            raise InputError(f"cannot read --out {shown}: {e.strerror}; choose another --out") from e
-        if not entries:
-            return  # an empty folder is simply filled
-        foreign = [e for e in entries if not (_OUR_FILES.fullmatch(e) and (t / e).is_file())]
-        if foreign:
-            raise InputError(
-                f"{shown} holds files sdexplore did not write (e.g. {foreign[0]}), and a command replaces its "
-                "whole --out folder; choose a new --out folder"
-            )
-        if not self.force:
-            more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
-            raise InputError(
-                f"{shown} already exists ({entries[0]}{more}); pass --force to replace it, or choose another --out"
-            )
-
-    def acquire(self) -> None:
-        """Create the parent folder, take the lock, clear a dead run's leftovers, make the temporary output."""
-        try:
-            self.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"cannot create {self.parent}: {e.strerror}; choose another --out") from e
-        self._take_lock()
-        try:
-            self._clear_leftovers()
-            self._check_existing()  # again, under the lock
-            prefix = _side_name(self.target, "tmp-")
-            if self.folder:
-                self.path = Path(tempfile.mkdtemp(dir=self.parent, prefix=prefix))
-            else:
-                fd, name = tempfile.mkstemp(dir=self.parent, prefix=prefix, suffix=self.target.suffix)
-                os.close(fd)
-                self.path = Path(name)
-            _ordinary_mode(self.path, self.folder)
-        except BaseException:
-            self.close()
-            raise
-
-    def _take_lock(self) -> None:
-        me = f"{os.getpid()} {socket.gethostname()}\n"
-        for _ in range(3):
-            try:
-                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if not self._lock_is_stale():
-                    break
-                continue  # taken over: try again
-            except OSError as e:
-                raise InputError(
-                    f"cannot write into {self.shown.parent}: {e.strerror} ({self.lock}); choose another --out"
-                ) from e
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self._locked = True
-            return
-        owner = self._read_lock() or "?"
-        raise OutputBusyError(
-            f"another sdexplore run (pid {owner.split()[0]}) is writing {self.shown}; wait for it to end or choose "
-            f"another --out (if no run is going on, delete {self.lock})"
-        )
-
-    def _read_lock(self, path: Path | None = None) -> str | None:
-        try:
-            return (path or self.lock).read_text()
-        except (OSError, UnicodeDecodeError):
-            return None
-
-    def _lock_is_stale(self) -> bool:
-        """True when the lock was left by a dead run and has been moved away by this call (taken over)."""
-        text = self._read_lock()
-        if text is None:
-            return False
-        parts = text.split()
-        if len(parts) == 2 and parts[0].isdigit():
-            if parts[1] != socket.gethostname() or _pid_alive(int(parts[0])):
-                return False  # a live run, or one on another machine sharing this folder: never taken over
-        else:  # empty or garbled: a run that has just created it, unless it is old
-            try:
-                if time.time() - self.lock.stat().st_mtime < _STALE_LOCK_AGE_S:
-                    return False
-            except OSError:
-                return False
-        # Move it aside, then make sure what was moved is the dead lock read above, not a new run's lock.
-        aside = self.parent / _side_name(self.target, f"deadlock-{secrets.token_hex(4)}")
-        try:
-            os.rename(self.lock, aside)
-        except OSError:
-            return False
-        if self._read_lock(aside) != text:  # another run took it over first: put its lock back
-            with contextlib.suppress(OSError):
-                os.link(aside, self.lock)
-            with contextlib.suppress(OSError):
-                os.unlink(aside)
-            return False
-        with contextlib.suppress(OSError):
-            os.unlink(aside)
-        return True
-
-    def _clear_leftovers(self) -> None:
-        """Remove what a killed run (kill -9, power loss) left beside this output; only the lock holder does."""
-        pattern = re.compile(
-            re.escape(_side_name(self.target, ""))
-            + r"(tmp|old)-[A-Za-z0-9_]{8}"
-            + re.escape(self.target.suffix)
-            if not self.folder
-            else re.escape(_side_name(self.target, "")) + r"(tmp|old)-[A-Za-z0-9_]{8}"
-        )
-        for name in os.listdir(self.parent):
-            m = pattern.fullmatch(name)
-            if m is None:
-                continue
-            left = self.parent / name
-            if m.group(1) == "old" and not self.target.exists():  # killed between the two renames
-                os.rename(left, self.target)
-                _note(f"restored {self.shown} from an interrupted earlier run")
-            else:
-                _remove(left)
-
-    # -- after the work
-
-    def commit(self) -> None:
-        """Rename the finished output into place (replacing the old one with --force); Ctrl-C waits till done."""
-        assert self.path is not None and not self.committed
-        with _interrupts_deferred():
-            t = self.target
-            if not self.folder:
-                if t.exists() and not self.force:
-                    raise InputError(
-                        f"{self.shown} appeared while this run was writing; nothing was replaced"
-                    )
-                os.replace(self.path, t)
-            elif t.exists() and os.listdir(t):
-                if not self.force:
-                    raise InputError(
-                        f"{self.shown} appeared while this run was writing; nothing was replaced"
-                    )
-                old = self.parent / (_side_name(t, "old-") + secrets.token_hex(4))
-                os.rename(t, old)
-                try:
-                    os.rename(self.path, t)
-                except BaseException:
-                    os.rename(old, t)
-                    raise
-                _remove(old)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    t.rmdir()  # empty
-                os.rename(self.path, t)
-            self.committed = True
-            self.path = None
-
-    def close(self) -> None:
-        """Remove the temporary output (if not committed) and release the lock."""
-        try:
-            if self.path is not None:
-                _remove(self.path)
-                self.path = None
-        finally:
-            if self._locked:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.lock)
-                self._locked = False
-
-    def __enter__(self) -> _Output:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back until the block ends (a rename pair must not be cut in half); main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
-
-
-# ---------------------------------------------------------------- loading
-
-
 @contextlib.contextmanager
 def _quiet_libraries(debug: bool) -> Iterator[None]:
     """Hide diffusers' and transformers' informational chatter (not our own notes) unless --debug."""
@@ -895,10 +558,6 @@ def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = N
         )
     except InvalidArgumentError as e:  # a scheduler that a hub model, checked once loaded, cannot use
         raise InputError(_one_line(e)) from e
-
-
-def _note(message: str) -> None:
-    print(f"{PROG}: note: {message}", file=sys.stderr)
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -1286,13 +945,6 @@ def _cmd_walk(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, KeyError) and text.startswith("'") and text.endswith("'"):
-        text = text[1:-1]
-    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:

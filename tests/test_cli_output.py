@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sdexplore.cli as cli
+import sdexplore.cli_output as cli_output
 from sdexplore.cli import main
 from sdexplore.trace import Trace
 
@@ -91,7 +92,7 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(capsys
 
 def test_a_live_lock_refuses_and_a_dead_runs_lock_is_taken_over(capsys, tmp_path, no_model):
     out = tmp_path / "run"
-    lock = cli._lock_path(out)
+    lock = cli_output._lock_path(out)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock.write_text(f"{sleeper.pid} {os.uname().nodename}\n")
@@ -103,7 +104,7 @@ def test_a_live_lock_refuses_and_a_dead_runs_lock_is_taken_over(capsys, tmp_path
         sleeper.kill()
         sleeper.wait()
     # the sleeper is dead now: its lock is stale, and so are the leftovers of a run killed mid-write
-    leftover = tmp_path / (cli._side_name(out, "tmp-") + "abcd1234")
+    leftover = tmp_path / (cli_output._side_name(out, "tmp-") + "abcd1234")
     leftover.mkdir()
     (leftover / "image.png").write_bytes(b"half")
     rc, _, _ = run(capsys, "steps", "a red circle", "--out", out)

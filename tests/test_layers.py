@@ -18,7 +18,7 @@ EXPORT = {"export"}  # frames → GIF/MP4/PNG files: imports only the leaves
 RESULTS = {"results"} | EXPORT | PURE_MATH | LEAVES
 FAMILIES = {"families", "tokenizer", "data"} | RESULTS
 RECORD = {"record", "decoding", "fixtures"} | FAMILIES
-VIEWS = {"widgets", "plots", "cli", "render", "tour"}
+VIEWS = {"widgets", "plots", "cli", "cli_output", "render", "tour"}
 
 
 def _sdexplore_imports(source: str, package: tuple[str, ...]) -> set[str]:
