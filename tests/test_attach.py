@@ -284,3 +284,26 @@ def test_bad_observe_options_are_the_librarys_own_error_before_any_change(sd1_pi
     with pytest.raises(InvalidArgumentError):
         sdx.observe(sd1_pipe, **kwargs)
     _assert_restored(sd1_pipe, before)
+
+
+def test_attention_batches_of_any_size_give_the_same_maps(monkeypatch, sd1_pipe) -> None:
+    """Probabilities computed per layer call (queue of 1 byte), per step (1-step batches) or per run: same maps."""
+    from sdexplore.record import attention as rec
+
+    def record():
+        with sdx.observe(sd1_pipe, steps=False, attention={"per_head": True, "keep_probs": True}) as obs:
+            sd1_pipe(P, generator=gen(0), **RUN)
+        return obs.attention
+
+    whole = record()
+    monkeypatch.setattr(rec, "PROBS_BYTES_CPU", 1)  # one step per batch
+    per_step = record()
+    monkeypatch.setattr(rec, "QUEUE_BYTES", 1)  # flushed at every layer call, mid-step
+    per_call = record()
+    for other in (per_step, per_call):
+        assert torch.allclose(other.aggregate, whole.aggregate, atol=1e-6)
+        assert torch.allclose(other.steps, whole.steps, atol=1e-6)
+        assert other.layer_names == whole.layer_names
+        for name in whole.layer_names:
+            assert torch.allclose(other.layer_heads[name], whole.layer_heads[name], atol=1e-6)
+            assert torch.allclose(other.probs[name].float(), whole.probs[name].float(), atol=1e-6)

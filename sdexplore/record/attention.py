@@ -24,12 +24,13 @@ from .tokens import TokenList, tokenize_prompt, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
 #: Queries waiting for their probabilities are turned into maps once this many bytes of them wait (and at the
-#: end of the run): many steps in one batch where they are small, about a step at a time at SD 1.5's 64×64.
-QUEUE_BYTES = 16 << 20
+#: end of the run): many steps in one batch where they are small, a few layers at a time at SD 1.5's 64×64
+#: (bounded so that queue + probabilities + sums stay well under 100 MiB of accelerator memory at SD 1.5 512²).
+QUEUE_BYTES = 8 << 20
 #: The largest probability tensor one batch computes at once (bytes, float32): large on an accelerator (fewer
 #: kernels), cache-sized on a CPU (measured on the tiny fixture: 1 MiB batches flush a run in 5.2 ms, 64 MiB
 #: ones in 11.7 ms).
-PROBS_BYTES = 64 << 20
+PROBS_BYTES = 32 << 20
 PROBS_BYTES_CPU = 1 << 20
 # the attributes that hold one run's state (set aside when a run ends, built into maps when first read)
 _RUN_STATE = (
