@@ -57,3 +57,15 @@ def test_plot_words_row_and_step_grid(recorded):
     assert len(grid.axes) == 4 * 2  # 4 steps (all of them) × 2 words
     assert not np.allclose(_heat_layer(grid.axes[0]), _heat_layer(grid.axes[-2]))  # step 0 vs last, "red"
     grid.savefig("/tmp/sdexplore_attention_grid.png")
+
+
+def test_plot_words_refuses_a_picture_given_as_the_words(recorded):
+    from PIL import Image
+
+    from sdexplore.errors import InvalidArgumentError
+
+    maps, image = recorded
+    with pytest.raises(InvalidArgumentError, match="image="):
+        plot_words(maps, Image.fromarray(np.asarray(image)))
+    fig = plot_words(maps, "circle")  # one word as a plain string
+    assert len(fig.axes) == 1

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from ..heatmaps import Normalization
 from ..heatmaps import normalize as norm
 from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, spread
@@ -96,6 +97,13 @@ def plot_words(
     """A row: the image (if given), then each word's heat map over it. Default words: every word of the prompt."""
     import matplotlib.pyplot as plt
 
+    if isinstance(words, str):
+        words = [words]
+    if words is not None and (not isinstance(words, Sequence) or not all(isinstance(w, str) for w in words)):
+        raise InvalidArgumentError(
+            f"plot_words(maps, words, image=...) takes the words as a list of strings, got {type(words).__name__}; "
+            "pass the picture as image=."
+        )
     words = list(words) if words is not None else _default_words(maps, index)
     lead = 1 if image is not None else 0
     aspect = maps.image_size[0] / maps.image_size[1]  # rows / columns of a cell
