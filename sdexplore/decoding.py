@@ -24,10 +24,15 @@ def latent_preview(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
 def decode_with(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     """Decode sampling-space latents (B, C, h, w) with an ``AutoencoderKL`` or ``AutoencoderTiny``.
 
-    Divides by ``vae.config.scaling_factor`` exactly as the pipelines do; returns (B, H, W, 3) uint8.
-    Decoding never draws random numbers (the decoder is deterministic), so the run's result is unchanged.
+    Undoes the pipeline's latent scaling exactly as the pipelines do: ``z = latents / scaling_factor``, plus
+    ``shift_factor`` where the VAE has one (SD3: sampling-space latents are ``(z − shift) · scale``); returns
+    (B, H, W, 3) uint8. Decoding never draws random numbers (the decoder is deterministic), so the run's result is
+    unchanged.
     """
     param = next(vae.parameters())
     z = latents.to(device=param.device, dtype=param.dtype) / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # None or 0.0 for the SD 1.x/2.x/XL VAEs and TAESD
+        z = z + shift
     out = vae.decode(z, return_dict=False)[0]  # (B, 3, H, W) in [-1, 1]
     return to_uint8(out.permute(0, 2, 3, 1))  # (B, H, W, 3)

@@ -1,4 +1,4 @@
-"""Model families (SD 1.x, SD 2.x, SDXL): everything model-specific lives here, one record per family."""
+"""Model families (SD 1.x, SD 2.x, SDXL, SD3): everything model-specific lives here, one record per family."""
 
 from __future__ import annotations
 
@@ -24,17 +24,21 @@ class DenoiserArgs:
     sample: tuple[str, int] = ("sample", 0)
     timestep: tuple[str, int] = ("timestep", 1)
     text: tuple[str, int] = ("encoder_hidden_states", 2)
-    pooled: tuple[str, str] | None = (
-        None  # (keyword holding a dict, key): SDXL's ("added_cond_kwargs", "text_embeds")
-    )
+    # The pooled text embedding, either (keyword holding a dict, key) — SDXL's ("added_cond_kwargs",
+    # "text_embeds") — or an argument of its own, (keyword, position) — SD3's ("pooled_projections", 2).
+    pooled: tuple[str, str] | tuple[str, int] | None = None
+
+    def _pooled_in_dict(self) -> bool:
+        return self.pooled is not None and isinstance(self.pooled[1], str)
 
     def get(self, which: str, args: tuple, kwargs: dict) -> Any:
         """The value of input ``which`` ("sample", "timestep", "text", "pooled") in a forward call, or None."""
         if which == "pooled":
             if self.pooled is None:
                 return None
-            holder = kwargs.get(self.pooled[0])
-            return None if not holder else holder.get(self.pooled[1])
+            if self._pooled_in_dict():
+                holder = kwargs.get(self.pooled[0])
+                return None if not holder else holder.get(self.pooled[1])
         name, pos = getattr(self, which)
         if name in kwargs:
             return kwargs[name]
@@ -45,8 +49,9 @@ class DenoiserArgs:
         kwargs = dict(kwargs)
         if which == "pooled":
             assert self.pooled is not None
-            kwargs[self.pooled[0]] = {**kwargs[self.pooled[0]], self.pooled[1]: value}
-            return args, kwargs
+            if self._pooled_in_dict():
+                kwargs[self.pooled[0]] = {**kwargs[self.pooled[0]], self.pooled[1]: value}
+                return args, kwargs
         name, pos = getattr(self, which)
         if name in kwargs or len(args) <= pos:
             kwargs[name] = value
@@ -72,7 +77,7 @@ class Family:
     walks and widgets read only these fields and methods.
     """
 
-    name: str  # short id: "sd1", "sd2", "sdxl"
+    name: str  # short id: "sd1", "sd2", "sdxl", "sd3"
     label: str  # human name for tables and plots
     pipeline_classes: tuple[str, ...]  # diffusers pipeline class names this family covers
     text_encoders: tuple[str, ...]  # pipeline attribute names of the text encoders, in concat order
@@ -86,6 +91,15 @@ class Family:
     cfg_uncond_first: bool = True  # in the CFG batch the unconditional half comes first
     denoiser: str = "unet"  # pipeline attribute of the denoising network the attachment hooks
     denoiser_args: DenoiserArgs = DenoiserArgs()  # where its forward finds sample, timestep and text
+    optional_text_encoders: tuple[str, ...] = ()  # encoders a pipeline may leave out (SD3's T5: None)
+    prompt_arguments: tuple[str, ...] = ()  # further prompts encode_prompt requires (SD3: prompt_2, prompt_3)
+    encode_options: tuple[
+        str, ...
+    ] = ()  # call arguments that shape encode_prompt's output (max_sequence_length)
+
+    def present_tokenizers(self, pipe: Any) -> list[tuple[str, Any]]:
+        """``(attribute, tokenizer)`` of each tokenizer the pipeline has, in order (SD3 may lack T5's)."""
+        return [(n, t) for n in self.tokenizers if (t := getattr(pipe, n, None)) is not None]
 
     def get_denoiser(self, pipe: Any) -> torch.nn.Module:
         """The pipeline's denoising network (``pipe.unet`` for the UNet families)."""
@@ -134,8 +148,16 @@ class Family:
         do_classifier_free_guidance: bool = True,
         negative_prompt: Any = None,
         clip_skip: int | None = None,
+        **options: Any,
     ) -> TextEncoding:
-        """Call the pipeline's own ``encode_prompt`` and name what it returns (its tuple differs per family)."""
+        """Call the pipeline's own ``encode_prompt`` and name what it returns (its tuple differs per family).
+
+        ``options`` are passed on where the family lists them in :attr:`encode_options` (SD3's
+        ``max_sequence_length``: the T5 length of the embedding) and dropped otherwise; the family's further
+        prompts (SD3's ``prompt_2``, ``prompt_3``) are None, i.e. the same prompt for every text encoder.
+        """
+        extra: dict[str, Any] = {k: None for k in self.prompt_arguments}
+        extra.update({k: v for k, v in options.items() if k in self.encode_options and v is not None})
         out = pipe.encode_prompt(
             prompt=prompt,
             device=device,
@@ -143,8 +165,11 @@ class Family:
             do_classifier_free_guidance=do_classifier_free_guidance,
             negative_prompt=negative_prompt,
             clip_skip=clip_skip,
+            **extra,
         )
-        if self.pooled_text_embeds:  # (embeds, negative, pooled, negative pooled)
+        # SDXL and SD3 both return (embeds, negative, pooled, negative pooled); SD3's embeds are the CLIP-L ‖
+        # CLIP-G hidden states (zero-padded to T5's width) followed by T5's along the token axis.
+        if self.pooled_text_embeds:
             return TextEncoding(out[0], out[1], out[2], out[3])
         return TextEncoding(out[0], out[1])
 
@@ -188,8 +213,61 @@ SDXL = Family(
     denoiser_args=DenoiserArgs(pooled=("added_cond_kwargs", "text_embeds")),
 )
 
+# SD3's 16-channel VAE, from ComfyUI's comfy/latent_formats.py, class SD3 (latent_rgb_factors and
+# latent_rgb_factors_bias). Which latents they expect: ComfyUI samples in "model space", process_in(z) =
+# (z − shift_factor) · scale_factor (comfy/samplers.py `sample`: latent_image = model.process_latent_in(...)), and
+# its Latent2RGBPreviewer (latent_preview.py) applies the factors to the sampler's denoised x0 in that space, before
+# process_out. That is exactly diffusers' SD3 latents = (z − 0.0609) · 1.5305, so the factors apply to the
+# sampling-space latents as they are, like every other family's (the factors and bias were fitted there). Only a
+# VAE decode needs z = latents / scale + shift (decoding.decode_with).
+_SD3_FACTORS = (
+    (-0.0922, -0.0175, 0.0749),
+    (0.0311, 0.0633, 0.0954),
+    (0.1994, 0.0927, 0.0458),
+    (0.0856, 0.0339, 0.0902),
+    (0.0587, 0.0272, -0.0496),
+    (-0.0006, 0.1104, 0.0309),
+    (0.0978, 0.0306, 0.0427),
+    (-0.0042, 0.1038, 0.1358),
+    (-0.0194, 0.0020, 0.0669),
+    (-0.0488, 0.0130, -0.0268),
+    (0.0922, 0.0988, 0.0951),
+    (-0.0278, 0.0524, -0.0542),
+    (0.0332, 0.0456, 0.0895),
+    (-0.0069, -0.0030, -0.0810),
+    (-0.0596, -0.0465, -0.0293),
+    (-0.1448, -0.1463, -0.1189),
+)
+
+SD3 = Family(
+    name="sd3",
+    label="Stable Diffusion 3 / 3.5",
+    pipeline_classes=(
+        "StableDiffusion3Pipeline",
+        "StableDiffusion3Img2ImgPipeline",
+        "StableDiffusion3InpaintPipeline",
+    ),
+    text_encoders=("text_encoder", "text_encoder_2", "text_encoder_3"),  # CLIP-L, CLIP-G, T5-XXL
+    tokenizers=("tokenizer", "tokenizer_2", "tokenizer_3"),
+    latent_channels=16,
+    latent_rgb_factors=_SD3_FACTORS,
+    latent_rgb_bias=(0.2394, 0.2135, 0.1925),
+    pooled_text_embeds=True,  # CLIP-L ‖ CLIP-G pooled → the transformer's pooled_projections
+    denoiser="transformer",  # SD3Transformer2DModel (MMDiT)
+    # SD3Transformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, ...)
+    denoiser_args=DenoiserArgs(
+        sample=("hidden_states", 0),
+        timestep=("timestep", 3),
+        text=("encoder_hidden_states", 1),
+        pooled=("pooled_projections", 2),
+    ),
+    optional_text_encoders=("text_encoder_3",),
+    prompt_arguments=("prompt_2", "prompt_3"),
+    encode_options=("max_sequence_length",),
+)
+
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 
@@ -204,6 +282,8 @@ def detect_family(pipe: Any) -> Family:
     cls = type(pipe).__name__
     if cls in SDXL.pipeline_classes:
         return SDXL
+    if cls in SD3.pipeline_classes:
+        return SD3
     if cls in SD1.pipeline_classes:
         tok = getattr(pipe, "tokenizer", None)
         te = getattr(pipe, "text_encoder", None)
@@ -213,7 +293,8 @@ def detect_family(pipe: Any) -> Family:
         return SD1
     raise UnsupportedPipelineError(
         f"sdexplore does not support {cls}. Supported pipeline classes: {_SUPPORTED}. "
-        "Load one with sdexplore.load_pipeline(...) or diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline."
+        "Load one with sdexplore.load_pipeline(...) or diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline "
+        "/ StableDiffusion3Pipeline."
     )
 
 
@@ -245,5 +326,5 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_scale_factor(pipe: Any) -> int:
-    """Pixels per latent cell along each side (8 for every SD family)."""
+    """Pixels per latent cell along each side (8 for every SD family, SD3 included)."""
     return int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))

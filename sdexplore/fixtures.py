@@ -1,7 +1,8 @@
-"""Tiny random-weight SD 1.x / SD 2.x / SDXL pipelines built in code: offline structure tests and demos.
+"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 pipelines built in code: offline structure tests and demos.
 
-They have the real architecture classes and the real CLIP tokenizer but random weights, so they draw
-noise: use them for structure (shapes, hooks, restore guarantees), never for meaning.
+They have the real architecture classes and the real CLIP tokenizer (SD3: plus a small offline T5 tokenizer)
+but random weights, so they draw noise: use them for structure (shapes, hooks, restore guarantees), never for
+meaning.
 """
 
 from __future__ import annotations
@@ -13,16 +14,29 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
-from .tokenizer import clip_tokenizer
+from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3"]
+#: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+#: The MMDiT fixture families (flow matching): steps and steering work; attention maps not yet.
+MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3",)
 
 _TEXT_HIDDEN = 32
 
@@ -107,25 +121,132 @@ def _scheduler(prediction_type: str) -> DDIMScheduler:
     )
 
 
-@lru_cache(maxsize=3)
+# ---- SD3: MMDiT transformer, 16-channel VAE with a shift, CLIP-L + CLIP-G + T5, flow matching ------------------
+_T5_WIDTH = 2 * _TEXT_HIDDEN  # SD3 zero-pads the CLIP-L ‖ CLIP-G hidden states (2 × 32) up to the T5 width
+
+
+def _sd3_vae() -> AutoencoderKL:
+    # SD3's VAE: 16 latent channels, no quant convs, and a shift: latents = (z − shift_factor) · scaling_factor
+    # (the real values; random weights). Four blocks → 8× downsampling: 64×64×3 pixels ↔ 8×8×16 latents.
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _sd3_transformer() -> SD3Transformer2DModel:
+    # 2×2 patches like SD3: an 8×8 latent is 16 image tokens; 2 joint blocks of 4 heads × 8 = 32 channels.
+    return SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_WIDTH,
+        caption_projection_dim=32,  # = heads × head dim (the context stream has the image stream's width)
+        pooled_projection_dim=2 * _TEXT_HIDDEN,  # CLIP-L ‖ CLIP-G pooled
+        pos_embed_max_size=16,  # up to 256×256 pixels
+    )
+
+
+def _t5() -> T5EncoderModel:
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer()),
+            d_model=_T5_WIDTH,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="relu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
+def _sd3_parts() -> dict[str, torch.nn.Module]:
+    return {
+        "transformer": _sd3_transformer(),
+        "vae": _sd3_vae(),
+        "text_encoder": CLIPTextModelWithProjection(_text_config(projection_dim=_TEXT_HIDDEN)),
+        "text_encoder_2": CLIPTextModelWithProjection(_text_config(projection_dim=_TEXT_HIDDEN)),
+        "text_encoder_3": _t5(),
+    }
+
+
+@lru_cache(maxsize=4)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    parts: dict[str, torch.nn.Module] = {"unet": _unet(family), "vae": _vae()}
-    parts["text_encoder"] = CLIPTextModel(_text_config())
-    if family == "sdxl":
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(projection_dim=_TEXT_HIDDEN))
+    if family == "sd3":
+        parts = _sd3_parts()
+    else:
+        parts = {"unet": _unet(family), "vae": _vae()}
+        parts["text_encoder"] = CLIPTextModel(_text_config())
+        if family == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(projection_dim=_TEXT_HIDDEN))
     return {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in parts.items()}
 
 
-def tiny_pipeline(family: FixtureFamily = "sd1", *, prediction_type: str | None = None) -> Any:
-    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2" or "sdxl").
+def _tiny_sd3(t5: bool) -> Any:
+    state = _state("sd3")
+    parts = _sd3_parts() if t5 else {k: m for k, m in _sd3_parts().items() if k != "text_encoder_3"}
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=parts["transformer"],
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),  # SD3's scheduler and shift
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=_tokenizer("<|endoftext|>"),  # CLIP-L pads with its end token, CLIP-G with "!" (as SD3's)
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer_2=_tokenizer("!"),
+        text_encoder_3=parts.get("text_encoder_3"),
+        tokenizer_3=t5_tokenizer() if t5 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
-    Every call returns a new, independent pipeline with the same weights (fp32, CPU, DDIM scheduler).
-    ``sd2`` defaults to v-prediction like SD 2.x 768 models; the others to epsilon. 64×64 pixels → 8×8 latents.
+
+def tiny_pipeline(
+    family: FixtureFamily = "sd1", *, prediction_type: str | None = None, t5: bool = True
+) -> Any:
+    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2", "sdxl" or "sd3").
+
+    Every call returns a new, independent pipeline with the same weights (fp32, CPU). The UNet families use
+    DDIM: ``sd2`` defaults to v-prediction like SD 2.x 768 models; the others to epsilon. ``sd3`` is a
+    ``StableDiffusion3Pipeline`` (MMDiT transformer, 16-channel VAE with SD3's scaling and shift factors,
+    CLIP-L + CLIP-G + T5 with an offline T5 tokenizer, ``FlowMatchEulerDiscreteScheduler`` with shift 3);
+    ``t5=False`` builds it with ``text_encoder_3=None, tokenizer_3=None`` (SD3 then uses zeros in T5's place).
+    64×64 pixels → 8×8 latents.
     """
-    if family not in FIXTURE_FAMILIES:
-        raise ValueError(f"Unknown fixture family {family!r}; choose one of {FIXTURE_FAMILIES}.")
+    if family not in FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES:
+        raise ValueError(
+            f"Unknown fixture family {family!r}; choose one of {FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES}."
+        )
+    if family == "sd3":
+        if prediction_type is not None:
+            raise ValueError("The sd3 fixture is a flow-matching model: it takes no prediction_type.")
+        return _tiny_sd3(t5)
+    if not t5:
+        raise ValueError(f"t5=False applies to the sd3 fixture only; {family!r} has no T5 encoder.")
     pred = prediction_type or ("v_prediction" if family == "sd2" else "epsilon")
     state = _state(family)
     unet = _unet(family)

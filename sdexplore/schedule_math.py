@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: diffusers' name for what a flow-matching model predicts: the velocity v = ε − x0.
+FLOW_PREDICTION = "flow_prediction"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", FLOW_PREDICTION)
 
 
 @dataclass(frozen=True)
@@ -17,11 +19,20 @@ class NoiseLevel:
 
     ``alpha_bar`` is the variance-preserving signal fraction (DDPM's ᾱ_t); ``sigma`` the
     variance-exploding noise scale (Karras et al. 2022): ``sigma² = (1 − ᾱ) / ᾱ``.
+
+    **Flow matching** (SD3, Flux; Lipman et al. 2023, Esser et al. 2024) noises as ``x_t = (1 − s) x0 + s ε`` with
+    the scheduler's own ``s`` in [0, 1] (after shifting; timesteps are ``s · 1000``), kept in ``flow_sigma``.
+    The same noise level in the conventions above: ``x_t / (1 − s) = x0 + s / (1 − s) · ε``, so
+    ``sigma = s / (1 − s)`` (``inf`` at ``s = 1``, the first step, as in a zero-terminal-SNR schedule) and
+    ``alpha_bar = (1 − s)² / ((1 − s)² + s²)``, the VP signal fraction with the same signal-to-noise ratio
+    ``(1 − s)² / s²``. So ``sigma² = (1 − ᾱ) / ᾱ`` holds for every family and a flow model's steps plot on the
+    same σ and ᾱ axes as a DDPM model's.
     """
 
-    alpha_bar: float  # ᾱ_t in (0, 1]
-    sigma: float  # sqrt((1 − ᾱ_t) / ᾱ_t), ≥ 0
-    source: str  # "alphas_cumprod" (DDIM/DDPM/PNDM...) or "sigmas" (Euler, Heun, LMS, DPM-Solver, UniPC...)
+    alpha_bar: float  # ᾱ_t in [0, 1]
+    sigma: float  # sqrt((1 − ᾱ_t) / ᾱ_t), ≥ 0 (inf at ᾱ = 0)
+    source: str  # "alphas_cumprod" (DDIM/DDPM/PNDM...), "sigmas" (Euler, Heun, DPM-Solver...) or "flow"
+    flow_sigma: float | None = None  # flow matching only: the scheduler's s (x_t = (1 − s) x0 + s ε)
 
 
 def sigma_from_alpha_bar(alpha_bar: float) -> float:
@@ -35,6 +46,38 @@ def sigma_from_alpha_bar(alpha_bar: float) -> float:
 def alpha_bar_from_sigma(sigma: float) -> float:
     """VP signal fraction from the VE noise scale: ᾱ = 1 / (1 + σ²) (0 for σ = inf)."""
     return 0.0 if math.isinf(sigma) else 1.0 / (1.0 + sigma * sigma)
+
+
+def flow_level(flow_sigma: float) -> NoiseLevel:
+    """The :class:`NoiseLevel` of a flow-matching evaluation at the scheduler's ``s`` (see NoiseLevel)."""
+    s = float(flow_sigma)
+    if not 0.0 <= s <= 1.0:
+        raise ValueError(f"A flow-matching sigma must be in [0, 1], got {s}.")
+    signal, noise = (1.0 - s) ** 2, s * s
+    alpha_bar = 1.0 if s == 0.0 else signal / (signal + noise)
+    sigma = math.inf if s == 1.0 else s / (1.0 - s)
+    return NoiseLevel(alpha_bar, sigma, "flow", s)
+
+
+def x0_from_flow(model_output: torch.Tensor, sample: torch.Tensor, flow_sigma: float) -> torch.Tensor:
+    """Predicted clean latent of a flow-matching model (rectified flow, Liu et al. 2022; Esser et al. 2024).
+
+    With ``x_t = (1 − s) x0 + s ε`` and the model predicting the velocity ``v = ε − x0``,
+    ``x_t − s · v = (1 − s) x0 + s ε − s ε + s x0 = x0``. ``sample`` is the model's input ``x_t`` (flow
+    schedulers feed the latents unscaled), ``flow_sigma`` the scheduler's ``s`` of that evaluation.
+    """
+    return sample - flow_sigma * model_output
+
+
+def is_flow_matching(scheduler: Any) -> bool:
+    """True for flow-matching schedulers: diffusers' ``FlowMatch*`` classes, and multistep solvers configured
+    for flow (DPM-Solver, UniPC with ``use_flow_sigmas=True`` or ``prediction_type="flow_prediction"``)."""
+    config = getattr(scheduler, "config", None)
+    return (
+        type(scheduler).__name__.startswith("FlowMatch")
+        or bool(getattr(config, "use_flow_sigmas", False))
+        or getattr(config, "prediction_type", None) == FLOW_PREDICTION
+    )
 
 
 def x0_from_prediction(
@@ -55,6 +98,11 @@ def x0_from_prediction(
     """
     if prediction_type == "sample":
         return model_output
+    if prediction_type == FLOW_PREDICTION:
+        raise ValueError(
+            "A flow-matching prediction needs the scheduler's flow sigma, not alpha_bar: use x0_from_flow(model_output, "
+            "sample, flow_sigma)."
+        )
     if not 0.0 <= alpha_bar <= 1.0:
         raise ValueError(f"alpha_bar must be in [0, 1], got {alpha_bar}.")
     if alpha_bar == 0.0 and prediction_type == "epsilon":
@@ -82,7 +130,13 @@ def noise_level(scheduler: Any, timestep: Any, step_index: int | None = None) ->
 
     For sigma-based schedulers pass the step index that evaluation used (read ``scheduler.step_index``
     before ``step``, or ``step_index - 1`` after it); ᾱ-indexed schedulers use ``alphas_cumprod[timestep]``.
+    Flow-matching schedulers give a ``"flow"`` level (see :class:`NoiseLevel`); without a step index their
+    ``s`` is ``timestep / num_train_timesteps``.
     """
+    if is_flow_matching(scheduler):
+        if step_index is not None:
+            return flow_level(float(scheduler.sigmas[step_index]))
+        return flow_level(float(timestep) / float(scheduler.config.num_train_timesteps))
     if uses_sigmas(scheduler) and step_index is not None:
         sigma = float(scheduler.sigmas[step_index])
         return NoiseLevel(alpha_bar_from_sigma(sigma), sigma, "sigmas")
@@ -99,7 +153,10 @@ def noise_level(scheduler: Any, timestep: Any, step_index: int | None = None) ->
 
 
 def prediction_type(scheduler: Any) -> str:
-    """The scheduler's configured prediction type ("epsilon", "v_prediction" or "sample")."""
+    """The scheduler's configured prediction type ("epsilon", "v_prediction" or "sample"), or
+    ``"flow_prediction"`` for a flow-matching scheduler (whose ``FlowMatch*`` configs name none)."""
+    if is_flow_matching(scheduler):
+        return FLOW_PREDICTION
     return str(getattr(scheduler.config, "prediction_type", "epsilon"))
 
 

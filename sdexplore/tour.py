@@ -1,4 +1,5 @@
-"""The component tour of a pipeline, as data and as a readable table (tokenizer, encoders, UNet, VAE, scheduler)."""
+"""The component tour of a pipeline, as data and as a readable table (tokenizers, encoders, UNet or transformer,
+VAE, scheduler)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,17 @@ from typing import Any
 import torch
 
 from .families import detect_family, vae_scale_factor
+from .schedule_math import prediction_type
 
 _ROLES = {
     "tokenizer": "splits the prompt into CLIP tokens",
     "tokenizer_2": "second tokenizer (OpenCLIP bigG)",
+    "tokenizer_3": "splits the prompt into T5 sentencepiece pieces",
     "text_encoder": "turns tokens into one embedding per token",
     "text_encoder_2": "second text encoder; also gives the pooled embedding",
+    "text_encoder_3": "T5 encoder: the long, detailed text sequence",
     "unet": "predicts the noise in the latents, conditioned on the text",
+    "transformer": "MMDiT: predicts the flow (noise minus image) from image and text tokens attending jointly",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
     "safety_checker": "flags possibly unsafe images",
@@ -121,7 +126,7 @@ def describe(
     fam = detect_family(pipe)
     comps = [_component(n, obj) for n, obj in pipe.components.items() if obj is not None]
     factor = vae_scale_factor(pipe)
-    default = int(pipe.unet.config.sample_size) * factor
+    default = int(fam.get_denoiser(pipe).config.sample_size) * factor  # latent cells of the native size
     h, w = height or default, width or default
     if h % factor or w % factor:
         raise ValueError(
@@ -140,7 +145,7 @@ def describe(
         latent_shape=latent,
         compression=(h * w * 3) / (latent[0] * latent[1] * latent[2]),
         scheduler=type(pipe.scheduler).__name__,
-        prediction_type=str(cfg.get("prediction_type", "epsilon")),
+        prediction_type=prediction_type(pipe.scheduler),  # "flow_prediction" for flow matching (SD3)
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         timesteps=[int(t) for t in sched_copy.timesteps],
     )

@@ -7,7 +7,7 @@ on ``KeyboardInterrupt``:
 
 - the pipeline *instance* is given a subclass of its own class whose ``__call__`` marks the run boundary (the class
   itself is never modified, other instances are untouched, ``type(pipe).__name__`` is unchanged);
-- a forward pre-hook and a forward hook on the family's denoiser (``pipe.unet`` today);
+- a forward pre-hook and a forward hook on the family's denoiser (``pipe.unet``; SD3's ``pipe.transformer``);
 - during a run only: wrappers on the *instance* ``step`` of whatever scheduler the pipeline holds when the run
   starts (so ``set_scheduler`` inside a ``with`` block is observed), removed when the run ends;
 - the attention-processor swap on the layers an attention subscriber asks for (all other layers keep their exact
@@ -37,11 +37,15 @@ import torch
 from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family, detect_family
 from ..schedule_math import (
+    FLOW_PREDICTION,
     NoiseLevel,
     alpha_bar_from_sigma,
+    flow_level,
+    is_flow_matching,
     prediction_type,
     sigma_from_alpha_bar,
     uses_sigmas,
+    x0_from_flow,
     x0_from_prediction,
 )
 
@@ -69,6 +73,8 @@ class Run:
     cfg: bool = False  # classifier-free guidance on (the denoiser batch is 2B: uncond, cond)
     prediction_type: str = "epsilon"
     ve_latents: bool = False  # Euler-type: latents are x0 + σ·ε (init_noise_sigma > 1)
+    flow: bool = False  # flow matching: latents are (1 − s)·x0 + s·ε, the model predicts v = ε − x0
+    train_timesteps: int = 1000  # the scheduler's num_train_timesteps (flow: timestep = s · this)
     timesteps: list[float] = field(default_factory=list)  # the whole schedule, host floats
     schedule_begin: int = 0  # index of this run's first step in ``timesteps``
     sigmas: list[float] | None = None  # sigma schedulers: host copy of scheduler.sigmas
@@ -88,6 +94,10 @@ class Run:
 
     def level(self, t: float, step_index: int | None) -> NoiseLevel:
         """Noise level of the evaluation at timestep ``t`` (sigma schedulers: at ``step_index``), from host copies."""
+        if self.flow:  # the scheduler's own s where it indexes sigmas, else s = t / num_train_timesteps
+            if self.sigmas is not None and step_index is not None and 0 <= step_index < len(self.sigmas):
+                return flow_level(self.sigmas[step_index])
+            return flow_level(min(max(t / self.train_timesteps, 0.0), 1.0))
         if self.sigmas is not None and step_index is not None and 0 <= step_index < len(self.sigmas):
             sigma = self.sigmas[step_index]
             return NoiseLevel(alpha_bar_from_sigma(sigma), sigma, "sigmas")
@@ -140,6 +150,11 @@ class Step:
         return self._x0_source
 
     def _compute_x0(self) -> torch.Tensor:
+        if self.run.prediction_type == FLOW_PREDICTION:  # x0 = x_t − s·v, x_t the step's (unscaled) input
+            assert self.level.flow_sigma is not None
+            return x0_from_flow(
+                self.model_output, self.sample.to(self.model_output.dtype), self.level.flow_sigma
+            )
         b = self.sample.shape[0]
         vp = self.run.denoiser_in
         if vp is not None and vp.shape[0] in (b, 2 * b) and vp.shape[1:] == self.sample.shape[1:]:
@@ -391,7 +406,9 @@ class Attachment:
             len(run.timesteps) - run.num_steps, 0
         )  # img2img loops over the schedule's tail
         run.prediction_type = prediction_type(sched)
-        run.ve_latents = float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0
+        run.flow = is_flow_matching(sched)
+        run.train_timesteps = int(getattr(sched.config, "num_train_timesteps", 1000) or 1000)
+        run.ve_latents = not run.flow and float(getattr(sched, "init_noise_sigma", 1.0)) > 1.0
         if uses_sigmas(sched):
             run.sigmas = torch.as_tensor(sched.sigmas).detach().float().cpu().tolist()
         acp = getattr(sched, "alphas_cumprod", None)

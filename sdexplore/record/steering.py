@@ -7,12 +7,13 @@ from their steering options; it patches nothing itself:
 - **edit latents** — ``edit_latents(step, latents) -> latents`` is called with the latents *leaving* step
   ``step`` (the scheduler's ``prev_sample``, inside a wrapper of the scheduler instance's ``step``); what it
   returns is what step ``step + 1`` starts from (and what gets decoded after the last step).
-- **switch prompt** — :class:`PromptSwitch` replaces the conditional text embedding (and SDXL's pooled
-  embedding) given to the denoiser from step ``at_step`` on, before each denoiser call; the unconditional
-  (negative) half is kept. Steps before ``at_step`` are bit-identical to a plain run.
-- **guidance schedule** — a list (one scale per step) or a callable ``(step, num_steps) -> scale``. The UNet
-  forward hook rewrites the conditional prediction ``c`` to ``u + (g_k / g)(c − u)`` so that the pipeline's
-  own ``u + g (c' − u)`` equals ``u + g_k (c − u)``. The pipeline must run with CFG (``guidance_scale > 1``);
+- **switch prompt** — :class:`PromptSwitch` replaces the conditional text embedding (and the pooled embedding:
+  SDXL's ``text_embeds``, SD3's ``pooled_projections``; SD3's sequence embedding is CLIP and T5 together) given
+  to the denoiser from step ``at_step`` on, before each denoiser call; the unconditional (negative) half is
+  kept. Steps before ``at_step`` are bit-identical to a plain run.
+- **guidance schedule** — a list (one scale per step) or a callable ``(step, num_steps) -> scale``. The
+  denoiser's forward hook rewrites the conditional prediction ``c`` to ``u + (g_k / g)(c − u)`` so that the
+  pipeline's own ``u + g (c' − u)`` equals ``u + g_k (c − u)``. The pipeline must run with CFG (``guidance_scale > 1``);
   ``guidance_rescale`` then sees the rewritten ``c'``.
 - **stop at step k** — after ``k`` steps the attachment sets ``pipe._interrupt = True`` (diffusers' own
   interrupt flag): the remaining steps are skipped and the latents after step ``k − 1`` are decoded as usual
@@ -41,7 +42,7 @@ class PromptSwitch:
     """Condition on another prompt from step ``at_step`` on (steps before it are unchanged).
 
     Give either ``prompt`` (encoded with the pipeline's own ``encode_prompt``) or ``prompt_embeds``
-    (1 or B, tokens, dim) — plus ``pooled_prompt_embeds`` (1 or B, dim) for SDXL.
+    (1 or B, tokens, dim) — plus ``pooled_prompt_embeds`` (1 or B, dim) for SDXL and SD3.
     """
 
     at_step: int
@@ -82,9 +83,18 @@ def rescale_conditional(
 
 
 def encode_switch(
-    pipe: Any, family: Family, switch: PromptSwitch, device: torch.device, dtype: torch.dtype
+    pipe: Any,
+    family: Family,
+    switch: PromptSwitch,
+    device: torch.device,
+    dtype: torch.dtype,
+    options: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
-    """Conditional embedding (1|B, tokens, dim) and pooled embedding (or None) for a :class:`PromptSwitch`."""
+    """Conditional embedding (1|B, tokens, dim) and pooled embedding (or None) for a :class:`PromptSwitch`.
+
+    ``options`` are the run's call arguments that shape the encoding (SD3's ``max_sequence_length``), so the
+    switched prompt's embedding has the run's shape.
+    """
     if switch.prompt_embeds is not None:
         pooled = switch.pooled_prompt_embeds
         return switch.prompt_embeds.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
@@ -94,6 +104,7 @@ def encode_switch(
         device=device,
         do_classifier_free_guidance=False,
         clip_skip=getattr(pipe, "_clip_skip", None),
+        **(options or {}),
     )
     pooled = enc.pooled
     return enc.embeds.to(device, dtype), None if pooled is None else pooled.to(device, dtype)
@@ -231,7 +242,8 @@ class Steering:
         spec = fam.denoiser_args
         text = spec.get("text", args, kwargs)
         if self._switch_cache is None:
-            self._switch_cache = encode_switch(pipe, fam, sw, text.device, text.dtype)
+            options = {k: run.arguments[k] for k in fam.encode_options if k in run.arguments}
+            self._switch_cache = encode_switch(pipe, fam, sw, text.device, text.dtype, options)
         embeds, pooled = self._switch_cache
         args, kwargs = spec.replace("text", args, kwargs, replace_conditional(text, embeds, run.cfg, fam))
         current_pooled = spec.get("pooled", args, kwargs)

@@ -29,6 +29,7 @@ from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import detect_family, latent_rgb
 from ..preview import latent_to_uint8, uint8_factors
 from ..results.trace import TENSOR_FIELDS, StepRecord, Trace
+from ..schedule_math import prediction_type
 from .attach import Attachment, Run, Step, Subscriber, attach
 from .steering import Steering
 
@@ -139,7 +140,7 @@ class StepRecorder:
     >>> rec.trace[10].x0, rec.trace[-1].preview
 
     Args:
-        pipe: a StableDiffusion(XL) pipeline (see :mod:`sdexplore.families`).
+        pipe: a pipeline of a supported family: SD 1.x/2.x, SDXL, SD3 (see :mod:`sdexplore.families`).
         config: a :class:`StepConfig`; or give its fields as keywords (``quantities``, ``every``, ``dtype``,
             ``device``, ``max_bytes``, ``preview_of``, ``tiny_vae``, ``decode_every``, ``on_step``). On CUDA,
             without ``on_step``, records are staged on the GPU and moved in one go when the run ends.
@@ -258,7 +259,7 @@ class StepRecorder:
         trace = Trace(
             family=self.family.name,
             scheduler=type(sched).__name__,
-            prediction_type=str(getattr(sched.config, "prediction_type", "epsilon")),
+            prediction_type=prediction_type(sched),  # "flow_prediction" for flow matching (SD3)
             num_steps=0 if getattr(sched, "timesteps", None) is None else len(sched.timesteps),
             every=self.config.every,
             guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
