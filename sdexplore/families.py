@@ -92,6 +92,9 @@ class Family:
     denoiser: str = "unet"  # pipeline attribute of the denoising network the attachment hooks
     denoiser_args: DenoiserArgs = DenoiserArgs()  # where its forward finds sample, timestep and text
     optional_text_encoders: tuple[str, ...] = ()  # encoders a pipeline may leave out (SD3's T5: None)
+    size_conditioning: bool = False  # SDXL: the UNet also takes (original size, crop, target size) "time ids"
+    clip_sequence: tuple[str, ...] | None = None  # encoders whose hidden states fill the first 77 positions,
+    # concatenated along the features (None: all of text_encoders; SD3: CLIP-L, CLIP-G, with T5's tokens after)
     prompt_arguments: tuple[str, ...] = ()  # further prompts encode_prompt requires (SD3: prompt_2, prompt_3)
     encode_options: tuple[
         str, ...
@@ -211,6 +214,7 @@ SDXL = Family(
     latent_rgb_bias=(0.1084, -0.0175, -0.0011),
     pooled_text_embeds=True,
     denoiser_args=DenoiserArgs(pooled=("added_cond_kwargs", "text_embeds")),
+    size_conditioning=True,
 )
 
 # SD3's 16-channel VAE, from ComfyUI's comfy/latent_formats.py, class SD3 (latent_rgb_factors and
@@ -262,6 +266,7 @@ SD3 = Family(
         pooled=("pooled_projections", 2),
     ),
     optional_text_encoders=("text_encoder_3",),
+    clip_sequence=("text_encoder", "text_encoder_2"),
     prompt_arguments=("prompt_2", "prompt_3"),
     encode_options=("max_sequence_length",),
 )

@@ -77,8 +77,8 @@ class EncodedPrompt:
 
 
 def default_size(pipe: Any) -> tuple[int, int]:
-    """The pipeline's default ``(height, width)`` in pixels: UNet sample size × VAE scale factor."""
-    side = int(pipe.unet.config.sample_size) * vae_scale_factor(pipe)
+    """The pipeline's default ``(height, width)`` in pixels: the denoiser's sample size × VAE scale factor."""
+    side = int(detect_family(pipe).get_denoiser(pipe).config.sample_size) * vae_scale_factor(pipe)
     return side, side
 
 
@@ -112,6 +112,10 @@ def encode_prompt(
         )
     if not fam.pooled_text_embeds:
         return EncodedPrompt(fam.name, prompt, negative_prompt, enc.embeds, enc.negative)
+    if not fam.size_conditioning:
+        return EncodedPrompt(
+            fam.name, prompt, negative_prompt, enc.embeds, enc.negative, enc.pooled, enc.negative_pooled
+        )
     h, w = (height, width) if height and width else default_size(pipe)
     time_ids = torch.tensor(
         [[h, w, 0, 0, h, w]], dtype=torch.float32
@@ -179,14 +183,23 @@ def _kinds(ids: list[int], bos: int, eos: int) -> list[str]:
 
 
 def inspect_prompt(pipe: Any, prompt: str) -> PromptInfo:
-    """Tokens (BOS, words, EOS, padding), ids, per-token embedding norms and the pooled embedding of ``prompt``."""
+    """Tokens (BOS, words, EOS, padding), ids, per-token embedding norms and the pooled embedding of ``prompt``.
+
+    The tokens are the CLIP tokenizer's; for SD3 the embeddings shown are the CLIP part of its joint sequence (the
+    T5 tokens that follow it are not listed here).
+    """
     fam = detect_family(pipe)
     tok = getattr(pipe, fam.tokenizers[0])
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
     tokens = tok.convert_ids_to_tokens(ids)
     enc = encode_prompt(pipe, prompt)
-    embeds = enc.prompt_embeds[0].float().cpu()  # (tokens, D)
-    widths = [getattr(pipe, name).config.hidden_size for name in fam.text_encoders]
+    clip = fam.clip_sequence or fam.text_encoders
+    widths = [getattr(pipe, name).config.hidden_size for name in clip]
+    # (tokens, D): SD3's joint sequence holds CLIP's 77 positions (zero-padded to T5's width), then T5's tokens:
+    # the CLIP part is what these tokens label
+    embeds = enc.prompt_embeds[0, : len(ids)].float().cpu()
+    if fam.clip_sequence is not None:
+        embeds = embeds[:, : sum(widths)]
     parts = torch.split(embeds, widths, dim=-1) if sum(widths) == embeds.shape[-1] else (embeds,)
     pooled = enc.pooled_prompt_embeds[0].float().cpu() if enc.pooled_prompt_embeds is not None else None
     return PromptInfo(
