@@ -12,7 +12,7 @@ PORT ?= 8888
 # Jupyter refuses to run as root without this flag (containers, CI boxes); ordinary users never need it.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab test test-fast lint bench bench-gpu clean
+.PHONY: setup lab test test-fast lint bench bench-gpu docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks,docs]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -43,5 +43,9 @@ bench: setup
 bench-gpu: setup
 	$(BIN)/python benchmarks/run.py --gpu
 
+# the documentation site into site/ (offline; tutorials executed on the embedded model; warnings are errors)
+docs: setup
+	$(BIN)/python scripts/build_docs.py --site-dir site
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache site docs/generated

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The version of this sdexplore install (PEP 440).
 __version__ = "0.1.0"
 
 # public name -> module that defines it

@@ -1,0 +1,305 @@
+"""Build the documentation site offline: generate its pages, execute the tutorials, then ``mkdocs build --strict``.
+
+``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
+(git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
+model card, the benchmark results, the five tutorials executed on the embedded model (explorers shown as static
+figures, ``SDEXPLORE_STATIC=1``) and the gallery. CI builds the same site through ``tests/test_docs.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+GENERATED = DOCS / "generated"
+NOTEBOOKS = ROOT / "notebooks"
+MODEL_DIR = ROOT / "sdexplore" / "models" / "tiny-shapes"
+#: README sections shown on the quick-start page, in this order.
+README_SECTIONS = ("Two commands", "Quick start", "Loading models")
+#: Environment of the notebook kernels and the gallery: offline, static explorers, one thread each (two
+#: kernels share two cores; spinning OpenMP pools made the tiny model 10-30x slower on a shared box).
+RUN_ENV = {
+    "SDEXPLORE_STATIC": "1",
+    "HF_HUB_OFFLINE": "1",
+    "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TQDM_DISABLE": "1",  # no progress bars in the pages
+    "TRANSFORMERS_VERBOSITY": "error",  # no "torchvision not installed" notes in the pages
+    "NO_MKDOCS_2_WARNING": "1",  # mkdocs-material's banner about its successor
+}
+
+
+class DocsBuildError(RuntimeError):
+    """A step of the documentation build failed; the message names the step and what to look at."""
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------- pages from files
+def readme_sections(readme: str, titles: tuple[str, ...] = README_SECTIONS) -> str:
+    """The README's ``## <title>`` sections (each up to the next ``## ``), in the order of ``titles``."""
+    found = {}
+    for block in re.split(r"(?m)^(?=## )", readme):
+        first = block.splitlines()[0] if block else ""
+        if first.startswith("## "):
+            found[first[3:].strip()] = block.rstrip() + "\n"
+    missing = [t for t in titles if t not in found]
+    if missing:
+        raise DocsBuildError(
+            f"README.md has no section {missing[0]!r}: update README_SECTIONS in {__file__}."
+        )
+    return "\n".join(found[t] for t in titles)
+
+
+def quickstart_page() -> str:
+    """The quick-start page: the README's intro paragraph and its setup, quick-start and loading sections."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    intro = readme.split("\n## ", 1)[0].split("\n", 1)[1].strip()  # after the "# sdexplore" title
+    body = readme_sections(readme)
+    return (
+        "# Quick start\n\n"
+        "*From the project's `README.md`, copied at every build.*\n\n" + intro + "\n\n" + body
+    )
+
+
+def copied_page(source: Path, note: str) -> str:
+    """A Markdown file from elsewhere in the repository, with a line saying where it comes from."""
+    text = source.read_text(encoding="utf-8")
+    title, _, rest = text.partition("\n")
+    return f"{title}\n\n*{note}*\n{rest}"
+
+
+def api_page() -> str:
+    """One mkdocstrings entry per name in ``sdexplore.__all__``, grouped as the package groups them."""
+    import sdexplore
+
+    groups: dict[str, list[str]] = {}
+    for name in sdexplore.__all__:
+        module = sdexplore._EXPORTS.get(name, "")  # the defining module, as the package's lazy loader has it
+        if name == "__version__":
+            group = "Package"
+        elif module == "errors":
+            group = "Errors"
+        elif module.startswith(("record", "results", "generation")):
+            group = "Recording and results"
+        elif module in ("text", "interpolate", "walks", "smoothness"):
+            group = "Prompts, interpolation and walks"
+        else:
+            group = "Loading, families and the tour"
+        groups.setdefault(group, []).append(name)
+    order = [
+        "Loading, families and the tour",
+        "Recording and results",
+        "Prompts, interpolation and walks",
+        "Errors",
+        "Package",
+    ]
+    lines = [
+        "# API reference",
+        "",
+        "Every public name of `sdexplore` (its `__all__`), generated from the docstrings by mkdocstrings at each "
+        "build. Topic modules (`sdexplore.widgets`, `sdexplore.plots`, `sdexplore.scenes`, ...) hold the rest; "
+        "the [architecture page](../architecture.md) explains how the pieces fit.",
+        "",
+    ]
+    for group in order:
+        names = groups.pop(group, [])
+        if names:
+            lines += [f"## {group}", ""]
+            lines += [f"::: sdexplore.{n}\n" for n in names]
+    if groups:
+        raise DocsBuildError(f"API groups without a place on the page: {sorted(groups)}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- executed pages
+def _kernel_spec(root: Path) -> Path:
+    """A ``python3`` kernel spec that runs *this* interpreter (the project's venv), in ``root``."""
+    spec = root / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (spec / "kernel.json").write_text(
+        json.dumps({"argv": argv, "display_name": "Python 3 (sdexplore docs)", "language": "python"})
+    )
+    return root
+
+
+_SIBLING_NOTEBOOK = re.compile(r"\]\((\d\d_\w+)\.ipynb(#[^)]*)?\)")  # a link to another tutorial
+
+
+def _show_gif(output: dict) -> None:
+    """Give an ``image/gif`` output (``IPython.display.Image`` of a GIF) an HTML view of the same bytes.
+
+    nbconvert's HTML templates render PNG, JPEG and SVG but not GIF; without this the walk animations would be
+    missing from the pages.
+    """
+    data = output.get("data", {})
+    if "image/gif" in data and "text/html" not in data:
+        gif = "".join(data["image/gif"]).replace("\n", "")  # base64
+        data["text/html"] = f'<img src="data:image/gif;base64,{gif}" alt="animation">'
+
+
+def execute_notebook(path: Path, out: Path) -> float:
+    """Execute ``path`` top to bottom (cwd ``notebooks/``) and write the executed copy to ``out``; seconds."""
+    import nbclient
+    import nbformat
+
+    t0 = time.perf_counter()
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as e:
+        raise DocsBuildError(f"{path.name} failed while building the docs:\n{e}") from None
+    nb.metadata.pop("widgets", None)  # static build: no widget state to keep
+    for cell in nb.cells:
+        if cell.cell_type == "markdown":  # "next: [..](02_step_by_step.ipynb)" -> that tutorial's page
+            cell.source = _SIBLING_NOTEBOOK.sub(r"](../\1/\2)", cell.source)
+        for output in cell.get("outputs", []):
+            _show_gif(output)
+    write_text(out, nbformat.writes(nb))
+    return time.perf_counter() - t0
+
+
+def run_gallery(out: Path) -> float:
+    """Draw the gallery (``scripts/docs_gallery.py``) in its own process; seconds."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "docs_gallery.py"), str(out)],
+        env={**os.environ, **RUN_ENV},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise DocsBuildError(f"scripts/docs_gallery.py failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
+    """Write every generated page into ``target`` (a fresh folder); returns seconds per executed page."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import docs_cli_reference
+
+    write_text(target / "quickstart.md", quickstart_page())
+    write_text(target / "cli_reference.md", docs_cli_reference.render())
+    write_text(target / "api.md", api_page())
+    write_text(
+        target / "model_card.md",
+        copied_page(
+            MODEL_DIR / "MODEL_CARD.md",
+            "The embedded model's card: sdexplore/models/tiny-shapes/MODEL_CARD.md.",
+        ),
+    )
+    shutil.copyfile(MODEL_DIR / "sample_grid.png", target / "sample_grid.png")
+    write_text(
+        target / "benchmarks.md",
+        copied_page(
+            ROOT / "benchmarks" / "RESULTS.md", "From benchmarks/RESULTS.md; `make bench` measures it."
+        ),
+    )
+
+    notebooks = sorted(NOTEBOOKS.glob("0*.ipynb"))
+    if not notebooks:
+        raise DocsBuildError(f"No tutorial notebooks (0*.ipynb) in {NOTEBOOKS}.")
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sdexplore-docs-") as tmp:
+        env = {
+            **RUN_ENV,
+            "JUPYTER_PATH": os.pathsep.join(
+                filter(None, [str(_kernel_spec(Path(tmp) / "jupyter")), os.environ.get("JUPYTER_PATH")])
+            ),
+            "SDEXPLORE_OUT": str(Path(tmp) / "outputs"),  # notebook 5 writes its animations here
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # kernels inherit this process's environment
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                jobs = {}
+                # the walk tutorials (04, 05: ~25 s each on one core) first, so the two workers finish together
+                for nb in reversed(notebooks):
+                    jobs[nb.stem] = pool.submit(execute_notebook, nb, target / "tutorials" / nb.name)
+                jobs["gallery"] = pool.submit(run_gallery, target / "gallery")
+                seconds = {name: job.result() for name, job in jobs.items()}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return seconds
+
+
+def build(site_dir: Path, *, strict: bool = True) -> dict[str, float]:
+    """Generate the pages into ``docs/generated`` (replaced whole) and build the site into ``site_dir``."""
+    t0 = time.perf_counter()
+    staging = Path(tempfile.mkdtemp(prefix=".generated-", dir=DOCS))
+    try:
+        seconds = generate(staging)
+        old = DOCS / ".generated-old"
+        if GENERATED.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            GENERATED.rename(old)
+            shutil.rmtree(old)
+        staging.rename(GENERATED)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    seconds["generate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cmd = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--config-file",
+        str(ROOT / "mkdocs.yml"),
+        "--site-dir",
+        str(site_dir),
+    ]
+    if strict:
+        cmd.append("--strict")
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **RUN_ENV})
+    if proc.returncode != 0:
+        raise DocsBuildError(f"mkdocs build failed (warnings are errors):\n{proc.stderr[-6000:]}")
+    seconds["mkdocs"] = time.perf_counter() - t0
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``make docs``)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--site-dir", type=Path, default=ROOT / "site", help="where to write the site (default site/)"
+    )
+    parser.add_argument("--no-strict", action="store_true", help="do not treat mkdocs warnings as errors")
+    args = parser.parse_args(argv)
+    try:
+        seconds = build(args.site_dir.resolve(), strict=not args.no_strict)
+    except DocsBuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("docs built in", args.site_dir, "|", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
