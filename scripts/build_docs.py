@@ -195,6 +195,47 @@ def run_gallery(out: Path) -> float:
     return time.perf_counter() - t0
 
 
+#: The parts of MathJax 2 (shipped by the jupyter-server-mathjax package) the tutorials' formulas need: the
+#: TeX input, the HTML-CSS output with its STIX-Web fonts (what nbconvert's page template configures), 6 MB.
+MATHJAX_PARTS = (
+    "MathJax.js",
+    "config",
+    "extensions",
+    "jax/input",
+    "jax/element",
+    "jax/output/HTML-CSS",
+    "fonts",
+)
+
+
+def copy_mathjax(target: Path) -> None:
+    """Copy MathJax into ``target`` so the tutorial pages typeset their formulas offline (no CDN)."""
+    try:
+        import jupyter_server_mathjax
+    except ImportError:
+        raise DocsBuildError(
+            "The tutorials' formulas need MathJax from jupyter-server-mathjax: pip install -e '.[docs]'."
+        ) from None
+    static = Path(jupyter_server_mathjax.__file__).parent / "static"
+    for part in MATHJAX_PARTS:
+        source = static / part
+        if source.is_dir():
+            shutil.copytree(source, target / part)
+        else:
+            (target / part).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target / part)
+    write_text(target / "config" / "sdexplore.js", MATHJAX_CONFIG)
+
+
+#: Loaded after MathJax's own configuration (``?config=...,sdexplore``): only the STIX-Web fonts ship with
+#: jupyter-server-mathjax, so HTML-CSS must not look for its default TeX fonts (they 404 and glyphs misalign).
+MATHJAX_CONFIG = """MathJax.Hub.Config({
+  "HTML-CSS": {availableFonts: [], preferredFont: null, webFont: "STIX-Web", imageFont: null}
+});
+MathJax.Ajax.loadComplete("[MathJax]/config/sdexplore.js");
+"""
+
+
 def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
     """Write every generated page into ``target`` (a fresh folder); returns seconds per executed page."""
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -211,6 +252,7 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
         ),
     )
     shutil.copyfile(MODEL_DIR / "sample_grid.png", target / "sample_grid.png")
+    copy_mathjax(target / "mathjax")
     write_text(
         target / "benchmarks.md",
         copied_page(
