@@ -64,18 +64,19 @@ def _text_config(projection_dim: int | None = None) -> CLIPTextConfig:
     return CLIPTextConfig(**kwargs)
 
 
-def _vae() -> AutoencoderKL:
-    # Four blocks → 8× downsampling, like every real SD VAE: 64×64×3 pixels ↔ 8×8×4 latents.
+def _vae(latent_channels: int = 4, **extra: Any) -> AutoencoderKL:
+    # Four blocks → 8× downsampling, like every real SD VAE: 64×64×3 pixels ↔ 8×8×latent_channels latents.
     return AutoencoderKL(
         block_out_channels=(8, 8, 16, 16),
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=8,
         layers_per_block=1,
         sample_size=64,
+        **extra,
     )
 
 
@@ -127,21 +128,9 @@ _T5_WIDTH = 2 * _TEXT_HIDDEN  # SD3 zero-pads the CLIP-L ‖ CLIP-G hidden state
 
 def _sd3_vae() -> AutoencoderKL:
     # SD3's VAE: 16 latent channels, no quant convs, and a shift: latents = (z − shift_factor) · scaling_factor
-    # (the real values; random weights). Four blocks → 8× downsampling: 64×64×3 pixels ↔ 8×8×16 latents.
-    return AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=16,
-        norm_num_groups=8,
-        layers_per_block=1,
-        sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    # (the real values; random weights).
+    return _vae(
+        16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
     )
 
 

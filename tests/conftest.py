@@ -51,3 +51,37 @@ def load_script(name: str) -> ModuleType:
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def pipeline_state(pipe) -> dict:
+    """Everything sdexplore may change on a pipeline, by identity (the denoiser is the family record's)."""
+    from sdexplore.families import detect_family
+
+    den = detect_family(pipe).get_denoiser(pipe)
+    return dict(
+        cls=type(pipe),
+        procs=dict(den.attn_processors),
+        pre=dict(den._forward_pre_hooks),
+        post=dict(den._forward_hooks),
+        sched=pipe.scheduler,
+        sched_vars=dict(vars(pipe.scheduler)),
+        pipe_vars={k: v for k, v in vars(pipe).items() if k != "_interrupt"},
+    )
+
+
+def assert_restored(pipe, before: dict) -> None:
+    """``pipe`` is exactly as ``pipeline_state`` saw it, and nothing of sdexplore is attached."""
+    from sdexplore.record.attach import attachment_of
+
+    now = pipeline_state(pipe)
+    assert now["cls"] is before["cls"] and now["sched"] is before["sched"]
+    assert now["procs"].keys() == before["procs"].keys()
+    assert all(now["procs"][k] is v for k, v in before["procs"].items())
+    assert now["pre"] == before["pre"] == {} and now["post"] == before["post"] == {}
+    assert now["sched_vars"].keys() == before["sched_vars"].keys() and "step" not in vars(pipe.scheduler)
+    assert all(now["pipe_vars"][k] is v for k, v in before["pipe_vars"].items())
+    added = (
+        now["pipe_vars"].keys() - before["pipe_vars"].keys()
+    )  # a first call sets diffusers' _guidance_scale...
+    assert all(k.startswith("_") and not callable(now["pipe_vars"][k]) for k in added), added
+    assert getattr(pipe, "_interrupt", False) is False and attachment_of(pipe) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from conftest import assert_restored, gen, pipeline_state
 
 import sdexplore as sdx
 from sdexplore.errors import RecorderStateError
@@ -18,37 +18,6 @@ from sdexplore.steering import PromptSwitch
 P = "a big red circle on a blue background"
 Q = "a small green square on a white background"
 RUN = dict(num_inference_steps=6, output_type="np")
-
-
-def _state(pipe) -> dict:
-    """Everything sdexplore may change on a pipeline, by identity."""
-    unet = pipe.unet
-    return dict(
-        cls=type(pipe),
-        procs=dict(unet.attn_processors),
-        pre=dict(unet._forward_pre_hooks),
-        post=dict(unet._forward_hooks),
-        sched=pipe.scheduler,
-        sched_vars=dict(vars(pipe.scheduler)),
-        pipe_vars={k: v for k, v in vars(pipe).items() if k != "_interrupt"},
-        interrupt=getattr(pipe, "_interrupt", False),
-    )
-
-
-def _assert_restored(pipe, before: dict) -> None:
-    now = _state(pipe)
-    assert now["cls"] is before["cls"]
-    assert now["procs"].keys() == before["procs"].keys()
-    assert all(now["procs"][k] is v for k, v in before["procs"].items())
-    assert now["pre"] == before["pre"] and now["post"] == before["post"]
-    assert now["sched"] is before["sched"]
-    assert now["sched_vars"].keys() == before["sched_vars"].keys() and "step" not in vars(pipe.scheduler)
-    assert all(now["pipe_vars"][k] is v for k, v in before["pipe_vars"].items())
-    added = (
-        now["pipe_vars"].keys() - before["pipe_vars"].keys()
-    )  # a call sets diffusers' own _guidance_scale...
-    assert all(k.startswith("_") and not callable(now["pipe_vars"][k]) for k in added), added
-    assert attachment_of(pipe) is None
 
 
 def test_prompt_switch_keeps_every_step_of_attention_labelled_with_the_calls_prompt(sd1_pipe) -> None:
@@ -84,7 +53,7 @@ def test_encode_prompt_and_inspect_prompt_after_the_call_leave_the_maps(sd1_pipe
 
 def test_scheduler_swapped_inside_the_block_is_observed(sd1_pipe) -> None:
     """Was: only the scheduler present at __enter__ was wrapped: 0 steps, the old name, no error."""
-    before = _state(sd1_pipe)
+    before = pipeline_state(sd1_pipe)
     with sdx.observe(sd1_pipe) as obs:
         sdx.set_scheduler(sd1_pipe, "EulerDiscreteScheduler")
         new = sd1_pipe.scheduler
@@ -96,11 +65,11 @@ def test_scheduler_swapped_inside_the_block_is_observed(sd1_pipe) -> None:
 
 def test_scales_with_no_layer_is_an_error_that_names_the_scales_there_are(sd1_pipe) -> None:
     """Was: obs.attention was None and the reason was swallowed."""
-    before = _state(sd1_pipe)
+    before = pipeline_state(sd1_pipe)
     with pytest.raises(RecorderStateError, match=r"scales=\[8\].*at scales 2"):
         with sdx.observe(sd1_pipe, steps=False, attention={"scales": [8]}):
             sd1_pipe(P, generator=gen(0), **RUN)
-    _assert_restored(sd1_pipe, before)
+    assert_restored(sd1_pipe, before)
 
 
 def test_each_top_level_call_is_one_run_and_nested_calls_are_not(sd1_pipe) -> None:
@@ -133,7 +102,7 @@ def test_images_under_observation_equal_a_plain_call(any_pipe) -> None:
 
 @pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
 def test_restored_exactly_after_a_fault_mid_run(sd1_pipe, fault) -> None:
-    before = _state(sd1_pipe)
+    before = pipeline_state(sd1_pipe)
 
     def explode(pipe, i, t, kwargs):
         if i == 2:
@@ -143,13 +112,13 @@ def test_restored_exactly_after_a_fault_mid_run(sd1_pipe, fault) -> None:
     with pytest.raises(fault):
         with sdx.observe(sd1_pipe, steps=True, attention=True, guidance=[5.0] * 6) as obs:
             sd1_pipe(P, generator=gen(0), callback_on_step_end=explode, **RUN)
-    _assert_restored(sd1_pipe, before)
+    assert_restored(sd1_pipe, before)
     assert len(obs.steps) == 3  # what was recorded before the fault is kept
     assert obs.attention is not None and obs.attention.num_steps == 3
 
 
 def test_recorders_share_one_attachment_and_the_last_out_restores(sd1_pipe) -> None:
-    before = _state(sd1_pipe)
+    before = pipeline_state(sd1_pipe)
     steps = sdx.StepRecorder(sd1_pipe)
     att = sdx.AttentionRecorder(sd1_pipe)
     steps.__enter__()
@@ -160,7 +129,7 @@ def test_recorders_share_one_attachment_and_the_last_out_restores(sd1_pipe) -> N
     assert attachment_of(sd1_pipe) is not None and len(sd1_pipe.unet._forward_hooks) == 1
     sd1_pipe(Q, generator=gen(0), **RUN)
     att.__exit__(None, None, None)
-    _assert_restored(sd1_pipe, before)
+    assert_restored(sd1_pipe, before)
     assert len(steps.traces) == 1 and att.maps.word("square").max() > 0
 
 
@@ -279,11 +248,11 @@ def test_only_the_attachment_patches_pipelines() -> None:
 def test_bad_observe_options_are_the_librarys_own_error_before_any_change(sd1_pipe, kwargs) -> None:
     from sdexplore.errors import InvalidArgumentError
 
-    before = _state(sd1_pipe)
+    before = pipeline_state(sd1_pipe)
     kwargs = {"attention": True, **kwargs} if "attention" in kwargs else kwargs
     with pytest.raises(InvalidArgumentError):
         sdx.observe(sd1_pipe, **kwargs)
-    _assert_restored(sd1_pipe, before)
+    assert_restored(sd1_pipe, before)
 
 
 def test_attention_batches_of_any_size_give_the_same_maps(monkeypatch, sd1_pipe) -> None:

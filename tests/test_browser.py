@@ -19,21 +19,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
+# the flags FACTS.md found to work here; one list, shared with the docs screenshots
+CHROMIUM_ARGS = load_script("docs_screenshots").CHROMIUM_ARGS
 KERNEL_NAME = "python3"
 
 NOTEBOOK_CELLS = [

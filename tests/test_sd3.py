@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import gen
+from conftest import assert_restored, gen, pipeline_state
 from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -21,7 +21,6 @@ from sdexplore.decoding import decode_with
 from sdexplore.families import SD3, latent_rgb
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.preview import latent_to_rgb, to_uint8
-from sdexplore.record.attach import attachment_of
 from sdexplore.schedule_math import flow_level, is_flow_matching, noise_level, prediction_type, x0_from_flow
 from sdexplore.tokenizer import t5_tokenizer
 
@@ -234,36 +233,10 @@ def test_load_pipeline_loads_a_saved_sd3_folder(sd3_pipe, tmp_path) -> None:
     ]
 
 
-def _state(pipe) -> dict:
-    """Everything sdexplore may change on an SD3 pipeline, by identity (its denoiser is the transformer)."""
-    den = pipe.transformer
-    return dict(
-        cls=type(pipe),
-        procs=dict(den.attn_processors),
-        pre=dict(den._forward_pre_hooks),
-        post=dict(den._forward_hooks),
-        sched=pipe.scheduler,
-        sched_vars=set(vars(pipe.scheduler)),
-        pipe_vars={k: v for k, v in vars(pipe).items() if not k.startswith("_")},
-    )
-
-
-def _assert_restored(pipe, before: dict) -> None:
-    now = _state(pipe)
-    assert now["cls"] is before["cls"] and now["sched"] is before["sched"]
-    assert now["procs"].keys() == before["procs"].keys()
-    assert all(now["procs"][k] is v for k, v in before["procs"].items())
-    assert now["pre"] == before["pre"] == {} and now["post"] == before["post"] == {}
-    assert now["sched_vars"] == before["sched_vars"] and "step" not in vars(pipe.scheduler)
-    assert now["pipe_vars"].keys() == before["pipe_vars"].keys()
-    assert all(now["pipe_vars"][k] is v for k, v in before["pipe_vars"].items())
-    assert getattr(pipe, "_interrupt", False) is False and attachment_of(pipe) is None
-
-
 @pytest.mark.parametrize("fault", [None, RuntimeError, KeyboardInterrupt])
 def test_restored_exactly_after_success_exception_and_interrupt(sd3_pipe, fault) -> None:
     sd3_pipe(P, generator=gen(0), **KW)  # diffusers' own first-call attributes exist before the snapshot
-    before = _state(sd3_pipe)
+    before = pipeline_state(sd3_pipe)
 
     def explode(pipe, i, t, kwargs):
         if fault is not None and i == 2:
@@ -282,6 +255,6 @@ def test_restored_exactly_after_success_exception_and_interrupt(sd3_pipe, fault)
     else:
         with pytest.raises(fault):
             run()
-    _assert_restored(sd3_pipe, before)
+    assert_restored(sd3_pipe, before)
     ref = tiny_pipeline("sd3")(P, generator=gen(0), **KW).images
     assert np.array_equal(sd3_pipe(P, generator=gen(0), **KW).images, ref)  # and it runs as before
