@@ -19,6 +19,14 @@ from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
 from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
+from .joint import (
+    CAPTURING_JOINT,
+    JOINT_KINDS,
+    REPRODUCIBLE_JOINT,
+    joint_attention_layers,
+    output_scores,
+    text_block_probs,
+)
 from .processor import CapturingAttnProcessor, is_reproducible
 from .tokens import TokenList, tokenize_prompt, unlabelled
 
@@ -102,6 +110,7 @@ class AttentionRecorder:
         per_head: bool = False,
         negative: bool = False,
         keep_probs: bool = False,
+        kind: str | None = None,
     ) -> None:
         self.pipe = pipe
         self.family = detect_family(pipe)
@@ -113,7 +122,25 @@ class AttentionRecorder:
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
             )
-        cross = self.family.cross_attention_layers(unet)
+        joint = dict(joint_attention_layers(unet)) if self.family.denoiser == "transformer" else {}
+        #: Processor name → layout of each MMDiT attention layer (empty for UNet models).
+        self._layouts: dict[str, str] = joint
+        if joint:
+            kind = "joint" if kind is None else kind
+            if kind not in JOINT_KINDS:
+                raise InvalidArgumentError(
+                    f"kind={kind!r} is not a kind of MMDiT attention map; use one of {', '.join(JOINT_KINDS)} "
+                    "('joint': softmax over text and image keys, 'text': over the text keys only, 'output': "
+                    "ConceptAttention's attention-output maps)."
+                )
+        elif kind not in (None, "cross"):
+            raise InvalidArgumentError(
+                f"kind={kind!r}: a UNet model has cross-attention maps only (kind='cross'); the kinds "
+                f"{', '.join(JOINT_KINDS)} are for MMDiT models (SD3, Flux)."
+            )
+        #: What the recorded maps are: "cross" (UNet) or one of "joint", "text", "output" (MMDiT).
+        self.kind = kind or "cross"
+        cross = list(joint) if joint else self.family.cross_attention_layers(unet)
         if not cross:
             raise UnsupportedPipelineError(
                 f"No cross-attention layers found in {type(unet).__name__}: this UNet is not text-conditioned "
@@ -166,13 +193,13 @@ class AttentionRecorder:
         check_attachable(self.pipe, self.family)
         den = self.family.get_denoiser(self.pipe)
         procs = {n: den.get_submodule(n.removesuffix(".processor")).processor for n in self._selected}
-        if any(isinstance(p, CapturingAttnProcessor) for p in procs.values()):
+        if any(isinstance(p, (CapturingAttnProcessor, *CAPTURING_JOINT.values())) for p in procs.values()):
             raise RecorderStateError(
                 "This pipeline still carries sdexplore capturing processors from a recorder that was never exited "
                 "(a `with` block left by a crashed kernel?). Leave that block, or rebuild the pipeline."
             )
-        capture = [n for n in self._selected if is_reproducible(procs[n])]
-        skipped = [n for n in self._selected if not is_reproducible(procs[n])]
+        capture = [n for n in self._selected if self._reproducible(n, procs[n])]
+        skipped = [n for n in self._selected if not self._reproducible(n, procs[n])]
         self.skipped_layers = [n.removesuffix(".processor") for n in skipped]
         if not capture:
             kinds = sorted({type(procs[n]).__name__ for n in self._selected})
@@ -192,6 +219,10 @@ class AttentionRecorder:
 
         def capturing(proc_name: str) -> Callable[[Any], Any]:
             name = proc_name.removesuffix(".processor")  # the recorder keys everything by module name
+            if proc_name in self._layouts:
+                cls = CAPTURING_JOINT[self._layouts[proc_name]]
+                need_lse = self.kind == "joint"
+                return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
             return lambda original: CapturingAttnProcessor(
                 name, original, self._sink, self._gate, self._defer
             )
@@ -226,6 +257,12 @@ class AttentionRecorder:
                 if exc_type is None:
                     raise  # never mask the block's own exception
             self._reset_run()
+
+    def _reproducible(self, proc_name: str, processor: Any) -> bool:
+        layout = self._layouts.get(proc_name)
+        if layout is None:
+            return is_reproducible(processor)
+        return type(processor) in REPRODUCIBLE_JOINT.get(layout, ())
 
     @property
     def _inside(self) -> bool:
@@ -421,6 +458,68 @@ class AttentionRecorder:
         """File one layer's probabilities (B', heads, HW, T) at once (a processor that computed them itself)."""
         self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
 
+    def _joint_gate(self, name: str, seq_len: int) -> bool:
+        """Whether an MMDiT layer's call with ``seq_len`` image tokens is captured (placed on the latent grid)."""
+        return self._gate(name, seq_len) is not None
+
+    def _joint_sink(
+        self,
+        name: str,
+        q_img: torch.Tensor,
+        k_txt: torch.Tensor,
+        lse: torch.Tensor | None,
+        o_img: torch.Tensor,
+        o_txt: torch.Tensor,
+        scale: float,
+        k_img: torch.Tensor,
+    ) -> None:
+        """File one MMDiT layer's maps of the captured rows: image queries (N, heads, HW, d) × text keys
+        (N, heads, T, d) normalised by the kernel's log-sum-exp (N, heads, HW), or the attention outputs (N, HW, C)
+        and (N, T, C) for ``kind="output"``. Head means are summed a few heads at a time (bounded memory)."""
+        rows, step = self._sel, len(self._timesteps) - 1
+        if self.kind == "output":
+            p = output_scores(o_img[rows], o_txt[rows], self._word_mask(rows, o_txt))  # (B', 1, HW, T)
+            self._file([step], (name,), p[None, None])
+            return
+        q, k, ki = q_img[rows], k_txt[rows], k_img[rows]  # (B', heads, ·, d)
+        lse = None if lse is None else lse[rows]  # (B', heads, HW)
+        if self.per_head or self.keep_probs:
+            p = text_block_probs(q, k, lse, scale, self.kind, ki)  # (B', heads, HW, T)
+            self._file([step], (name,), p[None, None])
+            return
+        b, heads, length, _ = q.shape
+        cap = PROBS_BYTES_CPU if q.device.type == "cpu" else PROBS_BYTES
+        chunk = max(1, cap // max(1, b * length * k.shape[2] * 4))  # heads per batch
+        total = None
+        for h in range(0, heads, chunk):
+            part = slice(h, h + chunk)
+            p = text_block_probs(
+                q[:, part], k[:, part], None if lse is None else lse[:, part], scale, self.kind, ki[:, part]
+            ).sum(1, keepdim=True)  # (B', 1, HW, T)
+            total = p if total is None else total.add_(p)
+        self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T): the head mean
+
+    def _word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
+        """(B', T) True at the prompt's word tokens (ConceptAttention's softmax runs over these); None when the
+        labels do not fit the sequence (then every position takes part)."""
+        if self._prompt_rows is None:
+            return None
+        cond, neg = self._prompt_rows
+        n, t = o_txt.shape[0], o_txt.shape[1]
+        if n == len(cond) + len(neg):  # the whole CFG batch, in the family's order
+            full = neg + cond if self.family.cfg_uncond_first else cond + neg
+        elif n == len(cond):
+            full = cond
+        else:
+            return None
+        labels = full[rows]
+        if any(len(tl.ids) != t for tl in labels):
+            return None
+        mask = torch.tensor(
+            [[k == "text" for k in tl.kinds] for tl in labels], device=o_txt.device
+        )  # (B', T)
+        return mask if bool(mask.any(1).all()) else None
+
     def _defer(
         self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any, rows: slice
     ) -> None:
@@ -611,6 +710,7 @@ class AttentionRecorder:
             vae_scale=vae_scale_factor(self.pipe),
             skipped_layers=list(self.skipped_layers),
             family=self.family.name,
+            kind=self.kind,
         )
         if self._split is not None:
             neg_rows, cond_rows = self._split

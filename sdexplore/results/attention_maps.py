@@ -47,7 +47,12 @@ class AttentionMaps:
         None  # the same maps for the negative (unconditional) prompt, negative=True
     )
     skipped_layers: list[str] = field(default_factory=list)  # cross-attention layers left uncaptured
-    family: str = ""  # "sd1", "sd2", "sdxl"
+    family: str = ""  # "sd1", "sd2", "sdxl", "sd3", "flux"
+    #: What the values are: ``"cross"`` (UNet cross-attention softmax over the T text keys), ``"joint"`` (MMDiT:
+    #: the text block of the joint softmax over text *and* image keys, so a pixel's T values sum to less than 1),
+    #: ``"text"`` (MMDiT scores, softmax over the text keys only) or ``"output"`` (ConceptAttention's
+    #: attention-output maps, softmax over the prompt's word tokens). See :mod:`sdexplore.record.joint`.
+    kind: str = "cross"
 
     # ---- labels -------------------------------------------------------------------------------------------
     @property
@@ -238,6 +243,7 @@ class AttentionMaps:
             "has_probs": self.probs is not None,
             "skipped_layers": self.skipped_layers,
             "family": self.family,
+            "kind": self.kind,
             "negative": self.negative._meta() if self.negative is not None else None,
         }
 
@@ -295,11 +301,14 @@ _META_KEYS = frozenset(
         "has_probs",
         "skipped_layers",
         "family",
+        "kind",
         "negative",
     }
 )
 _TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt"})
 _KINDS = ("bos", "text", "eos", "pad")
+#: Kinds of attention maps (:attr:`AttentionMaps.kind`).
+MAP_KINDS = ("cross", "joint", "text", "output")
 
 
 def _tensor_names(c: ff.Checker, meta: Any, prefix: str, field: str) -> list[str]:
@@ -391,6 +400,9 @@ def _build(
         negative=negative,
         skipped_layers=list(skipped),
         family=c.str(c.get(meta, "family", f"{field}.family"), f"{field}.family"),
+        kind=c.str(
+            meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
+        ),  # files from before map kinds: cross
     )
 
 

@@ -1,0 +1,217 @@
+"""Joint-attention capture for MMDiT denoisers (SD3's joint blocks; Flux's double- and single-stream blocks).
+
+In an MMDiT block image and text tokens attend jointly: one softmax over the keys of both. The per-token map
+of a text token is the image-query × text-key block of that softmax. Materialising the whole softmax is costly
+(SD3 at 1024²: 4,429 keys per query), so the output still comes from the fused kernel and the kernel's own
+log-sum-exp over *all* keys is kept beside it (:func:`sdpa_with_lse`); the text block is then
+``exp(q·kₜᵀ·scale − lse)``, computed for the captured rows only. Where the kernel gives no log-sum-exp (the math
+fallback), it is computed explicitly.
+
+Map kinds (recorded in each map's metadata):
+
+- ``"joint"``: the text block of the joint softmax, normalised over all keys (text and image), as the model
+  weighs them. A token's maps then sum to less than one per query: the rest of the mass went to image keys.
+- ``"text"``: the same scores with the softmax taken over the text keys only (comparable to UNet
+  cross-attention, where every query's mass is spread over the text).
+- ``"output"``: ConceptAttention's attention-output maps (Helbling et al., arXiv 2502.04320): the image tokens'
+  attention outputs projected onto the text tokens' outputs, softmax over the prompt's word tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+#: The map kinds of MMDiT attention (see the module docstring).
+JOINT_KINDS = ("joint", "text", "output")
+
+# Called with (layer name, queries of the image tokens (N, heads, HW, d), keys of the text tokens (N, heads, T, d),
+# log-sum-exp of each image query over all keys (N, heads, HW) float32 or None, the attention output of the
+# image tokens (N, HW, C) and of the text tokens (N, T, C) (before the output projections), the layer's scale,
+# keys of the image tokens (N, heads, HW, d) for a log-sum-exp the kernel did not give).
+JointSink = Callable[..., None]
+# Called with (layer name, number of image tokens); returns True to capture this call.
+JointGate = Callable[[str, int], bool]
+
+_FLASH, _EFFICIENT, _CUDNN = 1, 2, 3  # torch's SDPBackend values (torch._fused_sdp_choice)
+
+
+def sdpa_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_lse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``F.scaled_dot_product_attention(q, k, v)`` and the log-sum-exp of each query's scores over all keys.
+
+    Inputs are (B, heads, L, d). The output is computed by the very kernel SDPA would pick
+    (``torch._fused_sdp_choice``), called through its ATen op so that it also returns the log-sum-exp it
+    computes anyway: the output is bitwise SDPA's (checked for the CPU flash kernel in the tests). Returns
+    (output (B, heads, L, d), lse (B, heads, L) float32 in natural-log units, or None where the chosen backend
+    gives none (the math fallback): callers then compute it explicitly).
+    """
+    if need_lse:
+        try:
+            choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, False))
+            if query.device.type == "cpu" and choice == _FLASH:
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    query, key, value, 0.0, False
+                )
+                return out, lse
+            if query.device.type == "cuda" and choice == _FLASH:
+                res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
+                return res[0], _lse_shape(res[1], query)
+            if query.device.type == "cuda" and choice == _EFFICIENT:
+                res = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    query, key, value, None, True, 0.0, False
+                )
+                return res[0], _lse_shape(res[1], query)
+            if query.device.type == "cuda" and choice == _CUDNN:
+                res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    query, key, value, None, True, 0.0, False, False
+                )
+                return res[0], _lse_shape(res[1], query)
+        except (RuntimeError, AttributeError, TypeError):
+            pass  # an op this torch build lacks: SDPA for the output, the log-sum-exp computed by the caller
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+
+
+def _lse_shape(lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """A kernel's log-sum-exp as (B, heads, L) float32 (the efficient kernel pads L to a multiple of 32)."""
+    B, heads, L, _ = query.shape
+    return lse.reshape(B, heads, -1)[..., :L].float()  # (B, heads, L)
+
+
+def text_block_probs(
+    q_img: torch.Tensor,
+    k_txt: torch.Tensor,
+    lse: torch.Tensor | None,
+    scale: float,
+    kind: str,
+    k_img: Any = None,
+) -> torch.Tensor:
+    """Probabilities of image queries (B, heads, HW, d) on text keys (B, heads, T, d) → (B, heads, HW, T) float32.
+
+    ``kind="joint"``: normalised over every key (``lse`` from the kernel; when it is None, ``k_img`` (B, heads,
+    HW', d) supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only.
+    """
+    scores = torch.matmul(q_img.float(), k_txt.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, T)
+    if kind == "text":
+        return scores.softmax(-1)
+    if lse is None:
+        img = torch.matmul(q_img.float(), k_img.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, HW')
+        lse = torch.logaddexp(img.logsumexp(-1), scores.logsumexp(-1))  # (B, heads, HW)
+    return scores.sub_(lse.unsqueeze(-1)).exp_()
+
+
+def output_scores(o_img: torch.Tensor, o_txt: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """ConceptAttention maps: image outputs (B, HW, C) · text outputs (B, T, C)ᵀ, softmax over the kept text
+    tokens (``keep`` (B, T) bool; None keeps all); returns (B, 1, HW, T) float32 (one "head")."""
+    scores = torch.matmul(o_img.float(), o_txt.float().transpose(-1, -2))  # (B, HW, T)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+    return scores.softmax(-1).nan_to_num_(0.0).unsqueeze(1)  # (B, 1, HW, T)
+
+
+def joint_attention_layers(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
+    """(processor name, layout) of the text-conditioned attention layers of an MMDiT denoiser.
+
+    Layout ``"image-text"``: SD3's joint blocks (image tokens first, then text, from two projections);
+    ``"text-image"``: Flux's double-stream blocks (text first); ``"single"``: Flux's single-stream blocks (one
+    sequence, text first, the text length known only from the denoiser's input). Image-only attention (SD3.5's
+    ``attn2``) carries no text and is not listed.
+    """
+    layers = []
+    for name, module in denoiser.named_modules():
+        if not hasattr(module, "set_processor") or not hasattr(module, "to_q"):
+            continue
+        if getattr(module, "add_k_proj", None) is not None:
+            flux = type(module).__name__.startswith("Flux")
+            layers.append((f"{name}.processor", "text-image" if flux else "image-text"))
+        elif name.startswith("single_transformer_blocks."):
+            layers.append((f"{name}.processor", "single"))
+    return layers
+
+
+class JointCapturingProcessor:
+    """SD3's ``JointAttnProcessor2_0``, step for step, also handing the captured rows' queries, keys, the kernel's
+    log-sum-exp and the attention outputs to a sink. The output comes from the same kernel: bitwise unchanged.
+    Calls without text (image-only attention) and calls the gate declines go to the original processor."""
+
+    def __init__(self, name: str, original: Any, sink: JointSink, gate: JointGate, need_lse: bool) -> None:
+        self.name = name
+        self.original = original
+        self.sink = sink
+        self.gate = gate
+        self.need_lse = need_lse
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if (
+            encoder_hidden_states is None
+            or attention_mask is not None
+            or not self.gate(self.name, hidden_states.shape[1])
+        ):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+        query = attn.to_q(hidden_states)  # (N, HW, heads*d)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, HW, d)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        txt_q = attn.add_q_proj(encoder_hidden_states)  # (N, T, heads*d)
+        txt_k = attn.add_k_proj(encoder_hidden_states)
+        txt_v = attn.add_v_proj(encoder_hidden_states)
+        txt_q = txt_q.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+        txt_k = txt_k.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        txt_v = txt_v.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        hw = residual.shape[1]
+        img_q = query
+        query = torch.cat([query, txt_q], dim=2)  # (N, heads, HW+T, d)
+        key = torch.cat([key, txt_k], dim=2)
+        value = torch.cat([value, txt_v], dim=2)
+
+        out, lse = sdpa_with_lse(query, key, value, self.need_lse)  # (N, heads, HW+T, d), (N, heads, HW+T)
+        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (N, HW+T, C)
+        hidden_states = hidden_states.to(query.dtype)
+        self.sink(
+            self.name,
+            img_q,
+            key[:, :, hw:],
+            None if lse is None else lse[:, :, :hw],
+            hidden_states[:, :hw],
+            hidden_states[:, hw:],
+            float(attn.scale),
+            key[:, :, :hw],
+        )
+        hidden_states, encoder_hidden_states = hidden_states[:, :hw], hidden_states[:, hw:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+#: Original processors each capturing processor reproduces exactly, by layout.
+REPRODUCIBLE_JOINT: dict[str, tuple[type, ...]] = {"image-text": (JointAttnProcessor2_0,)}
+CAPTURING_JOINT: dict[str, type] = {"image-text": JointCapturingProcessor}

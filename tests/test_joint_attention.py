@@ -1,0 +1,154 @@
+"""MMDiT joint-attention maps: equal to an explicit softmax(QKᵀ) computed here, the image unchanged, kinds, restore."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_restored, gen, pipeline_state
+
+import sdexplore as sdx
+import sdexplore.record.joint as joint_mod
+from sdexplore.errors import InvalidArgumentError
+from sdexplore.fixtures import tiny_pipeline
+from sdexplore.record.joint import sdpa_with_lse
+
+P = "a red circle on a blue background"
+KW = dict(num_inference_steps=3, height=64, width=64, output_type="np", guidance_scale=5.0)
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return tiny_pipeline("sd3", t5=True)
+
+
+def _explicit(
+    sd3, prompt: str
+) -> tuple[object, dict[str, list[torch.Tensor]], dict[str, list[torch.Tensor]]]:
+    """A plain call; for every joint layer and call, the conditional row's text block of softmax(QKᵀ·scale) over
+    all keys and of the text-only softmax, each (heads, HW, T), computed here from the layer's own inputs."""
+    joint: dict[str, list[torch.Tensor]] = {}
+    text: dict[str, list[torch.Tensor]] = {}
+    handles = []
+
+    def hook(name, attn):
+        def pre(module, args, kwargs):
+            h = kwargs.get("hidden_states", args[0] if args else None)
+            c = kwargs.get("encoder_hidden_states")
+            B, HW, _ = h.shape
+            heads = attn.heads
+            d = attn.to_q.out_features // heads
+
+            def split(x):  # (B, L, heads*d) -> (B, heads, L, d)
+                return x.view(B, -1, heads, d).transpose(1, 2)
+
+            def norm(f):  # SD3.5 normalises q and k (RMSNorm); SD3 does not
+                return f if f is not None else (lambda x: x)
+
+            q, k = norm(attn.norm_q)(split(attn.to_q(h))), norm(attn.norm_k)(split(attn.to_k(h)))
+            tk = norm(attn.norm_added_k)(split(attn.add_k_proj(c)))
+            scores = (q @ torch.cat([k, tk], 2).transpose(-1, -2)) * attn.scale  # (B, heads, HW, HW+T)
+            joint.setdefault(name, []).append(scores.softmax(-1)[1, :, :, HW:])  # cond row: the second
+            text.setdefault(name, []).append(scores[..., HW:].softmax(-1)[1])
+
+        return pre
+
+    for name, module in sd3.transformer.named_modules():
+        if name.endswith(".attn") and getattr(module, "add_k_proj", None) is not None:
+            handles.append(module.register_forward_pre_hook(hook(name, module), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            image = sd3(P, generator=gen(0), **KW).images
+    finally:
+        for h in handles:
+            h.remove()
+    return image, joint, text
+
+
+def test_joint_maps_equal_an_explicit_softmax_and_the_image_is_unchanged(sd3) -> None:
+    plain, joint, text = _explicit(sd3, P)
+    assert joint and all(len(v) == 3 for v in joint.values())  # two joint layers, three steps
+    for kind, want in (("joint", joint), ("text", text)):
+        with sdx.AttentionRecorder(sd3, kind=kind, keep_probs=True, per_head=True) as rec:
+            image = sd3(P, generator=gen(0), **KW).images
+        assert (image == plain).all()  # bitwise: the output still comes from the fused kernel
+        maps = rec.maps
+        assert maps.kind == kind and maps.family == "sd3" and maps.layer_names == list(want)
+        for name, per_step in want.items():
+            got = maps.probs[name]  # (S, B, heads, HW, T)
+            assert got.shape == (3, 1, *per_step[0].shape)
+            for s, ref in enumerate(per_step):
+                torch.testing.assert_close(got[s, 0].float(), ref, rtol=0, atol=2e-6)
+            # the head-mean layer map is the mean over heads and steps of the same probabilities
+            mean = torch.stack(per_step).mean((0, 1))  # (HW, T)
+            torch.testing.assert_close(maps.layers[name][0].flatten(1).T, mean, rtol=0, atol=2e-6)
+        sums = maps.aggregate.sum(1)  # (B, H, W): the mass on text keys
+        if kind == "joint":
+            assert float(sums.max()) < 1 - 1e-3  # part of each query's mass went to the image keys
+        else:
+            torch.testing.assert_close(sums, torch.ones_like(sums))
+
+
+def test_head_chunked_means_equal_the_full_probabilities(sd3, monkeypatch) -> None:
+    with sdx.AttentionRecorder(sd3, per_head=True) as full:
+        sd3(P, generator=gen(1), **KW)
+    monkeypatch.setattr("sdexplore.record.attention.PROBS_BYTES_CPU", 1)  # one head per batch
+    with sdx.AttentionRecorder(sd3) as chunked:
+        sd3(P, generator=gen(1), **KW)
+    for name, heads in full.maps.layer_heads.items():
+        torch.testing.assert_close(chunked.maps.layers[name], heads.mean(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked.maps.steps, full.maps.steps, rtol=0, atol=1e-6)
+
+
+def test_without_a_kernel_log_sum_exp_the_maps_are_the_same(sd3, monkeypatch) -> None:
+    with sdx.AttentionRecorder(sd3) as kernel:
+        sd3(P, generator=gen(2), **KW)
+
+    def math_only(q, k, v, need_lse=True):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v), None
+
+    monkeypatch.setattr(joint_mod, "sdpa_with_lse", math_only)
+    with sdx.AttentionRecorder(sd3) as explicit:
+        sd3(P, generator=gen(2), **KW)
+    torch.testing.assert_close(explicit.maps.aggregate, kernel.maps.aggregate, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sdpa_with_lse_is_sdpa_bitwise_with_the_true_log_sum_exp(dtype) -> None:
+    q, k, v = (torch.randn(2, 3, 40, 16, generator=gen(i)).to(dtype) for i in range(3))
+    out, lse = sdpa_with_lse(q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    want = ((q.float() @ k.float().transpose(-1, -2)) * 16**-0.5).logsumexp(-1)  # (2, 3, 40)
+    torch.testing.assert_close(lse, want, rtol=0, atol=1e-4 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_output_maps_are_a_softmax_over_the_words_and_saved_with_their_kind(sd3, tmp_path) -> None:
+    with sdx.AttentionRecorder(sd3, kind="output") as rec:
+        sd3(P, generator=gen(0), **KW)
+    maps = rec.maps
+    assert maps.kind == "output"
+    sums = maps.aggregate.sum(1)
+    torch.testing.assert_close(sums, torch.ones_like(sums))  # a distribution over text positions per pixel
+    loaded = sdx.AttentionMaps.load(maps.save(tmp_path / "m"))
+    assert loaded.kind == "output"
+    assert torch.equal(loaded.aggregate, maps.aggregate)
+
+
+def test_bad_kinds_are_refused_before_anything_changes(sd3) -> None:
+    before = pipeline_state(sd3)
+    with pytest.raises(InvalidArgumentError, match="'joint'"):
+        sdx.AttentionRecorder(sd3, kind="cross")
+    with pytest.raises(InvalidArgumentError, match="MMDiT"):
+        sdx.AttentionRecorder(tiny_pipeline("sd1"), kind="joint")
+    assert_restored(sd3, before)
+
+
+@pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
+def test_joint_processors_are_restored_after_a_fault(sd3, fault) -> None:
+    before = pipeline_state(sd3)
+
+    def boom(pipe, i, t, kw):
+        raise fault("stop")
+
+    with pytest.raises(fault), sdx.AttentionRecorder(sd3):
+        sd3(P, generator=gen(0), callback_on_step_end=boom, **KW)
+    assert_restored(sd3, before)
