@@ -27,7 +27,7 @@ from .joint import (
     output_scores,
     text_block_probs,
 )
-from .processor import CapturingAttnProcessor, is_reproducible
+from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
 from .tokens import TokenList, tokenize_prompt, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
@@ -59,6 +59,7 @@ _RUN_STATE = (
     "_passed",
     "_rows",
     "_prompt_rows",
+    "_concept_keys",
 )
 
 
@@ -98,6 +99,15 @@ class AttentionRecorder:
         keep_probs: keep every probability tensor (``maps.probs``), in the pipeline's dtype. Costly: SD 1.5,
             512², 50 steps, one image: 16 layers × 8 heads × 26,944 queries × 77 keys × 50 steps × 2 bytes ≈
             1.7 GB for the conditional half (3.3 GB with ``negative=True``), held on the device until read.
+        kind: what the maps hold. UNet models: ``"cross"`` (the only kind). MMDiT models (SD3, Flux): ``"joint"``
+            (default: the image-query × text-key block of the joint softmax, normalised over text *and* image
+            keys, from the fused kernel's own log-sum-exp), ``"text"`` (softmax over the text keys only) or
+            ``"output"`` (ConceptAttention's attention-output maps). Recorded as ``maps.kind``.
+        concepts: words or short phrases that are *not* in the prompt, to map anyway (``maps.concept("sky")``):
+            each is encoded alone by the pipeline's text encoder, and each layer scores the run's own queries
+            against its words' keys, offered beside the prompt's keys. The image and the prompt's maps are
+            unchanged. UNet models; needs diffusers' default attention processor. A model whose text encoder
+            only saw full prompts (the embedded tiny-shapes model) gives single-word keys little meaning.
     """
 
     def __init__(
@@ -111,6 +121,7 @@ class AttentionRecorder:
         negative: bool = False,
         keep_probs: bool = False,
         kind: str | None = None,
+        concepts: Sequence[str] = (),
     ) -> None:
         self.pipe = pipe
         self.family = detect_family(pipe)
@@ -147,6 +158,18 @@ class AttentionRecorder:
                 "through cross-attention, so there are no per-token maps to record."
             )
         self._selected = _select_layers(cross, layers)
+        if isinstance(concepts, str) or not all(isinstance(c, str) and c.strip() for c in concepts):
+            raise InvalidArgumentError(
+                f"concepts={concepts!r}: pass a list of words or short phrases, e.g. ['sky', 'grass']."
+            )
+        #: Words whose maps are recorded although they are not in the prompt (see :meth:`AttentionMaps.concept`).
+        self.concepts = list(dict.fromkeys(c.strip() for c in concepts))
+        if self.concepts and joint:
+            raise InvalidArgumentError(
+                "Concept maps are recorded on UNet models (SD 1.x / 2.x / XL); on MMDiT models use kind='output' "
+                "maps of the prompt's own words."
+            )
+        self._concept_text: tuple[torch.Tensor, list[list[int]]] | None = None  # encoded once per block
         #: Module names of the selected cross-attention layers.
         self.layer_names = [n.removesuffix(".processor") for n in self._selected]
         if scales is not None:
@@ -208,6 +231,14 @@ class AttentionRecorder:
                 f"reproduce exactly ({', '.join(kinds)}). Reset them with pipe.unet.set_default_attn_processor() "
                 "(this discards what those processors do) or record without them."
             )
+        if self.concepts and any(type(procs[n]) is not AttnProcessor2_0 for n in capture):
+            kinds = sorted({type(procs[n]).__name__ for n in capture})
+            raise UnsupportedPipelineError(
+                f"Concept maps need diffusers' default attention processor (AttnProcessor2_0) on the captured "
+                f"layers; these use {', '.join(kinds)}. Call pipe.unet.set_default_attn_processor() first, or "
+                "record without concepts=."
+            )
+        self._concept_text = None
         if self.skipped_layers:
             kinds = sorted({type(procs[n]).__name__ for n in skipped})
             warnings.warn(
@@ -310,12 +341,36 @@ class AttentionRecorder:
         self._first_step_checked = False
         self._passed: set[str] = set()  # layers the scales= filter hands to their own processor this run
         self._rows = -1  # denoiser batch rows the CFG layout was worked out for
+        self._concept_keys: dict[str, torch.Tensor] = {}  # layer → keys of the concepts' words (heads, C', d)
 
     def _run_start(self, run: Run) -> None:
         """A pipeline call begins: a fresh run, its rows labelled with the call's prompt tokens."""
         self._pending = None  # the previous run's maps, never read: "maps" is the latest run's
         self._reset_run()
         self._prompt_rows = self._labels_of_call(run.arguments)
+        if self.concepts and self._concept_text is None:
+            self._concept_text = self._encode_concepts()
+
+    def _encode_concepts(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The concepts encoded by the pipeline's own text encoder(s), each alone as a prompt: (C, 77, D), and
+        per concept the span of its word tokens in the flattened key list (one span after another)."""
+        den = self.family.get_denoiser(self.pipe)
+        enc = self.family.encode_prompt(
+            self.pipe, list(self.concepts), device=den.device, do_classifier_free_guidance=False
+        )
+        tok = getattr(self.pipe, self.family.tokenizers[0])
+        positions = [
+            [i for i, k in enumerate(tokenize_prompt(tok, c).kinds) if k == "text"] for c in self.concepts
+        ]
+        empty = [c for c, pos in zip(self.concepts, positions, strict=True) if not pos]
+        if empty:
+            raise InvalidArgumentError(f"Concept(s) {empty} have no tokens once tokenized; pass real words.")
+        self._concept_positions = positions
+        spans, start = [], 0
+        for pos in positions:
+            spans.append((start, start + len(pos)))
+            start += len(pos)
+        return enc.embeds.to(den.dtype), spans
 
     def _run_end(self, run: Run, error: BaseException | None) -> None:
         """A pipeline call ended (a failed or interrupted one keeps what it recorded): set its state aside.
@@ -456,6 +511,11 @@ class AttentionRecorder:
 
     def _sink(self, name: str, probs: torch.Tensor) -> None:
         """File one layer's probabilities (B', heads, HW, T) at once (a processor that computed them itself)."""
+        if self.concepts:
+            raise RecorderStateError(
+                f"Layer {name} was called with an attention mask: concept maps need unmasked cross-attention. "
+                "Record without concepts=."
+            )
         self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
 
     def _joint_gate(self, name: str, seq_len: int) -> bool:
@@ -531,6 +591,8 @@ class AttentionRecorder:
         probabilities from one batched matmul and softmax (:meth:`_flush`). A layer's keys depend only on the
         text, so one copy serves every step that saw the same text tensor.
         """
+        if self.concepts and name not in self._concept_keys:
+            self._concept_keys[name] = self._keys_of_concepts(attn, key.shape[1])
         upcast, scale = bool(attn.upcast_attention), float(attn.scale)
         group = (query.shape, key.shape, query.dtype, upcast, scale, id(context), rows.start, rows.stop)
         batch = self._queue.get(group)
@@ -541,6 +603,20 @@ class AttentionRecorder:
         self._queued_bytes += query.numel() * query.element_size()
         if self._queued_bytes > QUEUE_BYTES:
             self._flush()
+
+    def _keys_of_concepts(self, attn: Any, heads: int) -> torch.Tensor:
+        """One layer's keys of every concept word, as the layer computes keys from text: (heads, C', d)."""
+        assert self._concept_text is not None
+        ctx = self._concept_text[0]  # (C, 77, D)
+        if attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        k = attn.to_k(ctx)  # (C, 77, heads*d)
+        k = k.view(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)  # (C, heads, 77, d)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        return torch.cat(
+            [k[i][:, pos] for i, pos in enumerate(self._concept_positions)], dim=1
+        )  # (heads, C', d)
 
     def _flush(self) -> None:
         """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
@@ -574,8 +650,31 @@ class AttentionRecorder:
                         q3, kt = q3.float(), kt.float()
                     scores = torch.baddbmm(_empty(q3), q3, kt, beta=0.0, alpha=scale)  # (n*B'*heads, S*HW, T)
                     probs = scores.softmax(-1, dtype=torch.float32)  # (n*B'*heads, S*HW, T)
-                    probs = probs.view(n, b, heads, len(part), length, t).permute(3, 0, 1, 2, 4, 5)
+                    if self.concepts:  # the concepts' columns after the T text positions
+                        probs = torch.cat([probs, self._concept_probs(names, b, q3, scores, scale)], -1)
+                    probs = probs.view(n, b, heads, len(part), length, -1).permute(3, 0, 1, 2, 4, 5)
                     self._file(part, names, probs)  # (S, n, B', heads, HW, T)
+
+    def _concept_probs(
+        self, names: tuple[str, ...], b: int, q3: torch.Tensor, scores: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """(n*B'*heads, S*HW, C) float32: each concept's probability mass when its words are offered as keys
+        beside the prompt's (softmax over the T prompt keys and that concept's keys, the concept's part summed).
+        ``q3`` (n*B'*heads, S*HW, d) are the queries and ``scores`` their scaled scores on the prompt keys."""
+        assert self._concept_text is not None
+        kc = torch.stack([self._concept_keys[n] for n in names])  # (n, heads, C', d)
+        n, heads, c, d = kc.shape
+        kc = kc[:, None].expand(n, b, heads, c, d).reshape(n * b * heads, c, d)  # (n*B'*heads, C', d)
+        sc = torch.baddbmm(
+            _empty(q3), q3, kc.transpose(1, 2).to(q3.dtype), beta=0.0, alpha=scale
+        ).float()  # (n*B'*heads, S*HW, C')
+        lse = scores.float().logsumexp(-1, keepdim=True)  # (n*B'*heads, S*HW, 1)
+        out = []
+        for a, z in self._concept_text[1]:
+            own = sc[..., a:z]  # (n*B'*heads, S*HW, |c|)
+            both = torch.logaddexp(lse, own.logsumexp(-1, keepdim=True))
+            out.append((own - both).exp().sum(-1, keepdim=True))  # (n*B'*heads, S*HW, 1)
+        return torch.cat(out, -1)  # (n*B'*heads, S*HW, C)
 
     def _file(self, steps: list[int], names: tuple[str, ...], p: torch.Tensor) -> None:
         """Reduce the probabilities ``p`` (S, n, B', heads, HW, T) of ``steps`` × the layers ``names`` (all of one
@@ -695,15 +794,33 @@ class AttentionRecorder:
         def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
             return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
 
+        T, C = self._num_keys, len(self.concepts)
+
+        def text(x: torch.Tensor, dim: int) -> torch.Tensor:
+            return x.narrow(dim, 0, T) if C else x  # the prompt's key positions (concepts come after them)
+
+        def concept(x: torch.Tensor, dim: int) -> torch.Tensor:
+            return x.narrow(dim, T, C)
+
         def part(rows: slice) -> dict[str, Any]:
-            return dict(
-                aggregate=own(aggregate[rows]),
-                layers={n: own(m[rows]) for n, m in layers.items()},
-                steps=None if steps is None else own(steps[:, rows]),
-                layer_heads=None if heads is None else {n: own(m[rows]) for n, m in heads.items()},
-                probs=None if probs is None else {n: own(m[:, rows], None) for n, m in probs.items()},
+            out = dict(
+                aggregate=own(text(aggregate[rows], 1)),
+                layers={n: own(text(m[rows], 1)) for n, m in layers.items()},
+                steps=None if steps is None else own(text(steps[:, rows], 2)),
+                layer_heads=None if heads is None else {n: own(text(m[rows], 2)) for n, m in heads.items()},
+                probs=None
+                if probs is None
+                else {n: own(text(m[:, rows], 4), None) for n, m in probs.items()},
                 timesteps=timesteps.clone(),
             )
+            if C:
+                out.update(
+                    concepts=list(self.concepts),
+                    concept_aggregate=own(concept(aggregate[rows], 1)),
+                    concept_layers={n: own(concept(m[rows], 1)) for n, m in layers.items()},
+                    concept_steps=None if steps is None else own(concept(steps[:, rows], 2)),
+                )
+            return out
 
         common = dict(
             latent_size=(H, W),

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import heatmaps as _heatmaps
 from ..errors import SelectionError, WordNotFoundError
 from ..heatmaps import Normalization, normalize, resize
 from . import fileformat as ff
-from .tokens import TokenList
+from .tokens import TokenList, segments_from_json
 
 StepSelector = int | range | slice | Sequence[int] | None
 
@@ -53,6 +54,11 @@ class AttentionMaps:
     #: ``"text"`` (MMDiT scores, softmax over the text keys only) or ``"output"`` (ConceptAttention's
     #: attention-output maps, softmax over the prompt's word tokens). See :mod:`sdexplore.record.joint`.
     kind: str = "cross"
+    #: Words recorded although not in the prompt (``AttentionRecorder(concepts=...)``); see :meth:`concept`.
+    concepts: list[str] = field(default_factory=list)
+    concept_aggregate: torch.Tensor | None = None  # (B, C, H, W) float32, like aggregate, one map per concept
+    concept_layers: dict[str, torch.Tensor] | None = None  # name → (B, C, h, w)
+    concept_steps: torch.Tensor | None = None  # (S, B, C, hs, ws)
 
     # ---- labels -------------------------------------------------------------------------------------------
     @property
@@ -130,6 +136,47 @@ class AttentionMaps:
                 f"see .tokens for what each holds, or use .word() for a word."
             )
         return self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
+
+    def concept(
+        self,
+        concept: str,
+        *,
+        step: StepSelector = None,
+        layer: str | None = None,
+        index: int = 0,
+        normalize: Normalization = "mass",
+    ) -> torch.Tensor:
+        """Heat map ``(h, w)`` of a word that was *not* in the prompt (one of :attr:`concepts`).
+
+        The same queries of the same run, scored against the concept's own keys (the concept encoded alone by
+        the pipeline's text encoder, through each layer's key projection): each pixel's probability mass on
+        the concept's words when they are offered as keys beside the prompt's. The image is unchanged.
+        Comparable in scale with :meth:`word` maps of the prompt's words. ``step``, ``layer``, ``index`` and
+        ``normalize`` as in :meth:`word` (``step`` and ``layer`` not together).
+        """
+        if self.concept_aggregate is None or concept not in self.concepts:
+            recorded = f"recorded concepts: {self.concepts}" if self.concepts else "no concepts were recorded"
+            raise WordNotFoundError(
+                f"{concept!r} is not a recorded concept ({recorded}); record it with "
+                f"AttentionRecorder(pipe, concepts=[{concept!r}]), or use .word() for the prompt's own words."
+            )
+        self._tokens_of(index)
+        c = self.concepts.index(concept)
+        if layer is None and step is None:
+            out = self.concept_aggregate[index, c]  # (H, W)
+        elif layer is None:
+            if self.concept_steps is None:
+                raise ValueError(
+                    "Per-step maps were not recorded (step_resolution=None); record with step_resolution=16."
+                )
+            out = self.concept_steps[self._step_indices(step), index, c].mean(0)  # (hs, ws)
+        elif step is None:
+            assert self.concept_layers is not None
+            per = [self.concept_layers[n][index, c] for n in self._match_layers(layer)]  # each (h_l, w_l)
+            out = per[0] if len(per) == 1 else torch.stack([resize(m, self.latent_size) for m in per]).mean(0)
+        else:
+            raise ValueError("Concept maps are kept per step or per layer, not both: pass step= or layer=.")
+        return _heatmaps.normalize(out, normalize)
 
     def word_maps(
         self, words: Sequence[str] | None = None, *, index: int = 0, normalize: Normalization = "mass"
@@ -228,6 +275,12 @@ class AttentionMaps:
         for group in ("layers", "layer_heads", "probs"):
             for name, v in (getattr(self, group) or {}).items():
                 t[f"{prefix}{group}/{name}"] = v
+        if self.concept_aggregate is not None:
+            t[f"{prefix}concepts/aggregate"] = self.concept_aggregate
+            if self.concept_steps is not None:
+                t[f"{prefix}concepts/steps"] = self.concept_steps
+            for name, v in (self.concept_layers or {}).items():
+                t[f"{prefix}concepts/layers/{name}"] = v
         if self.negative is not None:
             t.update(self.negative._tensors(prefix + "negative/"))
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
@@ -244,6 +297,7 @@ class AttentionMaps:
             "skipped_layers": self.skipped_layers,
             "family": self.family,
             "kind": self.kind,
+            "concepts": list(self.concepts),
             "negative": self.negative._meta() if self.negative is not None else None,
         }
 
@@ -302,10 +356,11 @@ _META_KEYS = frozenset(
         "skipped_layers",
         "family",
         "kind",
+        "concepts",
         "negative",
     }
 )
-_TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt"})
+_TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt", "segments"})
 _KINDS = ("bos", "text", "eos", "pad")
 #: Kinds of attention maps (:attr:`AttentionMaps.kind`).
 MAP_KINDS = ("cross", "joint", "text", "output")
@@ -329,6 +384,12 @@ def _tensor_names(c: ff.Checker, meta: Any, prefix: str, field: str) -> list[str
     for group in ("layer_heads", "probs"):
         if c.bool(c.get(meta, f"has_{group}", f"{field}.has_{group}"), f"{field}.has_{group}"):
             names += [f"{prefix}{group}/{n}" for n in layers]
+    concepts = c.list(meta.get("concepts", []), f"{field}.concepts")
+    if concepts:
+        names.append(f"{prefix}concepts/aggregate")
+        if meta["has_steps"]:
+            names.append(f"{prefix}concepts/steps")
+        names += [f"{prefix}concepts/layers/{n}" for n in layers]
     negative = c.get(meta, "negative", f"{field}.negative")
     if negative is not None:
         if prefix:
@@ -382,6 +443,23 @@ def _build(
     skipped = c.list(c.get(meta, "skipped_layers", f"{field}.skipped_layers"), f"{field}.skipped_layers")
     for i, n in enumerate(skipped):
         c.str(n, f"{field}.skipped_layers[{i}]")
+    concepts = [c.str(v, f"{field}.concepts[{i}]") for i, v in enumerate(meta.get("concepts", []))]
+    concept_parts: dict[str, Any] = {}
+    if concepts:
+        C = len(concepts)
+        agg = tensors[f"{prefix}concepts/aggregate"]
+        ff.check_tensor(c, f"{prefix}concepts/aggregate", agg, (B, C, H, W), floating=True)
+        cl = {}
+        for n in meta["layer_names"]:
+            cl[n] = tensors[f"{prefix}concepts/layers/{n}"]
+            ff.check_tensor(
+                c, f"{prefix}concepts/layers/{n}", cl[n], (B, C, *layers[n].shape[-2:]), floating=True
+            )
+        cs = None
+        if steps is not None:
+            cs = tensors[f"{prefix}concepts/steps"]
+            ff.check_tensor(c, f"{prefix}concepts/steps", cs, (S, B, C, *steps.shape[-2:]), floating=True)
+        concept_parts = dict(concepts=concepts, concept_aggregate=agg, concept_layers=cl, concept_steps=cs)
     negative = None
     if meta["negative"] is not None:
         negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
@@ -403,6 +481,7 @@ def _build(
         kind=c.str(
             meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
         ),  # files from before map kinds: cross
+        **concept_parts,
     )
 
 
@@ -430,5 +509,10 @@ def _token_list(c: ff.Checker, value: Any, T: int, field: str) -> TokenList:
     ]
     prompt = c.get(d, "prompt", f"{field}.prompt")
     return TokenList(
-        ids, pieces, kinds, truncated, None if prompt is None else c.str(prompt, f"{field}.prompt")
+        ids,
+        pieces,
+        kinds,
+        truncated,
+        None if prompt is None else c.str(prompt, f"{field}.prompt"),
+        segments_from_json(c, d.get("segments", []), T, f"{field}.segments"),  # SD3/Flux: CLIP and T5 parts
     )
