@@ -1,4 +1,4 @@
-"""Model families (SD 1.x, SD 2.x, SDXL, SD3): everything model-specific lives here, one record per family."""
+"""Model families (SD 1.x, SD 2.x, SDXL, SD3, Flux.1): everything model-specific lives here, one record per family."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedPipelineError
+from .errors import InvalidArgumentError, UnsupportedPipelineError
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class DenoiserArgs:
     # The pooled text embedding, either (keyword holding a dict, key) — SDXL's ("added_cond_kwargs",
     # "text_embeds") — or an argument of its own, (keyword, position) — SD3's ("pooled_projections", 2).
     pooled: tuple[str, str] | tuple[str, int] | None = None
+    # Flux.1-dev's distilled guidance: the scale itself is an input (B,) of the denoiser (None where it has none)
+    guidance: tuple[str, int] | None = None
+    # Token positions of the image tokens (Flux's img_ids (N, 3): 0, row, column), which give the latent grid of
+    # packed latents
+    positions: tuple[str, int] | None = None
 
     def _pooled_in_dict(self) -> bool:
         return self.pooled is not None and isinstance(self.pooled[1], str)
@@ -39,7 +44,10 @@ class DenoiserArgs:
             if self._pooled_in_dict():
                 holder = kwargs.get(self.pooled[0])
                 return None if not holder else holder.get(self.pooled[1])
-        name, pos = getattr(self, which)
+        where = getattr(self, which)
+        if where is None:
+            return None
+        name, pos = where
         if name in kwargs:
             return kwargs[name]
         return args[pos] if len(args) > pos else None
@@ -52,7 +60,10 @@ class DenoiserArgs:
             if self._pooled_in_dict():
                 kwargs[self.pooled[0]] = {**kwargs[self.pooled[0]], self.pooled[1]: value}
                 return args, kwargs
-        name, pos = getattr(self, which)
+        where = getattr(self, which)
+        if where is None:
+            raise InvalidArgumentError(f"This denoiser has no {which!r} input to replace.")
+        name, pos = where
         if name in kwargs or len(args) <= pos:
             kwargs[name] = value
             return args, kwargs
@@ -77,7 +88,7 @@ class Family:
     walks and widgets read only these fields and methods.
     """
 
-    name: str  # short id: "sd1", "sd2", "sdxl", "sd3"
+    name: str  # short id: "sd1", "sd2", "sdxl", "sd3", "flux"
     label: str  # human name for tables and plots
     pipeline_classes: tuple[str, ...]  # diffusers pipeline class names this family covers
     text_encoders: tuple[str, ...]  # pipeline attribute names of the text encoders, in concat order
@@ -99,6 +110,13 @@ class Family:
     encode_options: tuple[
         str, ...
     ] = ()  # call arguments that shape encode_prompt's output (max_sequence_length)
+    # Does the denoiser see one (uncond, cond) batch under classifier-free guidance? Flux: no. Flux.1-dev is
+    # guidance-distilled (the scale is a denoiser input); its optional "true CFG" (true_cfg_scale > 1 with a
+    # negative prompt) calls the denoiser twice per step, the prompt first, then the negative prompt.
+    cfg_batch: bool = True
+    # Latent packing: the denoiser sees (B, h/p · w/p, C·p²) tokens of p×p latent patches instead of (B, C, h, w)
+    # latents (Flux: p = 2, diffusers' _pack_latents); the scheduler steps the packed tokens too.
+    latent_packing: int = 1
 
     def present_tokenizers(self, pipe: Any) -> list[tuple[str, Any]]:
         """``(attribute, tokenizer)`` of each tokenizer the pipeline has, in order (SD3 may lack T5's)."""
@@ -127,6 +145,75 @@ class Family:
     def join_cfg(self, uncond: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The CFG batch (2B, ...) from its halves, in this family's layout."""
         return torch.cat([uncond, cond] if self.cfg_uncond_first else [cond, uncond])
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) as the denoiser's tokens (B, h/p · w/p, C·p²) (identity for p = 1); exactly
+        diffusers' ``FluxPipeline._pack_latents``, so that ``unpack_latents(pack_latents(x), h, w)`` is ``x``."""
+        p = self.latent_packing
+        if p == 1:
+            return latents
+        b, c, h, w = latents.shape
+        x = latents.reshape(b, c, h // p, p, w // p, p)  # (B, C, h/p, p, w/p, p)
+        x = x.permute(0, 2, 4, 1, 3, 5)  # (B, h/p, w/p, C, p, p)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)  # (B, h/p · w/p, C·p²)
+
+    def unpack_latents(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """The denoiser's tokens (B, h/p · w/p, C·p²) as latents (B, C, h, w), ``grid`` = (h, w) in latent cells
+        (diffusers' ``FluxPipeline._unpack_latents``); identity for unpacked families."""
+        p = self.latent_packing
+        if p == 1:
+            return tokens
+        b, n, cp = tokens.shape
+        h, w = grid
+        if n != (h // p) * (w // p) or cp % (p * p):
+            raise InvalidArgumentError(
+                f"Packed latents {tuple(tokens.shape)} do not fit a {h}×{w} latent grid of {p}×{p} patches."
+            )
+        x = tokens.reshape(b, h // p, w // p, cp // (p * p), p, p)  # (B, h/p, w/p, C, p, p)
+        x = x.permute(0, 3, 1, 4, 2, 5)  # (B, C, h/p, p, w/p, p)
+        return x.reshape(b, cp // (p * p), h, w)  # (B, C, h, w)
+
+    def latent_grid(self, sample: torch.Tensor, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """(h, w) in latent cells of the latents behind a denoiser input ``sample``.
+
+        Unpacked families read it off the sample (B, C, h, w). Packed ones (Flux) read the last image token's
+        position (row, column) from the denoiser's position ids — one small host read, made once per run.
+        """
+        if self.latent_packing == 1:
+            return int(sample.shape[-2]), int(sample.shape[-1])
+        ids = self.denoiser_args.get("positions", args, kwargs)
+        if ids is None:
+            raise UnsupportedPipelineError(
+                f"The {self.label} denoiser was called without image position ids; sdexplore cannot tell the "
+                "latent grid of its packed latents."
+            )
+        row, col = (int(v) for v in ids.reshape(-1, ids.shape[-1])[-1, 1:3].tolist())  # last token: (0, r, c)
+        p = self.latent_packing
+        h, w = (row + 1) * p, (col + 1) * p
+        if (h // p) * (w // p) != sample.shape[1]:
+            raise UnsupportedPipelineError(
+                f"The {self.label} denoiser's image tokens {tuple(sample.shape)} do not match its position ids "
+                f"({h // p}×{w // p} patches); sdexplore cannot unpack them."
+            )
+        return h, w
+
+    def has_distilled_guidance(self, pipe: Any) -> bool:
+        """Whether the denoiser takes the guidance scale as an input (Flux.1-dev; not schnell, not CFG families)."""
+        if self.denoiser_args.guidance is None:
+            return False
+        return bool(getattr(self.get_denoiser(pipe).config, "guidance_embeds", False))
+
+    def true_cfg(self, arguments: dict[str, Any]) -> bool:
+        """For a family without a CFG batch: does a call with these arguments run classifier-free guidance as two
+        denoiser calls per step (Flux: ``true_cfg_scale > 1`` and a negative prompt, as ``FluxPipeline`` decides)?"""
+        if self.cfg_batch:
+            return False
+        scale = arguments.get("true_cfg_scale", 1.0)
+        has_negative = arguments.get("negative_prompt") is not None or (
+            arguments.get("negative_prompt_embeds") is not None
+            and arguments.get("negative_pooled_prompt_embeds") is not None
+        )
+        return scale is not None and float(scale) > 1 and has_negative
 
     def cross_attention_layers(self, unet: torch.nn.Module) -> list[str]:
         """Processor names (keys of ``unet.attn_processors``) of the cross-attention layers.
@@ -161,6 +248,17 @@ class Family:
         """
         extra: dict[str, Any] = {k: None for k in self.prompt_arguments}
         extra.update({k: v for k, v in options.items() if k in self.encode_options and v is not None})
+        if not self.cfg_batch:
+            return self._encode_without_cfg_batch(
+                pipe,
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+                negative_prompt,
+                clip_skip,
+                extra,
+            )
         out = pipe.encode_prompt(
             prompt=prompt,
             device=device,
@@ -175,6 +273,35 @@ class Family:
         if self.pooled_text_embeds:
             return TextEncoding(out[0], out[1], out[2], out[3])
         return TextEncoding(out[0], out[1])
+
+    def _encode_without_cfg_batch(
+        self,
+        pipe: Any,
+        prompt: Any,
+        device: Any,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+        negative_prompt: Any,
+        clip_skip: int | None,
+        extra: dict[str, Any],
+    ) -> TextEncoding:
+        # Flux's encode_prompt(prompt, prompt_2, device, num_images_per_prompt, ..., max_sequence_length) returns
+        # (T5 sequence (N, L, 4096), CLIP-L pooled (N, 768), text ids (L, 3)) for one prompt: no negative half and
+        # no clip_skip. The negative is encoded the same way, and only when one is given (its "true CFG").
+        if clip_skip is not None:
+            raise InvalidArgumentError(f"The {self.label} pipelines take no clip_skip; leave it None.")
+
+        def encode(text: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            out = pipe.encode_prompt(
+                prompt=text, device=device, num_images_per_prompt=num_images_per_prompt, **extra
+            )
+            return out[0], out[1]
+
+        embeds, pooled = encode(prompt)
+        if not do_classifier_free_guidance or negative_prompt is None:
+            return TextEncoding(embeds, None, pooled, None)
+        negative, negative_pooled = encode(negative_prompt)
+        return TextEncoding(embeds, negative, pooled, negative_pooled)
 
 
 # Latent → RGB factors as published with ComfyUI's latent formats (rows = latent channels, columns = R, G, B).
@@ -271,8 +398,59 @@ SD3 = Family(
     encode_options=("max_sequence_length",),
 )
 
+# Flux.1's 16-channel VAE, from ComfyUI's comfy/latent_formats.py, class Flux (latent_rgb_factors and
+# latent_rgb_factors_bias; comfyanonymous/ComfyUI at commit 040a3243). As for SD3 they apply to the sampling-space
+# latents, (z − 0.1159) · 0.3611 in both ComfyUI (process_in) and diffusers (the VAE's shift and scaling factors),
+# after unpacking Flux's 2×2 token packing.
+_FLUX_FACTORS = (
+    (-0.0346, 0.0244, 0.0681),
+    (0.0034, 0.0210, 0.0687),
+    (0.0275, -0.0668, -0.0433),
+    (-0.0174, 0.0160, 0.0617),
+    (0.0859, 0.0721, 0.0329),
+    (0.0004, 0.0383, 0.0115),
+    (0.0405, 0.0861, 0.0915),
+    (-0.0236, -0.0185, -0.0259),
+    (-0.0245, 0.0250, 0.1180),
+    (0.1008, 0.0755, -0.0421),
+    (-0.0515, 0.0201, 0.0011),
+    (0.0428, -0.0012, -0.0036),
+    (0.0817, 0.0765, 0.0749),
+    (-0.1264, -0.0522, -0.1103),
+    (-0.0280, -0.0881, -0.0499),
+    (-0.1262, -0.0982, -0.0778),
+)
+
+FLUX = Family(
+    name="flux",
+    label="Flux.1",
+    pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline"),
+    text_encoders=("text_encoder", "text_encoder_2"),  # CLIP-L (pooled only), T5-XXL (the sequence)
+    tokenizers=("tokenizer", "tokenizer_2"),
+    latent_channels=16,
+    latent_rgb_factors=_FLUX_FACTORS,
+    latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
+    pooled_text_embeds=True,  # CLIP-L pooled → the transformer's pooled_projections
+    denoiser="transformer",  # FluxTransformer2DModel: double-stream (MMDiT) blocks, then single-stream blocks
+    # FluxTransformer2DModel.forward(hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids,
+    # txt_ids, guidance, ...); FluxPipeline passes everything by keyword, and timestep as t / 1000
+    denoiser_args=DenoiserArgs(
+        sample=("hidden_states", 0),
+        timestep=("timestep", 3),
+        text=("encoder_hidden_states", 1),
+        pooled=("pooled_projections", 2),
+        guidance=("guidance", 6),
+        positions=("img_ids", 4),
+    ),
+    clip_sequence=(),  # the sequence is T5's alone; CLIP gives the pooled vector only
+    prompt_arguments=("prompt_2",),
+    encode_options=("max_sequence_length",),
+    cfg_batch=False,
+    latent_packing=2,
+)
+
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 
@@ -289,6 +467,8 @@ def detect_family(pipe: Any) -> Family:
         return SDXL
     if cls in SD3.pipeline_classes:
         return SD3
+    if cls in FLUX.pipeline_classes:
+        return FLUX
     if cls in SD1.pipeline_classes:
         tok = getattr(pipe, "tokenizer", None)
         te = getattr(pipe, "text_encoder", None)
@@ -299,7 +479,7 @@ def detect_family(pipe: Any) -> Family:
     raise UnsupportedPipelineError(
         f"sdexplore does not support {cls}. Supported pipeline classes: {_SUPPORTED}. "
         "Load one with sdexplore.load_pipeline(...) or diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline "
-        "/ StableDiffusion3Pipeline."
+        "/ StableDiffusion3Pipeline / FluxPipeline."
     )
 
 
@@ -331,5 +511,6 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def vae_scale_factor(pipe: Any) -> int:
-    """Pixels per latent cell along each side (8 for every SD family, SD3 included)."""
+    """Pixels per latent cell along each side (8 for every SD family, SD3 and Flux included; Flux's 2×2 packing
+    makes one denoiser token 16×16 pixels, but a latent cell is still 8×8)."""
     return int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))

@@ -1,6 +1,6 @@
-"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 pipelines built in code: offline structure tests and demos.
+"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 pipelines built in code: offline structure tests and demos.
 
-They have the real architecture classes and the real CLIP tokenizer (SD3: plus a small offline T5 tokenizer)
+They have the real architecture classes and the real CLIP tokenizer (SD3, Flux: plus a small offline T5 tokenizer)
 but random weights, so they draw noise: use them for structure (shapes, hooks, restore guarantees), never for
 meaning.
 """
@@ -15,6 +15,8 @@ from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -32,11 +34,14 @@ from transformers import (
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
-#: The MMDiT fixture families (flow matching): steps and steering work; attention maps not yet.
-MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3",)
+#: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
+MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
+#: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
+#: "schnell" (no guidance input; a fixed shift of 1).
+FLUX_VARIANTS: tuple[str, ...] = ("dev", "schnell")
 
 _TEXT_HIDDEN = 32
 
@@ -179,11 +184,80 @@ def _sd3_parts() -> dict[str, torch.nn.Module]:
     }
 
 
-@lru_cache(maxsize=4)
+# ---- Flux.1: double- and single-stream transformer, packed 16-channel latents, CLIP-L pooled + T5 sequence ------
+def _flux_vae() -> AutoencoderKL:
+    # Flux's VAE: 16 latent channels, no quant convs, latents = (z − 0.1159) · 0.3611 (the real values).
+    return _vae(
+        16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
+    )
+
+
+def _flux_transformer(guidance: bool) -> FluxTransformer2DModel:
+    # Flux packs 2×2 latent patches into one token of 16 × 4 = 64 channels: an 8×8 latent is 16 image tokens.
+    # 2 double-stream blocks then 2 single-stream blocks of 4 heads × 8 = 32 channels; RoPE over (id, row, col)
+    # axes of 2 + 2 + 4 = 8 = the head dim (the real model: 16 + 56 + 56 = 128).
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_WIDTH,  # the T5 sequence's width
+        pooled_projection_dim=_TEXT_HIDDEN,  # CLIP-L's pooled output
+        guidance_embeds=guidance,  # dev: True; schnell: False
+        axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _flux_scheduler(variant: str) -> FlowMatchEulerDiscreteScheduler:
+    if variant == "dev":  # FLUX.1-dev's scheduler config: the shift follows the image's token count
+        return FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+    return FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)  # FLUX.1-schnell's
+
+
+def _flux_parts(variant: str) -> dict[str, torch.nn.Module]:
+    return {
+        "transformer": _flux_transformer(guidance=variant == "dev"),
+        "vae": _flux_vae(),
+        "text_encoder": CLIPTextModel(_text_config()),  # Flux reads its pooler_output
+        "text_encoder_2": _t5(),
+    }
+
+
+def _tiny_flux(variant: str) -> Any:
+    state = _state(f"flux-{variant}")
+    parts = _flux_parts(variant)
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    pipe = FluxPipeline(
+        scheduler=_flux_scheduler(variant),
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=_tokenizer("<|endoftext|>"),
+        text_encoder_2=parts["text_encoder_2"],
+        tokenizer_2=t5_tokenizer(),
+        transformer=parts["transformer"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=6)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family == "sd3":
+    if family.startswith("flux-"):
+        parts = _flux_parts(family.removeprefix("flux-"))
+    elif family == "sd3":
         parts = _sd3_parts()
     else:
         parts = {"unet": _unet(family), "vae": _vae()}
@@ -215,24 +289,40 @@ def _tiny_sd3(t5: bool) -> Any:
 
 
 def tiny_pipeline(
-    family: FixtureFamily = "sd1", *, prediction_type: str | None = None, t5: bool = True
+    family: FixtureFamily = "sd1",
+    *,
+    prediction_type: str | None = None,
+    t5: bool = True,
+    variant: str | None = None,
 ) -> Any:
-    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2", "sdxl" or "sd3").
+    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2", "sdxl", "sd3" or "flux").
 
     Every call returns a new, independent pipeline with the same weights (fp32, CPU). The UNet families use
     DDIM: ``sd2`` defaults to v-prediction like SD 2.x 768 models; the others to epsilon. ``sd3`` is a
     ``StableDiffusion3Pipeline`` (MMDiT transformer, 16-channel VAE with SD3's scaling and shift factors,
     CLIP-L + CLIP-G + T5 with an offline T5 tokenizer, ``FlowMatchEulerDiscreteScheduler`` with shift 3);
     ``t5=False`` builds it with ``text_encoder_3=None, tokenizer_3=None`` (SD3 then uses zeros in T5's place).
+    ``flux`` is a ``FluxPipeline`` (2 double-stream and 2 single-stream blocks, 2×2-packed 16-channel latents,
+    a 16-channel VAE with Flux's scaling and shift factors, CLIP-L pooled + T5 with the offline T5 tokenizer);
+    ``variant="dev"`` (the default) is guidance-distilled with dynamic shifting, ``variant="schnell"`` has no
+    guidance input and a fixed shift. Pass ``height=64, width=64`` to a call (Flux's default is 1024²).
     64×64 pixels → 8×8 latents.
     """
     if family not in FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES:
         raise ValueError(
             f"Unknown fixture family {family!r}; choose one of {FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES}."
         )
+    if variant is not None and (family != "flux" or variant not in FLUX_VARIANTS):
+        raise ValueError(
+            f"variant= applies to the flux fixture only, one of {FLUX_VARIANTS}; got {variant!r}."
+        )
+    if family in MMDIT_FIXTURE_FAMILIES and prediction_type is not None:
+        raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family == "flux":
+        if not t5:
+            raise ValueError("Flux needs its T5 encoder: t5=False applies to the sd3 fixture only.")
+        return _tiny_flux(variant or "dev")
     if family == "sd3":
-        if prediction_type is not None:
-            raise ValueError("The sd3 fixture is a flow-matching model: it takes no prediction_type.")
         return _tiny_sd3(t5)
     if not t5:
         raise ValueError(f"t5=False applies to the sd3 fixture only; {family!r} has no T5 encoder.")

@@ -33,8 +33,8 @@ def test_latent_rgb_defaults_shape(sd1_pipe, sdxl_pipe):
 
 
 def test_unsupported_pipeline_names_supported_classes():
-    class FluxLikePipeline:
+    class Flux2LikePipeline:
         pass
 
-    with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline"):
-        detect_family(FluxLikePipeline())
+    with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline.*FluxPipeline"):
+        detect_family(Flux2LikePipeline())
