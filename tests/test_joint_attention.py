@@ -73,6 +73,12 @@ def test_joint_maps_equal_an_explicit_softmax_and_the_image_is_unchanged(sd3) ->
         assert (image == plain).all()  # bitwise: the output still comes from the fused kernel
         maps = rec.maps
         assert maps.kind == kind and maps.family == "sd3" and maps.layer_names == list(want)
+        assert maps.words == P.split() and maps.aggregate.shape[1] == 77 + 256  # CLIP's 77, then T5's 256
+        clip, t5 = (
+            maps.token_lists[0].positions("circle", segment="clip"),
+            maps.token_lists[0].positions("circle", segment="t5"),
+        )
+        assert clip and t5 and min(t5) >= 77  # the word is labelled in both parts of the joint sequence
         for name, per_step in want.items():
             got = maps.probs[name]  # (S, B, heads, HW, T)
             assert got.shape == (3, 1, *per_step[0].shape)
@@ -112,6 +118,69 @@ def test_without_a_kernel_log_sum_exp_the_maps_are_the_same(sd3, monkeypatch) ->
     torch.testing.assert_close(explicit.maps.aggregate, kernel.maps.aggregate, rtol=0, atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_pipeline("flux")
+
+
+FLUX_KW = dict(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32)
+
+
+def _explicit_flux(flux) -> tuple[object, dict[str, list[torch.Tensor]]]:
+    """A plain Flux call; per double- and single-stream layer and call, the text block (heads, HW, T) of
+    softmax(QKᵀ/√d) over all keys after RoPE, computed here from the layer's own inputs (text first)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    want: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    T = FLUX_KW["max_sequence_length"]
+
+    def hook(name, attn):
+        def pre(module, args, kwargs):
+            h, c = kwargs["hidden_states"], kwargs.get("encoder_hidden_states")
+            rope = kwargs["image_rotary_emb"]
+
+            def heads(x):  # (B, L, heads*d) -> (B, L, heads, d)
+                return x.unflatten(-1, (-1, attn.head_dim))
+
+            q, k = attn.norm_q(heads(attn.to_q(h))), attn.norm_k(heads(attn.to_k(h)))
+            if c is not None:  # double-stream: the text's own projections, text first
+                q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(c))), q], 1)
+                k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(c))), k], 1)
+            q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, L, d)
+            p = ((q @ k.transpose(-1, -2)) * attn.head_dim**-0.5).softmax(-1)  # (B, heads, L, L)
+            want.setdefault(name, []).append(p[0, :, T:, :T])  # image queries x text keys
+
+        return pre
+
+    for name, module in flux.transformer.named_modules():
+        if name.endswith(".attn"):
+            handles.append(module.register_forward_pre_hook(hook(name, module), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            image = flux(P, generator=gen(0), **FLUX_KW).images
+    finally:
+        for h in handles:
+            h.remove()
+    return image, want
+
+
+def test_flux_maps_of_double_and_single_stream_blocks_equal_an_explicit_softmax(flux) -> None:
+    plain, want = _explicit_flux(flux)
+    assert any(n.startswith("single_") for n in want) and any(n.startswith("transformer_") for n in want)
+    with sdx.AttentionRecorder(flux, keep_probs=True) as rec:
+        image = flux(P, generator=gen(0), **FLUX_KW).images
+    assert (image == plain).all()
+    maps = rec.maps
+    assert maps.kind == "joint" and maps.family == "flux" and set(maps.layer_names) == set(want)
+    assert maps.latent_size == (8, 8) and maps.aggregate.shape[1] == FLUX_KW["max_sequence_length"]
+    assert maps.words == P.split() and maps.tokens[2:4] == ["cir", "cle"]  # T5 pieces merged into words
+    for name, per_step in want.items():
+        for s, ref in enumerate(per_step):
+            torch.testing.assert_close(maps.probs[name][s, 0].float(), ref, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sdpa_with_lse_is_sdpa_bitwise_with_the_true_log_sum_exp(dtype) -> None:
     q, k, v = (torch.randn(2, 3, 40, 16, generator=gen(i)).to(dtype) for i in range(3))
@@ -143,12 +212,19 @@ def test_bad_kinds_are_refused_before_anything_changes(sd3) -> None:
 
 
 @pytest.mark.parametrize("fault", [RuntimeError, KeyboardInterrupt])
-def test_joint_processors_are_restored_after_a_fault(sd3, fault) -> None:
-    before = pipeline_state(sd3)
-
+def test_joint_processors_are_restored_after_a_fault(sd3, flux, fault) -> None:
     def boom(pipe, i, t, kw):
         raise fault("stop")
 
-    with pytest.raises(fault), sdx.AttentionRecorder(sd3):
-        sd3(P, generator=gen(0), callback_on_step_end=boom, **KW)
-    assert_restored(sd3, before)
+    for pipe, kw in ((sd3, KW), (flux, FLUX_KW)):
+        with pytest.raises(fault):  # a plain faulting call first: the pipeline's own state after one
+            pipe(P, generator=gen(0), callback_on_step_end=boom, **kw)
+        before = pipeline_state(pipe)
+        with pytest.raises(fault), sdx.AttentionRecorder(pipe):
+            pipe(P, generator=gen(0), callback_on_step_end=boom, **kw)
+        assert_restored(pipe, before)
+        pipe(P, generator=gen(0), **kw)
+        before = pipeline_state(pipe)
+        with sdx.AttentionRecorder(pipe):
+            pipe(P, generator=gen(0), **kw)
+        assert_restored(pipe, before)

@@ -22,13 +22,16 @@ from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_
 from .joint import (
     CAPTURING_JOINT,
     JOINT_KINDS,
-    REPRODUCIBLE_JOINT,
+    FluxCapturingProcessor,
     joint_attention_layers,
     output_scores,
     text_block_probs,
 )
+from .joint import (
+    reproducible as joint_reproducible,
+)
 from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
-from .tokens import TokenList, tokenize_prompt, unlabelled
+from .tokens import TokenList, sequence_tokens, tokenize_prompt, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
 #: Queries waiting for their probabilities are turned into maps once this many bytes of them wait (and at the
@@ -253,6 +256,10 @@ class AttentionRecorder:
             if proc_name in self._layouts:
                 cls = CAPTURING_JOINT[self._layouts[proc_name]]
                 need_lse = self.kind == "joint"
+                if cls is FluxCapturingProcessor:
+                    return lambda original: cls(
+                        name, original, self._joint_sink, self._joint_gate, need_lse, self._text_len
+                    )
                 return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
             return lambda original: CapturingAttnProcessor(
                 name, original, self._sink, self._gate, self._defer
@@ -293,7 +300,7 @@ class AttentionRecorder:
         layout = self._layouts.get(proc_name)
         if layout is None:
             return is_reproducible(processor)
-        return type(processor) in REPRODUCIBLE_JOINT.get(layout, ())
+        return joint_reproducible(layout, processor)
 
     @property
     def _inside(self) -> bool:
@@ -418,9 +425,13 @@ class AttentionRecorder:
                 "labelled with prompt's tokens (pipe.tokenizer).",
                 stacklevel=5,
             )
-        tok = getattr(self.pipe, self.family.tokenizers[0])
-        cond = [tokenize_prompt(tok, p) for p in prompts for _ in range(n)]
-        neg = [tokenize_prompt(tok, p) for p in negatives for _ in range(n)]
+        length = bound.get("max_sequence_length")  # T5's part of SD3's and Flux's sequence
+
+        def label(p: str) -> TokenList:  # every position the denoiser's text keys hold (SD3: CLIP then T5)
+            return sequence_tokens(self.pipe, p, max_sequence_length=length)
+
+        cond = [label(p) for p in prompts for _ in range(n)]
+        neg = [label(p) for p in negatives for _ in range(n)]
         for tl in cond:
             if tl.truncated:
                 warnings.warn(
@@ -441,7 +452,10 @@ class AttentionRecorder:
         context = spec.get("text", args, kwargs)
         # from the host copy of the schedule: no tensor op, no sync
         self._timesteps.append(run.timestep(run.calls, spec.get("timestep", args, kwargs)))
-        size = (int(sample.shape[-2]), int(sample.shape[-1]))
+        if self.family.latent_packing == 1 or self._latent_size is None:  # packed: one host read per run
+            size = self.family.latent_grid(sample, args, kwargs)
+        else:
+            size = self._latent_size
         if self._latent_size is not None and size != self._latent_size:
             raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
         self._latent_size = size
@@ -517,6 +531,10 @@ class AttentionRecorder:
                 "Record without concepts=."
             )
         self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
+
+    def _text_len(self) -> int:
+        """Text tokens at the head of a single-stream block's sequence (the denoiser's text input)."""
+        return self._num_keys
 
     def _joint_gate(self, name: str, seq_len: int) -> bool:
         """Whether an MMDiT layer's call with ``seq_len`` image tokens is captured (placed on the latent grid)."""
@@ -764,7 +782,7 @@ class AttentionRecorder:
                 return cond, neg
         if self._prompt_rows is not None:
             warnings.warn(
-                "Could not match the prompt's tokens to the UNet batch; maps are unlabelled (use .token(i)).",
+                "Could not match the prompt's tokens to the denoiser's batch; maps are unlabelled (use .token(i)).",
                 stacklevel=3,
             )
         blank = [unlabelled(self._num_keys) for _ in range(rows)]

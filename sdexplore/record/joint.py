@@ -24,7 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 from diffusers.models.attention_processor import JointAttnProcessor2_0
+from diffusers.models.embeddings import apply_rotary_emb as _apply_rotary_emb
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_projections
 
 #: The map kinds of MMDiT attention (see the module docstring).
 JOINT_KINDS = ("joint", "text", "output")
@@ -212,6 +216,111 @@ class JointCapturingProcessor:
         return hidden_states, encoder_hidden_states
 
 
-#: Original processors each capturing processor reproduces exactly, by layout.
-REPRODUCIBLE_JOINT: dict[str, tuple[type, ...]] = {"image-text": (JointAttnProcessor2_0,)}
-CAPTURING_JOINT: dict[str, type] = {"image-text": JointCapturingProcessor}
+def _native_backend(processor: Any) -> bool:
+    """Whether diffusers' attention dispatch sends this Flux processor's calls to torch's SDPA ("native")."""
+    backend = getattr(processor, "_attention_backend", None)
+    if backend is None:
+        backend = _AttentionBackendRegistry.get_active_backend()[0]
+    return (
+        str(getattr(backend, "value", backend)) == "native"
+        and getattr(processor, "_parallel_config", None) is None
+    )
+
+
+class FluxCapturingProcessor:
+    """Flux's ``FluxAttnProcessor``, step for step, for double-stream blocks (text and image from two projections,
+    text first) and single-stream blocks (one sequence, text first, its length ``text_len()`` from the denoiser's
+    input). Attention goes through the same SDPA kernel as diffusers' native dispatch (bitwise unchanged); the
+    captured rows' image queries, text keys, log-sum-exp and outputs go to the sink. Calls with an attention mask,
+    and calls the gate declines, go to the original processor."""
+
+    def __init__(
+        self,
+        name: str,
+        original: Any,
+        sink: JointSink,
+        gate: JointGate,
+        need_lse: bool,
+        text_len: Callable[[], int],
+    ) -> None:
+        self.name = name
+        self.original = original
+        self.sink = sink
+        self.gate = gate
+        self.need_lse = need_lse
+        self.text_len = text_len
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        double = encoder_hidden_states is not None
+        txt = encoder_hidden_states.shape[1] if double else self.text_len()
+        hw = hidden_states.shape[1] - (0 if double else txt)
+        if attention_mask is not None or txt <= 0 or hw <= 0 or not self.gate(self.name, hw):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        query, key, value, enc_q, enc_k, enc_v = _flux_projections(attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (-1, attn.head_dim))  # (N, L, heads, d)
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        if attn.added_kv_proj_dim is not None:
+            enc_q = enc_q.unflatten(-1, (-1, attn.head_dim))  # (N, T, heads, d)
+            enc_k = enc_k.unflatten(-1, (-1, attn.head_dim))
+            enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
+            enc_q = attn.norm_added_q(enc_q)
+            enc_k = attn.norm_added_k(enc_k)
+            query = torch.cat([enc_q, query], dim=1)  # (N, T+HW, heads, d): text first
+            key = torch.cat([enc_k, key], dim=1)
+            value = torch.cat([enc_v, value], dim=1)
+        if image_rotary_emb is not None:
+            query = _apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = _apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (N, heads, L, d): as native dispatch
+        out, lse = sdpa_with_lse(q, k, v, self.need_lse)
+        hidden_states = out.permute(0, 2, 1, 3).flatten(2, 3)  # (N, L, heads*d)
+        hidden_states = hidden_states.to(query.dtype)
+        self.sink(
+            self.name,
+            q[:, :, txt:],
+            k[:, :, :txt],
+            None if lse is None else lse[:, :, txt:],
+            hidden_states[:, txt:],
+            hidden_states[:, :txt],
+            q.shape[-1] ** -0.5,  # SDPA's default scale, as native dispatch calls it
+            k[:, :, txt:],
+        )
+        if double:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [txt, hidden_states.shape[1] - txt], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+#: Original processors each capturing processor reproduces exactly, by layout (Flux: with the native backend).
+REPRODUCIBLE_JOINT: dict[str, tuple[type, ...]] = {
+    "image-text": (JointAttnProcessor2_0,),
+    "text-image": (FluxAttnProcessor,),
+    "single": (FluxAttnProcessor,),
+}
+CAPTURING_JOINT: dict[str, type] = {
+    "image-text": JointCapturingProcessor,
+    "text-image": FluxCapturingProcessor,
+    "single": FluxCapturingProcessor,
+}
+
+
+def reproducible(layout: str, processor: Any) -> bool:
+    """Whether the capturing processor of ``layout`` reproduces ``processor`` exactly."""
+    if type(processor) not in REPRODUCIBLE_JOINT.get(layout, ()):
+        return False
+    return layout == "image-text" or _native_backend(processor)
