@@ -69,6 +69,24 @@ def x0_from_flow(model_output: torch.Tensor, sample: torch.Tensor, flow_sigma: f
     return sample - flow_sigma * model_output
 
 
+def dynamic_shift_mu(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """The resolution-dependent time shift of Flux (Esser et al. 2024, §5.3.2; diffusers' ``calculate_shift``).
+
+    ``mu`` grows linearly with the number of image tokens, from ``base_shift`` at ``base_seq_len`` to
+    ``max_shift`` at ``max_seq_len``; a scheduler with ``use_dynamic_shifting`` then shifts each ``s`` to
+    ``e^mu s / (1 + (e^mu − 1) s)``, so bigger images spend more steps at high noise. Defaults are FLUX.1-dev's
+    scheduler config; ``image_seq_len`` counts packed tokens, (h/2)·(w/2) for an h×w latent.
+    """
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return base_shift + slope * (image_seq_len - base_seq_len)
+
+
 def is_flow_matching(scheduler: Any) -> bool:
     """True for flow-matching schedulers: diffusers' ``FlowMatch*`` classes, and multistep solvers configured
     for flow (DPM-Solver, UniPC with ``use_flow_sigmas=True`` or ``prediction_type="flow_prediction"``)."""

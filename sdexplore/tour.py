@@ -7,10 +7,11 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from .families import detect_family, vae_scale_factor
-from .schedule_math import prediction_type
+from .schedule_math import dynamic_shift_mu, prediction_type
 
 _ROLES = {
     "tokenizer": "splits the prompt into CLIP tokens",
@@ -21,11 +22,20 @@ _ROLES = {
     "text_encoder_3": "T5 encoder: the long, detailed text sequence",
     "unet": "predicts the noise in the latents, conditioned on the text",
     "transformer": "MMDiT: predicts the flow (noise minus image) from image and text tokens attending jointly",
+    "image_encoder": "encodes reference images (IP-Adapter)",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
     "safety_checker": "flags possibly unsafe images",
     "feature_extractor": "prepares images for the safety checker",
-    "image_encoder": "encodes reference images (IP-Adapter)",
+}
+# Where a family's components play other roles than the names above say
+_FAMILY_ROLES = {
+    "flux": {
+        "text_encoder": "CLIP-L: only its pooled embedding is used (the transformer's pooled_projections)",
+        "tokenizer_2": "splits the prompt into T5 sentencepiece pieces",
+        "text_encoder_2": "T5 encoder: the text sequence the transformer attends to",
+        "transformer": "MMDiT: predicts the flow from 2×2-packed image tokens and text tokens attending jointly",
+    }
 }
 
 
@@ -55,6 +65,9 @@ class PipelineDescription:
     prediction_type: str
     num_train_timesteps: int
     timesteps: list[int] = field(default_factory=list)  # for `steps` inference steps
+    blocks: list[str] = field(
+        default_factory=list
+    )  # a transformer denoiser's block structure, one line per kind
 
     @property
     def total_parameters(self) -> int:
@@ -81,6 +94,7 @@ class PipelineDescription:
             f"numbers ({self.compression:g}× fewer)",
             f"Scheduler: {self.scheduler}, {self.prediction_type} prediction, {self.num_train_timesteps} training "
             f"timesteps; {len(self.timesteps)} inference steps: {_short(self.timesteps)}",
+            *self.blocks,
         ]
 
     def __str__(self) -> str:
@@ -104,14 +118,15 @@ def _short(ts: list[int]) -> str:
     return ", ".join(map(str, ts)) if len(ts) <= 8 else f"{ts[0]}, {ts[1]}, {ts[2]}, …, {ts[-2]}, {ts[-1]}"
 
 
-def _component(name: str, obj: Any) -> Component:
+def _component(name: str, obj: Any, family: str = "") -> Component:
     params = dtype = device = None
     if isinstance(obj, torch.nn.Module):
         params = sum(p.numel() for p in obj.parameters())
         first = next(obj.parameters(), None)
         if first is not None:
             dtype, device = str(first.dtype).removeprefix("torch."), str(first.device)
-    return Component(name, type(obj).__name__, _ROLES.get(name, ""), params, dtype, device)
+    role = _FAMILY_ROLES.get(family, {}).get(name) or _ROLES.get(name, "")
+    return Component(name, type(obj).__name__, role, params, dtype, device)
 
 
 def describe(
@@ -124,9 +139,13 @@ def describe(
     (its timesteps are computed on a copy).
     """
     fam = detect_family(pipe)
-    comps = [_component(n, obj) for n, obj in pipe.components.items() if obj is not None]
+    comps = [_component(n, obj, fam.name) for n, obj in pipe.components.items() if obj is not None]
     factor = vae_scale_factor(pipe)
-    default = int(fam.get_denoiser(pipe).config.sample_size) * factor  # latent cells of the native size
+    den = fam.get_denoiser(pipe)
+    # latent cells of the native size: the denoiser's sample_size; Flux's transformer has none, its pipeline
+    # a default_sample_size (128: 1024 pixels)
+    cells = getattr(den.config, "sample_size", None) or getattr(pipe, "default_sample_size", None) or 64
+    default = int(cells) * factor
     h, w = height or default, width or default
     if h % factor or w % factor:
         raise ValueError(
@@ -135,8 +154,22 @@ def describe(
     ch = int(pipe.vae.config.latent_channels)
     latent = (ch, h // factor, w // factor)
     sched_copy = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    sched_copy.set_timesteps(steps)
     cfg = pipe.scheduler.config
+    if cfg.get("use_dynamic_shifting", False):  # Flux: the shift follows the image's token count
+        p = fam.latent_packing
+        mu = dynamic_shift_mu(
+            (latent[1] // p) * (latent[2] // p),
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        if fam.latent_packing > 1:  # as FluxPipeline calls it: sigmas linspace(1, 1/n, n), shifted by mu
+            sched_copy.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+        else:  # SD3's pipeline: the scheduler's own sigmas, shifted by mu
+            sched_copy.set_timesteps(steps, mu=mu)
+    else:
+        sched_copy.set_timesteps(steps)
     return PipelineDescription(
         family=fam.name,
         family_label=fam.label,
@@ -148,4 +181,26 @@ def describe(
         prediction_type=prediction_type(pipe.scheduler),  # "flow_prediction" for flow matching (SD3)
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         timesteps=[int(t) for t in sched_copy.timesteps],
+        blocks=_blocks(den),
     )
+
+
+def _blocks(den: Any) -> list[str]:
+    """The MMDiT block structure of a transformer denoiser (empty for a UNet), read from its module tree."""
+    cfg = den.config
+    heads, dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
+    width = f"{heads} heads × {dim} = {heads * dim} channels" if heads and dim else ""
+    lines = []
+    joint = len(getattr(den, "transformer_blocks", ()))
+    single = len(getattr(den, "single_transformer_blocks", ()))
+    if joint and single:  # Flux
+        lines.append(
+            f"Transformer: {joint} double-stream (MMDiT) blocks — text and image tokens keep their own weights and "
+            f"attend jointly — then {single} single-stream blocks on the one concatenated sequence; {width}"
+        )
+    elif joint and hasattr(den, "pos_embed") and hasattr(den, "context_embedder"):  # SD3
+        lines.append(
+            f"Transformer: {joint} joint (MMDiT) blocks — text and image tokens keep their own weights and attend "
+            f"jointly; {width}"
+        )
+    return lines

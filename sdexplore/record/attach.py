@@ -7,12 +7,19 @@ on ``KeyboardInterrupt``:
 
 - the pipeline *instance* is given a subclass of its own class whose ``__call__`` marks the run boundary (the class
   itself is never modified, other instances are untouched, ``type(pipe).__name__`` is unchanged);
-- a forward pre-hook and a forward hook on the family's denoiser (``pipe.unet``; SD3's ``pipe.transformer``);
+- a forward pre-hook and a forward hook on the family's denoiser (``pipe.unet``; SD3's and Flux's
+  ``pipe.transformer``);
 - during a run only: wrappers on the *instance* ``step`` of whatever scheduler the pipeline holds when the run
   starts (so ``set_scheduler`` inside a ``with`` block is observed), removed when the run ends;
 - the attention-processor swap on the layers an attention subscriber asks for (all other layers keep their exact
   processor objects);
 - ``pipe._interrupt`` when a subscriber asks to stop early (diffusers resets it at the next call anyway).
+
+Latents are handed to subscribers as (B, C, h, w) for every family: Flux's scheduler steps 2×2-packed tokens
+(B, h/2 · w/2, 64), which the attachment unpacks for the :class:`Step` (and packs back where a subscriber returns new
+latents). Families without a CFG batch (Flux) run classifier-free guidance, where at all, as two denoiser calls per
+step (the prompt's, then the negative prompt's); the attachment joins their outputs into the usual (uncond, cond)
+batch for the step's subscribers.
 
 A *run* is one top-level pipeline call: it begins when ``pipe(...)`` is entered and ends when it returns or
 raises. Calls the pipeline makes inside itself (``encode_prompt``, a nested ``pipe(...)`` from a callback) and
@@ -36,6 +43,7 @@ import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family, detect_family
+from ..masks import check_inpaint_inputs
 from ..schedule_math import (
     FLOW_PREDICTION,
     NoiseLevel,
@@ -70,7 +78,8 @@ class Run:
     num_steps: int = 0  # length of the pipeline's loop (img2img: the tail of the schedule)
     steps_done: int = 0  # scheduler steps completed so far (counted only while a subscriber hears steps)
     calls: int = 0  # denoiser calls completed so far (one per step of the pipeline's loop)
-    cfg: bool = False  # classifier-free guidance on (the denoiser batch is 2B: uncond, cond)
+    cfg: bool = False  # classifier-free guidance on (the denoiser batch is 2B: uncond, cond; Flux: two calls)
+    distilled: bool = False  # the denoiser takes the guidance scale as an input (Flux.1-dev)
     prediction_type: str = "epsilon"
     ve_latents: bool = False  # Euler-type: latents are x0 + σ·ε (init_noise_sigma > 1)
     flow: bool = False  # flow matching: latents are (1 − s)·x0 + s·ε, the model predicts v = ε − x0
@@ -79,11 +88,21 @@ class Run:
     schedule_begin: int = 0  # index of this run's first step in ``timesteps``
     sigmas: list[float] | None = None  # sigma schedulers: host copy of scheduler.sigmas
     alphas_cumprod: list[float] | None = None  # ᾱ-indexed schedulers: host copy
-    denoiser_in: torch.Tensor | None = None  # (2B|B, C, h, w) the latest denoiser sample input
-    denoiser_out: torch.Tensor | None = None  # (2B|B, C, h, w) the latest raw denoiser output (before edits)
-    guidance_scale: float = 1.0  # the pipeline's own scale (read at the first denoiser call)
+    latent_grid: tuple[int, int] | None = None  # (h, w) latent cells; packed families only (Flux)
+    denoiser_in: torch.Tensor | None = None  # (2B|B, C, h, w) the latest denoiser sample input (Flux: packed)
+    # (2B|B, C, h, w) the latest raw denoiser output (before edits); at a step, Flux's unpacked, its two true-CFG
+    # calls joined (uncond, cond)
+    denoiser_out: torch.Tensor | None = None
+    step_calls: int = (
+        0  # denoiser calls since the last scheduler step (Flux's true CFG: 0 prompt, 1 negative)
+    )
+    call_outputs: list[torch.Tensor] = field(default_factory=list)  # without a CFG batch: this step's outputs
+    guidance_scale: float = (
+        1.0  # the pipeline's own scale (read at the first denoiser call; Flux: see _fill_schedule)
+    )
     step_guidance: float | None = None  # this step's effective scale where a guidance schedule changed it
     started: bool = False  # the first denoiser call has been seen (schedule fields are filled)
+    mask: torch.Tensor | None = None  # (M, H, W) an inpainting call's mask in [0, 1] (1 = repainted), CPU
 
     def timestep(self, i: int, given: Any) -> float:
         """Step ``i``'s timestep as a float, from the host copy of the schedule (no device sync)."""
@@ -123,7 +142,7 @@ class Step:
     run: Run
     index: int
     timestep: float
-    model_output: torch.Tensor  # (B, C, h, w) the guided prediction the scheduler received
+    model_output: torch.Tensor  # (B, C, h, w) the guided prediction the scheduler received (unpacked)
     sample: torch.Tensor  # (B, C, h, w) latents entering the step
     prev_sample: torch.Tensor  # (B, C, h, w) latents leaving the step (after any edit)
     pred_original_sample: torch.Tensor | None  # (B, C, h, w) the scheduler's own x0, where it returns one
@@ -369,8 +388,9 @@ class Attachment:
     def _start_run(self, args: tuple, kwargs: dict) -> None:
         arguments = self._bind(args, kwargs)
         arguments.pop("self", None)
+        mask = check_inpaint_inputs(arguments)  # a mask that does not fit its image fails before any work
         sched = self.pipe.scheduler
-        self.run = Run(index=self.runs, arguments=arguments, scheduler=sched)
+        self.run = Run(index=self.runs, arguments=arguments, scheduler=sched, mask=mask)
         self.runs += 1
         if any(sub.step is not None for sub in self.subscribers):  # attention alone never needs the scheduler
             self._wrap_scheduler(sched)
@@ -395,8 +415,9 @@ class Attachment:
                 if first is not None and error is None:
                     raise first
 
-    def _fill_schedule(self, run: Run, sample: torch.Tensor) -> None:
-        """At the first denoiser call of a run: read the schedule to the host once (the run's only sync)."""
+    def _fill_schedule(self, run: Run, sample: torch.Tensor, args: tuple, kwargs: dict) -> None:
+        """At the first denoiser call of a run: read the schedule (and a packed family's latent grid) to the host
+        once (the run's only syncs)."""
         run.started = True
         pipe, sched = self.pipe, run.scheduler
         ts = getattr(sched, "timesteps", None)
@@ -414,12 +435,25 @@ class Attachment:
         acp = getattr(sched, "alphas_cumprod", None)
         if acp is not None:
             run.alphas_cumprod = torch.as_tensor(acp).detach().double().cpu().tolist()
-        try:
-            cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-        except (AttributeError, TypeError):
-            cfg = False
-        run.cfg = cfg and sample.shape[0] % 2 == 0
+        fam = self.family
+        if fam.latent_packing > 1:
+            run.latent_grid = fam.latent_grid(sample, args, kwargs)
         run.guidance_scale = float(getattr(pipe, "_guidance_scale", 1.0))
+        if fam.cfg_batch:
+            try:
+                cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+            except (AttributeError, TypeError):
+                cfg = False
+            run.cfg = cfg and sample.shape[0] % 2 == 0
+            return
+        # Flux: "true CFG" is two calls per step at true_cfg_scale; guidance_scale is the distilled guidance
+        # (dev: a denoiser input), which schnell ignores (its step scale is then 1, as without CFG)
+        run.cfg = fam.true_cfg(run.arguments)
+        run.distilled = fam.denoiser_args.get("guidance", args, kwargs) is not None
+        if run.cfg:
+            run.guidance_scale = float(run.arguments["true_cfg_scale"])
+        elif not run.distilled:
+            run.guidance_scale = 1.0
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def _outside(self) -> bool:
@@ -441,7 +475,7 @@ class Attachment:
         assert run is not None
         sample = self.family.denoiser_args.get("sample", args, kwargs)
         if not run.started:
-            self._fill_schedule(run, sample)
+            self._fill_schedule(run, sample, args, kwargs)
         changed = False
         for sub in self.subscribers:
             if sub.denoiser_pre is not None:
@@ -451,6 +485,7 @@ class Attachment:
                     changed = True
         run.denoiser_in = sample
         run.calls += 1
+        run.step_calls += 1
         return (args, kwargs) if changed else None
 
     def _denoiser_post(self, module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -458,8 +493,10 @@ class Attachment:
         if run is None:
             return None
         is_tuple = isinstance(output, tuple)
-        out = output[0] if is_tuple else output.sample  # (2B|B, C, h, w)
+        out = output[0] if is_tuple else output.sample  # (2B|B, C, h, w); Flux: (B, h/2 · w/2, 64)
         run.denoiser_out = out
+        if not self.family.cfg_batch:
+            run.call_outputs.append(out)
         new = out
         for sub in self.subscribers:
             if sub.denoiser_post is not None:
@@ -477,11 +514,26 @@ class Attachment:
         if run is None or not run.started:
             return result
         is_tuple = isinstance(result, tuple)
-        prev = result[0] if is_tuple else result.prev_sample  # (B, C, h, w)
+        packed_prev = result[0] if is_tuple else result.prev_sample  # (B, C, h, w); Flux: (B, h/2 · w/2, 64)
         if is_tuple:
             pred_x0 = result[1] if len(result) > 1 else None
         else:
             pred_x0 = getattr(result, "pred_original_sample", None)
+        fam = self.family
+        outs, run.call_outputs = run.call_outputs, []
+        if (
+            run.cfg and not fam.cfg_batch and len(outs) == 2
+        ):  # true CFG: the prompt's call, then the negative's
+            run.denoiser_out = fam.join_cfg(
+                outs[1], outs[0]
+            )  # (2B, ...) in the family's (uncond, cond) layout
+        prev = packed_prev
+        if run.latent_grid is not None:  # packed tokens → (B, C, h, w) latents for every subscriber
+            grid = run.latent_grid
+            model_output, sample, prev = (fam.unpack_latents(x, grid) for x in (model_output, sample, prev))
+            pred_x0 = None if pred_x0 is None else fam.unpack_latents(pred_x0, grid)
+            if run.denoiser_out is not None:
+                run.denoiser_out = fam.unpack_latents(run.denoiser_out, grid)
         i = run.steps_done
         t = run.timestep(i, timestep)
         sched = run.scheduler
@@ -497,7 +549,7 @@ class Attachment:
             level=run.level(t, None if idx is None else idx - 1),
             last=i == run.num_steps - 1,
             guidance_scale=(run.guidance_scale if run.step_guidance is None else run.step_guidance)
-            if run.cfg
+            if run.cfg or run.distilled
             else 1.0,
         )
         for sub in self.subscribers:
@@ -510,12 +562,16 @@ class Attachment:
                         )
                     step.prev_sample = new
         run.steps_done += 1
+        run.step_calls = 0
         run.denoiser_in = run.denoiser_out = run.step_guidance = None
         if step.prev_sample is prev:
             return result
+        new = step.prev_sample
+        if run.latent_grid is not None:
+            new = fam.pack_latents(new)  # (B, h/2 · w/2, 64): what the pipeline's loop continues from
         if is_tuple:
-            return (step.prev_sample, *result[1:])
-        result.prev_sample = step.prev_sample
+            return (new, *result[1:])
+        result.prev_sample = new
         return result
 
 

@@ -6,15 +6,20 @@ from their steering options; it patches nothing itself:
 
 - **edit latents** — ``edit_latents(step, latents) -> latents`` is called with the latents *leaving* step
   ``step`` (the scheduler's ``prev_sample``, inside a wrapper of the scheduler instance's ``step``); what it
-  returns is what step ``step + 1`` starts from (and what gets decoded after the last step).
+  returns is what step ``step + 1`` starts from (and what gets decoded after the last step). Latents are
+  (B, C, h, w) for every family: Flux's packed tokens are unpacked for the edit and the result packed back.
 - **switch prompt** — :class:`PromptSwitch` replaces the conditional text embedding (and the pooled embedding:
-  SDXL's ``text_embeds``, SD3's ``pooled_projections``; SD3's sequence embedding is CLIP and T5 together) given
-  to the denoiser from step ``at_step`` on, before each denoiser call; the unconditional (negative) half is
-  kept. Steps before ``at_step`` are bit-identical to a plain run.
+  SDXL's ``text_embeds``, SD3's and Flux's ``pooled_projections``; SD3's sequence embedding is CLIP and T5
+  together, Flux's T5's alone) given to the denoiser from step ``at_step`` on, before each denoiser call; the
+  unconditional (negative) half is kept (Flux's true CFG: the negative prompt's call is left alone). Steps before
+  ``at_step`` are bit-identical to a plain run.
 - **guidance schedule** — a list (one scale per step) or a callable ``(step, num_steps) -> scale``. The
   denoiser's forward hook rewrites the conditional prediction ``c`` to ``u + (g_k / g)(c − u)`` so that the
   pipeline's own ``u + g (c' − u)`` equals ``u + g_k (c − u)``. The pipeline must run with CFG (``guidance_scale > 1``);
-  ``guidance_rescale`` then sees the rewritten ``c'``.
+  ``guidance_rescale`` then sees the rewritten ``c'``. On a guidance-distilled model (Flux.1-dev) the schedule sets
+  the distilled guidance, the denoiser's own ``guidance`` input, at each step instead (the same as calling the
+  pipeline with ``guidance_scale=g_k``); Flux.1-schnell has no guidance to schedule, and Flux's "true CFG"
+  (``true_cfg_scale`` with a negative prompt) is refused with a schedule, which would be ambiguous there.
 - **stop at step k** — after ``k`` steps the attachment sets ``pipe._interrupt = True`` (diffusers' own
   interrupt flag): the remaining steps are skipped and the latents after step ``k − 1`` are decoded as usual
   (``stop_returns="x0"`` replaces them by that step's predicted clean latent first, for a clean image).
@@ -225,7 +230,19 @@ class Steering:
                 f"PromptSwitch.at_step={self.switch_prompt.at_step} is beyond this run's {n} steps."
             )
         if self.guidance is not None:
-            if not run.cfg:
+            assert self.attachment is not None
+            fam = self.attachment.family
+            if not fam.cfg_batch and run.cfg:
+                raise InvalidArgumentError(
+                    f"A guidance schedule on {fam.label} schedules its distilled guidance (guidance_scale), not true "
+                    "CFG: call the pipeline without true_cfg_scale > 1 and a negative prompt to use one."
+                )
+            if not fam.cfg_batch and not run.distilled:
+                raise InvalidArgumentError(
+                    f"This {fam.label} transformer takes no guidance input (a schnell-shaped model, "
+                    "guidance_embeds=False) and the call runs no true CFG: there is no guidance to schedule."
+                )
+            if fam.cfg_batch and not run.cfg:
                 raise InvalidArgumentError(
                     "A guidance schedule needs classifier-free guidance: call the pipeline with guidance_scale > 1."
                 )
@@ -234,30 +251,44 @@ class Steering:
     def _denoiser_pre(self, run: Run, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self._checked:
             self._check(run)
+        assert self.attachment is not None
+        spec = self.attachment.family.denoiser_args
+        changed = None
+        if self.guidance is not None and run.distilled and not run.cfg:  # Flux.1-dev: the input (B,) itself
+            target = guidance_at(self.guidance, run.steps_done, run.num_steps)
+            run.step_guidance = target
+            current = spec.get("guidance", args, kwargs)
+            args, kwargs = changed = spec.replace("guidance", args, kwargs, torch.full_like(current, target))
         sw = self.switch_prompt
         if sw is None or run.steps_done < sw.at_step:
-            return None
+            return changed
+        if not self.attachment.family.cfg_batch and run.step_calls > 0:
+            return changed  # Flux's true CFG: the step's second call is the negative prompt's
+        return self._switch(run, args, kwargs, sw)
+
+    def _switch(self, run: Run, args: tuple, kwargs: dict, sw: PromptSwitch) -> tuple[tuple, dict]:
         assert self.attachment is not None
         fam, pipe = self.attachment.family, self.attachment.pipe
         spec = fam.denoiser_args
+        cfg = run.cfg and fam.cfg_batch  # a CFG batch whose conditional half is replaced
         text = spec.get("text", args, kwargs)
         if self._switch_cache is None:
             options = {k: run.arguments[k] for k in fam.encode_options if k in run.arguments}
             self._switch_cache = encode_switch(pipe, fam, sw, text.device, text.dtype, options)
         embeds, pooled = self._switch_cache
-        args, kwargs = spec.replace("text", args, kwargs, replace_conditional(text, embeds, run.cfg, fam))
+        args, kwargs = spec.replace("text", args, kwargs, replace_conditional(text, embeds, cfg, fam))
         current_pooled = spec.get("pooled", args, kwargs)
         if pooled is not None and current_pooled is not None:
             args, kwargs = spec.replace(
-                "pooled", args, kwargs, replace_conditional(current_pooled, pooled, run.cfg, fam)
+                "pooled", args, kwargs, replace_conditional(current_pooled, pooled, cfg, fam)
             )
         return args, kwargs
 
     def _denoiser_post(self, run: Run, output: torch.Tensor) -> torch.Tensor | None:
-        if not run.cfg or self.guidance is None:
-            return None
         assert self.attachment is not None
         fam = self.attachment.family
+        if not run.cfg or self.guidance is None or not fam.cfg_batch:
+            return None
         target = guidance_at(self.guidance, run.steps_done, run.num_steps)
         run.step_guidance = target
         u, c = fam.cfg_halves(output)  # (B, C, h, w) each

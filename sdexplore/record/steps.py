@@ -140,7 +140,8 @@ class StepRecorder:
     >>> rec.trace[10].x0, rec.trace[-1].preview
 
     Args:
-        pipe: a pipeline of a supported family: SD 1.x/2.x, SDXL, SD3 (see :mod:`sdexplore.families`).
+        pipe: a pipeline of a supported family: SD 1.x/2.x, SDXL, SD3, Flux.1 (see :mod:`sdexplore.families`);
+            Flux's packed latents are recorded unpacked, (B, 16, h, w), like every other family's.
         config: a :class:`StepConfig`; or give its fields as keywords (``quantities``, ``every``, ``dtype``,
             ``device``, ``max_bytes``, ``preview_of``, ``tiny_vae``, ``decode_every``, ``on_step``). On CUDA,
             without ``on_step``, records are staged on the GPU and moved in one go when the run ends.
@@ -265,6 +266,9 @@ class StepRecorder:
             guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
         )
         trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
+        trace.mask = (
+            run.mask
+        )  # an inpainting call's mask (M, H, W), checked against its image at the run's start
         self.traces.append(trace)
 
     def _run_end(self, run: Run, error: BaseException | None) -> None:
@@ -286,9 +290,19 @@ class StepRecorder:
         trace.guidance_scale = run.guidance_scale
         # Euler-type schedulers keep latents in variance-exploding form (x0 + σ ε): previews scale them by sqrt(ᾱ)
         trace.meta["ve_latents"] = run.ve_latents
+        # img2img / inpainting with strength < 1 run the tail of the schedule: step i is schedule step begin + i
+        trace.meta.update(schedule_begin=run.schedule_begin, schedule_length=len(run.timesteps))
         sample = self.family.denoiser_args.get("sample", args, kwargs)
-        b = sample.shape[0] // 2 if run.cfg else sample.shape[0]
+        b = sample.shape[0] // 2 if run.cfg and self.family.cfg_batch else sample.shape[0]
         shape = (b, *sample.shape[1:])
+        if (
+            len(shape) == 4 and shape[1] > self.family.latent_channels
+        ):  # inpainting UNet: latents ‖ mask ‖ image
+            shape = (b, self.family.latent_channels, *shape[2:])
+        if (
+            run.latent_grid is not None
+        ):  # Flux's packed tokens (B, h/2 · w/2, C·4) are recorded as (B, C, h, w)
+            shape = (b, sample.shape[-1] // self.family.latent_packing**2, *run.latent_grid)
         est = self.estimate_bytes(shape, run.num_steps)
         if cfg.max_bytes is not None and est > cfg.max_bytes:
             raise InvalidArgumentError(
