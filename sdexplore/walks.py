@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .errors import InterpolationError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
+from .record.tokens import resolve_max_sequence_length
 from .results.walk import Walk
 from .smoothness import Metric, insertion_plan, smoothness_report
 from .text import EncodedPrompt, default_size, encode_prompt, stack_prompts
@@ -34,6 +35,7 @@ _RESERVED = frozenset(
     {
         "prompt",
         "prompt_2",
+        "prompt_3",
         "prompt_embeds",
         "negative_prompt_embeds",
         "pooled_prompt_embeds",
@@ -55,6 +57,7 @@ class _Keyframes:
 
     encoded: list[EncodedPrompt]
     noises: list[torch.Tensor]  # each (1, C, h, w), unscaled N(0, I) exactly as the pipeline would draw it
+    # (Flux: before its 2×2 packing; the pipeline is given the packed tokens)
     seeds: list[int]
     loop: bool
 
@@ -91,6 +94,7 @@ def _keyframes(
     width: int,
     loop: bool,
     gen_device: torch.device,
+    max_sequence_length: int | None = None,
 ) -> _Keyframes:
     fam = detect_family(pipe)
     prompts_l = [prompts] if isinstance(prompts, str | EncodedPrompt) else list(prompts)
@@ -118,18 +122,23 @@ def _keyframes(
             encoded.append(p)
             continue
         if (p, neg) not in cache:
-            cache[(p, neg)] = encode_prompt(pipe, p, neg, height=height, width=width)
+            cache[(p, neg)] = encode_prompt(
+                pipe, p, neg, height=height, width=width, max_sequence_length=max_sequence_length
+            )
         encoded.append(cache[(p, neg)])
     shapes = {tuple(e.prompt_embeds.shape) for e in encoded}
     if len(shapes) > 1:
         raise InterpolationError(
             f"Keyframe embeddings have different shapes {sorted(shapes)}; they must match."
         )
+    # (1, C, h, w) as the pipeline's prepare_latents draws it; Flux's in_channels count packed 2×2 patches
+    packing = fam.latent_packing
+    cells = vae_scale_factor(pipe) * packing
     shape = (
         1,
-        pipe.unet.config.in_channels,
-        height // vae_scale_factor(pipe),
-        width // vae_scale_factor(pipe),
+        fam.get_denoiser(pipe).config.in_channels // packing**2,
+        packing * (height // cells),
+        packing * (width // cells),
     )
     dtype = encoded[0].prompt_embeds.dtype
     noises = [_seed_noise(pipe, s, shape, dtype, gen_device) for s in seeds_l]
@@ -164,9 +173,18 @@ def _frame_generator(
 
 
 def _per_frame_mib(pipe: Any, height: int, width: int, guidance: bool) -> float:
-    """Rough peak-memory cost of one more frame in a batch, scaled from the SD-1.5 fp16 512² measurement."""
-    dtype_bytes = torch.finfo(pipe.unet.dtype).bits / 8
-    width_factor = pipe.unet.config.block_out_channels[0] / 320
+    """Rough peak-memory cost of one more frame in a batch, scaled from the SD-1.5 fp16 512² measurement.
+
+    A UNet scales by its first block's width (SD 1.5: 320); a transformer (SD3, Flux) by its parameter count
+    against SD 1.5's UNet (860M): an estimate, not measured for transformers.
+    """
+    denoiser = detect_family(pipe).get_denoiser(pipe)
+    dtype_bytes = torch.finfo(denoiser.dtype).bits / 8
+    blocks = getattr(denoiser.config, "block_out_channels", None)
+    if blocks:
+        width_factor = blocks[0] / 320
+    else:
+        width_factor = sum(p.numel() for p in denoiser.parameters()) / 860e6
     cfg = 1.0 if guidance else 0.5
     return (
         _MIB_PER_IMAGE_SD15_512
@@ -248,6 +266,7 @@ def _render(
     progress: bool,
 ) -> tuple[np.ndarray, list[Any] | None]:
     """Render frames at ``positions`` in batches; returns ``(images (N, H, W, 3) uint8, summaries or None)``."""
+    fam = detect_family(pipe)
     images: list[np.ndarray] = []
     summaries: list[Any] | None = [] if observe is not None else None
     observe_fn = _observe_fn() if observe is not None else None
@@ -261,7 +280,13 @@ def _render(
                 cond, noise = _frame_inputs(keys, chunk)
                 gens = [_frame_generator(keys, s, t, noise[:1], gen_device) for s, t in chunk]
                 kwargs = dict(
-                    call_kwargs, **cond.pipe_kwargs(), latents=noise, generator=gens, output_type="np"
+                    call_kwargs,
+                    **cond.pipe_kwargs(),
+                    latents=fam.pack_latents(
+                        noise
+                    ),  # Flux: (B, hw/4, 4C) tokens, as its prepare_latents packs them
+                    generator=gens,
+                    output_type="np",
                 )
                 if observe_fn is not None:
                     with observe_fn(pipe, **observe) as obs:
@@ -373,7 +398,8 @@ def walk(
     """Walk between keyframes (prompts, seeds or both) and render ``frames`` images in batches.
 
     Keyframe ``i`` is ``(prompts[i], seeds[i])``; a single prompt or seed is shared by all keyframes. Prompt
-    embeddings (and SDXL's pooled ones) are slerped per token, the initial noise is slerped as one vector
+    embeddings (SD3: CLIP's and T5's positions alike; Flux: T5's) and the pooled ones (SDXL, SD3, Flux: CLIP's
+    pooled vector) are slerped per token, the initial noise is slerped as one vector
     (keeping its norm), and each keyframe lands exactly on a frame, equal to ``pipe(prompt,
     generator=torch.Generator(generator_device).manual_seed(seed))`` (``generator_device`` defaults to the
     pipeline's device). Frames do not depend on ``batch_size`` (default: :func:`auto_batch_size`).
@@ -410,8 +436,17 @@ def walk(
     num_inference_steps = num_inference_steps or _call_default(pipe, "num_inference_steps", 50)
     guidance_scale = _call_default(pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale
     gen_device = torch.device(generator_device) if generator_device is not None else pipe._execution_device
+    max_sequence_length = resolve_max_sequence_length(pipe, pipe_kwargs.get("max_sequence_length"))
     keys = _keyframes(
-        pipe, prompts, seeds, negative_prompt, height=height, width=width, loop=loop, gen_device=gen_device
+        pipe,
+        prompts,
+        seeds,
+        negative_prompt,
+        height=height,
+        width=width,
+        loop=loop,
+        gen_device=gen_device,
+        max_sequence_length=max_sequence_length,
     )
     schedule: KeyframeSchedule = keyframe_schedule(len(keys.seeds), frames, spacing=spacing, loop=loop)
     if batch_size is None:
@@ -448,6 +483,8 @@ def walk(
         "negative_prompt": negative_prompt,
         "generator_device": str(gen_device),
     }
+    if max_sequence_length is not None:  # SD3, Flux: T5's length, for refine to encode the keyframes alike
+        settings["max_sequence_length"] = max_sequence_length
     return Walk(
         images=images,
         prompts=[e.prompt for e in keys.encoded],
@@ -490,6 +527,7 @@ def refine(
         width=s["width"],
         loop=s["loop"],
         gen_device=gen_device,
+        max_sequence_length=s.get("max_sequence_length"),
     )
     counts = insertion_plan(smoothness_report(result.images, metric).distances, extra)
     n_keys = len(result.prompts)
@@ -506,6 +544,7 @@ def refine(
     if not new_pos:
         return result
     call_kwargs = {
+        **({"max_sequence_length": s["max_sequence_length"]} if "max_sequence_length" in s else {}),
         "num_inference_steps": s["num_inference_steps"],
         "guidance_scale": s["guidance_scale"],
         "height": s["height"],

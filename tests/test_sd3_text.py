@@ -29,18 +29,45 @@ def test_encode_prompt_reproduces_the_pipelines_own_conditioning(sd3_pipe) -> No
     assert np.array_equal(out, ref)
 
 
-def test_inspect_prompt_labels_the_clip_part_of_the_joint_sequence(sd3_pipe) -> None:
+def test_inspect_prompt_lists_the_whole_joint_sequence(sd3_pipe) -> None:
     info = sdx.inspect_prompt(sd3_pipe, "a big red circle")
-    assert len(info.tokens) == 77 and info.tokens[1:5] == ["a</w>", "big</w>", "red</w>", "circle</w>"]
-    widths = [sd3_pipe.text_encoder.config.hidden_size, sd3_pipe.text_encoder_2.config.hidden_size]
     enc = sdx.encode_prompt(sd3_pipe, "a big red circle")
-    assert enc.prompt_embeds.shape[1] > 77  # T5's tokens follow CLIP's 77
-    assert torch.equal(info.embeds, enc.prompt_embeds[0, :77, : sum(widths)].float())
-    assert info.encoder_norms.shape == (2, 77)
+    assert len(info.tokens) == enc.prompt_embeds.shape[1] == 77 + 256  # CLIP's 77, then T5's 256
+    assert info.tokens[1:5] == ["a</w>", "big</w>", "red</w>", "circle</w>"]
+    assert info.tokens[77:82] == ["▁a", "▁big", "▁red", "▁cir", "cle"] and info.kinds[82] == "eos"
+    assert torch.equal(info.embeds, enc.prompt_embeds[0].float())
+    widths = [sd3_pipe.text_encoder.config.hidden_size, sd3_pipe.text_encoder_2.config.hidden_size]
+    assert info.encoders == ("text_encoder", "text_encoder_2", "text_encoder_3")
+    assert torch.equal(info.encoder_norms[0, :77], info.embeds[:77, : widths[0]].norm(dim=-1))
+    assert torch.equal(info.encoder_norms[2, 77:], info.norms[77:]) and not info.encoder_norms[2, :77].any()
+    assert not info.encoder_norms[:2, 77:].any()  # CLIP fills none of T5's positions
     assert (
         sdx.text.default_size(sd3_pipe)
         == (sd3_pipe.transformer.config.sample_size * sd3_pipe.vae_scale_factor,) * 2
     )
+
+
+@pytest.mark.parametrize("family", MMDIT_FIXTURE_FAMILIES)
+def test_inspect_and_compare_show_t5_and_clip_tokens_side_by_side(family) -> None:
+    pipe = tiny_pipeline(family)
+    info = sdx.inspect_prompt(pipe, "a red circle, on a background")
+    rows = info.side_by_side().splitlines()
+    circle = next(r for r in rows if r.startswith("circle "))
+    assert "cir·cle" in circle  # T5's two pieces of one word
+    if family == "sd3":
+        assert (
+            rows[0].split() == ["word", "clip", "t5"] and "3: circle" in circle and "79-80: cir·cle" in circle
+        )
+    assert "t5" in repr(info) and len(repr(info)) < 200 and "<pre>" in info._repr_html_()
+    table = info.table()
+    assert "▁cir" in table and "padding positions" in table and len(table.splitlines()) < 30
+    diff = sdx.compare_prompts(pipe, "a red circle", "a blue circle")
+    assert diff.pooled is not None and "pooled" in diff.table() and len(diff.per_token) == len(info.ids)
+    blue = [i for i, t in enumerate(diff.b.tokens) if t in ("blue</w>", "▁blue")]
+    assert blue and all(diff.per_token[i] < 0.999 for i in blue)  # the changed word differs in every part
+    assert "mean_words" in repr(diff)
+    with pytest.raises(InvalidArgumentError, match="max_sequence_length"):
+        sdx.inspect_prompt(pipe, "a cat", max_sequence_length=600)
 
 
 # ---- the labels of the joint sequence (sequence_tokens) ------------------------------------------------------

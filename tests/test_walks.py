@@ -11,6 +11,9 @@ from conftest import gen
 from diffusers import EulerAncestralDiscreteScheduler
 
 from sdexplore.errors import InterpolationError, ResultFileError
+from sdexplore.fixtures import MMDIT_FIXTURE_FAMILIES, tiny_pipeline
+from sdexplore.interpolate import slerp
+from sdexplore.record.tokens import default_max_sequence_length
 from sdexplore.smoothness import frame_distances, gini, insertion_plan, smoothness_report
 from sdexplore.text import encode_prompt
 from sdexplore.walks import CPU_MAX_BATCH, Walk, auto_batch_size, refine, walk
@@ -204,3 +207,35 @@ def test_red_to_blue_walk_changes_colour_monotonically():
     red_minus_blue = np.array([c[:, 0].mean() - c[:, 2].mean() for c in centres])
     rho = _spearman(np.arange(len(w)), red_minus_blue)
     assert rho <= -0.9, f"R−B over frames {np.round(red_minus_blue, 1)} (Spearman {rho:.2f})"
+
+
+# ---- the MMDiT families (SD3, Flux): T5 sequence and pooled CLIP vector slerped, Flux's latents packed ---------
+@pytest.mark.parametrize("family", MMDIT_FIXTURE_FAMILIES)
+def test_mmdit_walk_endpoints_equal_plain_calls_and_batch_size_does_not_matter(family):
+    pipe = tiny_pipeline(family)
+    size = dict(height=64, width=64)
+    w1 = walk(pipe, PROMPTS, seeds=[0, 1], frames=3, batch_size=1, **size, **FAST)
+    w2 = walk(pipe, PROMPTS, seeds=[0, 1], frames=3, batch_size=2, **size, **FAST)
+    assert w1.images.shape == (3, 64, 64, 3) and w1.settings["family"] == family
+    assert w1.settings["max_sequence_length"] == default_max_sequence_length(pipe)
+    assert _close(w1.images, w2.images)
+    assert _close(w1.images[0], _plain(pipe, PROMPTS[0], 0, **size))
+    assert _close(w1.images[-1], _plain(pipe, PROMPTS[1], 1, **size))
+    assert not _close(w1.images[1], w1.images[0]) and not _close(w1.images[1], w1.images[-1])
+
+
+def test_sd3_walk_keeps_the_calls_max_sequence_length_and_interpolates_t5_and_pooled():
+    pipe = tiny_pipeline("sd3")
+    a, b = (encode_prompt(pipe, p, max_sequence_length=32) for p in PROMPTS)
+    assert a.prompt_embeds.shape[1] == 77 + 32 and a.pooled_prompt_embeds is not None
+    mid = a.combine([b], lambda x, y: slerp(x, y, 0.5))
+    for name in ("prompt_embeds", "pooled_prompt_embeds"):  # both move: T5's positions and the pooled vector
+        x, y, m = getattr(a, name), getattr(b, name), getattr(mid, name)
+        assert not torch.equal(m, x) and not torch.equal(m, y)
+    t5 = slice(77, None)
+    assert torch.allclose(
+        mid.prompt_embeds[:, t5], slerp(a.prompt_embeds[:, t5], b.prompt_embeds[:, t5], 0.5)
+    )
+    w = walk(pipe, PROMPTS, seeds=0, frames=2, max_sequence_length=32, **FAST)
+    assert w.settings["max_sequence_length"] == 32
+    assert _close(w.images[1], _plain(pipe, PROMPTS[1], 0, max_sequence_length=32))

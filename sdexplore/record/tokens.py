@@ -21,6 +21,8 @@ __all__ = [
     "PAD",
     "TEXT",
     "TokenList",
+    "default_max_sequence_length",
+    "resolve_max_sequence_length",
     "sequence_tokens",
     "tokenize_prompt",
     "unlabelled",
@@ -155,6 +157,32 @@ def default_max_sequence_length(pipe: Any) -> int | None:
     return int(param.default)
 
 
+def resolve_max_sequence_length(pipe: Any, value: Any) -> int | None:
+    """``value`` checked for ``pipe`` (1 to 512 on a T5 family), or the pipeline's default where None.
+
+    None for a family without T5 (where any other value is an InvalidArgumentError saying so).
+    """
+    default = default_max_sequence_length(pipe)
+    if default is None:
+        if value is not None:
+            raise InvalidArgumentError(
+                f"max_sequence_length applies to T5 families (SD3, Flux); {detect_family(pipe).label} has no T5 "
+                "encoder: leave it None."
+            )
+        return None
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(
+            f"max_sequence_length={value!r} is not an int: pass 1 to {_MAX_T5_LENGTH}."
+        )
+    if not 1 <= value <= _MAX_T5_LENGTH:
+        raise InvalidArgumentError(
+            f"max_sequence_length={value} is out of range: the pipelines accept 1 to {_MAX_T5_LENGTH}."
+        )
+    return int(value)
+
+
 def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None = None) -> TokenList:
     """Labels of every position of the text sequence ``pipe``'s denoiser attends to, for ``prompt``.
 
@@ -173,23 +201,9 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
             f"prompt={prompt!r} ({type(prompt).__name__}) is not a prompt string: label one prompt at a time."
         )
     fam = detect_family(pipe)
-    default = default_max_sequence_length(pipe)
-    if default is None:
-        if max_sequence_length is not None:
-            raise InvalidArgumentError(
-                f"max_sequence_length applies to T5 families (SD3, Flux); {fam.label} has no T5 encoder: leave it None."
-            )
-        return tokenize_prompt(getattr(pipe, fam.tokenizers[0]), prompt)
+    max_sequence_length = resolve_max_sequence_length(pipe, max_sequence_length)
     if max_sequence_length is None:
-        max_sequence_length = default
-    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int):
-        raise InvalidArgumentError(
-            f"max_sequence_length={max_sequence_length!r} is not an int: pass 1 to 512."
-        )
-    if not 1 <= max_sequence_length <= _MAX_T5_LENGTH:
-        raise InvalidArgumentError(
-            f"max_sequence_length={max_sequence_length} is out of range: the pipelines accept 1 to {_MAX_T5_LENGTH}."
-        )
+        return tokenize_prompt(getattr(pipe, fam.tokenizers[0]), prompt)
     parts: list[TokenList] = []
     clip = fam.clip_sequence or ()  # a T5 family's CLIP encoders that fill the first positions (SD3's)
     if clip:

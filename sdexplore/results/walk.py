@@ -44,6 +44,7 @@ _SETTINGS: dict[str, Any] = {
     "scheduler": lambda c, v, f: c.str(v, f),
     "generator_device": lambda c, v, f: c.str(v, f),
     "refined": lambda c, v, f: c.int(v, f, lo=0),
+    "max_sequence_length": lambda c, v, f: c.int(v, f, lo=1, hi=512),  # SD3, Flux: T5's length
     "negative_prompt": lambda c, v, f: (
         v
         if v is None or isinstance(v, str)
