@@ -321,7 +321,11 @@ _SDXL_FACTORS = (
 SD1 = Family(
     name="sd1",
     label="Stable Diffusion 1.x",
-    pipeline_classes=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+    pipeline_classes=(
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+    ),
     text_encoders=("text_encoder",),
     tokenizers=("tokenizer",),
     latent_channels=4,
@@ -333,7 +337,11 @@ SD2 = replace(SD1, name="sd2", label="Stable Diffusion 2.x")
 SDXL = Family(
     name="sdxl",
     label="Stable Diffusion XL",
-    pipeline_classes=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+    pipeline_classes=(
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+    ),
     text_encoders=("text_encoder", "text_encoder_2"),
     tokenizers=("tokenizer", "tokenizer_2"),
     latent_channels=4,

@@ -98,6 +98,7 @@ def heat_overlay(
     size: int | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    mask: Any = None,
 ) -> np.ndarray:
     """A heat map (h, w) over an image: bilinearly upsampled, coloured, blended. Returns (H, W, 3) uint8.
 
@@ -106,6 +107,8 @@ def heat_overlay(
     colours alone. ``size``: the output's shortest side at least this many pixels (a smaller image is
     upscaled by nearest neighbour, so a 64×64 image stays legible); ``None`` keeps the image's size.
     Without an image (``None``) the coloured map alone is returned, its shorter side ``size`` (default 256).
+    ``mask``: an inpainting mask (``obs.mask``, (M, H, W) / (H, W), 1 = repainted) whose outline is drawn on
+    top (:func:`draw_mask_outline`), so a map is read against the region that was repainted.
     """
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError(f"opacity must lie in [0, 1], got {opacity}.")
@@ -126,9 +129,57 @@ def heat_overlay(
     hi = float(m.max()) if vmax is None else float(vmax)
     colours = colorize(m, cmap, lo, hi)  # (H, W, 3)
     if base is None:
-        return colours
-    # base · (1 − opacity) + colours · opacity, rounded, in C (~3× faster than the numpy arithmetic)
-    return np.asarray(Image.blend(Image.fromarray(base), Image.fromarray(colours), float(opacity)))
+        out = colours
+    else:
+        # base · (1 − opacity) + colours · opacity, rounded, in C (~3× faster than the numpy arithmetic)
+        out = np.asarray(Image.blend(Image.fromarray(base), Image.fromarray(colours), float(opacity)))
+    return out if mask is None else draw_mask_outline(out, mask)
+
+
+# ---------------------------------------------------------------------------------------- inpainting masks
+#: Colour of an inpainting mask's outline on every heat-map overlay.
+MASK_COLOUR = (255, 255, 255)
+
+
+def mask_outline(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """The outline of an inpainting mask at ``size`` = (H, W) pixels: (H, W) bool, True on the mask's border.
+
+    ``mask``: (M, H', W') or (H', W') array or tensor in [0, 1] (the first of M is used), or a PIL image;
+    resized by nearest neighbour and cut at 0.5. The line is about 1/64 of the short side thick (≥ 1 pixel),
+    inside the repainted region.
+    """
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    m = _numpy(mask)
+    if m.ndim == 3:
+        m = m[0]  # (M, H', W') → the first mask
+    if m.ndim != 2:
+        raise ValueError(f"A mask is (H, W) or (M, H, W), got shape {m.shape}.")
+    inside = (
+        np.asarray(
+            Image.fromarray((m > 0.5).astype(np.uint8) * 255).resize((size[1], size[0]), Image.NEAREST)
+        )
+        > 0
+    )  # (H, W)
+    width = max(1, min(size) // 64)
+    eroded = inside.copy()
+    for _ in range(
+        width
+    ):  # erode by one pixel (4-neighbourhood) per round; the border is what erosion removes
+        e = eroded.copy()
+        e[1:, :] &= eroded[:-1, :]
+        e[:-1, :] &= eroded[1:, :]
+        e[:, 1:] &= eroded[:, :-1]
+        e[:, :-1] &= eroded[:, 1:]
+        eroded = e
+    return inside & ~eroded
+
+
+def draw_mask_outline(image: Any, mask: Any, colour: tuple[int, int, int] = MASK_COLOUR) -> np.ndarray:
+    """``image`` (any :func:`as_uint8_image` input) with ``mask``'s outline drawn in ``colour``: (H, W, 3) uint8."""
+    out = as_uint8_image(image).copy()
+    out[mask_outline(mask, out.shape[:2])] = colour
+    return out
 
 
 # ---------------------------------------------------------------------------------------- which steps

@@ -16,7 +16,7 @@ PURE_MATH = {"schedule_math", "preview", "interpolate", "heatmaps", "smoothness"
 LEAVES = {"errors", "_files"}
 EXPORT = {"export"}  # frames → GIF/MP4/PNG files: imports only the leaves
 RESULTS = {"results"} | EXPORT | PURE_MATH | LEAVES
-FAMILIES = {"families", "tokenizer", "data"} | RESULTS
+FAMILIES = {"families", "tokenizer", "data", "masks"} | RESULTS
 RECORD = {"record", "decoding", "fixtures"} | FAMILIES
 VIEWS = {"widgets", "plots", "cli", "cli_output", "render", "tour"}
 
@@ -61,7 +61,7 @@ def _modules(*names: str) -> list[Path]:
         (sorted(PURE_MATH), LEAVES),
         (sorted(EXPORT), LEAVES),
         (["results"], RESULTS),
-        (["families", "tokenizer"], FAMILIES),
+        (["families", "tokenizer", "masks"], FAMILIES),
         (["record"], RECORD),
     ],
     ids=["pure-math", "export", "results", "families", "record"],

@@ -147,7 +147,7 @@ def test_trace_preview_errors_say_what_to_do():
         trace_preview(tr, 1, "latents", image=2)
     with pytest.raises(ValueError, match="not one of this trace's steps"):
         trace_preview(tr, _trace(False)[0], "latents")
-    stranger = Trace(steps=tr.steps, family="flux", meta={})
+    stranger = Trace(steps=tr.steps, family="a-family-sdexplore-does-not-know", meta={})
     with pytest.raises(NotRecordedError, match="factors="):
         trace_preview(stranger, 1, "latents")
 

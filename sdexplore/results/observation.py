@@ -42,6 +42,13 @@ class Observation:
         return self.runs[-1]
 
     @property
+    def mask(self) -> Any:
+        """The latest call's inpainting mask, (M, H, W) float32 in [0, 1] (1 = repainted), or None (not an
+        inpainting call, or steps were not recorded: the mask travels with the trace). Views draw its outline:
+        ``sdexplore.render.heat_overlay(image, obs.attention.word("cat"), mask=obs.mask)``."""
+        return self.runs[-1].mask if self.runs else None
+
+    @property
     def attention(self) -> Any:
         """AttentionMaps of the latest pipeline call, or None if attention was not observed."""
         if self._attention is None and self._attention_recorder is not None:

@@ -84,8 +84,11 @@ class Trace:
     guidance_scale: float = 1.0  # the pipeline's CFG scale
     stopped_at: int | None = None  # the step the run was stopped after (steering), if any
     final_latents: torch.Tensor | None = None  # (B, C, h, w) latents after the last step (what gets decoded)
+    # (M, H, W) float32 in [0, 1]: an inpainting call's mask at its own pixel size (1 = repainted), else None
+    mask: torch.Tensor | None = None
     # "ve_latents": latents in variance-exploding form (Euler-type schedulers); "latent_rgb": {"factors": C×3,
-    # "bias": 3}, the latent → RGB preview factors the previews were made with
+    # "bias": 3}, the latent → RGB preview factors the previews were made with; "schedule_begin" and
+    # "schedule_length": where the run's loop starts in the scheduler's whole schedule (img2img, strength < 1)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -123,6 +126,13 @@ class Trace:
     def indices(self) -> list[int]:
         """Run step index of each record."""
         return [s.index for s in self.steps]
+
+    @property
+    def schedule_indices(self) -> list[int]:
+        """Position of each record in the scheduler's whole schedule: its run step index plus
+        ``meta["schedule_begin"]`` (img2img and inpainting with ``strength < 1`` run only the schedule's tail)."""
+        begin = int(self.meta.get("schedule_begin", 0))
+        return [begin + s.index for s in self.steps]
 
     @property
     def timesteps(self) -> torch.Tensor:
@@ -187,6 +197,8 @@ class Trace:
                 tensors[f"step{i}.{k}"] = t.detach().cpu().contiguous()
         if self.final_latents is not None:
             tensors["final_latents"] = self.final_latents.detach().cpu().contiguous()
+        if self.mask is not None:
+            tensors["mask"] = self.mask.detach().cpu().float().contiguous()
         header = {
             "format": _FORMAT,
             "version": ff.VERSION,
@@ -198,6 +210,7 @@ class Trace:
             "guidance_scale": self.guidance_scale,
             "stopped_at": self.stopped_at,
             "final_latents": self.final_latents is not None,
+            "mask": self.mask is not None,
             "meta": self.meta,
             "steps": [{**s._scalars(), "tensors": sorted(s._tensors())} for s in self.steps],
         }
@@ -218,6 +231,7 @@ class Trace:
         if unknown:
             c.fail(f"field {unknown[0]!r}", "is not a field of a saved Trace")
         has_final = c.bool(c.get(header, "final_latents", "final_latents"), "final_latents")
+        has_mask = c.bool(header.get("mask", False), "mask")  # absent in files saved before masks were kept
         steps = [
             _parse_step(c, i, sh) for i, sh in enumerate(c.list(c.get(header, "steps", "steps"), "steps"))
         ]
@@ -226,7 +240,9 @@ class Trace:
             if now <= before:
                 c.fail(f"steps[{i}].index", f"is {now}, not after the step before it ({before})")
         names = {f"step{i}.{k}" for i, (_, ks) in enumerate(steps) for k in ks}
-        ff.require_tensors(c, tensors, names | ({"final_latents"} if has_final else set()))
+        ff.require_tensors(
+            c, tensors, names | ({"final_latents"} if has_final else set()) | ({"mask"} if has_mask else set())
+        )
         dims = _Dims(c)
         records = []
         for i, (rec, ks) in enumerate(steps):
@@ -238,6 +254,9 @@ class Trace:
         final = tensors["final_latents"] if has_final else None
         if final is not None:
             dims.tensor("final_latents", "final_latents", final)
+        mask = tensors["mask"] if has_mask else None
+        if mask is not None:
+            ff.check_tensor(c, "mask", mask, (None, None, None), dtype=torch.float32)  # (M, H, W)
         stopped = c.get(header, "stopped_at", "stopped_at")
         trace = cls(
             steps=records,
@@ -249,6 +268,7 @@ class Trace:
             guidance_scale=c.number(c.get(header, "guidance_scale", "guidance_scale"), "guidance_scale"),
             stopped_at=None if stopped is None else c.int(stopped, "stopped_at", lo=0),
             final_latents=final,
+            mask=mask,
             meta=_parse_meta(c, c.get(header, "meta", "meta"), dims.sizes.get("C")),
         )
         return trace
@@ -282,6 +302,7 @@ _HEADER_KEYS = frozenset(
         "guidance_scale",
         "stopped_at",
         "final_latents",
+        "mask",
         "meta",
         "steps",
         ff.TABLE,
@@ -323,6 +344,9 @@ def _parse_meta(c: ff.Checker, value: Any, channels: int | None) -> dict[str, An
     meta = c.dict(value, "meta")
     if "ve_latents" in meta:
         c.bool(meta["ve_latents"], "meta.ve_latents")
+    for key in ("schedule_begin", "schedule_length"):
+        if key in meta:
+            c.int(meta[key], f"meta.{key}", lo=0)
     rgb = meta.get("latent_rgb")
     if rgb is not None:
         rgb = c.dict(rgb, "meta.latent_rgb")
