@@ -239,3 +239,14 @@ def test_sd3_walk_keeps_the_calls_max_sequence_length_and_interpolates_t5_and_po
     w = walk(pipe, PROMPTS, seeds=0, frames=2, max_sequence_length=32, **FAST)
     assert w.settings["max_sequence_length"] == 32
     assert _close(w.images[1], _plain(pipe, PROMPTS[1], 0, max_sequence_length=32))
+
+
+def test_sd3_walk_saves_loads_and_refines_with_its_t5_length(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    w = walk(pipe, PROMPTS, seeds=0, frames=2, max_sequence_length=32, **FAST)
+    back = Walk.load(w.save(tmp_path / "walk.safetensors"))
+    assert back.settings == w.settings and np.array_equal(back.images, w.images)
+    finer = refine(pipe, back, 1, progress=False)
+    assert len(finer) == 3 and np.array_equal(finer.images[[0, 2]], w.images)
+    three = walk(pipe, PROMPTS, seeds=0, frames=3, max_sequence_length=32, **FAST)
+    assert _close(finer.images[1], three.images[1])  # the midpoint, encoded at the walk's T5 length
