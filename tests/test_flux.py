@@ -21,6 +21,7 @@ from sdexplore.decoding import decode_with
 from sdexplore.families import FLUX, latent_rgb
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.preview import latent_to_rgb, to_uint8
+from sdexplore.steps import StepRecorder
 
 P = "a red circle on a blue background"
 # a short T5 sequence keeps the tests fast (Flux's default, 512 tokens, is checked in the encode_prompt test)
@@ -217,6 +218,40 @@ def test_previews_use_the_flux_factors_and_decoding_undoes_the_shift(flux_pipe) 
     # decode_with must add Flux's shift_factor back, as the pipeline does: its image equals the pipeline's own
     decoded = decode_with(flux_pipe.vae, obs.steps.final_latents)  # (1, 64, 64, 3) uint8
     assert np.abs(decoded.numpy().astype(int) - np.round(image * 255).astype(int)).max() <= 1
+
+
+def test_memory_bound_and_vae_decodes_use_the_unpacked_latents(flux_pipe) -> None:
+    calls = []
+    h = flux_pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match=r"latents \(1, 16, 8, 8\)"):  # refused before the first step
+            with StepRecorder(flux_pipe, max_bytes=10_000):
+                flux_pipe(P, generator=gen(0), **dict(KW, num_inference_steps=50))
+    finally:
+        h.remove()
+    assert calls == []  # refused in the first transformer call's pre-hook: the transformer never ran
+    ref = flux_pipe(P, generator=gen(0), **KW).images
+    with StepRecorder(flux_pipe, decode_every=2, quantities=("x0",)) as rec:
+        out = flux_pipe(P, generator=gen(0), **KW).images
+    assert np.array_equal(out, ref) and rec.trace.meta["latent_shape"] == [1, 16, 8, 8]
+    decoded = [r.decoded for r in rec.trace.steps if r.decoded is not None]
+    assert len(decoded) == 2 and decoded[0].shape == (1, 64, 64, 3) and decoded[0].dtype == torch.uint8
+    want = decode_with(flux_pipe.vae, rec.trace.steps[2].x0.float())
+    assert (decoded[1].int() - want.int()).abs().max() <= 2  # x0 stored in float16
+
+
+def test_img2img_steps_follow_the_tail_of_the_schedule(flux_pipe) -> None:
+    pipe = FluxImg2ImgPipeline(**flux_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 64, 64)
+    call = dict(image=image, strength=0.5, **KW)
+    ref = pipe(P, generator=gen(0), **call).images
+    with sdx.observe(pipe, steps={"quantities": "all", "dtype": torch.float32}) as obs:
+        out = pipe(P, generator=gen(0), **call).images
+    assert np.array_equal(out, ref)
+    tr = obs.steps
+    assert len(tr) == 2 and tr.steps[0].latents.shape == (1, 16, 8, 8)
+    assert [r.timestep for r in tr.steps] == pytest.approx(pipe.scheduler.timesteps[-2:].tolist())
 
 
 # ---- describe, load, restore ---------------------------------------------------------------------------------
