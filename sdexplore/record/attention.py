@@ -53,6 +53,7 @@ _RUN_STATE = (
     "_hw_cache",
     "_groups",
     "_queue",
+    "_joint_queue",
     "_queued_bytes",
     "_probs",
     "_steps",
@@ -339,6 +340,9 @@ class AttentionRecorder:
         # deferred queries by shape and text: [text tensor, {layer: keys (B', heads, T, d)}, [(step, layer, queries
         # (B', heads, HW, d))], upcast, scale]; turned into probabilities in batches (:meth:`_flush`)
         self._queue: dict[tuple, list[Any]] = {}
+        # MMDiT layers' waiting calls: layer → [(step, queries (B', heads, HW, d), text keys (B', heads, T, d),
+        # log-sum-exp (B', heads, HW) or None, image keys or None, scale)]
+        self._joint_queue: dict[str, list[tuple]] = {}
         self._queued_bytes = 0
         self._probs: dict[str, list[torch.Tensor]] = {}
         # per step: [sums of head-mean maps by resolution group, number of layer maps summed]
@@ -436,7 +440,7 @@ class AttentionRecorder:
             if tl.truncated:
                 warnings.warn(
                     f"The prompt is longer than {len(tl.ids)} tokens; the text encoder never saw these and they have "
-                    f"no map: {' '.join(t.removesuffix('</w>') for t in tl.truncated)!r} (listed in maps.truncated).",
+                    f"no map: {' '.join(tl.truncated_words)!r} (listed in maps.truncated).",
                     stacklevel=5,
                 )
         return cond, neg
@@ -551,31 +555,71 @@ class AttentionRecorder:
         scale: float,
         k_img: torch.Tensor,
     ) -> None:
-        """File one MMDiT layer's maps of the captured rows: image queries (N, heads, HW, d) × text keys
-        (N, heads, T, d) normalised by the kernel's log-sum-exp (N, heads, HW), or the attention outputs (N, HW, C)
-        and (N, T, C) for ``kind="output"``. Head means are summed a few heads at a time (bounded memory)."""
+        """One MMDiT layer's call: keep the captured rows' image queries (N, heads, HW, d), text keys
+        (N, heads, T, d) and the kernel's log-sum-exp (N, heads, HW) until :meth:`_flush_joint` (views, no copy;
+        at most :data:`QUEUE_BYTES` wait), or file the attention-output maps from the outputs (N, HW, C) and
+        (N, T, C) at once for ``kind="output"``."""
         rows, step = self._sel, len(self._timesteps) - 1
         if self.kind == "output":
             p = output_scores(o_img[rows], o_txt[rows], self._word_mask(rows, o_txt))  # (B', 1, HW, T)
             self._file([step], (name,), p[None, None])
             return
-        q, k, ki = q_img[rows], k_txt[rows], k_img[rows]  # (B', heads, ·, d)
         lse = None if lse is None else lse[rows]  # (B', heads, HW)
-        if self.per_head or self.keep_probs:
-            p = text_block_probs(q, k, lse, scale, self.kind, ki)  # (B', heads, HW, T)
-            self._file([step], (name,), p[None, None])
-            return
-        b, heads, length, _ = q.shape
-        cap = PROBS_BYTES_CPU if q.device.type == "cpu" else PROBS_BYTES
-        chunk = max(1, cap // max(1, b * length * k.shape[2] * 4))  # heads per batch
-        total = None
-        for h in range(0, heads, chunk):
-            part = slice(h, h + chunk)
-            p = text_block_probs(
-                q[:, part], k[:, part], None if lse is None else lse[:, part], scale, self.kind, ki[:, part]
-            ).sum(1, keepdim=True)  # (B', 1, HW, T)
-            total = p if total is None else total.add_(p)
-        self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T): the head mean
+        ki = k_img[rows] if lse is None else None  # image keys, only where the kernel gave no log-sum-exp
+        q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
+        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale))
+        self._queued_bytes += q.numel() * q.element_size() + k.numel() * k.element_size()
+        if self._queued_bytes > QUEUE_BYTES:
+            self._flush()
+
+    def _flush_joint(self) -> None:
+        """Maps of every waiting MMDiT call: per layer, the waiting steps in one batch where it fits the
+        probability budget; otherwise one step at a time, its head mean summed a few heads at a time."""
+        queue, self._joint_queue = self._joint_queue, {}
+        for name, items in queue.items():
+            steps = [it[0] for it in items]
+            scale = items[0][5]
+            q = torch.stack([it[1] for it in items])  # (S, B', heads, HW, d)
+            k = torch.stack([it[2] for it in items])  # (S, B', heads, T, d)
+            lse = None if items[0][3] is None else torch.stack([it[3] for it in items])  # (S, B', heads, HW)
+            ki = (
+                None if items[0][4] is None else torch.stack([it[4] for it in items])
+            )  # (S, B', heads, HW', d)
+            S, b, heads, length, _ = q.shape
+            cap = PROBS_BYTES_CPU if q.device.type == "cpu" else PROBS_BYTES
+            per_step = b * heads * length * k.shape[3] * 4
+            full = self.per_head or self.keep_probs
+            if per_step <= cap or full:
+                chunk = max(1, cap // per_step)  # steps per batch
+                for a in range(0, S, chunk):
+                    z = slice(a, a + chunk)
+                    p = text_block_probs(
+                        q[z],
+                        k[z],
+                        None if lse is None else lse[z],
+                        scale,
+                        self.kind,
+                        None if ki is None else ki[z],
+                    )  # (S', B', heads, HW, T)
+                    if not full:
+                        p = p.mean(2, keepdim=True)  # (S', B', 1, HW, T): the head mean is all that is kept
+                    self._file(steps[a : a + chunk], (name,), p[:, None])  # (S', 1, B', heads, HW, T)
+                continue
+            hchunk = max(1, cap // max(1, b * length * k.shape[3] * 4))  # heads per batch
+            for i, step in enumerate(steps):
+                total = None
+                for h in range(0, heads, hchunk):
+                    part = slice(h, h + hchunk)
+                    p = text_block_probs(
+                        q[i][:, part],
+                        k[i][:, part],
+                        None if lse is None else lse[i][:, part],
+                        scale,
+                        self.kind,
+                        None if ki is None else ki[i][:, part],
+                    ).sum(1, keepdim=True)  # (B', 1, HW, T)
+                    total = p if total is None else total.add_(p)
+                self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T): head mean
 
     def _word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
         """(B', T) True at the prompt's word tokens (ConceptAttention's softmax runs over these); None when the
@@ -638,6 +682,7 @@ class AttentionRecorder:
 
     def _flush(self) -> None:
         """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
+        self._flush_joint()
         queue, self._queue, self._queued_bytes = self._queue, {}, 0
         for _, keys, items, upcast, scale, rows in queue.values():
             by_step: dict[int, list[tuple[str, torch.Tensor]]] = {}
