@@ -48,6 +48,9 @@ _EXPORTS: dict[str, str] = {
     "walk": "walks",
     "Walk": "results",
     "smoothness_report": "smoothness",
+    # sweeps at dataset scale
+    "sweep": "sweeps",
+    "sweep_report": "sweeps",
     # errors
     "SdexploreError": "errors",
     "UnsupportedPipelineError": "errors",
@@ -76,6 +79,7 @@ _SUBMODULES = (
     "embedded",
     "render",
     "decoding",
+    "sweeps",
 )
 
 __all__ = [
@@ -120,6 +124,8 @@ __all__ = [
     "set_scheduler",
     "slerp",
     "smoothness_report",
+    "sweep",
+    "sweep_report",
     "walk",
 ]
 
@@ -168,6 +174,7 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from .record.steps import StepRecorder
     from .results import AttentionMaps, Observation, StepRecord, Trace, Walk
     from .smoothness import smoothness_report
+    from .sweeps import sweep, sweep_report
     from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt
     from .tokenizer import clip_tokenizer
     from .tour import PipelineDescription, describe

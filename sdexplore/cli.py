@@ -60,6 +60,8 @@ commands:
   steps      generate one image and write every denoising step: x0 and preview strips, a GIF, the trace
   attention  generate one image and write cross-attention heat maps per word, a step x word grid, the maps
   walk       walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is
+  sweep      prompts x seeds with observation on into a resumable folder, over accelerate's processes
+  sweep-report  summary table and figures of a sweep folder
 
 examples:
   sdexplore describe
@@ -375,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="frames per pipeline call (default: what fits)",
     )
     w.set_defaults(run=_cmd_walk)
+    from .sweeps.cli import add_parsers as add_sweep_parsers  # sweep, sweep-report: in sdexplore.sweeps
+
+    add_sweep_parsers(sub, common=_common(), generation=_generation(), seed=_seed, whole=_whole)
     return parser
 
 
@@ -966,7 +971,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             where = f"{PROG} {args.command}" if args.command else PROG
             raise InputError(f"unrecognized arguments: {' '.join(extra)} (see `{where} --help`)")
         if args.command is None:
-            raise InputError("choose a command: describe, steps, attention or walk (see `sdexplore --help`)")
+            raise InputError(
+                "choose a command: describe, steps, attention, walk, sweep or sweep-report (see `sdexplore --help`)"
+            )
         with _quiet_libraries(debug):
             return int(args.run(args))
     except KeyboardInterrupt:  # the output's temporary files and lock are already removed

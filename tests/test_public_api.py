@@ -37,3 +37,10 @@ def test_unknown_attribute_is_an_attribute_error():
         assert "no_such_thing" in str(e)
     else:
         raise AssertionError("expected AttributeError")
+
+
+def test_sweep_is_the_function_and_sweeps_its_package():
+    """``sdexplore.sweep(...)`` is the function (the package is ``sdexplore.sweeps``, so the names never clash)."""
+    import sdexplore.sweeps
+
+    assert sdexplore.sweep is sdexplore.sweeps.sweep and sdexplore.sweep_report is sdexplore.sweeps.sweep_report
