@@ -393,3 +393,48 @@ def test_walk_player_plays_and_exports(frames, tmp_path):
     shown = [np.asarray(ax.images[0].get_array()) for ax in fig.axes]
     assert len(shown) == len(frames)
     assert all(np.array_equal(a, b) for a, b in zip(shown, frames.images, strict=True))
+
+
+# ---------------------------------------------------------------------------------------- upload control
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_upload_reads_the_picture_with_a_note_and_refuses_a_non_image():
+    from sdexplore.widgets import ImageUpload
+
+    got = []
+    upload = ImageUpload(lambda im: got.append(im) or "done", size=64)
+    upload.widget  # noqa: B018 - the FileUpload and its status line exist
+    rgba = Image.new("RGBA", (80, 48), (255, 0, 0, 128))  # another mode, size and aspect ratio
+    assert upload.receive(_png(rgba), "mine.png") == "done"
+    assert got[0].mode == "RGB" and got[0].size == (64, 64)
+    assert "mine.png: 64×64" in upload.status and "resized" in upload.status and "RGBA" in upload.status
+    assert upload.receive(b"not an image", "notes.txt") is None and len(got) == 1
+    assert upload.status.startswith("notes.txt:") and "image" in upload._status.value
+
+
+def test_scrubber_with_upload_shows_the_result_of_the_users_run_in_place(run):
+    import ipywidgets as w
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe, obs, _ = run
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+
+    def rerun(image):  # the user's own code: an img2img call under observe
+        with observe(img2img) as new:
+            img2img(PROMPT, image=image, strength=0.5, num_inference_steps=4, generator=_gen())
+        return new
+
+    scrubber = TimestepScrubber(obs, size=96, static=False).with_upload(rerun, size=64)
+    box = scrubber.widget
+    before = scrubber.num_steps
+    view = scrubber._upload_box.children[0]
+    scrubber._upload.receive(_png(Image.new("RGB", (64, 64), (0, 0, 255))), "blue.png")
+    assert scrubber.widget is box and scrubber._upload_box.children[0] is not view  # rebuilt in place
+    assert before == STEPS and scrubber.num_steps == 2 and scrubber.trace.schedule_indices == [2, 3]
+    assert scrubber.size == 96  # options kept
+    assert isinstance(box.children[0].children[0], w.FileUpload)

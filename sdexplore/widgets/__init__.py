@@ -8,7 +8,7 @@ as a widget; in a plain script, with ``static=True``, or with ``SDEXPLORE_STATIC
 
 from __future__ import annotations
 
-from ._base import Explorer, has_widget_frontend
+from ._base import Explorer, ImageUpload, has_widget_frontend
 from .attention import AttentionExplorer
 from .interpolation import InterpolationExplorer
 from .player import WalkPlayer
@@ -17,6 +17,7 @@ from .scrubber import TimestepScrubber
 __all__ = [
     "AttentionExplorer",
     "Explorer",
+    "ImageUpload",
     "InterpolationExplorer",
     "TimestepScrubber",
     "WalkPlayer",

@@ -9,13 +9,15 @@ import base64
 import html
 import io
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InvalidArgumentError
 from ..render import as_uint8_image, colorize, upscale
 
 #: Environment variable that forces the static (matplotlib) fallback everywhere: ``SDEXPLORE_STATIC=1``.
@@ -182,6 +184,52 @@ class Explorer:
     def __init__(self, *, static: bool | None = None) -> None:
         self.static = (not has_widget_frontend()) if static is None else bool(static)
         self._widget: Any = None
+        self._upload: ImageUpload | None = None
+        self._upload_box: Any = None  # the box holding the explorer's own view, under an upload control
+
+    # -- a starting image of the user's own ----------------------------------------------------------------
+    def with_upload(
+        self, run: Callable[[Image.Image], Any], *, size: int | tuple[int, int] | None = None
+    ) -> Explorer:
+        """Put an upload control (``ipywidgets.FileUpload``) above this explorer; returns the explorer.
+
+        The picture a user uploads is read with :func:`sdexplore.images.load_image` (each resize or mode
+        conversion shown as a note; a file that is not an image gets its one message, nothing runs) at ``size``
+        (``(height, width)``; default: the picture's own, rounded to a multiple of 8), then handed to
+        ``run(image)``: your code, which runs the pipeline (an inversion, an img2img call under
+        ``sdexplore.observe``) and returns what this explorer's constructor takes — one result, or a tuple of its
+        positional arguments (``(observation, image)`` for an ``AttentionExplorer``). The explorer then shows it.
+        The explorer itself still never runs a pipeline.
+        """
+        if not callable(run):
+            raise InvalidArgumentError(
+                "with_upload(run) takes a function image -> result (what the explorer shows)."
+            )
+        if getattr(self, "_options", None) is None:
+            raise InvalidArgumentError(
+                f"{type(self).__name__} cannot take a new result yet: explorers with an upload control keep "
+                "their constructor's options in self._options."
+            )
+
+        def show(image: Image.Image) -> Any:
+            result = run(image)
+            self.replace(*(result if isinstance(result, tuple) else (result,)))
+            return result
+
+        self._upload = ImageUpload(show, size=size)
+        return self
+
+    def replace(self, *args: Any) -> None:
+        """Show a new result (the constructor's positional arguments), keeping every option; the widget, if
+        built, is rebuilt in place."""
+        options = getattr(self, "_options", None)
+        if options is None:
+            raise InvalidArgumentError(f"{type(self).__name__} cannot take a new result (no self._options).")
+        keep = (self._widget, self._upload, self._upload_box, self.static)
+        type(self).__init__(self, *args, **options)
+        self._widget, self._upload, self._upload_box, self.static = keep
+        if self._upload_box is not None:
+            self._upload_box.children = (self._build(),)
 
     # -- to implement --------------------------------------------------------------------------------------
     def _build(self) -> Any:  # pragma: no cover - abstract
@@ -196,8 +244,13 @@ class Explorer:
     def widget(self) -> Any:
         """The ipywidgets view (built on first access; needs ipywidgets 8)."""
         if self._widget is None:
-            _require_ipywidgets()
-            self._widget = self._build()
+            w = _require_ipywidgets()
+            view = self._build()
+            if self._upload is None:
+                self._widget = view
+            else:
+                self._upload_box = w.VBox([view])
+                self._widget = w.VBox([self._upload.widget, self._upload_box])
         return self._widget
 
     def show(self) -> Any:
@@ -225,6 +278,72 @@ class Explorer:
             return self.widget._repr_mimebundle_(include=include, exclude=exclude)
         png = figure_png(self.figure())
         return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": repr(self)}
+
+
+class ImageUpload:
+    """An upload control for a picture of the user's own: ``ipywidgets.FileUpload`` and a status line.
+
+    Each upload is read with :func:`sdexplore.images.load_image` (at ``size``, ``(height, width)`` or one side;
+    default the picture's own size rounded to a multiple of 8); its notes (resized, converted from RGBA, ...) and
+    any error (not an image) are shown in the status line, and a readable picture is handed to ``on_image``.
+    :meth:`receive` does the same with bytes, without a frontend.
+    """
+
+    def __init__(
+        self,
+        on_image: Callable[[Image.Image], Any],
+        *,
+        size: int | tuple[int, int] | None = None,
+        description: str = "Your image",
+    ) -> None:
+        self.on_image = on_image
+        self.size = size
+        self.description = description
+        self.status = ""  # the latest status line, as text
+        self.image: Image.Image | None = None  # the latest picture read
+        self._widget: Any = None
+
+    @property
+    def widget(self) -> Any:
+        """The control: an upload button and a status line (built on first access)."""
+        if self._widget is None:
+            w = _require_ipywidgets()
+            self._button = w.FileUpload(accept="image/*", multiple=False, description=self.description)
+            self._button.add_class("sdx-upload")
+            self._status = w.HTML("")
+            self._button.observe(self._on_value, names="value")
+            self._widget = w.HBox([self._button, self._status])
+        return self._widget
+
+    def _on_value(self, change: dict[str, Any]) -> None:
+        files = change["new"]
+        if files:
+            f = files[0]
+            self.receive(f["content"], f.get("name", "upload"))
+
+    def _say(self, text: str) -> None:
+        self.status = text
+        if self._widget is not None:
+            self._status.value = html.escape(text)
+
+    def receive(self, data: bytes | memoryview, name: str = "upload") -> Any:
+        """Read the bytes of an uploaded file and hand the picture on; returns ``on_image``'s result, or None
+        when the file is not a picture (the status line says why)."""
+        from ..images import load_image  # lazily: the explorers import without the image module's needs
+
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            try:
+                image = load_image(bytes(data), self.size)
+            except InvalidArgumentError as e:
+                self._say(f"{name}: {e}")
+                return None
+        said = "; ".join(str(n.message) for n in notes if issubclass(n.category, UserWarning))
+        self.image = image
+        self._say(f"{name}: {image.height}×{image.width}, working…" + (f" ({said})" if said else ""))
+        result = self.on_image(image)
+        self._say(f"{name}: {image.height}×{image.width}" + (f" ({said})" if said else ""))
+        return result
 
 
 def figure_png(fig: Any, dpi: int = 100) -> bytes:

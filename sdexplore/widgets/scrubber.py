@@ -96,6 +96,10 @@ class TimestepScrubber(SliderExplorer):
         static: bool | None = None,
     ) -> None:
         super().__init__(static=static)
+        # kept for replace() / with_upload(): a new result is shown with the same options
+        self._options = dict(
+            image=image, rgb_factors=rgb_factors, size=size, live_fps=live_fps, static=static
+        )
         self.image = image
         self.size = size
         self._rgb = rgb_factors
