@@ -15,12 +15,14 @@ from diffusers import (
     FluxInpaintPipeline,
     FluxPipeline,
 )
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
 import sdexplore as sdx
 from sdexplore.decoding import decode_with
 from sdexplore.families import FLUX, latent_rgb
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.preview import latent_to_rgb, to_uint8
+from sdexplore.schedule_math import dynamic_shift_mu
 from sdexplore.steps import StepRecorder
 
 P = "a red circle on a blue background"
@@ -270,6 +272,8 @@ def test_describe_flux(flux_pipe) -> None:
     assert d.timesteps == [int(t) for t in flux_pipe.scheduler.timesteps]  # the pipeline's own, shifted by mu
     assert "2 double-stream (MMDiT) blocks" in str(d) and "2 single-stream blocks" in str(d)
     assert sdx.describe(flux_pipe, steps=4).image_size == (1024, 1024)  # FluxPipeline's default size
+    for tokens in (16, 256, 1000, 4096):  # the resolution shift is diffusers' calculate_shift
+        assert dynamic_shift_mu(tokens) == pytest.approx(calculate_shift(tokens))
 
 
 def test_load_pipeline_loads_a_saved_flux_folder(flux_pipe, tmp_path) -> None:
