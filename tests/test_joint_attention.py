@@ -228,3 +228,18 @@ def test_joint_processors_are_restored_after_a_fault(sd3, flux, fault) -> None:
         with sdx.AttentionRecorder(pipe):
             pipe(P, generator=gen(0), **kw)
         assert_restored(pipe, before)
+
+
+def test_flux_true_cfg_records_the_prompts_call_only(flux) -> None:
+    kw = dict(FLUX_KW, true_cfg_scale=3.0, negative_prompt="blurry")
+    plain = flux(P, generator=gen(0), **kw).images
+    with sdx.AttentionRecorder(flux) as rec:
+        image = flux(P, generator=gen(0), **kw).images
+    assert (image == plain).all()
+    assert rec.maps.num_steps == kw["num_inference_steps"]  # one map per step, not per denoiser call
+    with sdx.AttentionRecorder(flux) as alone:
+        flux(P, generator=gen(0), **FLUX_KW)
+    # the prompt's call of the first step sees the same latents with or without true CFG
+    torch.testing.assert_close(rec.maps.steps[0], alone.maps.steps[0], rtol=0, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="negative=True"):
+        sdx.AttentionRecorder(flux, negative=True)

@@ -196,6 +196,11 @@ class AttentionRecorder:
         self.step_resolution = step_resolution
         self.per_head = bool(per_head)
         self.negative = bool(negative)
+        if self.negative and not self.family.cfg_batch:
+            raise InvalidArgumentError(
+                f"negative=True records the unconditional half of a CFG batch; {self.family.label} has none (its "
+                "true CFG runs the negative prompt as a separate call, which is not recorded). Leave it False."
+            )
         self.keep_probs = bool(keep_probs)
         #: Module names of selected cross-attention layers left untouched (their processor is not plain attention).
         self.skipped_layers: list[str] = []
@@ -352,6 +357,7 @@ class AttentionRecorder:
         self._first_step_checked = False
         self._passed: set[str] = set()  # layers the scales= filter hands to their own processor this run
         self._rows = -1  # denoiser batch rows the CFG layout was worked out for
+        self._latent_off = False  # the current denoiser call is not captured (Flux true CFG's negative call)
         self._concept_keys: dict[str, torch.Tensor] = {}  # layer → keys of the concepts' words (heads, C', d)
 
     def _run_start(self, run: Run) -> None:
@@ -447,6 +453,12 @@ class AttentionRecorder:
 
     def _denoiser_pre(self, run: Run, args: tuple, kwargs: dict) -> None:
         """Before each denoiser call: close the previous step, note this step's timestep, latent size, CFG rows."""
+        if not self.family.cfg_batch and run.cfg and run.calls % 2 == 1:
+            # Flux's true CFG: two calls per step, the prompt's then the negative prompt's (counted here: the
+            # attachment counts steps only when a subscriber watches the scheduler); the negative's pass through
+            self._latent_off = True
+            return None
+        self._latent_off = False
         if self._timesteps and not self._first_step_checked:
             self._check_first_step()
         if self.step_resolution is not None:
@@ -468,7 +480,9 @@ class AttentionRecorder:
         if self._rows != sample.shape[0]:  # the CFG layout, worked out once per run
             self._rows = rows = int(sample.shape[0])
             uncond, cond = self.family.cfg_rows(rows)
-            if run.cfg and self.negative:
+            if not self.family.cfg_batch:  # Flux: the prompt's call only (true CFG's negative call passes)
+                self._sel, self._split = slice(None), None
+            elif run.cfg and self.negative:
                 self._sel, self._split = slice(None), (uncond, cond)
             elif run.cfg:
                 self._sel, self._split = cond, None
@@ -508,6 +522,8 @@ class AttentionRecorder:
 
     def _gate(self, name: str, seq_len: int) -> slice | None:
         """Rows of this call to capture (the CFG layout of the current step), or None to pass it through."""
+        if self._latent_off:
+            return None
         if name in self._layer_hw:  # placed earlier in this run: the common path, one dict lookup
             return self._sel
         if self._latent_size is None or name in self._passed:
