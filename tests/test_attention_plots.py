@@ -1,4 +1,4 @@
-"""Attention plots draw real, varied heat maps from recorded maps (Agg backend, no display)."""
+"""Attention plots draw real, varied heat maps from recorded maps (Agg backend, no display), on UNet and MMDiT maps."""
 
 from __future__ import annotations
 
@@ -9,19 +9,31 @@ import torch
 from conftest import gen
 
 from sdexplore.attention import AttentionRecorder
+from sdexplore.fixtures import tiny_pipeline
 from sdexplore.plots.attention import plot_step_grid, plot_word, plot_words
 from sdexplore.render import heat_overlay
 
 matplotlib.use("Agg")
 
 
-@pytest.fixture
-def recorded(sd1_pipe):
-    with AttentionRecorder(sd1_pipe) as rec:
-        img = sd1_pipe(
-            "a big red circle", num_inference_steps=4, height=64, width=96, generator=gen(0)
+@pytest.fixture(scope="module", params=["sd1", "sd3", "flux"])
+def recorded(request):
+    """Maps and image of one 4-step 64×96 run: SD1's cross-attention, SD3's and Flux's joint attention."""
+    pipe = tiny_pipeline(request.param)
+    extra = {} if request.param == "sd1" else {"max_sequence_length": 32}  # a short T5 window: fast
+    with AttentionRecorder(pipe) as rec:
+        img = pipe(
+            "a big red circle", num_inference_steps=4, height=64, width=96, generator=gen(0), **extra
         ).images[0]
     return rec.maps, img
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def _heat_layer(ax):
@@ -45,18 +57,18 @@ def test_plot_word_overlays_a_varied_map(recorded):
         plot_word(maps, "circle", image=img, alpha=1.5)
 
 
-def test_plot_words_row_and_step_grid(recorded):
+def test_plot_words_row_and_step_grid(recorded, tmp_path):
     maps, img = recorded
     fig = plot_words(maps, image=img)
     assert [a.get_title() for a in fig.axes] == ["image", "a", "big", "red", "circle"]
     assert not np.allclose(_heat_layer(fig.axes[2]), _heat_layer(fig.axes[4]))  # words differ
-    fig.savefig("/tmp/sdexplore_attention_words.png")
+    fig.savefig(tmp_path / "words.png")
     grid = plot_step_grid(
         maps, ["red", "circle"], image=torch.from_numpy(np.array(img)).permute(2, 0, 1) / 255
     )
     assert len(grid.axes) == 4 * 2  # 4 steps (all of them) × 2 words
     assert not np.allclose(_heat_layer(grid.axes[0]), _heat_layer(grid.axes[-2]))  # step 0 vs last, "red"
-    grid.savefig("/tmp/sdexplore_attention_grid.png")
+    grid.savefig(tmp_path / "grid.png")
 
 
 def test_plot_words_refuses_a_picture_given_as_the_words(recorded):
