@@ -24,6 +24,7 @@ EXPLORERS = {
     "03_attention.ipynb": 1,
     "04_interpolation.ipynb": 3,
     "05_latent_walks.ipynb": 3,
+    "06_your_own_image.ipynb": 2,  # TimestepScrubber with its upload control, AttentionExplorer
 }
 
 
@@ -47,13 +48,14 @@ def kernel_env(tmp_path_factory):
     }
 
 
-def test_there_are_five_tutorials_committed_without_outputs():
+def test_there_are_six_tutorials_committed_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
         "01_tour.ipynb",
         "02_step_by_step.ipynb",
         "03_attention.ipynb",
         "04_interpolation.ipynb",
         "05_latent_walks.ipynb",
+        "06_your_own_image.ipynb",
     ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)

@@ -251,6 +251,7 @@ class Explorer:
             else:
                 self._upload_box = w.VBox([view])
                 self._widget = w.VBox([self._upload.widget, self._upload_box])
+                self._widget.add_class("sdx-upload-explorer")
         return self._widget
 
     def show(self) -> Any:
