@@ -1,8 +1,12 @@
-"""describe(): the component tour works on every family and its arithmetic is right."""
+"""describe(): the component tour works on every family (UNet and MMDiT) and its arithmetic is right."""
+
+import html
 
 import pytest
+import torch
 
 from sdexplore import describe
+from sdexplore.fixtures import tiny_pipeline
 
 
 def test_describe_every_family(any_pipe):
@@ -18,8 +22,45 @@ def test_describe_every_family(any_pipe):
     text = str(d)
     assert "48× fewer" in text and "UNet2DConditionModel" in text
     assert "<table>" in d._repr_html_()
+    assert d.blocks == [] and "Transformer:" not in text  # a UNet has no MMDiT block structure
     if d.family == "sdxl":
         assert "text_encoder_2" in names
+
+
+# family → (text encoders and tokenizers it has, the block-structure phrases describe() must show)
+MMDIT = {
+    "sd3": (
+        {"text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer_3"},
+        ["2 joint (MMDiT) blocks", "4 heads × 8 = 32 channels"],
+    ),
+    "flux": (
+        {"text_encoder", "text_encoder_2", "tokenizer_2"},
+        ["2 double-stream (MMDiT) blocks", "2 single-stream blocks", "4 heads × 8 = 32 channels"],
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(MMDIT))
+def test_describe_mmdit_families_shows_the_block_structure(family):
+    pipe = tiny_pipeline(family)
+    d = describe(pipe, steps=10, height=64, width=64)  # Flux's own default is 1024²
+    names = {c.name for c in d.components}
+    encoders, phrases = MMDIT[family]
+    assert {"transformer", "vae", "tokenizer", "scheduler"} | encoders <= names and "unet" not in names
+    transformer = next(c for c in d.components if c.name == "transformer")
+    assert transformer.parameters == sum(p.numel() for p in pipe.transformer.parameters())
+    assert transformer.dtype == "float32" and transformer.device == "cpu"
+    assert d.family == family and d.latent_shape == (16, 8, 8) and d.image_size == (64, 64)
+    assert d.compression == 12.0 and d.prediction_type == "flow_prediction"
+    assert len(d.timesteps) == 10 and d.timesteps == sorted(d.timesteps, reverse=True)
+    assert len(d.blocks) == 1 and all(p in d.blocks[0] for p in phrases)
+    text, page = str(d), d._repr_html_()
+    assert "12× fewer" in text and type(pipe.transformer).__name__ in text
+    assert d.blocks[0] in text and html.escape(d.blocks[0]) in page  # in the printed table and in Jupyter's
+    assert describe(pipe, steps=2, height=64, width=96).latent_shape == (16, 8, 12)
+    # the block counts are read from the model, not assumed: one joint block fewer shows one fewer
+    pipe.transformer.transformer_blocks = torch.nn.ModuleList(list(pipe.transformer.transformer_blocks)[:1])
+    assert phrases[0].replace("2", "1", 1) in describe(pipe, steps=2, height=64, width=64).blocks[0]
 
 
 def test_describe_leaves_scheduler_untouched(sd1_pipe):
