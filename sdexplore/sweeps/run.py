@@ -119,12 +119,14 @@ def sweep(
         "items": len(items),
         "plan": plan_digest(items),
     }
-    existed = fs.check_settings(out, settings)  # every process, before anything loads or is written
+    fs.check_settings(out, settings)  # every process, before anything loads or is written
     cpu = device == "cpu" or not _cuda()
     state = PartialState(cpu=cpu)
     with contextlib.ExitStack() as stack:
-        _on_main(state, lambda: _prepare(stack, out, settings, existed, prompts))
-        pipe = _load(model, device if device != "auto" or cpu else str(state.device), dtype, scheduler)
+        _on_main(state, lambda: _prepare(stack, out, settings, prompts))
+        # on GPUs each process takes its own (accelerate's local rank); an explicit "cuda:1" is kept
+        own = str(state.device) if not cpu and device in ("auto", "cuda") else device
+        pipe = _load(model, own, dtype, scheduler)
         _check_words(pipe, items)
         call_kwargs: dict[str, Any] = {"num_inference_steps": steps}
         for key, value in (("guidance_scale", guidance_scale), ("height", height), ("width", width)):
@@ -224,7 +226,7 @@ def _on_main(state: Any, work: Callable[[], Any]) -> Any:
     return value
 
 
-def _prepare(stack: contextlib.ExitStack, out: Path, settings: dict, existed: bool, prompts: Any) -> None:
+def _prepare(stack: contextlib.ExitStack, out: Path, settings: dict, prompts: Any) -> None:
     """Main process: take the folder's lock, remove a killed run's half-written items, store the settings."""
     stack.enter_context(fs.locked(out))
     if fs.check_settings(out, settings):  # again, under the lock
