@@ -554,7 +554,7 @@ def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = N
             "the embedded model is not installed; using a tiny random-weight stand-in (its images are noise)"
         )
     try:
-        return load_pipeline(
+        pipe = load_pipeline(
             model,
             device=args.device,
             dtype=args.dtype,
@@ -563,6 +563,31 @@ def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = N
         )
     except InvalidArgumentError as e:  # a scheduler that a hub model, checked once loaded, cannot use
         raise InputError(_one_line(e)) from e
+    _check_for_model(args, pipe)
+    return pipe
+
+
+def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
+    """What only the loaded model decides, checked before generating: SD3 and Flux work in 2x2 patches of
+    latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), and Flux.1 has
+    no CFG batch (FluxPipeline ignores a negative prompt without true CFG)."""
+    from .families import detect_family, vae_scale_factor
+
+    fam = detect_family(pipe)
+    patch = max(fam.latent_packing, int(getattr(fam.get_denoiser(pipe).config, "patch_size", 1) or 1))
+    unit = vae_scale_factor(pipe) * patch
+    for name in ("height", "width"):
+        v = getattr(args, name, None)
+        if v is not None and v % unit:
+            raise InputError(
+                f"--{name} must be a multiple of {unit} for {fam.label} (its transformer works in {patch}x{patch} "
+                f"patches of the VAE's {vae_scale_factor(pipe)}x{vae_scale_factor(pipe)} blocks), got {v}"
+            )
+    if getattr(args, "negative", None) is not None and not fam.cfg_batch:
+        raise InputError(
+            f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "
+            "model), so the pipeline would ignore the negative prompt; leave --negative out"
+        )
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -268,6 +268,108 @@ def test_walk_circular_mp4(capsys, tmp_path):
     assert "6 frames" in stdout
 
 
+# ---------------------------------------------------------------- SD3 and Flux folders
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def mmdit_folder(request, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """(family, folder) of a tiny random SD3 or Flux.1 pipeline saved with save_pretrained (T5 tokenizer too)."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp(request.param) / f"tiny-{request.param}"
+    tiny_pipeline(request.param).save_pretrained(folder)
+    return request.param, folder
+
+
+@pytest.mark.slow
+def test_every_command_on_a_saved_mmdit_folder(capsys, tmp_path, mmdit_folder):
+    """describe, steps, attention and walk work unchanged on SD3 and Flux: the same files as on the UNets."""
+    family, folder = mmdit_folder
+    size_args = ("--height", "64", "--width", "96", "--no-progress")
+    rc, out, _ = run(capsys, "describe", folder, "--json", "--steps", "3", "--height", "64", "--width", "96")
+    assert rc == 0
+    data = json.loads(out)
+    assert data["family"] == family and data["latent_shape"] == [16, 8, 12] and len(data["timesteps"]) == 3
+    assert "transformer" in {c["name"] for c in data["components"]}
+    assert ("double-stream" if family == "flux" else "joint (MMDiT)") in data["blocks"][0]
+    rc, out, _ = run(
+        capsys, "describe", folder, "--prompt", "a big red circle", "--height", "64", "--width", "64"
+    )
+    assert (
+        rc == 0 and "▁cir" in out and "2 single-stream blocks" in out
+        if family == "flux"
+        else "circle</w>" in out
+    )
+
+    steps = tmp_path / "steps"
+    rc, _, _ = run(capsys, "steps", "a red circle", "--model", folder, "--steps", "2", "--seed", "3", "--out",
+                   steps, *size_args)  # fmt: skip
+    assert rc == 0
+    assert sorted(p.name for p in steps.iterdir()) == sorted(
+        ["image.png", "steps_x0.png", "steps_preview.png", "denoising.gif", "trace.safetensors"]
+    )
+    trace = Trace.load(steps / "trace.safetensors")
+    assert trace.family == family and len(trace) == 2 and trace.meta["seed"] == 3
+    assert tuple(trace[0].x0.shape) == (1, 16, 8, 12)  # x0 unpacked to the latent grid on Flux too
+    assert size(steps / "image.png") == (96, 64) and read_frames(steps / "denoising.gif").shape == (
+        2,
+        64,
+        96,
+        3,
+    )
+
+    att = tmp_path / "att"
+    rc, stdout, _ = run(capsys, "attention", "a big red circle", "--model", folder, "--steps", "2", "--out", att,
+                        *size_args)  # fmt: skip
+    assert rc == 0
+    maps = AttentionMaps.load(att / "attention.safetensors")
+    assert maps.family == family and maps.kind == "joint" and maps.num_steps == 2
+    assert maps.words == ["a", "big", "red", "circle"]  # T5's "▁cir" "cle" merged
+    assert sorted(p.name for p in att.glob("attention_*.png")) == sorted(
+        f"attention_{w}.png" for w in ["a", "big", "red", "circle", "grid"]
+    )
+    assert size(att / "attention_circle.png") == size(att / "image.png") == (96, 64)
+    assert "circle: mean attention mass" in stdout
+    assert np.asarray(Image.open(att / "attention_circle.png")).std() > 5  # not one flat colour
+
+    walk_out = tmp_path / "walk.gif"
+    rc, stdout, _ = run(capsys, "walk", "a red circle", "a blue square", "--model", folder, "--seeds", "0", "1",
+                        "--frames", "3", "--steps", "2", "--out", walk_out, *size_args)  # fmt: skip
+    assert rc == 0 and read_frames(walk_out).shape == (3, 64, 96, 3) and "3 frames" in stdout
+
+    rc, _, err = run(
+        capsys, "steps", "a red circle", "--model", folder, "--height", "72", "--out", tmp_path / "o"
+    )
+    assert rc != 0 and len(error_lines(err)) == 1 and "--height must be a multiple of 16" in err
+    assert not (tmp_path / "o").exists()  # refused once the model is known, before generating
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd3", "flux"])
+def test_sizes_and_negative_are_checked_once_the_model_is_known(family):
+    """SD3 and Flux work in 2x2 patches of 8x8 VAE blocks: sizes in multiples of 16 (FluxPipeline would round
+    72 down to 64 silently); Flux.1 has no CFG batch, so a negative prompt it would ignore is refused."""
+    from sdexplore.cli import InputError, _check_for_model, build_parser
+    from sdexplore.fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline(family)
+    ok = build_parser().parse_args(
+        ["steps", "a red circle", "--height", "48", "--width", "64", "--negative", "x"]
+    )
+    odd = build_parser().parse_args(["steps", "a red circle", "--height", "64", "--width", "72"])
+    if family == "sd1":
+        _check_for_model(ok, pipe)
+        _check_for_model(odd, pipe)  # multiples of 8 suffice for a UNet
+        return
+    label = {"sd3": "Stable Diffusion 3 / 3.5", "flux": "Flux.1"}[family]
+    with pytest.raises(InputError, match=rf"--width must be a multiple of 16 for {label} .*, got 72"):
+        _check_for_model(odd, pipe)
+    if family == "flux":
+        with pytest.raises(InputError, match="--negative is not used by Flux.1"):
+            _check_for_model(ok, pipe)
+    else:
+        _check_for_model(ok, pipe)  # SD3's CFG batch uses the negative prompt
+
+
 # ---------------------------------------------------------------- bad input: one line, non-zero exit
 
 
