@@ -1,4 +1,4 @@
-"""AttentionRecorder on tiny SD1/SD2/SDXL pipelines: exactness, reference agreement, restore, labels, sizes."""
+"""AttentionRecorder on tiny SD1/SD2/SDXL, SD3 and Flux pipelines: exactness, reference agreement, restore, labels, sizes."""
 
 from __future__ import annotations
 

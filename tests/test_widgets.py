@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdexplore.export import read_frames
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.heatmaps import normalize
+from sdexplore.heatmaps import normalize, resize
 from sdexplore.observation import observe
 from sdexplore.render import heat_overlay
 from sdexplore.smoothness import smoothness_report
@@ -438,3 +438,81 @@ def test_scrubber_with_upload_shows_the_result_of_the_users_run_in_place(run):
     assert before == STEPS and scrubber.num_steps == 2 and scrubber.trace.schedule_indices == [2, 3]
     assert scrubber.size == 96  # options kept
     assert isinstance(box.children[0].children[0], w.FileUpload)
+
+
+# ---------------------------------------------------------------------------------------- SD3 and Flux
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def mmdit_run(request):
+    """One recorded 3-step run (steps + joint attention) of the tiny SD3 or Flux pipeline, and its image."""
+    torch.set_num_threads(1)
+    pipe = tiny_pipeline(request.param)
+    with observe(pipe, steps=True, attention=True) as obs:
+        image = pipe(
+            PROMPT, num_inference_steps=3, height=64, width=64, max_sequence_length=32, generator=_gen()
+        ).images[0]
+    return request.param, pipe, obs, image
+
+
+def test_explorers_on_mmdit_change_what_is_shown_without_running_the_transformer(mmdit_run):
+    family, pipe, obs, image = mmdit_run
+    calls = []
+    handle = pipe.transformer.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        scrub = TimestepScrubber(obs, static=False)
+        scrub.value = 0
+        first = {k: scrub.image_bytes(k) for k in ("noisy", "x0", "noise", "latents")}
+        scrub.value = 2
+        assert all(first[k] != scrub.image_bytes(k) for k in first), "every panel changes over the run"
+        ex = AttentionExplorer(obs, image, static=False)
+        assert ex.words == ["a", "big", "red", "circle", "on", "blue", "background"]  # T5 pieces merged
+        shown = [ex.displayed_png]
+        ex.select(word="circle")
+        shown.append(ex.displayed_png)
+        ex.select(step_range=(0, 0))
+        shown.append(ex.displayed_png)
+        ex.select(layer=obs.attention.layer_names[-1])
+        shown.append(ex.displayed_png)
+        ex.select(view="step × word grid")
+        grid = ex._grid.value
+    finally:
+        handle.remove()
+    assert calls == []
+    assert len(set(shown)) == len(shown), "each control must change the displayed image"
+    assert grid.count("<img") == len(ex.step_bins()) * len(ex.words)
+    m = obs.attention
+    assert torch.allclose(ex.heat("red", (1, 2)), normalize(m.word("red", step=range(1, 3)), "minmax"))
+    groups = {k: v for k, v in ex.layer_groups.items() if "blocks (" in k}  # Flux: its two kinds of block
+    if family == "flux":
+        assert groups == {
+            "double-stream blocks (2)": ["transformer_blocks.0.attn", "transformer_blocks.1.attn"],
+            "single-stream blocks (2)": [
+                "single_transformer_blocks.0.attn",
+                "single_transformer_blocks.1.attn",
+            ],
+        }
+        double = [resize(m.word("red", layer=n), m.latent_size) for n in groups["double-stream blocks (2)"]]
+        want = normalize(torch.stack(double).mean(0), "minmax")
+        assert torch.allclose(ex.heat("red", layer="double-stream blocks (2)"), want, atol=1e-6)
+    else:  # SD3's joint blocks are all of one kind: the menu has all layers, then each layer
+        assert groups == {} and list(ex.layer_groups)[1:] == m.layer_names
+    fig = scrub.figure()
+    assert len(fig.axes) == 4 * 3
+    assert all(np.asarray(ax.images[0].get_array()).std() > 0 for ax in fig.axes)
+    fig = AttentionExplorer(obs, image, static=True).figure(n_bins=2, max_words=3)
+    assert len({np.asarray(ax.images[0].get_array()).tobytes() for ax in fig.axes}) == 9
+
+
+def test_walk_explorers_on_mmdit(mmdit_run):
+    family, pipe, _, _ = mmdit_run
+    frames = walk(pipe, ["a red circle", "a blue square"], seeds=[0, 1], frames=4, num_inference_steps=2,
+                  height=64, width=64, max_sequence_length=32, progress=False)  # fmt: skip
+    ex = InterpolationExplorer({"walk": frames}, static=False)
+    a = ex.displayed("walk")
+    ex.value = 2
+    assert ex.displayed("walk") != a and "a blue square" in ex._info.value
+    player = WalkPlayer(frames, static=False)
+    b = player.displayed
+    player.value = 3
+    assert player.displayed != b
+    shown = [np.asarray(ax.images[0].get_array()) for ax in player.figure().axes]
+    assert all(np.array_equal(x, y) for x, y in zip(shown, frames.images, strict=True))

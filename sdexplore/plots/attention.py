@@ -1,4 +1,5 @@
-"""Matplotlib figures of cross-attention maps: one word over the image, a row of words, a step × word grid."""
+"""Matplotlib figures of attention maps (UNet cross-attention, MMDiT joint attention): one word over the image, a
+row of words, a step × word grid."""
 
 from __future__ import annotations
 

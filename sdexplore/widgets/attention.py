@@ -1,4 +1,5 @@
-"""AttentionExplorer: a word's cross-attention heat map over the image, by step range and layer, and a step × word grid."""
+"""AttentionExplorer: a word's attention heat map (UNet cross-attention, MMDiT joint attention) over the image, by
+step range and layer, and a step × word grid."""
 
 from __future__ import annotations
 
@@ -46,10 +47,12 @@ class _LRU(OrderedDict):
 
 
 class AttentionExplorer(Explorer):
-    """Pick a word, a step range and a layer group; see its cross-attention heat map over the image.
+    """Pick a word, a step range and a layer group; see its attention heat map over the image.
 
-    Controls: one button per word of the prompt; a step-range slider (needs the recorder's per-step maps);
-    a layer menu (all layers, a UNet block, a resolution, or one layer); the heat map's opacity; and a
+    Works on every family's maps: UNet cross-attention and SD3's / Flux's joint attention (on SD3 a word's
+    map sums its CLIP and its T5 positions). Controls: one button per word of the prompt; a step-range slider
+    (needs the recorder's per-step maps); a layer menu (all layers, a UNet block or Flux's double- and
+    single-stream blocks, a resolution, or one layer); the heat map's opacity; and a
     *step × word* grid that shows how each word's map forms over the run. Each map is shown min-max
     normalised (its shape, not its strength). Maps and composited images are cached, so moving a control
     costs a few milliseconds and never runs the pipeline.
@@ -103,13 +106,20 @@ class AttentionExplorer(Explorer):
 
     # ---- data -------------------------------------------------------------------------------------------
     def _layer_groups(self) -> dict[str, list[str]]:
-        """Menu label → layer names: all, per UNet block, per resolution, then each layer."""
+        """Menu label → layer names: all, per UNet block or MMDiT block kind, per resolution, then each layer."""
         names = self.maps.layer_names
         groups: dict[str, list[str]] = {ALL_LAYERS: []}
-        for block in ("down_blocks", "mid_block", "up_blocks"):
-            hit = [n for n in names if n.startswith(block)]
+        kinds = [(b, b.replace("_", " ")) for b in ("down_blocks", "mid_block", "up_blocks")]
+        # Flux: double-stream blocks (own text and image weights), then single-stream blocks (one sequence);
+        # SD3 has joint blocks only, so no group beside "all layers"
+        kinds += [
+            ("transformer_blocks.", "double-stream blocks"),
+            ("single_transformer_blocks.", "single-stream blocks"),
+        ]
+        for prefix, label in kinds:
+            hit = [n for n in names if n.startswith(prefix)]
             if hit and len(hit) < len(names):
-                groups[f"{block.replace('_', ' ')} ({len(hit)})"] = hit
+                groups[f"{label} ({len(hit)})"] = hit
         by_res: dict[tuple[int, int], list[str]] = {}
         for n in names:
             by_res.setdefault(tuple(self.maps.layers[n].shape[-2:]), []).append(n)
