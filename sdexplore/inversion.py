@@ -1,0 +1,319 @@
+"""Inversion of a real picture into the starting noise that regenerates it: DDIM, negative-prompt, flow ODE.
+
+Every sampler sdexplore inverts takes one *linear* step per timestep, ``x_next = A·x + B·m(x, t)`` with ``m`` the
+model's output (ε, v or x0 for DDIM with η = 0, from ``DDIMScheduler.step``'s own formulas; v for the flow-matching
+Euler step, ``x_next = x + (σ_next − σ)·v``). Inverting a step solves ``x = (x_next − B·m(x, t)) / A``:
+
+- **DDIM inversion** (Song et al. 2021; Mokady et al. 2023's "DDIM inversion") evaluates the model at the known
+  ``x_next`` instead of the unknown ``x`` (one denoiser call per step). For ε-prediction this is exactly
+  diffusers' ``DDIMInverseScheduler.step`` (tested); for v-prediction it reads v with the model's own timestep
+  (``DDIMInverseScheduler`` reads it with the previous step's ᾱ). ``iterations=k`` adds k fixed-point passes per
+  step, ``x ← (x_next − B·m(x, t)) / A`` (Pan et al. 2023, "AIDI"; Garibi et al. 2024, "ReNoise").
+- **Zero terminal SNR** (the embedded model: ``rescale_betas_zero_snr``, trailing spacing, v-prediction): the
+  first generation step sits at ᾱ = 0, where the latents carry no signal and DDIM's ε-form of the step is singular
+  (A = √(ᾱ_t/ᾱ_s) = 0). In the v-form it is not (A = √(1 − ᾱ_s), B = −√ᾱ_s): the step's x0 is the model's guess
+  from pure noise, so the one-shot approximation would throw the picture away there. That step is therefore always
+  solved by fixed-point iteration (at least :data:`NO_SIGNAL_ITERATIONS` passes), which finds the noise whose
+  first step lands exactly on the inverted latents, so a plain ``pipe(latents=...)`` regenerates the picture.
+  The same holds at σ = 1 for flow matching (SD3).
+- **Negative-prompt inversion** (Miyake et al. 2023): invert as above (conditional prediction only), then
+  regenerate with the prompt as its own negative prompt: classifier-free guidance ``u + g·(c − u)`` with ``u = c``
+  is ``c`` at any scale, so the reconstruction follows the inverted path with CFG on (the attention maps are those
+  of a CFG run, at no extra cost, unlike null-text inversion's per-step optimisation).
+- **Flow inversion** (SD3): the Euler ODE run backwards on the pipeline's own (shifted) σ schedule.
+
+The reconstruction is an ordinary ``pipe(...)`` call (for the UNet families with a DDIM scheduler built from the
+pipeline's config, swapped in for the call and restored after), so ``sdexplore.observe`` around
+:func:`invert` records its steps and attention maps like any call's. The inversion's own denoiser calls are not
+a pipeline call and are not recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError, UnsupportedPipelineError
+from .families import Family, detect_family
+from .images import ImageLike, encode_image, pipeline_image
+from .results.inversion import METHODS, Inversion
+
+__all__ = ["METHODS", "NO_SIGNAL_ITERATIONS", "Inversion", "invert", "psnr"]
+
+#: Fixed-point passes always given to a step that starts from no signal (ᾱ = 0 or σ = 1).
+NO_SIGNAL_ITERATIONS = 6
+#: Default number of steps (the embedded model's own).
+DEFAULT_STEPS = 25
+_OUTSIDE_WARNING = "The observed denoiser ran outside a call"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of two uint8 images of one shape (peak 255; ∞ when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+# ---------------------------------------------------------------- schedules as linear steps
+
+
+def _ddim_scheduler(pipe: Any) -> Any:
+    """The DDIM scheduler the reconstruction runs with: the pipeline's own if it is one (η = 0, no clipping or
+    thresholding, which would make the step non-linear), else one built from its config."""
+    from diffusers import DDIMScheduler
+
+    current = pipe.scheduler
+    if type(current) is DDIMScheduler and not current.config.clip_sample and not current.config.thresholding:
+        return current
+    return DDIMScheduler.from_config(current.config, clip_sample=False, thresholding=False)
+
+
+def _ddim_steps(scheduler: Any, steps: int) -> tuple[list[float], list[tuple[float, float]], list[bool]]:
+    """Timesteps, linear coefficients (A, B) of ``DDIMScheduler.step`` (η = 0) and "no signal" per step."""
+    from diffusers import DDIMScheduler
+
+    work = DDIMScheduler.from_config(scheduler.config)
+    work.set_timesteps(steps)
+    alphas = work.alphas_cumprod.double()
+    final = float(work.final_alpha_cumprod)
+    kind = work.config.prediction_type
+    times, coeffs, empty = [], [], []
+    for t in work.timesteps.tolist():
+        prev = t - work.config.num_train_timesteps // steps  # DDIMScheduler.step's own previous timestep
+        a_t = float(alphas[t])
+        a_s = float(alphas[prev]) if prev >= 0 else final
+        st, ss, nt, ns = math.sqrt(a_t), math.sqrt(a_s), math.sqrt(1 - a_t), math.sqrt(1 - a_s)
+        if kind == "v_prediction":  # x0 = √ᾱ·x − √(1−ᾱ)·v, ε = √ᾱ·v + √(1−ᾱ)·x
+            coeffs.append((ss * st + ns * nt, ns * st - ss * nt))
+        elif kind == "epsilon":  # x0 = (x − √(1−ᾱ)·ε)/√ᾱ
+            if a_t == 0:
+                raise UnsupportedPipelineError(
+                    "This scheduler has zero terminal SNR with ε-prediction: DDIM's step is undefined at ᾱ = 0. "
+                    "Use the model's own v-prediction scheduler config."
+                )
+            coeffs.append((ss / st, ns - ss * nt / st))
+        elif kind == "sample":  # x0 = m, ε = (x − √ᾱ·m)/√(1−ᾱ)
+            coeffs.append((ns / nt, ss - ns * st / nt))
+        else:
+            raise UnsupportedPipelineError(f"Cannot invert a scheduler with prediction_type={kind!r}.")
+        times.append(float(t))
+        empty.append(a_t == 0.0)
+    return times, coeffs, empty
+
+
+def _flow_steps(pipe: Any, steps: int) -> tuple[list[float], list[tuple[float, float]], list[bool]]:
+    """Timesteps, linear coefficients (1, σ_next − σ) of the flow-matching Euler step, "no signal" (σ = 1)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    current = pipe.scheduler
+    if type(current) is not FlowMatchEulerDiscreteScheduler:
+        raise UnsupportedPipelineError(
+            f"Flow inversion needs the pipeline's FlowMatchEulerDiscreteScheduler, not {type(current).__name__}: "
+            "sdexplore.set_scheduler(pipe, 'FlowMatchEulerDiscreteScheduler')."
+        )
+    if current.config.use_dynamic_shifting or current.config.get("stochastic_sampling", False):
+        raise UnsupportedPipelineError(
+            "Flow inversion supports the static shift of SD3's scheduler; this one uses dynamic shifting or "
+            "stochastic sampling, whose schedule depends on the call."
+        )
+    work = FlowMatchEulerDiscreteScheduler.from_config(current.config)
+    work.set_timesteps(steps)
+    sigmas = work.sigmas.double().tolist()  # (steps + 1,), last 0
+    times = [float(t) for t in work.timesteps.tolist()]
+    coeffs = [(1.0, sigmas[i + 1] - sigmas[i]) for i in range(steps)]
+    return times, coeffs, [s >= 1.0 for s in sigmas[:steps]]
+
+
+# ---------------------------------------------------------------- the model, conditioned on the prompt
+
+
+def _conditional_model(pipe: Any, fam: Family, prompt: str, height: int, width: int) -> Any:
+    """``m(x, t)``: the denoiser's conditional output, called as the family's pipeline calls it."""
+    from .text import encode_prompt
+
+    enc = encode_prompt(pipe, prompt, height=height, width=width)
+    denoiser = fam.get_denoiser(pipe)
+    param = next(denoiser.parameters())
+    embeds = enc.prompt_embeds.to(param.device, param.dtype)
+    pooled = (
+        None if enc.pooled_prompt_embeds is None else enc.pooled_prompt_embeds.to(param.device, param.dtype)
+    )
+
+    def model(x: torch.Tensor, t: float) -> torch.Tensor:
+        sample = x.to(param.device, param.dtype)
+        if fam.name == "sd3":
+            timestep = torch.full((1,), t, device=param.device, dtype=param.dtype)
+            out = denoiser(
+                hidden_states=sample,
+                timestep=timestep,
+                encoder_hidden_states=embeds,
+                pooled_projections=pooled,
+                return_dict=False,
+            )[0]
+        else:
+            timestep = torch.tensor(int(t), device=param.device)
+            extra = {}
+            if fam.name == "sdxl":
+                extra["added_cond_kwargs"] = {
+                    "text_embeds": pooled,
+                    "time_ids": enc.add_time_ids.to(param.device, param.dtype),
+                }
+            out = denoiser(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+        return out.double()
+
+    return model
+
+
+# ---------------------------------------------------------------- the pipeline for the reconstruction
+
+
+@contextlib.contextmanager
+def _scheduler(pipe: Any, scheduler: Any) -> Iterator[None]:
+    """``pipe.scheduler`` is ``scheduler`` inside the block and exactly the old object after it."""
+    old = pipe.scheduler
+    if scheduler is old:
+        yield
+        return
+    # through __dict__: DiffusionPipeline.__setattr__ would also rewrite (and replace) the pipeline's config
+    pipe.__dict__["scheduler"] = scheduler
+    try:
+        yield
+    finally:
+        pipe.__dict__["scheduler"] = old
+
+
+def _check(
+    pipe: Any, prompt: Any, steps: Any, method: Any, guidance: Any, iterations: Any
+) -> tuple[Family, str, int, float, int]:
+    fam = detect_family(pipe)
+    if fam.name not in ("sd1", "sd2", "sdxl", "sd3"):
+        raise UnsupportedPipelineError(f"invert does not support the {fam.label} family yet.")
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f'prompt must be a string ("" for none), got {type(prompt).__name__}.')
+    ode = "flow" if fam.name == "sd3" else "ddim"
+    if method is None:
+        method = ode
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method={method!r}: choose one of {', '.join(map(repr, METHODS))}.")
+    if method in ("ddim", "flow") and method != ode:
+        raise InvalidArgumentError(
+            f"method={method!r} does not fit {fam.label}, whose sampler is {'flow matching' if ode == 'flow' else 'DDIM'}:"
+            f" use method={ode!r} (or 'negative-prompt')."
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+        raise InvalidArgumentError(f"steps={steps!r}: give a whole number of steps from 1 to 1000, e.g. 25.")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise InvalidArgumentError(
+            f"guidance={guidance!r}: give a finite classifier-free guidance scale, e.g. 1.0."
+        )
+    if guidance < 0:
+        raise InvalidArgumentError(
+            f"guidance={guidance!r} is negative: give a scale ≥ 0 (1.0 turns CFG off)."
+        )
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 100:
+        raise InvalidArgumentError(
+            f"iterations={iterations!r}: give fixed-point passes per step from 0 to 100."
+        )
+    return fam, ode, steps, float(guidance), iterations
+
+
+@torch.no_grad()
+def invert(
+    pipe: Any,
+    image: ImageLike,
+    prompt: str = "",
+    *,
+    steps: int = DEFAULT_STEPS,
+    method: str | None = None,
+    guidance: float = 1.0,
+    iterations: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+) -> Inversion:
+    """Turn a real picture into the starting noise that regenerates it with ``pipe`` and ``prompt``.
+
+    ``image``: a PIL image, an array, a tensor, bytes or a path (:func:`sdexplore.images.load_image`), resized to
+    ``height`` × ``width`` (default: the model's size) with a note. ``method``: ``"ddim"`` (the UNet families'
+    default), ``"flow"`` (SD3's default) or ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
+    prompt as its negative). ``guidance``: the reconstruction's CFG scale. ``iterations``: fixed-point passes per
+    step on top of the one-call approximation (the no-signal first step of zero-terminal-SNR and flow models
+    always gets :data:`NO_SIGNAL_ITERATIONS`). The module docstring gives the maths.
+
+    The reconstruction is a plain ``pipe(...)`` call, recorded by an enclosing ``sdexplore.observe`` like any call.
+    Returns an :class:`~sdexplore.results.inversion.Inversion` (latents, trace, reconstruction, PSNR, settings).
+    """
+    fam, ode, steps, guidance, iterations = _check(pipe, prompt, steps, method, guidance, iterations)
+    method = ode if method is None else method
+    picture = np.asarray(pipeline_image(pipe, image, height=height, width=width), dtype=np.uint8)  # (H, W, 3)
+    h, w = picture.shape[:2]
+    if ode == "ddim":
+        recon_scheduler = _ddim_scheduler(pipe)
+        times, coeffs, empty = _ddim_steps(recon_scheduler, steps)
+    else:
+        recon_scheduler = pipe.scheduler
+        times, coeffs, empty = _flow_steps(pipe, steps)
+
+    from .decoding import decode_with
+
+    z0 = encode_image(pipe, picture)  # (1, C, h/8, w/8), the VAE posterior mean
+    vae_round_trip = decode_with(pipe.vae, z0)[0].cpu().numpy()  # (H, W, 3) uint8
+    model = _conditional_model(pipe, fam, prompt, h, w)
+
+    x = z0.double()
+    trace = [x.float().cpu()]
+    with (
+        warnings.catch_warnings()
+    ):  # an enclosing observe's note that this denoiser call is not a pipeline call
+        warnings.filterwarnings("ignore", message=_OUTSIDE_WARNING)
+        for i in reversed(
+            range(steps)
+        ):  # the generation's step i takes trace[steps - i] to trace[steps - i - 1]
+            a, b = coeffs[i]
+            x_next = x
+            x = (x_next - b * model(x_next, times[i])) / a
+            for _ in range(max(iterations, NO_SIGNAL_ITERATIONS) if empty[i] else iterations):
+                x = (x_next - b * model(x, times[i])) / a
+            trace.append(x.float().cpu())
+
+    latents = x.to(next(fam.get_denoiser(pipe).parameters()).dtype)
+    negative = prompt if method == "negative-prompt" else None
+    call: dict[str, Any] = {
+        "prompt": prompt,
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "height": h,
+        "width": w,
+        "latents": latents,
+        "output_type": "np",
+    }
+    if negative is not None:
+        call["negative_prompt"] = negative
+    with _scheduler(pipe, recon_scheduler):
+        out = pipe(**call).images[0]  # (H, W, 3) float in [0, 1]
+    reconstruction = (np.asarray(out, dtype=np.float64) * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    settings = {
+        "steps": steps,
+        "guidance": guidance,
+        "iterations": iterations,
+        "no_signal_iterations": NO_SIGNAL_ITERATIONS if any(empty) else 0,
+        "negative_prompt": negative,
+        "scheduler": type(recon_scheduler).__name__,
+        "family": fam.name,
+    }
+    return Inversion(
+        latents=latents.float().cpu(),
+        trace=torch.cat(trace),  # (steps + 1, C, h, w)
+        timesteps=times,
+        image=picture,
+        reconstruction=reconstruction,
+        psnr=psnr(reconstruction, picture),
+        vae_psnr=psnr(vae_round_trip, picture),
+        method=method,
+        prompt=prompt,
+        settings=settings,
+    )

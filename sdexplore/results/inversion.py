@@ -1,0 +1,124 @@
+"""Inversion: a real picture turned into the starting noise that regenerates it, as plain data (save/load)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import fileformat as ff
+
+_FORMAT = "sdexplore.inversion"
+METHODS = ("ddim", "negative-prompt", "flow")
+
+
+@dataclass
+class Inversion:
+    """What :func:`sdexplore.invert` returns.
+
+    ``latents`` (1, C, h, w) is the starting noise: ``pipe(**inversion.pipe_kwargs())`` regenerates the picture
+    (with the DDIM scheduler for the UNet families, the pipeline's flow-matching Euler scheduler for SD3).
+    ``trace`` (steps + 1, C, h, w) holds the latents of the inversion from the clean image latents (row 0) to the
+    starting noise (row ``steps``); ``timesteps`` are the generation's, in generation order (so ``trace[steps - i]``
+    is where step ``i`` of the reconstruction should start). ``image`` is the picture as inverted (resized to the
+    pipeline's size), ``reconstruction`` the regenerated one, both (H, W, 3) uint8; ``psnr`` compares them (dB) and
+    ``vae_psnr`` is the VAE's own round trip of the picture, the ceiling any inversion can reach.
+    """
+
+    latents: torch.Tensor
+    trace: torch.Tensor
+    timesteps: list[float]
+    image: np.ndarray
+    reconstruction: np.ndarray
+    psnr: float
+    vae_psnr: float
+    method: str
+    prompt: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def pipe_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``pipe(...)`` that regenerate the picture: prompt, negative prompt (negative-prompt
+        inversion: the prompt itself), steps, guidance, size and ``latents``."""
+        s = self.settings
+        kw: dict[str, Any] = {
+            "prompt": self.prompt,
+            "num_inference_steps": int(s["steps"]),
+            "guidance_scale": float(s["guidance"]),
+            "height": int(self.image.shape[0]),
+            "width": int(self.image.shape[1]),
+            "latents": self.latents,
+        }
+        if s.get("negative_prompt") is not None:
+            kw["negative_prompt"] = s["negative_prompt"]
+        return kw
+
+    def __repr__(self) -> str:
+        h, w = self.image.shape[:2]
+        return (
+            f"Inversion(method={self.method!r}, {self.settings.get('steps')} steps, guidance "
+            f"{self.settings.get('guidance')}, {h}×{w}, PSNR {self.psnr:.2f} dB (VAE round trip {self.vae_psnr:.2f} dB))"
+        )
+
+    # ---- save / load --------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save as one safetensors file with a checksummed JSON header (the results' file format; never pickle)."""
+        tensors = {
+            "latents": self.latents.detach().cpu().float().contiguous(),
+            "trace": self.trace.detach().cpu().float().contiguous(),
+            "image": torch.from_numpy(np.ascontiguousarray(self.image, dtype=np.uint8)),
+            "reconstruction": torch.from_numpy(np.ascontiguousarray(self.reconstruction, dtype=np.uint8)),
+        }
+        header = {
+            "format": _FORMAT,
+            "version": ff.VERSION,
+            "method": self.method,
+            "prompt": self.prompt,
+            "timesteps": [float(t) for t in self.timesteps],
+            "psnr": float(self.psnr),
+            "vae_psnr": float(self.vae_psnr),
+            "settings": self.settings,
+        }
+        return ff.save_result(Path(path), _FORMAT, header, tensors)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Inversion:
+        """Load an inversion written by :meth:`save`; any damage raises :class:`~sdexplore.errors.ResultFileError`."""
+        rf = ff.read_result(path, _FORMAT, "Inversion")
+        check, header, tensors = rf.check, rf.header, rf.tensors
+        ff.require_tensors(check, tensors, ("latents", "trace", "image", "reconstruction"))
+        method = check.str(check.get(header, "method", "method"), "method", choices=METHODS)
+        prompt = check.str(check.get(header, "prompt", "prompt"), "prompt")
+        timesteps = check.list(check.get(header, "timesteps", "timesteps"), "timesteps")
+        timesteps = [check.number(t, f"timesteps[{i}]") for i, t in enumerate(timesteps)]
+        psnr = check.number(check.get(header, "psnr", "psnr"), "psnr", finite=False)
+        vae_psnr = check.number(check.get(header, "vae_psnr", "vae_psnr"), "vae_psnr", finite=False)
+        settings = check.dict(check.get(header, "settings", "settings"), "settings")
+        trace, latents = tensors["trace"], tensors["latents"]
+        if trace.ndim != 4 or trace.shape[0] != len(timesteps) + 1:
+            check.fail(
+                "tensor 'trace'", f"has shape {list(trace.shape)}, expected ({len(timesteps) + 1}, C, h, w)"
+            )
+        if latents.ndim != 4 or latents.shape[0] != 1 or tuple(latents.shape[1:]) != tuple(trace.shape[1:]):
+            check.fail("tensor 'latents'", f"has shape {list(latents.shape)}, expected (1, *trace.shape[1:])")
+        image, recon = tensors["image"], tensors["reconstruction"]
+        for name, t in (("image", image), ("reconstruction", recon)):
+            if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[-1] != 3 or t.shape != image.shape:
+                check.fail(
+                    f"tensor {name!r}", f"has shape {list(t.shape)} {t.dtype}, expected (H, W, 3) uint8"
+                )
+        rf.verify_checksums()
+        return cls(
+            latents=latents,
+            trace=trace,
+            timesteps=timesteps,
+            image=image.numpy(),
+            reconstruction=recon.numpy(),
+            psnr=psnr,
+            vae_psnr=vae_psnr,
+            method=method,
+            prompt=prompt,
+            settings=settings,
+        )
