@@ -48,6 +48,9 @@ _EXPORTS: dict[str, str] = {
     "walk": "walks",
     "Walk": "results",
     "smoothness_report": "smoothness",
+    # real pictures
+    "invert": "inversion",
+    "Inversion": "inversion",
     # sweeps at dataset scale
     "sweep": "sweeps",
     "sweep_report": "sweeps",
@@ -71,6 +74,7 @@ _SUBMODULES = (
     "interpolate",
     "heatmaps",
     "export",
+    "images",
     "families",
     "fixtures",
     "text",
@@ -94,6 +98,7 @@ __all__ = [
     "Family",
     "InterpolationError",
     "InvalidArgumentError",
+    "Inversion",
     "ModelNotAvailableError",
     "Observation",
     "PipelineDescription",
@@ -117,6 +122,7 @@ __all__ = [
     "encode_prompt",
     "generate",
     "inspect_prompt",
+    "invert",
     "lerp",
     "load_pipeline",
     "noise_slerp",
@@ -161,6 +167,7 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from .families import FAMILIES, Family, detect_family
     from .generation import generate
     from .interpolate import lerp, noise_slerp, slerp
+    from .inversion import Inversion, invert
     from .loading import (
         EMBEDDED_GUIDANCE_SCALE,
         EMBEDDED_MODEL_DIR,
