@@ -33,6 +33,7 @@ from sdexplore.record.observe import observe
 from sdexplore.sweeps import KEEP, SweepItem
 from sdexplore.sweeps import folder as fs
 from sdexplore.sweeps.execute import run_batch
+from sdexplore.sweeps.report import _rows
 
 PROMPT = "a big red circle at the top left on a blue background"
 CARD = Path(sdexplore.EMBEDDED_MODEL_DIR) / "eval.json"
@@ -160,7 +161,7 @@ def heldout(out: Path, processes: int) -> None:
 def compare(out: Path) -> None:
     """The sweep's figures against the model card's (``eval.json``), on the items done so far."""
     card = json.loads(CARD.read_text())
-    rows = [r for r in fs.read_index(out / fs.INDEX) if r["status"] == "done"]
+    rows = [r for r in _rows(out) if r["status"] == "done"]  # the verified items: works half-way too
     card_rows = card["rows"]
     n = len(rows)
     same = sum(r["read"] == card_rows[r["item"]]["read"] for r in rows)
