@@ -34,6 +34,19 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
+    add(
+        "--model",
+        choices=("unet", "mmdit"),
+        default=DEFAULT.model,
+        help="unet: tiny-shapes (SD 1.x); mmdit: tiny-shapes-mmdit (SD3 pipeline, flow matching, on tiny-shapes' VAE)",
+    )
+    add(
+        "--steps",
+        type=int,
+        default=DEFAULT.steps,
+        help="--model mmdit: the run's step count, whatever the machine's speed (0: fixed from the first steps' "
+        "speed and --minutes); with --resume a run stopped by --minutes goes on to it",
+    )
     add("--minutes", type=float, default=DEFAULT.minutes, help="whole run's time budget (both phases)")
     add("--vae-minutes", type=float, default=DEFAULT.vae_minutes, help="phase 1's share of the budget")
     add("--device", default=DEFAULT.device)
@@ -110,6 +123,11 @@ def main(argv: list[str] | None = None) -> None:
         from sdexplore.embedded.folder import assemble
 
         assemble(Path(assemble_from), Path(config.out))
+        return
+    if config.model == "mmdit":
+        from sdexplore.embedded.mmdit import train_mmdit
+
+        train_mmdit(config)
         return
     from sdexplore.embedded.train import train
 

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 # The embedded model's folder, guidance scale and availability live in embedded/model.py; re-exported here.
-from .embedded.model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, embedded_model_available  # noqa: F401
+from .embedded.model import (  # noqa: F401
+    EMBEDDED_GUIDANCE_SCALE,
+    EMBEDDED_MODEL_DIR,
+    MMDIT_MODEL_DIR,
+    embedded_model_available,
+)
 from .errors import (
     DeviceDtypeError,
     InvalidArgumentError,
@@ -26,6 +31,9 @@ from .errors import (
     UnsupportedPipelineError,
 )
 from .families import FAMILIES, detect_family
+
+#: The embedded models by name: ``load_pipeline("tiny-shapes-mmdit")``.
+EMBEDDED_MODELS = {"tiny-shapes": EMBEDDED_MODEL_DIR, "tiny-shapes-mmdit": MMDIT_MODEL_DIR}
 
 #: Hub ids that moved; the old id resolves to the maintained one with a one-line note.
 MOVED_MODEL_IDS = {
@@ -331,7 +339,8 @@ def load_pipeline(
 
     Args:
         model: ``None`` for the embedded default model (offline, CPU-friendly); a hub id such as
-            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``; a local diffusers folder; or a single
+            ``"stable-diffusion-v1-5/stable-diffusion-v1-5"``; an embedded model's name (``"tiny-shapes"``,
+            ``"tiny-shapes-mmdit"``: the SD3-style MMDiT one); a local diffusers folder; or a single
             ``.safetensors`` checkpoint file. Pickle checkpoints (``.bin``, ``.ckpt``, ``.pt``) are refused
             unless ``allow_pickle=True`` (they can run arbitrary code when loaded).
         device: ``"auto"`` (cuda, then mps, then cpu) or ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"``,
@@ -400,6 +409,10 @@ def _load(
             )
             name = MOVED_MODEL_IDS[name]
         path = Path(name).expanduser()
+        if name in EMBEDDED_MODELS and not path.exists():  # an embedded model by its name
+            path = EMBEDDED_MODELS[name]
+            if not (path / "model_index.json").is_file():
+                raise ModelNotAvailableError(f"The embedded model {name!r} is not in this installation ({path}).")
         if path.exists():
             if path.is_dir():
                 pipe = _from_folder(path, load_kwargs, allow_pickle)
@@ -437,6 +450,10 @@ def _from_folder(folder: Path, load_kwargs: dict[str, Any], allow_pickle: bool) 
     from safetensors import SafetensorError
 
     _check_pipeline_folder(folder, overridden=load_kwargs)
+    index = _read_model_index(folder)
+    for name in ("text_encoder_3", "tokenizer_3"):  # SD3 saved without T5: diffusers wants them passed as None
+        if index.get(name) == [None, None] and name not in load_kwargs:
+            load_kwargs = {**load_kwargs, name: None}
     has_safetensors = any(folder.rglob("*.safetensors"))
     if not has_safetensors and not allow_pickle:
         raise UnsafeCheckpointError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from ..errors import TrainingConfigError
-from .model import EMBEDDED_MODEL_DIR
+from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 
 #: The script whose flags :meth:`TrainConfig.to_argv` writes (recorded in ``training.json`` as the run's command).
 SCRIPT = "python scripts/train_embedded.py"
@@ -17,7 +17,9 @@ class TrainConfig:
     ``--vae-minutes`` and so on. Contradictions and out-of-range values raise
     :class:`~sdexplore.errors.TrainingConfigError` when the config is made, before anything runs."""
 
+    model: str = "unet"  # "unet": tiny-shapes (SD 1.x); "mmdit": tiny-shapes-mmdit (SD3, flow matching)
     minutes: float = 6.0  # the whole run's time budget (both phases)
+    steps: int = 0  # --model mmdit: the run's step count (0: fixed from the speed of the first steps)
     vae_minutes: float = 1.25  # phase 1's share of the budget
     device: str = "cpu"  # where to train ("cuda": bf16 autocast)
     out: str = str(EMBEDDED_MODEL_DIR)  # pipeline folder to write
@@ -49,6 +51,15 @@ class TrainConfig:
     command: str | None = None
 
     def __post_init__(self) -> None:
+        if self.model not in ("unet", "mmdit"):
+            raise TrainingConfigError(f"--model is 'unet' or 'mmdit', not {self.model!r}")
+        if self.model == "mmdit" and (self.init_from or self.vae_only):
+            raise TrainingConfigError(
+                "--model mmdit trains only the transformer and text encoders on a saved VAE (--vae-from, "
+                "tiny-shapes' by default): drop --init-from/--vae-only"
+            )
+        if self.model == "mmdit" and self.out == str(EMBEDDED_MODEL_DIR):
+            self.out = str(MMDIT_MODEL_DIR)  # never over tiny-shapes
         if self.vae_from and self.init_from:
             raise TrainingConfigError(
                 "--vae-from trains a new UNet on a saved VAE, --init-from fine-tunes a saved model: pick one"
@@ -61,7 +72,7 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TrainingConfigError(f"{_flag(name)} must be > 0, not {getattr(self, name)!r}")
-        at_least_zero = ("vae_minutes", "vae_shape_weight", "warmup", "latent_pool", "shape_weight")
+        at_least_zero = ("steps", "vae_minutes", "vae_shape_weight", "warmup", "latent_pool", "shape_weight")
         for name in at_least_zero + ("threads", "reserve_s", "eval_prompts"):
             if getattr(self, name) < 0:
                 raise TrainingConfigError(f"{_flag(name)} must be ≥ 0, not {getattr(self, name)!r}")

@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from ..errors import ModelNotAvailableError
 from . import scenes
 from .data import autocast, validation_images
-from .model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR, EMBEDDED_STEPS, SD_GUIDANCE_SCALE
+from .model import (
+    EMBEDDED_GUIDANCE_SCALE,
+    EMBEDDED_MODEL_DIR,
+    EMBEDDED_STEPS,
+    MMDIT_GUIDANCE_SCALE,
+    MMDIT_STEPS,
+    SD_GUIDANCE_SCALE,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, StableDiffusionPipeline
@@ -45,6 +52,8 @@ STEPS = EMBEDDED_STEPS
 #: The package's copy: ``sdexplore.EMBEDDED_GUIDANCE_SCALE``.
 GUIDANCE = EMBEDDED_GUIDANCE_SCALE
 SD_GUIDANCE = SD_GUIDANCE_SCALE
+#: diffusers' default guidance scale for SD3 pipelines, reported beside tiny-shapes-mmdit's recommended one.
+SD3_GUIDANCE = 7.0
 #: The CFG scales ``--tune-guidance`` tries by default.
 TUNING_SCALES = (3.0, 4.0, 5.0, 7.5)
 GRID_PROMPTS = [
@@ -117,15 +126,21 @@ def evaluate(
     prompts: list[str],
     seeds: list[int] | None = None,
     batch_size: int = 16,
-    guidance_scale: float = GUIDANCE,
+    guidance_scale: float | None = None,
+    steps: int | None = None,
 ) -> Evaluation:
-    """Generate ``prompts`` (seed ``seeds[i]``, default i; 25 steps, CFG ``guidance_scale``) and score them.
+    """Generate ``prompts`` (seed ``seeds[i]``, default i; the model's recommended steps and CFG scale unless
+    ``steps``/``guidance_scale`` are given, see :func:`recommended`) and score them.
 
     Attention is recorded with sdexplore's own :class:`~sdexplore.AttentionRecorder` on every ``attn2`` layer
+    of a UNet, every joint block of an MMDiT (kind "joint": image queries × text keys of the joint softmax)
     (:func:`shape_word_maps`); each image's shape mask comes from :func:`~.scenes.read_scene`.
     """
     from ..record.attention import AttentionRecorder
 
+    default_steps, default_guidance = recommended(pipe)
+    steps = default_steps if steps is None else steps
+    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
     seeds = list(range(len(prompts))) if seeds is None else seeds
     rows, images = [], []
     for start in range(0, len(prompts), batch_size):
@@ -134,7 +149,7 @@ def evaluate(
         with AttentionRecorder(pipe, step_resolution=None) as recorder:
             out = pipe(
                 chunk,
-                num_inference_steps=STEPS,
+                num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=generators,
                 output_type="np",
@@ -150,6 +165,13 @@ def evaluate(
             images.append(image)
     scores = scenes.score_images(images, prompts)
     return Evaluation(scores, float(np.mean([r["iou"] for r in rows])), rows, images)
+
+
+def recommended(pipe) -> tuple[int, float]:
+    """The model's recommended (steps, CFG scale): tiny-shapes' for a UNet, tiny-shapes-mmdit's for an MMDiT."""
+    if hasattr(pipe, "transformer"):
+        return MMDIT_STEPS, MMDIT_GUIDANCE_SCALE
+    return STEPS, GUIDANCE
 
 
 def reconstruct(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
@@ -179,7 +201,9 @@ def vae_ceiling(pipe: StableDiffusionPipeline) -> dict[str, float]:
 
 
 def seconds_per_image(pipe: StableDiffusionPipeline, repeats: int = 5, threads: int = 2) -> dict[str, float]:
-    """CPU wall seconds for one 64×64 image, 25 steps with CFG (median and best of ``repeats``)."""
+    """CPU wall seconds for one 64×64 image at the model's recommended steps and CFG (median and best of
+    ``repeats``)."""
+    steps, guidance = recommended(pipe)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -188,8 +212,8 @@ def seconds_per_image(pipe: StableDiffusionPipeline, repeats: int = 5, threads: 
             t = time.perf_counter()
             pipe(
                 GRID_PROMPTS[0],
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 generator=torch.Generator().manual_seed(i),
             )
             times.append(time.perf_counter() - t)
@@ -219,15 +243,20 @@ def sample_grid(pipe: StableDiffusionPipeline, path: Path) -> list[dict]:
 
 
 def load(folder: Path = MODEL_DIR) -> StableDiffusionPipeline:
-    """Load the model folder with plain diffusers, CPU, fp32, progress bar off."""
-    from diffusers import StableDiffusionPipeline
+    """Load the model folder with plain diffusers, CPU, fp32, progress bar off (an SD3 folder without T5 with
+    ``text_encoder_3=None, tokenizer_3=None``, as diffusers asks)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
-    if not (Path(folder) / "model_index.json").is_file():
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
         raise ModelNotAvailableError(
             f"{folder} is not a diffusers pipeline folder (no model_index.json): pass the folder "
             "scripts/train_embedded.py --out wrote"
         )
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    if json.loads(index.read_text())["_class_name"] == "StableDiffusion3Pipeline":
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -253,9 +282,12 @@ def run_eval(
     _progress(f"generating {len(prompts)} prompts")
     full = evaluate(pipe, prompts)
     _progress(f"scores {full.scores}, attention IoU {full.attention_iou:.3f}")
+    steps, guidance = recommended(pipe)
+    default_guidance = SD3_GUIDANCE if hasattr(pipe, "transformer") else SD_GUIDANCE
     result = {
         "n_prompts": len(prompts),
-        "guidance_scale": GUIDANCE,
+        "guidance_scale": guidance,
+        "steps": steps,
         "scores": full.scores,
         "attention_iou": full.attention_iou,
         "eval_seconds": time.perf_counter() - t0,
@@ -264,11 +296,11 @@ def run_eval(
     }
     if not write:
         return result
-    if GUIDANCE != SD_GUIDANCE:
-        _progress(f"the same prompts at CFG {SD_GUIDANCE}")
-        sd = evaluate(pipe, prompts, guidance_scale=SD_GUIDANCE)
+    if guidance != default_guidance:
+        _progress(f"the same prompts at CFG {default_guidance}")
+        sd = evaluate(pipe, prompts, guidance_scale=default_guidance)
         result["at_sd_guidance"] = {
-            "guidance_scale": SD_GUIDANCE,
+            "guidance_scale": default_guidance,
             "scores": sd.scores,
             "attention_iou": sd.attention_iou,
         }
@@ -281,7 +313,12 @@ def run_eval(
     result["grid"] = sample_grid(pipe, folder / "sample_grid.png")
     result["rows"] = full.rows
     write_text_atomic(folder / "eval.json", json.dumps(result, indent=1) + "\n")
-    write_text_atomic(folder / "MODEL_CARD.md", model_card(folder, result))
+    if hasattr(pipe, "transformer"):
+        from .mmdit_card import mmdit_model_card
+
+        write_text_atomic(folder / "MODEL_CARD.md", mmdit_model_card(folder, result))
+    else:
+        write_text_atomic(folder / "MODEL_CARD.md", model_card(folder, result))
     return result
 
 

@@ -66,3 +66,22 @@ def sample_timesteps(
         pick = torch.rand(n, device=device, generator=generator) < high_noise
         t = torch.where(pick, upper, t)
     return t
+
+
+def sample_flow_sigmas(
+    n: int, shift: float, mean: float, std: float, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """Flow-matching noise levels s (n,) in (0, 1): logit-normal (SD3's ``mean``, ``std``), then shifted as
+    ``FlowMatchEulerDiscreteScheduler(shift=...)`` shifts its sigmas: s' = shift·s / (1 + (shift − 1)·s)."""
+    s = torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def flow_matching_pair(
+    x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow: the noisy input x_s = (1 − s)·x0 + s·ε and the velocity target v = ε − x0 (what SD3's
+    transformer predicts; the Euler sampler steps x ← x + (s_next − s)·v). ``x0``/``noise`` (B, C, H, W),
+    ``sigmas`` (B,)."""
+    s = sigmas.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return (1 - s) * x0 + s * noise, noise - x0

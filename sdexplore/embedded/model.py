@@ -20,6 +20,12 @@ EMBEDDED_MODEL_DIR = MODELS_DIR / "tiny-shapes"
 EMBEDDED_GUIDANCE_SCALE = 3.0
 #: Sampling steps of the saved DDIM scheduler the model card's numbers are measured with.
 EMBEDDED_STEPS = 25
+#: Folder of the embedded MMDiT model (a ``StableDiffusion3Pipeline`` without T5, flow matching), beside
+#: tiny-shapes: ``sdexplore.load_pipeline(MMDIT_MODEL_DIR)``.
+MMDIT_MODEL_DIR = MODELS_DIR / "tiny-shapes-mmdit"
+#: The MMDiT model's recommended guidance scale and steps of its saved flow-matching Euler scheduler.
+MMDIT_GUIDANCE_SCALE = 4.0
+MMDIT_STEPS = 20
 #: diffusers' default guidance scale for Stable Diffusion pipelines, reported beside the recommended one.
 SD_GUIDANCE_SCALE = 7.5
 
