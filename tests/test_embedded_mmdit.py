@@ -1,0 +1,134 @@
+"""tiny-shapes-mmdit's code: the flow-matching pair, the training sigmas against SD3's scheduler, the collapsed
+zero-T5 attention against the pipeline's, the text the training sees against what the pipeline builds, and the
+folder that diffusers and load_pipeline load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline  # noqa: E402
+
+import sdexplore as sdx  # noqa: E402
+from sdexplore.embedded import mmdit  # noqa: E402
+from sdexplore.embedded.config import TrainConfig  # noqa: E402
+from sdexplore.embedded.losses import flow_matching_pair, sample_flow_sigmas  # noqa: E402
+from sdexplore.embedded.model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR, embedded_model_available  # noqa: E402
+from sdexplore.errors import TrainingConfigError  # noqa: E402
+
+needs_tiny_shapes = pytest.mark.skipif(
+    not embedded_model_available(), reason="tiny-shapes (the MMDiT's VAE and first text encoder) not shipped"
+)
+PROMPT = "a big red circle at the top left on a blue background"
+
+
+def test_flow_matching_pair_is_the_straight_path_and_its_velocity() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 4, 16, 16, generator=g)
+    s = torch.tensor([0.0, 0.3, 1.0])
+    xs, v = flow_matching_pair(x0, eps, s)
+    torch.testing.assert_close(xs[0], x0[0])
+    torch.testing.assert_close(xs[2], eps[2])
+    torch.testing.assert_close(v, eps - x0)
+    # the Euler sampler's step x <- x + (s_next - s) v walks the path exactly from s = 0.3 to 0
+    torch.testing.assert_close(xs[1] + (0.0 - 0.3) * v[1], x0[1])
+
+
+def test_training_sigmas_are_shifted_like_the_schedulers() -> None:
+    shift = 3.0
+    g = torch.Generator().manual_seed(0)
+    shifted = sample_flow_sigmas(4096, shift, 0.0, 1.0, torch.device("cpu"), g)
+    raw = torch.sigmoid(torch.randn(4096, generator=torch.Generator().manual_seed(0)))
+    sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+    # the scheduler's own sigmas are its unshifted linspace through the same map
+    unshifted = torch.linspace(1, 1 / 1000, 1000)
+    torch.testing.assert_close(sched.sigmas, shift * unshifted / (1 + (shift - 1) * unshifted))
+    torch.testing.assert_close(shifted, shift * raw / (1 + (shift - 1) * raw))
+    assert shifted.min() > 0 and shifted.max() < 1 and shifted.median() > 0.6  # shift 3 moves mass to noise
+
+
+@needs_tiny_shapes
+def test_collapsed_zero_rows_attend_exactly_like_the_pipelines_256() -> None:
+    torch.manual_seed(0)
+    tr = mmdit.build_transformer()
+    with torch.no_grad():  # SD3 zero-initialises its output layers: perturb every weight so errors show
+        for p in tr.parameters():
+            p += 0.05 * torch.randn_like(p)
+    te1, te2 = mmdit.text_encoder_1_from(), mmdit.build_text_encoder_2()
+    ids = torch.randint(0, 49406, (2, 77))
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([250.0, 900.0])
+    with torch.no_grad():
+        full_ctx, pooled = mmdit.encode_text(te1, te2, ids)  # (2, 333, 80)
+        full = tr(
+            hidden_states=x, encoder_hidden_states=full_ctx, pooled_projections=pooled, timestep=t
+        ).sample
+        tr.set_attn_processor(mmdit.CollapsedZerosProcessor(mmdit.MAX_SEQUENCE_LENGTH))
+        ctx, pooled2 = mmdit.encode_text_collapsed(te1, te2, ids)  # (2, 78, 80)
+        collapsed = tr(
+            hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled2, timestep=t
+        ).sample
+        tr.set_attn_processor(mmdit.CollapsedZerosProcessor(1))  # a wrong multiplicity must show
+        wrong = tr(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled2, timestep=t).sample
+    assert full_ctx.shape == (2, 77 + 256, 80) and ctx.shape == (2, 78, 80)
+    torch.testing.assert_close(collapsed, full, atol=1e-5, rtol=1e-4)
+    assert (wrong - full).abs().max() > 1e-3
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A fresh (untrained) tiny-shapes-mmdit folder written by the export code."""
+    if not embedded_model_available():
+        pytest.skip("tiny-shapes not shipped")
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("mmdit") / "model"
+    vae = mmdit.load_vae()
+    mmdit.set_shift(vae, n=64)
+    mmdit.save_mmdit_pipeline(
+        folder, vae, mmdit.text_encoder_1_from(), mmdit.build_text_encoder_2(), mmdit.build_transformer()
+    )
+    return folder
+
+
+def test_folder_loads_with_plain_diffusers_and_load_pipeline(saved) -> None:
+    plain = StableDiffusion3Pipeline.from_pretrained(saved, text_encoder_3=None, tokenizer_3=None)
+    pipe = sdx.load_pipeline(saved, device="cpu")
+    assert type(pipe) is StableDiffusion3Pipeline and pipe.text_encoder_3 is None
+    assert pipe.transformer.config.in_channels == pipe.vae.config.latent_channels == 4
+    assert pipe.vae.config.shift_factor == plain.vae.config.shift_factor != 0
+    assert (
+        isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+        and pipe.scheduler.config.shift == mmdit.SHIFT
+    )
+    image = pipe(PROMPT, num_inference_steps=2, guidance_scale=4.0, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)  # the default size is 64×64: sample_size 16 × the VAE's factor 4
+    weights = sum(p.stat().st_size for p in saved.rglob("*.safetensors")) / 1e6
+    assert weights <= 25.0
+
+
+def test_training_text_is_what_the_pipeline_builds(saved) -> None:
+    from sdexplore.tokenizer import clip_tokenizer
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(saved, text_encoder_3=None, tokenizer_3=None)
+    ids = clip_tokenizer()([PROMPT, ""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ctx, pooled = mmdit.encode_text(pipe.text_encoder, pipe.text_encoder_2, ids)
+        embeds, _, pooled_p, _ = pipe.encode_prompt(PROMPT, PROMPT, PROMPT, do_classifier_free_guidance=False)
+        empty, _, pooled_e, _ = pipe.encode_prompt("", "", "", do_classifier_free_guidance=False)
+    torch.testing.assert_close(ctx[:1], embeds)
+    torch.testing.assert_close(pooled[:1], pooled_p)
+    torch.testing.assert_close(ctx[1:], empty)
+    torch.testing.assert_close(pooled[1:], pooled_e)
+
+
+def test_mmdit_runs_never_write_over_tiny_shapes() -> None:
+    assert TrainConfig(model="mmdit").out == str(MMDIT_MODEL_DIR)
+    assert TrainConfig(model="mmdit", out="/tmp/x").out == "/tmp/x"
+    assert TrainConfig().out == str(EMBEDDED_MODEL_DIR)
+    with pytest.raises(TrainingConfigError, match="'unet' or 'mmdit'"):
+        TrainConfig(model="dit")
+    with pytest.raises(TrainingConfigError, match="--init-from"):
+        TrainConfig(model="mmdit", init_from="x")
+    with pytest.raises(TrainingConfigError, match="--steps"):
+        TrainConfig(model="mmdit", steps=-1)
