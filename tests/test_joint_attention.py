@@ -243,3 +243,92 @@ def test_flux_true_cfg_records_the_prompts_call_only(flux) -> None:
     torch.testing.assert_close(rec.maps.steps[0], alone.maps.steps[0], rtol=0, atol=1e-6)
     with pytest.raises(InvalidArgumentError, match="negative=True"):
         sdx.AttentionRecorder(flux, negative=True)
+
+
+def test_sd3_concept_maps_equal_an_explicit_concept_stream(sd3) -> None:
+    """The concept tokens, run here through each joint block by the block itself (its text side only reads the
+    image and the text it is given), give keys whose joint-softmax masses equal the recorded concept maps."""
+    from sdexplore.record.tokens import sequence_tokens
+
+    concepts = ["sky", "green grass"]
+    inputs: dict[int, dict] = {}
+    blocks = sd3.transformer.transformer_blocks
+
+    def grab(i):
+        def pre(module, args, kwargs):
+            inputs.setdefault(i, []).append(
+                {k: kwargs[k][1:2] for k in ("hidden_states", "encoder_hidden_states", "temb")}
+            )
+
+        return pre
+
+    handles = [b.register_forward_pre_hook(grab(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            plain = sd3(P, generator=gen(0), **KW).images
+    finally:
+        for h in handles:
+            h.remove()
+    with sdx.AttentionRecorder(sd3, concepts=concepts) as rec:
+        image = sd3(P, generator=gen(0), **KW).images
+    assert (image == plain).all()
+    maps = rec.maps
+    embeds = sd3.encode_prompt(concepts, None, None, device="cpu", do_classifier_free_guidance=False)[0]
+    words = [[i for i, k in enumerate(sequence_tokens(sd3, c).kinds) if k == "text"] for c in concepts]
+    c0 = sd3.transformer.context_embedder(torch.cat([embeds[i, w] for i, w in enumerate(words)]))[None]
+    spans, start = [], 0
+    for w in words:
+        spans.append((start, start + len(w)))
+        start += len(w)
+    with torch.no_grad():
+        want = {i: [] for i in range(len(blocks))}
+        for s in range(KW["num_inference_steps"]):
+            c = c0
+            for i, block in enumerate(blocks):
+                x = inputs[i][s]
+                attn, heads = block.attn, block.attn.heads
+
+                def split(t, heads=heads):  # (1, L, heads*d) -> (1, heads, L, d)
+                    return t.view(1, t.shape[1], heads, -1).transpose(1, 2)
+
+                norm_h = block.norm1(x["hidden_states"], emb=x["temb"])[0]
+                if block.context_pre_only:
+                    norm_t, norm_c = (
+                        block.norm1_context(t, x["temb"]) for t in (x["encoder_hidden_states"], c)
+                    )
+                else:
+                    norm_t, norm_c = (
+                        block.norm1_context(t, emb=x["temb"])[0] for t in (x["encoder_hidden_states"], c)
+                    )
+                q = split(attn.to_q(norm_h))
+                keys = torch.cat([split(attn.to_k(norm_h)), split(attn.add_k_proj(norm_t))], 2)
+                lse = ((q @ keys.transpose(-1, -2)) * attn.scale).logsumexp(-1)  # (1, heads, HW)
+                sc = (q @ split(attn.add_k_proj(norm_c)).transpose(-1, -2)) * attn.scale  # (1, heads, HW, C')
+                masses = []
+                for a, z in spans:
+                    both = torch.logaddexp(lse, sc[..., a:z].logsumexp(-1))
+                    masses.append((sc[..., a:z] - both[..., None]).exp().sum(-1).mean(1)[0])  # (HW,)
+                want[i].append(torch.stack(masses))  # (C, HW)
+                if not block.context_pre_only:  # the block itself advances the concept tokens
+                    c = block(hidden_states=x["hidden_states"], encoder_hidden_states=c, temb=x["temb"])[0]
+    for i in range(len(blocks)):
+        got = maps.concept_layers[f"transformer_blocks.{i}.attn"][0].flatten(1)  # (C, HW)
+        torch.testing.assert_close(got, torch.stack(want[i]).mean(0), rtol=0, atol=2e-6)
+    assert maps.concept("sky").shape == maps.word("circle").shape
+
+
+def test_flux_concept_maps_leave_the_image_and_the_prompt_maps(flux) -> None:
+    plain = flux(P, generator=gen(0), **FLUX_KW).images
+    with sdx.AttentionRecorder(flux) as bare:
+        flux(P, generator=gen(0), **FLUX_KW)
+    for kind in ("joint", "output"):
+        with sdx.AttentionRecorder(flux, kind=kind, concepts=["sky"]) as rec:
+            image = flux(P, generator=gen(0), **FLUX_KW).images
+        assert (image == plain).all()
+        if kind == "joint":
+            torch.testing.assert_close(rec.maps.aggregate, bare.maps.aggregate, rtol=0, atol=1e-7)
+        sky = rec.maps.concept_layers  # every double- and single-stream layer has a concept map
+        assert set(sky) == set(rec.maps.layer_names)
+        assert all(float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0 for m in sky.values())
+    with pytest.raises(InvalidArgumentError, match="every layer"):
+        sdx.AttentionRecorder(flux, concepts=["sky"], layers="single")

@@ -19,19 +19,20 @@ from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
 from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
+from .concept_stream import ConceptStream, concept_masses
 from .joint import (
     CAPTURING_JOINT,
     JOINT_KINDS,
     FluxCapturingProcessor,
     joint_attention_layers,
     output_scores,
-    text_block_probs,
+    text_block,
 )
 from .joint import (
     reproducible as joint_reproducible,
 )
 from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
-from .tokens import TokenList, sequence_tokens, tokenize_prompt, unlabelled
+from .tokens import TokenList, sequence_tokens, unlabelled
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
 #: Queries waiting for their probabilities are turned into maps once this many bytes of them wait (and at the
@@ -107,11 +108,15 @@ class AttentionRecorder:
             (default: the image-query × text-key block of the joint softmax, normalised over text *and* image
             keys, from the fused kernel's own log-sum-exp), ``"text"`` (softmax over the text keys only) or
             ``"output"`` (ConceptAttention's attention-output maps). Recorded as ``maps.kind``.
-        concepts: words or short phrases that are *not* in the prompt, to map anyway (``maps.concept("sky")``):
-            each is encoded alone by the pipeline's text encoder, and each layer scores the run's own queries
-            against its words' keys, offered beside the prompt's keys. The image and the prompt's maps are
-            unchanged. UNet models; needs diffusers' default attention processor. A model whose text encoder
-            only saw full prompts (the embedded tiny-shapes model) gives single-word keys little meaning.
+        concepts: words or short phrases that are *not* in the prompt, to map anyway (``maps.concept("sky")``).
+            Each is encoded alone by the pipeline's own text encoder(s). UNet models: each layer's key projection
+            gives its words' keys; MMDiT models: its word tokens run through every block's text path beside the
+            prompt's (ConceptAttention's concept tokens: they read the image, nothing reads them), giving each
+            layer's concept keys and outputs. The run's own queries are scored against them, each concept offered
+            beside the prompt's keys (``kind="output"``: its outputs beside the prompt's words). The image and
+            the prompt's maps are unchanged. UNet models need diffusers' default attention processor; MMDiT
+            models need every layer (no ``layers=``/``scales=``). A model whose text encoder only saw full prompts
+            (the embedded tiny-shapes model) gives single-word keys little meaning.
     """
 
     def __init__(
@@ -168,10 +173,10 @@ class AttentionRecorder:
             )
         #: Words whose maps are recorded although they are not in the prompt (see :meth:`AttentionMaps.concept`).
         self.concepts = list(dict.fromkeys(c.strip() for c in concepts))
-        if self.concepts and joint:
+        if self.concepts and joint and (layers is not None or scales is not None):
             raise InvalidArgumentError(
-                "Concept maps are recorded on UNet models (SD 1.x / 2.x / XL); on MMDiT models use kind='output' "
-                "maps of the prompt's own words."
+                "Concept maps on an MMDiT model run the concepts through every block, so they need every layer: "
+                "leave layers= and scales= out (filter the maps afterwards with maps.concept(..., layer=...))."
             )
         self._concept_text: tuple[torch.Tensor, list[list[int]]] | None = None  # encoded once per block
         #: Module names of the selected cross-attention layers.
@@ -240,7 +245,9 @@ class AttentionRecorder:
                 f"reproduce exactly ({', '.join(kinds)}). Reset them with pipe.unet.set_default_attn_processor() "
                 "(this discards what those processors do) or record without them."
             )
-        if self.concepts and any(type(procs[n]) is not AttnProcessor2_0 for n in capture):
+        if self.concepts and any(
+            type(procs[n]) is not AttnProcessor2_0 for n in capture if n not in self._layouts
+        ):
             kinds = sorted({type(procs[n]).__name__ for n in capture})
             raise UnsupportedPipelineError(
                 f"Concept maps need diffusers' default attention processor (AttnProcessor2_0) on the captured "
@@ -248,6 +255,15 @@ class AttentionRecorder:
                 "record without concepts=."
             )
         self._concept_text = None
+        #: MMDiT layer → (its block, single-stream?), for the concept stream
+        self._blocks = {
+            n.removesuffix(".processor"): (
+                den.get_submodule(n.removesuffix(".processor").rpartition(".")[0]),
+                self._layouts[n] == "single",
+            )
+            for n in capture
+            if n in self._layouts
+        }
         if self.skipped_layers:
             kinds = sorted({type(procs[n]).__name__ for n in skipped})
             warnings.warn(
@@ -366,18 +382,27 @@ class AttentionRecorder:
         self._reset_run()
         self._prompt_rows = self._labels_of_call(run.arguments)
         if self.concepts and self._concept_text is None:
-            self._concept_text = self._encode_concepts()
+            self._concept_text = self._encode_concepts(run.arguments.get("max_sequence_length"))
 
-    def _encode_concepts(self) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """The concepts encoded by the pipeline's own text encoder(s), each alone as a prompt: (C, 77, D), and
-        per concept the span of its word tokens in the flattened key list (one span after another)."""
+    def _encode_concepts(self, length: int | None = None) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The concepts encoded by the pipeline's own text encoder(s), each alone as a prompt: (C, T, D), and
+        per concept the span of its word tokens in the flattened key list (one span after another). MMDiT: the
+        call's T5 length; the word tokens of every part (SD3: CLIP's and T5's)."""
         den = self.family.get_denoiser(self.pipe)
         enc = self.family.encode_prompt(
-            self.pipe, list(self.concepts), device=den.device, do_classifier_free_guidance=False
+            self.pipe,
+            list(self.concepts),
+            device=den.device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=length,
         )
-        tok = getattr(self.pipe, self.family.tokenizers[0])
         positions = [
-            [i for i, k in enumerate(tokenize_prompt(tok, c).kinds) if k == "text"] for c in self.concepts
+            [
+                i
+                for i, k in enumerate(sequence_tokens(self.pipe, c, max_sequence_length=length).kinds)
+                if k == "text"
+            ]
+            for c in self.concepts
         ]
         empty = [c for c, pos in zip(self.concepts, positions, strict=True) if not pos]
         if empty:
@@ -488,7 +513,38 @@ class AttentionRecorder:
                 self._sel, self._split = cond, None
             else:
                 self._sel, self._split = slice(None), None
+        if self.concepts and self._layouts:
+            self._start_concepts(run, args, kwargs)
         return None
+
+    def _start_concepts(self, run: Run, args: tuple, kwargs: dict) -> None:
+        """A fresh concept stream for this denoiser call: the concepts' word tokens through the denoiser's
+        ``context_embedder``, with the call's time embedding of the captured rows (as its blocks receive it)."""
+        assert self._concept_text is not None
+        den = self.family.get_denoiser(self.pipe)
+        spec = self.family.denoiser_args
+        sample = spec.get("sample", args, kwargs)
+        embeds = self._concept_text[0]  # (C, T, D)
+        words = torch.cat(
+            [embeds[i, pos] for i, pos in enumerate(self._concept_positions)]
+        )  # (C', D): every concept's word tokens
+        t = spec.get("timestep", args, kwargs)
+        pooled = spec.get("pooled", args, kwargs)
+        rows = self._sel
+        n = sample.shape[0]
+        t = (t.expand(n) if t.ndim else t.reshape(1).expand(n))[rows].to(sample.dtype)  # (B',)
+        pooled = pooled[rows]  # (B', P)
+        if self.family.name.startswith("flux"):  # Flux's forward scales timestep (and guidance) by 1000
+            g = spec.get("guidance", args, kwargs)
+            if g is None:
+                temb = den.time_text_embed(t * 1000, pooled)
+            else:
+                g = (g.expand(n) if g.ndim else g.reshape(1).expand(n))[rows].to(sample.dtype)
+                temb = den.time_text_embed(t * 1000, g * 1000, pooled)
+        else:
+            temb = den.time_text_embed(t, pooled)  # (B', D)
+        hidden = den.context_embedder(words.to(sample.dtype))  # (C', D)
+        self._stream = ConceptStream(hidden.expand(temb.shape[0], *hidden.shape).clone(), temb)
 
     def _check_first_step(self) -> None:
         """After the first step: a scales= filter that matched no layer stops the run with the reason."""
@@ -563,6 +619,7 @@ class AttentionRecorder:
     def _joint_sink(
         self,
         name: str,
+        attn: Any,
         q_img: torch.Tensor,
         k_txt: torch.Tensor,
         lse: torch.Tensor | None,
@@ -570,37 +627,75 @@ class AttentionRecorder:
         o_txt: torch.Tensor,
         scale: float,
         k_img: torch.Tensor,
+        v_img: torch.Tensor,
     ) -> None:
         """One MMDiT layer's call: keep the captured rows' image queries (N, heads, HW, d), text keys
         (N, heads, T, d) and the kernel's log-sum-exp (N, heads, HW) until :meth:`_flush_joint` (views, no copy;
         at most :data:`QUEUE_BYTES` wait), or file the attention-output maps from the outputs (N, HW, C) and
         (N, T, C) at once for ``kind="output"``."""
         rows, step = self._sel, len(self._timesteps) - 1
+        kc = oc = None
+        if self.concepts:  # the concept tokens through this block: their keys and attention outputs
+            block, single = self._blocks[name]
+            kc, oc = self._stream.layer(attn, block, single, k_img[rows], v_img[rows])  # (B', heads, C', d)
         if self.kind == "output":
-            p = output_scores(o_img[rows], o_txt[rows], self._word_mask(rows, o_txt))  # (B', 1, HW, T)
+            keep = self._word_mask(rows, o_txt)
+            p = output_scores(o_img[rows], o_txt[rows], keep)  # (B', 1, HW, T)
+            if oc is not None:  # each concept's outputs offered beside the prompt's words, as for the keys
+                scores = torch.matmul(
+                    o_img[rows].float(), o_txt[rows].float().transpose(-1, -2)
+                )  # (B', HW, T)
+                if keep is not None:
+                    scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
+                spans = self._concept_text[1]  # type: ignore[index]
+                masses = concept_masses(
+                    o_img[rows][:, None], oc[:, None], scores.logsumexp(-1)[:, None], 1.0, spans
+                )
+                p = torch.cat([p, masses], -1)  # (B', 1, HW, T+C)
             self._file([step], (name,), p[None, None])
             return
         lse = None if lse is None else lse[rows]  # (B', heads, HW)
         ki = k_img[rows] if lse is None else None  # image keys, only where the kernel gave no log-sum-exp
         q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
-        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale))
+        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc))
         self._queued_bytes += q.numel() * q.element_size() + k.numel() * k.element_size()
         if self._queued_bytes > QUEUE_BYTES:
             self._flush()
 
     def _flush_joint(self) -> None:
         """Maps of every waiting MMDiT call: per layer, the waiting steps in one batch where it fits the
-        probability budget; otherwise one step at a time, its head mean summed a few heads at a time."""
+        probability budget; otherwise one step at a time, its head mean summed a few heads at a time. Concept
+        columns (``concepts=``) follow the T text positions."""
         queue, self._joint_queue = self._joint_queue, {}
+        spans = None if self._concept_text is None else self._concept_text[1]
+
+        def stacked(items: list[tuple], i: int) -> torch.Tensor | None:
+            return None if items[0][i] is None else torch.stack([it[i] for it in items])  # (S, ...)
+
         for name, items in queue.items():
             steps = [it[0] for it in items]
             scale = items[0][5]
-            q = torch.stack([it[1] for it in items])  # (S, B', heads, HW, d)
-            k = torch.stack([it[2] for it in items])  # (S, B', heads, T, d)
-            lse = None if items[0][3] is None else torch.stack([it[3] for it in items])  # (S, B', heads, HW)
-            ki = (
-                None if items[0][4] is None else torch.stack([it[4] for it in items])
-            )  # (S, B', heads, HW', d)
+            q, k = stacked(items, 1), stacked(items, 2)  # (S, B', heads, HW, d), (S, B', heads, T, d)
+            lse, ki, kc = stacked(items, 3), stacked(items, 4), stacked(items, 6)  # (S, B', heads, HW[, d])
+
+            def probs(sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale)) -> torch.Tensor:
+                """(..., heads', HW, T[+C]) of the steps ``sel``, heads ``h``."""
+                q_, k_, lse_, ki_, kc_, scale_ = t
+                p, norm = text_block(
+                    q_[sel][..., h, :, :],
+                    k_[sel][..., h, :, :],
+                    None if lse_ is None else lse_[sel][..., h, :],
+                    scale_,
+                    self.kind,
+                    None if ki_ is None else ki_[sel][..., h, :, :],
+                )  # (..., heads', HW, T), (..., heads', HW)
+                if kc_ is not None and spans is not None:
+                    masses = concept_masses(
+                        q_[sel][..., h, :, :], kc_[sel][..., h, :, :], norm, scale_, spans
+                    )
+                    p = torch.cat([p, masses], -1)
+                return p
+
             S, b, heads, length, _ = q.shape
             cap = PROBS_BYTES_CPU if q.device.type == "cpu" else PROBS_BYTES
             per_step = b * heads * length * k.shape[3] * 4
@@ -608,15 +703,7 @@ class AttentionRecorder:
             if per_step <= cap or full:
                 chunk = max(1, cap // per_step)  # steps per batch
                 for a in range(0, S, chunk):
-                    z = slice(a, a + chunk)
-                    p = text_block_probs(
-                        q[z],
-                        k[z],
-                        None if lse is None else lse[z],
-                        scale,
-                        self.kind,
-                        None if ki is None else ki[z],
-                    )  # (S', B', heads, HW, T)
+                    p = probs(slice(a, a + chunk))  # (S', B', heads, HW, T)
                     if not full:
                         p = p.mean(2, keepdim=True)  # (S', B', 1, HW, T): the head mean is all that is kept
                     self._file(steps[a : a + chunk], (name,), p[:, None])  # (S', 1, B', heads, HW, T)
@@ -625,15 +712,7 @@ class AttentionRecorder:
             for i, step in enumerate(steps):
                 total = None
                 for h in range(0, heads, hchunk):
-                    part = slice(h, h + hchunk)
-                    p = text_block_probs(
-                        q[i][:, part],
-                        k[i][:, part],
-                        None if lse is None else lse[i][:, part],
-                        scale,
-                        self.kind,
-                        None if ki is None else ki[i][:, part],
-                    ).sum(1, keepdim=True)  # (B', 1, HW, T)
+                    p = probs(i, slice(h, h + hchunk)).sum(1, keepdim=True)  # (B', 1, HW, T)
                     total = p if total is None else total.add_(p)
                 self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T): head mean
 

@@ -33,10 +33,11 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections 
 #: The map kinds of MMDiT attention (see the module docstring).
 JOINT_KINDS = ("joint", "text", "output")
 
-# Called with (layer name, queries of the image tokens (N, heads, HW, d), keys of the text tokens (N, heads, T, d),
+# Called with (layer name, the Attention module, queries of the image tokens (N, heads, HW, d), keys of the text tokens (N, heads, T, d),
 # log-sum-exp of each image query over all keys (N, heads, HW) float32 or None, the attention output of the
 # image tokens (N, HW, C) and of the text tokens (N, T, C) (before the output projections), the layer's scale,
-# keys of the image tokens (N, heads, HW, d) for a log-sum-exp the kernel did not give).
+# keys and values of the image tokens (N, heads, HW, d), for a log-sum-exp the kernel did not give and for
+# concept tokens).
 JointSink = Callable[..., None]
 # Called with (layer name, number of image tokens); returns True to capture this call.
 JointGate = Callable[[str, int], bool]
@@ -100,13 +101,25 @@ def text_block_probs(
     ``kind="joint"``: normalised over every key (``lse`` from the kernel; when it is None, ``k_img`` (B, heads,
     HW', d) supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only.
     """
+    return text_block(q_img, k_txt, lse, scale, kind, k_img)[0]
+
+
+def text_block(
+    q_img: torch.Tensor,
+    k_txt: torch.Tensor,
+    lse: torch.Tensor | None,
+    scale: float,
+    kind: str,
+    k_img: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`text_block_probs` and the log-normaliser its softmax used, (..., HW) float32 (for concept maps)."""
     scores = torch.matmul(q_img.float(), k_txt.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, T)
     if kind == "text":
-        return scores.softmax(-1)
-    if lse is None:
+        lse = scores.logsumexp(-1)  # (B, heads, HW)
+    elif lse is None:
         img = torch.matmul(q_img.float(), k_img.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, HW')
         lse = torch.logaddexp(img.logsumexp(-1), scores.logsumexp(-1))  # (B, heads, HW)
-    return scores.sub_(lse.unsqueeze(-1)).exp_()
+    return scores.sub_(lse.unsqueeze(-1)).exp_(), lse
 
 
 def output_scores(o_img: torch.Tensor, o_txt: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -200,6 +213,7 @@ class JointCapturingProcessor:
         hidden_states = hidden_states.to(query.dtype)
         self.sink(
             self.name,
+            attn,
             img_q,
             key[:, :, hw:],
             None if lse is None else lse[:, :, :hw],
@@ -207,6 +221,7 @@ class JointCapturingProcessor:
             hidden_states[:, hw:],
             float(attn.scale),
             key[:, :, :hw],
+            value[:, :, :hw],
         )
         hidden_states, encoder_hidden_states = hidden_states[:, :hw], hidden_states[:, hw:]
         if not attn.context_pre_only:
@@ -287,6 +302,7 @@ class FluxCapturingProcessor:
         hidden_states = hidden_states.to(query.dtype)
         self.sink(
             self.name,
+            attn,
             q[:, :, txt:],
             k[:, :, :txt],
             None if lse is None else lse[:, :, txt:],
@@ -294,6 +310,7 @@ class FluxCapturingProcessor:
             hidden_states[:, :txt],
             q.shape[-1] ** -0.5,  # SDPA's default scale, as native dispatch calls it
             k[:, :, txt:],
+            v[:, :, txt:],
         )
         if double:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
