@@ -102,6 +102,10 @@ def api_page() -> str:
             group = "Recording and results"
         elif module in ("text", "interpolate", "walks", "smoothness"):
             group = "Prompts, interpolation and walks"
+        elif module in ("inversion", "images", "masks"):
+            group = "Your own images"
+        elif module.startswith("sweeps"):
+            group = "Sweeps"
         else:
             group = "Loading, families and the tour"
         groups.setdefault(group, []).append(name)
@@ -109,6 +113,8 @@ def api_page() -> str:
         "Loading, families and the tour",
         "Recording and results",
         "Prompts, interpolation and walks",
+        "Your own images",
+        "Sweeps",
         "Errors",
         "Package",
     ]
