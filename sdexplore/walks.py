@@ -1,7 +1,8 @@
-"""Prompt and seed walks: keyframes → per-frame conditioning and noise, rendered in batches through the pipeline."""
+"""Prompt, seed and image walks: keyframes → per-frame conditioning and noise, rendered in batches through the pipeline."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from .errors import InterpolationError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
 from .record.tokens import resolve_max_sequence_length
+from .results.inversion import Inversion
 from .results.walk import Walk
 from .smoothness import Metric, insertion_plan, smoothness_report
 from .text import EncodedPrompt, default_size, encode_prompt, stack_prompts
@@ -97,7 +99,7 @@ def _keyframes(
     max_sequence_length: int | None = None,
 ) -> _Keyframes:
     fam = detect_family(pipe)
-    prompts_l = [prompts] if isinstance(prompts, str | EncodedPrompt) else list(prompts)
+    prompts_l = [prompts] if isinstance(prompts, str | EncodedPrompt | Inversion) else list(prompts)
     seeds_l = [seeds] if isinstance(seeds, int) else list(seeds)
     if not prompts_l or not seeds_l:
         raise InterpolationError("walk needs at least one prompt and one seed.")
@@ -114,6 +116,10 @@ def _keyframes(
     cache: dict[tuple[str, str | None], EncodedPrompt] = {}
     encoded = []
     for p, neg in zip(prompts_l, negs, strict=True):
+        if isinstance(
+            p, Inversion
+        ):  # its prompt, and its own negative (negative-prompt inversion: the prompt)
+            p, neg = p.prompt, p.settings.get("negative_prompt")
         if isinstance(p, EncodedPrompt):
             if p.family != fam.name:
                 raise InterpolationError(
@@ -141,8 +147,26 @@ def _keyframes(
         packing * (width // cells),
     )
     dtype = encoded[0].prompt_embeds.dtype
-    noises = [_seed_noise(pipe, s, shape, dtype, gen_device) for s in seeds_l]
+    noises = [
+        _inverted_noise(p, shape, dtype, pipe._execution_device)
+        if isinstance(p, Inversion)
+        else _seed_noise(pipe, s, shape, dtype, gen_device)
+        for p, s in zip(prompts_l, seeds_l, strict=True)
+    ]
     return _Keyframes(encoded, noises, seeds_l, loop)
+
+
+def _inverted_noise(
+    inv: Inversion, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """An image keyframe's noise: the inversion's starting latents (1, C, h, w), unscaled like a seed's draw
+    (the DDIM and flow-matching schedulers an inversion regenerates with have ``init_noise_sigma`` 1)."""
+    if tuple(inv.latents.shape) != shape:
+        raise InterpolationError(
+            f"An image keyframe was inverted to latents of shape {tuple(inv.latents.shape)} but the walk draws "
+            f"{shape}: invert it at the walk's height and width."
+        )
+    return inv.latents.to(device=device, dtype=dtype)
 
 
 def _frame_inputs(
@@ -167,6 +191,131 @@ def _frame_generator(
     # advance past the initial noise, as a plain call does before the denoising loop
     randn_tensor(tuple(noise.shape), generator=g, device=noise.device, dtype=noise.dtype)
     return g
+
+
+# ---------------------------------------------------------------- image keyframes
+
+
+def _image_settings(
+    pipe: Any,
+    keyframes: list[Any],
+    negative_prompt: Any,
+    steps: int | None,
+    guidance: float | None,
+    height: Any,
+    width: Any,
+) -> tuple[int | None, float | None, int | None, int | None]:
+    """Steps, guidance and size every :class:`Inversion` keyframe was made with (they must agree with each other
+    and with what the walk is given: an inversion regenerates its picture only with its own settings); an
+    Inversion keyframe takes its own negative prompt, so the walk must give it none."""
+    fam = detect_family(pipe).name
+    negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt] * len(keyframes)
+    got: dict[str, Any] = {
+        "num_inference_steps": steps,
+        "guidance_scale": guidance,
+        "height": height,
+        "width": width,
+    }
+    for i, inv in enumerate(keyframes):
+        if not isinstance(inv, Inversion):
+            continue
+        if inv.settings.get("family") != fam:
+            raise InterpolationError(
+                f"Keyframe {i} was inverted with a {inv.settings.get('family')} pipeline but this one is {fam}: "
+                "invert the picture with this pipeline."
+            )
+        if i < len(negs) and negs[i] is not None:
+            raise InterpolationError(
+                f"Keyframe {i} is an inverted picture, which regenerates with its own negative prompt "
+                f"({inv.settings.get('negative_prompt')!r}): give it no negative_prompt (None in the list)."
+            )
+        own = {
+            "num_inference_steps": int(inv.settings["steps"]),
+            "guidance_scale": float(inv.settings["guidance"]),
+            "height": int(inv.image.shape[0]),
+            "width": int(inv.image.shape[1]),
+        }
+        for name, value in own.items():
+            if got[name] is None:
+                got[name] = value
+            elif float(got[name]) != float(value):
+                raise InterpolationError(
+                    f"Keyframe {i} was inverted with {name}={value} but the walk has {name}={got[name]}: an "
+                    "inversion regenerates its picture only with its own settings. Leave the walk's "
+                    f"{name} unset, or invert every picture with the same {name}."
+                )
+    return got["num_inference_steps"], got["guidance_scale"], got["height"], got["width"]
+
+
+def _check_images(images: Any, n_keys: int, prompts: list[Any], negatives: list[Any]) -> list[Any]:
+    """``images=``: None, or one entry per keyframe (a picture, or None for a prompt keyframe), each picture
+    read now (:func:`sdexplore.images.load_image`), so a bad file is refused before any work."""
+    from .images import load_image
+
+    if images is None:
+        return [None] * n_keys
+    if isinstance(images, str | bytes) or not isinstance(images, Sequence):
+        raise InterpolationError(
+            "images= takes a list with one entry per keyframe: a picture (PIL image, array, path) or None."
+        )
+    if len(images) != n_keys:
+        raise InterpolationError(
+            f"images has {len(images)} entries but there are {n_keys} keyframes: give one per keyframe "
+            "(None where the keyframe is a prompt and a seed)."
+        )
+    out = []
+    for i, (image, prompt, neg) in enumerate(zip(images, prompts, negatives, strict=True)):
+        if image is None:
+            out.append(None)
+            continue
+        if not isinstance(prompt, str):
+            raise InterpolationError(
+                f"Keyframe {i} has an image, so its prompt must be text (the image is inverted with it), not "
+                f"{type(prompt).__name__}."
+            )
+        if neg is not None:
+            raise InterpolationError(
+                f"Keyframe {i} is an image, inverted by negative-prompt inversion under CFG (its prompt is its "
+                "own negative): give it no negative_prompt (None in the list)."
+            )
+        out.append(load_image(image))
+    return out
+
+
+def _invert_images(
+    pipe: Any, prompts: list[Any], pictures: list[Any], steps: int, guidance: float, height: int, width: int
+) -> list[Any]:
+    """Each keyframe with a picture becomes its :class:`Inversion` (the family's ODE inversion at CFG ≤ 1,
+    negative-prompt inversion above, so the endpoint reconstructs the picture with CFG on too)."""
+    from .inversion import invert
+
+    out = list(prompts)
+    for i, picture in enumerate(pictures):
+        if picture is not None:
+            method = "negative-prompt" if guidance > 1 else None
+            out[i] = invert(
+                pipe,
+                picture,
+                prompts[i],
+                steps=steps,
+                guidance=guidance,
+                method=method,
+                height=height,
+                width=width,
+            )
+    return out
+
+
+def _inversion_scheduler(pipe: Any, keyframes: list[Any]) -> contextlib.AbstractContextManager[Any]:
+    """The scheduler image keyframes regenerate with (UNets: DDIM from the pipeline's config, swapped in for the
+    walk and restored after; SD3: its own flow-matching Euler), or the pipeline's as set when there are none."""
+    if not any(isinstance(k, Inversion) for k in keyframes):
+        return contextlib.nullcontext()
+    from .inversion import _ddim_scheduler, _scheduler
+
+    if detect_family(pipe).name == "sd3":
+        return contextlib.nullcontext()
+    return _scheduler(pipe, _ddim_scheduler(pipe))
 
 
 # ---------------------------------------------------------------- batch size
@@ -341,10 +490,13 @@ def _check_walk_args(pipe: Any, **a: Any) -> None:
     if not isinstance(a["loop"], bool):
         raise InterpolationError(f"loop={a['loop']!r} is not accepted: pass True or False.")
     prompts = a["prompts"]
-    items = [prompts] if isinstance(prompts, str | EncodedPrompt) else prompts
-    if not isinstance(items, Sequence) or not all(isinstance(p, str | EncodedPrompt) for p in items):
+    items = [prompts] if isinstance(prompts, str | EncodedPrompt | Inversion) else prompts
+    if not isinstance(items, Sequence) or not all(
+        isinstance(p, str | EncodedPrompt | Inversion) for p in items
+    ):
         raise InterpolationError(
-            f"prompts={prompts!r} is not accepted: pass a prompt, an EncodedPrompt or a list of them."
+            f"prompts={prompts!r} is not accepted: pass a prompt, an EncodedPrompt, an Inversion (a picture "
+            "inverted with sdexplore.invert) or a list of them."
         )
     seeds = a["seeds"]
     seed_list = [seeds] if _is_int(seeds) else seeds
@@ -377,10 +529,11 @@ def _check_walk_args(pipe: Any, **a: Any) -> None:
 
 def walk(
     pipe: Any,
-    prompts: str | EncodedPrompt | Sequence[str | EncodedPrompt],
+    prompts: str | EncodedPrompt | Inversion | Sequence[str | EncodedPrompt | Inversion],
     seeds: int | Sequence[int] = 0,
     frames: int = 16,
     *,
+    images: Sequence[Any] | None = None,
     batch_size: int | None = None,
     negative_prompt: str | list[str | None] | None = None,
     num_inference_steps: int | None = None,
@@ -407,6 +560,14 @@ def walk(
     ``spacing="ease"`` slows down near keyframes; ``loop=True`` returns to the first keyframe seamlessly.
     ``observe``: keyword arguments for ``sdexplore.observe`` to record every frame; only ``summarize(obs, i)`` of
     each frame is kept (bounded memory). Other keyword arguments go to the pipeline; its scheduler is used as set.
+
+    **Image keyframes.** A keyframe may be a picture: an :class:`~sdexplore.results.inversion.Inversion` in
+    ``prompts`` (from :func:`sdexplore.invert`), or ``images=[picture or None, ...]`` (one entry per keyframe;
+    each picture is inverted with its keyframe's prompt at the walk's steps and guidance: DDIM/flow inversion at
+    CFG ≤ 1, negative-prompt inversion above). Its noise is the inverted latents and its conditioning its
+    prompt, so its frame reconstructs the picture (``inversion.reconstruction``, up to batch rounding). The walk
+    then renders with the inversion's scheduler (DDIM for the UNet families, swapped in and restored) and the
+    inversions' steps, guidance and size, which must agree with each other and with any the walk is given.
     """
     _check_walk_args(
         pipe,
@@ -430,6 +591,16 @@ def walk(
         raise InterpolationError(
             f"walk sets {', '.join(clash)} itself (per frame); give keyframes as prompts= and seeds= instead."
         )
+    keyframes = [prompts] if isinstance(prompts, str | EncodedPrompt | Inversion) else list(prompts)
+    pictures: list[Any] = []
+    if images is not None:  # read every picture now: a bad file is refused before any work
+        n_keys = max(len(keyframes), 1 if _is_int(seeds) else len(seeds))
+        keyframes = _broadcast("prompts", keyframes, n_keys)
+        negs = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt]
+        pictures = _check_images(images, n_keys, keyframes, _broadcast("negative_prompt", negs, n_keys))
+    num_inference_steps, guidance_scale, height, width = _image_settings(
+        pipe, keyframes, negative_prompt, num_inference_steps, guidance_scale, height, width
+    )
     if height is None or width is None:
         dh, dw = default_size(pipe)
         height, width = height or dh, width or dw
@@ -437,9 +608,14 @@ def walk(
     guidance_scale = _call_default(pipe, "guidance_scale", 7.5) if guidance_scale is None else guidance_scale
     gen_device = torch.device(generator_device) if generator_device is not None else pipe._execution_device
     max_sequence_length = resolve_max_sequence_length(pipe, pipe_kwargs.get("max_sequence_length"))
+    if any(p is not None for p in pictures):
+        keyframes = _invert_images(
+            pipe, keyframes, pictures, num_inference_steps, float(guidance_scale), height, width
+        )
+    image_keys = [i for i, k in enumerate(keyframes) if isinstance(k, Inversion)]
     keys = _keyframes(
         pipe,
-        prompts,
+        keyframes,
         seeds,
         negative_prompt,
         height=height,
@@ -459,17 +635,19 @@ def walk(
         width=width,
     )
     positions = list(zip(schedule.segments, schedule.ts, strict=True))
-    images, summaries = _render(
-        pipe,
-        keys,
-        positions,
-        batch_size=batch_size,
-        gen_device=gen_device,
-        call_kwargs=call_kwargs,
-        observe=observe,
-        summarize=summarize,
-        progress=progress,
-    )
+    with _inversion_scheduler(pipe, keyframes):
+        scheduler_name = type(pipe.scheduler).__name__
+        frame_images, summaries = _render(
+            pipe,
+            keys,
+            positions,
+            batch_size=batch_size,
+            gen_device=gen_device,
+            call_kwargs=call_kwargs,
+            observe=observe,
+            summarize=summarize,
+            progress=progress,
+        )
     settings = {
         "family": detect_family(pipe).name,
         "num_inference_steps": num_inference_steps,
@@ -479,14 +657,16 @@ def walk(
         "spacing": spacing,
         "loop": loop,
         "batch_size": batch_size,
-        "scheduler": type(pipe.scheduler).__name__,
+        "scheduler": scheduler_name,
         "negative_prompt": negative_prompt,
         "generator_device": str(gen_device),
     }
+    if image_keys:  # keyframes whose noise is an inverted picture's (refine cannot re-create them from seeds)
+        settings["image_keyframes"] = image_keys
     if max_sequence_length is not None:  # SD3, Flux: T5's length, for refine to encode the keyframes alike
         settings["max_sequence_length"] = max_sequence_length
     return Walk(
-        images=images,
+        images=frame_images,
         prompts=[e.prompt for e in keys.encoded],
         seeds=keys.seeds,
         segments=schedule.segments,
@@ -516,6 +696,11 @@ def refine(
     _check_count("batch_size", batch_size, 1)
     if any(p is None for p in result.prompts):
         raise InterpolationError("refine needs text keyframes; this walk had EncodedPrompt keyframes.")
+    if result.settings.get("image_keyframes"):
+        raise InterpolationError(
+            "refine re-creates keyframes from their prompts and seeds, and this walk has image keyframes (inverted "
+            "pictures): run walk again with more frames instead."
+        )
     s = result.settings
     gen_device = torch.device(s["generator_device"])
     keys = _keyframes(

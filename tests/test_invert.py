@@ -29,7 +29,7 @@ def test_ddim_step_is_diffusers_inverse_scheduler(picture):
     from sdexplore.images import encode_image
 
     pipe = tiny_pipeline("sd1")
-    inv = invert(pipe, picture, "a red circle", steps=3)
+    inv = invert(pipe, picture, "a red circle", steps=3, iterations=0)
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(3)
     emb = pipe.encode_prompt("a red circle", "cpu", 1, False)[0]

@@ -250,3 +250,76 @@ def test_sd3_walk_saves_loads_and_refines_with_its_t5_length(tmp_path):
     assert len(finer) == 3 and np.array_equal(finer.images[[0, 2]], w.images)
     three = walk(pipe, PROMPTS, seeds=0, frames=3, max_sequence_length=32, **FAST)
     assert _close(finer.images[1], three.images[1])  # the midpoint, encoded at the walk's T5 length
+
+
+# ---- image keyframes: a picture inverted (sdexplore.invert), then walked like a prompt keyframe -------------------
+@pytest.fixture(scope="module")
+def pictures() -> list[np.ndarray]:
+    from sdexplore.scenes import render_scene
+
+    return [
+        render_scene(p, seed=3)[0] for p in ("a big red circle at the left", "a small blue square at the top")
+    ]  # (64, 64, 3) each
+
+
+def test_inverted_keyframes_reconstruct_their_pictures_and_the_pipeline_is_restored(sd1_pipe, pictures):
+    """An Inversion keyframe's frame is its reconstruction (the inverted noise and its prompt, with the inversion's
+    DDIM scheduler, steps and CFG); the pipeline keeps its own scheduler object."""
+    from sdexplore.inversion import invert
+
+    scheduler = sd1_pipe.scheduler  # PNDM: the walk swaps in DDIM for the image keyframes and puts it back
+    a, b = (invert(sd1_pipe, pic, p, steps=3, iterations=1) for pic, p in zip(pictures, PROMPTS, strict=True))
+    w = walk(sd1_pipe, [a, b], frames=3, batch_size=2, progress=False)
+    assert sd1_pipe.scheduler is scheduler
+    assert w.settings["scheduler"] == "DDIMScheduler" and w.settings["image_keyframes"] == [0, 1]
+    assert (w.settings["num_inference_steps"], w.settings["guidance_scale"]) == (3, 1.0)  # the inversions'
+    assert w.prompts == PROMPTS
+    assert _close(w.images[0], a.reconstruction) and _close(w.images[-1], b.reconstruction)
+    assert not _close(w.images[1], w.images[0]) and not _close(w.images[1], w.images[-1])
+    with pytest.raises(InterpolationError, match="image keyframes"):
+        refine(sd1_pipe, w, 1, progress=False)
+
+
+def test_images_argument_inverts_with_the_keyframes_prompt(sd1_pipe, pictures):
+    """images=[picture, None]: the picture is inverted with keyframe 0's prompt at the walk's steps and CFG
+    (negative-prompt inversion above CFG 1, so the endpoint still reconstructs it); keyframe 1 is prompt + seed."""
+    from sdexplore.inversion import invert
+
+    w = walk(
+        sd1_pipe, PROMPTS, seeds=[0, 1], images=[pictures[0], None], frames=2, guidance_scale=3.0, **FAST
+    )
+    inv = invert(sd1_pipe, pictures[0], PROMPTS[0], steps=3, guidance=3.0, method="negative-prompt")
+    assert w.settings["image_keyframes"] == [0]
+    assert _close(w.images[0], inv.reconstruction)
+    with _ddim(sd1_pipe):  # the seed keyframe: a plain call with the walk's (DDIM) scheduler
+        assert _close(w.images[1], _plain(sd1_pipe, PROMPTS[1], 1, guidance_scale=3.0))
+
+
+def _ddim(pipe):
+    from sdexplore.inversion import _ddim_scheduler, _scheduler
+
+    return _scheduler(pipe, _ddim_scheduler(pipe))
+
+
+def test_image_keyframe_errors_come_before_any_work(sd1_pipe, pictures, monkeypatch):
+    from sdexplore.errors import InvalidArgumentError
+    from sdexplore.inversion import invert
+
+    a = invert(sd1_pipe, pictures[0], PROMPTS[0], steps=3, iterations=0)
+    b = invert(sd1_pipe, pictures[1], PROMPTS[1], steps=2, iterations=0)
+    monkeypatch.setattr(sd1_pipe.vae, "encode", lambda *x, **k: pytest.fail("work started"))
+    monkeypatch.setattr(sd1_pipe.unet, "forward", lambda *x, **k: pytest.fail("work started"))
+    with pytest.raises(InterpolationError, match="num_inference_steps=2"):
+        walk(sd1_pipe, [a, b], frames=3, progress=False)
+    with pytest.raises(InterpolationError, match="num_inference_steps"):
+        walk(sd1_pipe, [a, "a blue square"], seeds=[0, 1], frames=3, num_inference_steps=5, progress=False)
+    with pytest.raises(InterpolationError, match="no negative_prompt"):
+        walk(sd1_pipe, [a, "a blue square"], frames=3, negative_prompt="blurry", progress=False)
+    with pytest.raises(InterpolationError, match="one per keyframe"):
+        walk(sd1_pipe, PROMPTS, images=[pictures[0]], frames=3, progress=False)
+    with pytest.raises(InvalidArgumentError, match="not an image file"):
+        walk(sd1_pipe, PROMPTS, images=[b"junk", None], frames=3, progress=False)
+    with pytest.raises(InterpolationError, match="inverted with a sd3"):
+        walk(sd1_pipe, [invert(tiny_pipeline("sd3"), pictures[0], steps=1, iterations=0), "x"], frames=2)
+    with pytest.raises(InterpolationError, match="not accepted"):
+        walk(sd1_pipe, [a, 3], frames=2, progress=False)
