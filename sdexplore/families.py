@@ -1,4 +1,4 @@
-"""Model families (SD 1.x, SD 2.x, SDXL, SD3, Flux.1): everything model-specific lives here, one record per family."""
+"""Model families (SD 1.x, SD 2.x, SDXL, SD3, Flux.1, Flux.2): everything model-specific lives here, one record per family."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ class DenoiserArgs:
     pooled: tuple[str, str] | tuple[str, int] | None = None
     # Flux.1-dev's distilled guidance: the scale itself is an input (B,) of the denoiser (None where it has none)
     guidance: tuple[str, int] | None = None
-    # Token positions of the image tokens (Flux's img_ids (N, 3): 0, row, column), which give the latent grid of
-    # packed latents
+    # Token positions of the image tokens (Flux's img_ids (N, 3): 0, row, column; Flux.2's (B, N, 4): 0, row,
+    # column, 0), which give the latent grid of packed latents
     positions: tuple[str, int] | None = None
 
     def _pooled_in_dict(self) -> bool:
@@ -88,7 +88,7 @@ class Family:
     walks and widgets read only these fields and methods.
     """
 
-    name: str  # short id: "sd1", "sd2", "sdxl", "sd3", "flux"
+    name: str  # short id: "sd1", "sd2", "sdxl", "sd3", "flux", "flux2"
     label: str  # human name for tables and plots
     pipeline_classes: tuple[str, ...]  # diffusers pipeline class names this family covers
     text_encoders: tuple[str, ...]  # pipeline attribute names of the text encoders, in concat order
@@ -117,6 +117,10 @@ class Family:
     # Latent packing: the denoiser sees (B, h/p · w/p, C·p²) tokens of p×p latent patches instead of (B, C, h, w)
     # latents (Flux: p = 2, diffusers' _pack_latents); the scheduler steps the packed tokens too.
     latent_packing: int = 1
+    # Without a CFG batch, which pipeline property says whether a call runs CFG as two denoiser calls per step
+    # (Flux.2 [klein]: do_classifier_free_guidance, i.e. guidance_scale > 1 on a model that is not step-distilled,
+    # at guidance_scale); None: Flux.1's rule, true_cfg_scale > 1 with a negative prompt (see true_cfg)
+    cfg_flag: str | None = None
 
     def present_tokenizers(self, pipe: Any) -> list[tuple[str, Any]]:
         """``(attribute, tokenizer)`` of each tokenizer the pipeline has, in order (SD3 may lack T5's)."""
@@ -203,11 +207,14 @@ class Family:
             return False
         return bool(getattr(self.get_denoiser(pipe).config, "guidance_embeds", False))
 
-    def true_cfg(self, arguments: dict[str, Any]) -> bool:
+    def true_cfg(self, arguments: dict[str, Any], pipe: Any = None) -> bool:
         """For a family without a CFG batch: does a call with these arguments run classifier-free guidance as two
-        denoiser calls per step (Flux: ``true_cfg_scale > 1`` and a negative prompt, as ``FluxPipeline`` decides)?"""
+        denoiser calls per step (Flux: ``true_cfg_scale > 1`` and a negative prompt, as ``FluxPipeline`` decides;
+        Flux.2 [klein]: the pipeline's own ``do_classifier_free_guidance``, read from ``pipe`` during its call)?"""
         if self.cfg_batch:
             return False
+        if self.cfg_flag is not None:
+            return pipe is not None and bool(getattr(pipe, self.cfg_flag, False))
         scale = arguments.get("true_cfg_scale", 1.0)
         has_negative = arguments.get("negative_prompt") is not None or (
             arguments.get("negative_prompt_embeds") is not None
@@ -288,6 +295,8 @@ class Family:
         # Flux's encode_prompt(prompt, prompt_2, device, num_images_per_prompt, ..., max_sequence_length) returns
         # (T5 sequence (N, L, 4096), CLIP-L pooled (N, 768), text ids (L, 3)) for one prompt: no negative half and
         # no clip_skip. The negative is encoded the same way, and only when one is given (its "true CFG").
+        # Flux.2 [klein]'s encode_prompt(prompt, device, num_images_per_prompt, ..., max_sequence_length,
+        # text_encoder_out_layers) returns (Qwen3 layers stacked (N, L, 3·D), text ids (N, L, 4)): no pooled vector.
         if clip_skip is not None:
             raise InvalidArgumentError(f"The {self.label} pipelines take no clip_skip; leave it None.")
 
@@ -295,7 +304,7 @@ class Family:
             out = pipe.encode_prompt(
                 prompt=text, device=device, num_images_per_prompt=num_images_per_prompt, **extra
             )
-            return out[0], out[1]
+            return out[0], (out[1] if self.pooled_text_embeds else None)
 
         embeds, pooled = encode(prompt)
         if not do_classifier_free_guidance or negative_prompt is None:
@@ -457,8 +466,82 @@ FLUX = Family(
     latent_packing=2,
 )
 
+# Flux.2's 32-channel VAE, from ComfyUI's comfy/latent_formats.py, class Flux2 (latent_rgb_factors,
+# latent_rgb_factors_bias; Comfy-Org/ComfyUI at commit 9a9a69f). ComfyUI samples Flux.2 in the 128-channel space of
+# 2×2-patchified latents normalised by the VAE's batch-norm statistics (process_in is the identity) and applies the
+# 32 rows after its latent_rgb_factors_reshape, (B, 32·2·2, h, w) → (B, 32, 2h, 2w) with channel c·4 + 2·dy + dx —
+# the same layout as diffusers' _patchify_latents and as this family's unpacking of the transformer's tokens. So the
+# factors apply to the recorded (B, 32, h, w) latents as they are. (The bias is ComfyUI's, equal to Flux.1's.)
+_FLUX2_FACTORS = (
+    (0.0058, 0.0113, 0.0073),
+    (0.0495, 0.0443, 0.0836),
+    (-0.0099, 0.0096, 0.0644),
+    (0.2144, 0.3009, 0.3652),
+    (0.0166, -0.0039, -0.0054),
+    (0.0157, 0.0103, -0.0160),
+    (-0.0398, 0.0902, -0.0235),
+    (-0.0052, 0.0095, 0.0109),
+    (-0.3527, -0.2712, -0.1666),
+    (-0.0301, -0.0356, -0.0180),
+    (-0.0107, 0.0078, 0.0013),
+    (0.0746, 0.0090, -0.0941),
+    (0.0156, 0.0169, 0.0070),
+    (-0.0034, -0.0040, -0.0114),
+    (0.0032, 0.0181, 0.0080),
+    (-0.0939, -0.0008, 0.0186),
+    (0.0018, 0.0043, 0.0104),
+    (0.0284, 0.0056, -0.0127),
+    (-0.0024, -0.0022, -0.0030),
+    (0.1207, -0.0026, 0.0065),
+    (0.0128, 0.0101, 0.0142),
+    (0.0137, -0.0072, -0.0007),
+    (0.0095, 0.0092, -0.0059),
+    (0.0000, -0.0077, -0.0049),
+    (-0.0465, -0.0204, -0.0312),
+    (0.0095, 0.0012, -0.0066),
+    (0.0290, -0.0034, 0.0025),
+    (0.0220, 0.0169, -0.0048),
+    (-0.0332, -0.0457, -0.0468),
+    (-0.0085, 0.0389, 0.0609),
+    (-0.0076, 0.0003, -0.0043),
+    (-0.0111, -0.0460, -0.0614),
+)
+
+FLUX2 = Family(
+    name="flux2",
+    label="Flux.2",
+    # Flux2KleinPipeline (Qwen3 text encoder, CFG as two transformer calls) and Flux2Pipeline (Mistral-3 VLM,
+    # distilled guidance input) share Flux2Transformer2DModel, AutoencoderKLFlux2 and the latent layout.
+    pipeline_classes=("Flux2KleinPipeline", "Flux2Pipeline"),
+    # Klein: Qwen3 (hidden states of layers 9, 18, 27), Qwen2TokenizerFast with a chat template; Flux2Pipeline:
+    # Mistral-3 (layers 10, 20, 30), a Pixtral processor
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    latent_channels=32,
+    latent_rgb_factors=_FLUX2_FACTORS,
+    latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # Flux2Transformer2DModel: double-stream blocks, then single-stream blocks
+    # Flux2Transformer2DModel.forward(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids, guidance,
+    # ...); the pipelines pass everything by keyword, timestep as t / 1000
+    denoiser_args=DenoiserArgs(
+        sample=("hidden_states", 0),
+        timestep=("timestep", 2),
+        text=("encoder_hidden_states", 1),
+        guidance=("guidance", 5),
+        positions=("img_ids", 3),
+    ),
+    clip_sequence=(),
+    encode_options=("max_sequence_length", "text_encoder_out_layers"),
+    cfg_batch=False,
+    # The VAE's 32-channel latents, 2×2-patchified to 128 channels and normalised by its batch-norm statistics, are
+    # the transformer's tokens (B, h/2 · w/2, 128), in the same channel order as Flux.1's packing
+    latent_packing=2,
+    cfg_flag="do_classifier_free_guidance",
+)
+
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2)}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 
@@ -477,6 +560,8 @@ def detect_family(pipe: Any) -> Family:
         return SD3
     if cls in FLUX.pipeline_classes:
         return FLUX
+    if cls in FLUX2.pipeline_classes:
+        return FLUX2
     if cls in SD1.pipeline_classes:
         tok = getattr(pipe, "tokenizer", None)
         te = getattr(pipe, "text_encoder", None)
@@ -487,7 +572,7 @@ def detect_family(pipe: Any) -> Family:
     raise UnsupportedPipelineError(
         f"sdexplore does not support {cls}. Supported pipeline classes: {_SUPPORTED}. "
         "Load one with sdexplore.load_pipeline(...) or diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline "
-        "/ StableDiffusion3Pipeline / FluxPipeline."
+        "/ StableDiffusion3Pipeline / FluxPipeline / Flux2KleinPipeline."
     )
 
 

@@ -1,7 +1,8 @@
-"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 pipelines built in code: offline structure tests and demos.
+"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 / Flux.2 [klein] pipelines built in code: offline
+structure tests and demos.
 
-They have the real architecture classes and the real CLIP tokenizer (SD3, Flux: plus a small offline T5 tokenizer)
-but random weights, so they draw noise: use them for structure (shapes, hooks, restore guarantees), never for
+They have the real architecture classes and the real CLIP tokenizer (SD3, Flux: plus a small offline T5 tokenizer;
+Flux.2 [klein]: a small offline Qwen byte-level BPE tokenizer with Qwen3's chat template) but random weights, so they draw noise: use them for structure (shapes, hooks, restore guarantees), never for
 meaning.
 """
 
@@ -13,8 +14,11 @@ from typing import Any, Literal
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     SD3Transformer2DModel,
@@ -28,17 +32,23 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2TokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
 )
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2"]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
+#: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels; not yet attention
+#: maps, walks or text inspection, whose tests assume a T5 sequence).
+PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2",)
 #: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
 #: "schnell" (no guidance input; a fixed shift of 1).
 FLUX_VARIANTS: tuple[str, ...] = ("dev", "schnell")
@@ -251,11 +261,179 @@ def _tiny_flux(variant: str) -> Any:
     return pipe
 
 
-@lru_cache(maxsize=6)
+# ---- Flux.2 [klein]: Qwen3 text encoder, 32-channel VAE with batch-norm statistics, 128-channel packed tokens -----
+#: Qwen's special tokens (a subset of Qwen3's added tokens, same strings): padding, the chat turn markers, and the
+#: (empty) thinking block Flux.2 [klein]'s prompt template closes.
+QWEN_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+# Qwen2's pre-tokenizer split (as in Qwen2/Qwen3's tokenizer.json), followed by GPT-2's byte-level alphabet
+_QWEN_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+# Qwen3's chat template, reduced to what Flux2KleinPipeline renders: one user turn, the assistant header and, with
+# enable_thinking=False, an empty thinking block (the same text as Qwen3's own template gives for that call).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+# The BPE vocabulary, written out: GPT-2's 256 byte symbols, then the merges, then the special tokens. Each piece
+# below is built by a chain of merges, left to right; the chains of Ġ-started pieces (a word after a space) rank
+# first, so that a word is its longest Ġ-piece followed by the pieces of the rest ("Ġcir", "cle"), never cut by a
+# merge of another word's ending. Frequent words are one token ("Ġred"); a few are two pieces, so word merging of
+# Ġ-started pieces is exercised. Any text still encodes (byte by byte where no merge applies).
+_QWEN_WORDS = (
+    "a an the of on in at with and to is photo picture image big small red blue green white black yellow cat dog "
+    "sky sea tree house car man woman city night day top left right bottom middle"
+).split()
+_QWEN_SPLIT_WORDS = {"circle": ("cir", "cle"), "square": ("squ", "are"), "background": ("back", "ground")}
+_QWEN_BARE = ("user", "assistant")  # the chat template's role names (they follow a newline: no Ġ)
+_QWEN_HIDDEN = 16
+_QWEN_LAYERS = 27  # Flux2KleinPipeline stacks the hidden states of layers 9, 18 and 27 (3 × 16 = 48 features)
+
+
+@lru_cache(maxsize=1)
+def _qwen_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from tokenizers import pre_tokenizers
+
+    symbols = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte-level symbols ("Ġ" is the space)
+    spaced = ["Ġ" + w for w in _QWEN_WORDS] + ["Ġ" + first for first, _ in _QWEN_SPLIT_WORDS.values()]
+    bare = list(_QWEN_BARE) + [p for pair in _QWEN_SPLIT_WORDS.values() for p in pair]
+    merges: list[tuple[str, str]] = []
+    for piece in spaced + bare:
+        for i in range(2, len(piece) + 1):
+            pair = (piece[: i - 1], piece[i - 1])
+            if pair not in merges:
+                merges.append(pair)
+    tokens = symbols + ["".join(m) for m in merges] + list(QWEN_SPECIAL)
+    vocab: dict[str, int] = {}
+    for t in tokens:
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
+def qwen_tokenizer(max_length: int = 512) -> Qwen2TokenizerFast:
+    """A small Qwen tokenizer built offline: a byte-level BPE ``tokenizers`` model (Qwen2's split pattern, GPT-2's
+    byte alphabet, so any text encodes) over a few hundred pieces written in code, with Qwen's special tokens
+    (``<|endoftext|>`` pads, ``<|im_start|>``, ``<|im_end|>``, ``<think>``, ``</think>``) and Qwen3's chat template
+    for one user turn, wrapped as ``Qwen2TokenizerFast`` (what ``Flux2KleinPipeline`` expects).
+
+    Not Qwen's 151k vocabulary: ids differ from a real Qwen3, but words split into ``Ġ``-started pieces the same
+    way ("circle" → "Ġc", "ir", "cle"), and the chat-templated text is the one the real template renders.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab, merges = _qwen_vocab_and_merges()
+    backend = Tokenizer(models.BPE(vocab=dict(vocab), merges=list(merges)))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(QWEN_SPECIAL))
+    tok = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    tok.model_max_length = max_length
+    return tok
+
+
+def _qwen3() -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(_qwen_vocab_and_merges()[0]),
+            hidden_size=_QWEN_HIDDEN,
+            intermediate_size=24,
+            num_hidden_layers=_QWEN_LAYERS,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=512,
+            tie_word_embeddings=True,
+            pad_token_id=_qwen_vocab_and_merges()[0]["<|endoftext|>"],
+        )
+    )
+
+
+def _flux2_transformer() -> Flux2Transformer2DModel:
+    # 2 double-stream and 2 single-stream blocks of 4 heads × 8 = 32 channels; tokens of 32 × 2 × 2 = 128
+    # channels; RoPE over (t, row, column, text position) axes of 2 + 2 + 2 + 2 = 8 = the head dim (the real
+    # models: 32 each); no guidance input (Klein is not guidance-distilled)
+    return Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=128,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=3 * _QWEN_HIDDEN,  # three Qwen3 layers stacked along the features
+        timestep_guidance_channels=32,
+        mlp_ratio=2.0,
+        axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=False,
+    )
+
+
+def _flux2_vae() -> AutoencoderKLFlux2:
+    # 32 latent channels, 8× downsampling like the real one: 64×64 pixels ↔ 8×8×32 latents ↔ 4×4 tokens of 128
+    return AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=32,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=64,
+    )
+
+
+def _flux2_parts() -> dict[str, torch.nn.Module]:
+    vae = _flux2_vae()
+    # batch-norm statistics of the 128 patchified channels, non-trivial so that normalising is visible
+    vae.bn.running_mean.copy_(0.5 * torch.randn(128))
+    vae.bn.running_var.copy_(torch.rand(128) + 0.5)
+    return {"transformer": _flux2_transformer(), "vae": vae, "text_encoder": _qwen3()}
+
+
+def _flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # FLUX.2's scheduler config; the pipeline passes its own resolution- and step-dependent mu
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type="exponential",
+    )
+
+
+def _tiny_flux2() -> Any:
+    state = _state("flux2")
+    parts = _flux2_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    pipe = Flux2KleinPipeline(
+        scheduler=_flux2_scheduler(),
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=qwen_tokenizer(),
+        transformer=parts["transformer"],
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=7)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family.startswith("flux-"):
+    if family == "flux2":
+        parts = _flux2_parts()
+    elif family.startswith("flux-"):
         parts = _flux_parts(family.removeprefix("flux-"))
     elif family == "sd3":
         parts = _sd3_parts()
@@ -295,7 +473,7 @@ def tiny_pipeline(
     t5: bool = True,
     variant: str | None = None,
 ) -> Any:
-    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2", "sdxl", "sd3" or "flux").
+    """Build a fresh tiny random-weight pipeline of ``family`` ("sd1", "sd2", "sdxl", "sd3", "flux" or "flux2").
 
     Every call returns a new, independent pipeline with the same weights (fp32, CPU). The UNet families use
     DDIM: ``sd2`` defaults to v-prediction like SD 2.x 768 models; the others to epsilon. ``sd3`` is a
@@ -306,18 +484,24 @@ def tiny_pipeline(
     a 16-channel VAE with Flux's scaling and shift factors, CLIP-L pooled + T5 with the offline T5 tokenizer);
     ``variant="dev"`` (the default) is guidance-distilled with dynamic shifting, ``variant="schnell"`` has no
     guidance input and a fixed shift. Pass ``height=64, width=64`` to a call (Flux's default is 1024²).
-    64×64 pixels → 8×8 latents.
+    ``flux2`` is a ``Flux2KleinPipeline`` (a 27-layer Qwen3 of width 16 with the offline :func:`qwen_tokenizer`,
+    2 double- and 2 single-stream blocks, a 32-channel ``AutoencoderKLFlux2`` with batch-norm statistics, tokens of
+    2×2 patches × 32 = 128 channels, CFG as two transformer calls at ``guidance_scale`` > 1); call it with
+    ``prompt=`` (its first argument is ``image``). 64×64 pixels → 8×8 latents.
     """
-    if family not in FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES:
-        raise ValueError(
-            f"Unknown fixture family {family!r}; choose one of {FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES}."
-        )
+    known = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
+    if family not in known:
+        raise ValueError(f"Unknown fixture family {family!r}; choose one of {known}.")
     if variant is not None and (family != "flux" or variant not in FLUX_VARIANTS):
         raise ValueError(
             f"variant= applies to the flux fixture only, one of {FLUX_VARIANTS}; got {variant!r}."
         )
-    if family in MMDIT_FIXTURE_FAMILIES and prediction_type is not None:
+    if family in MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES and prediction_type is not None:
         raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family == "flux2":
+        if not t5:
+            raise ValueError("Flux.2 [klein] has no T5 encoder: t5=False applies to the sd3 fixture only.")
+        return _tiny_flux2()
     if family == "flux":
         if not t5:
             raise ValueError("Flux needs its T5 encoder: t5=False applies to the sd3 fixture only.")

@@ -35,7 +35,14 @@ _FAMILY_ROLES = {
         "tokenizer_2": "splits the prompt into T5 sentencepiece pieces",
         "text_encoder_2": "T5 encoder: the text sequence the transformer attends to",
         "transformer": "MMDiT: predicts the flow from 2×2-packed image tokens and text tokens attending jointly",
-    }
+    },
+    "flux2": {
+        "tokenizer": "splits the chat-templated prompt into byte-level BPE tokens",
+        "text_encoder": "Qwen3 language model: three of its layers' hidden states, stacked, are the text sequence",
+        "transformer": "MMDiT: predicts the flow from 2×2-packed 128-channel image tokens and text tokens attending "
+        "jointly",
+        "vae": "encodes pixels to 32-channel latents (normalised by its batch-norm statistics) and back",
+    },
 }
 
 
@@ -155,7 +162,13 @@ def describe(
     latent = (ch, h // factor, w // factor)
     sched_copy = type(pipe.scheduler).from_config(pipe.scheduler.config)
     cfg = pipe.scheduler.config
-    if cfg.get("use_dynamic_shifting", False):  # Flux: the shift follows the image's token count
+    if cfg.get("use_dynamic_shifting", False) and fam.name == "flux2":  # Flux.2: mu from tokens and steps
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        p = fam.latent_packing
+        mu = compute_empirical_mu((latent[1] // p) * (latent[2] // p), steps)
+        sched_copy.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps).tolist(), mu=mu)
+    elif cfg.get("use_dynamic_shifting", False):  # Flux: the shift follows the image's token count
         p = fam.latent_packing
         mu = dynamic_shift_mu(
             (latent[1] // p) * (latent[2] // p),

@@ -33,4 +33,4 @@ def test_fixtures_are_independent_copies():
 def test_sd2_is_v_prediction_and_bad_family():
     assert tiny_pipeline("sd2").scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="sd1"):
-        tiny_pipeline("flux2")  # type: ignore[arg-type]
+        tiny_pipeline("flux3")  # type: ignore[arg-type]

@@ -447,11 +447,13 @@ class Attachment:
             run.cfg = cfg and sample.shape[0] % 2 == 0
             return
         # Flux: "true CFG" is two calls per step at true_cfg_scale; guidance_scale is the distilled guidance
-        # (dev: a denoiser input), which schnell ignores (its step scale is then 1, as without CFG)
-        run.cfg = fam.true_cfg(run.arguments)
+        # (dev: a denoiser input), which schnell ignores (its step scale is then 1, as without CFG). Flux.2 [klein]:
+        # two calls per step at guidance_scale itself, where the pipeline says so (do_classifier_free_guidance)
+        run.cfg = fam.true_cfg(run.arguments, pipe)
         run.distilled = fam.denoiser_args.get("guidance", args, kwargs) is not None
         if run.cfg:
-            run.guidance_scale = float(run.arguments["true_cfg_scale"])
+            if fam.cfg_flag is None:
+                run.guidance_scale = float(run.arguments["true_cfg_scale"])
         elif not run.distilled:
             run.guidance_scale = 1.0
 

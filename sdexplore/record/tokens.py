@@ -1,7 +1,8 @@
 """Label a prompt's key positions with a tokenizer, for attention maps (TokenList itself lives in results).
 
 :func:`tokenize_prompt` labels one tokenizer's window; :func:`sequence_tokens` labels the whole text sequence a
-pipeline's denoiser attends to (SD3: CLIP's 77 positions then T5's; Flux: T5's; the UNet families: CLIP's 77).
+pipeline's denoiser attends to (SD3: CLIP's 77 positions then T5's; Flux: T5's; Flux.2 [klein]: Qwen3's chat-templated
+prompt; the UNet families: CLIP's 77).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any
 
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedPipelineError
 from ..families import detect_family
 from ..results.tokens import BOS, EOS, PAD, TEXT, WORD_END, WORD_START, Segment, TokenList
 
@@ -21,6 +22,7 @@ __all__ = [
     "PAD",
     "TEXT",
     "TokenList",
+    "chat_tokens",
     "default_max_sequence_length",
     "resolve_max_sequence_length",
     "sequence_tokens",
@@ -191,6 +193,7 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
       ``max_sequence_length`` positions (``pipe.tokenizer_3``), exactly as ``encode_prompt`` concatenates them
       along the sequence. Without T5 the pipeline puts zeros there: those positions are padding, piece ``<zero>``.
     - Flux: T5's ``max_sequence_length`` positions (CLIP gives only the pooled vector).
+    - Flux.2 [klein]: Qwen3's ``max_sequence_length`` positions of the chat-templated prompt (:func:`chat_tokens`).
 
     ``max_sequence_length`` defaults to the pipeline's own (SD3 256, Flux 512); pass the call's value. The
     result's ``segments`` give each part's name ("clip", "t5") and offsets; ``positions(word)`` finds a word in
@@ -204,6 +207,13 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
     max_sequence_length = resolve_max_sequence_length(pipe, max_sequence_length)
     if max_sequence_length is None:
         return tokenize_prompt(getattr(pipe, fam.tokenizers[0]), prompt)
+    if fam.name == "flux2":
+        if type(pipe).__name__ != "Flux2KleinPipeline":  # Flux2Pipeline: Mistral-3 with a system prompt
+            raise UnsupportedPipelineError(
+                f"sdexplore labels the text sequence of Flux2KleinPipeline only, not {type(pipe).__name__}'s "
+                "system-prompted Mistral-3 input; pass prompt_embeds and read maps by position."
+            )
+        return chat_tokens(getattr(pipe, fam.tokenizers[0]), prompt, max_sequence_length)
     parts: list[TokenList] = []
     clip = fam.clip_sequence or ()  # a T5 family's CLIP encoders that fill the first positions (SD3's)
     if clip:
@@ -223,6 +233,61 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
         zeros.segments = [Segment("t5", 0, max_sequence_length, "▁", WORD_START)]
         parts.append(zeros)
     return _concatenate(parts, prompt)
+
+
+def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen") -> TokenList:
+    """Labels of the ``length`` positions a chat-model text encoder sees for ``prompt`` (Flux.2 [klein]'s Qwen3).
+
+    The prompt is rendered as ``Flux2KleinPipeline`` renders it (one user turn, the assistant header, an empty
+    thinking block: ``apply_chat_template(..., add_generation_prompt=True, enable_thinking=False)``) and tokenized
+    as it does (``padding="max_length", truncation=True``). The prompt's own tokens are text; the template's tokens
+    before them are labelled ``bos`` and those after ``eos`` (so "user" or "assistant" are never found as words);
+    padding is ``pad``. Byte-level BPE starts a word with ``Ġ`` (a space), which is the segment's word marker.
+    """
+
+    def render(content: str) -> str:
+        messages = [{"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
+
+    text = render(prompt)
+    pre = render("\x00").split("\x00")[0]  # the template's text before the prompt
+    start = len(pre) if text.startswith(pre + prompt) else text.find(prompt)
+    stop = start + len(prompt)
+
+    def kind(a: int, b: int) -> str:
+        if start <= a and b <= stop and (b > a or not prompt):
+            return TEXT
+        return BOS if b <= start else EOS
+
+    enc = tokenizer(
+        text,
+        padding="max_length",
+        max_length=length,
+        truncation=True,
+        return_attention_mask=True,
+        return_offsets_mapping=True,
+    )
+    ids = [int(i) for i in enc.input_ids]
+    kinds = [
+        kind(a, b) if mask else PAD
+        for (a, b), mask in zip(enc.offset_mapping, enc.attention_mask, strict=True)
+    ]
+    full = tokenizer(text, truncation=False, return_offsets_mapping=True)
+    cut = [
+        i
+        for i, (a, b) in zip(full.input_ids[length:], full.offset_mapping[length:], strict=True)
+        if kind(a, b) == TEXT
+    ]
+    return TokenList(
+        ids=ids,
+        pieces=list(tokenizer.convert_ids_to_tokens(ids)),
+        kinds=kinds,
+        truncated=list(tokenizer.convert_ids_to_tokens(cut)),
+        prompt=prompt,
+        segments=[Segment(name, 0, len(ids), "Ġ", WORD_START)],
+    )
 
 
 def _concatenate(parts: list[TokenList], prompt: str) -> TokenList:
