@@ -275,3 +275,20 @@ def test_load_pipeline_loads_a_saved_flux2_folder(pipe, tmp_path) -> None:
         sequence_tokens(loaded, P, max_sequence_length=32).ids
         == sequence_tokens(pipe, P, max_sequence_length=32).ids
     )
+
+
+def test_flux2pipeline_shares_the_record_steps_with_its_distilled_guidance_input(pipe) -> None:
+    # Flux2Pipeline's Mistral-3 encoder cannot be built offline; with prompt_embeds it needs none, and its
+    # transformer, VAE and latent layout are Klein's
+    embeds = FLUX2.encode_prompt(pipe, P, device="cpu", max_sequence_length=32).embeds
+    parts = {k: v for k, v in pipe.components.items() if k not in ("text_encoder", "tokenizer")}
+    dev = Flux2Pipeline(text_encoder=None, tokenizer=None, **parts)
+    dev.set_progress_bar_config(disable=True)
+    kw = dict(KW, prompt_embeds=embeds, guidance_scale=2.5, num_inference_steps=3)
+    del kw["max_sequence_length"]
+    ref = dev(generator=gen(0), **kw).images
+    with sdx.observe(dev, steps={"quantities": "all", "dtype": torch.float32}) as obs:
+        out = dev(generator=gen(0), **kw).images
+    assert np.array_equal(out, ref) and obs.steps.family == "flux2"
+    assert obs.steps.guidance_scales.tolist() == [2.5] * 3  # the guidance input, one call per step
+    assert obs.steps[0].latents.shape == (1, 32, 8, 8) and obs.steps[0].noise_uncond is None
