@@ -60,6 +60,7 @@ commands:
   steps      generate one image and write every denoising step: x0 and preview strips, a GIF, the trace
   attention  generate one image and write cross-attention heat maps per word, a step x word grid, the maps
   walk       walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is
+  invert     turn a picture into the noise that regenerates it: the inversion, its reconstruction, the PSNR
   sweep      prompts x seeds with observation on into a resumable folder, over accelerate's processes
   sweep-report  summary table and figures of a sweep folder
 
@@ -68,6 +69,8 @@ examples:
   sdexplore steps "a big red circle at the top left on a blue background" --out run1
   sdexplore attention "a big red circle on a blue background" --words circle blue --out att
   sdexplore walk "a red circle" "a blue square" --seeds 0 1 --frames 24 --out walk.gif
+  sdexplore invert photo.png "a big red circle at the top left on a blue background" --out inv
+  sdexplore attention "a big red circle at the top left on a blue background" --image photo.png --out att
   sdexplore steps "an astronaut riding a horse" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
 
 Without --model every command uses the embedded tiny model (offline, CPU, seconds).
@@ -90,8 +93,13 @@ writes into --out (default sdexplore-steps/):
   denoising.gif       one frame per step (x0; a bar at the bottom shows the progress through the run)
   trace.safetensors   the recorded trace: sdexplore.trace.Trace.load("trace.safetensors")
 
+With --image PICTURE the steps are those of the picture's reconstruction: the picture is inverted with the
+prompt (sdexplore invert) and regenerated from its inverted noise under observation (image.png is the
+reconstruction; --seed is not used).
+
 examples:
   sdexplore steps "a big red circle at the top left on a blue background"
+  sdexplore steps "a big red circle at the top left on a blue background" --image scene.png --out mine
   sdexplore steps "a small green triangle" --steps 50 --scheduler euler --seed 3 --out tri
   sdexplore steps "a castle" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preview linear --out castle
 """
@@ -104,6 +112,8 @@ writes into --out (default sdexplore-attention/):
   attention.safetensors    the maps: sdexplore.attention.AttentionMaps.load("attention.safetensors")
 
 Each heat map is min-max normalised on its own (it shows where a word attends, not how strongly).
+With --image PICTURE the maps are those of the picture's reconstruction (the picture inverted with the prompt,
+then regenerated from its inverted noise under observation): attention on your own picture.
 
 examples:
   sdexplore attention "a big red circle at the top left on a blue background"
@@ -119,6 +129,28 @@ examples:
   sdexplore walk "a big red circle on a white background" "a big blue circle on a white background"
   sdexplore walk "a small green square" --seeds 0 1 2 --frames 36 --circular --out loop.mp4
   sdexplore walk "a red circle" "a blue square" "a yellow triangle" --frames 30 --spacing ease --out tour.gif
+  sdexplore walk "a big red circle at the left on a blue background" \
+      "a small green square at the top on a white background" --image red.png green.png --frames 12
+
+--image gives one picture per keyframe ("-" for a keyframe that is a prompt and a seed): each picture is
+inverted with its keyframe's prompt (at --steps and --guidance; negative-prompt inversion above CFG 1) and
+its keyframe frame reconstructs it.
+"""
+
+_INVERT_EPILOG = """\
+writes into --out (default sdexplore-invert/):
+  image.png              the picture as inverted (resized to the model's size, with a note, if it was not)
+  reconstruction.png     the picture regenerated from its inverted noise
+  inversion.json         PSNR of the reconstruction and of the VAE's own round trip (the ceiling), the settings
+  inversion.safetensors  latents, trace and images: sdexplore.Inversion.load("inversion.safetensors")
+
+The default method is the model's own sampler run backwards (ddim for SD 1.x/2.x/XL, flow for SD3) at CFG 1,
+and negative-prompt inversion when --guidance is above 1 (faithful under classifier-free guidance).
+
+examples:
+  sdexplore invert scene.png "a big red circle at the top left on a blue background"
+  sdexplore invert photo.jpg "a cat on a sofa" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 50
+  sdexplore invert scene.png "a big red circle at the top left on a blue background" --guidance 3 --out inv3
 """
 
 
@@ -311,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=8.0,
         help="GIF frames per second (default 8)",
     )
+    s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
     s.set_defaults(run=_cmd_steps)
 
     a = sub.add_parser(
@@ -336,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="step groups in the grid (default 6)",
     )
+    a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
     a.set_defaults(run=_cmd_attention)
 
     w = sub.add_parser(
@@ -376,7 +410,61 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="B",
         help="frames per pipeline call (default: what fits)",
     )
+    w.add_argument(
+        "--image",
+        nargs="+",
+        metavar="PICTURE",
+        help='one picture per keyframe, "-" for none: image keyframes (see below)',
+    )
     w.set_defaults(run=_cmd_walk)
+
+    from .inversion import DEFAULT_ITERATIONS
+
+    v = sub.add_parser(
+        "invert",
+        parents=[_common(), _output("sdexplore-invert", "output folder")],
+        help="turn a picture into the noise that regenerates it",
+        description="Invert a picture: find the starting noise from which the model regenerates it with the "
+        "prompt; write the reconstruction, its PSNR and the inversion.",
+        epilog=_INVERT_EPILOG,
+        formatter_class=fmt,
+    )
+    v.add_argument("image", metavar="IMAGE", help="the picture: PNG, JPEG, WebP, ...")
+    v.add_argument("prompt", metavar="PROMPT", help="what the picture shows, in quotes")
+    g = v.add_argument_group("inversion")
+    g.add_argument(
+        "--steps",
+        type=_whole(1, MAX_STEPS),
+        default=DEFAULT_STEPS,
+        metavar="N",
+        help=f"steps (default {DEFAULT_STEPS})",
+    )
+    g.add_argument(
+        "--method",
+        choices=("ddim", "negative-prompt", "flow"),
+        help="default: ddim (flow for SD3) at CFG 1, negative-prompt above",
+    )
+    g.add_argument(
+        "--guidance",
+        type=_number(0.0, MAX_GUIDANCE),
+        default=1.0,
+        metavar="G",
+        help="the reconstruction's classifier-free guidance scale (default 1)",
+    )
+    g.add_argument(
+        "--iterations",
+        type=_whole(0, 100),
+        default=DEFAULT_ITERATIONS,
+        metavar="K",
+        help=f"fixed-point passes per step (default {DEFAULT_ITERATIONS}; 0: plain DDIM inversion, faster)",
+    )
+    g.add_argument(
+        "--height", type=_whole(8, MAX_SIDE), metavar="H", help="resize to this height (default: the model's)"
+    )
+    g.add_argument(
+        "--width", type=_whole(8, MAX_SIDE), metavar="W", help="resize to this width (default: the model's)"
+    )
+    v.set_defaults(run=_cmd_invert)
     from .sweeps.cli import add_parsers as add_sweep_parsers  # sweep, sweep-report: in sdexplore.sweeps
 
     add_sweep_parsers(sub, common=_common(), generation=_generation(), seed=_seed, whole=_whole)
@@ -723,6 +811,7 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     _prompt(args.prompt)
     _check_size(args)
     _check_fps(args.fps, ".gif")
+    _check_image_options(args, [args.image])
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
     names = {
@@ -749,7 +838,10 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     from .generation import generate
 
     prompt, decode = args.prompt, args.preview == "decode"
-    images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
+    if getattr(args, "image", None) is None:
+        images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
+    else:
+        images, obs = _reconstruct_observed(pipe, args, steps=True)
     trace = obs.steps
     trace.meta.update(
         prompt=prompt,
@@ -758,6 +850,8 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
         negative_prompt=args.negative,
         command="sdexplore steps",
     )
+    if getattr(args, "image", None) is not None:
+        trace.meta.update(image=str(args.image), seed=None)
     image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
     h, w = image.shape[:2]
     labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
@@ -828,6 +922,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         for word in args.words:
             if not word.strip():
                 raise InputError("--words has an empty word; pass words of the prompt")
+    _check_image_options(args, [args.image])
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
 
@@ -867,9 +962,12 @@ def write_attention(
     from .generation import generate
     from .render import heat_overlay
 
-    images, obs = generate(
-        pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
-    )
+    if getattr(args, "image", None) is None:
+        images, obs = generate(
+            pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+        )
+    else:
+        images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
     maps = obs.attention
     image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
     fixed["image"].parent.mkdir(parents=True, exist_ok=True)
@@ -923,9 +1021,15 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
 def _cmd_walk(args: argparse.Namespace) -> int:
     prompts = [_prompt(p) for p in args.prompts]
     _check_size(args)
-    n_keys = max(len(prompts), len(args.seeds))
+    pictures = None if args.image is None else [None if p == "-" else p for p in args.image]
+    n_keys = max(len(prompts), len(args.seeds), len(pictures or []))
     if n_keys < 2:
         raise InputError("a walk needs 2 keyframes at least: give 2+ prompts, 2+ --seeds, or both")
+    if pictures is not None and len(pictures) != n_keys:
+        raise InputError(
+            f'{len(pictures)} --image for {n_keys} keyframes: give one per keyframe ("-" for a prompt keyframe)'
+        )
+    _check_image_options(args, pictures or [])
     for name, values in (("prompts", prompts), ("--seeds", args.seeds)):
         if len(values) not in (1, n_keys):
             raise InputError(f"{len(values)} {name} for {n_keys} keyframes: give one, or one per keyframe")
@@ -945,13 +1049,14 @@ def _cmd_walk(args: argparse.Namespace) -> int:
 
     from .walks import walk
 
-    with output:
+    with output, _image_notes():
         pipe = _load(args, args.model, scheduler)
         kwargs = _call_kwargs(args)
         result = walk(
             pipe,
             prompts,
             seeds=args.seeds,
+            images=pictures,
             frames=args.frames,
             batch_size=args.batch_size,
             negative_prompt=kwargs.pop("negative_prompt", None),
@@ -971,6 +1076,144 @@ def _cmd_walk(args: argparse.Namespace) -> int:
         output.commit()
     _wrote([output.shown])
     print(result.smoothness())
+    return 0
+
+
+# ---------------------------------------------------------------- pictures: invert and --image
+
+
+def _check_picture(path: str) -> None:
+    """A picture given on the command line is read now, before anything is loaded: a missing or non-image file
+    is one clear error (its conversions are noted later, once, when it is used)."""
+    from .errors import InvalidArgumentError
+    from .images import ImageNote, load_image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImageNote)
+            load_image(path)
+    except InvalidArgumentError as e:
+        raise InputError(_one_line(e)) from e
+
+
+def _check_image_options(args: argparse.Namespace, pictures: Sequence[str | None]) -> None:
+    """--image: every picture readable; no --negative or --scheduler beside it (the reconstruction regenerates
+    with the inversion's own negative prompt and sampler, so either would be ignored)."""
+    if not any(p is not None for p in pictures):
+        return
+    for name, flag in (("negative", "--negative"), ("scheduler", "--scheduler")):
+        if getattr(args, name, None) is not None:
+            raise InputError(
+                f"{flag} cannot be used with --image: a picture is regenerated with its inversion's own "
+                f"{'negative prompt' if name == 'negative' else 'sampler (DDIM, or flow matching on SD3)'}; "
+                f"leave {flag} out"
+            )
+    for p in pictures:
+        if p is not None:
+            _check_picture(p)
+
+
+@contextlib.contextmanager
+def _image_notes() -> Iterator[None]:
+    """Notes about a converted or resized picture (sdexplore.images.ImageNote) as ``sdexplore: note:`` lines."""
+    from .images import ImageNote
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: Any, *rest: Any, **kw: Any) -> None:
+        if issubclass(category, ImageNote):
+            _note(str(message))
+        else:
+            shown(message, category, *rest, **kw)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ImageNote)
+        warnings.showwarning = show
+        yield
+
+
+def _invert(pipe: Any, args: argparse.Namespace, *, guidance: float, method: str | None = None) -> Any:
+    """Invert ``args.image`` with ``args.prompt``; a method that does not fit the loaded model is bad input.
+
+    Default method: the model's own sampler backwards at CFG ≤ 1, negative-prompt inversion above.
+    """
+    from .errors import InvalidArgumentError
+    from .inversion import DEFAULT_ITERATIONS, invert
+
+    if method is None and guidance > 1:
+        method = "negative-prompt"
+    try:
+        with _image_notes():
+            return invert(
+                pipe,
+                args.image,
+                args.prompt,
+                steps=args.steps,
+                method=method,
+                guidance=guidance,
+                iterations=getattr(args, "iterations", DEFAULT_ITERATIONS),
+                height=args.height,
+                width=args.width,
+            )
+    except InvalidArgumentError as e:
+        raise InputError(_one_line(e)) from e
+
+
+def _reconstruct_observed(
+    pipe: Any, args: argparse.Namespace, *, steps: bool, attention: bool = False
+) -> Any:
+    """``steps``/``attention`` with --image: the picture's reconstruction pass under observe → (images, obs)."""
+    from PIL import Image
+
+    from .record.observe import observe
+
+    guidance = float(_call_kwargs(args).get("guidance_scale", 1.0))
+    with observe(pipe, steps=steps, attention=attention) as obs:
+        inv = _invert(pipe, args, guidance=guidance)
+    _note(
+        f"reconstruction of {args.image}: PSNR {inv.psnr:.2f} dB (the VAE's own round trip: {inv.vae_psnr:.2f} dB)"
+    )
+    return [Image.fromarray(inv.reconstruction)], obs
+
+
+def _cmd_invert(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    _check_size(args)
+    _check_picture(args.image)
+    output = _start_output(args, folder=True)
+    _check_model(args, args.model)
+    names = {
+        "image": "image.png",
+        "reconstruction": "reconstruction.png",
+        "summary": "inversion.json",
+        "inversion": "inversion.safetensors",
+    }
+    with output:
+        pipe = _load(args, args.model)
+        inv = _invert(pipe, args, guidance=args.guidance, method=args.method)
+        output.path.mkdir(parents=True, exist_ok=True)
+        _save_png(inv.image, output.path / names["image"])
+        _save_png(inv.reconstruction, output.path / names["reconstruction"])
+        summary = {
+            "image": str(args.image),
+            "prompt": prompt,
+            "model": args.model or "embedded",
+            "method": inv.method,
+            "psnr_db": round(inv.psnr, 4),
+            "vae_round_trip_psnr_db": round(inv.vae_psnr, 4),
+            "gap_db": round(inv.vae_psnr - inv.psnr, 4),
+            "height": int(inv.image.shape[0]),
+            "width": int(inv.image.shape[1]),
+            **inv.settings,
+        }
+        (output.path / names["summary"]).write_text(json.dumps(summary, indent=1) + "\n")
+        inv.save(output.path / names["inversion"])
+        output.commit()
+    _wrote(output.shown / v for v in names.values())
+    print(
+        f"PSNR {inv.psnr:.2f} dB against the picture; the VAE's own round trip: {inv.vae_psnr:.2f} dB "
+        f"(gap {inv.vae_psnr - inv.psnr:.2f} dB; {inv.method}, {args.steps} steps, CFG {args.guidance:g})"
+    )
     return 0
 
 
@@ -997,7 +1240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"unrecognized arguments: {' '.join(extra)} (see `{where} --help`)")
         if args.command is None:
             raise InputError(
-                "choose a command: describe, steps, attention, walk, sweep or sweep-report (see `sdexplore --help`)"
+                "choose a command: describe, steps, attention, walk, invert, sweep or sweep-report (see `sdexplore --help`)"
             )
         with _quiet_libraries(debug):
             return int(args.run(args))

@@ -389,6 +389,14 @@ def test_sizes_and_negative_are_checked_once_the_model_is_known(family):
         (["steps", "a red circle", "--steps", "0"], "--steps: must be a whole number from 1"),
         (["steps", "a red circle", "--dtype", "float16", "--device", "cpu"], "float16"),
         (["steps", "a red circle", "--bogus"], "sdexplore steps --help"),
+        (["invert", "no-such.png", "a red circle"], "does not exist"),
+        (["invert", "no-such.png", " "], "prompt is empty"),
+        (["steps", "a red circle", "--image", "no-such.png"], "does not exist"),
+        (
+            ["attention", "a red circle", "--image", "x.png", "--scheduler", "ddim"],
+            "cannot be used with --image",
+        ),
+        (["walk", "a", "b", "--image", "-"], "1 --image for 2 keyframes"),
         ([], "choose a command"),
     ],
 )
@@ -440,7 +448,7 @@ def test_scheduler_aliases_resolve_to_diffusers_classes():
     assert resolve_scheduler(None) is None
 
 
-@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk"])
+@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk", "invert"])
 def test_help_of_every_command_has_examples(capsys, command):
     rc, out, _ = run(capsys, *([command] if command else []), "--help")
     assert rc == 0 and "examples:" in out and "usage: sdexplore" in out
@@ -476,3 +484,95 @@ def test_trained_model_steps_and_attention_mean_something(capsys, tmp_path):
 
     heat = upsample(heat[None], image.shape[:2])[0].numpy()  # (H, W)
     assert heat[seen.mask].mean() > heat[~seen.mask].mean()  # the "circle" map sits on the circle
+
+
+# ---------------------------------------------------------------- your own picture: invert and --image
+
+
+@pytest.fixture(scope="module")
+def scene_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Rendered scenes as picture files (one at 96x96, resized with a note), a text file named .png."""
+    from sdexplore.scenes import render_scene
+
+    folder = tmp_path_factory.mktemp("pictures")
+    files = {"red": folder / "red.png", "green": folder / "green.png", "junk": folder / "junk.png"}
+    Image.fromarray(render_scene(PROMPT, seed=3)[0]).save(files["red"])
+    green = render_scene("a small green square at the bottom right on a white background", seed=4)[0]
+    Image.fromarray(green).resize((96, 96)).save(files["green"])
+    files["junk"].write_text("not a picture")
+    return files
+
+
+def test_invert_writes_the_reconstruction_its_psnr_and_the_inversion(capsys, tmp_path, scene_files):
+    from sdexplore.inversion import Inversion, psnr
+
+    out = tmp_path / "inv"
+    rc, stdout, _ = run(
+        capsys, "invert", scene_files["red"], PROMPT, "--steps", "4", "--out", out, "--no-progress"
+    )
+    assert rc == 0
+    names = ["image.png", "reconstruction.png", "inversion.json", "inversion.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    summary = json.loads((out / "inversion.json").read_text())
+    inv = Inversion.load(out / "inversion.safetensors")
+    recon = np.asarray(Image.open(out / "reconstruction.png").convert("RGB"))
+    picture = np.asarray(Image.open(out / "image.png").convert("RGB"))
+    assert np.array_equal(recon, inv.reconstruction) and np.array_equal(picture, inv.image)
+    assert summary["psnr_db"] == pytest.approx(psnr(recon, picture), abs=1e-3)
+    assert summary["vae_round_trip_psnr_db"] == pytest.approx(inv.vae_psnr, abs=1e-3)
+    assert (summary["method"], summary["steps"], summary["guidance"]) == ("ddim", 4, 1.0)
+    assert f"PSNR {inv.psnr:.2f} dB" in stdout
+    # above CFG 1 the default is negative-prompt inversion; a resized picture gets a note
+    rc, _, err = run(capsys, "invert", scene_files["green"], "a small green square at the bottom right on a white "
+                     "background", "--steps", "2", "--guidance", "3", "--out", tmp_path / "g", "--no-progress")  # fmt: skip
+    assert rc == 0 and "sdexplore: note: image 'green.png' is 96×96 (height×width): resized to 64×64" in err
+    assert json.loads((tmp_path / "g" / "inversion.json").read_text())["method"] == "negative-prompt"
+
+
+def test_a_file_that_is_not_a_picture_is_one_error_before_loading(capsys, tmp_path, scene_files, monkeypatch):
+    import sdexplore.cli as cli
+
+    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    for argv in (["invert", scene_files["junk"], PROMPT], ["attention", PROMPT, "--image", scene_files["junk"]],
+                 ["walk", "a", "b", "--image", scene_files["red"], scene_files["junk"]]):  # fmt: skip
+        rc, _, err = run(capsys, *argv, "--out", tmp_path / ("o.gif" if argv[0] == "walk" else "o"))
+        assert rc == 2 and error_lines(err) == [
+            f"sdexplore: error: {str(scene_files['junk'])!r} is not an image file PIL can read: give a PNG, JPEG, "
+            "WebP, BMP, "
+            "GIF or TIFF picture"
+        ]
+        assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_attention_and_steps_on_a_pictures_reconstruction(capsys, tmp_path, scene_files):
+    """--image: the maps and steps are those of the reconstruction pass, whose image is invert()'s reconstruction
+    (negative-prompt inversion at the embedded model's CFG scale)."""
+    from sdexplore.inversion import invert
+
+    rc, _, err = run(capsys, "attention", PROMPT, "--image", scene_files["red"], "--words", "circle", "--steps", "3",
+                     "--out", tmp_path / "att", "--no-progress")  # fmt: skip
+    assert rc == 0 and "reconstruction of" in err
+    pipe = load_pipeline()
+    inv = invert(
+        pipe, scene_files["red"], PROMPT, steps=3, guidance=EMBEDDED_GUIDANCE_SCALE, method="negative-prompt"
+    )
+    image = np.asarray(Image.open(tmp_path / "att" / "image.png").convert("RGB"))
+    assert np.array_equal(image, inv.reconstruction)
+    maps = AttentionMaps.load(tmp_path / "att" / "attention.safetensors")
+    assert maps.num_steps == 3 and "circle" in maps.words
+    rc, _, _ = run(capsys, "steps", PROMPT, "--image", scene_files["red"], "--steps", "3", "--preview", "linear",
+                   "--out", tmp_path / "st", "--no-progress")  # fmt: skip
+    trace = Trace.load(tmp_path / "st" / "trace.safetensors")
+    assert rc == 0 and len(trace) == 3 and trace.meta["image"] == str(scene_files["red"])
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "st" / "image.png").convert("RGB")), inv.reconstruction
+    )
+
+
+def test_walk_between_two_pictures(capsys, tmp_path, scene_files):
+    out = tmp_path / "w.gif"
+    prompts = [PROMPT, "a small green square at the bottom right on a white background"]
+    rc, stdout, err = run(capsys, "walk", *prompts, "--image", scene_files["red"], "-", "--seeds", "0", "1",
+                          "--frames", "3", "--steps", "3", "--out", out, "--no-progress")  # fmt: skip
+    assert rc == 0 and read_frames(out).shape == (3, 64, 64, 3) and "smoothness" in stdout

@@ -68,8 +68,8 @@ class Inversion:
         tensors = {
             "latents": self.latents.detach().cpu().float().contiguous(),
             "trace": self.trace.detach().cpu().float().contiguous(),
-            "image": torch.from_numpy(np.ascontiguousarray(self.image, dtype=np.uint8)),
-            "reconstruction": torch.from_numpy(np.ascontiguousarray(self.reconstruction, dtype=np.uint8)),
+            "image": torch.from_numpy(np.require(self.image, np.uint8, ["C", "W"])),  # writable for torch
+            "reconstruction": torch.from_numpy(np.require(self.reconstruction, np.uint8, ["C", "W"])),
         }
         header = {
             "format": _FORMAT,
