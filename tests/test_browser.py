@@ -1,7 +1,8 @@
 """The explorers in a real browser: JupyterLab on 127.0.0.1, driven by Playwright with the system's Chromium.
 
-Runs a small notebook that shows all four explorers on the embedded model, checks they rendered (no "Loading
-widget", no error), then moves each one's control and checks that the displayed image changed. Screenshots of
+Runs a small notebook that shows all four explorers on the embedded model (and the scrubber and attention explorer
+on the tiny Flux fixture, an MMDiT family), checks they rendered (no "Loading widget", no error), then moves each
+one's control and checks that the displayed image changed. Screenshots of
 the rendered explorers go to ``$SDEXPLORE_SCREENSHOTS`` (default: the test's temp folder).
 """
 
@@ -46,6 +47,14 @@ w = walk(pipe, [PROMPT, "a big yellow square at the bottom right on a purple bac
     "AttentionExplorer(obs, image)",
     "InterpolationExplorer(w)",
     "WalkPlayer(w)",
+    """\
+from sdexplore.fixtures import tiny_pipeline
+flux = tiny_pipeline("flux")  # an MMDiT family: joint-attention maps, packed latents
+with observe(flux, attention=True) as obs_flux:
+    image_flux = flux(PROMPT, num_inference_steps=4, height=64, width=64, max_sequence_length=32,
+                      generator=torch.Generator().manual_seed(0)).images[0]""",
+    'flux_scrubber = TimestepScrubber(obs_flux)\nflux_scrubber.widget.add_class("sdx-mmdit")\nflux_scrubber',
+    'flux_attention = AttentionExplorer(obs_flux, image_flux)\nflux_attention.widget.add_class("sdx-mmdit")\nflux_attention',
 ]
 
 KERNEL_IDLE_JS = """() => {
@@ -202,11 +211,13 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 except Exception:
                     continue
 
-            scrubber = page.locator(".sdx-timestep-scrubber")
-            attention = page.locator(".sdx-attention-explorer")
+            scrubber = page.locator(".sdx-timestep-scrubber:not(.sdx-mmdit)")
+            attention = page.locator(".sdx-attention-explorer:not(.sdx-mmdit)")
+            flux_scrubber = page.locator(".sdx-timestep-scrubber.sdx-mmdit")
+            flux_attention = page.locator(".sdx-attention-explorer.sdx-mmdit")
             interp = page.locator(".sdx-interpolation-explorer")
             player = page.locator(".sdx-walk-player")
-            for explorer in (scrubber, attention, interp, player):
+            for explorer in (scrubber, attention, interp, player, flux_scrubber, flux_attention):
                 expect(explorer).to_be_visible()
             body = page.locator(".jp-Notebook")
             expect(body).not_to_contain_text("Loading widget")
@@ -217,6 +228,8 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 ("attention", attention),
                 ("interpolation", interp),
                 ("walk_player", player),
+                ("flux_scrubber", flux_scrubber),
+                ("flux_attention", flux_attention),
             ):
                 explorer.scroll_into_view_if_needed()
                 explorer.screenshot(path=str(shots / f"{name}.png"))
@@ -269,5 +282,18 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 wait_changed(img, before)
             scrubber.scroll_into_view_if_needed()
             scrubber.screenshot(path=str(shots / "scrubber_after.png"))
+
+            # the same explorers on Flux (tiny fixture): a step back, another word (T5 pieces merged)
+            x0 = flux_scrubber.locator("img.sdx-panel-x0")
+            before = digest(x0)
+            flux_scrubber.locator(".sdx-step-slider .noUi-handle").focus()
+            page.keyboard.press("ArrowLeft")
+            wait_changed(x0, before)
+            expect(flux_scrubber).to_contain_text("step 3 / 4")
+            img = flux_attention.locator("img.sdx-attention-image")
+            before = digest(img)
+            flux_attention.locator(".sdx-word-buttons button", has_text="circle").click()
+            wait_changed(img, before)
+            flux_attention.screenshot(path=str(shots / "flux_attention_after.png"))
         finally:
             browser.close()

@@ -237,6 +237,7 @@ def test_flux_true_cfg_records_the_prompts_call_only(flux) -> None:
         image = flux(P, generator=gen(0), **kw).images
     assert (image == plain).all()
     assert rec.maps.num_steps == kw["num_inference_steps"]  # one map per step, not per denoiser call
+    assert torch.equal(rec.maps.timesteps, flux.scheduler.timesteps.float())  # the schedule's, step by step
     with sdx.AttentionRecorder(flux) as alone:
         flux(P, generator=gen(0), **FLUX_KW)
     # the prompt's call of the first step sees the same latents with or without true CFG

@@ -492,7 +492,8 @@ class AttentionRecorder:
         sample = spec.get("sample", args, kwargs)
         context = spec.get("text", args, kwargs)
         # from the host copy of the schedule: no tensor op, no sync
-        self._timesteps.append(run.timestep(run.calls, spec.get("timestep", args, kwargs)))
+        call = run.calls // 2 if not self.family.cfg_batch and run.cfg else run.calls  # Flux true CFG: 2 per step
+        self._timesteps.append(run.timestep(call, spec.get("timestep", args, kwargs)))
         if self.family.latent_packing == 1 or self._latent_size is None:  # packed: one host read per run
             size = self.family.latent_grid(sample, args, kwargs)
         else:
