@@ -4,6 +4,8 @@ a walk between two inverted scenes (endpoints, smoothness), and inversion time a
 
     python benchmarks/bench_invert.py                 # 6 scenes, 25 steps, 4 timing pairs: ~5 min on 2 CPU cores
     python benchmarks/bench_invert.py --scenes 24 --json inv.json
+    python benchmarks/bench_invert.py --quick --scenes 48   # default inversion only: PSNR and IoU on more scenes,
+                                                            # beside the model's own generations of the prompts
 
 Rendered scenes (``sdexplore.scenes.render_scene``) are real pictures with known masks: the held-out prompts of
 ``validation_prompts()``, drawn with seeds the training never used. Times are process CPU seconds in ABBA pairs
@@ -35,11 +37,13 @@ VARIANTS = (
 
 
 def scene_prompts(n: int) -> list[str]:
-    """``n`` held-out prompts spread over the 216 of ``validation_prompts()`` (every shape, size and place)."""
+    """``n`` of the 216 held-out prompts of ``validation_prompts()``, drawn at random (seed 0): the list is ordered
+    by place, so a stride would take one place only."""
     from sdexplore.scenes import validation_prompts
 
     prompts = validation_prompts()
-    return prompts[:: max(1, len(prompts) // n)][:n]
+    picks = np.random.default_rng(0).permutation(len(prompts))[:n]
+    return [prompts[i] for i in picks]
 
 
 def shape_iou(pipe, maps, prompt: str, coverage: np.ndarray) -> float:
@@ -73,6 +77,53 @@ def measure_scene(pipe, prompt: str, seed: int, steps: int) -> tuple[dict, objec
         row["vae"] = inv.vae_psnr
         row[label] = inv.psnr
     return row, kept
+
+
+def measure_quick(pipe, prompt: str, seed: int, steps: int) -> dict:
+    """The default inversion only (PSNR, VAE, IoU on the reconstruction pass), and beside it the IoU of the model's
+    own generation of the prompt at CFG 1 (seed 0), scored against the generated image's own shape mask as in the
+    model's evaluation: how much of the IoU is the model's and how much the inversion's."""
+    from sdexplore.embedded.evaluate import attention_iou, shape_token_index, shape_word_maps
+    from sdexplore.inversion import invert
+    from sdexplore.record.attention import AttentionRecorder
+    from sdexplore.scenes import read_scene, render_scene
+
+    picture, coverage, _ = render_scene(prompt, seed=seed)
+    with AttentionRecorder(pipe, step_resolution=None) as rec:
+        inv = invert(pipe, picture, prompt, steps=steps)
+    row = {"prompt": prompt, "seed": seed, "vae": inv.vae_psnr, "psnr": inv.psnr}
+    row["iou"] = shape_iou(pipe, rec.maps, prompt, coverage)
+    with AttentionRecorder(pipe, step_resolution=None) as rec:
+        out = pipe(prompt, num_inference_steps=steps, guidance_scale=1.0, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    image = (out * 255).round().astype(np.uint8)  # (H, W, 3)
+    amap = shape_word_maps(rec.maps, [shape_token_index(pipe, prompt)], image.shape[0])[0].cpu().numpy()
+    row["generated_iou"] = attention_iou(amap, read_scene(image).mask)
+    return row
+
+
+def quick(pipe, prompts: list[str], steps: int) -> dict:
+    rows = []
+    for i, prompt in enumerate(prompts):
+        rows.append(measure_quick(pipe, prompt, 100 + i, steps))
+        print(
+            json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
+            flush=True,
+        )
+    out = {"rows": rows, "steps": steps}
+    for size in ("big", "small", "all"):
+        sel = [r for r in rows if size == "all" or r["prompt"].split()[1] == size]
+        if sel:
+            out[size] = {
+                "n": len(sel),
+                "mean_gap_db": statistics.mean(r["vae"] - r["psnr"] for r in sel),
+                "max_gap_db": max(r["vae"] - r["psnr"] for r in sel),
+                "iou": statistics.mean(r["iou"] for r in sel),
+                "iou_sd": statistics.pstdev(r["iou"] for r in sel),
+                "generated_iou": statistics.mean(r["generated_iou"] for r in sel),
+            }
+            print(size, json.dumps({k: round(v, 3) for k, v in out[size].items()}), flush=True)
+    return out
 
 
 def measure_walk(pipe, a, b, frames: int) -> dict:
@@ -145,8 +196,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--frames", type=int, default=9, help="frames of the walk (default 9)")
     parser.add_argument("--pairs", type=int, default=4, help="ABBA timing pairs (default 4; 0: no timing)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared box more threads wait on each other)",
+    )
     parser.add_argument("--json", type=Path, help="also write every number here")
+    parser.add_argument("--quick", action="store_true", help="the default inversion's PSNR and IoU only")
     args = parser.parse_args(argv)
 
     import sdexplore as sdx
@@ -155,6 +212,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     pipe = sdx.load_pipeline()
     pipe.set_progress_bar_config(disable=True)
+    if args.quick:
+        result = quick(pipe, scene_prompts(args.scenes), args.steps)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        return result
     rows, inversions = [], []
     for i, prompt in enumerate(scene_prompts(args.scenes)):
         row, inv = measure_scene(pipe, prompt, 100 + i, args.steps)

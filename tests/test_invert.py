@@ -149,14 +149,61 @@ def test_zero_terminal_snr_first_step_has_no_signal(embedded):
 
 @pytest.mark.slow
 def test_embedded_reconstruction_within_2_db_of_the_vae(embedded):
-    """Bars from benchmarks/bench_invert.py (RESULTS.md, "Inversion"): at CFG 1 with 4 fixed-point passes (25 steps) the
-    reconstruction is within 2 dB of the VAE's round trip; negative-prompt inversion keeps that at CFG 3 while plain
-    DDIM drops by far more."""
-    scene = render_scene("a big green square at the right on a yellow background", seed=11)[0]
+    """Bars from benchmarks/bench_invert.py (RESULTS.md, "Inversion"): at CFG 1 with the default settings (25 steps,
+    2 fixed-point passes) the reconstruction is within 2 dB of the VAE's round trip (measured here: 1.04 dB; mean
+    over 12 held-out scenes 1.06 dB); negative-prompt inversion keeps it at CFG 3 while plain DDIM drops by far more
+    (mean 15 dB below the VAE)."""
     prompt = "a big green square at the right on a yellow background"
-    faithful = invert(embedded, scene, prompt, iterations=4)
+    scene = render_scene(prompt, seed=11)[0]
+    faithful = invert(embedded, scene, prompt)
+    assert faithful.settings["iterations"] == 2 and faithful.settings["steps"] == 25
     assert faithful.psnr >= faithful.vae_psnr - 2.0, faithful
-    npi = invert(embedded, scene, prompt, iterations=4, guidance=3.0, method="negative-prompt")
+    npi = invert(embedded, scene, prompt, guidance=3.0, method="negative-prompt")
     assert abs(npi.psnr - faithful.psnr) < 0.5
-    plain = invert(embedded, scene, prompt, iterations=4, guidance=3.0)
+    plain = invert(embedded, scene, prompt, guidance=3.0)
     assert plain.psnr < faithful.psnr - 5.0
+
+
+SAME = "a big red circle at the left on a blue background"  # rendered twice: the jitter moves the circle a little
+
+
+@pytest.fixture(scope="module")
+def inverted_pair(embedded):
+    """Two renders of one prompt (seeds 5 and 9), each inverted at 12 steps under observe (attention)."""
+    import sdexplore as sdx
+
+    out = []
+    for seed in (5, 9):
+        picture, coverage, _ = render_scene(SAME, seed=seed)
+        with sdx.observe(embedded, steps=False, attention=True) as obs:
+            inv = invert(embedded, picture, SAME, steps=12)
+        out.append((inv, obs.attention, coverage))
+    return out
+
+
+def test_embedded_shape_word_attention_on_an_inverted_scene(embedded, inverted_pair):
+    """The shape word's map on the reconstruction pass sits on the scene's true mask: IoU >= 0.45 (the issue's bar;
+    measured 0.59 and 0.70 here at 12 steps; 48 held-out scenes at 25 steps: mean 0.50, big shapes 0.70, see
+    RESULTS.md)."""
+    from sdexplore.embedded.evaluate import attention_iou, shape_token_index, shape_word_maps
+
+    for inv, maps, coverage in inverted_pair:
+        amap = shape_word_maps(maps, [shape_token_index(embedded, SAME)])[0].numpy()  # (64, 64)
+        assert attention_iou(amap, coverage > 0.5) >= 0.45
+        assert inv.psnr >= inv.vae_psnr - 3.0  # 12 steps: measured gaps 2.39 and 1.93 dB
+
+
+def test_embedded_walk_between_two_inverted_scenes(embedded, inverted_pair):
+    """Endpoints within 1 dB of their reconstructions (measured: equal) and no jump: two renders of one prompt, so
+    the walk only moves the circle; its steps are even (measured 1 - Gini 0.94, largest step 1.13x the mean).
+    (Between scenes of different places or colours the model's discrete world jumps, in a prompt walk as much.)"""
+    from sdexplore.inversion import psnr
+    from sdexplore.walks import walk
+
+    (a, _, _), (b, _, _) = inverted_pair
+    w = walk(embedded, [a, b], frames=5, progress=False)
+    assert (
+        abs(psnr(w.images[0], a.image) - a.psnr) <= 1.0 and abs(psnr(w.images[-1], b.image) - b.psnr) <= 1.0
+    )
+    report = w.smoothness()
+    assert report.smoothness >= 0.85 and report.max <= 1.5 * report.mean, report
