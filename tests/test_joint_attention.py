@@ -126,14 +126,14 @@ def flux():
 FLUX_KW = dict(num_inference_steps=2, height=64, width=64, output_type="np", max_sequence_length=32)
 
 
-def _explicit_flux(flux) -> tuple[object, dict[str, list[torch.Tensor]]]:
-    """A plain Flux call; per double- and single-stream layer and call, the text block (heads, HW, T) of
-    softmax(QKᵀ/√d) over all keys after RoPE, computed here from the layer's own inputs (text first)."""
+def _explicit_flux(flux, kw=FLUX_KW) -> tuple[object, dict[str, list[torch.Tensor]]]:
+    """A plain Flux (or Flux.2) call; per double- and single-stream layer and call, the text block (heads, HW, T)
+    of softmax(QKᵀ/√d) over all keys after RoPE, computed here from the layer's own inputs (text first)."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     want: dict[str, list[torch.Tensor]] = {}
     handles = []
-    T = FLUX_KW["max_sequence_length"]
+    T = kw["max_sequence_length"]
 
     def hook(name, attn):
         def pre(module, args, kwargs):
@@ -143,7 +143,12 @@ def _explicit_flux(flux) -> tuple[object, dict[str, list[torch.Tensor]]]:
             def heads(x):  # (B, L, heads*d) -> (B, L, heads, d)
                 return x.unflatten(-1, (-1, attn.head_dim))
 
-            q, k = attn.norm_q(heads(attn.to_q(h))), attn.norm_k(heads(attn.to_k(h)))
+            if hasattr(attn, "to_qkv_mlp_proj"):  # Flux.2 single-stream: q, k, v and the MLP input in one
+                qkv = attn.to_qkv_mlp_proj(h)[..., : 3 * attn.inner_dim]
+                q, k = (heads(x) for x in qkv.chunk(3, dim=-1)[:2])
+                q, k = attn.norm_q(q), attn.norm_k(k)
+            else:
+                q, k = attn.norm_q(heads(attn.to_q(h))), attn.norm_k(heads(attn.to_k(h)))
             if c is not None:  # double-stream: the text's own projections, text first
                 q = torch.cat([attn.norm_added_q(heads(attn.add_q_proj(c))), q], 1)
                 k = torch.cat([attn.norm_added_k(heads(attn.add_k_proj(c))), k], 1)
@@ -159,7 +164,7 @@ def _explicit_flux(flux) -> tuple[object, dict[str, list[torch.Tensor]]]:
             handles.append(module.register_forward_pre_hook(hook(name, module), with_kwargs=True))
     try:
         with torch.no_grad():
-            image = flux(P, generator=gen(0), **FLUX_KW).images
+            image = flux(prompt=P, generator=gen(0), **kw).images
     finally:
         for h in handles:
             h.remove()
@@ -333,3 +338,26 @@ def test_flux_concept_maps_leave_the_image_and_the_prompt_maps(flux) -> None:
         assert all(float(m.min()) >= 0 and float(m.max()) <= 1 and float(m.std()) > 0 for m in sky.values())
     with pytest.raises(InvalidArgumentError, match="every layer"):
         sdx.AttentionRecorder(flux, concepts=["sky"], layers="single")
+
+
+def test_flux2_klein_maps_equal_an_explicit_softmax() -> None:
+    klein = tiny_pipeline("flux2")
+    kw = dict(FLUX_KW, guidance_scale=1.0)  # Klein's CFG would add a negative call per step
+    plain, want = _explicit_flux(klein, kw)
+    assert any(n.startswith("single_") for n in want)
+    with sdx.AttentionRecorder(klein, keep_probs=True) as rec:
+        image = klein(prompt=P, generator=gen(0), **kw).images
+    assert (image == plain).all()
+    maps = rec.maps
+    assert maps.family == "flux2" and set(maps.layer_names) == set(want) and maps.words == P.split()
+    for name, per_step in want.items():
+        for s, ref in enumerate(per_step):
+            torch.testing.assert_close(maps.probs[name][s, 0].float(), ref, rtol=0, atol=2e-6)
+    cfg = dict(FLUX_KW, guidance_scale=4.0)  # two denoiser calls per step: the prompt's, then the negative's
+    plain = klein(prompt=P, generator=gen(0), **cfg).images
+    with sdx.AttentionRecorder(klein) as rec:
+        image = klein(prompt=P, generator=gen(0), **cfg).images
+    assert (image == plain).all() and rec.maps.num_steps == cfg["num_inference_steps"]
+    torch.testing.assert_close(rec.maps.steps[0], maps.steps[0], rtol=0, atol=1e-6)  # the prompt's call
+    with pytest.raises(InvalidArgumentError, match="Flux.2"):
+        sdx.AttentionRecorder(klein, concepts=["sky"])

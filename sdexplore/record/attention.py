@@ -173,6 +173,11 @@ class AttentionRecorder:
             )
         #: Words whose maps are recorded although they are not in the prompt (see :meth:`AttentionMaps.concept`).
         self.concepts = list(dict.fromkeys(c.strip() for c in concepts))
+        if self.concepts and joint and self.family.name == "flux2":
+            raise InvalidArgumentError(
+                "Concept maps are not available on Flux.2 yet (its blocks share modulation and fuse projections "
+                "differently); record its joint-attention maps without concepts=."
+            )
         if self.concepts and joint and (layers is not None or scales is not None):
             raise InvalidArgumentError(
                 "Concept maps on an MMDiT model run the concepts through every block, so they need every layer: "
@@ -492,7 +497,9 @@ class AttentionRecorder:
         sample = spec.get("sample", args, kwargs)
         context = spec.get("text", args, kwargs)
         # from the host copy of the schedule: no tensor op, no sync
-        call = run.calls // 2 if not self.family.cfg_batch and run.cfg else run.calls  # Flux true CFG: 2 per step
+        call = (
+            run.calls // 2 if not self.family.cfg_batch and run.cfg else run.calls
+        )  # Flux true CFG: 2 per step
         self._timesteps.append(run.timestep(call, spec.get("timestep", args, kwargs)))
         if self.family.latent_packing == 1 or self._latent_size is None:  # packed: one host read per run
             size = self.family.latent_grid(sample, args, kwargs)

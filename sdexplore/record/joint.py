@@ -29,6 +29,8 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from diffusers.models.embeddings import apply_rotary_emb as _apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_projections
+from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
+from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections as _flux2_projections
 
 #: The map kinds of MMDiT attention (see the module docstring).
 JOINT_KINDS = ("joint", "text", "output")
@@ -135,13 +137,15 @@ def joint_attention_layers(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
     """(processor name, layout) of the text-conditioned attention layers of an MMDiT denoiser.
 
     Layout ``"image-text"``: SD3's joint blocks (image tokens first, then text, from two projections);
-    ``"text-image"``: Flux's double-stream blocks (text first); ``"single"``: Flux's single-stream blocks (one
-    sequence, text first, the text length known only from the denoiser's input). Image-only attention (SD3.5's
+    ``"text-image"``: Flux's and Flux.2's double-stream blocks (text first); ``"single"``: their single-stream
+    blocks (one sequence, text first, the text length known only from the denoiser's input). Image-only attention (SD3.5's
     ``attn2``) carries no text and is not listed.
     """
     layers = []
     for name, module in denoiser.named_modules():
-        if not hasattr(module, "set_processor") or not hasattr(module, "to_q"):
+        if not hasattr(module, "set_processor") or not (
+            hasattr(module, "to_q") or hasattr(module, "to_qkv_mlp_proj")  # Flux.2's fused single-stream
+        ):
             continue
         if getattr(module, "add_k_proj", None) is not None:
             flux = type(module).__name__.startswith("Flux")
@@ -243,7 +247,8 @@ def _native_backend(processor: Any) -> bool:
 
 
 class FluxCapturingProcessor:
-    """Flux's ``FluxAttnProcessor``, step for step, for double-stream blocks (text and image from two projections,
+    """Flux's ``FluxAttnProcessor`` (and Flux.2's ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor``, whose
+    single-stream blocks fuse q, k, v and the MLP's input in one projection), step for step, for double-stream blocks (text and image from two projections,
     text first) and single-stream blocks (one sequence, text first, its length ``text_len()`` from the denoiser's
     input). Attention goes through the same SDPA kernel as diffusers' native dispatch (bitwise unchanged); the
     captured rows' image queries, text keys, log-sum-exp and outputs go to the sink. Calls with an attention mask,
@@ -273,18 +278,39 @@ class FluxCapturingProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: Any = None,
     ) -> Any:
+        parallel = type(self.original) is Flux2ParallelSelfAttnProcessor  # Flux.2's single-stream blocks
+        if parallel:  # called as (attn, hidden_states, attention_mask, image_rotary_emb)
+            encoder_hidden_states, attention_mask, image_rotary_emb = (
+                None,
+                encoder_hidden_states,
+                attention_mask,
+            )
         double = encoder_hidden_states is not None
         txt = encoder_hidden_states.shape[1] if double else self.text_len()
         hw = hidden_states.shape[1] - (0 if double else txt)
         if attention_mask is not None or txt <= 0 or hw <= 0 or not self.gate(self.name, hw):
+            if parallel:
+                return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        query, key, value, enc_q, enc_k, enc_v = _flux_projections(attn, hidden_states, encoder_hidden_states)
+        flux2 = type(self.original) is Flux2AttnProcessor
+        if (
+            parallel
+        ):  # one fused projection: q, k, v and the MLP's input (split as Flux2ParallelSelfAttnProcessor)
+            fused = attn.to_qkv_mlp_proj(hidden_states)
+            qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+            local = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+            qkv, mlp = torch.split(fused, [local, fused.shape[-1] - local], dim=-1)
+            query, key, value = qkv.chunk(3, dim=-1)
+            enc_q = enc_k = enc_v = None
+        else:
+            projections = _flux2_projections if flux2 else _flux_projections
+            query, key, value, enc_q, enc_k, enc_v = projections(attn, hidden_states, encoder_hidden_states)
         query = query.unflatten(-1, (-1, attn.head_dim))  # (N, L, heads, d)
         key = key.unflatten(-1, (-1, attn.head_dim))
         value = value.unflatten(-1, (-1, attn.head_dim))
         query = attn.norm_q(query)
         key = attn.norm_k(key)
-        if attn.added_kv_proj_dim is not None:
+        if getattr(attn, "added_kv_proj_dim", None) is not None:
             enc_q = enc_q.unflatten(-1, (-1, attn.head_dim))  # (N, T, heads, d)
             enc_k = enc_k.unflatten(-1, (-1, attn.head_dim))
             enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
@@ -312,22 +338,30 @@ class FluxCapturingProcessor:
             k[:, :, txt:],
             v[:, :, txt:],
         )
+        if parallel:
+            return attn.to_out(torch.cat([hidden_states, attn.mlp_act_fn(mlp)], dim=-1))
         if double:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [txt, hidden_states.shape[1] - txt], dim=1
             )
+            if flux2:  # Flux2AttnProcessor's own order, no copies
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+                return hidden_states, encoder_hidden_states
             hidden_states = attn.to_out[0](hidden_states.contiguous())
             hidden_states = attn.to_out[1](hidden_states)
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
+        if flux2:
+            return attn.to_out[1](attn.to_out[0](hidden_states))
         return hidden_states
 
 
 #: Original processors each capturing processor reproduces exactly, by layout (Flux: with the native backend).
 REPRODUCIBLE_JOINT: dict[str, tuple[type, ...]] = {
     "image-text": (JointAttnProcessor2_0,),
-    "text-image": (FluxAttnProcessor,),
-    "single": (FluxAttnProcessor,),
+    "text-image": (FluxAttnProcessor, Flux2AttnProcessor),
+    "single": (FluxAttnProcessor, Flux2ParallelSelfAttnProcessor),
 }
 CAPTURING_JOINT: dict[str, type] = {
     "image-text": JointCapturingProcessor,
