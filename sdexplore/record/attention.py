@@ -671,23 +671,40 @@ class AttentionRecorder:
             self._flush()
 
     def _flush_joint(self) -> None:
-        """Maps of every waiting MMDiT call: per layer, the waiting steps in one batch where it fits the
-        probability budget; otherwise one step at a time, its head mean summed a few heads at a time. Concept
-        columns (``concepts=``) follow the T text positions."""
+        """Maps of every waiting MMDiT call. Layers that waited for the same steps with tensors of one shape go
+        together (steps × layers in one batch where it fits the probability budget); otherwise one layer and step
+        at a time, its head mean summed a few heads at a time. Concept columns (``concepts=``) follow the T text
+        positions."""
         queue, self._joint_queue = self._joint_queue, {}
         spans = None if self._concept_text is None else self._concept_text[1]
 
-        def stacked(items: list[tuple], i: int) -> torch.Tensor | None:
-            return None if items[0][i] is None else torch.stack([it[i] for it in items])  # (S, ...)
+        def shape(x: Any) -> Any:
+            return None if x is None else tuple(x.shape)
 
+        groups: dict[tuple, list[str]] = {}
         for name, items in queue.items():
-            steps = [it[0] for it in items]
-            scale = items[0][5]
-            q, k = stacked(items, 1), stacked(items, 2)  # (S, B', heads, HW, d), (S, B', heads, T, d)
-            lse, ki, kc = stacked(items, 3), stacked(items, 4), stacked(items, 6)  # (S, B', heads, HW[, d])
+            first = items[0]
+            key = (tuple(it[0] for it in items), first[5], *(shape(first[i]) for i in (1, 2, 3, 4, 6)))
+            groups.setdefault(key, []).append(name)
+
+        def stacked(names: list[str], i: int) -> torch.Tensor | None:
+            if queue[names[0]][0][i] is None:
+                return None
+            return torch.stack(
+                [torch.stack([it[i] for it in queue[n]]) for n in names], 1
+            )  # (S, n, B', heads, ...)
+
+        for key, names in groups.items():
+            steps, scale = list(key[0]), key[1]
+            q, k = stacked(names, 1), stacked(names, 2)  # (S, n, B', heads, HW, d), (S, n, B', heads, T, d)
+            lse, ki, kc = (
+                stacked(names, 3),
+                stacked(names, 4),
+                stacked(names, 6),
+            )  # (S, n, B', heads, HW[, d])
 
             def probs(sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale)) -> torch.Tensor:
-                """(..., heads', HW, T[+C]) of the steps ``sel``, heads ``h``."""
+                """(..., heads', HW, T[+C]) of the index ``sel`` (steps, or a step and layer), heads ``h``."""
                 q_, k_, lse_, ki_, kc_, scale_ = t
                 p, norm = text_block(
                     q_[sel][..., h, :, :],
@@ -704,25 +721,28 @@ class AttentionRecorder:
                     p = torch.cat([p, masses], -1)
                 return p
 
-            S, b, heads, length, _ = q.shape
+            S, n, b, heads, length, _ = q.shape
             cap = PROBS_BYTES_CPU if q.device.type == "cpu" else PROBS_BYTES
-            per_step = b * heads * length * k.shape[3] * 4
+            per_step = n * b * heads * length * k.shape[-2] * 4
             full = self.per_head or self.keep_probs
             if per_step <= cap or full:
                 chunk = max(1, cap // per_step)  # steps per batch
                 for a in range(0, S, chunk):
-                    p = probs(slice(a, a + chunk))  # (S', B', heads, HW, T)
+                    p = probs(slice(a, a + chunk))  # (S', n, B', heads, HW, T)
                     if not full:
-                        p = p.mean(2, keepdim=True)  # (S', B', 1, HW, T): the head mean is all that is kept
-                    self._file(steps[a : a + chunk], (name,), p[:, None])  # (S', 1, B', heads, HW, T)
+                        p = p.mean(
+                            3, keepdim=True
+                        )  # (S', n, B', 1, HW, T): the head mean is all that is kept
+                    self._file(steps[a : a + chunk], tuple(names), p)
                 continue
-            hchunk = max(1, cap // max(1, b * length * k.shape[3] * 4))  # heads per batch
-            for i, step in enumerate(steps):
-                total = None
-                for h in range(0, heads, hchunk):
-                    p = probs(i, slice(h, h + hchunk)).sum(1, keepdim=True)  # (B', 1, HW, T)
-                    total = p if total is None else total.add_(p)
-                self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T): head mean
+            hchunk = max(1, cap // max(1, b * length * k.shape[-2] * 4))  # heads per batch
+            for j, name in enumerate(names):
+                for i, step in enumerate(steps):
+                    total = None
+                    for h in range(0, heads, hchunk):
+                        p = probs((i, j), slice(h, h + hchunk)).sum(1, keepdim=True)  # (B', 1, HW, T)
+                        total = p if total is None else total.add_(p)
+                    self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T)
 
     def _word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
         """(B', T) True at the prompt's word tokens (ConceptAttention's softmax runs over these); None when the
