@@ -238,15 +238,21 @@ def main(argv: list[str] | None = None) -> dict:
         + f" | {iou:.3f} |"
     )
 
-    # the walk: the first two scenes whose shapes differ
-    from sdexplore.scenes import parse_prompt
+    # two walks: between two renders of one prompt (the jitter moves the shape a little), and between the first
+    # two scenes whose shapes differ (the model's discrete world of 9 places and 8 colours switches somewhere,
+    # in a prompt-and-seed walk between the same prompts as much: it is measured beside it)
+    from sdexplore.inversion import invert
+    from sdexplore.scenes import parse_prompt, render_scene
 
     a = inversions[0]
+    again = invert(pipe, render_scene(a.prompt, seed=200)[0], a.prompt, steps=args.steps)
     shape = parse_prompt(a.prompt).shape
     b = next((v for v in inversions[1:] if parse_prompt(v.prompt).shape != shape), inversions[1])
-    walked = measure_walk(pipe, a, b, args.frames)
-    print(f"\nwalk {a.prompt!r} -> {b.prompt!r}, {args.frames} frames:")
-    print(json.dumps(walked, indent=1))
+    walked = {}
+    for name, (x, y) in {"one prompt, two renders": (a, again), "two scenes": (a, b)}.items():
+        walked[name] = {"from": x.prompt, "to": y.prompt, **measure_walk(pipe, x, y, args.frames)}
+        print(f"\nwalk, {name}: {x.prompt!r} -> {y.prompt!r}, {args.frames} frames:")
+        print(json.dumps(walked[name], indent=1), flush=True)
 
     timing = (
         measure_time(pipe, rows[0]["prompt"], rows[0]["seed"], args.steps, args.pairs) if args.pairs else {}
