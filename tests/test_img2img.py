@@ -189,3 +189,29 @@ def test_the_mask_is_saved_with_the_observation_and_drawn_around_the_maps(bases,
     assert line.any() and not (line & ~box).any() and not line[28:52, 20:44].any()
     assert (framed[line] == 255).all() and np.array_equal(framed[~line], plain[~line])
     assert np.array_equal(draw_mask_outline(plain, back.mask), framed)
+
+
+def test_attention_views_draw_the_inpainting_mask_and_take_a_new_upload(bases) -> None:
+    from sdexplore.plots.attention import word_overlay
+    from sdexplore.render import mask_outline
+    from sdexplore.widgets import AttentionExplorer
+
+    pipe = _build(bases, "sd1-inpaint")
+    with sdx.observe(pipe, steps=True, attention=True) as obs:
+        image = _call(pipe, strength=1.0)[0]
+    edge = mask_outline(obs.mask, (64, 64))  # (64, 64) bool: the mask's border
+    assert edge.any() and not edge.all()
+    with_mask = word_overlay(obs.attention, "circle", image=image, mask=obs.mask)
+    without = word_overlay(obs.attention, "circle", image=image)
+    changed = (with_mask != without).any(-1)  # (64, 64): pixels the outline touched
+    assert changed.any() and not changed[~edge].any()  # exactly on the border, nowhere else
+    explorer = AttentionExplorer(obs, image, static=True)
+    assert explorer.mask is obs.mask  # taken from the observation
+    assert explorer.overlay_png("circle") != AttentionExplorer(obs.attention, image, static=True).overlay_png(
+        "circle"
+    )
+    # an upload control hands a new result to the explorer, which keeps its options
+    explorer = AttentionExplorer(obs, image, size=96, static=True)
+    explorer.with_upload(lambda picture: (obs.attention, picture))
+    explorer.replace(obs.attention, image)
+    assert explorer.size == 96 and explorer.mask is None  # AttentionMaps carry no mask

@@ -26,8 +26,10 @@ def word_overlay(
     normalize: Normalization = "minmax",
     cmap: str = HEAT_CMAP,
     alpha: float = HEAT_OPACITY,
+    mask: Any = None,
 ) -> np.ndarray:
-    """The picture :func:`plot_word` draws: ``word``'s map over ``image`` (or alone), (H, W, 3) uint8.
+    """The picture :func:`plot_word` draws: ``word``'s map over ``image`` (or alone), (H, W, 3) uint8; ``mask``:
+    an inpainting mask (``obs.mask``) whose outline is drawn on top.
 
     ``"minmax"`` stretches each map to the whole colour map; ``"mass"`` / ``"sum"`` keep zero at its bottom
     and the map's peak at its top. The blend is :func:`sdexplore.render.heat_overlay`, as in the CLI and widgets.
@@ -35,8 +37,8 @@ def word_overlay(
     heat = norm(maps.word(word, step=step, layer=layer, index=index), normalize)  # (h, w)
     vmin = None if normalize == "minmax" else 0.0
     if image is None:
-        return heat_overlay(None, heat, cmap=cmap, size=min(maps.image_size), vmin=vmin)
-    return heat_overlay(as_uint8_image(image), heat, opacity=alpha, cmap=cmap, vmin=vmin)
+        return heat_overlay(None, heat, cmap=cmap, size=min(maps.image_size), vmin=vmin, mask=mask)
+    return heat_overlay(as_uint8_image(image), heat, opacity=alpha, cmap=cmap, vmin=vmin, mask=mask)
 
 
 def plot_word(
@@ -51,8 +53,10 @@ def plot_word(
     normalize: Normalization = "minmax",
     cmap: str = HEAT_CMAP,
     alpha: float = HEAT_OPACITY,
+    mask: Any = None,
 ) -> Any:
     """Heat map of ``word`` over the generated ``image`` (PIL, array or tensor); returns the matplotlib Axes.
+    ``mask``: an inpainting mask (``obs.mask``) whose outline is drawn on top.
 
     The map is upsampled bilinearly to the image's pixel size and blended over it (:func:`word_overlay`);
     ``normalize`` defaults to per-map min-max (the shape of the map; ``"mass"`` keeps zero at the bottom of
@@ -72,6 +76,7 @@ def plot_word(
         normalize=normalize,
         cmap=cmap,
         alpha=alpha,
+        mask=mask,
     )
     ax.imshow(picture)
     title = word if step is None else f"{word} · step {step}"
@@ -94,8 +99,10 @@ def plot_words(
     cmap: str = HEAT_CMAP,
     alpha: float = HEAT_OPACITY,
     size: float = 2.2,
+    mask: Any = None,
 ) -> Any:
-    """A row: the image (if given), then each word's heat map over it. Default words: every word of the prompt."""
+    """A row: the image (if given), then each word's heat map over it. Default words: every word of the prompt.
+    ``mask``: an inpainting mask (``obs.mask``) whose outline is drawn on every map."""
     import matplotlib.pyplot as plt
 
     if isinstance(words, str):
@@ -115,7 +122,17 @@ def plot_words(
         axes[0, 0].set_title("image", fontsize=9)
         axes[0, 0].set_axis_off()
     for ax, word in zip(axes[0, lead:], words, strict=True):
-        plot_word(maps, word, image=image, ax=ax, index=index, normalize=normalize, cmap=cmap, alpha=alpha)
+        plot_word(
+            maps,
+            word,
+            image=image,
+            ax=ax,
+            index=index,
+            normalize=normalize,
+            cmap=cmap,
+            alpha=alpha,
+            mask=mask,
+        )
     fig.tight_layout()
     return fig
 

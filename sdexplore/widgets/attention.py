@@ -65,6 +65,7 @@ class AttentionExplorer(Explorer):
         size: displayed side of the main image in pixels.
         cmap: matplotlib colour map of the heat maps (default: the one the CLI and plots use).
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
+        mask: an inpainting mask whose outline is drawn over every map (default: the Observation's ``mask``).
     """
 
     def __init__(
@@ -77,9 +78,14 @@ class AttentionExplorer(Explorer):
         size: int = 320,
         cmap: str = HEAT_CMAP,
         static: bool | None = None,
+        mask: Any = None,
     ) -> None:
         super().__init__(static=static)
+        # the constructor's options, kept when a new result replaces this one (an upload control)
+        self._options = dict(words=words, batch_index=batch_index, size=size, cmap=cmap, static=static)
         self.maps = _as_maps(source)
+        #: An inpainting mask whose outline is drawn on every overlay (default: the Observation's own).
+        self.mask = mask if mask is not None else getattr(source, "mask", None)
         self.batch_index = batch_index
         self.image = as_uint8_image(image) if image is not None else None
         self.size = size
@@ -195,7 +201,12 @@ class AttentionExplorer(Explorer):
             key,
             lambda: jpeg_bytes(
                 heat_overlay(
-                    self.image, self.heat(word, step_range, layer), opacity=opacity, cmap=self.cmap, size=size
+                    self.image,
+                    self.heat(word, step_range, layer),
+                    opacity=opacity,
+                    cmap=self.cmap,
+                    size=size,
+                    mask=self.mask,
                 )
             ),
         )
@@ -353,6 +364,7 @@ class AttentionExplorer(Explorer):
                         opacity=self.opacity,
                         cmap=self.cmap,
                         size=128,
+                        mask=self.mask,
                     )
                 )
                 ax.set_xticks([])
