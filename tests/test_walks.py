@@ -280,6 +280,18 @@ def test_inverted_keyframes_reconstruct_their_pictures_and_the_pipeline_is_resto
         refine(sd1_pipe, w, 1, progress=False)
 
 
+def test_inverted_keyframes_on_sd3_walk_with_its_flow_scheduler(pictures):
+    """SD3: flow inversion keyframes, walked with the pipeline's own flow-matching Euler scheduler."""
+    from sdexplore.inversion import invert
+
+    pipe = tiny_pipeline("sd3")
+    a, b = (invert(pipe, pic, p, steps=2, iterations=1) for pic, p in zip(pictures, PROMPTS, strict=True))
+    w = walk(pipe, [a, b], frames=3, progress=False)
+    assert w.settings["scheduler"] == "FlowMatchEulerDiscreteScheduler" and a.method == "flow"
+    assert _close(w.images[0], a.reconstruction) and _close(w.images[-1], b.reconstruction)
+    assert not _close(w.images[1], w.images[0])
+
+
 def test_images_argument_inverts_with_the_keyframes_prompt(sd1_pipe, pictures):
     """images=[picture, None]: the picture is inverted with keyframe 0's prompt at the walk's steps and CFG
     (negative-prompt inversion above CFG 1, so the endpoint still reconstructs it); keyframe 1 is prompt + seed."""
