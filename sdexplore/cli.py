@@ -659,11 +659,11 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
     """What only the loaded model decides, checked before generating: SD3 and Flux work in 2x2 patches of
     latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), and Flux.1 has
     no CFG batch (FluxPipeline ignores a negative prompt without true CFG)."""
-    from .families import detect_family, vae_scale_factor
+    from .families import detect_family, size_unit, vae_scale_factor
 
     fam = detect_family(pipe)
-    patch = max(fam.latent_packing, int(getattr(fam.get_denoiser(pipe).config, "patch_size", 1) or 1))
-    unit = vae_scale_factor(pipe) * patch
+    unit = size_unit(pipe)
+    patch = unit // vae_scale_factor(pipe)
     for name in ("height", "width"):
         v = getattr(args, name, None)
         if v is not None and v % unit:

@@ -47,9 +47,13 @@ def _flux2_denormalize(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     batch-norm normalisation ``(z − running_mean) / sqrt(running_var + eps)``, unpatchify."""
     b, c, h, w = latents.shape
     x = latents.reshape(b, c, h // 2, 2, w // 2, 2)  # (B, C, h/2, dy, w/2, dx)
-    x = x.permute(0, 1, 3, 5, 2, 4).reshape(b, c * 4, h // 2, w // 2)  # (B, 4C, h/2, w/2): channel c·4 + 2·dy + dx
+    x = x.permute(0, 1, 3, 5, 2, 4).reshape(
+        b, c * 4, h // 2, w // 2
+    )  # (B, 4C, h/2, w/2): channel c·4 + 2·dy + dx
     bn = vae.bn
     mean = bn.running_mean.view(1, -1, 1, 1).to(x.dtype)  # (1, 4C, 1, 1)
-    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.dtype)  # (1, 4C, 1, 1)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(
+        x.dtype
+    )  # (1, 4C, 1, 1)
     x = (x * std + mean).reshape(b, c, 2, 2, h // 2, w // 2)  # (B, C, dy, dx, h/2, w/2)
     return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # (B, C, h, w)

@@ -607,3 +607,12 @@ def vae_scale_factor(pipe: Any) -> int:
     """Pixels per latent cell along each side (8 for every SD family, SD3 and Flux included; Flux's 2×2 packing
     makes one denoiser token 16×16 pixels, but a latent cell is still 8×8)."""
     return int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))
+
+
+def size_unit(pipe: Any) -> int:
+    """Image sizes must be multiples of this many pixels: the VAE's scale factor times the denoiser's patch (8 for
+    UNets, 16 for SD3's and Flux's 2×2 patches; a size in between is rounded down by some pipelines, silently)."""
+    den = detect_family(pipe).get_denoiser(pipe)
+    fam = detect_family(pipe)
+    patch = max(fam.latent_packing, int(getattr(den.config, "patch_size", 1) or 1))
+    return vae_scale_factor(pipe) * patch

@@ -412,7 +412,9 @@ def _load(
         if name in EMBEDDED_MODELS and not path.exists():  # an embedded model by its name
             path = EMBEDDED_MODELS[name]
             if not (path / "model_index.json").is_file():
-                raise ModelNotAvailableError(f"The embedded model {name!r} is not in this installation ({path}).")
+                raise ModelNotAvailableError(
+                    f"The embedded model {name!r} is not in this installation ({path})."
+                )
         if path.exists():
             if path.is_dir():
                 pipe = _from_folder(path, load_kwargs, allow_pickle)
@@ -451,7 +453,10 @@ def _from_folder(folder: Path, load_kwargs: dict[str, Any], allow_pickle: bool) 
 
     _check_pipeline_folder(folder, overridden=load_kwargs)
     index = _read_model_index(folder)
-    for name in ("text_encoder_3", "tokenizer_3"):  # SD3 saved without T5: diffusers wants them passed as None
+    for name in (
+        "text_encoder_3",
+        "tokenizer_3",
+    ):  # SD3 saved without T5: diffusers wants them passed as None
         if index.get(name) == [None, None] and name not in load_kwargs:
             load_kwargs = {**load_kwargs, name: None}
     has_safetensors = any(folder.rglob("*.safetensors"))

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from .errors import InterpolationError
-from .families import detect_family, vae_scale_factor
+from .families import detect_family, size_unit, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
 from .record.tokens import resolve_max_sequence_length
 from .results.inversion import Inversion
@@ -477,13 +477,14 @@ def _check_walk_args(pipe: Any, **a: Any) -> None:
         raise InterpolationError(
             f"guidance_scale={g!r} is not accepted: pass a finite number (e.g. 7.5), or None for the default."
         )
-    scale = vae_scale_factor(pipe)
+    scale = size_unit(pipe)
     for name in ("height", "width"):
         v = a[name]
         if v is not None and not (_is_int(v) and v >= scale and v % scale == 0):
             raise InterpolationError(
-                f"{name}={v!r} is not accepted: pass a positive multiple of {scale} (the VAE's scale factor), "
-                "or None for the pipeline's default."
+                f"{name}={v!r} is not accepted: pass a positive multiple of {scale} (the VAE's scale factor"
+                f"{' times the transformer patch' if scale != vae_scale_factor(pipe) else ''}), or None for the "
+                "pipeline's default."
             )
     if a["spacing"] not in ("even", "ease"):
         raise InterpolationError(f"spacing={a['spacing']!r} is not accepted: pass 'even' or 'ease'.")

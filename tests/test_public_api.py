@@ -44,4 +44,6 @@ def test_sweep_is_the_function_and_sweeps_its_package():
     """``sdexplore.sweep(...)`` is the function (the package is ``sdexplore.sweeps``, so the names never clash)."""
     import sdexplore.sweeps
 
-    assert sdexplore.sweep is sdexplore.sweeps.sweep and sdexplore.sweep_report is sdexplore.sweeps.sweep_report
+    assert (
+        sdexplore.sweep is sdexplore.sweeps.sweep and sdexplore.sweep_report is sdexplore.sweeps.sweep_report
+    )

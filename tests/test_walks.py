@@ -335,3 +335,9 @@ def test_image_keyframe_errors_come_before_any_work(sd1_pipe, pictures, monkeypa
         walk(sd1_pipe, [invert(tiny_pipeline("sd3"), pictures[0], steps=1, iterations=0), "x"], frames=2)
     with pytest.raises(InterpolationError, match="not accepted"):
         walk(sd1_pipe, [a, 3], frames=2, progress=False)
+
+
+def test_mmdit_walk_sizes_are_multiples_of_the_transformer_patch() -> None:
+    flux = tiny_pipeline("flux")  # 8-pixel VAE cells in 2x2 patches: FluxPipeline would round 72 down to 64
+    with pytest.raises(InterpolationError, match="multiple of 16"):
+        walk(flux, ["a red circle", "a blue square"], height=72, width=64, frames=2)

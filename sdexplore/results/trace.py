@@ -241,7 +241,9 @@ class Trace:
                 c.fail(f"steps[{i}].index", f"is {now}, not after the step before it ({before})")
         names = {f"step{i}.{k}" for i, (_, ks) in enumerate(steps) for k in ks}
         ff.require_tensors(
-            c, tensors, names | ({"final_latents"} if has_final else set()) | ({"mask"} if has_mask else set())
+            c,
+            tensors,
+            names | ({"final_latents"} if has_final else set()) | ({"mask"} if has_mask else set()),
         )
         dims = _Dims(c)
         records = []
