@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
@@ -57,14 +58,22 @@ def save_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    out = Path(out)
+    return write_pipeline_folder(pipe, Path(out), ("tokenizer",), extra_files)
+
+
+def write_pipeline_folder(
+    pipe: Any, out: Path, tokenizers: tuple[str, ...], extra_files: dict[str, str] | None = None
+) -> Any:
+    """Write ``pipe`` to ``out`` through a temporary folder beside it (replacing what is there only once the new
+    folder is complete), with the slow-tokenizer files of ``tokenizers`` and ``extra_files`` (name → text)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
     for leftover in (tmp, old):  # from a run that crashed mid-write
         if leftover.exists():
             shutil.rmtree(leftover)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    write_slow_tokenizer_files(tmp / "tokenizer")
+    for sub in tokenizers:
+        write_slow_tokenizer_files(tmp / sub)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text, encoding="utf-8")
     if out.exists():

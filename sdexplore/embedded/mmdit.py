@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -265,7 +264,7 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
 
     The step count is fixed after 40 steps from their speed and the time left (as the UNet run does); a resumed
     run keeps it, so ``--resume`` with a fresh ``--minutes`` continues the same schedule."""
-    from .train import lr_factor, machine_name
+    from .train import lr_factor, machine_name, optimizer_step
 
     t0 = time.time()
     if config.threads:
@@ -329,14 +328,7 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
             timestep=sigmas * 1000,
         ).sample
         loss = diffusion_loss(pred, target, pool[3][pick], config.shape_weight)
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-        run.opt.step()
-        decay = min(config.ema, (1 + run.step) / (10 + run.step))
-        with torch.no_grad():
-            torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1 - decay)
-        run.step += 1
+        grad_norm = optimizer_step(run, loss, config.ema)
         smooth = loss.detach() if smooth is None else smooth.lerp_(loss.detach(), 0.02)
         if run.step % config.log_every == 0:
             if not torch.isfinite(smooth):
@@ -445,7 +437,7 @@ def save_mmdit_pipeline(
     """Assemble the ``StableDiffusion3Pipeline`` (no T5) and write it to ``out`` through a temporary folder
     beside it, replacing what is there."""
     from ..tokenizer import clip_tokenizer
-    from .folder import write_slow_tokenizer_files
+    from .folder import write_pipeline_folder
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -458,22 +450,7 @@ def save_mmdit_pipeline(
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = out.with_name(f".{out.name}.tmp"), out.with_name(f".{out.name}.old")
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    for sub in ("tokenizer", "tokenizer_2"):
-        write_slow_tokenizer_files(tmp / sub)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-    return pipe
+    return write_pipeline_folder(pipe, out, ("tokenizer", "tokenizer_2"), extra_files)
 
 
 def default_out() -> Path:

@@ -21,6 +21,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +173,21 @@ class Run:
     def checkpoint(self) -> Path:
         """Where this run's checkpoint goes."""
         return Path(self.config.run_dir) / "checkpoint.pt"
+
+
+def optimizer_step(run: Any, loss: torch.Tensor, ema: float) -> torch.Tensor:
+    """One optimiser step on ``loss`` (gradients clipped to norm 1), the EMA of the trained weights moved towards
+    them, ``run.step`` advanced (``run`` has ``opt``, ``params``, ``ema``, ``step``). Returns the gradient norm as a
+    tensor: no host sync."""
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
+    run.opt.step()
+    decay = min(ema, (1 + run.step) / (10 + run.step))
+    with torch.no_grad():
+        torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1 - decay)
+    run.step += 1
+    return grad_norm
 
 
 def log(run: Run, **fields) -> None:
@@ -350,14 +366,7 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
             pred = run.unet(noisy, t, context).sample
         target = a.sqrt() * noise - (1 - a).sqrt() * latents  # v
         loss = diffusion_loss(pred.float(), target, coverage, config.shape_weight)
-        run.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, 1.0)
-        run.opt.step()
-        decay = min(config.ema, (1 + run.step) / (10 + run.step))
-        with torch.no_grad():
-            torch._foreach_lerp_(run.ema, [p.detach() for p in run.params], 1 - decay)
-        run.step += 1
+        grad_norm = optimizer_step(run, loss, config.ema)
         # No .item() per step: a host sync each step would stop the CPU from queueing work ahead of the GPU.
         smooth = loss.detach() if smooth is None else smooth.lerp_(loss.detach(), 0.02)
         if run.step % config.log_every == 0:
