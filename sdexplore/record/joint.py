@@ -246,7 +246,7 @@ def _native_backend(processor: Any) -> bool:
     )
 
 
-class FluxCapturingProcessor:
+class FluxCapturingProcessor(JointCapturingProcessor):
     """Flux's ``FluxAttnProcessor`` (and Flux.2's ``Flux2AttnProcessor`` / ``Flux2ParallelSelfAttnProcessor``, whose
     single-stream blocks fuse q, k, v and the MLP's input in one projection), step for step, for double-stream blocks (text and image from two projections,
     text first) and single-stream blocks (one sequence, text first, its length ``text_len()`` from the denoiser's
@@ -263,11 +263,7 @@ class FluxCapturingProcessor:
         need_lse: bool,
         text_len: Callable[[], int],
     ) -> None:
-        self.name = name
-        self.original = original
-        self.sink = sink
-        self.gate = gate
-        self.need_lse = need_lse
+        super().__init__(name, original, sink, gate, need_lse)
         self.text_len = text_len
 
     def __call__(
