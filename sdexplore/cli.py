@@ -58,7 +58,7 @@ _MAIN_EPILOG = """\
 commands:
   describe   the component tour of a model as a table (tokenizer, text encoder, UNet, VAE, scheduler)
   steps      generate one image and write every denoising step: x0 and preview strips, a GIF, the trace
-  attention  generate one image and write cross-attention heat maps per word, a step x word grid, the maps
+  attention  generate one image and write attention heat maps per word, a step x word grid, the maps
   walk       walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is
   invert     turn a picture into the noise that regenerates it: the inversion, its reconstruction, the PSNR
   sweep      prompts x seeds with observation on into a resumable folder, over accelerate's processes
@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=PROG,
-        description="Look inside Stable Diffusion from the command line: every denoising step, cross-attention "
+        description="Look inside Stable Diffusion from the command line: every denoising step, attention "
         "per word, walks between prompts.",
         epilog=_MAIN_EPILOG,
         formatter_class=fmt,
@@ -349,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "attention",
         parents=[_common(), _generation(), _output("sdexplore-attention", "output folder")],
-        help="cross-attention heat maps per word",
-        description="Generate one image and record its cross-attention maps: an overlay per word, a step x "
+        help="attention heat maps per word (cross-attention; joint attention on SD3/Flux)",
+        description="Generate one image and record its attention maps (UNet cross-attention, SD3/Flux joint attention): an overlay per word, a step x "
         "word grid, and the saved maps.",
         epilog=_ATTENTION_EPILOG,
         formatter_class=fmt,

@@ -62,3 +62,7 @@ class InvalidArgumentError(SdexploreError, ValueError, TypeError):
 
 class ExportError(SdexploreError, ValueError, OSError):
     """A frame, grid, GIF or video file cannot be written (bad fps or extension, encoder failure); names the file."""
+
+
+class SweepAbortedError(SdexploreError, RuntimeError):
+    """Another process of a sweep stopped before the work began (its error is in the message)."""

@@ -246,9 +246,8 @@ class AttentionRecorder:
         if not capture:
             kinds = sorted({type(procs[n]).__name__ for n in self._selected})
             raise UnsupportedPipelineError(
-                f"Cannot capture attention: every selected cross-attention layer uses a processor sdexplore cannot "
-                f"reproduce exactly ({', '.join(kinds)}). Reset them with pipe.unet.set_default_attn_processor() "
-                "(this discards what those processors do) or record without them."
+                f"Cannot capture attention: every selected attention layer uses a processor sdexplore cannot "
+                f"reproduce exactly ({', '.join(kinds)}). {self._reset_hint()}"
             )
         if self.concepts and any(
             type(procs[n]) is not AttnProcessor2_0 for n in capture if n not in self._layouts
@@ -256,8 +255,7 @@ class AttentionRecorder:
             kinds = sorted({type(procs[n]).__name__ for n in capture})
             raise UnsupportedPipelineError(
                 f"Concept maps need diffusers' default attention processor (AttnProcessor2_0) on the captured "
-                f"layers; these use {', '.join(kinds)}. Call pipe.unet.set_default_attn_processor() first, or "
-                "record without concepts=."
+                f"layers; these use {', '.join(kinds)}. {self._reset_hint()} Or record without concepts=."
             )
         self._concept_text = None
         #: MMDiT layer → (its block, single-stream?), for the concept stream
@@ -322,6 +320,16 @@ class AttentionRecorder:
                 if exc_type is None:
                     raise  # never mask the block's own exception
             self._reset_run()
+
+    def _reset_hint(self) -> str:
+        """How to give the denoiser processors sdexplore reproduces (named for this family's denoiser)."""
+        den = f"pipe.{self.family.denoiser}"
+        if self._layouts:  # MMDiT: diffusers' own processors, through the native SDPA backend
+            return (
+                f"Give {den} diffusers' default processors back (this discards what the others do) and, for "
+                f"Flux, the native attention backend: {den}.set_attention_backend('native')."
+            )
+        return f"Reset them with {den}.set_default_attn_processor() (this discards what those processors do)."
 
     def _reproducible(self, proc_name: str, processor: Any) -> bool:
         layout = self._layouts.get(proc_name)

@@ -233,9 +233,15 @@ class Steering:
             assert self.attachment is not None
             fam = self.attachment.family
             if not fam.cfg_batch and run.cfg:
+                two_calls = (
+                    "CFG: guidance_scale > 1"
+                    if fam.cfg_flag
+                    else "true CFG: true_cfg_scale > 1 and a negative prompt"
+                )
                 raise InvalidArgumentError(
-                    f"A guidance schedule on {fam.label} schedules its distilled guidance (guidance_scale), not true "
-                    "CFG: call the pipeline without true_cfg_scale > 1 and a negative prompt to use one."
+                    f"A guidance schedule on {fam.label} steers a distilled guidance input, not classifier-free "
+                    f"guidance run as two denoiser calls per step ({two_calls}, as this call does): call the "
+                    "pipeline without it to use a schedule."
                 )
             if not fam.cfg_batch and not run.distilled:
                 raise InvalidArgumentError(

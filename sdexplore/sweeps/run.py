@@ -14,14 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgumentError, SdexploreError
+from ..errors import InvalidArgumentError, SweepAbortedError
 from . import folder as fs
 from .plan import DEFAULT_KEEP, KEEP, SweepItem, batches, plan_digest, plan_items, shard
 from .prompts import PromptRow, read_prompts
-
-
-class SweepAbortedError(SdexploreError, RuntimeError):
-    """Another process of the sweep stopped before the work began (its error is in the message)."""
 
 
 @dataclass
