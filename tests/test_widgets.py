@@ -516,3 +516,14 @@ def test_walk_explorers_on_mmdit(mmdit_run):
     assert player.displayed != b
     shown = [np.asarray(ax.images[0].get_array()) for ax in player.figure().axes]
     assert all(np.array_equal(x, y) for x, y in zip(shown, frames.images, strict=True))
+
+
+def test_scrubber_shows_a_flow_models_own_sigma() -> None:
+    import re
+
+    flux = tiny_pipeline("flux")
+    with observe(flux) as obs:
+        flux("a red circle", num_inference_steps=4, height=64, width=64, max_sequence_length=32)
+    scrubber = TimestepScrubber(obs, static=True)
+    shown = [float(re.search(r"flow σ = ([0-9.]+)", scrubber._info_html(i)).group(1)) for i in range(4)]
+    assert shown == pytest.approx(flux.scheduler.sigmas[:4].tolist(), abs=1e-3)

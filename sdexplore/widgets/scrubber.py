@@ -256,9 +256,14 @@ class TimestepScrubber(SliderExplorer):
         src = {"scheduler": "from the scheduler", "computed": "computed from the model output"}.get(
             r.x0_source, ""
         )
+        flow = self._trace is not None and self._trace.prediction_type == "flow_prediction"
+        if flow:  # x_t = (1 − s) x0 + s ε: the scheduler's own s (σ_VE = s / (1 − s))
+            s_flow = r.sigma / (1 + r.sigma) if np.isfinite(r.sigma) else 1.0  # pure noise at s = 1
+            level = f"flow σ = {s_flow:.3f} (x_t = (1 − σ) x0 + σ ε)"
+        else:
+            level = f"signal √ᾱ = {np.sqrt(r.alpha_bar):.3f} · noise √(1−ᾱ) = {noise:.3f} · σ = {r.sigma:.3g}"
         return (
-            f"<b>step {r.index + 1} / {total}</b> · timestep t = {r.timestep:.0f} · "
-            f"signal √ᾱ = {np.sqrt(r.alpha_bar):.3f} · noise √(1−ᾱ) = {noise:.3f} · σ = {r.sigma:.3g} · "
+            f"<b>step {r.index + 1} / {total}</b> · timestep t = {r.timestep:.0f} · {level} · "
             f"guidance {r.guidance_scale:g}" + (f" · <small>x0 {src}</small>" if src else "")
         )
 
