@@ -387,6 +387,12 @@ class AttentionRecorder:
         self._passed: set[str] = set()  # layers the scales= filter hands to their own processor this run
         self._rows = -1  # denoiser batch rows the CFG layout was worked out for
         self._latent_off = False  # the current denoiser call is not captured (Flux true CFG's negative call)
+        self._concept_hidden: torch.Tensor | None = (
+            None  # MMDiT concepts' word tokens, context-embedded (C', D)
+        )
+        self._word_masks: dict[
+            tuple, torch.Tensor | None
+        ] = {}  # kind="output": (B', T) masks by batch layout
         self._concept_keys: dict[str, torch.Tensor] = {}  # layer → keys of the concepts' words (heads, C', d)
 
     def _run_start(self, run: Run) -> None:
@@ -540,10 +546,6 @@ class AttentionRecorder:
         den = self.family.get_denoiser(self.pipe)
         spec = self.family.denoiser_args
         sample = spec.get("sample", args, kwargs)
-        embeds = self._concept_text[0]  # (C, T, D)
-        words = torch.cat(
-            [embeds[i, pos] for i, pos in enumerate(self._concept_positions)]
-        )  # (C', D): every concept's word tokens
         t = spec.get("timestep", args, kwargs)
         pooled = spec.get("pooled", args, kwargs)
         rows = self._sel
@@ -559,7 +561,13 @@ class AttentionRecorder:
                 temb = den.time_text_embed(t * 1000, g * 1000, pooled)
         else:
             temb = den.time_text_embed(t, pooled)  # (B', D)
-        hidden = den.context_embedder(words.to(sample.dtype))  # (C', D)
+        if self._concept_hidden is None:  # the same for every call of the run: embedded once
+            embeds = self._concept_text[0]  # (C, T, D)
+            words = torch.cat(
+                [embeds[i, pos] for i, pos in enumerate(self._concept_positions)]
+            )  # (C', D): every concept's word tokens
+            self._concept_hidden = den.context_embedder(words.to(sample.dtype))  # (C', D)
+        hidden = self._concept_hidden
         self._stream = ConceptStream(hidden.expand(temb.shape[0], *hidden.shape).clone(), temb)
 
     def _check_first_step(self) -> None:
@@ -754,7 +762,14 @@ class AttentionRecorder:
 
     def _word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
         """(B', T) True at the prompt's word tokens (ConceptAttention's softmax runs over these); None when the
-        labels do not fit the sequence (then every position takes part)."""
+        labels do not fit the sequence (then every position takes part). Worked out once per run and layout: no
+        host transfer or read per layer call."""
+        key = (o_txt.shape[0], o_txt.shape[1], rows.start, rows.stop, o_txt.device)
+        if key not in self._word_masks:
+            self._word_masks[key] = self._make_word_mask(rows, o_txt)
+        return self._word_masks[key]
+
+    def _make_word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
         if self._prompt_rows is None:
             return None
         cond, neg = self._prompt_rows
@@ -768,10 +783,10 @@ class AttentionRecorder:
         labels = full[rows]
         if any(len(tl.ids) != t for tl in labels):
             return None
-        mask = torch.tensor(
-            [[k == "text" for k in tl.kinds] for tl in labels], device=o_txt.device
-        )  # (B', T)
-        return mask if bool(mask.any(1).all()) else None
+        kinds = [[k == "text" for k in tl.kinds] for tl in labels]  # (B', T) on the host
+        if not all(any(row) for row in kinds):
+            return None
+        return torch.tensor(kinds, device=o_txt.device)  # (B', T)
 
     def _defer(
         self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any, rows: slice
