@@ -276,11 +276,8 @@ class FluxCapturingProcessor(JointCapturingProcessor):
     ) -> Any:
         parallel = type(self.original) is Flux2ParallelSelfAttnProcessor  # Flux.2's single-stream blocks
         if parallel:  # called as (attn, hidden_states, attention_mask, image_rotary_emb)
-            encoder_hidden_states, attention_mask, image_rotary_emb = (
-                None,
-                encoder_hidden_states,
-                attention_mask,
-            )
+            image_rotary_emb, attention_mask = attention_mask, encoder_hidden_states
+            encoder_hidden_states = None
         double = encoder_hidden_states is not None
         txt = encoder_hidden_states.shape[1] if double else self.text_len()
         hw = hidden_states.shape[1] - (0 if double else txt)
@@ -289,9 +286,8 @@ class FluxCapturingProcessor(JointCapturingProcessor):
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         flux2 = type(self.original) is Flux2AttnProcessor
-        if (
-            parallel
-        ):  # one fused projection: q, k, v and the MLP's input (split as Flux2ParallelSelfAttnProcessor)
+        if parallel:
+            # one fused projection: q, k, v and the MLP's input (split as Flux2ParallelSelfAttnProcessor)
             fused = attn.to_qkv_mlp_proj(hidden_states)
             qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
             local = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
