@@ -527,3 +527,13 @@ def test_scrubber_shows_a_flow_models_own_sigma() -> None:
     scrubber = TimestepScrubber(obs, static=True)
     shown = [float(re.search(r"flow σ = ([0-9.]+)", scrubber._info_html(i)).group(1)) for i in range(4)]
     assert shown == pytest.approx(flux.scheduler.sigmas[:4].tolist(), abs=1e-3)
+
+
+def test_channel_tiles_keep_a_square_latents_aspect_for_any_channel_count() -> None:
+    from sdexplore.widgets._base import channel_tiles
+
+    for c, grid in ((4, 2), (16, 4), (32, 6)):
+        tiles = channel_tiles(torch.randn(c, 8, 8), pad=1)
+        side = grid * 8 + (grid - 1)  # grid tiles of 8 pixels with 1-pixel gaps
+        assert tiles.shape == (-(-c // grid) * 9 - 1, side, 3)
+        assert abs(tiles.shape[0] / tiles.shape[1] - 1) < 0.2  # never one long strip

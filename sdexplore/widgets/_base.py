@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -97,7 +98,8 @@ def channel_tiles(
     """Latent-shaped (C, h, w) → RGB (rows·h, cols·w, 3): one tile per channel, symmetric diverging colours.
 
     ``scale``: values at ±scale reach the ends of the colour map (default: 99th percentile of |x|, so one
-    outlier does not wash out the rest). Channels are laid out 2×2 for 4 channels, else in one row.
+    outlier does not wash out the rest). Channels are laid out in a near-square grid (⌈√C⌉ columns: 2×2 for SD's 4,
+    4×4 for SD3's and Flux's 16, 6×6 for Flux.2's 32), so the panel keeps the latent's aspect ratio.
     """
     x = (
         tensor.detach().float().cpu().numpy()
@@ -107,7 +109,7 @@ def channel_tiles(
     c, h, w = x.shape
     if scale is None:
         scale = float(np.percentile(np.abs(x), 99)) or 1.0
-    cols = 2 if c == 4 else c
+    cols = math.ceil(math.sqrt(c))
     rows = -(-c // cols)
     out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
     for i in range(c):
