@@ -90,22 +90,6 @@ def _lse_shape(lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return lse.reshape(B, heads, -1)[..., :L].float()  # (B, heads, L)
 
 
-def text_block_probs(
-    q_img: torch.Tensor,
-    k_txt: torch.Tensor,
-    lse: torch.Tensor | None,
-    scale: float,
-    kind: str,
-    k_img: Any = None,
-) -> torch.Tensor:
-    """Probabilities of image queries (B, heads, HW, d) on text keys (B, heads, T, d) → (B, heads, HW, T) float32.
-
-    ``kind="joint"``: normalised over every key (``lse`` from the kernel; when it is None, ``k_img`` (B, heads,
-    HW', d) supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only.
-    """
-    return text_block(q_img, k_txt, lse, scale, kind, k_img)[0]
-
-
 def text_block(
     q_img: torch.Tensor,
     k_txt: torch.Tensor,
@@ -114,7 +98,12 @@ def text_block(
     kind: str,
     k_img: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`text_block_probs` and the log-normaliser its softmax used, (..., HW) float32 (for concept maps)."""
+    """Probabilities of image queries (..., HW, d) on text keys (..., T, d) → (..., HW, T) float32, and the
+    log-normaliser the softmax used, (..., HW) float32 (concept maps are normalised against it).
+
+    ``kind="joint"``: normalised over every key (``lse`` from the kernel; when it is None, ``k_img`` (..., HW', d)
+    supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only.
+    """
     scores = torch.matmul(q_img.float(), k_txt.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, T)
     if kind == "text":
         lse = scores.logsumexp(-1)  # (B, heads, HW)
