@@ -47,6 +47,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="--model mmdit: the run's step count, whatever the machine's speed (0: fixed from the first steps' "
         "speed and --minutes); with --resume a run stopped by --minutes goes on to it",
     )
+    add(
+        "--patch",
+        type=int,
+        default=DEFAULT.patch,
+        help="--model mmdit: patch side in latent pixels (1: a token per latent pixel, 16×16 joint-attention maps)",
+    )
+    add(
+        "--flow-shift",
+        type=float,
+        default=DEFAULT.flow_shift,
+        help="--model mmdit: shift of the training noise levels and of the saved sampler (SD3's shift)",
+    )
     add("--minutes", type=float, default=DEFAULT.minutes, help="whole run's time budget (both phases)")
     add("--vae-minutes", type=float, default=DEFAULT.vae_minutes, help="phase 1's share of the budget")
     add("--device", default=DEFAULT.device)

@@ -132,3 +132,35 @@ def test_mmdit_runs_never_write_over_tiny_shapes() -> None:
         TrainConfig(model="mmdit", init_from="x")
     with pytest.raises(TrainingConfigError, match="--steps"):
         TrainConfig(model="mmdit", steps=-1)
+
+
+def test_patch_and_flow_shift_are_mmdit_settings_checked_up_front() -> None:
+    config = TrainConfig(model="mmdit", patch=2, flow_shift=1.0)
+    assert "--patch 2" in config.recorded_command() and "--flow-shift 1.0" in config.recorded_command()
+    with pytest.raises(TrainingConfigError, match="--model mmdit"):
+        TrainConfig(patch=2)  # a UNet run has no patches
+    with pytest.raises(TrainingConfigError, match="1, 2 or 4"):
+        TrainConfig(model="mmdit", patch=3)
+    with pytest.raises(TrainingConfigError, match="--flow-shift"):
+        TrainConfig(model="mmdit", flow_shift=0.0)
+    tr = mmdit.build_transformer(patch=1)
+    # 1×1 patches: one token per latent pixel, so the joint-attention grid is the latent's 16×16
+    assert tr.config.patch_size == 1 and tr.pos_embed.height == tr.pos_embed.width == 16
+
+
+def test_saved_sampler_has_the_runs_shift(tmp_path) -> None:
+    if not embedded_model_available():
+        pytest.skip("tiny-shapes not shipped")
+    vae = mmdit.load_vae()
+    vae.register_to_config(shift_factor=0.1, scaling_factor=1.0)
+    pipe = mmdit.save_mmdit_pipeline(
+        tmp_path / "m",
+        vae,
+        mmdit.text_encoder_1_from(),
+        mmdit.build_text_encoder_2(),
+        mmdit.build_transformer(patch=2),
+        shift=1.25,
+    )
+    loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "m", text_encoder_3=None, tokenizer_3=None)
+    assert pipe.scheduler.config.shift == loaded.scheduler.config.shift == 1.25
+    assert loaded.transformer.config.patch_size == 2

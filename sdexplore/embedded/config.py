@@ -20,6 +20,12 @@ class TrainConfig:
     model: str = "unet"  # "unet": tiny-shapes (SD 1.x); "mmdit": tiny-shapes-mmdit (SD3, flow matching)
     minutes: float = 6.0  # the whole run's time budget (both phases)
     steps: int = 0  # --model mmdit: the run's step count (0: fixed from the speed of the first steps)
+    patch: int = (
+        1  # --model mmdit: the transformer's patch side in latent pixels (1: one token per latent pixel)
+    )
+    flow_shift: float = (
+        2.0  # --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
+    )
     vae_minutes: float = 1.25  # phase 1's share of the budget
     device: str = "cpu"  # where to train ("cuda": bf16 autocast)
     out: str = str(EMBEDDED_MODEL_DIR)  # pipeline folder to write
@@ -68,7 +74,15 @@ class TrainConfig:
             raise TrainingConfigError(
                 "--vae-only trains phase 1, which --vae-from and --init-from skip: drop one of them"
             )
-        positive = ("minutes", "vae_batch", "vae_lr", "batch", "lr", "log_every", "ckpt_every")
+        if self.model == "unet" and (self.patch != 1 or self.flow_shift != 2.0):
+            raise TrainingConfigError(
+                "--patch and --flow-shift set the MMDiT: add --model mmdit or drop them"
+            )
+        if self.patch not in (1, 2, 4):
+            raise TrainingConfigError(
+                f"--patch is 1, 2 or 4 (it divides the 16×16 latent), not {self.patch!r}"
+            )
+        positive = ("minutes", "flow_shift", "vae_batch", "vae_lr", "batch", "lr", "log_every", "ckpt_every")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TrainingConfigError(f"{_flag(name)} must be > 0, not {getattr(self, name)!r}")

@@ -8,7 +8,7 @@ CLIP tokenizer and tiny-shapes' trained text encoder, and the T5 slot costs no w
 channels work unchanged) with ``shift_factor`` set to its latent mean.
 
 Training (phase 2 only: the VAE is frozen) is rectified flow: x_s = (1 − s)·x0 + s·ε, target v = ε − x0,
-s from a logit-normal shifted by the scheduler's :data:`SHIFT`, the transformer called with timestep 1000·s as
+s from a logit-normal shifted by the run's ``--flow-shift`` (:data:`SHIFT` by default), the transformer called with timestep 1000·s as
 the pipeline calls it; the text encoders train jointly; an EMA ships. The text side is exactly what the pipeline
 builds at inference: both CLIPs' penultimate hidden states concatenated and zero-padded to the joint width, then
 :data:`MAX_SEQUENCE_LENGTH` zero T5 tokens, and the pooled projections concatenated.
@@ -37,8 +37,9 @@ from .data import latent_pool, tokenised_prompts
 from .losses import diffusion_loss, flow_matching_pair, sample_flow_sigmas
 from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 
-#: Shift of the flow-matching sigmas (SD3's ``FlowMatchEulerDiscreteScheduler(shift=...)``), used in training too.
-#: SD3 uses 3.0 on 128×128 latents; a 16×16 latent needs less to reach the noise levels where the layout is set.
+#: Default shift of the flow-matching sigmas (SD3's ``FlowMatchEulerDiscreteScheduler(shift=...)``), used in
+#: training too (``--flow-shift``). SD3 uses 3.0 on 128×128 latents; a 16×16 latent needs less to reach the
+#: noise levels where the layout is set.
 SHIFT = 2.0
 #: Logit-normal training sigmas (SD3's mean 0, std 1), then shifted by :data:`SHIFT`.
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
@@ -51,7 +52,7 @@ TEXT1_HIDDEN = 64  # tiny-shapes' text encoder
 
 
 def build_transformer(
-    width: int = 96, layers: int = 4, head_dim: int = 16, patch: int = 2
+    width: int = 96, layers: int = 4, head_dim: int = 16, patch: int = 1
 ) -> SD3Transformer2DModel:
     """SD3Transformer2DModel on 16×16×4 latents with ``patch``×``patch`` patches (1: 256 image tokens, so the
     joint-attention maps have the latent's resolution), ``layers`` joint blocks of ``width // head_dim`` heads."""
@@ -104,9 +105,9 @@ def text_encoder_1_from(folder: Path = EMBEDDED_MODEL_DIR) -> CLIPTextModelWithP
     return model
 
 
-def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
-    """The saved sampler: flow-matching Euler with :data:`SHIFT` (SD3's scheduler)."""
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT)
+def build_scheduler(shift: float = SHIFT) -> FlowMatchEulerDiscreteScheduler:
+    """The saved sampler: flow-matching Euler with the run's ``shift`` (SD3's scheduler)."""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 def load_vae(folder: Path = EMBEDDED_MODEL_DIR) -> AutoencoderKL:
@@ -203,7 +204,7 @@ class MMDiTRun:
         source = Path(config.vae_from) if config.vae_from else EMBEDDED_MODEL_DIR
         self.vae = load_vae(source).to(device)
         set_shift(self.vae)
-        self.transformer = build_transformer(patch=2).to(device)
+        self.transformer = build_transformer(patch=config.patch).to(device)
         self.te1 = text_encoder_1_from(source).to(device)
         self.te2 = build_text_encoder_2().to(device)
         self.step, self.total_steps = 0, None
@@ -317,7 +318,9 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
         ids = prompt_ids[pool[2][pick]]  # (B, 77)
         drop = torch.rand(config.batch, device=device, generator=run.noise_gen) < config.caption_dropout
         ids = torch.where(drop[:, None], empty_ids[None, :], ids)  # (B, 77)
-        sigmas = sample_flow_sigmas(config.batch, SHIFT, LOGIT_MEAN, LOGIT_STD, device, run.noise_gen)  # (B,)
+        sigmas = sample_flow_sigmas(
+            config.batch, config.flow_shift, LOGIT_MEAN, LOGIT_STD, device, run.noise_gen
+        )  # (B,)
         noise = torch.randn(x0.shape, device=device, generator=run.noise_gen)
         noisy, target = flow_matching_pair(x0, noise, sigmas)
         context, pooled = encode_text_collapsed(run.te1, run.te2, ids)  # (B, 78, 80), (B, 80)
@@ -406,7 +409,8 @@ def export_mmdit(run: MMDiTRun, out: Path) -> StableDiffusion3Pipeline:
         shape_weight=c.shape_weight,
         latent_pool=c.latent_pool or 16384,
         command=c.recorded_command(),
-        shift=SHIFT,
+        shift=c.flow_shift,
+        patch=c.patch,
         logit_normal=[LOGIT_MEAN, LOGIT_STD],
         objective="rectified flow: x_s = (1-s) x0 + s e, v = e - x0",
     )
@@ -415,7 +419,9 @@ def export_mmdit(run: MMDiTRun, out: Path) -> StableDiffusion3Pipeline:
         "training.json": json.dumps(info, indent=1) + "\n",
         "latent_rgb.json": json.dumps(_shifted_latent_rgb(latent_rgb, vae), indent=1) + "\n",
     }
-    return save_mmdit_pipeline(Path(out), vae, te1, te2, transformer.eval(), extra_files=records)
+    return save_mmdit_pipeline(
+        Path(out), vae, te1, te2, transformer.eval(), extra_files=records, shift=c.flow_shift
+    )
 
 
 def _shifted_latent_rgb(fit: dict, vae: AutoencoderKL) -> dict:
@@ -433,15 +439,16 @@ def save_mmdit_pipeline(
     te2: CLIPTextModelWithProjection,
     transformer: SD3Transformer2DModel,
     extra_files: dict[str, str] | None = None,
+    shift: float = SHIFT,
 ) -> StableDiffusion3Pipeline:
     """Assemble the ``StableDiffusion3Pipeline`` (no T5) and write it to ``out`` through a temporary folder
-    beside it, replacing what is there."""
+    beside it, replacing what is there. ``shift`` is the saved sampler's (the run's ``--flow-shift``)."""
     from ..tokenizer import clip_tokenizer
     from .folder import write_pipeline_folder
 
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=build_scheduler(),
+        scheduler=build_scheduler(shift),
         vae=vae,
         text_encoder=te1.eval(),
         tokenizer=clip_tokenizer(),
