@@ -26,6 +26,22 @@ EXPLORERS = {
     "05_latent_walks.ipynb": 3,
     "06_your_own_image.ipynb": 2,  # TimestepScrubber with its upload control, AttentionExplorer
 }
+#: Notebook → lines its UNet-versus-MMDiT section prints: both embedded models ran, from the same noise.
+SIDE_BY_SIDE = {
+    "02_step_by_step.ipynb": (
+        "UNet: tiny-shapes, UNet2DConditionModel",
+        "MMDiT: tiny-shapes-mmdit, SD3Transformer2DModel",
+        "same VAE weights: True; same starting noise: True",
+    ),
+    "03_attention.ipynb": (
+        "UNet · cross",
+        "MMDiT · joint",
+        "MMDiT · text",
+        "MMDiT · output",
+        "the three MMDiT runs drew the same images: True",
+        "shape-word IoU",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +146,9 @@ def test_notebook_runs_top_to_bottom(path, executed):
         assert all(v in state for v in explorer_views), (
             "widget state is stored, so the saved notebook renders"
         )
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    for line in SIDE_BY_SIDE.get(path.name, ()):
+        assert line in printed, f"{path.name}: the UNet-versus-MMDiT section did not print {line!r}"
     if path.name == "05_latent_walks.ipynb":
         assert (tmp_path / "tour.gif").stat().st_size > 0 and (tmp_path / "tour.mp4").stat().st_size > 0
 
