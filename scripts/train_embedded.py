@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--patch",
         type=int,
         default=DEFAULT.patch,
-        help="--model mmdit: patch side in latent pixels (1: a token per latent pixel, 16×16 joint-attention maps)",
+        help="--model mmdit: patch side in latent pixels (2: 8×8 tokens; 1: a token per latent pixel, 16×16 maps)",
     )
     add(
         "--flow-shift",

@@ -135,10 +135,10 @@ def test_mmdit_runs_never_write_over_tiny_shapes() -> None:
 
 
 def test_patch_and_flow_shift_are_mmdit_settings_checked_up_front() -> None:
-    config = TrainConfig(model="mmdit", patch=2, flow_shift=1.0)
-    assert "--patch 2" in config.recorded_command() and "--flow-shift 1.0" in config.recorded_command()
+    config = TrainConfig(model="mmdit", patch=1, flow_shift=1.0)
+    assert "--patch 1" in config.recorded_command() and "--flow-shift 1.0" in config.recorded_command()
     with pytest.raises(TrainingConfigError, match="--model mmdit"):
-        TrainConfig(patch=2)  # a UNet run has no patches
+        TrainConfig(patch=1)  # a UNet run has no patches
     with pytest.raises(TrainingConfigError, match="1, 2 or 4"):
         TrainConfig(model="mmdit", patch=3)
     with pytest.raises(TrainingConfigError, match="--flow-shift"):
@@ -164,3 +164,106 @@ def test_saved_sampler_has_the_runs_shift(tmp_path) -> None:
     loaded = StableDiffusion3Pipeline.from_pretrained(tmp_path / "m", text_encoder_3=None, tokenizer_3=None)
     assert pipe.scheduler.config.shift == loaded.scheduler.config.shift == 1.25
     assert loaded.transformer.config.patch_size == 2
+
+
+# ---- meaning: the trained model (shipped in sdexplore/models/tiny-shapes-mmdit) ----------------------------
+import numpy as np  # noqa: E402
+
+from sdexplore.embedded import scenes  # noqa: E402
+from sdexplore.embedded.evaluate import attention_iou, shape_token_index, shape_word_maps  # noqa: E402
+from sdexplore.embedded.model import MMDIT_GUIDANCE_SCALE, MMDIT_STEPS  # noqa: E402
+
+CALL = dict(num_inference_steps=MMDIT_STEPS, guidance_scale=MMDIT_GUIDANCE_SCALE)
+ATTN_PROMPTS = [
+    "a big red circle at the top left on a white background",
+    "a big blue square at the bottom right on a yellow background",
+    "a big green triangle at the top right on a black background",
+    "a big orange circle at the bottom left on a blue background",
+]
+
+
+@pytest.fixture(scope="module")
+def mm():
+    torch.set_num_threads(1)
+    return sdx.load_pipeline("tiny-shapes-mmdit", device="cpu")
+
+
+def _np(images) -> list[np.ndarray]:
+    return [(im * 255).round().astype(np.uint8) for im in images]
+
+
+@pytest.fixture(scope="module")
+def attended(mm):
+    """The four prompts (seed i for prompt i), their images, readings and shape-word joint-attention maps."""
+    gens = [torch.Generator().manual_seed(i) for i in range(len(ATTN_PROMPTS))]
+    with sdx.AttentionRecorder(mm, step_resolution=None) as rec:
+        out = mm(ATTN_PROMPTS, generator=gens, output_type="np", **CALL).images
+    assert rec.maps.kind == "joint"
+    index = [shape_token_index(mm, p) for p in ATTN_PROMPTS]
+    maps = shape_word_maps(rec.maps, index).numpy()  # (4, 64, 64)
+    images = _np(out)
+    return images, [scenes.read_scene(im) for im in images], maps
+
+
+def test_shape_word_joint_attention_sits_on_the_drawn_shape(attended) -> None:
+    images, readings, maps = attended
+    for prompt, reading in zip(ATTN_PROMPTS, readings, strict=True):
+        assert reading.place == scenes.parse_prompt(prompt).place  # drawn where asked
+    right = [attention_iou(maps[i], readings[i].mask) for i in range(4)]
+    # wrong pairing: each map against the shape of another image (all four places differ)
+    wrong = [attention_iou(maps[i], readings[(i + 1) % 4].mask) for i in range(4)]
+    assert np.mean(right) >= 0.45, right
+    assert min(r - w for r, w in zip(right, wrong, strict=True)) >= 0.2, (right, wrong)
+
+
+def _shape_rgb(image: np.ndarray) -> np.ndarray:
+    mask = scenes.read_scene(image).mask
+    assert mask.sum() > 20, "no shape read"
+    return image[mask].astype(float).mean(axis=0)  # (3,) mean RGB on the shape
+
+
+def test_red_to_blue_walk_turns_the_colour_monotonically(mm) -> None:
+    red = "a big red circle at the center on a white background"
+    blue = red.replace("red", "blue")
+    with torch.no_grad():
+        e_r, n, p_r, n_p = mm.encode_prompt(red, red, None, do_classifier_free_guidance=True, device="cpu")
+        e_b, _, p_b, _ = mm.encode_prompt(blue, blue, None, do_classifier_free_guidance=True, device="cpu")
+    blueness = []
+    for a in np.linspace(0, 1, 5):
+        out = mm(
+            prompt_embeds=torch.lerp(e_r, e_b, float(a)),
+            pooled_prompt_embeds=torch.lerp(p_r, p_b, float(a)),
+            negative_prompt_embeds=n,
+            negative_pooled_prompt_embeds=n_p,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **CALL,
+        ).images
+        rgb = _shape_rgb(_np(out)[0])
+        blueness.append(rgb[2] - rgb[0])  # blue minus red on the shape
+    assert scenes.read_scene(_np(out)[0]).colour == "blue"
+    assert all(b2 >= b1 - 8 for b1, b2 in zip(blueness[:-1], blueness[1:], strict=True)), blueness  # 8/255
+    assert blueness[-1] - blueness[0] > 200, blueness
+
+
+def test_prompt_switch_at_step_k_changes_what_the_steps_after_k_decide(mm) -> None:
+    from sdexplore.steering import PromptSwitch
+    from sdexplore.steps import StepRecorder
+
+    a = "a big red circle at the top left on a white background"
+    moved = "a big blue circle at the bottom right on a white background"
+    recoloured = "a big blue circle at the top left on a white background"
+
+    def run(switch=None) -> scenes.SceneReading:
+        with StepRecorder(mm, switch_prompt=switch):
+            out = mm(a, generator=torch.Generator().manual_seed(0), output_type="np", **CALL).images
+        return scenes.read_scene(_np(out)[0])
+
+    plain = run()
+    assert (plain.place, plain.colour) == ("top left", "red")
+    start = run(PromptSwitch(0, moved))
+    assert (start.place, start.colour) == ("bottom right", "blue")  # from step 0: the other prompt's image
+    mid = run(PromptSwitch(MMDIT_STEPS // 2, recoloured))
+    assert (mid.place, mid.colour) == ("top left", "blue")  # half-way: the same shape takes the new colour
+    last = run(PromptSwitch(MMDIT_STEPS - 1, moved))
+    assert (last.place, last.colour) == ("top left", "red")  # the last step only refines

@@ -20,9 +20,9 @@ class TrainConfig:
     model: str = "unet"  # "unet": tiny-shapes (SD 1.x); "mmdit": tiny-shapes-mmdit (SD3, flow matching)
     minutes: float = 6.0  # the whole run's time budget (both phases)
     steps: int = 0  # --model mmdit: the run's step count (0: fixed from the speed of the first steps)
-    patch: int = (
-        1  # --model mmdit: the transformer's patch side in latent pixels (1: one token per latent pixel)
-    )
+    #: --model mmdit: the transformer's patch side in latent pixels (2: 8×8 tokens, the shipped model;
+    #: 1: one token per latent pixel)
+    patch: int = 2
     flow_shift: float = (
         2.0  # --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
     )
@@ -74,7 +74,7 @@ class TrainConfig:
             raise TrainingConfigError(
                 "--vae-only trains phase 1, which --vae-from and --init-from skip: drop one of them"
             )
-        if self.model == "unet" and (self.patch != 1 or self.flow_shift != 2.0):
+        if self.model == "unet" and (self.patch != 2 or self.flow_shift != 2.0):
             raise TrainingConfigError(
                 "--patch and --flow-shift set the MMDiT: add --model mmdit or drop them"
             )

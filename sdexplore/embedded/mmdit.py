@@ -52,7 +52,7 @@ TEXT1_HIDDEN = 64  # tiny-shapes' text encoder
 
 
 def build_transformer(
-    width: int = 96, layers: int = 4, head_dim: int = 16, patch: int = 1
+    width: int = 96, layers: int = 4, head_dim: int = 16, patch: int = 2
 ) -> SD3Transformer2DModel:
     """SD3Transformer2DModel on 16×16×4 latents with ``patch``×``patch`` patches (1: 256 image tokens, so the
     joint-attention maps have the latent's resolution), ``layers`` joint blocks of ``width // head_dim`` heads."""
