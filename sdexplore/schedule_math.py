@@ -48,6 +48,12 @@ def alpha_bar_from_sigma(sigma: float) -> float:
     return 0.0 if math.isinf(sigma) else 1.0 / (1.0 + sigma * sigma)
 
 
+def flow_sigma_from_sigma(sigma: float) -> float:
+    """A flow-matching model's own ``s`` (x_t = (1 − s)·x0 + s·ε) from its VE noise scale σ = s / (1 − s):
+    s = σ / (1 + σ), 1 for σ = inf (pure noise). The inverse of :func:`flow_level`'s ``sigma``."""
+    return 1.0 if math.isinf(sigma) else sigma / (1.0 + sigma)
+
+
 def flow_level(flow_sigma: float) -> NoiseLevel:
     """The :class:`NoiseLevel` of a flow-matching evaluation at the scheduler's ``s`` (see NoiseLevel)."""
     s = float(flow_sigma)

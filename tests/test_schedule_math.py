@@ -94,3 +94,11 @@ def test_zero_terminal_snr_first_step_is_defined_for_v_prediction() -> None:
     assert sigma_from_alpha_bar(0.0) == float("inf") and alpha_bar_from_sigma(float("inf")) == 0.0
     v = torch.randn(1, 4, 2, 2)
     torch.testing.assert_close(x0_from_prediction(v, torch.randn(1, 4, 2, 2), 0.0, "v_prediction"), -v)
+
+
+def test_flow_sigma_from_sigma_inverts_flow_levels_sigma() -> None:
+    from sdexplore.schedule_math import flow_level, flow_sigma_from_sigma
+
+    for s in (0.0, 0.05, 0.3, 0.5, 0.9, 0.999, 1.0):
+        assert flow_sigma_from_sigma(flow_level(s).sigma) == pytest.approx(s, abs=1e-12)
+    assert flow_sigma_from_sigma(1.0) == 0.5  # σ_VE = 1: equal signal and noise, s = 1/2

@@ -12,6 +12,7 @@ import torch
 
 from ..render import spread, trace_preview
 from ..results.trace import StepRecord, Trace
+from ..schedule_math import flow_sigma_from_sigma
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,
@@ -258,7 +259,7 @@ class TimestepScrubber(SliderExplorer):
         )
         flow = self._trace is not None and self._trace.prediction_type == "flow_prediction"
         if flow:  # x_t = (1 − s) x0 + s ε: the scheduler's own s (σ_VE = s / (1 − s))
-            s_flow = r.sigma / (1 + r.sigma) if np.isfinite(r.sigma) else 1.0  # pure noise at s = 1
+            s_flow = flow_sigma_from_sigma(r.sigma)
             level = f"flow σ = {s_flow:.3f} (x_t = (1 − σ) x0 + σ ε)"
         else:
             level = f"signal √ᾱ = {np.sqrt(r.alpha_bar):.3f} · noise √(1−ᾱ) = {noise:.3f} · σ = {r.sigma:.3g}"
