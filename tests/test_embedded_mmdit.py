@@ -141,8 +141,9 @@ def test_patch_and_flow_shift_are_mmdit_settings_checked_up_front() -> None:
         TrainConfig(patch=1)  # a UNet run has no patches
     with pytest.raises(TrainingConfigError, match="1, 2 or 4"):
         TrainConfig(model="mmdit", patch=3)
-    with pytest.raises(TrainingConfigError, match="--flow-shift"):
-        TrainConfig(model="mmdit", flow_shift=0.0)
+    for bad in (0.0, float("nan"), float("inf")):
+        with pytest.raises(TrainingConfigError, match="--flow-shift"):
+            TrainConfig(model="mmdit", flow_shift=bad)
     tr = mmdit.build_transformer(patch=1)
     # 1×1 patches: one token per latent pixel, so the joint-attention grid is the latent's 16×16
     assert tr.config.patch_size == 1 and tr.pos_embed.height == tr.pos_embed.width == 16

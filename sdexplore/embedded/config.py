@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from ..errors import TrainingConfigError
@@ -9,6 +10,8 @@ from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 
 #: The script whose flags :meth:`TrainConfig.to_argv` writes (recorded in ``training.json`` as the run's command).
 SCRIPT = "python scripts/train_embedded.py"
+#: Settings only an MMDiT run has (a UNet run refuses them when they differ from their defaults).
+_MMDIT_ONLY = ("patch", "flow_shift")
 
 
 @dataclass
@@ -23,9 +26,8 @@ class TrainConfig:
     #: --model mmdit: the transformer's patch side in latent pixels (2: 8×8 tokens, the shipped model;
     #: 1: one token per latent pixel)
     patch: int = 2
-    flow_shift: float = (
-        2.0  # --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
-    )
+    #: --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
+    flow_shift: float = 2.0
     vae_minutes: float = 1.25  # phase 1's share of the budget
     device: str = "cpu"  # where to train ("cuda": bf16 autocast)
     out: str = str(EMBEDDED_MODEL_DIR)  # pipeline folder to write
@@ -74,10 +76,15 @@ class TrainConfig:
             raise TrainingConfigError(
                 "--vae-only trains phase 1, which --vae-from and --init-from skip: drop one of them"
             )
-        if self.model == "unet" and (self.patch != 2 or self.flow_shift != 2.0):
-            raise TrainingConfigError(
-                "--patch and --flow-shift set the MMDiT: add --model mmdit or drop them"
-            )
+        mmdit_only = [
+            f.name for f in fields(self) if f.name in _MMDIT_ONLY and getattr(self, f.name) != f.default
+        ]
+        if self.model == "unet" and mmdit_only:
+            flags = " and ".join(_flag(name) for name in mmdit_only)
+            verb = "set" if len(mmdit_only) > 1 else "sets"
+            raise TrainingConfigError(f"{flags} {verb} the MMDiT: add --model mmdit or drop them")
+        if not math.isfinite(self.flow_shift):
+            raise TrainingConfigError(f"--flow-shift must be a finite number > 0, not {self.flow_shift!r}")
         if self.patch not in (1, 2, 4):
             raise TrainingConfigError(
                 f"--patch is 1, 2 or 4 (it divides the 16×16 latent), not {self.patch!r}"

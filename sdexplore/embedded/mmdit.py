@@ -8,10 +8,10 @@ CLIP tokenizer and tiny-shapes' trained text encoder, and the T5 slot costs no w
 channels work unchanged) with ``shift_factor`` set to its latent mean.
 
 Training (phase 2 only: the VAE is frozen) is rectified flow: x_s = (1 − s)·x0 + s·ε, target v = ε − x0,
-s from a logit-normal shifted by the run's ``--flow-shift`` (:data:`SHIFT` by default), the transformer called with timestep 1000·s as
-the pipeline calls it; the text encoders train jointly; an EMA ships. The text side is exactly what the pipeline
-builds at inference: both CLIPs' penultimate hidden states concatenated and zero-padded to the joint width, then
-:data:`MAX_SEQUENCE_LENGTH` zero T5 tokens, and the pooled projections concatenated.
+s from a logit-normal shifted by the run's ``--flow-shift`` (:data:`SHIFT` by default), the transformer called
+with timestep 1000·s as the pipeline calls it; the text encoders train jointly; an EMA ships. The text side is
+exactly what the pipeline builds at inference: both CLIPs' penultimate hidden states concatenated and zero-padded
+to the joint width, then :data:`MAX_SEQUENCE_LENGTH` zero T5 tokens, and the pooled projections concatenated.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 #: training too (``--flow-shift``). SD3 uses 3.0 on 128×128 latents; a 16×16 latent needs less to reach the
 #: noise levels where the layout is set.
 SHIFT = 2.0
-#: Logit-normal training sigmas (SD3's mean 0, std 1), then shifted by :data:`SHIFT`.
+#: Logit-normal training sigmas (SD3's mean 0, std 1), then shifted by the run's ``--flow-shift``.
 LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
 #: The zero T5 tokens the pipeline appends without T5 (its default ``max_sequence_length``); trained with.
 MAX_SEQUENCE_LENGTH = 256
