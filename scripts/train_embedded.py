@@ -59,6 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT.flow_shift,
         help="--model mmdit: shift of the training noise levels and of the saved sampler (SD3's shift)",
     )
+    add(
+        "--no-pooled",
+        action="store_true",
+        help="--model mmdit: the transformer ignores the pooled text vector (the prompt reaches the image only "
+        "through joint attention)",
+    )
+    add(
+        "--attention-weight",
+        type=float,
+        default=DEFAULT.attention_weight,
+        help="--model mmdit: weight of an auxiliary loss pulling the shape word's joint-attention map onto the "
+        "drawn shape (0: flow matching alone)",
+    )
     add("--minutes", type=float, default=DEFAULT.minutes, help="whole run's time budget (both phases)")
     add("--vae-minutes", type=float, default=DEFAULT.vae_minutes, help="phase 1's share of the budget")
     add("--device", default=DEFAULT.device)

@@ -149,6 +149,126 @@ def test_patch_and_flow_shift_are_mmdit_settings_checked_up_front() -> None:
     assert tr.config.patch_size == 1 and tr.pos_embed.height == tr.pos_embed.width == 16
 
 
+def test_no_pooled_and_attention_weight_are_mmdit_settings_checked_up_front() -> None:
+    config = TrainConfig(model="mmdit", no_pooled=True, attention_weight=0.05)
+    assert (
+        "--no-pooled" in config.recorded_command() and "--attention-weight 0.05" in config.recorded_command()
+    )
+    for unet_only in ({"no_pooled": True}, {"attention_weight": 0.1}):
+        with pytest.raises(TrainingConfigError, match="--model mmdit"):
+            TrainConfig(**unet_only)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(TrainingConfigError, match="--attention-weight"):
+            TrainConfig(model="mmdit", attention_weight=bad)
+
+
+def test_ignore_pooled_makes_the_output_independent_of_the_pooled_vector_only() -> None:
+    torch.manual_seed(0)
+    tr = mmdit.build_transformer(patch=2)
+    with torch.no_grad():  # SD3 zero-initialises its output layers: perturb every weight so changes show
+        for p in tr.parameters():
+            p += 0.05 * torch.randn_like(p)
+    x, ctx, t = torch.randn(2, 4, 16, 16), torch.randn(2, 10, 80), torch.tensor([300.0, 800.0])
+    pooled = torch.randn(2, 80)
+
+    def run(pooled, ctx=ctx):
+        with torch.no_grad():
+            return tr(
+                hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t
+            ).sample
+
+    assert (run(pooled) - run(3 * pooled + 1)).abs().max() > 1e-3  # before: the pooled vector counts
+    mmdit.ignore_pooled(tr)
+    torch.testing.assert_close(run(pooled), run(3 * pooled + 1), atol=0, rtol=0)
+    assert (run(pooled) - run(pooled, ctx=torch.randn_like(ctx))).abs().max() > 1e-3  # the text still counts
+    weight = tr.time_text_embed.text_embedder.linear_1.weight
+    assert not weight.requires_grad and not weight.any()
+
+
+def test_kept_text_probabilities_are_the_pipelines_joint_softmax() -> None:
+    """The attention loss reads the first images' image-query probabilities on the text keys; they must be the
+    softmax the pipeline computes over 77 CLIP tokens and 256 zero-T5 tokens (the collapsed key holding the
+    256 copies' total), while the block's output stays SDPA's."""
+    torch.manual_seed(0)
+    tr = mmdit.build_transformer(patch=1)
+    with torch.no_grad():
+        for p in tr.parameters():
+            p += 0.05 * torch.randn_like(p)
+    attn = tr.transformer_blocks[1].attn
+    img, ctx = torch.randn(3, 256, 96), torch.randn(3, 78, 96)  # (B, N_img, width), (B, 77 + 1, width)
+    keeper = mmdit.CollapsedZerosProcessor(mmdit.MAX_SEQUENCE_LENGTH, keep_text_probs=2)
+    with torch.no_grad():
+        out_img, out_ctx = keeper(attn, img, ctx)
+        plain_img, plain_ctx = mmdit.CollapsedZerosProcessor(mmdit.MAX_SEQUENCE_LENGTH)(attn, img, ctx)
+        full_ctx = torch.cat([ctx[:, :77], ctx[:, 77:].expand(3, 256, 96)], dim=1)  # (B, 333, width)
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(3, -1, attn.heads, 16).transpose(1, 2)  # (B, heads, L, 16)
+
+        def norm(layer, x: torch.Tensor) -> torch.Tensor:
+            return x if layer is None else layer(x)
+
+        q = norm(attn.norm_q, heads(attn.to_q(img)))
+        k = torch.cat(
+            [
+                norm(attn.norm_k, heads(attn.to_k(img))),
+                norm(attn.norm_added_k, heads(attn.add_k_proj(full_ctx))),
+            ],
+            2,
+        )
+        probs = ((q @ k.transpose(-1, -2)) / 4.0).softmax(-1)[..., 256:]  # (B, heads, N_img, 333): text keys
+    (kept,) = keeper.text_probs
+    assert kept.shape == (2, attn.heads, 256, 78)  # only the first two images are kept
+    torch.testing.assert_close(kept[..., :77], probs[:2, ..., :77], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(kept[..., 77], probs[:2, ..., 77:].sum(-1), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(out_img, plain_img, atol=0, rtol=0)  # keeping changes nothing the step uses
+    torch.testing.assert_close(out_ctx, plain_ctx, atol=0, rtol=0)
+
+
+def test_attention_localisation_loss_is_zero_on_the_shape_and_large_off_it() -> None:
+    from sdexplore.embedded.losses import attention_localisation_loss
+
+    coverage = torch.zeros(2, 1, 16, 16)
+    coverage[0, :, 2:6, 3:7] = 1
+    coverage[1, :, 10:14, 9:12] = 1
+    word = torch.tensor([5, 7])
+
+    def probs_on(masks: torch.Tensor) -> list[torch.Tensor]:
+        p = torch.full((2, 3, 256, 78), 1e-3)  # (B, heads, N, T)
+        for b in range(2):
+            p[b, :, :, word[b]] = masks[b].flatten() + 1e-6
+        return [p, p]
+
+    right = attention_localisation_loss(probs_on(coverage[:, 0]), word, coverage)
+    swapped = attention_localisation_loss(probs_on(coverage[:, 0].flip(0)), word, coverage)
+    uniform = attention_localisation_loss(probs_on(torch.ones(2, 16, 16)), word, coverage)
+    assert right < 1e-3 < uniform < swapped
+    # a caption without a shape word (dropped for CFG) does not count; none at all gives 0
+    only_first = attention_localisation_loss(
+        probs_on(coverage[:, 0].flip(0)), torch.tensor([5, -1]), coverage
+    )
+    first_alone = attention_localisation_loss(
+        [p[:1] for p in probs_on(coverage[:, 0].flip(0))], word[:1], coverage[:1]
+    )
+    torch.testing.assert_close(only_first, first_alone)
+    assert attention_localisation_loss(probs_on(coverage[:, 0]), torch.tensor([-1, -1]), coverage) == 0
+
+
+def test_shape_words_are_one_clip_token_each() -> None:
+    from sdexplore.tokenizer import clip_tokenizer
+
+    ids = mmdit.shape_token_ids(torch.device("cpu"))
+    assert ids.shape == (3,) and len(set(ids.tolist())) == 3
+    tokenizer = clip_tokenizer()
+    assert [tokenizer.decode([i]).strip() for i in ids.tolist()] == list(scenes_shapes())
+
+
+def scenes_shapes() -> tuple[str, ...]:
+    from sdexplore.embedded.scenes import SHAPES
+
+    return tuple(SHAPES)
+
+
 def test_saved_sampler_has_the_runs_shift(tmp_path) -> None:
     if not embedded_model_available():
         pytest.skip("tiny-shapes not shipped")

@@ -11,7 +11,7 @@ from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 #: The script whose flags :meth:`TrainConfig.to_argv` writes (recorded in ``training.json`` as the run's command).
 SCRIPT = "python scripts/train_embedded.py"
 #: Settings only an MMDiT run has (a UNet run refuses them when they differ from their defaults).
-_MMDIT_ONLY = ("patch", "flow_shift")
+_MMDIT_ONLY = ("patch", "flow_shift", "no_pooled", "attention_weight")
 
 
 @dataclass
@@ -28,6 +28,12 @@ class TrainConfig:
     patch: int = 2
     #: --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
     flow_shift: float = 2.0
+    #: --model mmdit: the transformer ignores the pooled text vector (its projection's input weights are zero and
+    #: frozen), so the prompt reaches the image only through joint attention
+    no_pooled: bool = False
+    #: --model mmdit: weight of an auxiliary loss pulling the shape word's joint-attention map onto the drawn
+    #: shape (KL of the shape's coverage to the map; 0: flow matching alone)
+    attention_weight: float = 0.0
     vae_minutes: float = 1.25  # phase 1's share of the budget
     device: str = "cpu"  # where to train ("cuda": bf16 autocast)
     out: str = str(EMBEDDED_MODEL_DIR)  # pipeline folder to write
@@ -83,8 +89,11 @@ class TrainConfig:
             flags = " and ".join(_flag(name) for name in mmdit_only)
             verb = "set" if len(mmdit_only) > 1 else "sets"
             raise TrainingConfigError(f"{flags} {verb} the MMDiT: add --model mmdit or drop them")
-        if not math.isfinite(self.flow_shift):
-            raise TrainingConfigError(f"--flow-shift must be a finite number > 0, not {self.flow_shift!r}")
+        for name in ("flow_shift", "attention_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise TrainingConfigError(
+                    f"{_flag(name)} must be a finite number, not {getattr(self, name)!r}"
+                )
         if self.patch not in (1, 2, 4):
             raise TrainingConfigError(
                 f"--patch is 1, 2 or 4 (it divides the 16×16 latent), not {self.patch!r}"
@@ -93,7 +102,15 @@ class TrainConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TrainingConfigError(f"{_flag(name)} must be > 0, not {getattr(self, name)!r}")
-        at_least_zero = ("steps", "vae_minutes", "vae_shape_weight", "warmup", "latent_pool", "shape_weight")
+        at_least_zero = (
+            "steps",
+            "vae_minutes",
+            "vae_shape_weight",
+            "warmup",
+            "latent_pool",
+            "shape_weight",
+            "attention_weight",
+        )
         for name in at_least_zero + ("threads", "reserve_s", "eval_prompts"):
             if getattr(self, name) < 0:
                 raise TrainingConfigError(f"{_flag(name)} must be ≥ 0, not {getattr(self, name)!r}")

@@ -85,3 +85,31 @@ def flow_matching_pair(
     ``sigmas`` (B,)."""
     s = sigmas.view(-1, 1, 1, 1)  # (B, 1, 1, 1)
     return (1 - s) * x0 + s * noise, noise - x0
+
+
+def attention_localisation_loss(
+    text_probs: list[torch.Tensor], word_index: torch.Tensor, coverage: torch.Tensor
+) -> torch.Tensor:
+    """KL(shape coverage ‖ the shape word's joint-attention map), for images whose caption names a shape.
+
+    ``text_probs``: one (B, heads, N, T) tensor per joint block, the image queries' softmax probabilities on the
+    T text keys (N = n×n image tokens in raster order); ``word_index`` (B,): the shape word's position in the
+    caption, −1 where the caption has none (dropped for classifier-free guidance); ``coverage`` (B, 1, 16, 16)
+    at latent resolution. The map is the probability on the word averaged over heads and blocks, as
+    :func:`~sdexplore.embedded.evaluate.shape_word_maps` reads it, normalised over the image; the target is the
+    coverage pooled to the token grid, normalised the same way. 0 when no image in the batch names a shape.
+    """
+    probs = torch.stack([p.mean(dim=1) for p in text_probs]).mean(dim=0)  # (B, N, T)
+    b, n_tokens, _ = probs.shape
+    side = int(round(n_tokens**0.5))
+    valid = word_index >= 0
+    if not bool(valid.any()):
+        return probs.sum() * 0.0
+    index = word_index.clamp(min=0)[:, None, None].expand(b, n_tokens, 1)  # (B, N, 1)
+    word = probs.gather(2, index)[..., 0]  # (B, N)
+    target = F.adaptive_avg_pool2d(coverage.float(), side).flatten(1)  # (B, N)
+    valid = valid & (target.sum(dim=1) > 0)
+    p = word / word.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, N)
+    q = target / target.sum(dim=1, keepdim=True).clamp_min(1e-12)  # (B, N)
+    kl = (q * (torch.log(q.clamp_min(1e-12)) - torch.log(p.clamp_min(1e-12)))).sum(dim=1)  # (B,)
+    return (kl * valid).sum() / valid.sum().clamp_min(1)

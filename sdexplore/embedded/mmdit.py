@@ -34,7 +34,7 @@ from ..errors import ModelNotAvailableError
 from .architecture import n_params
 from .config import TrainConfig
 from .data import latent_pool, tokenised_prompts
-from .losses import diffusion_loss, flow_matching_pair, sample_flow_sigmas
+from .losses import attention_localisation_loss, diffusion_loss, flow_matching_pair, sample_flow_sigmas
 from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 
 #: Default shift of the flow-matching sigmas (SD3's ``FlowMatchEulerDiscreteScheduler(shift=...)``), used in
@@ -70,6 +70,16 @@ def build_transformer(
         pooled_projection_dim=joint,  # CLIP-1 ‖ CLIP-2 pooled projections
         pos_embed_max_size=16 // patch,
     )
+
+
+def ignore_pooled(transformer: SD3Transformer2DModel) -> None:
+    """Make ``transformer`` ignore its ``pooled_projections`` for good: the pooled projection's input weights
+    are zeroed and frozen, so its output is a constant (its biases) and the prompt reaches the image only
+    through joint attention. The folder stays a plain SD3 one: the pipeline still passes a pooled vector."""
+    weight = transformer.time_text_embed.text_embedder.linear_1.weight
+    with torch.no_grad():
+        weight.zero_()
+    weight.requires_grad_(False)
 
 
 def build_text_encoder_2() -> CLIPTextModelWithProjection:
@@ -148,8 +158,13 @@ class CollapsedZerosProcessor:
     logit is raised by log N. Training with one such token and that bias is exact and cuts the context stream
     from 333 tokens to 78."""
 
-    def __init__(self, copies: int):
+    def __init__(self, copies: int, keep_text_probs: int = 0):
         self.log_copies = float(torch.log(torch.tensor(float(copies))))
+        #: with ``keep_text_probs`` = k > 0, each call also appends the first k images' query probabilities on
+        #: the text keys, (k, heads, N_img, L_ctx), here (an explicit softmax of those rows beside SDPA: all B
+        #: would triple a CPU step's time); the training loop clears it
+        self.keep = keep_text_probs
+        self.text_probs: list[torch.Tensor] | None = [] if keep_text_probs else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         b, n_img = hidden_states.shape[:2]
@@ -176,11 +191,27 @@ class CollapsedZerosProcessor:
         )  # (1, L): the keys' log-multiplicity
         bias[0, -1] = self.log_copies
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        if self.text_probs is not None:  # the same softmax for the first images' image queries, kept
+            kq, kk = q[: self.keep, :, :n_img], k[: self.keep]  # (k, heads, N_img, d), (k, heads, L, d)
+            logits = (kq @ kk.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias  # (k, heads, N_img, L)
+            self.text_probs.append(logits.softmax(dim=-1)[..., n_img:])  # (k, heads, N_img, L_ctx)
         out = out.transpose(1, 2).reshape(b, -1, heads * q.shape[-1])  # (B, L, heads·d)
         img, ctx = out[:, :n_img], out[:, n_img:]
         if not attn.context_pre_only:
             ctx = attn.to_add_out(ctx)
         return attn.to_out[1](attn.to_out[0](img)), ctx
+
+
+def shape_token_ids(device: torch.device) -> torch.Tensor:
+    """The CLIP token ids of the world's shape words (one token each), (3,) on ``device``."""
+    from ..tokenizer import clip_tokenizer
+    from .scenes import SHAPES
+
+    tokenizer = clip_tokenizer()
+    ids = [tokenizer(word, add_special_tokens=False).input_ids for word in SHAPES]
+    if any(len(i) != 1 for i in ids):
+        raise ModelNotAvailableError(f"a shape word of {SHAPES} is not one CLIP token: {ids}")
+    return torch.tensor([i[0] for i in ids], device=device)
 
 
 def encode_text_collapsed(
@@ -205,6 +236,8 @@ class MMDiTRun:
         self.vae = load_vae(source).to(device)
         set_shift(self.vae)
         self.transformer = build_transformer(patch=config.patch).to(device)
+        if config.no_pooled:
+            ignore_pooled(self.transformer)
         self.te1 = text_encoder_1_from(source).to(device)
         self.te2 = build_text_encoder_2().to(device)
         self.step, self.total_steps = 0, None
@@ -295,7 +328,10 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
     shift, scale = run.vae.config.shift_factor, run.vae.config.scaling_factor
     for module in (run.transformer, run.te1, run.te2):
         module.train()
-    run.transformer.set_attn_processor(CollapsedZerosProcessor(MAX_SEQUENCE_LENGTH))
+    kept = max(1, config.batch // 4) if config.attention_weight > 0 else 0  # images the attention loss reads
+    processor = CollapsedZerosProcessor(MAX_SEQUENCE_LENGTH, keep_text_probs=kept)
+    run.transformer.set_attn_processor(processor)
+    shape_ids = shape_token_ids(device)  # (3,)
     start, last_ckpt, spent0 = time.time(), time.time(), run.info["seconds"]["transformer"]
     first_step, t_first, smooth = run.step, None, None
     calibrate = max(first_step + 40, config.warmup)
@@ -331,6 +367,13 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
             timestep=sigmas * 1000,
         ).sample
         loss = diffusion_loss(pred, target, pool[3][pick], config.shape_weight)
+        if processor.text_probs is not None:
+            named = torch.isin(ids[:kept], shape_ids)  # (k, 77): where the caption names its shape
+            word_index = torch.where(named.any(dim=1), named.int().argmax(dim=1), -1)  # (k,)
+            loss = loss + config.attention_weight * attention_localisation_loss(
+                processor.text_probs, word_index, pool[3][pick][:kept]
+            )
+            processor.text_probs.clear()
         grad_norm = optimizer_step(run, loss, config.ema)
         smooth = loss.detach() if smooth is None else smooth.lerp_(loss.detach(), 0.02)
         if run.step % config.log_every == 0:
@@ -411,6 +454,8 @@ def export_mmdit(run: MMDiTRun, out: Path) -> StableDiffusion3Pipeline:
         command=c.recorded_command(),
         shift=c.flow_shift,
         patch=c.patch,
+        pooled=not c.no_pooled,
+        attention_weight=c.attention_weight,
         logit_normal=[LOGIT_MEAN, LOGIT_STD],
         objective="rectified flow: x_s = (1-s) x0 + s e, v = e - x0",
     )
@@ -469,6 +514,7 @@ __all__ = [
     "SHIFT",
     "MAX_SEQUENCE_LENGTH",
     "build_transformer",
+    "ignore_pooled",
     "build_text_encoder_2",
     "text_encoder_1_from",
     "build_scheduler",
