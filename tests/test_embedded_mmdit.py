@@ -287,6 +287,18 @@ def test_saved_sampler_has_the_runs_shift(tmp_path) -> None:
     assert loaded.transformer.config.patch_size == 2
 
 
+def test_the_card_writer_reproduces_the_shipped_mmdit_card_from_its_numbers() -> None:
+    """The shipped MODEL_CARD.md is what mmdit_model_card writes from the shipped eval.json and training.json:
+    nothing on the card (its "What was tried" table included) is hand-edited, so a re-run of the eval keeps it."""
+    import json
+
+    from sdexplore.embedded.mmdit_card import mmdit_model_card
+
+    shipped = (MMDIT_MODEL_DIR / "MODEL_CARD.md").read_text()
+    written = mmdit_model_card(MMDIT_MODEL_DIR, json.loads((MMDIT_MODEL_DIR / "eval.json").read_text()))
+    assert written == shipped
+
+
 # ---- meaning: the trained model (shipped in sdexplore/models/tiny-shapes-mmdit) ----------------------------
 import numpy as np  # noqa: E402
 
