@@ -2,7 +2,7 @@
 
 ``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
 (git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
-model card, the benchmark results, the five tutorials executed on the embedded model (explorers shown as static
+two embedded models' cards, the benchmark results, the five tutorials executed on the embedded model (explorers shown as static
 figures, ``SDEXPLORE_STATIC=1``) and the gallery. CI builds the same site through ``tests/test_docs.py``.
 """
 
@@ -25,6 +25,7 @@ DOCS = ROOT / "docs"
 GENERATED = DOCS / "generated"
 NOTEBOOKS = ROOT / "notebooks"
 MODEL_DIR = ROOT / "sdexplore" / "models" / "tiny-shapes"
+MMDIT_MODEL_DIR = ROOT / "sdexplore" / "models" / "tiny-shapes-mmdit"
 #: README sections shown on the quick-start page, in this order.
 README_SECTIONS = ("Two commands", "Quick start", "Loading models")
 #: Environment of the notebook kernels and the gallery: offline, static explorers, one thread each (two
@@ -258,6 +259,15 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
         ),
     )
     shutil.copyfile(MODEL_DIR / "sample_grid.png", target / "sample_grid.png")
+    # the MMDiT's card in a folder of its own: both cards show a sample_grid.png beside them
+    write_text(
+        target / "mmdit" / "model_card.md",
+        copied_page(
+            MMDIT_MODEL_DIR / "MODEL_CARD.md",
+            "The embedded MMDiT model's card: sdexplore/models/tiny-shapes-mmdit/MODEL_CARD.md.",
+        ),
+    )
+    shutil.copyfile(MMDIT_MODEL_DIR / "sample_grid.png", target / "mmdit" / "sample_grid.png")
     copy_mathjax(target / "mathjax")
     write_text(
         target / "benchmarks.md",

@@ -153,6 +153,7 @@ def test_every_page_of_the_nav_is_built(site):
         "generated/cli_reference",
         "generated/api",
         "generated/model_card",
+        "generated/mmdit/model_card",
         "generated/benchmarks",
         "architecture",
         "notebooks",
@@ -166,8 +167,12 @@ def test_every_page_of_the_nav_is_built(site):
     cli = _text((site / "generated/cli_reference/index.html").read_text())
     for command in ("describe", "steps", "attention", "walk"):
         assert f"usage: sdexplore {command}" in cli
-    card = _page(site, "generated/model_card")
-    assert any(src.endswith("sample_grid.png") for src in card.images)
+    for rel in ("generated/model_card", "generated/mmdit/model_card"):
+        card = _page(site, rel)
+        grids = [src for src in card.images if src.endswith("sample_grid.png")]
+        assert grids and all((site / rel / src).resolve().is_file() for src in grids), (rel, card.images)
+    mmdit_card = _text((site / "generated/mmdit/model_card/index.html").read_text())
+    assert "tiny-shapes-mmdit" in mmdit_card and "What was tried" in mmdit_card
 
 
 @pytest.mark.slow
