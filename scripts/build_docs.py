@@ -2,8 +2,8 @@
 
 ``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
 (git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
-two embedded models' cards, the benchmark results, the five tutorials executed on the embedded model (explorers shown as static
-figures, ``SDEXPLORE_STATIC=1``) and the gallery. CI builds the same site through ``tests/test_docs.py``.
+two embedded models' cards, the benchmark results, the six tutorials executed on the embedded model
+(explorers shown as static figures, ``SDEXPLORE_STATIC=1``) and the gallery. CI builds the same site through ``tests/test_docs.py``.
 """
 
 from __future__ import annotations

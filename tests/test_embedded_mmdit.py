@@ -255,18 +255,13 @@ def test_attention_localisation_loss_is_zero_on_the_shape_and_large_off_it() -> 
 
 
 def test_shape_words_are_one_clip_token_each() -> None:
+    from sdexplore.embedded.scenes import SHAPES
     from sdexplore.tokenizer import clip_tokenizer
 
     ids = mmdit.shape_token_ids(torch.device("cpu"))
     assert ids.shape == (3,) and len(set(ids.tolist())) == 3
     tokenizer = clip_tokenizer()
-    assert [tokenizer.decode([i]).strip() for i in ids.tolist()] == list(scenes_shapes())
-
-
-def scenes_shapes() -> tuple[str, ...]:
-    from sdexplore.embedded.scenes import SHAPES
-
-    return tuple(SHAPES)
+    assert [tokenizer.decode([i]).strip() for i in ids.tolist()] == list(SHAPES)
 
 
 def test_saved_sampler_has_the_runs_shift(tmp_path) -> None:

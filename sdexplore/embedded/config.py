@@ -23,8 +23,8 @@ class TrainConfig:
     model: str = "unet"  # "unet": tiny-shapes (SD 1.x); "mmdit": tiny-shapes-mmdit (SD3, flow matching)
     minutes: float = 6.0  # the whole run's time budget (both phases)
     steps: int = 0  # --model mmdit: the run's step count (0: fixed from the speed of the first steps)
-    #: --model mmdit: the transformer's patch side in latent pixels (2: 8×8 tokens, the shipped model;
-    #: 1: one token per latent pixel)
+    #: --model mmdit: the transformer's patch side in latent pixels (2: 8×8 tokens; 1: one token per latent
+    #: pixel, as the shipped model, whose training.json records its flags)
     patch: int = 2
     #: --model mmdit: shift of the training sigmas and of the saved flow-matching sampler
     flow_shift: float = 2.0

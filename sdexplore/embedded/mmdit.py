@@ -366,12 +366,13 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
             pooled_projections=pooled,
             timestep=sigmas * 1000,
         ).sample
-        loss = diffusion_loss(pred, target, pool[3][pick], config.shape_weight)
+        coverage = pool[3][pick]  # (B, 1, 16, 16)
+        loss = diffusion_loss(pred, target, coverage, config.shape_weight)
         if processor.text_probs is not None:
             named = torch.isin(ids[:kept], shape_ids)  # (k, 77): where the caption names its shape
             word_index = torch.where(named.any(dim=1), named.int().argmax(dim=1), -1)  # (k,)
             loss = loss + config.attention_weight * attention_localisation_loss(
-                processor.text_probs, word_index, pool[3][pick][:kept]
+                processor.text_probs, word_index, coverage[:kept]
             )
             processor.text_probs.clear()
         grad_norm = optimizer_step(run, loss, config.ema)
