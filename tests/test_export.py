@@ -102,3 +102,24 @@ def test_walk_plots(tmp_path):
     assert len({b.get_facecolor() for b in bars}) == 2  # the largest jumps coloured apart from the rest
     curve.savefig(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_write_text_atomic_replaces_whole_and_leaves_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    import os
+
+    from sdexplore._files import write_text_atomic
+
+    target = tmp_path / "eval.json"
+    write_text_atomic(target, "first\n")
+    write_text_atomic(target, "second ✓\n")
+    assert target.read_text(encoding="utf-8") == "second ✓\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left beside it
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_text_atomic(target, "third\n")
+    assert target.read_text(encoding="utf-8") == "second ✓\n"  # the old file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._files import write_text_atomic
 from ..errors import ModelNotAvailableError
 from . import scenes
+from .card import model_card
 from .data import autocast, validation_images
 from .model import (
     EMBEDDED_GUIDANCE_SCALE,
@@ -269,10 +271,6 @@ def run_eval(
     Returns the measured numbers; with ``write`` also writes eval.json, sample_grid.png and MODEL_CARD.md
     (the card always records the 16-prompt subset too, so a test can reproduce it).
     """
-    # Imported here, not at the top: .folder loads diffusers, and the script's --help should not wait for it.
-    from .card import model_card
-    from .folder import write_text_atomic
-
     folder = Path(folder)
     torch.manual_seed(0)
     pipe = load(folder)

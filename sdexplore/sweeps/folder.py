@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._files import write_text_atomic
 from ..errors import InvalidArgumentError, ResultFileError
 from .plan import SweepItem
 
@@ -97,20 +98,6 @@ def write_settings(out: Path, settings: dict[str, Any], environment: dict[str, A
     """Write ``sweep.json`` (atomically): the settings a rerun must match and the versions that made it."""
     doc = {"format": FORMAT, "version": VERSION, "settings": settings, **environment}
     write_text_atomic(out / SETTINGS, json.dumps(doc, indent=1, sort_keys=True) + "\n")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 # ---------------------------------------------------------------- lock (held by the main process)
