@@ -324,15 +324,19 @@ def tune_guidance(
     folder: Path = MODEL_DIR, scales: tuple[float, ...] = TUNING_SCALES, device: str = "cpu"
 ) -> dict[float, dict]:
     """Scores per CFG scale on the tuning set (``validation_prompts(54, seed=4321)``: drawn with another seed
-    than the held-out set), the data behind :data:`GUIDANCE`. On a GPU (``device="cuda"``) all 54 prompts go
+    than the held-out set), with the shape read right per kind asked for: the data behind the recommended
+    scales (:data:`GUIDANCE`, ``MMDIT_GUIDANCE_SCALE``). On a GPU (``device="cuda"``) all 54 prompts go
     in one batch; the seeds are CPU generators either way, so the starting noise is the same."""
+    from .mmdit_card import per_kind
+
     pipe = load(Path(folder)).to(device)
     prompts = scenes.validation_prompts(54, seed=4321)
     batch_size = len(prompts) if device != "cpu" else 16
     out = {}
     for scale in scales:
         ev = evaluate(pipe, prompts, batch_size=batch_size, guidance_scale=scale)
-        out[scale] = {**ev.scores, "attention_iou": ev.attention_iou}
+        kinds = {f"shape ({kind})": v for kind, v in per_kind(ev.rows).items()}  # the weak kind shows here
+        out[scale] = {**ev.scores, **kinds, "attention_iou": ev.attention_iou}
         _progress(f"CFG {scale}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[scale].items()))
     return out
 
