@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="--model mmdit: weight of an auxiliary loss pulling the shape word's joint-attention map onto the "
         "drawn shape (0: flow matching alone)",
     )
+    add(
+        "--square-boost",
+        type=float,
+        default=DEFAULT.square_boost,
+        help="--model mmdit: pick scenes of squares (the hardest kind) this many times as often as the others",
+    )
+    add(
+        "--pixel-weight",
+        type=float,
+        default=DEFAULT.pixel_weight,
+        help="--model mmdit: weight of a pixel loss on the decoded x0 prediction of the least noisy quarter of "
+        "each batch, weighted on the shape's edge (0: latent loss alone)",
+    )
     add("--minutes", type=float, default=DEFAULT.minutes, help="whole run's time budget (both phases)")
     add("--vae-minutes", type=float, default=DEFAULT.vae_minutes, help="phase 1's share of the budget")
     add("--device", default=DEFAULT.device)

@@ -162,6 +162,68 @@ def test_no_pooled_and_attention_weight_are_mmdit_settings_checked_up_front() ->
             TrainConfig(model="mmdit", attention_weight=bad)
 
 
+def test_square_boost_and_pixel_weight_are_mmdit_settings_checked_up_front() -> None:
+    config = TrainConfig(model="mmdit", square_boost=2.0, pixel_weight=20.0)
+    assert "--square-boost 2.0" in config.recorded_command()
+    assert "--pixel-weight 20.0" in config.recorded_command()
+    for unet_only in ({"square_boost": 2.0}, {"pixel_weight": 1.0}):
+        with pytest.raises(TrainingConfigError, match="--model mmdit"):
+            TrainConfig(**unet_only)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(TrainingConfigError, match="--square-boost"):
+            TrainConfig(model="mmdit", square_boost=bad)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(TrainingConfigError, match="--pixel-weight"):
+            TrainConfig(model="mmdit", pixel_weight=bad)
+
+
+def test_square_boost_weights_exactly_the_pools_squares() -> None:
+    from sdexplore.embedded import scenes
+
+    table = scenes.prompt_table()
+    index = torch.arange(0, len(table), 7)  # (n,) a spread of prompt indices, every kind, size and place
+    weights = mmdit._pick_weights(index, 3.0)
+    squares = torch.tensor(["square" in table[i] for i in index.tolist()])
+    assert squares.any() and not squares.all()
+    assert torch.equal(weights, torch.where(squares, 3.0, 1.0))
+    assert mmdit._pick_weights(index, 1.0) is None  # uniform: batches drawn as before the flag
+
+
+@needs_tiny_shapes
+def test_pixel_term_is_zero_for_a_perfect_prediction_and_reads_only_the_least_noisy_quarter() -> None:
+    vae = mmdit.load_vae().requires_grad_(False)
+    mmdit.set_shift(vae, n=64)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(8, 4, 16, 16, generator=gen)
+    noise = torch.randn(8, 4, 16, 16, generator=gen)
+    sigmas = torch.tensor(
+        [0.9, 0.05, 0.8, 0.7, 0.6, 0.5, 0.1, 0.95]
+    )  # the least noisy quarter: images 1 and 6
+    noisy, velocity = flow_matching_pair(x0, noise, sigmas)
+    coverage = torch.zeros(8, 1, 16, 16)
+    coverage[:, :, 5:9, 5:9] = 1
+    exact = mmdit._pixel_term(vae, noisy, velocity, x0, sigmas, coverage, 10.0)
+    assert float(exact) < 1e-10
+    pred = (velocity + 0.3 * torch.randn(8, 4, 16, 16, generator=gen)).requires_grad_(True)
+    wrong = mmdit._pixel_term(vae, noisy, pred, x0, sigmas, coverage, 10.0)
+    wrong.backward()
+    touched = pred.grad.flatten(1).abs().sum(dim=1) > 0  # (8,)
+    assert wrong.item() > 1e-4 and touched.tolist() == [i in (1, 6) for i in range(8)]
+
+
+def test_pixel_loss_charges_an_error_on_the_shape_more_than_on_the_background() -> None:
+    from sdexplore.embedded.losses import pixel_loss
+
+    coverage = torch.zeros(1, 1, 16, 16)
+    coverage[:, :, 6:10, 6:10] = 1
+    target = torch.zeros(1, 3, 64, 64)
+    on_shape, off_shape = target.clone(), target.clone()
+    on_shape[..., 24:28, 24:28] = 1  # a corner's worth of pixels, on the shape
+    off_shape[..., 0:4, 0:4] = 1  # the same error in the image's corner, on the background
+    assert pixel_loss(on_shape, target, coverage, 0.0) == pixel_loss(off_shape, target, coverage, 0.0)
+    assert pixel_loss(on_shape, target, coverage, 10.0) > 5 * pixel_loss(off_shape, target, coverage, 10.0)
+
+
 def test_ignore_pooled_makes_the_output_independent_of_the_pooled_vector_only() -> None:
     torch.manual_seed(0)
     tr = mmdit.build_transformer(patch=2)

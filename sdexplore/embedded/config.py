@@ -11,7 +11,7 @@ from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 #: The script whose flags :meth:`TrainConfig.to_argv` writes (recorded in ``training.json`` as the run's command).
 SCRIPT = "python scripts/train_embedded.py"
 #: Settings only an MMDiT run has (a UNet run refuses them when they differ from their defaults).
-_MMDIT_ONLY = ("patch", "flow_shift", "no_pooled", "attention_weight")
+_MMDIT_ONLY = ("patch", "flow_shift", "no_pooled", "attention_weight", "square_boost", "pixel_weight")
 
 
 @dataclass
@@ -34,6 +34,12 @@ class TrainConfig:
     #: --model mmdit: weight of an auxiliary loss pulling the shape word's joint-attention map onto the drawn
     #: shape (KL of the shape's coverage to the map; 0: flow matching alone)
     attention_weight: float = 0.0
+    #: --model mmdit: scenes of squares (the hardest kind to draw) are picked from the latent pool this many times
+    #: as often as the others (1: as the pool has them)
+    square_boost: float = 1.0
+    #: --model mmdit: weight of a pixel loss on the decoded x0 prediction of the batch's least noisy quarter,
+    #: weighted on the shape and its edge as the latent loss is (0: latent loss alone)
+    pixel_weight: float = 0.0
     vae_minutes: float = 1.25  # phase 1's share of the budget
     device: str = "cpu"  # where to train ("cuda": bf16 autocast)
     out: str = str(EMBEDDED_MODEL_DIR)  # pipeline folder to write
@@ -89,7 +95,7 @@ class TrainConfig:
             flags = " and ".join(_flag(name) for name in mmdit_only)
             verb = "set" if len(mmdit_only) > 1 else "sets"
             raise TrainingConfigError(f"{flags} {verb} the MMDiT: add --model mmdit or drop them")
-        for name in ("flow_shift", "attention_weight"):
+        for name in ("flow_shift", "attention_weight", "square_boost", "pixel_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise TrainingConfigError(
                     f"{_flag(name)} must be a finite number, not {getattr(self, name)!r}"
@@ -98,7 +104,17 @@ class TrainConfig:
             raise TrainingConfigError(
                 f"--patch is 1, 2 or 4 (it divides the 16×16 latent), not {self.patch!r}"
             )
-        positive = ("minutes", "flow_shift", "vae_batch", "vae_lr", "batch", "lr", "log_every", "ckpt_every")
+        positive = (
+            "minutes",
+            "flow_shift",
+            "square_boost",
+            "vae_batch",
+            "vae_lr",
+            "batch",
+            "lr",
+            "log_every",
+            "ckpt_every",
+        )
         for name in positive:
             if not getattr(self, name) > 0:
                 raise TrainingConfigError(f"{_flag(name)} must be > 0, not {getattr(self, name)!r}")
@@ -110,6 +126,7 @@ class TrainConfig:
             "latent_pool",
             "shape_weight",
             "attention_weight",
+            "pixel_weight",
         )
         for name in at_least_zero + ("threads", "reserve_s", "eval_prompts"):
             if getattr(self, name) < 0:

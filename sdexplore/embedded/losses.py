@@ -34,6 +34,23 @@ def diffusion_loss(
     return (err * shape_weight_map(coverage, shape_weight)).mean()
 
 
+def pixel_loss(
+    decoded: torch.Tensor, target: torch.Tensor, coverage: torch.Tensor, shape_weight: float
+) -> torch.Tensor:
+    """MSE of decoded images, weighted as :func:`diffusion_loss` weights latents (each latent pixel's weight
+    spread over its 4×4 image pixels). ``decoded``/``target`` (B, 3, 64, 64), ``coverage`` (B, 1, 16, 16) or
+    (B, 1, 64, 64).
+
+    The latent loss treats every latent channel alike, but the decoder turns some latent errors into rounded
+    corners and others into nothing: a square read as a circle can have a small latent error. This term
+    measures the error where the kinds differ, after the decoder."""
+    err = (decoded - target).pow(2)  # (B, 3, 64, 64)
+    if not shape_weight:
+        return err.mean()
+    w = F.interpolate(shape_weight_map(coverage, shape_weight), size=err.shape[-2:], mode="nearest")
+    return (err * w).mean()  # w: (B, 1, 64, 64), mean 1 per image
+
+
 def reconstruction_loss(
     recon: torch.Tensor, images: torch.Tensor, coverage: torch.Tensor, shape_weight: float
 ) -> torch.Tensor:

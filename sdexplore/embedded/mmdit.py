@@ -31,10 +31,17 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..errors import ModelNotAvailableError
+from . import scenes
 from .architecture import n_params
 from .config import TrainConfig
 from .data import latent_pool, tokenised_prompts
-from .losses import attention_localisation_loss, diffusion_loss, flow_matching_pair, sample_flow_sigmas
+from .losses import (
+    attention_localisation_loss,
+    diffusion_loss,
+    flow_matching_pair,
+    pixel_loss,
+    sample_flow_sigmas,
+)
 from .model import EMBEDDED_MODEL_DIR, MMDIT_MODEL_DIR
 
 #: Default shift of the flow-matching sigmas (SD3's ``FlowMatchEulerDiscreteScheduler(shift=...)``), used in
@@ -233,7 +240,9 @@ class MMDiTRun:
         self.device = device
         torch.manual_seed(config.seed)
         source = Path(config.vae_from) if config.vae_from else EMBEDDED_MODEL_DIR
-        self.vae = load_vae(source).to(device)
+        self.vae = (
+            load_vae(source).to(device).requires_grad_(False)
+        )  # frozen: only decodes for the pixel loss
         set_shift(self.vae)
         self.transformer = build_transformer(patch=config.patch).to(device)
         if config.no_pooled:
@@ -293,6 +302,39 @@ def _log(run: MMDiTRun, **fields) -> None:
     run.info["log"] = (run.info["log"] + [fields])[-200:]
 
 
+def _pick_weights(prompt_index: torch.Tensor, square_boost: float) -> torch.Tensor | None:
+    """Sampling weights over the latent pool (n,): ``square_boost`` for scenes of squares, 1 for the others;
+    None when ``square_boost`` is 1 (uniform: the run draws its batches as runs without the flag did)."""
+    if square_boost == 1:
+        return None
+    per_shape = len(scenes.prompt_table()) // len(scenes.SHAPES)  # the table's outermost loop is the shape
+    is_square = prompt_index // per_shape == scenes.SHAPES.index("square")  # (n,)
+    return torch.where(is_square, square_boost, 1.0).float()
+
+
+def _pixel_term(
+    vae: AutoencoderKL,
+    noisy: torch.Tensor,
+    pred: torch.Tensor,
+    x0: torch.Tensor,
+    sigmas: torch.Tensor,
+    coverage: torch.Tensor,
+    shape_weight: float,
+) -> torch.Tensor:
+    """The pixel loss of ``--pixel-weight``: the least noisy quarter of the batch has its x0 prediction
+    (x_s − s·v) decoded by the frozen VAE and compared with the decoded training latent, weighted on the
+    shape's edge (:func:`~.losses.pixel_loss`). The kind of a shape is settled in those last, least noisy steps.
+    ``noisy``/``pred``/``x0`` (B, 4, 16, 16), ``sigmas`` (B,), ``coverage`` (B, 1, 16, 16)."""
+    k = max(1, noisy.shape[0] // 4)
+    low = sigmas.argsort()[:k]  # (k,) the least noisy images
+    x0_hat = noisy[low] - sigmas[low].view(-1, 1, 1, 1) * pred[low]  # (k, 4, 16, 16)
+    shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    decoded = vae.decode(x0_hat / scale + shift).sample  # (k, 3, 64, 64)
+    with torch.no_grad():
+        target = vae.decode(x0[low] / scale + shift).sample  # (k, 3, 64, 64)
+    return pixel_loss(decoded, target, coverage[low], shape_weight)
+
+
 def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
     """One MMDiT training run (resumable from ``run_dir``), exported to ``config.out``; returns the pipeline.
 
@@ -332,6 +374,7 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
     processor = CollapsedZerosProcessor(MAX_SEQUENCE_LENGTH, keep_text_probs=kept)
     run.transformer.set_attn_processor(processor)
     shape_ids = shape_token_ids(device)  # (3,)
+    pick_weights = _pick_weights(pool[2], config.square_boost)  # (n,) or None: uniform
     start, last_ckpt, spent0 = time.time(), time.time(), run.info["seconds"]["transformer"]
     first_step, t_first, smooth = run.step, None, None
     calibrate = max(first_step + 40, config.warmup)
@@ -347,7 +390,10 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
             break
         for group in run.opt.param_groups:
             group["lr"] = config.lr * lr_factor(run.step, total, warmup=config.warmup)
-        pick = torch.randint(0, pool[0].shape[0], (config.batch,), device=device, generator=run.noise_gen)
+        if pick_weights is None:
+            pick = torch.randint(0, pool[0].shape[0], (config.batch,), device=device, generator=run.noise_gen)
+        else:
+            pick = torch.multinomial(pick_weights, config.batch, replacement=True, generator=run.noise_gen)
         mean, std = pool[0][pick], pool[1][pick]  # (B, 4, 16, 16) each
         z = mean + std * torch.randn(mean.shape, device=device, generator=run.noise_gen)
         x0 = (z - shift) * scale  # (B, 4, 16, 16): what the pipeline's latents are
@@ -368,6 +414,10 @@ def train_mmdit(config: TrainConfig) -> StableDiffusion3Pipeline:
         ).sample
         coverage = pool[3][pick]  # (B, 1, 16, 16)
         loss = diffusion_loss(pred, target, coverage, config.shape_weight)
+        if config.pixel_weight > 0:
+            loss = loss + config.pixel_weight * _pixel_term(
+                run.vae, noisy, pred, x0, sigmas, coverage, config.shape_weight
+            )
         if processor.text_probs is not None:
             named = torch.isin(ids[:kept], shape_ids)  # (k, 77): where the caption names its shape
             word_index = torch.where(named.any(dim=1), named.int().argmax(dim=1), -1)  # (k,)
@@ -457,6 +507,8 @@ def export_mmdit(run: MMDiTRun, out: Path) -> StableDiffusion3Pipeline:
         patch=c.patch,
         pooled=not c.no_pooled,
         attention_weight=c.attention_weight,
+        square_boost=c.square_boost,
+        pixel_weight=c.pixel_weight,
         logit_normal=[LOGIT_MEAN, LOGIT_STD],
         objective="rectified flow: x_s = (1-s) x0 + s e, v = e - x0",
     )
