@@ -34,7 +34,10 @@ def word_overlay(
     ``"minmax"`` stretches each map to the whole colour map; ``"mass"`` / ``"sum"`` keep zero at its bottom
     and the map's peak at its top. The blend is :func:`sdexplore.render.heat_overlay`, as in the CLI and widgets.
     """
-    heat = norm(maps.word(word, step=step, layer=layer, index=index), normalize)  # (h, w)
+    heat = maps.word(word, step=step, layer=layer, index=index)  # (h, w) attention mass
+    # heat_overlay stretches min-max by itself: the raw map keeps the blend bit for bit the CLI's and widgets'
+    if normalize != "minmax":
+        heat = norm(heat, normalize)
     vmin = None if normalize == "minmax" else 0.0
     if image is None:
         return heat_overlay(None, heat, cmap=cmap, size=min(maps.image_size), vmin=vmin, mask=mask)
