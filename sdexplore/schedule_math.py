@@ -65,12 +65,15 @@ def flow_level(flow_sigma: float) -> NoiseLevel:
     return NoiseLevel(alpha_bar, sigma, "flow", s)
 
 
-def x0_from_flow(model_output: torch.Tensor, sample: torch.Tensor, flow_sigma: float) -> torch.Tensor:
+def x0_from_flow(
+    model_output: torch.Tensor, sample: torch.Tensor, flow_sigma: float | torch.Tensor
+) -> torch.Tensor:
     """Predicted clean latent of a flow-matching model (rectified flow, Liu et al. 2022; Esser et al. 2024).
 
     With ``x_t = (1 − s) x0 + s ε`` and the model predicting the velocity ``v = ε − x0``,
     ``x_t − s · v = (1 − s) x0 + s ε − s ε + s x0 = x0``. ``sample`` is the model's input ``x_t`` (flow
-    schedulers feed the latents unscaled), ``flow_sigma`` the scheduler's ``s`` of that evaluation.
+    schedulers feed the latents unscaled), ``flow_sigma`` the scheduler's ``s`` of that evaluation (or one per
+    sample, shaped to broadcast, as in training).
     """
     return sample - flow_sigma * model_output
 

@@ -196,9 +196,8 @@ def test_pixel_term_is_zero_for_a_perfect_prediction_and_reads_only_the_least_no
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(8, 4, 16, 16, generator=gen)
     noise = torch.randn(8, 4, 16, 16, generator=gen)
-    sigmas = torch.tensor(
-        [0.9, 0.05, 0.8, 0.7, 0.6, 0.5, 0.1, 0.95]
-    )  # the least noisy quarter: images 1 and 6
+    # the least noisy quarter: images 1 and 6
+    sigmas = torch.tensor([0.9, 0.05, 0.8, 0.7, 0.6, 0.5, 0.1, 0.95])
     noisy, velocity = flow_matching_pair(x0, noise, sigmas)
     coverage = torch.zeros(8, 1, 16, 16)
     coverage[:, :, 5:9, 5:9] = 1

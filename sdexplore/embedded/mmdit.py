@@ -31,6 +31,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from ..errors import ModelNotAvailableError
+from ..schedule_math import x0_from_flow
 from . import scenes
 from .architecture import n_params
 from .config import TrainConfig
@@ -240,9 +241,8 @@ class MMDiTRun:
         self.device = device
         torch.manual_seed(config.seed)
         source = Path(config.vae_from) if config.vae_from else EMBEDDED_MODEL_DIR
-        self.vae = (
-            load_vae(source).to(device).requires_grad_(False)
-        )  # frozen: only decodes for the pixel loss
+        # frozen: it encodes the latent pool and decodes for --pixel-weight, never trains
+        self.vae = load_vae(source).to(device).requires_grad_(False)
         set_shift(self.vae)
         self.transformer = build_transformer(patch=config.patch).to(device)
         if config.no_pooled:
@@ -307,8 +307,7 @@ def _pick_weights(prompt_index: torch.Tensor, square_boost: float) -> torch.Tens
     None when ``square_boost`` is 1 (uniform: the run draws its batches as runs without the flag did)."""
     if square_boost == 1:
         return None
-    per_shape = len(scenes.prompt_table()) // len(scenes.SHAPES)  # the table's outermost loop is the shape
-    is_square = prompt_index // per_shape == scenes.SHAPES.index("square")  # (n,)
+    is_square = scenes.shape_of_prompt_index(prompt_index) == scenes.SHAPES.index("square")  # (n,)
     return torch.where(is_square, square_boost, 1.0).float()
 
 
@@ -327,7 +326,7 @@ def _pixel_term(
     ``noisy``/``pred``/``x0`` (B, 4, 16, 16), ``sigmas`` (B,), ``coverage`` (B, 1, 16, 16)."""
     k = max(1, noisy.shape[0] // 4)
     low = sigmas.argsort()[:k]  # (k,) the least noisy images
-    x0_hat = noisy[low] - sigmas[low].view(-1, 1, 1, 1) * pred[low]  # (k, 4, 16, 16)
+    x0_hat = x0_from_flow(pred[low], noisy[low], sigmas[low].view(-1, 1, 1, 1))  # (k, 4, 16, 16)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     decoded = vae.decode(x0_hat / scale + shift).sample  # (k, 3, 64, 64)
     with torch.no_grad():

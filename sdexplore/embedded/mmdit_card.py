@@ -89,8 +89,8 @@ TRIED: list[tuple[str, str, str, str, str]] = [
         "66.2%",
         "43%",
         "0.564",
-        "worse on every kind and on place (88%); the weight and the fewer steps (1.69 s per step against 1.37 for the run beside it) "
-        "were not told apart",
+        "worse on every kind and on place (88%); the weight and the fewer steps (1.69 s per step against 1.37 "
+        "for the run beside it) were not told apart",
     ),
 ]
 

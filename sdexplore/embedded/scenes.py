@@ -221,6 +221,15 @@ class SceneBatch:
         return index * 2 + self.in_the.long()
 
 
+def shape_of_prompt_index(index: torch.Tensor) -> torch.Tensor:
+    """The shape (index into :data:`SHAPES`) of each prompt index of :meth:`SceneBatch.prompt_index`, (B,):
+    the shape is that mixed-radix number's leading digit."""
+    per_shape = (
+        3 * len(COLOURS) * len(PLACES) * (len(COLOURS) + 1) * 2
+    )  # sizes × colours × places × bgs × preps
+    return index // per_shape
+
+
 def prompt_table() -> list[str]:
     """Every prompt the world's sampler can write, in the order :meth:`SceneBatch.prompt_index` numbers them.
 
