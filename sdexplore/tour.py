@@ -11,17 +11,18 @@ import numpy as np
 import torch
 
 from .families import detect_family, vae_scale_factor
-from .schedule_math import dynamic_shift_mu, prediction_type
+from .inversion import DEFAULT_STEPS
+from .schedule_math import FLOW_PREDICTION, dynamic_shift_mu, prediction_type
 
 _ROLES = {
     "tokenizer": "splits the prompt into CLIP tokens",
-    "tokenizer_2": "second tokenizer (OpenCLIP bigG)",
+    "tokenizer_2": "second tokenizer, for text_encoder_2",
     "tokenizer_3": "splits the prompt into T5 sentencepiece pieces",
     "text_encoder": "turns tokens into one embedding per token",
     "text_encoder_2": "second text encoder; also gives the pooled embedding",
     "text_encoder_3": "T5 encoder: the long, detailed text sequence",
-    "unet": "predicts the noise in the latents, conditioned on the text",
-    "transformer": "MMDiT: predicts the flow (noise minus image) from image and text tokens attending jointly",
+    "unet": "predicts {target} from the noisy latents, conditioned on the text",
+    "transformer": "MMDiT: predicts {target} from image and text tokens attending jointly",
     "image_encoder": "encodes reference images (IP-Adapter)",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
@@ -34,16 +35,29 @@ _FAMILY_ROLES = {
         "text_encoder": "CLIP-L: only its pooled embedding is used (the transformer's pooled_projections)",
         "tokenizer_2": "splits the prompt into T5 sentencepiece pieces",
         "text_encoder_2": "T5 encoder: the text sequence the transformer attends to",
-        "transformer": "MMDiT: predicts the flow from 2×2-packed image tokens and text tokens attending jointly",
+        "transformer": "MMDiT: predicts {target} from 2×2-packed image tokens and text tokens attending jointly",
     },
     "flux2": {
         "tokenizer": "splits the chat-templated prompt into byte-level BPE tokens",
         "text_encoder": "Qwen3 language model: three of its layers' hidden states, stacked, are the text sequence",
-        "transformer": "MMDiT: predicts the flow from 2×2-packed 128-channel image tokens and text tokens attending "
-        "jointly",
+        "transformer": "MMDiT: predicts {target} from 2×2-packed 128-channel image tokens and text tokens "
+        "attending jointly",
         "vae": "encodes pixels to 32-channel latents (normalised by its batch-norm statistics) and back",
     },
 }
+#: What the denoiser's output is, by the scheduler's ``prediction_type`` (read from its config, never assumed):
+#: x_t = α·x0 + σ·ε for the UNet families, x_t = (1 − s)·x0 + s·ε for flow matching.
+PREDICTS = {
+    "epsilon": "the noise ε",
+    "v_prediction": "v = α·ε − σ·x0, a mix of noise and image",
+    "sample": "the clean latents x0",
+    FLOW_PREDICTION: "the flow v = ε − x0, noise minus image",
+}
+
+
+def predicts(prediction_type: str) -> str:
+    """What a denoiser trained for ``prediction_type`` outputs, in words (the type itself when unknown)."""
+    return PREDICTS.get(prediction_type, f"its {prediction_type!r} target")
 
 
 @dataclass
@@ -99,8 +113,9 @@ class PipelineDescription:
             f"Family: {self.family_label} ({self.family}); {self.total_parameters / 1e6:,.1f} M parameters in all",
             f"Pixels → latents: {h}×{w}×3 = {h * w * 3:,} numbers → {lh}×{lw}×{ch} = {lh * lw * ch:,} "
             f"numbers ({self.compression:g}× fewer)",
-            f"Scheduler: {self.scheduler}, {self.prediction_type} prediction, {self.num_train_timesteps} training "
-            f"timesteps; {len(self.timesteps)} inference steps: {_short(self.timesteps)}",
+            f"Scheduler: {self.scheduler}, {self.num_train_timesteps} training timesteps; "
+            f"{len(self.timesteps)} inference steps: {_short(self.timesteps)}",
+            f"Prediction type {self.prediction_type}: the denoiser predicts {predicts(self.prediction_type)}",
             *self.blocks,
         ]
 
@@ -125,28 +140,32 @@ def _short(ts: list[int]) -> str:
     return ", ".join(map(str, ts)) if len(ts) <= 8 else f"{ts[0]}, {ts[1]}, {ts[2]}, …, {ts[-2]}, {ts[-1]}"
 
 
-def _component(name: str, obj: Any, family: str = "") -> Component:
+def _component(name: str, obj: Any, family: str = "", target: str = "") -> Component:
     params = dtype = device = None
     if isinstance(obj, torch.nn.Module):
         params = sum(p.numel() for p in obj.parameters())
         first = next(obj.parameters(), None)
         if first is not None:
             dtype, device = str(first.dtype).removeprefix("torch."), str(first.device)
-    role = _FAMILY_ROLES.get(family, {}).get(name) or _ROLES.get(name, "")
+    role = (_FAMILY_ROLES.get(family, {}).get(name) or _ROLES.get(name, "")).format(target=target)
     return Component(name, type(obj).__name__, role, params, dtype, device)
 
 
 def describe(
-    pipe: Any, *, steps: int = 50, height: int | None = None, width: int | None = None
+    pipe: Any, *, steps: int = DEFAULT_STEPS, height: int | None = None, width: int | None = None
 ) -> PipelineDescription:
     """Describe a pipeline: each component with class, parameter count, dtype and device; the family; the
-    latent shape arithmetic; the scheduler and its timesteps for ``steps`` inference steps.
+    latent shape arithmetic; the scheduler and its timesteps for ``steps`` inference steps (default: the
+    package's own step count, 25, as every command uses).
 
+    Every statement is read from the pipeline: what the denoiser predicts from the scheduler's
+    ``prediction_type`` (noise, v, x0 or flow), sizes from the configs, block counts from the module tree.
     Printing the result gives a table; in Jupyter it renders as HTML. The scheduler is not modified
     (its timesteps are computed on a copy).
     """
     fam = detect_family(pipe)
-    comps = [_component(n, obj, fam.name) for n, obj in pipe.components.items() if obj is not None]
+    target = predicts(prediction_type(pipe.scheduler))
+    comps = [_component(n, obj, fam.name, target) for n, obj in pipe.components.items() if obj is not None]
     factor = vae_scale_factor(pipe)
     den = fam.get_denoiser(pipe)
     # latent cells of the native size: the denoiser's sample_size; Flux's transformer has none, its pipeline

@@ -74,3 +74,43 @@ def test_describe_non_square_and_bad_size(sd1_pipe):
     assert d.latent_shape == (4, 8, 12)
     with pytest.raises(ValueError, match="multiples of 8"):
         describe(sd1_pipe, height=60, width=64)
+
+
+# ---------------------------------------------------------------- every statement read from the pipeline
+@pytest.mark.parametrize(
+    ("model", "expected_type"), [("tiny-shapes", "v_prediction"), ("tiny-shapes-mmdit", "flow_prediction")]
+)
+def test_describe_embedded_models_says_what_their_configs_say(model, expected_type):
+    """The embedded UNet is v-prediction (not "predicts the noise"); the default step count is the commands'."""
+    from sdexplore import cli, inversion
+    from sdexplore.loading import load_pipeline
+    from sdexplore.schedule_math import prediction_type
+    from sdexplore.tour import predicts
+
+    pipe = load_pipeline(model)
+    d = describe(pipe)
+    assert d.prediction_type == prediction_type(pipe.scheduler) == expected_type
+    assert len(d.timesteps) == cli.DEFAULT_STEPS == inversion.DEFAULT_STEPS  # not diffusers' 50
+    text = str(d)
+    assert f"{cli.DEFAULT_STEPS} inference steps" in text and "50 inference steps" not in text
+    assert f"predicts {predicts(expected_type)}" in text and "predicts the noise" not in text
+    denoiser = next(c for c in d.components if c.name in ("unet", "transformer"))
+    assert predicts(expected_type) in denoiser.role
+    assert f"{pipe.scheduler.config.num_train_timesteps} training timesteps" in text
+
+
+def test_describe_follows_the_scheduler_config_prediction_type(sd1_pipe):
+    """Changing only the scheduler's prediction_type changes what describe() says the UNet predicts."""
+    from sdexplore.tour import PREDICTS
+
+    said = {}
+    for kind in ("epsilon", "v_prediction", "sample"):
+        sd1_pipe.scheduler = type(sd1_pipe.scheduler).from_config(
+            sd1_pipe.scheduler.config, prediction_type=kind
+        )
+        d = describe(sd1_pipe, steps=3)
+        unet = next(c for c in d.components if c.name == "unet")
+        assert d.prediction_type == kind and PREDICTS[kind] in unet.role and PREDICTS[kind] in str(d)
+        said[kind] = unet.role
+    assert len(set(said.values())) == 3
+    assert "noise" in said["epsilon"].split(" from ")[0] and "x0" in said["sample"]
