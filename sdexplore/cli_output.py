@@ -1,23 +1,24 @@
 """The command line's output, written whole or not at all: a temporary folder or file beside ``--out``, renamed
-into place when complete; a lock beside it against a second run; ``--force`` replaces without leaving stale files;
-Ctrl-C and failures leave the old output as it was. Also the command line's input error and message helpers."""
+into place when complete, with a manifest of what sdexplore wrote; a lock beside it against a second run;
+``--force`` replaces a folder only when its manifest lists every file in it, unchanged, and leaves no stale files;
+Ctrl-C, SIGTERM and failures leave the old output as it was. Also the command line's input error and message helpers."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from ._signals import interrupts_deferred
 
 PROG = "sdexplore"
 
@@ -39,11 +40,10 @@ def _one_line(error: BaseException) -> str:
 
 # ---------------------------------------------------------------- output: atomic, exclusive, no stale files
 
-#: Files a command may write into its --out folder. --force replaces a folder only when it holds nothing else.
-_OUR_FILES = re.compile(
-    r"(image\.png|steps_x0\.png|steps_preview\.png|denoising\.gif|attention_grid\.png|attention_[^/]+\.png"
-    r"|trace\.[^/]+|attention\.[^/]+)"
-)
+#: The file in every --out folder that lists what sdexplore wrote there (names and SHA-256): --force replaces a
+#: folder only when it holds exactly these files, unchanged, so a user's file is never deleted for its name.
+MANIFEST = ".sdexplore-manifest.json"
+_MANIFEST_FORMAT = "sdexplore.output"
 _STALE_LOCK_AGE_S = 30.0  # an empty or garbled lock file older than this is a leftover, not a run starting up
 
 
@@ -88,10 +88,13 @@ class _Output:
     """One command's output, written whole or not at all.
 
     Everything is written into a temporary folder (or file) beside ``--out`` and renamed into place when
-    complete; ``--force`` sets the old output aside, renames the new one in and then deletes the old one, so no
-    stale file survives. A lock file beside ``--out`` (created with O_CREAT | O_EXCL, holding ``pid host``)
-    refuses a second run into the same place; a lock whose process is dead is taken over. On any failure or
-    Ctrl-C the temporary output and the lock are removed and the old output is left as it was.
+    complete, a folder with its :data:`MANIFEST` (every file's SHA-256); ``--force`` replaces a folder only
+    when it holds exactly what its manifest lists, unchanged (never a user's file that merely has an output's
+    name): it sets the old output aside, checks it again, renames the new one in and deletes the old one, so no
+    stale file survives and old and new never mix. A lock file beside ``--out`` (created with O_CREAT | O_EXCL,
+    holding ``pid host``) refuses a second run into the same place; a lock whose process is dead is taken over.
+    On any failure, Ctrl-C or SIGTERM the temporary output and the lock are removed and the old output is left as
+    it was.
     """
 
     def __init__(self, out: str, *, folder: bool, force: bool) -> None:
@@ -176,11 +179,11 @@ class _Output:
             raise InputError(f"cannot read --out {shown}: {e.strerror}; choose another --out") from e
         if not entries:
             return  # an empty folder is simply filled
-        foreign = [e for e in entries if not (_OUR_FILES.fullmatch(e) and (t / e).is_file())]
-        if foreign:
+        problem = _not_ours(t)
+        if problem is not None:
             raise InputError(
-                f"{shown} holds files sdexplore did not write (e.g. {foreign[0]}), and a command replaces its "
-                "whole --out folder; choose a new --out folder"
+                f"{shown} holds {problem}, and a command replaces its whole --out folder; choose a new --out "
+                "folder (or move your files out of it)"
             )
         if not self.force:
             more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
@@ -295,7 +298,9 @@ class _Output:
     def commit(self) -> None:
         """Rename the finished output into place (replacing the old one with --force); Ctrl-C waits till done."""
         assert self.path is not None and not self.committed
-        with _interrupts_deferred():
+        if self.folder:
+            _write_manifest(self.path)
+        with interrupts_deferred():
             t = self.target
             if not self.folder:
                 if t.exists() and not self.force:
@@ -310,6 +315,13 @@ class _Output:
                     )
                 old = self.parent / (_side_name(t, "old-") + secrets.token_hex(4))
                 os.rename(t, old)
+                problem = _not_ours(old)  # checked again once set aside: a file may have been added meanwhile
+                if problem is not None:
+                    os.rename(old, t)
+                    raise InputError(
+                        f"{self.shown} now holds {problem} (added while this run was writing); nothing was "
+                        "replaced: choose a new --out folder"
+                    )
                 try:
                     os.rename(self.path, t)
                 except BaseException:
@@ -343,28 +355,55 @@ class _Output:
         self.close()
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """List every file of a finished output folder with its SHA-256 in ``folder/MANIFEST``."""
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    doc = {"format": _MANIFEST_FORMAT, "version": 1, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def _not_ours(folder: Path) -> str | None:
+    """None when ``folder`` holds exactly the files its manifest lists, each unchanged (sdexplore's own output,
+    safe to replace as a whole); else what is not, in words for an error message."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
+        listed = doc["files"] if doc.get("format") == _MANIFEST_FORMAT else None
+        if not isinstance(listed, dict):
+            raise ValueError("not an sdexplore manifest")
+    except FileNotFoundError:
+        first = sorted(os.listdir(folder))[0]
+        return f"files sdexplore did not write (e.g. {first}; it has no {MANIFEST} listing sdexplore's files)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"an unreadable {MANIFEST}, so sdexplore cannot tell its files from yours"
+    for name in sorted(os.listdir(folder)):
+        if name == MANIFEST:
+            continue
+        path = folder / name
+        if name not in listed or path.is_symlink() or not path.is_file():
+            return f"files sdexplore did not write (e.g. {name})"
+        try:
+            changed = _sha256(path) != listed[name]
+        except OSError:
+            changed = True
+        if changed:
+            return f"{name}, changed since sdexplore wrote it"
+    return None
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-
-
-@contextlib.contextmanager
-def _interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C back until the block ends (a rename pair must not be cut in half); main thread only."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if pending:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- loading

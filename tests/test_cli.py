@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdexplore.attention import AttentionMaps
 from sdexplore.cli import SCHEDULER_ALIASES, TILE, main, resolve_scheduler
+from sdexplore.cli_output import MANIFEST
 from sdexplore.export import image_grid, read_frames
 from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE, load_pipeline
 from sdexplore.trace import Trace
@@ -86,7 +87,7 @@ def test_steps_writes_image_strips_gif_and_trace(capsys, tmp_path):
                         "--width", "48", "--out", out, "--no-progress")  # fmt: skip
     assert rc == 0
     files = ["image.png", "steps_x0.png", "steps_preview.png", "denoising.gif", "trace.safetensors"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, MANIFEST])
     assert all(str(out / f) in stdout for f in files)  # says where it wrote
     assert size(out / "image.png") == (48, 64)
     tile = (TILE * 48 // 64, TILE)  # longer side TILE, aspect ratio kept
@@ -229,6 +230,7 @@ def test_attention_selected_words_including_a_phrase(capsys, tmp_path):
             "attention_blue_background.png",
             "attention_grid.png",
             "attention.safetensors",
+            MANIFEST,
         ]  # fmt: skip
     )
 
@@ -306,7 +308,7 @@ def test_every_command_on_a_saved_mmdit_folder(capsys, tmp_path, mmdit_folder):
                    steps, *size_args)  # fmt: skip
     assert rc == 0
     assert sorted(p.name for p in steps.iterdir()) == sorted(
-        ["image.png", "steps_x0.png", "steps_preview.png", "denoising.gif", "trace.safetensors"]
+        ["image.png", "steps_x0.png", "steps_preview.png", "denoising.gif", "trace.safetensors", MANIFEST]
     )
     trace = Trace.load(steps / "trace.safetensors")
     assert trace.family == family and len(trace) == 2 and trace.meta["seed"] == 3
@@ -512,7 +514,7 @@ def test_invert_writes_the_reconstruction_its_psnr_and_the_inversion(capsys, tmp
     )
     assert rc == 0
     names = ["image.png", "reconstruction.png", "inversion.json", "inversion.safetensors"]
-    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, MANIFEST])
     summary = json.loads((out / "inversion.json").read_text())
     inv = Inversion.load(out / "inversion.safetensors")
     recon = np.asarray(Image.open(out / "reconstruction.png").convert("RGB"))

@@ -165,7 +165,7 @@ def test_force_leaves_no_stale_files_of_the_older_run(capsys, tmp_path):
     assert (out / "steps_x0.png").exists()
     assert run(capsys, "steps", "a red circle", *FAST, "--out", out, "--force")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["image.png", "steps_preview.png", "denoising.gif", "trace.safetensors"]
+        ["image.png", "steps_preview.png", "denoising.gif", "trace.safetensors", cli_output.MANIFEST]
     )  # no steps_x0.png from the first run
     assert beside(tmp_path) == ["run"]
 
@@ -190,6 +190,62 @@ def test_outputs_have_ordinary_permissions(capsys, tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
+def test_force_never_deletes_a_users_file_that_has_an_outputs_name(capsys, tmp_path, no_model):
+    """--force replaces only what the folder's manifest lists: a user's trace.docx or image.png, in a folder with no
+    manifest or beside sdexplore's own files, stays (the old name patterns matched them)."""
+    for names in (["trace.docx"], ["image.png", "attention_notes.png"], ["attention.txt"]):
+        mine = tmp_path / "mine"
+        mine.mkdir()
+        for name in names:
+            (mine / name).write_text("keep me")
+        rc, _, err = run(capsys, "steps", "a red circle", "--out", mine, "--force")
+        assert rc == 2 and len(error_lines(err)) == 1 and cli_output.MANIFEST in err, err
+        assert {p.name: p.read_text() for p in mine.iterdir()} == dict.fromkeys(names, "keep me")
+        assert beside(tmp_path) == ["mine"]
+        for name in names:
+            (mine / name).unlink()
+        mine.rmdir()
+    assert not no_model  # refused before loading
+
+
+def test_force_replaces_sdexplores_own_output_only_while_its_manifest_holds(capsys, tmp_path, monkeypatch):
+    import json
+
+    out = tmp_path / "run"
+    assert run(capsys, "steps", "a red circle", *FAST, "--out", out)[0] == 0
+    manifest = json.loads((out / cli_output.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in out.iterdir() if p.name != cli_output.MANIFEST)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    (out / "trace.docx").write_text("my notes")  # a user's file with an output's name, beside sdexplore's
+    rc, _, err = run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")
+    assert rc == 2 and "trace.docx" in err and (out / "trace.docx").read_text() == "my notes"
+    (out / "trace.docx").unlink()
+
+    (out / "image.png").write_bytes(b"my own picture")  # an output the user has since changed
+    rc, _, err = run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")
+    assert rc == 2 and "image.png, changed since sdexplore wrote it" in err
+    (out / "image.png").write_bytes(before["image.png"])
+
+    real = cli.write_steps
+
+    def user_adds_a_file_meanwhile(pipe, args, files):
+        (out / "notes.txt").write_text("written during the run")
+        real(pipe, args, files)
+
+    monkeypatch.setattr(cli, "write_steps", user_adds_a_file_meanwhile)
+    rc, stdout, err = run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")
+    assert rc == 2 and "notes.txt" in err and "wrote" not in stdout
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == {**before, "notes.txt": b"written during the run"}  # old output whole, the file kept
+    assert beside(tmp_path) == ["run"]
+    (out / "notes.txt").unlink()
+    monkeypatch.undo()
+
+    assert run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")[0] == 0
+    assert Trace.load(out / "trace.safetensors").meta["prompt"] == "a blue square"
 
 
 def test_force_never_replaces_a_folder_holding_other_files(capsys, tmp_path, monkeypatch, no_model):
