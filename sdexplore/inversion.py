@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import check_size
 from .errors import InvalidArgumentError, UnsupportedPipelineError
 from .families import Family, detect_family
 from .images import ImageLike, encode_image, pipeline_image
@@ -192,7 +193,14 @@ def _scheduler(pipe: Any, scheduler: Any) -> Iterator[None]:
 
 
 def _check(
-    pipe: Any, prompt: Any, steps: Any, method: Any, guidance: Any, iterations: Any
+    pipe: Any,
+    prompt: Any,
+    steps: Any,
+    method: Any,
+    guidance: Any,
+    iterations: Any,
+    height: Any = None,
+    width: Any = None,
 ) -> tuple[Family, str, int, float, int]:
     fam = detect_family(pipe)
     if fam.name not in ("sd1", "sd2", "sdxl", "sd3"):
@@ -223,6 +231,7 @@ def _check(
         raise InvalidArgumentError(
             f"iterations={iterations!r}: give fixed-point passes per step from 0 to 100."
         )
+    check_size(pipe, height, width)  # before the picture is read: a size the model cannot draw fails here
     return fam, ode, steps, float(guidance), iterations
 
 
@@ -242,7 +251,8 @@ def invert(
     """Turn a real picture into the starting noise that regenerates it with ``pipe`` and ``prompt``.
 
     ``image``: a PIL image, an array, a tensor, bytes or a path (:func:`sdexplore.images.load_image`), resized to
-    ``height`` × ``width`` (default: the model's size) with a note. ``method``: ``"ddim"`` (the UNet families'
+    ``height`` × ``width`` (default: the model's size) with a note; a size the model cannot draw (not a positive
+    multiple of its VAE factor × patch, or above an SD3 transformer's limit) is refused before any work. ``method``: ``"ddim"`` (the UNet families'
     default), ``"flow"`` (SD3's default) or ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
     prompt as its negative). ``guidance``: the reconstruction's CFG scale. ``iterations``: fixed-point passes per
     step on top of the one-call approximation (default :data:`DEFAULT_ITERATIONS`, the fewest that bring the
@@ -253,7 +263,9 @@ def invert(
     The reconstruction is a plain ``pipe(...)`` call, recorded by an enclosing ``sdexplore.observe`` like any call.
     Returns an :class:`~sdexplore.results.inversion.Inversion` (latents, trace, reconstruction, PSNR, settings).
     """
-    fam, ode, steps, guidance, iterations = _check(pipe, prompt, steps, method, guidance, iterations)
+    fam, ode, steps, guidance, iterations = _check(
+        pipe, prompt, steps, method, guidance, iterations, height, width
+    )
     method = ode if method is None else method
     picture = np.asarray(pipeline_image(pipe, image, height=height, width=width), dtype=np.uint8)  # (H, W, 3)
     h, w = picture.shape[:2]
@@ -266,7 +278,7 @@ def invert(
 
     from .decoding import decode_with
 
-    z0 = encode_image(pipe, picture)  # (1, C, h/8, w/8), the VAE posterior mean
+    z0 = encode_image(pipe, picture, height=h, width=w)  # (1, C, h/f, w/f), the VAE posterior mean
     vae_round_trip = decode_with(pipe.vae, z0)[0].cpu().numpy()  # (H, W, 3) uint8
     model = _conditional_model(pipe, fam, prompt, h, w)
 

@@ -90,6 +90,11 @@ def test_bad_input_is_refused_before_any_work(picture, monkeypatch):
         ({"guidance": float("nan")}, "finite"),
         ({"guidance": -1.0}, "negative"),
         ({"iterations": -1}, "iterations"),
+        ({"height": 60}, "positive multiple of 8"),  # the tiny SD1's VAE factor is 8
+        ({"height": 0}, "positive multiple of 8"),
+        ({"width": -64}, "positive multiple of 8"),
+        ({"height": 64.0}, "positive multiple of 8"),
+        ({"width": True}, "positive multiple of 8"),
     ]
     for kwargs, match in cases:
         with pytest.raises(InvalidArgumentError, match=match):
@@ -103,6 +108,13 @@ def test_bad_input_is_refused_before_any_work(picture, monkeypatch):
     sd3 = tiny_pipeline("sd3")
     with pytest.raises(InvalidArgumentError, match="use method='flow'"):
         invert(sd3, picture, method="ddim")
+    monkeypatch.setattr(sd3.vae, "encode", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(
+        InvalidArgumentError, match=r"multiple of 16 \(the VAE's factor 8 × the transformer's 2×2"
+    ):
+        invert(sd3, picture, height=72)  # a multiple of the VAE's 8, not of 8 × the 2×2 patch
+    with pytest.raises(InvalidArgumentError, match="limit of 256 pixels"):  # pos_embed_max_size 16 × 2 × 8
+        invert(sd3, picture, width=272)
 
 
 def test_save_load_round_trip(tmp_path, picture):
@@ -137,6 +149,20 @@ def embedded():
     import sdexplore as sdx
 
     return sdx.load_pipeline()
+
+
+def test_embedded_inverts_at_a_non_default_size(embedded, picture, monkeypatch):
+    """At 48×80 (the model's default is 64×64) the picture is encoded at that size and the inversion completes
+    and reconstructs at it (before the fix the encoder read it at 64×64 and the PSNR failed to broadcast).
+    Measured at 10 steps: 27.2 dB, the VAE's own round trip 27.1 dB."""
+    inv = invert(embedded, picture, PROMPT, steps=10, height=48, width=80)
+    assert inv.image.shape == inv.reconstruction.shape == (48, 80, 3)
+    assert tuple(inv.latents.shape) == (1, 4, 12, 20)  # the VAE's factor is 4
+    assert inv.psnr >= inv.vae_psnr - 2.0, (inv.psnr, inv.vae_psnr)
+    # 60 is a multiple of the VAE's 4 but diffusers' SD pipeline takes multiples of 8: refused before any work
+    monkeypatch.setattr(embedded.vae, "encode", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(InvalidArgumentError, match="positive multiple of 8 .*VAE's factor 4"):
+        invert(embedded, picture, PROMPT, height=60)
 
 
 def test_zero_terminal_snr_first_step_has_no_signal(embedded):
