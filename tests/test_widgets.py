@@ -309,6 +309,20 @@ def test_attention_controls_change_the_image_without_running_the_pipeline(run):
     assert "keep_probs" in ex._note.value  # step range + one layer group needs every probability tensor
 
 
+def test_attention_opens_on_the_first_content_word(run):
+    """Not on "a": the first word that is not a stop word, punctuation or a special token."""
+    from sdexplore.widgets.attention import first_content_word
+
+    _, obs, image = run
+    ex = AttentionExplorer(obs, image, static=False)
+    assert ex.words[0] == "a" and ex.word == "big"
+    assert ex.displayed_png == ex.overlay_png("big", ex.step_range, ex.layer, ex.opacity)  # builds the widget
+    assert ex._word_buttons.value == "big"
+    assert AttentionExplorer(obs, image, words=["on", "a", "background"], static=False).word == "background"
+    assert first_content_word([",", "the", "<|startoftext|>", "</s>", "an", "Circle"]) == "Circle"
+    assert first_content_word(["a", "on", "."]) == "a"  # nothing but stop words: the first, not an error
+
+
 def test_attention_heat_is_the_normalised_word_map(run):
     _, obs, image = run
     ex = AttentionExplorer(obs.attention, image, static=False)
