@@ -72,7 +72,8 @@ def test_prompt_switch_replaces_the_t5_sequence_and_the_pooled_embedding_from_k(
     _, sw_given = run(flux_pipe, switch_prompt=given)
     torch.testing.assert_close(sw_given[-1].latents_out, other[-1].latents_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="encode it with the same pipeline"):  # 512 T5 tokens given, 24 used
-        run(flux_pipe, switch_prompt=PromptSwitch(0, prompt_embeds=torch.zeros(1, 512, 64)))
+        wrong = PromptSwitch(0, prompt_embeds=torch.zeros(1, 512, 64), pooled_prompt_embeds=new.pooled)
+        run(flux_pipe, switch_prompt=wrong)
 
 
 def test_prompt_switch_under_true_cfg_leaves_the_negative_call_alone(flux_pipe) -> None:

@@ -79,7 +79,8 @@ def test_prompt_switch_follows_the_calls_t5_length_and_takes_embeddings(sd3_pipe
     _, sw_given = run(sd3_pipe, call=call, switch_prompt=given)
     torch.testing.assert_close(sw_given[-1].latents_out, other[-1].latents_out, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="encode it with the same pipeline"):  # 77 + 256 tokens given
-        run(sd3_pipe, call=call, switch_prompt=PromptSwitch(0, prompt_embeds=torch.zeros(1, 77 + 256, 64)))
+        wrong = PromptSwitch(0, prompt_embeds=torch.zeros(1, 77 + 256, 64), pooled_prompt_embeds=enc.pooled)
+        run(sd3_pipe, call=call, switch_prompt=wrong)
 
 
 def test_stop_at_k_returns_k_steps_and_decodes(sd3_pipe) -> None:

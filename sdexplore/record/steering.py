@@ -12,8 +12,10 @@ from their steering options; it patches nothing itself:
   SDXL's ``text_embeds``, SD3's and Flux's ``pooled_projections``; SD3's sequence embedding is CLIP and T5
   together, Flux's T5's alone) given to the denoiser from step ``at_step`` on, before each denoiser call; the
   unconditional (negative) half is kept (Flux's true CFG: the negative prompt's call is left alone). Steps before
-  ``at_step`` are bit-identical to a plain run.
-- **guidance schedule** — a list (one scale per step) or a callable ``(step, num_steps) -> scale``. The
+  ``at_step`` are bit-identical to a plain run. A switch given as ``prompt_embeds`` must bring the pooled
+  embedding on the families that take one (checked before the run).
+- **guidance schedule** — a list (one scale per step) or a callable ``(step, num_steps) -> scale``; every
+  scale must be a finite number ≥ 0 (a list is checked up front, a callable's value when it is produced). The
   denoiser's forward hook rewrites the conditional prediction ``c`` to ``u + (g_k / g)(c − u)`` so that the
   pipeline's own ``u + g (c' − u)`` equals ``u + g_k (c − u)``. The pipeline must run with CFG (``guidance_scale > 1``);
   ``guidance_rescale`` then sees the rewritten ``c'``. On a guidance-distilled model (Flux.1-dev) the schedule sets
@@ -28,6 +30,7 @@ from their steering options; it patches nothing itself:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError
-from ..families import Family
+from ..families import Family, detect_family
 from .attach import Attachment, Run, Step, Subscriber, attach
 
 LatentEdit = Callable[[int, torch.Tensor], torch.Tensor]
@@ -46,8 +49,13 @@ GuidanceSchedule = Sequence[float] | Callable[[int, int], float]
 class PromptSwitch:
     """Condition on another prompt from step ``at_step`` on (steps before it are unchanged).
 
-    Give either ``prompt`` (encoded with the pipeline's own ``encode_prompt``) or ``prompt_embeds``
-    (1 or B, tokens, dim) — plus ``pooled_prompt_embeds`` (1 or B, dim) for SDXL and SD3.
+    Give either ``prompt`` (encoded with the pipeline's own ``encode_prompt``, pooled vector included) or
+    ``prompt_embeds`` (1 or B, tokens, dim). With ``prompt_embeds`` on a family whose denoiser also takes a pooled
+    text vector (SDXL, SD3, Flux.1) ``pooled_prompt_embeds`` (1 or B, dim) is required: the switch replaces both,
+    and a switch that kept the original prompt's pooled vector would condition on a mix of two prompts
+    (``sdexplore.encode_prompt(pipe, text).pooled_prompt_embeds`` gives it; to keep the original prompt's pooled
+    vector on purpose, pass that one). The families without one (SD 1.x/2.x, Flux.2) refuse it. Both are checked
+    when the steering is set up, before any run.
     """
 
     at_step: int
@@ -60,13 +68,64 @@ class PromptSwitch:
             raise InvalidArgumentError(f"PromptSwitch.at_step must be an int ≥ 0, got {self.at_step!r}.")
         if (self.prompt is None) == (self.prompt_embeds is None):
             raise InvalidArgumentError("PromptSwitch needs exactly one of prompt= or prompt_embeds=.")
+        if self.prompt is not None and not isinstance(self.prompt, str):
+            raise InvalidArgumentError(
+                f"PromptSwitch.prompt must be a prompt string, got {type(self.prompt).__name__}."
+            )
+        for name in ("prompt_embeds", "pooled_prompt_embeds"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise InvalidArgumentError(
+                    f"PromptSwitch.{name} must be a tensor (e.g. from sdexplore.encode_prompt), got "
+                    f"{type(value).__name__}."
+                )
+        if self.pooled_prompt_embeds is not None and self.prompt_embeds is None:
+            raise InvalidArgumentError(
+                "PromptSwitch.pooled_prompt_embeds goes with prompt_embeds=: with prompt= the pooled vector is "
+                "encoded from the prompt. Drop pooled_prompt_embeds, or pass prompt_embeds= instead of prompt=."
+            )
+
+    def check_for(self, family: Family) -> None:
+        """Raise InvalidArgumentError unless the switch gives what ``family``'s denoiser takes (before any run):
+        ``pooled_prompt_embeds`` with ``prompt_embeds`` where the family has a pooled text vector, none where not."""
+        if self.prompt_embeds is None:
+            return
+        pooled = self.pooled_prompt_embeds
+        if family.pooled_text_embeds and pooled is None:
+            raise InvalidArgumentError(
+                f"PromptSwitch(prompt_embeds=...) on {family.label} also needs pooled_prompt_embeds=: the "
+                "denoiser takes a pooled text vector too, and the run would keep the original prompt's. Add "
+                "pooled_prompt_embeds=sdexplore.encode_prompt(pipe, text).pooled_prompt_embeds (or switch with "
+                "prompt=text)."
+            )
+        if not family.pooled_text_embeds and pooled is not None:
+            raise InvalidArgumentError(
+                f"{family.label} takes no pooled text vector: leave PromptSwitch.pooled_prompt_embeds None."
+            )
 
 
 def guidance_at(schedule: GuidanceSchedule, step: int, num_steps: int) -> float:
-    """The guidance scale a schedule gives at ``step`` of a ``num_steps`` run."""
-    if callable(schedule):
-        return float(schedule(step, num_steps))
-    return float(schedule[step])
+    """The guidance scale a schedule gives at ``step`` of a ``num_steps`` run.
+
+    Each value is checked as it is produced: a number (or a one-element tensor) that is finite and ≥ 0, else
+    InvalidArgumentError naming the step and the value (a NaN scale would turn every later latent into NaN).
+    """
+    value = schedule(step, num_steps) if callable(schedule) else schedule[step]
+    scale = value
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()  # the schedule chose a tensor: one host read
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise InvalidArgumentError(
+            f"The guidance schedule gave {value!r} ({type(value).__name__}) at step {step} of {num_steps}: it "
+            "must return a number, the guidance scale of that step."
+        )
+    scale = float(scale)
+    if not math.isfinite(scale) or scale < 0:
+        raise InvalidArgumentError(
+            f"The guidance schedule gave {scale!r} at step {step} of {num_steps}: a guidance scale must be a "
+            "finite number ≥ 0."
+        )
+    return scale
 
 
 def check_guidance_schedule(schedule: GuidanceSchedule, num_steps: int) -> None:
@@ -166,6 +225,8 @@ class Steering:
             raise InvalidArgumentError(
                 "switch_prompt must be a sdexplore.steering.PromptSwitch(at_step=..., prompt=...)."
             )
+        if switch_prompt is not None:
+            switch_prompt.check_for(detect_family(pipe))
         if guidance is not None and not callable(guidance):
             try:
                 scales = [float(g) for g in guidance]
@@ -173,8 +234,10 @@ class Steering:
                 raise InvalidArgumentError(
                     "guidance must be a list of scales (one per step) or a callable (step, num_steps) -> scale."
                 ) from e
-            if not all(math.isfinite(g) for g in scales):
-                raise InvalidArgumentError(f"guidance scales must be finite numbers, got {list(guidance)!r}.")
+            if not all(math.isfinite(g) and g >= 0 for g in scales):
+                raise InvalidArgumentError(
+                    f"guidance scales must be finite numbers ≥ 0, got {list(guidance)!r}."
+                )
         self.pipe = pipe
         self._attach: attach | None = None
         self.edit_latents = edit_latents
