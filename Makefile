@@ -28,6 +28,8 @@ setup: $(VENV)/.installed
 lab: setup
 	$(BIN)/jupyter lab --notebook-dir=notebooks --port=$(PORT) $(LAB_FLAGS)
 
+# the docs site is built once per run (into build/site, reused while its inputs are unchanged; tests/conftest.py),
+# and its executed tutorials serve the notebook tests too
 test: setup
 	$(BIN)/python -m pytest -q -ra --durations=15
 
@@ -48,4 +50,4 @@ docs: setup
 	$(BIN)/python scripts/build_docs.py --site-dir site
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache site docs/generated
+	rm -rf $(VENV) .pytest_cache .ruff_cache site build/site docs/generated

@@ -3,12 +3,20 @@
 ``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
 (git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
 two embedded models' cards, the benchmark results, the six tutorials executed on the embedded model
-(explorers shown as static figures, ``SDEXPLORE_STATIC=1``) and the gallery. CI builds the same site through ``tests/test_docs.py``.
+(explorers shown as static figures, ``SDEXPLORE_STATIC=1``) and the gallery.
+
+``--reuse`` skips the work when ``docs/generated/.build.json`` says the pages and ``--site-dir`` were built from
+inputs with the same digests (:func:`inputs_digest`: the sources, docs, notebooks' code cells, scripts and the
+installed versions of the tools); when only ``docs/*.md`` or ``mkdocs.yml`` changed, only ``mkdocs build`` runs.
+The test suite builds the site this way once per run into ``build/site`` (``tests/conftest.py``); the docs and
+notebook tests read that one build.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -42,6 +50,35 @@ RUN_ENV = {
 }
 
 
+#: What the generated pages are made from (files, or every file below a folder): a change here regenerates them
+#: (executes the tutorials again) under ``--reuse``.
+PAGE_INPUTS = ("README.md", "pyproject.toml", "benchmarks/RESULTS.md", "notebooks", "scripts", "sdexplore")
+#: What the site is made from besides the generated pages: a change here only reruns ``mkdocs build``.
+SITE_INPUTS = ("mkdocs.yml", "docs")
+#: Installed tools whose versions change the pages (rendering, or what the executed tutorials print and draw).
+SITE_PACKAGES = (
+    "mkdocs",
+    "mkdocs-material",
+    "mkdocs-jupyter",
+    "mkdocstrings",
+    "mkdocstrings-python",
+    "griffe",
+    "nbconvert",
+    "nbclient",
+    "ipykernel",
+    "torch",
+    "diffusers",
+    "transformers",
+    "numpy",
+    "matplotlib",
+    "pillow",
+)
+#: The build's record, in ``docs/generated/`` (a dot file: mkdocs leaves it out of the site).
+STAMP = ".build.json"
+#: Files written by the executed tutorials (notebook 5's animations), in ``docs/generated/`` (left out of the site).
+TUTORIAL_OUTPUTS = ".outputs"
+
+
 class DocsBuildError(RuntimeError):
     """A step of the documentation build failed; the message names the step and what to look at."""
 
@@ -52,6 +89,114 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+# ---------------------------------------------------------------------------------------- reuse
+def _skipped(rel: Path) -> bool:
+    """Paths under the inputs that are outputs or caches, not inputs."""
+    parts = rel.parts
+    return (
+        "__pycache__" in parts
+        or ".ipynb_checkpoints" in parts
+        or rel.suffix == ".pyc"
+        or (
+            parts[0] == "docs"
+            and len(parts) > 1
+            and (parts[1] == "generated" or parts[1].startswith(".generated"))
+        )
+        or (parts[0] == "notebooks" and len(parts) > 1 and parts[1] == "outputs")
+    )
+
+
+def _notebook_code(path: Path) -> bytes:
+    """What of a notebook the build depends on: each cell's type and source (outputs and metadata left out, so
+    running a tutorial in JupyterLab, which saves its outputs, does not make the site stale)."""
+    try:
+        cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
+        return json.dumps(
+            [(c.get("cell_type"), "".join(c.get("source", ""))) for c in cells], ensure_ascii=False
+        ).encode()
+    except (ValueError, KeyError, TypeError):
+        return path.read_bytes()  # not a notebook nbformat could read: the build will say so
+
+
+def _digest_files(root: Path, name: str) -> str:
+    """SHA-256 over the paths and contents of ``root/name`` (a file, or every file below a folder)."""
+    h = hashlib.sha256()
+    top = root / name
+    files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+    for path in files:
+        rel = path.relative_to(root)
+        if not path.is_file() or _skipped(rel):
+            continue
+        data = _notebook_code(path) if path.suffix == ".ipynb" else path.read_bytes()
+        h.update(f"{rel.as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
+def inputs_digest(root: Path = ROOT) -> dict[str, str]:
+    """What the last build is compared with under ``--reuse``: ``{"pages": ..., "site": ...}``, SHA-256 digests.
+
+    ``pages`` covers :data:`PAGE_INPUTS` below ``root`` (for notebooks only the cells' sources), this
+    interpreter and the versions of :data:`SITE_PACKAGES`; ``site`` covers that and :data:`SITE_INPUTS`.
+    """
+    tools = [sys.version]
+    for package in SITE_PACKAGES:
+        try:
+            tools.append(f"{package}={importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            tools.append(f"{package}=-")
+    pages = hashlib.sha256("\0".join(tools + [_digest_files(root, n) for n in PAGE_INPUTS]).encode())
+    site = hashlib.sha256(
+        "\0".join([pages.hexdigest()] + [_digest_files(root, n) for n in SITE_INPUTS]).encode()
+    )
+    return {"pages": pages.hexdigest(), "site": site.hexdigest()}
+
+
+def read_stamp(generated: Path = GENERATED) -> dict:
+    """The last build's record (:func:`inputs_digest`'s digests, ``site_dir``: None until mkdocs succeeded,
+    ``strict``), or {} when there is none."""
+    try:
+        stamp = json.loads((generated / STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def pages_current(digest: dict[str, str], generated: Path = GENERATED) -> bool:
+    """Were the pages in ``generated`` (the executed tutorials among them) made from inputs with ``digest``?"""
+    return read_stamp(generated).get("pages") == digest["pages"]
+
+
+def site_current(site_dir: Path, digest: dict[str, str], generated: Path = GENERATED) -> bool:
+    """Was the site in ``site_dir`` built, with warnings as errors, from inputs with ``digest``?"""
+    stamp = read_stamp(generated)
+    return (
+        stamp.get("site") == digest["site"]
+        and stamp.get("pages") == digest["pages"]
+        and stamp.get("site_dir") == str(Path(site_dir).resolve())
+        and stamp.get("strict") is True
+        and (Path(site_dir) / "index.html").is_file()
+    )
+
+
+def write_stamp(
+    digest: dict[str, str],
+    site_dir: Path | None,
+    seconds: dict[str, float],
+    *,
+    strict: bool = False,
+    generated: Path = GENERATED,
+) -> None:
+    """Record in ``generated`` what the pages (and the site in ``site_dir``, unless None) were built from."""
+    record = {
+        **digest,
+        "site_dir": None if site_dir is None else str(Path(site_dir).resolve()),
+        "strict": strict,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+    }
+    write_text(generated / STAMP, json.dumps(record, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- pages from files
@@ -286,7 +431,8 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
             "JUPYTER_PATH": os.pathsep.join(
                 filter(None, [str(_kernel_spec(Path(tmp) / "jupyter")), os.environ.get("JUPYTER_PATH")])
             ),
-            "SDEXPLORE_OUT": str(Path(tmp) / "outputs"),  # notebook 5 writes its animations here
+            # notebook 5 writes its animations here; the notebook test checks them (mkdocs skips dot folders)
+            "SDEXPLORE_OUT": str(target / TUTORIAL_OUTPUTS),
         }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # kernels inherit this process's environment
@@ -297,7 +443,14 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
                 for nb in reversed(notebooks):
                     jobs[nb.stem] = pool.submit(execute_notebook, nb, target / "tutorials" / nb.name)
                 jobs["gallery"] = pool.submit(run_gallery, target / "gallery")
-                seconds = {name: job.result() for name, job in jobs.items()}
+                failed = []
+                for name, job in jobs.items():
+                    try:
+                        seconds[name] = job.result()
+                    except DocsBuildError as e:  # wait for every notebook: one report names all that failed
+                        failed.append(str(e))
+                if failed:
+                    raise DocsBuildError("\n\n".join(failed))
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -307,21 +460,33 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
     return seconds
 
 
-def build(site_dir: Path, *, strict: bool = True) -> dict[str, float]:
-    """Generate the pages into ``docs/generated`` (replaced whole) and build the site into ``site_dir``."""
-    t0 = time.perf_counter()
-    staging = Path(tempfile.mkdtemp(prefix=".generated-", dir=DOCS))
-    try:
-        seconds = generate(staging)
-        old = DOCS / ".generated-old"
-        if GENERATED.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            GENERATED.rename(old)
-            shutil.rmtree(old)
-        staging.rename(GENERATED)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    seconds["generate"] = time.perf_counter() - t0
+def build(site_dir: Path, *, strict: bool = True, reuse: bool = False) -> dict[str, float]:
+    """Generate the pages into ``docs/generated`` (replaced whole) and build the site into ``site_dir``.
+
+    With ``reuse``, a part built from inputs of the same digest is kept: nothing is done when the site in
+    ``site_dir`` is current, only ``mkdocs build`` when the generated pages are. Returns seconds per step
+    (empty when everything was reused).
+    """
+    site_dir = Path(site_dir).resolve()
+    digest = inputs_digest()  # read before the build: a source changed meanwhile makes the next run rebuild
+    if reuse and strict and site_current(site_dir, digest):
+        return {}
+    seconds: dict[str, float] = {}
+    if not (reuse and pages_current(digest)):
+        t0 = time.perf_counter()
+        staging = Path(tempfile.mkdtemp(prefix=".generated-", dir=DOCS))
+        try:
+            seconds = generate(staging)
+            old = DOCS / ".generated-old"
+            if GENERATED.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                GENERATED.rename(old)
+                shutil.rmtree(old)
+            staging.rename(GENERATED)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        seconds["generate"] = time.perf_counter() - t0
+        write_stamp(digest, None, seconds)  # the pages are current; the site is not built yet
     t0 = time.perf_counter()
     cmd = [
         sys.executable,
@@ -339,6 +504,7 @@ def build(site_dir: Path, *, strict: bool = True) -> dict[str, float]:
     if proc.returncode != 0:
         raise DocsBuildError(f"mkdocs build failed (warnings are errors):\n{proc.stderr[-6000:]}")
     seconds["mkdocs"] = time.perf_counter() - t0
+    write_stamp(digest, site_dir, seconds, strict=strict)
     return seconds
 
 
@@ -349,12 +515,20 @@ def main(argv: list[str] | None = None) -> int:
         "--site-dir", type=Path, default=ROOT / "site", help="where to write the site (default site/)"
     )
     parser.add_argument("--no-strict", action="store_true", help="do not treat mkdocs warnings as errors")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep what was built from the same inputs (docs/generated/.build.json records their digest)",
+    )
     args = parser.parse_args(argv)
     try:
-        seconds = build(args.site_dir.resolve(), strict=not args.no_strict)
+        seconds = build(args.site_dir.resolve(), strict=not args.no_strict, reuse=args.reuse)
     except DocsBuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not seconds:
+        print("docs up to date in", args.site_dir, "(built from the same inputs; reused)")
+        return 0
     print("docs built in", args.site_dir, "|", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     return 0
 

@@ -1,8 +1,10 @@
-"""Shared test fixtures: tiny random-weight pipelines of each family (fresh per test, built in ~0.3 s)."""
+"""Shared test fixtures: tiny random-weight pipelines of each family (fresh per test, built in ~0.3 s), and the
+documentation site with the executed tutorials, built once per run for the docs and notebook tests."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +15,11 @@ import torch
 from sdexplore.fixtures import tiny_pipeline
 
 torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Where the suite builds the documentation site (git-ignored). The executed tutorials land in
+#: docs/generated/tutorials, as ``make docs`` leaves them.
+SITE_DIR = ROOT / "build" / "site"
 
 
 @pytest.fixture
@@ -89,3 +96,44 @@ def assert_restored(pipe, before: dict) -> None:
     )  # a first call sets diffusers' _guidance_scale...
     assert all(k.startswith("_") and not callable(now["pipe_vars"][k]) for k in added), added
     assert getattr(pipe, "_interrupt", False) is False and attachment_of(pipe) is None
+
+
+# ---------------------------------------------------------------------------------------- the docs build
+@pytest.fixture(scope="session")
+def docs_build() -> dict:
+    """``scripts/build_docs.py --site-dir build/site --reuse``, once per test session.
+
+    It executes every tutorial once (static explorers), draws the gallery and runs ``mkdocs build --strict``;
+    a site built from the same inputs (same digest) is reused, one built from other inputs never is. No
+    timeout: the build takes minutes on a loaded 2-core box, and CI's own limit bounds the run. Returns the
+    digests of the inputs before the build, its return code and its output.
+    """
+    build_docs = load_script("build_docs")
+    digest = build_docs.inputs_digest()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(SITE_DIR), "--reuse"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    return {"digest": digest, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="session")
+def docs_site(docs_build) -> Path:
+    """The built site (``build/site``); the tests that use it fail with the build's message if it failed."""
+    assert docs_build["returncode"] == 0, (
+        f"the docs build failed (mkdocs --strict):\n{docs_build['stderr'][-6000:]}"
+    )
+    return SITE_DIR
+
+
+@pytest.fixture(scope="session")
+def executed_tutorials(docs_build) -> Path:
+    """``docs/generated``, holding ``tutorials/*.ipynb`` (each tutorial as the docs build executed it) and
+    ``.outputs/`` (the files they wrote). Available when the build's execution step succeeded, even if
+    ``mkdocs build`` then failed."""
+    build_docs = load_script("build_docs")
+    if docs_build["returncode"] != 0 and not build_docs.pages_current(docs_build["digest"]):
+        pytest.fail(f"the tutorials did not execute in the docs build:\n{docs_build['stderr'][-6000:]}")
+    return build_docs.GENERATED

@@ -1,7 +1,9 @@
 """The documentation site builds offline with warnings as errors, and its pages hold what they promise.
 
-One build (``scripts/build_docs.py``, what ``make docs`` runs) into a temporary folder: the tutorials executed on
-the embedded model, the gallery drawn, ``mkdocs build --strict``. ~60 s on 2 cores, so the build's tests are slow.
+One build per test session (``scripts/build_docs.py --reuse``, what ``make docs`` runs, into ``build/site``; see
+``docs_build`` in conftest.py): the tutorials executed on the embedded model, the gallery drawn, ``mkdocs build
+--strict``. A few minutes on 2 cores, so the build's tests are slow; tests/test_notebooks.py reads the same
+executed tutorials.
 """
 
 from __future__ import annotations
@@ -119,21 +121,92 @@ def test_pages_workflow_is_valid_yaml_and_runs_the_build_ci_runs():
     )
 
 
+def _mini_project(root: Path) -> Path:
+    """The inputs of a site, in miniature: a README, a notebook, a docs page, a module, the config."""
+    for rel, text in {
+        "README.md": "# x\n",
+        "mkdocs.yml": "site_name: x\n",
+        "docs/index.md": "# Home\n",
+        "sdexplore/a.py": "A = 1\n",
+    }.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(1)")])
+    (root / "notebooks").mkdir()
+    nbformat.write(nb, root / "notebooks" / "01_x.ipynb")
+    return root
+
+
+def test_the_inputs_digest_follows_the_sources_and_not_outputs(tmp_path):
+    root = _mini_project(tmp_path)
+    first = build_docs.inputs_digest(root)
+
+    def digest_after(rel: str, text: str) -> dict[str, str]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+        return build_docs.inputs_digest(root)
+
+    # what a build writes, caches, and a notebook's saved outputs (JupyterLab autosaves them) change nothing
+    assert digest_after("docs/generated/api.md", "# API\n") == first
+    assert digest_after("sdexplore/__pycache__/a.cpython-311.pyc", "x") == first
+    nb = nbformat.read(root / "notebooks" / "01_x.ipynb", as_version=4)
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    nb.cells[0].execution_count = 1
+    nbformat.write(nb, root / "notebooks" / "01_x.ipynb")
+    assert build_docs.inputs_digest(root) == first
+    # a docs page or the config: the site is stale, the generated pages (executed tutorials) are not
+    page = digest_after("docs/index.md", "# Home, edited\n")
+    assert page["pages"] == first["pages"] and page["site"] != first["site"]
+    # a notebook's code or the package: both are stale
+    nb.cells[0].source = "print(2)"
+    nbformat.write(nb, root / "notebooks" / "01_x.ipynb")
+    code = build_docs.inputs_digest(root)
+    assert code["pages"] != page["pages"] and code["site"] != page["site"]
+    assert digest_after("sdexplore/a.py", "A = 2\n")["pages"] != code["pages"]
+
+
+def test_a_build_is_reused_only_for_the_same_inputs_site_folder_and_strictness(tmp_path):
+    generated, site_dir = tmp_path / "generated", tmp_path / "site"
+    digest = {"pages": "p1", "site": "s1"}
+    assert not build_docs.pages_current(digest, generated)  # nothing built yet
+    build_docs.write_stamp(digest, None, {}, generated=generated)  # pages generated, mkdocs not (yet) run
+    assert build_docs.pages_current(digest, generated)
+    assert not build_docs.site_current(site_dir, digest, generated)
+    site_dir.mkdir()
+    (site_dir / "index.html").write_text("<html></html>")
+    build_docs.write_stamp(digest, site_dir, {"mkdocs": 1.0}, strict=True, generated=generated)
+    assert build_docs.site_current(site_dir, digest, generated)
+    assert not build_docs.site_current(tmp_path / "elsewhere", digest, generated)
+    assert not build_docs.site_current(site_dir, {"pages": "p1", "site": "s2"}, generated)  # docs edited
+    assert build_docs.pages_current({"pages": "p1", "site": "s2"}, generated)  # ... the tutorials stand
+    assert not build_docs.pages_current({"pages": "p2", "site": "s1"}, generated)  # code edited
+    build_docs.write_stamp(digest, site_dir, {}, strict=False, generated=generated)
+    assert not build_docs.site_current(site_dir, digest, generated)  # a --no-strict build is not reused
+    build_docs.write_stamp(digest, site_dir, {}, strict=True, generated=generated)
+    (site_dir / "index.html").unlink()
+    assert not build_docs.site_current(site_dir, digest, generated)  # the site was removed
+
+
 # ---------------------------------------------------------------------------------------- the built site
-@pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
-    """The site built once by scripts/build_docs.py (the ``make docs`` command) into a temporary folder."""
-    out = tmp_path_factory.mktemp("site")
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(out)],
+@pytest.fixture
+def site(docs_site) -> Path:
+    """The site built once per test session by scripts/build_docs.py (the ``make docs`` command) into build/site
+    (``docs_site`` in conftest.py: reused while its inputs are unchanged)."""
+    return docs_site
+
+
+@pytest.mark.slow
+def test_the_suite_builds_the_site_once_and_a_second_build_reuses_it(site, docs_build):
+    assert build_docs.site_current(site, docs_build["digest"]), "the suite's site is its inputs' build"
+    if build_docs.inputs_digest() != docs_build["digest"]:
+        pytest.skip("a source changed during this test run: a second build would rightly rebuild")
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(site), "--reuse"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
     )
-    assert proc.returncode == 0, f"the docs build failed (mkdocs --strict):\n{proc.stderr[-6000:]}"
-    assert "mkdocs" in proc.stdout  # its timing line
-    return out
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stderr[-3000:]
 
 
 def _page(site: Path, rel: str) -> Page:
