@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ._checks import check_seed
 from .errors import InvalidArgumentError
 from .record.observe import observe
 from .results.observation import Observation
@@ -25,14 +26,15 @@ def generate(
     ``images`` is exactly the pipeline output's ``.images`` — a list of PIL images by default (one per
     prompt × ``num_images_per_prompt``; use ``images[0]`` for a single prompt), a numpy array for
     ``output_type="np"``. ``obs`` is the :class:`~sdexplore.observation.Observation` (``obs.steps``,
-    ``obs.attention``). ``seed`` is a shortcut for ``generator=torch.Generator("cpu").manual_seed(seed)``
-    (a CPU generator gives the same image on every device); ``steps`` / ``attention`` take the same values as
-    in :func:`sdexplore.observe`. Every other keyword goes to the pipeline unchanged.
+    ``obs.attention``). ``seed`` (a whole number from 0 to 2**64 − 1, checked before any work) is a shortcut for
+    ``generator=torch.Generator("cpu").manual_seed(seed)`` (a CPU generator gives the same image on every
+    device); ``steps`` / ``attention`` take the same values as in :func:`sdexplore.observe`. Every other keyword
+    goes to the pipeline unchanged.
     """
     if seed is not None:
         if "generator" in pipe_kwargs:
             raise InvalidArgumentError("Pass either seed= or generator=, not both.")
-        pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+        pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(check_seed(seed))
     with observe(pipe, steps=steps, attention=attention) as obs:
         out = pipe(prompt, **pipe_kwargs)
     return out.images, obs

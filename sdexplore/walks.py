@@ -15,8 +15,9 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ._checks import check_seed, check_size
 from .errors import InterpolationError
-from .families import detect_family, size_unit, vae_scale_factor
+from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
 from .record.tokens import resolve_max_sequence_length
 from .results.inversion import Inversion
@@ -477,15 +478,7 @@ def _check_walk_args(pipe: Any, **a: Any) -> None:
         raise InterpolationError(
             f"guidance_scale={g!r} is not accepted: pass a finite number (e.g. 7.5), or None for the default."
         )
-    scale = size_unit(pipe)
-    for name in ("height", "width"):
-        v = a[name]
-        if v is not None and not (_is_int(v) and v >= scale and v % scale == 0):
-            raise InterpolationError(
-                f"{name}={v!r} is not accepted: pass a positive multiple of {scale} (the VAE's scale factor"
-                f"{' times the transformer patch' if scale != vae_scale_factor(pipe) else ''}), or None for the "
-                "pipeline's default."
-            )
+    check_size(pipe, a["height"], a["width"], error=InterpolationError)
     if a["spacing"] not in ("even", "ease"):
         raise InterpolationError(f"spacing={a['spacing']!r} is not accepted: pass 'even' or 'ease'.")
     if not isinstance(a["loop"], bool):
@@ -500,9 +493,11 @@ def _check_walk_args(pipe: Any, **a: Any) -> None:
             "inverted with sdexplore.invert) or a list of them."
         )
     seeds = a["seeds"]
-    seed_list = [seeds] if _is_int(seeds) else seeds
-    if isinstance(seeds, str) or not isinstance(seed_list, Sequence) or not all(map(_is_int, seed_list)):
+    seed_list = [seeds] if isinstance(seeds, Integral) else seeds  # a bool too: check_seed names it
+    if isinstance(seeds, str) or not isinstance(seed_list, Sequence):
         raise InterpolationError(f"seeds={seeds!r} is not accepted: pass an int or a list of ints.")
+    for i, seed in enumerate(seed_list):  # each a seed torch takes: 0 <= seed < 2**64, no bools
+        check_seed(seed, "seeds" if seed_list is not seeds else f"seeds[{i}]", error=InterpolationError)
     neg = a["negative_prompt"]
     negs = neg if isinstance(neg, list) else [neg]
     if not all(n is None or isinstance(n, str) for n in negs):
