@@ -13,16 +13,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
-from .errors import ExportError
+from .errors import ExportError, InvalidArgumentError
 
 #: GIF frame delays are whole hundredths of a second, and browsers play any delay under 0.02 s as 0.1 s.
 MAX_GIF_FPS = 50
+#: A GIF frame delay is a 16-bit count of hundredths of a second: at most 655.35 s. Pillow merges a run of
+#: identical frames into one frame whose delay is the run's total, which must fit too.
+MAX_GIF_FRAME_S = 655.35
+#: Slowest video: ffmpeg's frame rate is a fraction with a denominator up to 1001 here; below 1/1000 it is 0.
+MIN_VIDEO_FPS = 0.001
 #: Video suffix → (ffmpeg muxer, encoder arguments). H.264 in yuv420p plays everywhere; VP9 is the WebM codec
 #: browsers play (``-b:v 0``: constant quality, set by ``-crf``).
 _VIDEO_CODECS: dict[str, tuple[str, list[str]]] = {
@@ -30,6 +36,17 @@ _VIDEO_CODECS: dict[str, tuple[str, list[str]]] = {
     ".webm": ("webm", "-c:v libvpx-vp9 -pix_fmt yuv420p -b:v 0 -deadline good -cpu-used 4 -row-mt 1".split()),
 }
 _CRF_MAX = {"libx264": 51, "libvpx-vp9": 63}  # worst quality of each encoder's -crf scale
+
+
+class _BadExportArgument(ExportError, InvalidArgumentError):
+    """A parameter no encoder accepts (fps, loop, quality...): an :class:`~sdexplore.errors.InvalidArgumentError`
+    found before anything is encoded, and still an :class:`~sdexplore.errors.ExportError` for older callers."""
+
+
+def _at_least(value: float) -> float:
+    """``value`` rounded up to 3 significant digits (a bound shown to a user must itself pass the check)."""
+    digits = 2 - math.floor(math.log10(value))
+    return math.ceil(value * 10**digits) / 10**digits
 
 
 def as_uint8_frames(images: Any) -> np.ndarray:
@@ -60,20 +77,49 @@ def rubber_band(frames: np.ndarray) -> np.ndarray:
     return np.concatenate([frames, frames[-2:0:-1]]) if len(frames) > 2 else frames
 
 
-def check_fps(fps: Any, *, gif: bool = False) -> float:
-    """``fps`` as a float if it is a finite number above 0 (and at most :data:`MAX_GIF_FPS` for a GIF), else
-    :class:`~sdexplore.errors.ExportError`. Cheap: call it before generating the frames."""
+def check_fps(fps: Any, *, gif: bool = False, frames: int | None = None) -> float:
+    """``fps`` as a float if the encoder accepts it, else :class:`~sdexplore.errors.InvalidArgumentError` (an
+    :class:`~sdexplore.errors.ExportError` too). Cheap: call it before generating the frames.
+
+    A finite number above 0; for a video at least :data:`MIN_VIDEO_FPS`; for a GIF at most :data:`MAX_GIF_FPS`
+    and slow enough for its delay field: one frame lasts at most :data:`MAX_GIF_FRAME_S`, and so does a run of
+    ``frames`` identical frames (pass the GIF's frame count to check the worst case before the frames exist).
+    """
     if isinstance(fps, bool) or not isinstance(fps, numbers.Real):
-        raise ExportError(f"fps must be a number of frames per second, such as 12; got {fps!r}.")
+        raise _BadExportArgument(f"fps must be a number of frames per second, such as 12; got {fps!r}.")
     value = float(fps)
     if not math.isfinite(value) or value <= 0:
-        raise ExportError(f"fps must be a finite number above 0, such as 12; got {fps!r}.")
+        raise _BadExportArgument(f"fps must be a finite number above 0, such as 12; got {fps!r}.")
     if gif and value > MAX_GIF_FPS:
-        raise ExportError(
+        raise _BadExportArgument(
             f"A GIF cannot play at fps={value:g}: its frame delays are whole hundredths of a second and browsers "
             f"slow anything under 0.02 s down to 0.1 s. Use fps <= {MAX_GIF_FPS}, or save an .mp4 / .webm."
         )
+    if gif:
+        run = 1 if frames is None else max(1, int(frames))
+        slowest = run / MAX_GIF_FRAME_S
+        if value < slowest:
+            what = "a frame" if run == 1 else f"{run} identical frames in a row (GIF writers merge them)"
+            raise _BadExportArgument(
+                f"A GIF cannot play at fps={value:g}: it stores a frame's time in 1/100 s in 16 bits, so {what} "
+                f"can last {MAX_GIF_FRAME_S} s at most. Use fps >= {_at_least(slowest):g}, or save an .mp4."
+            )
+    elif value < MIN_VIDEO_FPS:
+        raise _BadExportArgument(
+            f"A video cannot play at fps={value:g}: ffmpeg's frame rate would round to 0. Use fps >= "
+            f"{MIN_VIDEO_FPS:g} (one frame per {1 / MIN_VIDEO_FPS:g} s)."
+        )
     return value
+
+
+def _longest_still_run(frames: np.ndarray) -> int:
+    """The most identical frames in a row (N, H, W, 3): a GIF writer merges them into one frame."""
+    same = np.all(frames[1:] == frames[:-1], axis=(1, 2, 3))  # (N-1,) frame i+1 equals frame i
+    longest = run = 1
+    for s in same:
+        run = run + 1 if s else 1
+        longest = max(longest, run)
+    return longest
 
 
 def _check_target(path: str | os.PathLike[str], suffixes: Sequence[str], writer: str) -> Path:
@@ -147,7 +193,7 @@ def save_frames(images: Any, folder: str | Path, *, prefix: str = "frame") -> li
     this one ends at ``prefix_0004.png``) are removed, so the folder holds one sequence.
     """
     if not isinstance(prefix, str) or not prefix or re.search(r"[/\\]", prefix):
-        raise ExportError(f"prefix must be a plain file-name prefix such as 'frame', not {prefix!r}.")
+        raise _BadExportArgument(f"prefix must be a plain file-name prefix such as 'frame', not {prefix!r}.")
     frames = as_uint8_frames(images)
     out = Path(folder)
     if out.exists() and not out.is_dir():
@@ -169,11 +215,11 @@ def image_grid(images: Any, *, cols: int | None = None, pad: int = 2, background
     frames = as_uint8_frames(images)
     n, h, w, _ = frames.shape
     if cols is not None and (isinstance(cols, bool) or not isinstance(cols, numbers.Integral) or cols < 1):
-        raise ExportError(
+        raise _BadExportArgument(
             f"cols must be a whole number of columns >= 1, or None for a square grid; got {cols!r}."
         )
     if isinstance(pad, bool) or not isinstance(pad, numbers.Integral) or pad < 0:
-        raise ExportError(f"pad must be a whole number of pixels >= 0; got {pad!r}.")
+        raise _BadExportArgument(f"pad must be a whole number of pixels >= 0; got {pad!r}.")
     cols = int(cols or math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
     grid = np.full((rows * (h + pad) - pad, cols * (w + pad) - pad, 3), background, dtype=np.uint8)
@@ -199,15 +245,26 @@ def _sequence(images: Any, rubber: bool) -> np.ndarray:
 
 
 def save_gif(images: Any, path: str | Path, *, fps: float = 12, rubber: bool = False, loop: int = 0) -> Path:
-    """Animated GIF at ``fps`` frames per second (at most :data:`MAX_GIF_FPS`; ``loop=0``: repeat forever);
-    ``rubber`` plays forward then back. Written atomically."""
+    """Animated GIF at ``fps`` frames per second (at most :data:`MAX_GIF_FPS`; ``loop=0``: repeat forever, else
+    at most 65535 repeats); ``rubber`` plays forward then back. Written atomically. Parameters the GIF format
+    cannot hold (see :func:`check_fps`) raise :class:`~sdexplore.errors.InvalidArgumentError` before encoding."""
     fps = check_fps(fps, gif=True)
-    if isinstance(loop, bool) or not isinstance(loop, numbers.Integral) or loop < 0:
-        raise ExportError(f"loop must be 0 (forever) or a whole number of repeats; got {loop!r}.")
+    if isinstance(loop, bool) or not isinstance(loop, numbers.Integral) or not 0 <= loop <= 65535:
+        raise _BadExportArgument(
+            f"loop must be 0 (forever) or a whole number of repeats up to 65535 (GIF stores it in 16 bits); "
+            f"got {loop!r}."
+        )
     path = _check_target(path, (".gif",), "save_gif")
     frames = _sequence(images, rubber)
+    check_fps(fps, gif=True, frames=_longest_still_run(frames))
     with _atomic_files([path]) as (tmp,):
-        iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=int(loop))
+        try:
+            iio.imwrite(tmp, frames, extension=".gif", duration=1000 / fps, loop=int(loop))
+        except (OverflowError, struct_error) as error:  # frames Pillow merged after quantising to a palette
+            raise ExportError(
+                f"Could not write {path}: a frame time overflows the GIF's 16-bit field at fps={fps:g} ({error}). "
+                "Use a higher fps, or save an .mp4."
+            ) from error
     return path
 
 
@@ -274,7 +331,7 @@ def save_mp4(
     :class:`~sdexplore.errors.ExportError` naming the file and ffmpeg's message."""
     fps = check_fps(fps)
     if isinstance(quality, bool) or not isinstance(quality, numbers.Real) or not 1 <= quality <= 10:
-        raise ExportError(f"quality must be a number from 1 to 10 (10: best); got {quality!r}.")
+        raise _BadExportArgument(f"quality must be a number from 1 to 10 (10: best); got {quality!r}.")
     path = _check_target(path, tuple(_VIDEO_CODECS), "save_mp4")
     frames = _sequence(images, rubber)
     _, h, w, _ = frames.shape
@@ -298,6 +355,8 @@ def read_frames(path: str | Path) -> np.ndarray:
 
 __all__: Sequence[str] = [
     "MAX_GIF_FPS",
+    "MAX_GIF_FRAME_S",
+    "MIN_VIDEO_FPS",
     "as_uint8_frames",
     "check_fps",
     "image_grid",

@@ -123,3 +123,38 @@ def test_write_text_atomic_replaces_whole_and_leaves_the_old_file_when_interrupt
         write_text_atomic(target, "third\n")
     assert target.read_text(encoding="utf-8") == "second ✓\n"  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]
+
+
+def test_fps_and_loop_the_encoders_cannot_hold_are_refused_before_encoding(tmp_path, monkeypatch):
+    """A GIF frame time is 16 bits of 1/100 s (Pillow merges identical frames into one), and ffmpeg's rate rounds
+    to 0 below 1/1000: such fps raised OverflowError after the whole walk was rendered; now InvalidArgumentError
+    up front, and the bound the message names is itself accepted."""
+    import re
+
+    import sdexplore.export as export
+    from sdexplore.errors import ExportError, InvalidArgumentError
+
+    still = np.repeat(_frames(1), 16, axis=0)  # 16 identical frames: one merged frame in the GIF
+    with pytest.raises(InvalidArgumentError, match="16 identical frames") as refused:
+        save_gif(still, tmp_path / "still.gif", fps=0.01)  # a frame may last 100 s, not 16 merged ones
+    assert isinstance(refused.value, ExportError)  # older callers catching ExportError still do
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(InvalidArgumentError, match="16 identical frames"):
+        export.check_fps(0.001, gif=True, frames=16)  # the same, before any frame exists
+    with pytest.raises(InvalidArgumentError, match="a frame can last 655.35 s"):
+        save_gif(_frames(3), tmp_path / "slow.gif", fps=0.001)
+    bound = float(re.search(r"fps >= ([0-9.e-]+)", str(refused.value)).group(1))
+    assert len(read_frames(save_gif(still, tmp_path / "still.gif", fps=bound))) == 1
+    assert (
+        len(read_frames(save_gif(_frames(3), tmp_path / "slow.gif", fps=0.002))) == 3
+    )  # distinct: per frame
+
+    monkeypatch.setattr(export, "_encode", lambda *a: pytest.fail("ffmpeg ran"))
+    with pytest.raises(InvalidArgumentError, match="fps >= 0.001"):
+        save_mp4(_frames(2), tmp_path / "w.mp4", fps=0.0001)
+    for bad in (65536, -1, 2.5):
+        with pytest.raises(InvalidArgumentError, match="loop"):
+            save_gif(_frames(2), tmp_path / "w.gif", loop=bad)
+    with pytest.raises(InvalidArgumentError, match="quality"):
+        save_mp4(_frames(2), tmp_path / "w.mp4", quality=11)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slow.gif", "still.gif"]
