@@ -162,7 +162,7 @@ class PromptInfo:
     """One prompt as the denoiser sees it: every position of its text sequence, padding included.
 
     SD 1.x/2.x/SDXL: CLIP's 77 positions. SD3: CLIP's 77, then T5's ``max_sequence_length`` (the joint sequence,
-    in that order). Flux: T5's alone. ``labels`` say which tokenizer labelled which positions (its segments);
+    in that order). Flux: T5's alone. Flux.2 [klein]: Qwen3's, of the chat-templated prompt. ``labels`` say which tokenizer labelled which positions (its segments);
     :meth:`side_by_side` lines the CLIP and T5 tokens of each word up.
     """
 
@@ -273,26 +273,29 @@ class PromptInfo:
 def _encoder_norms(
     pipe: Any, fam: Any, embeds: torch.Tensor, parts: list[Segment]
 ) -> tuple[list[str], torch.Tensor]:
-    """Rows of ``(encoders, tokens)`` norms: each text encoder's features over the positions it fills, 0 elsewhere."""
+    """Rows of ``(encoders, tokens)`` norms: each text encoder's features over the positions it fills, 0 elsewhere.
+
+    CLIP's part ("clip") splits into its encoders' feature blocks (SDXL, SD3: CLIP-L ‖ CLIP-G); every other part
+    (SD3's and Flux's "t5", Flux.2's "qwen") is the family's last text encoder's.
+    """
     names, rows = [], []
     clip = fam.clip_sequence if fam.clip_sequence is not None else fam.text_encoders
-    clip_part = next((s for s in parts if s.name == "clip"), None)
-    if clip and clip_part is not None:
-        widths = [getattr(pipe, name).config.hidden_size for name in clip]
-        block = embeds[clip_part.start : clip_part.stop, : sum(widths)]  # (77, D_clip): CLIP's features
-        if sum(widths) == embeds.shape[-1] or fam.clip_sequence is not None:
-            for name, piece in zip(clip, torch.split(block, widths, dim=-1), strict=True):
-                row = torch.zeros(embeds.shape[0])
-                row[clip_part.start : clip_part.stop] = piece.norm(dim=-1)
-                names.append(name)
-                rows.append(row)
-        else:
-            names.append(clip[0])
-            rows.append(embeds.norm(dim=-1))
-    t5_part = next((s for s in parts if s.name == "t5"), None)
-    if t5_part is not None:
+    for part in parts:
+        if part.name == "clip" and clip:
+            widths = [getattr(pipe, name).config.hidden_size for name in clip]
+            block = embeds[part.start : part.stop, : sum(widths)]  # (77, D_clip): CLIP's features
+            if sum(widths) == embeds.shape[-1] or fam.clip_sequence is not None:
+                for name, piece in zip(clip, torch.split(block, widths, dim=-1), strict=True):
+                    row = torch.zeros(embeds.shape[0])
+                    row[part.start : part.stop] = piece.norm(dim=-1)
+                    names.append(name)
+                    rows.append(row)
+            else:
+                names.append(clip[0])
+                rows.append(embeds.norm(dim=-1))
+            continue
         row = torch.zeros(embeds.shape[0])
-        row[t5_part.start : t5_part.stop] = embeds[t5_part.start : t5_part.stop].norm(dim=-1)
+        row[part.start : part.stop] = embeds[part.start : part.stop].norm(dim=-1)
         names.append(fam.text_encoders[-1])
         rows.append(row)
     return names, torch.stack(rows)
@@ -302,8 +305,10 @@ def inspect_prompt(pipe: Any, prompt: str, *, max_sequence_length: int | None = 
     """Tokens (BOS, words, EOS, padding), ids, per-token embedding norms and the pooled embedding of ``prompt``.
 
     Every position of the text sequence the denoiser attends to is listed: on SD3 CLIP's 77 then T5's
-    ``max_sequence_length`` (default the pipeline's, 256), on Flux T5's (default 512); ``side_by_side()`` shows
-    each word's CLIP tokens beside its T5 pieces.
+    ``max_sequence_length`` (default the pipeline's, 256), on Flux T5's (default 512), on Flux.2 [klein] Qwen3's
+    positions of the chat-templated prompt (default 512; the template's tokens are ``bos``/``eos``);
+    ``side_by_side()`` shows each word's CLIP tokens beside its T5 pieces. ``Flux2Pipeline`` (Mistral-3 with a
+    system prompt) is refused with UnsupportedPipelineError: its sequence is not labelled.
     """
     if not isinstance(prompt, str):
         raise InvalidArgumentError(

@@ -146,6 +146,23 @@ def test_sequence_tokens_label_the_chat_templated_prompt_the_encoder_sees(pipe) 
         sequence_tokens(Flux2Pipeline(**pipe.components), P)
 
 
+def test_inspect_prompt_lists_the_qwen_sequence_the_transformer_sees(pipe) -> None:
+    info = sdx.inspect_prompt(pipe, P, max_sequence_length=32)
+    embeds = FLUX2.encode_prompt(pipe, P, device="cpu", max_sequence_length=32).embeds[0]  # (32, 3·D)
+    labels = sequence_tokens(pipe, P, max_sequence_length=32)
+    assert info.ids == labels.ids and info.tokens == labels.pieces and info.family == "flux2"
+    torch.testing.assert_close(info.embeds, embeds)
+    assert info.encoders == ("text_encoder",) and info.encoder_norms.shape == (1, 32)
+    torch.testing.assert_close(info.encoder_norms[0], embeds.norm(dim=-1))
+    assert info.pooled is None and info.n_words == 9  # 7 words; "circle" and "background" are two pieces each
+    assert info.labels.positions("circle") == labels.positions("circle")
+    assert "Ġcir" in info.table() and "qwen" in info.side_by_side()
+    cmp = sdx.compare_prompts(pipe, P, Q, max_sequence_length=32)
+    assert cmp.pooled is None and cmp.per_token.shape == (32,)
+    with pytest.raises(UnsupportedPipelineError, match="Flux2KleinPipeline"):
+        sdx.inspect_prompt(Flux2Pipeline(**pipe.components), P)
+
+
 # ---- steps ---------------------------------------------------------------------------------------------------
 def _expected_sigmas(steps: int, tokens: int) -> list[float]:
     """The σ of each model evaluation, computed here as Flux2KleinPipeline computes it: sigmas linspace(1, 1/n, n)
