@@ -460,11 +460,22 @@ def _build(
             cs = tensors[f"{prefix}concepts/steps"]
             ff.check_tensor(c, f"{prefix}concepts/steps", cs, (S, B, C, *steps.shape[-2:]), floating=True)
         concept_parts = dict(concepts=concepts, concept_aggregate=agg, concept_layers=cl, concept_steps=cs)
+    family = c.str(c.get(meta, "family", f"{field}.family"), f"{field}.family")
+    kind = c.str(
+        meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
+    )  # files from before kinds: cross
+    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers)
     negative = None
     if meta["negative"] is not None:
         negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
         if negative.aggregate.shape != (B, T, H, W) or negative.num_steps != S:
             c.fail(f"{field}.negative", "does not match the conditional maps' images, tokens, size or steps")
+        if (negative.family, negative.kind) != (family, kind):
+            c.fail(
+                f"{field}.negative.family / {field}.negative.kind",
+                f"are {negative.family!r} / {negative.kind!r}, but the conditional maps' are {family!r} / {kind!r} "
+                "(one run records both)",
+            )
     return AttentionMaps(
         aggregate=tensors[f"{prefix}aggregate"],
         timesteps=tensors[f"{prefix}timesteps"],
@@ -477,12 +488,58 @@ def _build(
         probs=probs,
         negative=negative,
         skipped_layers=list(skipped),
-        family=c.str(c.get(meta, "family", f"{field}.family"), f"{field}.family"),
-        kind=c.str(
-            meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
-        ),  # files from before map kinds: cross
+        family=family,
+        kind=kind,
         **concept_parts,
     )
+
+
+#: How far a pixel's aggregated mass over the T key positions may stray from what its kind promises (1 for
+#: "cross" and "text", at most 1 for "joint" and "output"): recorders average fp16/bf16 probabilities on GPUs.
+_MASS_TOLERANCE = 0.05
+
+
+def _check_consistency(
+    c: ff.Checker,
+    field: str,
+    prefix: str,
+    family: str,
+    kind: str,
+    aggregate: torch.Tensor,
+    layers: dict[str, torch.Tensor],
+) -> None:
+    """The header's family, kind and latent size agree with each other and with the maps (no model needed)."""
+    fam = ff.family_of(c, family, f"{field}.family")
+    if fam is not None:
+        kinds = ("cross",) if fam.denoiser == "unet" else tuple(k for k in MAP_KINDS if k != "cross")
+        if kind not in kinds:
+            c.fail(
+                f"{field}.kind",
+                f"is {kind!r}, but {field}.family is {family!r} ({fam.label}), whose attention maps are "
+                f"{' or '.join(map(repr, kinds))}",
+            )
+    H, W = aggregate.shape[-2:]
+    for n, t in layers.items():
+        h, w = t.shape[-2:]
+        if not any(
+            h in (H // f, -(-H // f)) and w in (W // f, -(-W // f)) for f in range(1, max(H, W) + 1)
+        ):  # a UNet halves odd sizes upwards, a transformer's patches downwards
+            c.fail(
+                f"tensor '{prefix}layers/{n}'",
+                f"has {h}×{w} maps, which are not the {H}×{W} latent ({field}.latent_size) downsampled by one "
+                "whole factor",
+            )
+    if aggregate.numel():
+        mass = aggregate.double().sum(1)  # (B, H, W): each pixel's mass over the T key positions
+        lo, hi = float(mass.min()), float(mass.max())
+        exact = kind in ("cross", "text")  # a softmax over the saved keys; joint: image keys share it
+        if not (hi <= 1 + _MASS_TOLERANCE and (lo >= 1 - _MASS_TOLERANCE or not exact)) or lo < 0:
+            want = "1 (a softmax over the saved keys)" if exact else "at most 1"
+            c.fail(
+                f"{field}.kind",
+                f"is {kind!r}, so each pixel's maps over the key positions sum to {want}, but tensor "
+                f"'{prefix}aggregate' sums to {lo:.3g}..{hi:.3g}",
+            )
 
 
 def _token_list(c: ff.Checker, value: Any, T: int, field: str) -> TokenList:

@@ -12,12 +12,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
 from .._files import as_ordinary_file
 from ..errors import ResultFileError
+
+if TYPE_CHECKING:
+    from ..families import Family
 
 #: Version of every result header written now. Version 1 (sdexplore 0.1.0 before checksums) is refused: its
 #: files record no shapes, dtypes or checksums, so a flipped byte in them could never be told from real data.
@@ -380,3 +383,46 @@ def check_tensor(
     if floating and not t.dtype.is_floating_point:
         check.fail(f"tensor {name!r}", f"has dtype {dtype_name(t.dtype)}, expected a floating-point dtype")
     return tuple(t.shape)
+
+
+# ---------------------------------------------------------------- cross-field checks (cheap: no model is loaded)
+
+
+def family_of(check: Checker, name: str, field: str) -> Family | None:
+    """The :mod:`sdexplore.families` record a header's family ``name`` names; None for ``""`` (built by hand).
+
+    A name no family has fails: a result's other fields can only be checked against a family sdexplore knows.
+    """
+    from ..families import FAMILIES
+
+    if not name:
+        return None
+    if name not in FAMILIES:
+        check.fail(
+            field, f"is {name!r}, not a model family this sdexplore knows ({', '.join(map(repr, FAMILIES))})"
+        )
+    return FAMILIES[name]
+
+
+def check_channels(check: Checker, family: Family | None, field: str, channels: int, what: str) -> None:
+    """``channels`` latent channels (of ``what``) fit ``family``: at most its VAE's channel count.
+
+    At most, not exactly: a model of a family may have a smaller latent (the embedded MMDiT is an SD3-family model
+    with 4 channels), while more channels than the family's are never recorded (the step recorder reads the extra
+    input channels of an inpainting UNet as its mask and masked image, and keeps the family's latent channels).
+    """
+    if family is not None and channels > family.latent_channels:
+        check.fail(
+            field,
+            f"is {family.name!r} ({family.label}: {family.latent_channels} latent channels), but {what} has "
+            f"{channels} channels",
+        )
+
+
+def check_scale(check: Checker, field: str, small: tuple[int, int], large: tuple[int, int], what: str) -> int:
+    """``large`` (H, W) is ``small`` (h, w) times one integer factor on both axes (a VAE decode); returns it."""
+    (h, w), (H, W) = small, large
+    f = H // h if h else 0
+    if not f or H != f * h or W != f * w:
+        check.fail(field, f"is {H}×{W} pixels, which is not one whole multiple of {what}'s {h}×{w}")
+    return f

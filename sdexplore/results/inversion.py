@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,15 @@ from . import fileformat as ff
 
 _FORMAT = "sdexplore.inversion"
 METHODS = ("ddim", "negative-prompt", "flow")
+#: How far a saved ``psnr`` may be from the one recomputed from the saved images (dB): the same float64 sum in
+#: another order; a tampered value is off by whole decibels.
+PSNR_TOLERANCE = 1e-6
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB) of two uint8 images of one shape (peak 255; ∞ when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 @dataclass
@@ -109,6 +119,7 @@ class Inversion:
                 check.fail(
                     f"tensor {name!r}", f"has shape {list(t.shape)} {t.dtype}, expected (H, W, 3) uint8"
                 )
+        _check_consistency(check, method, prompt, timesteps, psnr, settings, latents, trace, image, recon)
         rf.verify_checksums()
         return cls(
             latents=latents,
@@ -122,3 +133,52 @@ class Inversion:
             prompt=prompt,
             settings=settings,
         )
+
+
+def _check_consistency(
+    c: ff.Checker,
+    method: str,
+    prompt: str,
+    timesteps: list[float],
+    saved_psnr: float,
+    settings: dict[str, Any],
+    latents: torch.Tensor,
+    trace: torch.Tensor,
+    image: torch.Tensor,
+    recon: torch.Tensor,
+) -> None:
+    """The header's numbers and labels agree with each other and with the saved tensors (no model needed)."""
+    again = psnr(recon.numpy(), image.numpy())
+    if not (saved_psnr == again or abs(saved_psnr - again) <= PSNR_TOLERANCE):
+        c.fail(
+            "psnr",
+            f"is {saved_psnr:.6g} dB, but the saved image and reconstruction give {again:.6g} dB",
+        )
+    C, h, w = trace.shape[1:]
+    ff.check_scale(c, "tensor 'image'", (h, w), tuple(image.shape[:2]), "the latents")
+    # latents is the trace's last row in the denoiser's dtype (fp16/bf16 on a GPU: rounded, 2^-9 relative)
+    if not torch.allclose(latents[0], trace[-1], rtol=1e-2, atol=1e-5):
+        c.fail("tensor 'latents'", "is not the last row of tensor 'trace' (the inversion's end)")
+    if "steps" in settings:
+        steps = c.int(settings["steps"], "settings.steps", lo=1)
+        if steps != len(timesteps):
+            c.fail("settings.steps / timesteps", f"is {steps} steps, but timesteps lists {len(timesteps)}")
+    if "negative_prompt" in settings:
+        want = prompt if method == "negative-prompt" else None
+        if settings["negative_prompt"] != want:
+            c.fail(
+                "settings.negative_prompt",
+                f"is {settings['negative_prompt']!r}, but method {method!r} with prompt {prompt!r} regenerates "
+                f"with negative prompt {want!r}",
+            )
+    if "family" in settings:
+        fam = ff.family_of(c, c.str(settings["family"], "settings.family"), "settings.family")
+        ff.check_channels(c, fam, "settings.family", int(C), "tensor 'trace' (steps + 1, C, h, w)")
+        if fam is not None and method != "negative-prompt":
+            ode = "ddim" if fam.denoiser == "unet" else "flow"
+            if method != ode:
+                c.fail(
+                    "method",
+                    f"is {method!r}, but settings.family is {fam.name!r} ({fam.label}), whose sampler inverts "
+                    f"with {ode!r}",
+                )

@@ -106,7 +106,24 @@ class Observation:
             "AttentionMaps",
             lambda c, h, t: AttentionMaps.from_state(t, h, c.source),
         )
+        if trace is not None and maps is not None:
+            _check_together(check, trace, maps)
         return cls(runs=[trace] if trace is not None else [], _attention=maps)
+
+
+def _check_together(check: ff.Checker, trace: Trace, maps: AttentionMaps) -> None:
+    """The steps and the maps of one save are of one pipeline call: one family, one batch of images."""
+    if trace.family and maps.family and trace.family != maps.family:
+        check.fail(
+            "steps / attention",
+            f"name families {trace.family!r} (steps) and {maps.family!r} (attention): they are not of one call",
+        )
+    latents = next((t for s in trace for t in s._tensors().values() if t.dim() == 4), trace.final_latents)
+    if latents is not None and latents.shape[0] != maps.num_images:
+        check.fail(
+            "steps / attention",
+            f"hold {latents.shape[0]} image(s) (steps) and {maps.num_images} (attention): they are not of one call",
+        )
 
 
 def _part(

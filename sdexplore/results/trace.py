@@ -273,6 +273,7 @@ class Trace:
             mask=mask,
             meta=_parse_meta(c, c.get(header, "meta", "meta"), dims.sizes.get("C")),
         )
+        _check_consistency(c, trace, dims.sizes)
         return trace
 
     def save(self, path: str | Path) -> Path:
@@ -363,6 +364,43 @@ def _parse_meta(c: ff.Checker, value: Any, channels: int | None) -> dict[str, An
         ):
             c.number(v, f"meta.latent_rgb.bias[{j}]")
     return meta
+
+
+def _check_consistency(c: ff.Checker, trace: Trace, sizes: dict[str, int]) -> None:
+    """The header's family, step counts and schedule agree with each other and with the tensors (no model)."""
+    fam = ff.family_of(c, trace.family, "family")
+    if "C" in sizes:
+        ff.check_channels(c, fam, "family", sizes["C"], "every latent tensor (B, C, h, w)")
+    rgb = trace.meta.get("latent_rgb")
+    if (
+        rgb is not None and "C" not in sizes
+    ):  # with latents, _parse_meta matched the factors to their channels
+        ff.check_channels(c, fam, "family", len(rgb["factors"]), "meta.latent_rgb.factors")
+    if "H" in sizes and "h" in sizes:
+        ff.check_scale(
+            c, "tensor 'step*.decoded'", (sizes["h"], sizes["w"]), (sizes["H"], sizes["W"]), "the latents"
+        )
+    n, indices = trace.num_steps, trace.indices
+    if n and indices and indices[-1] >= n:
+        c.fail(
+            f"steps[{len(indices) - 1}].index / num_steps",
+            f"is step {indices[-1]}, but the run had num_steps = {n} steps (0..{n - 1})",
+        )
+    if trace.stopped_at is not None:
+        if n and trace.stopped_at >= n:
+            c.fail("stopped_at / num_steps", f"is {trace.stopped_at}, after the run's last step ({n - 1})")
+        if indices and indices[-1] > trace.stopped_at:
+            c.fail(
+                "stopped_at",
+                f"is {trace.stopped_at}, but step {indices[-1]} was recorded after it (steps[{len(indices) - 1}].index)",
+            )
+    begin, length = trace.meta.get("schedule_begin"), trace.meta.get("schedule_length")
+    if n and begin is not None and length is not None and begin != max(length - n, 0):
+        c.fail(
+            "meta.schedule_begin",
+            f"is {begin}, but a run of num_steps = {n} over a schedule of meta.schedule_length = {length} steps "
+            f"begins at {max(length - n, 0)} (the schedule's tail)",
+        )
 
 
 class _Dims:

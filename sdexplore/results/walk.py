@@ -161,6 +161,36 @@ class Walk:
         return result
 
 
+def _check_path(
+    c: ff.Checker, segments: list[int], ts: list[float], keys: list[int], settings: dict[str, Any]
+) -> None:
+    """The frames' path positions agree with the keyframes (see :func:`sdexplore.interpolate.keyframe_schedule`).
+
+    Each keyframe's frame is that keyframe exactly: at the start of its own segment (t = 0), or, for a path's
+    last keyframe, at the end of the segment before it (t = 1). Within a segment t never goes back, and only a
+    loop has a segment from the last keyframe back to the first.
+    """
+    for i in range(1, len(ts)):
+        if segments[i] == segments[i - 1] and ts[i] < ts[i - 1]:
+            c.fail(f"ts[{i}]", f"is {ts[i]}, before the frame before it in the same segment ({ts[i - 1]})")
+    n = len(keys)
+    if keys[0] != 0:
+        c.fail("keyframe_frames[0]", f"is {keys[0]}, but a walk starts at its first keyframe (frame 0)")
+    for i, k in enumerate(keys):
+        at = (segments[k], ts[k])
+        if at != (i, 0.0) and not (i > 0 and at == (i - 1, 1.0)):
+            c.fail(
+                f"keyframe_frames[{i}]",
+                f"is frame {k}, which lies at segments[{k}] = {at[0]}, ts[{k}] = {at[1]}, not on keyframe {i}",
+            )
+    if settings.get("loop") is False and segments[-1] > n - 2:
+        c.fail(
+            "settings.loop",
+            f"is false, but segments[{len(segments) - 1}] = {segments[-1]} leaves the last keyframe (only a loop "
+            "returns to the first)",
+        )
+
+
 def _sidecar(path: Path) -> Path:
     return Path(str(path) + ".json")
 
@@ -221,6 +251,15 @@ def _parse(c: ff.Checker, header: dict[str, Any], tensors: dict[str, torch.Tenso
     summaries = c.get(header, "summaries", "summaries")
     if summaries is not None:
         c.list(summaries, "summaries", length=frames)
+    _check_path(c, segments, ts, keys, settings)
+    for i, key in ((1, "height"), (2, "width")):
+        if key in settings and settings[key] != images.shape[i]:
+            c.fail(
+                f"settings.{key}",
+                f"is {settings[key]}, but tensor 'images' holds frames of {images.shape[1]}×{images.shape[2]} pixels",
+            )
+    if "family" in settings:
+        ff.family_of(c, settings["family"], "settings.family")
     return Walk(
         images=images.numpy(),
         prompts=prompts,
