@@ -13,10 +13,9 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import numpy as np
-
+from ._signals import sigterm_as_interrupt
 from .cli_output import (  # noqa: F401 - InputError and OutputBusyError are part of the CLI's surface
     PROG,
     InputError,
@@ -27,6 +26,9 @@ from .cli_output import (  # noqa: F401 - InputError and OutputBusyError are par
     _Output,
     _side_name,
 )
+
+if TYPE_CHECKING:  # numpy, torch and diffusers load when a command runs: `--help` and bad input stay fast
+    import numpy as np
 
 #: Short scheduler names the command accepts besides any diffusers scheduler class name.
 SCHEDULER_ALIASES: dict[str, str] = {
@@ -43,6 +45,12 @@ SCHEDULER_ALIASES: dict[str, str] = {
 }
 DEFAULT_STEPS = 25  # denoising steps of every command unless --steps says otherwise
 TILE = 128  # longer side of one step's tile in the strips and the attention grid, in pixels
+HEAT_MIN_SIDE = (
+    256  # shorter side of a word's heat-map PNG at least this (a 64x64 image is upscaled, nearest)
+)
+#: sdexplore.inversion.DEFAULT_ITERATIONS, written out: importing sdexplore.inversion loads torch, and the parser
+#: (`--help`, bad input) must not (a test checks the two agree).
+INVERT_ITERATIONS = 2
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,15 +63,6 @@ class _Parser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- argument parsing
 
 _MAIN_EPILOG = """\
-commands:
-  describe   the component tour of a model as a table (tokenizer, text encoder, UNet, VAE, scheduler)
-  steps      generate one image and write every denoising step: x0 and preview strips, a GIF, the trace
-  attention  generate one image and write attention heat maps per word, a step x word grid, the maps
-  walk       walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is
-  invert     turn a picture into the noise that regenerates it: the inversion, its reconstruction, the PSNR
-  sweep      prompts x seeds with observation on into a resumable folder, over accelerate's processes
-  sweep-report  summary table and figures of a sweep folder
-
 examples:
   sdexplore describe
   sdexplore steps "a big red circle at the top left on a blue background" --out run1
@@ -286,12 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
 
     d = sub.add_parser(
         "describe",
         parents=[_common(model_option=False)],
-        help="the component tour of a model",
+        help="the component tour of a model as a table (tokenizer, text encoder, UNet, VAE, scheduler)",
         description="Print the component tour of a model: each component's class, parameters, dtype, device "
         "and role; the latent arithmetic; the scheduler and its timesteps.",
         epilog=_DESCRIBE_EPILOG,
@@ -321,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "steps",
         parents=[_common(), _generation(), _output("sdexplore-steps", "output folder")],
-        help="record every denoising step of one image",
+        help="generate one image and write every denoising step: x0 and preview strips, a GIF, the trace",
         description="Generate one image and record every denoising step: the final image, strips of x0 and "
         "previews, an animated GIF of the denoising, and the saved trace.",
         epilog=_STEPS_EPILOG,
@@ -349,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser(
         "attention",
         parents=[_common(), _generation(), _output("sdexplore-attention", "output folder")],
-        help="attention heat maps per word (cross-attention; joint attention on SD3/Flux)",
+        help="generate one image and write attention heat maps per word (cross-attention; joint attention on "
+        "SD3/Flux), a step x word grid, the maps",
         description="Generate one image and record its attention maps (UNet cross-attention, SD3/Flux joint attention): an overlay per word, a step x "
         "word grid, and the saved maps.",
         epilog=_ATTENTION_EPILOG,
@@ -375,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser(
         "walk",
         parents=[_common(), _generation(), _output("sdexplore-walk.gif", "a .gif or .mp4 file")],
-        help="walk between prompts and seeds into a GIF or MP4",
+        help="walk between prompts and/or seeds and write a GIF or MP4; prints how smooth the walk is",
         description="Walk between keyframes (prompts, seeds or both), write the frames as a GIF or MP4 and "
         "print the smoothness report.",
         epilog=_WALK_EPILOG,
@@ -418,12 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.set_defaults(run=_cmd_walk)
 
-    from .inversion import DEFAULT_ITERATIONS
-
     v = sub.add_parser(
         "invert",
         parents=[_common(), _output("sdexplore-invert", "output folder")],
-        help="turn a picture into the noise that regenerates it",
+        help="turn a picture into the noise that regenerates it: the inversion, its reconstruction, the PSNR",
         description="Invert a picture: find the starting noise from which the model regenerates it with the "
         "prompt; write the reconstruction, its PSNR and the inversion.",
         epilog=_INVERT_EPILOG,
@@ -454,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--iterations",
         type=_whole(0, 100),
-        default=DEFAULT_ITERATIONS,
+        default=INVERT_ITERATIONS,
         metavar="K",
-        help=f"fixed-point passes per step (default {DEFAULT_ITERATIONS}; 0: plain DDIM inversion, faster)",
+        help=f"fixed-point passes per step (default {INVERT_ITERATIONS}; 0: plain DDIM inversion, faster)",
     )
     g.add_argument(
         "--height", type=_whole(8, MAX_SIDE), metavar="H", help="resize to this height (default: the model's)"
@@ -489,12 +487,20 @@ def _check_size(args: argparse.Namespace) -> None:
             )
 
 
-def _check_fps(fps: float, suffix: str) -> None:
+def _check_fps(fps: float, suffix: str, frames: int) -> None:
+    """--fps against what the encoder takes (sdexplore.export.check_fps), for ``frames`` frames, before the work."""
     if suffix == ".gif" and fps > MAX_GIF_FPS:
         raise InputError(
             f"--fps {fps:g} is too fast for a GIF (it stores frame times in 1/100 s, and most viewers slow frames "
             f"shorter than 1/{MAX_GIF_FPS:g} s down to 1/10 s): use at most {MAX_GIF_FPS:g}, or write an .mp4"
         )
+    from .errors import InvalidArgumentError
+    from .export import check_fps
+
+    try:  # the worst case: every frame alike, merged by the GIF writer into one long frame
+        check_fps(fps, gif=suffix == ".gif", frames=frames)
+    except InvalidArgumentError as e:
+        raise InputError(f"--fps {fps:g}: {_one_line(e)}") from e
 
 
 def resolve_scheduler(name: str | None) -> str | None:
@@ -705,6 +711,7 @@ def _wrote(paths: Iterable[Path]) -> None:
 
 def _fit(image: np.ndarray, longest: int, nearest: bool = False) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image so its longer side is ``longest`` pixels (aspect ratio kept)."""
+    import numpy as np
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -718,6 +725,7 @@ def _fit(image: np.ndarray, longest: int, nearest: bool = False) -> np.ndarray:
 
 def _label(image: np.ndarray, text: str) -> np.ndarray:
     """Write ``text`` in the top-left corner of a copy of ``image`` (white on a black box)."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
     im = Image.fromarray(image)
@@ -810,7 +818,7 @@ def _prompt_tokens(pipe: Any, prompt: str) -> list[dict[str, Any]]:
 def _cmd_steps(args: argparse.Namespace) -> int:
     _prompt(args.prompt)
     _check_size(args)
-    _check_fps(args.fps, ".gif")
+    _check_fps(args.fps, ".gif", args.steps)  # one GIF frame per step
     _check_image_options(args, [args.image])
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
@@ -833,6 +841,8 @@ def _cmd_steps(args: argparse.Namespace) -> int:
 
 def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> None:
     """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files``."""
+
+    import numpy as np
 
     from .export import save_gif
     from .generation import generate
@@ -959,6 +969,8 @@ def write_attention(
 ) -> Any:
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
 
+    import numpy as np
+
     from .generation import generate
     from .render import heat_overlay
 
@@ -973,7 +985,9 @@ def write_attention(
     fixed["image"].parent.mkdir(parents=True, exist_ok=True)
     _save_png(image, fixed["image"])
     for word, path in word_files.items():
-        _save_png(heat_overlay(image, maps.word(word)), path)
+        _save_png(
+            heat_overlay(image, maps.word(word), size=HEAT_MIN_SIDE), path
+        )  # 64x64 is too small to read
     _save_png(_attention_grid(maps, image, list(word_files), args.rows), fixed["grid"])
     maps.save(fixed["maps"])
     return maps
@@ -989,6 +1003,7 @@ def _group_label(group: range, ts: list[float]) -> str:
 
 def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> np.ndarray:
     """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
     from .render import heat_overlay, step_groups
@@ -1043,7 +1058,7 @@ def _cmd_walk(args: argparse.Namespace) -> int:
     suffix = Path(args.out).suffix.lower()
     if suffix not in (".gif", ".mp4"):
         raise InputError(f"--out must end in .gif or .mp4, got {args.out!r}")
-    _check_fps(args.fps, suffix)
+    _check_fps(args.fps, suffix, args.frames)
     output = _start_output(args, folder=False)
     scheduler = _check_model(args, args.model, args.scheduler)
 
@@ -1224,7 +1239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``sdexplore`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit code.
 
     0 on success; 2 for bad input (one line on stderr: ``sdexplore: error: ...``); 1 when the work itself
-    fails; 130 when interrupted. ``--debug`` shows the full traceback.
+    fails; 130 when interrupted (Ctrl-C or SIGTERM: temporary output removed, the old output as it was).
+    ``--debug`` shows the full traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -1242,7 +1258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(
                 "choose a command: describe, steps, attention, walk, invert, sweep or sweep-report (see `sdexplore --help`)"
             )
-        with _quiet_libraries(debug):
+        with sigterm_as_interrupt(), _quiet_libraries(debug):  # SIGTERM (kill, a scheduler) as Ctrl-C
             return int(args.run(args))
     except KeyboardInterrupt:  # the output's temporary files and lock are already removed
         output = getattr(args, "output", None)

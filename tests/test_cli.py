@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from sdexplore.attention import AttentionMaps
-from sdexplore.cli import SCHEDULER_ALIASES, TILE, main, resolve_scheduler
+from sdexplore.cli import HEAT_MIN_SIDE, SCHEDULER_ALIASES, TILE, main, resolve_scheduler
 from sdexplore.cli_output import MANIFEST
 from sdexplore.export import image_grid, read_frames
 from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE, load_pipeline
@@ -204,7 +204,9 @@ def test_attention_writes_an_overlay_per_word_a_grid_and_the_maps(capsys, tmp_pa
     overlays = sorted(p.name for p in out.glob("attention_*.png") if p.name != "attention_grid.png")
     assert overlays == sorted(f"attention_{w}.png" for w in words)
     image_size = size(out / "image.png")
-    assert all(size(out / name) == image_size for name in overlays)
+    k = -(-HEAT_MIN_SIDE // min(image_size))  # a 64x64 image's maps were 64x64 PNGs: now viewable
+    assert min(image_size) * k >= 256
+    assert all(size(out / name) == (image_size[0] * k, image_size[1] * k) for name in overlays)
     maps = AttentionMaps.load(out / "attention.safetensors")
     assert list(dict.fromkeys(maps.words)) == words and maps.num_steps == 4
     assert maps.image_size == image_size[::-1]
@@ -454,6 +456,44 @@ def test_scheduler_aliases_resolve_to_diffusers_classes():
 def test_help_of_every_command_has_examples(capsys, command):
     rc, out, _ = run(capsys, *([command] if command else []), "--help")
     assert rc == 0 and "examples:" in out and "usage: sdexplore" in out
+
+
+def test_help_lists_each_command_once(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0
+    for command in ("describe", "steps", "attention", "walk", "invert", "sweep", "sweep-report"):
+        listed = [ln for ln in out.splitlines() if ln.split()[:1] == [command]]  # "  steps   generate one..."
+        assert len(listed) == 1, (command, listed)
+
+
+def test_help_and_bad_arguments_load_no_torch_or_diffusers():
+    """`sdexplore --help` took ~13 s on a busy machine: the parser imported sdexplore.inversion (torch). The
+    parser and argument errors must not load torch, diffusers or transformers."""
+    from sdexplore.cli import INVERT_ITERATIONS
+    from sdexplore.inversion import DEFAULT_ITERATIONS
+
+    assert INVERT_ITERATIONS == DEFAULT_ITERATIONS  # the help's default, written out to spare the import
+    code = (
+        "import contextlib, io, sys\n"
+        "import sdexplore.cli as c\n"
+        "for argv in (['--help'], ['steps', '--help'], ['invert', '--help'], ['steps'], ['walk', 'a', '--seed', "
+        "'x'], []):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+        "        c.main(argv)\n"
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "sdexplore", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and "usage: sdexplore" in done.stdout
+    imported = {ln.split("|")[-1].strip() for ln in done.stderr.splitlines() if ln.startswith("import time:")}
+    assert not imported & {"torch", "diffusers", "transformers"}
 
 
 @pytest.mark.slow

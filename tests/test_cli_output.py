@@ -156,6 +156,50 @@ def test_ctrl_c_during_a_walk_leaves_no_empty_mp4(capsys, tmp_path, monkeypatch)
     assert rc == 130 and beside(tmp_path) == []
 
 
+def test_sigterm_mid_write_is_handled_as_ctrl_c(capsys, tmp_path):
+    """SIGTERM (kill, a job scheduler) used to kill the run where it stood: temporary folder and lock left, exit
+    -15. Now it is Ctrl-C: exit 130, the old output as it was, nothing beside it."""
+    import json
+    import signal
+    import time
+
+    out, marker = tmp_path / "run", tmp_path / "marker" / "writing"
+    marker.parent.mkdir()
+    assert run(capsys, "steps", "a red circle", *FAST, "--out", out)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ["steps", "a blue square", *FAST, "--out", str(out), "--force"]
+    code = (
+        "import pathlib, sys, time\n"
+        "import sdexplore.cli as cli, sdexplore.export as export\n"
+        "def stuck(images, path, **kw):  # the GIF half written, then the run is stopped there\n"
+        "    pathlib.Path(path).write_bytes(b'GIF89a')\n"
+        f"    pathlib.Path({str(marker)!r}).write_text('writing')\n"
+        "    time.sleep(300)\n"
+        "export.save_gif = stuck\n"
+        f"sys.exit(cli.main({json.dumps(argv)}))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the run never reached its GIF"
+            time.sleep(0.05)
+        assert len(beside(tmp_path)) == 4  # run, marker, this run's lock and temporary folder
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert f"interrupted; nothing was written ({out} is as it was)" in stderr and "wrote" not in stdout
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert beside(tmp_path) == ["marker", "run"]  # no lock, no temporary folder
+
+
 # ---------------------------------------------------------------- --force replaces the whole output
 
 
@@ -286,6 +330,9 @@ def _proc_case() -> list[str]:
         (["steps", "a red circle", "--fps", "nan"], "--fps"),
         (["walk", "a", "b", "--fps", "-inf"], "--fps"),
         (["walk", "a", "b", "--fps", "1e400"], "--fps"),
+        (["walk", "a", "b", "--fps", "0.001"], "--fps 0.001: A GIF cannot play"),  # after the walk, before
+        (["walk", "a", "b", "--fps", "0.0001", "--out", "w.mp4"], "--fps 0.0001: A video cannot play"),
+        (["steps", "a red circle", "--fps", "0.001"], "--fps 0.001"),
         (["steps", "a red circle", "--steps", "5000"], "--steps"),
         (["steps", "a red circle", "--height", str(2**40)], "--height"),
         (["walk", "a", "b", "--frames", str(10**12)], "--frames"),

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._signals import sigterm_as_interrupt
 from ..errors import InvalidArgumentError, SweepAbortedError
 from . import folder as fs
 from .plan import DEFAULT_KEEP, KEEP, SweepItem, batches, plan_digest, plan_items, shard
@@ -119,6 +118,7 @@ def sweep(
     cpu = device == "cpu" or not _cuda()
     state = PartialState(cpu=cpu)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(sigterm_as_interrupt())  # SIGTERM as Ctrl-C: the lock and the item in flight go
         _on_main(state, lambda: _prepare(stack, out, settings, prompts))
         # on GPUs each process takes its own (accelerate's local rank); an explicit "cuda:1" is kept
         own = str(state.device) if not cpu and device in ("auto", "cuda") else device
@@ -136,19 +136,18 @@ def sweep(
         mine = shard(work, state)
         made = 0
         bar = _progress_bar(state, sum(len(t) for _, t in mine), progress)
-        with _signals_interrupt():
-            for batch, wanted in mine:
-                start = time.perf_counter()
-                results = run_batch(pipe, batch, call_kwargs, keep, scene)
-                seconds = (time.perf_counter() - start) / len(batch)
-                for item, (files, row) in zip(batch, results, strict=True):
-                    if item.index in wanted:
-                        run = {"seconds": seconds, "rank": state.process_index, "host": os.uname().nodename}
-                        fs.write_item(out, item, files, row, run)
-                        made += 1
-                        bar.update(1)
-                        if on_item is not None:
-                            on_item(item)
+        for batch, wanted in mine:
+            start = time.perf_counter()
+            results = run_batch(pipe, batch, call_kwargs, keep, scene)
+            seconds = (time.perf_counter() - start) / len(batch)
+            for item, (files, row) in zip(batch, results, strict=True):
+                if item.index in wanted:
+                    run = {"seconds": seconds, "rank": state.process_index, "host": os.uname().nodename}
+                    fs.write_item(out, item, files, row, run)
+                    made += 1
+                    bar.update(1)
+                    if on_item is not None:
+                        on_item(item)
         bar.close()
         state.wait_for_everyone()  # every process's items are written: merge
         index = None
@@ -273,21 +272,3 @@ def _progress_bar(state: Any, total: int, enabled: bool) -> Any:
         disable=not enabled,
         main_process_only=True,
     )
-
-
-@contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM (a scheduler's pre-emption, ``kill``) raises KeyboardInterrupt as Ctrl-C does, so the item in
-    flight is dropped (its temporary folder removed) and every finished item stays; handlers restored after."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
