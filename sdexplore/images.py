@@ -24,13 +24,14 @@ from .errors import InvalidArgumentError
 
 __all__ = ["ImageLike", "ImageNote", "encode_image", "image_array", "load_image", "pipeline_image"]
 
-#: What the image entry points accept: a PIL image; a numpy array (H, W), (H, W, 3) or (H, W, 4), uint8 or
-#: float in [0, 1]; a torch tensor (3, H, W) or (1, 3, H, W) in [-1, 1] (the pipelines' convention); the bytes of
+#: What the image entry points accept: a PIL image; a numpy array (H, W), (H, W, 3) or (H, W, 4), uint8, uint16
+#: (scaled to 8-bit) or float in [0, 1]; a torch tensor (3, H, W) or (1, 3, H, W) in [-1, 1] (the pipelines' convention); the bytes of
 #: an image file (an upload); or a path to an image file.
 ImageLike = Image.Image | np.ndarray | torch.Tensor | bytes | bytearray | memoryview | str | os.PathLike
 
 _ACCEPTED = (
-    "a PIL image, a numpy array (H, W) / (H, W, 3) / (H, W, 4) (uint8, or float in [0, 1]), a torch tensor "
+    "a PIL image, a numpy array (H, W) / (H, W, 3) / (H, W, 4) (uint8, uint16, or float in [0, 1]), "
+    "a torch tensor "
     "(3, H, W) or (1, 3, H, W) in [-1, 1], the bytes of an image file, or the path of a PNG/JPEG/WebP/... file"
 )
 
@@ -75,7 +76,8 @@ def _open_file(data: bytes | None, path: Path | None) -> Image.Image:
 
 
 def _from_array(array: np.ndarray, what: str) -> Image.Image:
-    """A numpy array (H, W) / (H, W, 1|3|4), uint8 or float in [0, 1] → a PIL image (mode L, RGB or RGBA)."""
+    """A numpy array (H, W) / (H, W, 1|3|4), uint8, uint16 (scaled) or float in [0, 1] → a PIL image (mode L,
+    RGB or RGBA)."""
     if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
         raise InvalidArgumentError(
             f"{what} of shape {tuple(array.shape)} is channels-first: give (H, W, 3), e.g. array.transpose(1, 2, 0)"
@@ -100,6 +102,9 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
                 "(divide uint8 values by 255, or map [-1, 1] with (x + 1) / 2)"
             )
         pixels = (array * 255.0 + 0.5).astype(np.uint8)  # round to nearest
+    elif array.dtype == np.uint16:  # 16-bit (a PNG read by imageio or OpenCV): scaled, as PIL's I;16 is
+        pixels = (array.astype(np.float64) / 65535.0 * 255.0 + 0.5).astype(np.uint8)
+        _note(f"{what} is 16-bit (uint16): scaled to 8-bit")
     elif np.issubdtype(array.dtype, np.integer):
         lo, hi = int(array.min()), int(array.max())
         if lo < 0 or hi > 255:

@@ -4,7 +4,8 @@ diffusers' inpainting pipelines resize a mask of another size to the image's sil
 picture repaints the wrong place. :func:`load_mask` and :func:`check_inpaint_inputs` (which the attachment calls
 when an observed call begins, before the pipeline does anything) give one clear
 :class:`~sdexplore.errors.InvalidArgumentError` instead, and the recorded mask travels with the trace so that views
-draw its outline (:func:`sdexplore.render.heat_overlay`'s ``mask=``).
+draw its outline (:func:`sdexplore.render.heat_overlay`'s ``mask=``). The same start-of-run check refuses an
+img2img or inpainting ``strength`` outside (0, 1] and a 16-bit picture, which diffusers meets with raw errors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ._checks import check_strength
 from .errors import InvalidArgumentError
 
 __all__ = ["check_inpaint_inputs", "load_mask", "mask_array"]
@@ -44,12 +46,36 @@ def _open(mask: Any) -> Image.Image:
     )
 
 
+#: PIL modes of more than 8 bits per pixel: 32-bit integer, 16-bit integer, 32-bit float.
+_HIGH_DEPTH = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _check_high_depth(im: Image.Image, what: str) -> None:
+    """A mask of mode I, I;16 or F is read by diffusers through ``mask.convert("L")``, which clips its values to
+    0..255: refuse the masks that this would change (a float mask in [0, 1] would become black, nothing repainted;
+    a 16-bit gradient mostly white), so the mask checked is the mask the pipeline uses."""
+    values = np.asarray(im, dtype=np.float64)  # (H, W), the stored values
+    lo, hi = float(values.min()), float(values.max())
+    if im.mode == "F" and 0.0 < hi <= 1.0:
+        reason = "diffusers reads it through mask.convert('L') as 0..255, so values in [0, 1] repaint nothing"
+        fix = "Image.fromarray((np.asarray(mask) * 255).round().astype(np.uint8))"
+    elif lo < 0.0 or hi > 255.0:
+        reason = "diffusers reads it through mask.convert('L'), which clips values outside 0..255"
+        fix = "Image.fromarray((np.asarray(mask) / 257).round().astype(np.uint8)) for a 16-bit mask"
+    else:
+        return
+    raise InvalidArgumentError(
+        f"{what} has mode {im.mode} with values in [{lo:g}, {hi:g}]: {reason}. {_HOW}: give mode L, e.g. {fix}"
+    )
+
+
 def _pil_to_array(im: Image.Image, what: str) -> np.ndarray:
     """A mask image → (H, W) float32 in [0, 1]; a colour or transparent mask is refused (which part is white?)."""
-    if im.mode in ("1", "L", "I", "I;16", "F"):
-        arr = np.asarray(im.convert("F"), dtype=np.float32)  # (H, W)
-        top = {"1": 1.0, "L": 255.0, "F": 1.0}.get(im.mode, 65535.0)
-        return np.clip(arr / top, 0.0, 1.0)
+    if im.mode in _HIGH_DEPTH:
+        _check_high_depth(im, what)
+    if im.mode in ("1", "L", *_HIGH_DEPTH):
+        # what diffusers' mask processor reads (do_convert_grayscale): mask.convert("L") / 255, (H, W)
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     if im.mode in ("RGB", "RGBA", "LA", "P"):
         rgba = np.asarray(im.convert("RGBA"))  # (H, W, 4)
         if (rgba[..., 3] != 255).any():
@@ -70,7 +96,8 @@ def _pil_to_array(im: Image.Image, what: str) -> np.ndarray:
 def mask_array(mask: Any, *, what: str = "the mask") -> np.ndarray:
     """A mask as diffusers' inpainting pipelines take it → (M, H, W) float32 in [0, 1], M masks (usually 1).
 
-    Takes a PIL image (modes 1, L, I, F; RGB only when grey), a path, a list of those, a numpy array (H, W),
+    Takes a PIL image (modes 1, L, I, I;16, F, read as diffusers reads them, through ``convert("L")``: a
+    high-bit-depth mask that this would clip is refused; RGB only when grey), a path, a list of those, a numpy array (H, W),
     (H, W, 1) or (M, H, W) (uint8, or float in [0, 1]), or a tensor (H, W), (1, H, W) or (M, 1, H, W) in [0, 1].
     """
     if isinstance(mask, (list, tuple)):
@@ -152,12 +179,41 @@ def _check_size(have: tuple[int, ...], size: tuple[int, int] | None) -> None:
     )
 
 
-def check_inpaint_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
-    """The mask of an inpainting call, checked: (M, H, W) float32 in [0, 1] on the CPU; None without one.
+def _check_pictures(image: Any) -> None:
+    """The ``image`` of an img2img/inpainting call is one diffusers' image processor reads: 16-bit and float
+    pictures are refused (it reads PIL's modes I, I;16 and F as one channel, and numpy uint16 not at all, and fails
+    deep inside the VAE), pointing at :func:`sdexplore.images.load_image`, which scales them to 8-bit RGB."""
+    items = image if isinstance(image, (list, tuple)) else [image]
+    for i, item in enumerate(items):
+        what = "image" if items is not image else f"image[{i}]"
+        if isinstance(item, Image.Image) and item.mode in _HIGH_DEPTH:
+            kind = f"a {'float' if item.mode == 'F' else 'high bit depth'} picture (PIL mode {item.mode})"
+        elif isinstance(item, np.ndarray) and item.dtype.kind in "iu" and item.dtype.itemsize > 1:
+            kind = f"an integer array of dtype {item.dtype}"
+        else:
+            continue
+        raise InvalidArgumentError(
+            f"{what} is {kind}, which diffusers' image processor cannot read (it takes 8-bit RGB pictures, or "
+            "float arrays in [0, 1]): pass sdexplore.images.load_image(image) instead, which converts it to 8-bit "
+            "RGB (16-bit values scaled, with a note)"
+        )
 
-    ``arguments``: the call's arguments by name (``image``, ``mask_image``). Called when an observed call begins,
-    so a mask of the wrong size or mode fails before any work, with one clear message.
+
+def check_inpaint_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
+    """Check an img2img or inpainting call's inputs; return its mask, (M, H, W) float32 in [0, 1] on the CPU, or
+    None without one.
+
+    ``arguments``: the call's arguments by name (``image``, ``mask_image``, ``strength``). Called when an
+    observed call begins, so each of these fails before any work, with one clear
+    :class:`~sdexplore.errors.InvalidArgumentError`: a ``strength`` that is not a number in (0, 1] (diffusers
+    fails on 0 and NaN with raw errors), a 16-bit or float picture, and a mask of the wrong size or mode (a
+    colour, transparent, or high-bit-depth mask that diffusers' ``convert("L")`` would change). The mask returned
+    is the one the pipeline reads (before it binarizes it at 0.5).
     """
+    if "strength" in arguments:
+        check_strength(arguments["strength"])
+    if arguments.get("image") is not None:
+        _check_pictures(arguments["image"])
     mask = arguments.get("mask_image")
     if mask is None:
         return None

@@ -154,6 +154,92 @@ def test_a_mask_that_does_not_fit_its_image_fails_before_any_work(bases) -> None
     assert_restored(pipe, before)
 
 
+def _refused_before_any_work(pipe, match: str, **extra) -> None:
+    """An observed call with ``extra`` fails with InvalidArgumentError matching ``match`` before the prompt is even
+    encoded, and records no run."""
+    calls = []
+    handle = pipe.text_encoder.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with sdx.observe(pipe) as obs:
+            with pytest.raises(InvalidArgumentError, match=match):
+                _call(pipe, **extra)
+        assert calls == [] and obs.runs == []
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["sd1-img2img", "sd1-inpaint", "sd3-img2img"])
+@pytest.mark.parametrize(
+    ("strength", "match"),
+    [
+        (0.0, r"outside \(0, 1\]"),  # diffusers: "cannot reshape tensor of 0 elements"
+        (0, r"outside \(0, 1\]"),
+        (float("nan"), "give a number above 0"),  # diffusers: "cannot convert float NaN to integer"
+        (1.5, r"outside \(0, 1\]"),
+        (-0.25, r"outside \(0, 1\]"),
+        ("0.5", "give a number above 0"),  # diffusers: "'<' not supported between 'str' and 'int'"
+        (True, "give a number above 0"),
+    ],
+)
+def test_a_bad_strength_fails_before_any_work(bases, name, strength, match) -> None:
+    _refused_before_any_work(_build(bases, name), f"strength={strength!r}.*{match}", strength=strength)
+
+
+def _sixteen_bit() -> np.ndarray:
+    return np.asarray(_picture(), dtype=np.uint16) * 257  # (64, 64, 3): the 8-bit picture, 16-bit
+
+
+@pytest.mark.parametrize("name", ["sd1-img2img", "sd1-inpaint"])
+@pytest.mark.parametrize(
+    ("image", "match"),
+    [
+        (lambda: Image.fromarray(_sixteen_bit()[..., 0]), r"high bit depth picture \(PIL mode I;16\)"),
+        (lambda: Image.fromarray(_sixteen_bit()[..., 0].astype(np.int32)), r"PIL mode I\)"),
+        (lambda: Image.fromarray(_sixteen_bit()[..., 0].astype(np.float32) / 65535), r"PIL mode F\)"),
+        (
+            _sixteen_bit,
+            "dtype uint16",
+        ),  # diffusers: "upsample_nearest2d_channels_last not implemented for UInt16"
+        (lambda: [_picture(), Image.fromarray(_sixteen_bit()[..., 0])], r"image\[1\] is a high bit depth"),
+    ],
+)
+def test_a_sixteen_bit_picture_fails_before_any_work_and_load_image_converts_it(bases, name, image, match):
+    _refused_before_any_work(_build(bases, name), f"{match}.*load_image", image=image())
+    with pytest.warns(sdx.images.ImageNote, match="16-bit"):
+        converted = sdx.images.load_image(_sixteen_bit())  # what the message says to pass instead
+    np.testing.assert_array_equal(np.asarray(converted), np.asarray(_picture()))  # scaled back exactly
+
+
+def test_a_float_or_sixteen_bit_mask_is_read_as_diffusers_reads_it_or_refused(bases) -> None:
+    from diffusers.image_processor import VaeImageProcessor
+
+    # diffusers' inpainting mask processor: convert("L"), / 255 (then binarized at 0.5)
+    reader = VaeImageProcessor(
+        vae_scale_factor=8, do_normalize=False, do_binarize=False, do_convert_grayscale=True
+    )
+    box = np.asarray(_mask(), dtype=np.float32)  # (64, 64) 0 or 255
+    grey = box.copy()
+    grey[:8] = 100.4  # a grey band, rounded by convert("L")
+    for read in (
+        Image.fromarray(box),
+        Image.fromarray(grey),
+        Image.fromarray(box.astype(np.int32)),
+    ):
+        used = reader.preprocess(read, height=64, width=64)[0, 0].numpy()  # (64, 64) in [0, 1]
+        np.testing.assert_allclose(mask_array(read)[0], used, atol=1e-6)
+    pipe = _build(bases, "sd1-inpaint")
+    with sdx.observe(pipe) as obs:
+        _call(pipe, mask_image=Image.fromarray(box))
+    np.testing.assert_array_equal(obs.mask[0].numpy(), box / 255.0)
+    # a float mask in [0, 1]: diffusers' convert("L") makes it black (nothing repainted); refused
+    unit = Image.fromarray(box / 255.0)
+    assert reader.preprocess(unit, height=64, width=64).max() < 0.01  # what diffusers would have used
+    _refused_before_any_work(pipe, r"mode F with values in \[0, 1\].*repaint nothing", mask_image=unit)
+    # a 16-bit mask: convert("L") clips it at 255; refused
+    wide = Image.fromarray((box / 255.0 * 65535).astype(np.uint16))
+    _refused_before_any_work(pipe, r"mode I;16 with values in \[0, 65535\].*clips", mask_image=wide)
+
+
 def test_load_mask_reads_grey_masks_and_refuses_the_rest(tmp_path) -> None:
     grey_rgb = _mask().convert("RGB")  # a grey picture saved as RGB is still a mask
     np.testing.assert_array_equal(np.asarray(load_mask(grey_rgb, _picture())), np.asarray(_mask()))
