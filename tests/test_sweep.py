@@ -332,3 +332,26 @@ def test_command_line_sweep_and_report(tmp_path, capsys):
     assert "bad.jsonl line 2: not valid JSON" in err and err.count("\n") == 1
     assert main(["sweep", str(prompts), "--out", str(tmp_path / "y"), "--keep", "pictures"]) == 1
     assert "'pictures' is not something an item keeps" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_is_one_sentence_and_exit_2_before_loading(tmp_path, capsys, monkeypatch):
+    """`sweep --out` into a place it cannot write ended in a bare errno and exit 1 (the other commands: exit 2 and
+    a sentence); the API raises InvalidArgumentError before the model loads."""
+    import sdexplore.sweeps.run as run_module
+    from sdexplore.cli import main
+
+    monkeypatch.setattr(run_module, "_load", lambda *a, **k: pytest.fail("the model loaded"))
+    prompts = _write(tmp_path, "p.txt", PROMPTS[0] + "\n")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    outs = [blocker / "sweep"] + ([Path("/proc/sdexplore-sweep")] if Path("/proc/self").exists() else [])
+    for out in outs:
+        with pytest.raises(InvalidArgumentError, match=f"cannot write into {out}: .*; choose another --out"):
+            sweep([PROMPTS[0]], out, steps=STEPS, progress=False)
+        assert main(["sweep", str(prompts), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"sdexplore: error: cannot write into {out}: ") and err.count("\n") == 1, err
+        assert "Errno" not in err and err.rstrip().endswith("choose another --out")
+    assert main(["sweep-report", str(tmp_path), "--out", str(blocker / "report")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "p.txt"]  # no probe left

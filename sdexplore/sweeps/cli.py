@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _SWEEP_EPILOG = """\
@@ -90,7 +91,15 @@ def add_parsers(
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from ..cli import resolve_scheduler
+    from ..cli_output import InputError, _one_line
+    from ..errors import InvalidArgumentError
+    from .folder import check_writable
     from .run import sweep
+
+    try:  # bad input, exit 2 with a sentence, as the other commands' --out (not a bare errno, exit 1)
+        check_writable(Path(args.out).expanduser())
+    except InvalidArgumentError as e:
+        raise InputError(_one_line(e)) from e
 
     result = sweep(
         args.prompts,
@@ -116,7 +125,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from ..cli_output import InputError, _one_line
+    from ..errors import InvalidArgumentError
+    from .folder import check_writable
     from .report import sweep_report
+
+    if args.out is not None:
+        try:
+            check_writable(Path(args.out).expanduser())
+        except InvalidArgumentError as e:
+            raise InputError(_one_line(e)) from e
 
     report = sweep_report(args.folder, args.out)
     print(report.markdown)

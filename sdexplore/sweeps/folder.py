@@ -10,6 +10,7 @@ import platform
 import secrets
 import shutil
 import socket
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,27 @@ def check_settings(out: Path, settings: dict[str, Any]) -> bool:
             "or choose another --out"
         )
     return True
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``out`` this process cannot create or write into, with a sentence saying so (InvalidArgumentError),
+    before anything loads: a real probe file in the nearest existing folder (``os.access`` says yes to root even
+    on /proc or a read-only mount). Writes nothing that stays."""
+    probe = Path(os.path.abspath(out))
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidArgumentError(
+            f"cannot write into {out}: {probe} is a file, not a folder; choose another --out"
+        )
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".sdexplore-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise InvalidArgumentError(
+            f"cannot write into {out}: {e.strerror or e} ({probe}); choose another --out"
+        ) from e
 
 
 def _short(value: Any) -> str:

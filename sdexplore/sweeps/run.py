@@ -115,6 +115,7 @@ def sweep(
         "plan": plan_digest(items),
     }
     fs.check_settings(out, settings)  # every process, before anything loads or is written
+    fs.check_writable(out)
     cpu = device == "cpu" or not _cuda()
     state = PartialState(cpu=cpu)
     with contextlib.ExitStack() as stack:
