@@ -28,6 +28,9 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 # the flags FACTS.md found to work here; one list, shared with the docs screenshots
 CHROMIUM_ARGS = load_script("docs_screenshots").CHROMIUM_ARGS
 KERNEL_NAME = "python3"
+#: How long any wait here may last before the test gives up (starting JupyterLab, a kernel, a cell, an image
+#: redraw). Generous on purpose: these bound a hang, never a speed, and a loaded 2-core CI box is slow.
+PATIENCE_S = 300
 
 NOTEBOOK_CELLS = [
     """\
@@ -167,7 +170,7 @@ def lab(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        deadline = time.time() + PATIENCE_S
         while _get(f"{url}/api/status?token={token}") != 200:
             if proc.poll() is not None or time.time() > deadline:
                 pytest.fail(f"JupyterLab did not start; log:\n{(base / 'lab.log').read_text()[-3000:]}")
@@ -193,7 +196,7 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
     url, token, _ = lab
     shots = Path(os.environ.get("SDEXPLORE_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
-    expect.set_options(timeout=180_000)
+    expect.set_options(timeout=PATIENCE_S * 1000)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -201,7 +204,7 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
             page.goto(f"{url}/lab/tree/explorers.ipynb?token={token}")
             # wait for the kernel to be picked (else Run All opens a kernel dialog), then run everything
             expect(page.locator(".jp-NotebookPanel-toolbar .jp-KernelName")).to_contain_text("Python 3")
-            page.wait_for_function(KERNEL_IDLE_JS, timeout=180_000)
+            page.wait_for_function(KERNEL_IDLE_JS, timeout=PATIENCE_S * 1000)
             page.locator(".jp-Notebook .jp-Cell").first.click()
             for _attempt in range(3):
                 page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
@@ -238,7 +241,7 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 return img.evaluate(IMG_DIGEST_JS)
 
             def wait_changed(img, before):
-                deadline = time.time() + 30
+                deadline = time.time() + PATIENCE_S
                 while time.time() < deadline:
                     now = digest(img)
                     if now != before:
