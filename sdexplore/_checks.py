@@ -13,7 +13,15 @@ from typing import Any
 
 from .errors import InvalidArgumentError, SdexploreError
 
-__all__ = ["MAX_SEED", "check_seed", "check_size", "check_strength", "size_limit", "size_multiple"]
+__all__ = [
+    "MAX_SEED",
+    "check_seed",
+    "check_size",
+    "check_size_limit",
+    "check_strength",
+    "size_limit",
+    "size_multiple",
+]
 
 #: The largest seed ``torch.Generator.manual_seed`` takes as itself (it reads seeds as unsigned 64-bit numbers).
 MAX_SEED = 2**64 - 1
@@ -69,6 +77,29 @@ def size_multiple(pipe: Any) -> tuple[int, str]:
     return unit, why
 
 
+def check_size_limit(
+    pipe: Any,
+    height: Any,
+    width: Any,
+    *,
+    error: type[SdexploreError] = InvalidArgumentError,
+    source: str = "",
+) -> None:
+    """Whole-number ``height`` / ``width`` above :func:`size_limit` raise ``error`` naming the limit (other values
+    are left to :func:`check_size` or to the pipeline). ``source`` says where the size came from, for messages."""
+    limit = size_limit(pipe)
+    if limit is None:
+        return
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, Integral) and not isinstance(value, bool) and value > limit:
+            unit, _ = size_multiple(pipe)
+            raise error(
+                f"{name}={value!r}{source} is above this model's limit of {limit} pixels per side (its "
+                f"transformer's positional embeddings, pos_embed_max_size, cover no more): give a multiple of "
+                f"{unit} up to {limit}."
+            )
+
+
 def check_size(
     pipe: Any,
     height: Any,
@@ -83,22 +114,20 @@ def check_size(
     """
     from .families import detect_family
 
+    if height is None and width is None:
+        return
     unit, why = size_multiple(pipe)
     limit = size_limit(pipe)
     allowed = f"a positive multiple of {unit} ({why})" + (f" up to {limit}" if limit is not None else "")
     for name, value in (("height", height), ("width", width)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % unit:
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, Integral) or value <= 0 or value % unit
+        ):
             raise error(
                 f"{name}={value!r} is not a size {detect_family(pipe).label} can draw: give {allowed} pixels, "
                 "or None for the model's default."
             )
-        if limit is not None and value > limit:
-            raise error(
-                f"{name}={value!r} is above this model's limit of {limit} pixels per side (its transformer's "
-                f"positional embeddings, pos_embed_max_size, cover no more): give {allowed}."
-            )
+    check_size_limit(pipe, height, width, error=error)
 
 
 def check_strength(strength: Any, what: str = "strength") -> float:

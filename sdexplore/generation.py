@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ._checks import check_seed
+from ._checks import check_seed, check_size
 from .errors import InvalidArgumentError
 from .record.observe import observe
 from .results.observation import Observation
@@ -29,8 +29,12 @@ def generate(
     ``obs.attention``). ``seed`` (a whole number from 0 to 2**64 − 1, checked before any work) is a shortcut for
     ``generator=torch.Generator("cpu").manual_seed(seed)`` (a CPU generator gives the same image on every
     device); ``steps`` / ``attention`` take the same values as in :func:`sdexplore.observe`. Every other keyword
-    goes to the pipeline unchanged.
+    goes to the pipeline unchanged; ``height`` / ``width`` are checked first (:func:`sdexplore._checks.check_size`:
+    multiples the pipeline takes, at most an SD3 transformer's limit, 64 pixels for ``tiny-shapes-mmdit``).
     """
+    check_size(
+        pipe, pipe_kwargs.get("height"), pipe_kwargs.get("width")
+    )  # a size it cannot draw: before work
     if seed is not None:
         if "generator" in pipe_kwargs:
             raise InvalidArgumentError("Pass either seed= or generator=, not both.")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ._checks import check_strength
+from ._checks import check_size_limit, check_strength
 from .errors import InvalidArgumentError
 
 __all__ = ["check_inpaint_inputs", "load_mask", "mask_array"]
@@ -199,7 +199,7 @@ def _check_pictures(image: Any) -> None:
         )
 
 
-def check_inpaint_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
+def check_inpaint_inputs(arguments: dict[str, Any], pipe: Any = None) -> torch.Tensor | None:
     """Check an img2img or inpainting call's inputs; return its mask, (M, H, W) float32 in [0, 1] on the CPU, or
     None without one.
 
@@ -207,9 +207,21 @@ def check_inpaint_inputs(arguments: dict[str, Any]) -> torch.Tensor | None:
     observed call begins, so each of these fails before any work, with one clear
     :class:`~sdexplore.errors.InvalidArgumentError`: a ``strength`` that is not a number in (0, 1] (diffusers
     fails on 0 and NaN with raw errors), a 16-bit or float picture, and a mask of the wrong size or mode (a
-    colour, transparent, or high-bit-depth mask that diffusers' ``convert("L")`` would change). The mask returned
-    is the one the pipeline reads (before it binarizes it at 0.5).
+    colour, transparent, or high-bit-depth mask that diffusers' ``convert("L")`` would change). With ``pipe``,
+    a ``height`` / ``width`` (or, without them, the picture's size) above the denoiser's limit is refused too
+    (an SD3 transformer's ``pos_embed_max_size``: 64 pixels for the embedded ``tiny-shapes-mmdit``), which
+    diffusers would find only in the first denoiser call. The mask returned is the one the pipeline reads
+    (before it binarizes it at 0.5).
     """
+    if pipe is not None:
+        height, width = arguments.get("height"), arguments.get("width")
+        source = ""
+        if height is None and width is None and (size := _image_size(arguments.get("image"))) is not None:
+            from .families import vae_scale_factor
+
+            factor = vae_scale_factor(pipe)  # diffusers rounds a picture's own size down to the VAE's factor
+            (height, width), source = (s - s % factor for s in size), " (the picture's)"
+        check_size_limit(pipe, height, width, source=source)
     if "strength" in arguments:
         check_strength(arguments["strength"])
     if arguments.get("image") is not None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import sdexplore as sdx
-from sdexplore._checks import MAX_SEED, check_seed, check_strength
+from sdexplore._checks import MAX_SEED, check_seed, check_strength, size_limit
 from sdexplore.errors import InterpolationError, InvalidArgumentError
 from sdexplore.walks import walk
 
@@ -65,3 +65,61 @@ def test_check_strength_takes_the_open_closed_interval():
     assert (
         check_strength(1) == 1.0 and check_strength(1e-3) == 1e-3 and check_strength(np.float32(0.5)) == 0.5
     )
+
+
+# ------------------------------------------------------------------ image sizes: the embedded MMDiT's limit
+@pytest.fixture(scope="module")
+def mmdit():
+    return sdx.load_pipeline("tiny-shapes-mmdit")
+
+
+def _no_mmdit_work(monkeypatch, pipe) -> None:
+    for name in ("text_encoder", "text_encoder_2", "transformer", "vae"):
+        monkeypatch.setattr(getattr(pipe, name), "forward", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(pipe.vae, "encode", lambda *a, **k: pytest.fail("work started"))
+
+
+def test_the_embedded_mmdit_draws_at_most_64_pixels_per_side(mmdit):
+    """pos_embed_max_size 16 × 1×1 patches × the VAE's factor 4; diffusers itself finds out only in the first
+    transformer call, after the prompt is encoded (the raw error the checks replace)."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    assert size_limit(mmdit) == 64
+    assert size_limit(tiny_pipeline("sd3")) == 256  # 16 × 2×2 patches × 8
+    assert size_limit(tiny_pipeline("sd1")) is None and size_limit(tiny_pipeline("flux")) is None
+    with pytest.raises(ValueError, match="pos_embed_max_size"):
+        mmdit("a red circle", height=80, width=64, num_inference_steps=1, output_type="latent")
+
+
+@pytest.mark.parametrize("entry", ["generate", "walk", "invert", "run start", "run start (picture)"])
+def test_a_size_above_the_mmdit_limit_is_refused_before_any_work(mmdit, monkeypatch, entry):
+    from PIL import Image
+
+    from sdexplore.masks import check_inpaint_inputs
+
+    _no_mmdit_work(monkeypatch, mmdit)
+    limit = "above this model's limit of 64 pixels per side"
+    if entry == "generate":
+        with pytest.raises(InvalidArgumentError, match=f"height=80 is {limit}"):
+            sdx.generate(mmdit, "a red circle", height=80, num_inference_steps=2)
+    elif entry == "walk":
+        with pytest.raises(InterpolationError, match=f"width=128 is {limit}"):
+            walk(mmdit, ["a red circle", "a blue square"], seeds=[0, 1], width=128, frames=2, **FAST)
+    elif entry == "invert":
+        with pytest.raises(InvalidArgumentError, match=f"height=96 is {limit}"):
+            sdx.invert(mmdit, np.zeros((64, 64, 3), np.uint8), "a red circle", height=96, width=64)
+    elif entry == "run start":  # what the attachment checks when an observed call begins
+        with pytest.raises(InvalidArgumentError, match=f"width=68 is {limit}"):
+            check_inpaint_inputs({"prompt": "a red circle", "height": 64, "width": 68}, mmdit)
+    else:  # img2img without a size: the picture's own, rounded down to the VAE's factor as diffusers does
+        picture = Image.new("RGB", (66, 80))
+        with pytest.raises(InvalidArgumentError, match=rf"height=80 \(the picture's\) is {limit}"):
+            check_inpaint_inputs({"image": picture, "strength": 0.5}, mmdit)
+        assert check_inpaint_inputs({"image": Image.new("RGB", (67, 67)), "strength": 0.5}, mmdit) is None
+
+
+def test_the_mmdit_draws_below_its_limit(mmdit):
+    images, obs = sdx.generate(
+        mmdit, "a red circle", height=48, width=64, seed=0, num_inference_steps=2, output_type="np"
+    )
+    assert images.shape == (1, 48, 64, 3) and obs.steps.num_steps == 2

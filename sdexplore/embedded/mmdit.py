@@ -63,7 +63,11 @@ def build_transformer(
     width: int = 96, layers: int = 4, head_dim: int = 16, patch: int = 2
 ) -> SD3Transformer2DModel:
     """SD3Transformer2DModel on 16×16×4 latents with ``patch``×``patch`` patches (1: 256 image tokens, so the
-    joint-attention maps have the latent's resolution), ``layers`` joint blocks of ``width // head_dim`` heads."""
+    joint-attention maps have the latent's resolution), ``layers`` joint blocks of ``width // head_dim`` heads.
+
+    ``pos_embed_max_size`` (16 latent cells in patches) is also the largest image it can draw: 64 pixels per side
+    with tiny-shapes' 4× VAE. sdexplore's entry points check it before any work (``sdexplore._checks.size_limit``
+    reads it from the config); a plain pipeline call above it fails in the transformer's first forward."""
     joint = TEXT1_HIDDEN + TEXT2_HIDDEN
     return SD3Transformer2DModel(
         sample_size=16,
