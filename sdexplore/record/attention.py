@@ -460,7 +460,11 @@ class AttentionRecorder:
             self.__dict__.update(current)
 
     def _labels_of_call(self, bound: dict[str, Any]) -> tuple[list[TokenList], list[TokenList]] | None:
-        """Token labels of the call's prompt (and negative prompt), one list per image; None for prompt_embeds."""
+        """Token labels of the call's prompt (and negative prompt), one list per image; None for prompt_embeds.
+
+        Each encoder's part is labelled from the prompt it encoded: ``prompt_2`` (SDXL's and SD3's CLIP-G,
+        Flux's T5), ``prompt_3`` (SD3's T5), and the negatives' ``negative_prompt_2``/``_3`` likewise.
+        """
         prompt = bound.get("prompt")
         if prompt is None:
             return None  # prompt_embeds passed directly: rows stay unlabelled
@@ -472,20 +476,25 @@ class AttentionRecorder:
             if negative is None or isinstance(negative, str)
             else list(negative)
         )
-        prompt_2 = bound.get("prompt_2")
-        if prompt_2 is not None and prompt_2 != prompt:
-            warnings.warn(
-                "prompt_2 differs from prompt: SDXL's keys mix both encoders position by position, and maps are "
-                "labelled with prompt's tokens (pipe.tokenizer).",
-                stacklevel=5,
-            )
+
+        def per_prompt(name: str, like: list[str]) -> list[str | None]:
+            """The call's ``name`` (prompt_2, negative_prompt_3, ...) for each of ``like``'s prompts (None: the
+            pipeline's own fallback, i.e. that prompt; a list of another length fails the call itself)."""
+            value = bound.get(name)
+            if isinstance(value, list | tuple) and len(value) == len(like):
+                return list(value)
+            return [value if isinstance(value, str) else None] * len(like)
+
         length = bound.get("max_sequence_length")  # T5's part of SD3's and Flux's sequence
 
-        def label(p: str) -> TokenList:  # every position the denoiser's text keys hold (SD3: CLIP then T5)
-            return sequence_tokens(self.pipe, p, max_sequence_length=length)
+        def label(p: str, p2: str | None, p3: str | None) -> TokenList:  # every position of the text keys
+            return sequence_tokens(self.pipe, p, max_sequence_length=length, prompt_2=p2, prompt_3=p3)
 
-        cond = [label(p) for p in prompts for _ in range(n)]
-        neg = [label(p) for p in negatives for _ in range(n)]
+        further = [per_prompt(a, prompts) for a in ("prompt_2", "prompt_3")]
+        # the pipelines: negative_prompt_2 = negative_prompt_2 or negative_prompt (SDXL, SD3, Flux)
+        neg_further = [per_prompt(a, negatives) for a in ("negative_prompt_2", "negative_prompt_3")]
+        cond = [label(p, a, b) for p, a, b in zip(prompts, *further, strict=True) for _ in range(n)]
+        neg = [label(p, a, b) for p, a, b in zip(negatives, *neg_further, strict=True) for _ in range(n)]
         for tl in cond:
             if tl.truncated:
                 warnings.warn(

@@ -2,7 +2,7 @@
 
 :func:`tokenize_prompt` labels one tokenizer's window; :func:`sequence_tokens` labels the whole text sequence a
 pipeline's denoiser attends to (SD3: CLIP's 77 positions then T5's; Flux: T5's; Flux.2 [klein]: Qwen3's chat-templated
-prompt; the UNet families: CLIP's 77).
+prompt; the UNet families: CLIP's 77), each part from the prompt its encoder encoded (``prompt_2``, ``prompt_3``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ from __future__ import annotations
 import inspect
 import weakref
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 from ..errors import InvalidArgumentError, UnsupportedPipelineError
 from ..families import detect_family
-from ..results.tokens import BOS, EOS, PAD, TEXT, WORD_END, WORD_START, Segment, TokenList
+from ..results.tokens import BOS, EOS, PAD, TEXT, WORD_END, WORD_START, Segment, SharedLabels, TokenList
 
 __all__ = [
     "BOS",
@@ -185,28 +186,51 @@ def resolve_max_sequence_length(pipe: Any, value: Any) -> int | None:
     return int(value)
 
 
-def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None = None) -> TokenList:
+def sequence_tokens(
+    pipe: Any,
+    prompt: str,
+    *,
+    max_sequence_length: int | None = None,
+    prompt_2: str | None = None,
+    prompt_3: str | None = None,
+) -> TokenList:
     """Labels of every position of the text sequence ``pipe``'s denoiser attends to, for ``prompt``.
 
-    - SD 1.x / 2.x / SDXL: CLIP's 77 positions (``pipe.tokenizer``; SDXL's two encoders share the positions).
-    - SD3: CLIP's 77 (CLIP-L and CLIP-G side by side in the features, labelled by ``pipe.tokenizer``), then T5's
-      ``max_sequence_length`` positions (``pipe.tokenizer_3``), exactly as ``encode_prompt`` concatenates them
-      along the sequence. Without T5 the pipeline puts zeros there: those positions are padding, piece ``<zero>``.
-    - Flux: T5's ``max_sequence_length`` positions (CLIP gives only the pooled vector).
+    - SD 1.x / 2.x: CLIP's 77 positions (``pipe.tokenizer``).
+    - SDXL: CLIP's 77 positions, where CLIP-L's and CLIP-G's hidden states sit side by side along the features:
+      labelled by ``pipe.tokenizer`` from ``prompt``; where ``prompt_2`` differs, the segment's shared labels
+      ("clip_g", :class:`~sdexplore.results.tokens.SharedLabels`) hold ``pipe.tokenizer_2``'s tokens of it.
+    - SD3: CLIP's 77 (CLIP-L from ``prompt``, CLIP-G from ``prompt_2`` as for SDXL), then T5's
+      ``max_sequence_length`` positions (``pipe.tokenizer_3``) from ``prompt_3``, exactly as ``encode_prompt``
+      concatenates them along the sequence. Without T5 the pipeline puts zeros there: those positions are
+      padding, piece ``<zero>``.
+    - Flux: T5's ``max_sequence_length`` positions, from ``prompt_2`` (CLIP gives only the pooled vector, from
+      ``prompt``).
     - Flux.2 [klein]: Qwen3's ``max_sequence_length`` positions of the chat-templated prompt (:func:`chat_tokens`).
 
-    ``max_sequence_length`` defaults to the pipeline's own (SD3 256, Flux 512); pass the call's value. The
-    result's ``segments`` give each part's name ("clip", "t5") and offsets; ``positions(word)`` finds a word in
-    every part (``segment="t5"`` keeps one). ``truncated`` lists what no part had room for.
+    ``prompt_2``/``prompt_3`` follow the pipelines' rule: None or empty means ``prompt``; a family whose
+    ``encode_prompt`` takes no such argument refuses it. ``max_sequence_length`` defaults to the pipeline's own
+    (SD3 256, Flux 512); pass the call's value. The result's ``segments`` give each part's name ("clip", "t5"),
+    offsets and ``source`` (the argument it was labelled from); ``positions(word)`` finds a word in every part,
+    each in its own prompt (``segment="t5"`` keeps one). ``truncated`` lists what no part had room for.
     """
     if not isinstance(prompt, str):
         raise InvalidArgumentError(
             f"prompt={prompt!r} ({type(prompt).__name__}) is not a prompt string: label one prompt at a time."
         )
     fam = detect_family(pipe)
+    prompt_2, prompt_3 = (
+        _further_prompt(pipe, fam, n, v, prompt) for n, v in (("prompt_2", prompt_2), ("prompt_3", prompt_3))
+    )
     max_sequence_length = resolve_max_sequence_length(pipe, max_sequence_length)
     if max_sequence_length is None:
-        return tokenize_prompt(getattr(pipe, fam.tokenizers[0]), prompt)
+        tokenizers = fam.present_tokenizers(pipe)  # SDXL's refiner has tokenizer_2 alone: it labels prompt
+        main = tokenize_prompt(tokenizers[0][1], prompt)
+        if fam.tokenizers[0] == tokenizers[0][0] and len(tokenizers) > 1 and prompt_2 != prompt:
+            main.segments = [
+                _with_shared(main.parts()[0], tokenize_prompt(tokenizers[1][1], prompt_2), prompt_2)
+            ]
+        return main
     if fam.name == "flux2":
         if type(pipe).__name__ != "Flux2KleinPipeline":  # Flux2Pipeline: Mistral-3 with a system prompt
             raise UnsupportedPipelineError(
@@ -217,15 +241,25 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
     parts: list[TokenList] = []
     clip = fam.clip_sequence or ()  # a T5 family's CLIP encoders that fill the first positions (SD3's)
     if clip:
+        length = int(getattr(pipe, "tokenizer_max_length", 77))
         clip_tok = getattr(pipe, fam.tokenizers[fam.text_encoders.index(clip[0])])
-        parts.append(
-            tokenize_prompt(clip_tok, prompt, int(getattr(pipe, "tokenizer_max_length", 77)), name="clip")
-        )
+        part = tokenize_prompt(clip_tok, prompt, length, name="clip")
+        if len(clip) > 1 and prompt_2 != prompt:  # CLIP-G encoded prompt_2 at the same positions
+            second = getattr(pipe, fam.tokenizers[fam.text_encoders.index(clip[1])])
+            part.segments = [
+                _with_shared(part.parts()[0], tokenize_prompt(second, prompt_2, length), prompt_2)
+            ]
+        parts.append(part)
     t5 = getattr(
         pipe, fam.tokenizers[-1], None
     )  # T5's tokenizer is listed last (SD3 tokenizer_3, Flux tokenizer_2)
+    source = "prompt_3" if "prompt_3" in fam.prompt_arguments else "prompt_2"  # what T5 encodes
+    text = prompt_3 if source == "prompt_3" else prompt_2
     if t5 is not None:
-        parts.append(tokenize_prompt(t5, prompt, max_sequence_length, name="t5"))
+        part = tokenize_prompt(t5, text, max_sequence_length, name="t5")
+        if text != prompt:
+            part.segments = [replace(part.parts()[0], source=source, text=text)]
+        parts.append(part)
     else:  # SD3 without T5: zeros in T5's place
         zeros = TokenList(
             [-1] * max_sequence_length, ["<zero>"] * max_sequence_length, [PAD] * max_sequence_length
@@ -233,6 +267,39 @@ def sequence_tokens(pipe: Any, prompt: str, *, max_sequence_length: int | None =
         zeros.segments = [Segment("t5", 0, max_sequence_length, "▁", WORD_START)]
         parts.append(zeros)
     return _concatenate(parts, prompt)
+
+
+def _further_prompt(pipe: Any, fam: Any, name: str, value: Any, prompt: str) -> str:
+    """``prompt_2``/``prompt_3`` as the pipeline reads it (None or "" → ``prompt``), checked."""
+    if value is None:
+        return prompt
+    if not isinstance(value, str):
+        raise InvalidArgumentError(
+            f"{name}={value!r} ({type(value).__name__}) is not a prompt string: label one prompt at a time."
+        )
+    encode = getattr(pipe, "encode_prompt", None)
+    if encode is None or name not in inspect.signature(encode).parameters:
+        raise InvalidArgumentError(
+            f"{fam.label} ({type(pipe).__name__}) takes no {name}: its text encoders all encode prompt; leave "
+            f"{name} None."
+        )
+    return value or prompt
+
+
+def _with_shared(segment: Segment, second: TokenList, text: str) -> Segment:
+    """``segment`` with CLIP-G's labels of ``text`` (``second``, one window over the same positions) shared."""
+    s2 = second.parts()[0]
+    shared = SharedLabels(
+        "clip_g",
+        "prompt_2",
+        text,
+        tuple(second.ids),
+        tuple(second.pieces),
+        tuple(second.kinds),
+        s2.marker,
+        s2.marker_at,
+    )
+    return replace(segment, shared=shared)
 
 
 def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen") -> TokenList:
@@ -291,18 +358,21 @@ def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen")
 
 
 def _concatenate(parts: list[TokenList], prompt: str) -> TokenList:
-    """One TokenList of ``parts`` one after another along the sequence, segments shifted to their offsets."""
+    """One TokenList of ``parts`` one after another along the sequence, segments shifted to their offsets.
+
+    ``truncated`` is the cut of the part labelled from ``prompt`` that saw the most of it (of any part where
+    none was: Flux's T5 from another ``prompt_2``).
+    """
     out = TokenList(ids=[], pieces=[], kinds=[], prompt=prompt)
     best = -1
+    from_prompt = any(p.parts()[0].source == "prompt" for p in parts)
     for part in parts:
         offset = len(out.ids)
-        out.segments += [
-            Segment(s.name, s.start + offset, s.stop + offset, s.marker, s.marker_at) for s in part.parts()
-        ]
+        out.segments += [replace(s, start=s.start + offset, stop=s.stop + offset) for s in part.parts()]
         out.ids += part.ids
         out.pieces += part.pieces
         out.kinds += part.kinds
         seen = part.kinds.count(TEXT)
-        if seen > best:  # what no part had room for: the cut of the part that saw the most
+        if seen > best and (part.parts()[0].source == "prompt" or not from_prompt):
             best, out.truncated = seen, list(part.truncated)
     return out
