@@ -142,3 +142,19 @@ def test_further_prompts_a_family_does_not_take_are_refused(sdxl_pipe) -> None:
         sequence_tokens(tiny_pipeline("sd1"), P, prompt_2=P2)
     with pytest.raises(InvalidArgumentError, match="not a prompt string"):
         sequence_tokens(sdxl_pipe, P, prompt_2=["a", "b"])
+
+
+def test_saved_shared_labels_are_checked_when_read(sdxl_pipe) -> None:
+    from sdexplore.errors import ResultFileError
+    from sdexplore.results.fileformat import Checker
+    from sdexplore.results.tokens import segments_from_json
+
+    tl = sequence_tokens(sdxl_pipe, P, prompt_2=P2)
+    saved = tl.to_json()["segments"]
+    assert segments_from_json(Checker("f"), saved, 77, "segments") == tl.segments
+    short = [dict(saved[0], shared=dict(saved[0]["shared"], ids=saved[0]["shared"]["ids"][:-1]))]
+    with pytest.raises(ResultFileError, match=r"segments\[0\]\.shared\.ids"):
+        segments_from_json(Checker("f"), short, 77, "segments")
+    odd = [dict(saved[0], shared=dict(saved[0]["shared"], kinds=["word"] * 77))]
+    with pytest.raises(ResultFileError, match=r"shared\.kinds\[0\]"):
+        segments_from_json(Checker("f"), odd, 77, "segments")
