@@ -43,7 +43,7 @@ from ._checks import check_size
 from .errors import InvalidArgumentError, UnsupportedPipelineError
 from .families import Family, detect_family
 from .images import ImageLike, encode_image, pipeline_image
-from .results.inversion import METHODS, Inversion
+from .results.inversion import METHODS, Inversion, psnr
 
 __all__ = ["DEFAULT_ITERATIONS", "METHODS", "NO_SIGNAL_ITERATIONS", "Inversion", "invert", "psnr"]
 
@@ -56,12 +56,6 @@ DEFAULT_STEPS = 25
 #: issue's bar) with 2, for about twice the time of 0 passes (≈ 4–5 generations instead of ≈ 2.3).
 DEFAULT_ITERATIONS = 2
 _OUTSIDE_WARNING = "The observed denoiser ran outside a call"
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio (dB) of two uint8 images of one shape (peak 255; ∞ when equal)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 # ---------------------------------------------------------------- schedules as linear steps

@@ -123,3 +123,14 @@ def test_the_mmdit_draws_below_its_limit(mmdit):
         mmdit, "a red circle", height=48, width=64, seed=0, num_inference_steps=2, output_type="np"
     )
     assert images.shape == (1, 48, 64, 3) and obs.steps.num_steps == 2
+
+
+def test_an_observed_call_above_the_mmdit_limit_is_refused_when_the_run_begins(mmdit, monkeypatch):
+    """The attachment passes the pipeline to the run-start checks, so the user's own ``pipe(height=80)`` inside
+    ``observe`` gets the library's sentence, not diffusers' error after the prompt is encoded."""
+    _no_mmdit_work(monkeypatch, mmdit)  # any encoder, transformer or VAE call fails the test
+    cls = type(mmdit)
+    with sdx.observe(mmdit, steps=True):
+        with pytest.raises(InvalidArgumentError, match="limit of 64 pixels"):
+            mmdit("a red circle", height=80, width=64, num_inference_steps=1, output_type="latent")
+    assert type(mmdit) is cls  # restored after the refused run

@@ -388,7 +388,9 @@ class Attachment:
     def _start_run(self, args: tuple, kwargs: dict) -> None:
         arguments = self._bind(args, kwargs)
         arguments.pop("self", None)
-        mask = check_inpaint_inputs(arguments)  # a mask that does not fit its image fails before any work
+        mask = check_inpaint_inputs(
+            arguments, self.pipe
+        )  # a mask, strength or size that cannot run fails first
         sched = self.pipe.scheduler
         self.run = Run(index=self.runs, arguments=arguments, scheduler=sched, mask=mask)
         self.runs += 1
