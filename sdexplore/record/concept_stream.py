@@ -11,6 +11,12 @@ Covered block kinds: SD3's ``JointTransformerBlock`` (including the last, ``cont
 ``FluxTransformerBlock`` (double-stream) and ``FluxSingleTransformerBlock`` (single-stream: shared projections, the
 concept tokens' attention output and MLP go through ``proj_out``). Text positions carry no rotary embedding in
 Flux (``txt_ids`` are zeros), so concept tokens get none either.
+
+What a concept map means depends on the text encoder having seen the concept as a prompt of its own. The embedded
+tiny-shapes-mmdit's encoder only ever saw whole scene prompts: there a shape's concept map marks the drawn shape
+whichever shape it names (joint maps, 24 prompts: depicted shape IoU 0.47, absent shapes 0.43, paired difference
++0.04 ± 0.12), and its ``kind="output"`` concept maps sit on the background (IoU 0.00). The paper's own variant
+(softmax over the concepts only, with a "background" concept) does no better there (0.18 against 0.13, ± 0.12).
 """
 
 from __future__ import annotations

@@ -15,6 +15,14 @@ Map kinds (recorded in each map's metadata):
   cross-attention, where every query's mass is spread over the text).
 - ``"output"``: ConceptAttention's attention-output maps (Helbling et al., arXiv 2502.04320): the image tokens'
   attention outputs projected onto the text tokens' outputs, softmax over the prompt's word tokens.
+
+``"output"`` against the paper: the outputs are the attention op's, before the output projections, heads
+concatenated (as the paper's code takes them); the prompt's words play the part of the paper's concepts in the
+softmax; every layer and step is averaged (the paper keeps Flux's last double-stream layers: read one layer with
+``maps.layers``). Its meaning depends on the model. On the embedded tiny-shapes-mmdit (4 blocks) these maps do not
+localise: the text tokens' outputs are alike and point away from the drawn shape, so every word's map peaks on the
+background (shape-word IoU 0.12 against 0.68 for ``"joint"``, 24 prompts; no single layer, head subset or
+normalisation tried did better). Use ``"joint"`` there; ``tests/test_embedded_mmdit.py`` holds these figures.
 """
 
 from __future__ import annotations
@@ -115,7 +123,10 @@ def text_block(
 
 def output_scores(o_img: torch.Tensor, o_txt: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """ConceptAttention maps: image outputs (B, HW, C) · text outputs (B, T, C)ᵀ, softmax over the kept text
-    tokens (``keep`` (B, T) bool; None keeps all); returns (B, 1, HW, T) float32 (one "head")."""
+    tokens (``keep`` (B, T) bool; None keeps all); returns (B, 1, HW, T) float32 (one "head").
+
+    The outputs are the attention op's before the output projection, every head's channels together (C = heads·d):
+    one dot product over all heads, as in the paper."""
     scores = torch.matmul(o_img.float(), o_txt.float().transpose(-1, -2))  # (B, HW, T)
     if keep is not None:
         scores = scores.masked_fill(~keep[:, None, :], float("-inf"))
