@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from ._checks import MAX_SEED
 from ._signals import sigterm_as_interrupt
 from .cli_output import (  # noqa: F401 - InputError and OutputBusyError are part of the CLI's surface
     PROG,
@@ -199,7 +200,7 @@ def _seed(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if not 0 <= value < 2**64:
+    if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"a seed is a whole number from 0 to 2**64 - 1, got {text!r}")
     return value
 
@@ -665,6 +666,7 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
     """What only the loaded model decides, checked before generating: SD3 and Flux work in 2x2 patches of
     latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), and Flux.1 has
     no CFG batch (FluxPipeline ignores a negative prompt without true CFG)."""
+    from ._checks import check_size_limit
     from .families import detect_family, size_unit, vae_scale_factor
 
     fam = detect_family(pipe)
@@ -677,6 +679,7 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
                 f"--{name} must be a multiple of {unit} for {fam.label} (its transformer works in {patch}x{patch} "
                 f"patches of the VAE's {vae_scale_factor(pipe)}x{vae_scale_factor(pipe)} blocks), got {v}"
             )
+    check_size_limit(pipe, getattr(args, "height", None), getattr(args, "width", None), error=InputError)
     if getattr(args, "negative", None) is not None and not fam.cfg_batch:
         raise InputError(
             f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "

@@ -374,6 +374,19 @@ def test_sizes_and_negative_are_checked_once_the_model_is_known(family):
         _check_for_model(ok, pipe)  # SD3's CFG batch uses the negative prompt
 
 
+def test_a_size_above_the_embedded_mmdits_limit_is_refused_once_the_model_is_known():
+    """tiny-shapes-mmdit draws at most 64 px per side (pos_embed_max_size): --height 128 is one sentence naming
+    the limit before generating, not diffusers' error after the prompt is encoded."""
+    import sdexplore as sdx
+    from sdexplore.cli import InputError, _check_for_model, build_parser
+
+    pipe = sdx.load_pipeline("tiny-shapes-mmdit")
+    _check_for_model(build_parser().parse_args(["steps", "a red circle", "--height", "64"]), pipe)
+    big = build_parser().parse_args(["steps", "a red circle", "--height", "128"])
+    with pytest.raises(InputError, match="height=128 is above this model's limit of 64 pixels"):
+        _check_for_model(big, pipe)
+
+
 # ---------------------------------------------------------------- bad input: one line, non-zero exit
 
 

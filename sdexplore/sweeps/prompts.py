@@ -8,12 +8,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._checks import MAX_SEED
 from ..errors import InvalidArgumentError
 
 #: Columns a CSV prompt file may have (``prompt`` is required); JSONL objects take the same keys.
 COLUMNS = ("prompt", "seed", "negative_prompt", "words")
 _ALIASES = {"negative": "negative_prompt"}
-MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
