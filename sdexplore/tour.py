@@ -21,8 +21,8 @@ _ROLES = {
     "text_encoder": "turns tokens into one embedding per token",
     "text_encoder_2": "second text encoder; also gives the pooled embedding",
     "text_encoder_3": "T5 encoder: the long, detailed text sequence",
-    "unet": "predicts {target} from the noisy latents, conditioned on the text",
-    "transformer": "MMDiT: predicts {target} from image and text tokens attending jointly",
+    "unet": "reads the noisy latents and the text; predicts {target}",
+    "transformer": "MMDiT: image and text tokens attend jointly; predicts {target}",
     "image_encoder": "encodes reference images (IP-Adapter)",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
@@ -35,13 +35,13 @@ _FAMILY_ROLES = {
         "text_encoder": "CLIP-L: only its pooled embedding is used (the transformer's pooled_projections)",
         "tokenizer_2": "splits the prompt into T5 sentencepiece pieces",
         "text_encoder_2": "T5 encoder: the text sequence the transformer attends to",
-        "transformer": "MMDiT: predicts {target} from 2×2-packed image tokens and text tokens attending jointly",
+        "transformer": "MMDiT: 2×2-packed image tokens and text tokens attend jointly; predicts {target}",
     },
     "flux2": {
         "tokenizer": "splits the chat-templated prompt into byte-level BPE tokens",
         "text_encoder": "Qwen3 language model: three of its layers' hidden states, stacked, are the text sequence",
-        "transformer": "MMDiT: predicts {target} from 2×2-packed 128-channel image tokens and text tokens "
-        "attending jointly",
+        "transformer": "MMDiT: 2×2-packed 128-channel image tokens and text tokens attend jointly; "
+        "predicts {target}",
         "vae": "encodes pixels to 32-channel latents (normalised by its batch-norm statistics) and back",
     },
 }

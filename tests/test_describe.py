@@ -113,4 +113,4 @@ def test_describe_follows_the_scheduler_config_prediction_type(sd1_pipe):
         assert d.prediction_type == kind and PREDICTS[kind] in unet.role and PREDICTS[kind] in str(d)
         said[kind] = unet.role
     assert len(set(said.values())) == 3
-    assert "noise" in said["epsilon"].split(" from ")[0] and "x0" in said["sample"]
+    assert "noise" in said["epsilon"].split("predicts")[1] and "x0" in said["sample"].split("predicts")[1]
