@@ -107,7 +107,8 @@ class AttentionRecorder:
         kind: what the maps hold. UNet models: ``"cross"`` (the only kind). MMDiT models (SD3, Flux): ``"joint"``
             (default: the image-query × text-key block of the joint softmax, normalised over text *and* image
             keys, from the fused kernel's own log-sum-exp), ``"text"`` (softmax over the text keys only) or
-            ``"output"`` (ConceptAttention's attention-output maps). Recorded as ``maps.kind``.
+            ``"output"`` (ConceptAttention's attention-output maps). Recorded as ``maps.kind``. ``"output"`` maps need a
+            large model: on the embedded tiny-shapes-mmdit they sit on the background (use ``"joint"``).
         concepts: words or short phrases that are *not* in the prompt, to map anyway (``maps.concept("sky")``).
             Each is encoded alone by the pipeline's own text encoder(s). UNet models: each layer's key projection
             gives its words' keys; MMDiT models: its word tokens run through every block's text path beside the
