@@ -326,7 +326,7 @@ def execute_notebook(path: Path, out: Path) -> float:
     nb.metadata.pop("widgets", None)  # static build: no widget state to keep
     for cell in nb.cells:
         if cell.cell_type == "markdown":  # "next: [..](02_step_by_step.ipynb)" -> that tutorial's page
-            cell.source = _SIBLING_NOTEBOOK.sub(r"](../\1/\2)", cell.source)
+            cell.source = _SIBLING_NOTEBOOK.sub(r"](\1.html\2)", cell.source)  # use_directory_urls: false
         for output in cell.get("outputs", []):
             _show_gif(output)
     write_text(out, nbformat.writes(nb))

@@ -121,6 +121,24 @@ def test_pages_workflow_is_valid_yaml_and_runs_the_build_ci_runs():
     )
 
 
+def test_every_command_of_the_cli_is_in_the_docs_command_lists():
+    import docs_cli_reference
+
+    from sdexplore.cli import build_parser
+
+    commands = list(docs_cli_reference._subcommands(build_parser()))  # what the parser registers
+    assert {"describe", "steps", "invert", "sweep"} <= set(commands)
+    guide = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    examples = guide.split("```bash\n", 1)[1].split("```", 1)[0]  # the guide's opening list of commands
+    headings = [ln for ln in guide.splitlines() if ln.startswith("## ")]
+    home = next(ln for ln in (ROOT / "docs" / "index.md").read_text().splitlines() if "(cli.md)" in ln)
+    for name in commands:
+        word = rf"sdexplore {re.escape(name)}(?![\w-])"
+        assert re.search(rf"(?m)^{word}", examples), f"docs/cli.md: no `sdexplore {name}` example at the top"
+        assert any(re.search(word, h) for h in headings), f"docs/cli.md: no section for `sdexplore {name}`"
+        assert re.search(rf"`(sdexplore )?{re.escape(name)}`", home), f"docs/index.md: `{name}` not listed"
+
+
 def _mini_project(root: Path) -> Path:
     """The inputs of a site, in miniature: a README, a notebook, a docs page, a module, the config."""
     for rel, text in {
@@ -210,7 +228,7 @@ def test_the_suite_builds_the_site_once_and_a_second_build_reuses_it(site, docs_
 
 
 def _page(site: Path, rel: str) -> Page:
-    return Page((site / rel / "index.html").read_text(encoding="utf-8"))
+    return Page((site / f"{rel}.html").read_text(encoding="utf-8"))
 
 
 def _html_pages(site: Path) -> list[Path]:
@@ -220,7 +238,7 @@ def _html_pages(site: Path) -> list[Path]:
 @pytest.mark.slow
 def test_every_page_of_the_nav_is_built(site):
     for rel in [
-        "",
+        "index",
         "generated/quickstart",
         "generated/gallery/gallery",
         "generated/cli_reference",
@@ -234,17 +252,20 @@ def test_every_page_of_the_nav_is_built(site):
         "embedded_model",
         *[f"generated/tutorials/{p.stem}" for p in NOTEBOOKS],
     ]:
-        assert (site / rel / "index.html").is_file(), f"{rel or 'home'} was not built"
-    quick = _squash(_text((site / "generated/quickstart/index.html").read_text()))
+        assert (site / f"{rel}.html").is_file(), f"{rel} was not built"
+    quick = _squash(_text((site / "generated/quickstart.html").read_text()))
     assert _squash("sdx.observe(pipe, steps=True, attention=True)") in quick
-    cli = _text((site / "generated/cli_reference/index.html").read_text())
+    cli = _text((site / "generated/cli_reference.html").read_text())
     for command in ("describe", "steps", "attention", "walk"):
         assert f"usage: sdexplore {command}" in cli
     for rel in ("generated/model_card", "generated/mmdit/model_card"):
         card = _page(site, rel)
         grids = [src for src in card.images if src.endswith("sample_grid.png")]
-        assert grids and all((site / rel / src).resolve().is_file() for src in grids), (rel, card.images)
-    mmdit_card = _text((site / "generated/mmdit/model_card/index.html").read_text())
+        assert grids and all((site / rel).parent.joinpath(src).resolve().is_file() for src in grids), (
+            rel,
+            card.images,
+        )
+    mmdit_card = _text((site / "generated/mmdit/model_card.html").read_text())
     assert "tiny-shapes-mmdit" in mmdit_card and "What was tried" in mmdit_card
 
 
@@ -298,7 +319,7 @@ def test_every_public_name_has_a_reference_entry_with_its_docstring(site):
 
     import sdexplore
 
-    markup = (site / "generated/api/index.html").read_text(encoding="utf-8")
+    markup = (site / "generated/api.html").read_text(encoding="utf-8")
     loader = griffe.GriffeLoader(
         search_paths=[str(ROOT)],
         extensions=griffe.load_extensions(griffe_comment_docstrings.CommentDocstrings),
@@ -329,8 +350,7 @@ def test_internal_links_and_images_resolve(site):
             if parts.scheme or ref.startswith(("//", "data:")) or not (parts.path or parts.fragment):
                 continue
             target = (path.parent / unquote(parts.path)).resolve() if parts.path else path
-            if target.is_dir():
-                target = target / "index.html"
+            # a file, never a folder: from disk (file://) a folder link opens a directory listing
             assert target.is_file() and site in target.parents, f"{path.relative_to(site)}: {ref} is broken"
             if parts.fragment and target.suffix == ".html":
                 ids = page.ids if target == path else Page(target.read_text(encoding="utf-8")).ids
@@ -345,16 +365,59 @@ def test_internal_links_and_images_resolve(site):
 def test_gallery_shows_its_pictures_large_with_captions(site):
     from PIL import Image
 
-    markup = (site / "generated/gallery/gallery/index.html").read_text(encoding="utf-8")
+    markup = (site / "generated/gallery/gallery.html").read_text(encoding="utf-8")
     page = Page(markup)
     names = [Path(src).name for src in page.images if not src.startswith("data:")]
     assert names == ["denoising.png", "attention_words.png", "walk.gif"]
-    folder = site / "generated/gallery/gallery"
+    folder = site / "generated/gallery"
     for name in names:
-        with Image.open(folder / ".." / name) as im:
+        with Image.open(folder / name) as im:
             frames = getattr(im, "n_frames", 1)
             assert im.width >= 800 if name.endswith(".png") else im.width >= 256, (name, im.size)
             if name.endswith(".gif"):
                 assert frames >= 12, "the walk GIF is an animation"
     for name in names:  # a caption paragraph directly under each picture
         assert re.search(rf'<img[^>]*src="[^"]*{re.escape(name)}"[^>]*>\s*</p>\s*<p><em>', markup), name
+
+
+class NavLinks(HTMLParser):
+    """The ``href`` of every link in a Material page's navigation (``a.md-nav__link``)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(convert_charrefs=True)
+        self.hrefs: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "a" and "md-nav__link" in (a.get("class") or "").split() and a.get("href"):
+            self.hrefs.append(a["href"])
+
+
+@pytest.mark.slow
+def test_the_site_works_opened_from_disk(site):
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assert config["use_directory_urls"] is False
+    # every navigation link of every page leads to an .html file of the site (from disk, a link to a folder
+    # opens a directory listing, not the page)
+    nav_files = set()
+    for path in _html_pages(site):
+        for href in NavLinks(path.read_text(encoding="utf-8")).hrefs:
+            parts = urlsplit(href)
+            if not parts.path:  # "#section" on the same page
+                continue
+            target = (path.parent / unquote(parts.path)).resolve()
+            assert parts.path.endswith(".html") and target.is_file(), f"{path.relative_to(site)}: nav {href}"
+            nav_files.add(target)
+    assert len(nav_files) >= 20  # the whole nav was seen
+    # search without a server: the offline plugin inlines the index into a script
+    index = site / "search" / "search_index.js"
+    assert index.is_file() and index.read_text(encoding="utf-8").startswith("var __index = {")
+    assert '"location":"generated/api.html' in index.read_text(encoding="utf-8").replace(" ", "")
+    # and nothing is fetched from the network to run it: every script a page loads is a file of the site
+    for path in _html_pages(site):
+        for ref in Page(path.read_text(encoding="utf-8")).links:
+            if ref.endswith(".js") or ".js?" in ref:
+                assert not urlsplit(ref).scheme and not ref.startswith("//"), (
+                    f"{path.relative_to(site)}: {ref}"
+                )
