@@ -112,3 +112,21 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     _reads_as(ws["two_pictures"].images[-1], ws["prompt_b"])
     _reads_as(ws["picture_to_seed"].images[0], ws["prompt"])
     _reads_as(ws["picture_to_seed"].images[-1], ws["prompt_b"])
+
+
+def test_command_line_examples_use_prompts_the_embedded_model_reads():
+    """The README's commands run on the embedded model by default: each prompt they give is one of its world's
+    (every part named, so the picture and a walk's every frame keep the background the prompt asks for)."""
+    text = README.read_text(encoding="utf-8")
+    commands = re.findall(r"^```bash\n(.*?)^```", text, re.S | re.M)
+    prompts = [
+        p
+        for block in commands
+        for command in block.replace("\\\n", " ").splitlines()
+        if re.match(r"sdexplore (steps|attention|walk|invert)\b", command.strip())
+        for p in re.findall(r'"([^"]+)"', command.split("#")[0])
+    ]
+    assert len(prompts) >= 5
+    for prompt in prompts:
+        scene = parse_prompt(prompt)  # a ValueError naming the grammar otherwise
+        assert scene.background is not None, f"{prompt!r}: name the background"
