@@ -73,6 +73,9 @@ SITE_PACKAGES = (
     "matplotlib",
     "pillow",
 )
+#: Longest one notebook cell may run: a guard against a hung kernel, not a speed bound (a loaded 2-core CI box
+#: runs the slowest tutorial in minutes; CI's own limit, 90 minutes, bounds the whole run).
+CELL_TIMEOUT_S = 1800
 #: The build's record, in ``docs/generated/`` (a dot file: mkdocs leaves it out of the site).
 STAMP = ".build.json"
 #: Files written by the executed tutorials (notebook 5's animations), in ``docs/generated/`` (left out of the site).
@@ -317,7 +320,7 @@ def execute_notebook(path: Path, out: Path) -> float:
     t0 = time.perf_counter()
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+        nb, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
     )
     try:
         client.execute()
