@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import _quiet  # noqa: F401  (drops transformers' torchvision-fallback notes; standard library only)
+
 #: The version of this sdexplore install (PEP 440).
 __version__ = "0.1.0"
 

@@ -304,9 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument(
         "--steps",
         type=_whole(1, MAX_STEPS),
-        default=50,
+        default=DEFAULT_STEPS,
         metavar="N",
-        help="inference steps whose timesteps to list (default 50)",
+        help=f"inference steps whose timesteps to list (default {DEFAULT_STEPS})",
     )
     d.add_argument(
         "--height", type=_whole(8, MAX_SIDE), metavar="H", help="image height for the latent arithmetic"

@@ -44,7 +44,7 @@ def test_the_filter_drops_only_the_fallback_note():
 def test_loading_the_embedded_model_writes_nothing_on_stderr():
     """What a notebook's first cell does: without the filter transformers logs two notes here (CLIP, Siglip)."""
     script = (
-        "import sdexplore._quiet, sdexplore as sdx, logging; "
+        "import sdexplore as sdx, logging; "
         "sdx.load_pipeline(); "
         f"logging.getLogger({TRANSFORMERS_IMPORT_LOGGER!r}).warning('still heard')"
     )
