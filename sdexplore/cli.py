@@ -67,7 +67,7 @@ _MAIN_EPILOG = """\
 examples:
   sdexplore describe
   sdexplore steps "a big red circle at the top left on a blue background" --out run1
-  sdexplore attention "a big red circle on a blue background" --words circle blue --out att
+  sdexplore attention "a big red circle at the top left on a blue background" --words circle blue --out att
   sdexplore walk "a red circle" "a blue square" --seeds 0 1 --frames 24 --out walk.gif
   sdexplore invert photo.png "a big red circle at the top left on a blue background" --out inv
   sdexplore attention "a big red circle at the top left on a blue background" --image photo.png --out att
@@ -82,7 +82,7 @@ examples:
   sdexplore describe
   sdexplore describe stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
   sdexplore describe ./my-pipeline-folder --json
-  sdexplore describe --prompt "a big red circle on a blue background"
+  sdexplore describe --prompt "a big red circle at the top left on a blue background"
 """
 
 _STEPS_EPILOG = """\
@@ -117,7 +117,7 @@ then regenerated from its inverted noise under observation): attention on your o
 
 examples:
   sdexplore attention "a big red circle at the top left on a blue background"
-  sdexplore attention "a big red circle on a blue background" --words circle "blue background" --out att
+  sdexplore attention "a big red circle at the top left on a blue background" --words circle "blue background" --out att
 """
 
 _WALK_EPILOG = """\
@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _prompt(text: str) -> str:
     if not text.strip():
-        raise InputError('the prompt is empty: pass some text, e.g. "a big red circle on a blue background"')
+        raise InputError('the prompt is empty: pass some text, e.g. "a big red circle at the top left on a blue background"')
     return text
 
 
