@@ -198,9 +198,11 @@ class Subscriber:
     - ``denoiser_post(run, output) -> output | None``: after it, with its raw output tensor (2B|B, C, h, w);
       return a new tensor to change what the pipeline gets (a guidance schedule);
     - ``step(step) -> tensor | None``: after each scheduler step; return new latents to continue from;
-    - ``attention``: an :class:`AttentionTap` to capture attention probabilities on chosen layers.
+    - ``attention``: an :class:`AttentionTap` to capture attention probabilities on chosen layers;
+    - ``control``: a :class:`ControlTap` to change attention probabilities on chosen layers (a capture on the
+      same layer then records the changed probabilities, whichever subscriber came first).
 
-    ``kind`` ("steps", "attention", "steering", "listener") is unique per attachment; ``order`` sorts
+    ``kind`` ("steps", "attention", "steering", "listener", "control") is unique per attachment; ``order`` sorts
     subscribers (steering 0 edits before recorders 10 read).
     """
 
@@ -212,6 +214,7 @@ class Subscriber:
     denoiser_post: Callable[[Run, torch.Tensor], torch.Tensor | None] | None = None
     step: Callable[[Step], torch.Tensor | None] | None = None
     attention: AttentionTap | None = None
+    control: ControlTap | None = None
 
 
 @dataclass
@@ -220,6 +223,45 @@ class AttentionTap:
     ``original processor -> capturing processor``; the attachment swaps them in and restores the originals."""
 
     processors: dict[str, Callable[[Any], Any]]
+
+
+@dataclass
+class AttentionCall:
+    """One call of an attention layer a control may edit, as the control sees it."""
+
+    run: Run
+    layer: str  # module name, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    cross: bool  # cross-attention (text keys) or self-attention (image keys)
+    step: int  # index of the denoiser call in the run (one per step for first-order samplers), from 0
+    queries: int  # HW: the layer's query count
+    rows: int  # N: rows of the denoiser batch
+    cond: slice  # the conditional rows (every row without CFG)
+
+
+@dataclass
+class ControlTap:
+    """Attention edits on named layers (module names of cross- and self-attention layers).
+
+    ``active(call)`` says whether the control changes this call: where no control does, the layer runs its
+    original processor (bitwise the plain output), so a control at zero strength must answer False.
+    ``edit(call, probs)`` changes the float32 probabilities ``probs`` (N, heads, HW, T) in place and returns the
+    batch rows it changed; the others keep the original output.
+    """
+
+    layers: list[str]
+    active: Callable[[AttentionCall], bool]
+    edit: Callable[[AttentionCall, torch.Tensor], Any]
+
+
+@dataclass
+class _Slot:
+    """One attention layer the attachment changed: its original processor and who uses it."""
+
+    module: Any
+    original: Any
+    capture: Any = None  # a recorder's capturing processor
+    controls: list[ControlTap] = field(default_factory=list)
+    controlled: Any = None  # the ControlledAttnProcessor made for this layer (once)
 
 
 # ---- the attachment ------------------------------------------------------------------------------------------
@@ -239,6 +281,7 @@ class Attachment:
         self._depth = 0  # nesting of pipeline calls (only depth 1 is a run)
         self._signature: inspect.Signature | None = None
         self._warned_outside = False
+        self._slots: dict[str, _Slot] = {}  # module name -> an attention layer whose processor was changed
 
     # ---- subscribing ---------------------------------------------------------------------------------------
     def check_free(self, kind: str) -> None:
@@ -257,6 +300,13 @@ class Attachment:
             raise RecorderStateError("Cannot start recording in the middle of a pipeline call.")
         if sub.attention is not None:
             self._swap_processors(sub)
+        if sub.control is not None:
+            try:
+                self._add_control(sub)
+            except BaseException:
+                self._undo_tagged(f"processors:{sub.kind}")
+                self._undo_tagged(f"controls:{sub.kind}")
+                raise
         self.subscribers.append(sub)
         self.subscribers.sort(key=lambda s: s.order)
 
@@ -266,6 +316,8 @@ class Attachment:
             self.subscribers.remove(sub)
         if sub.attention is not None:
             self._undo_tagged(f"processors:{sub.kind}")
+        if sub.control is not None:
+            self._undo_tagged(f"controls:{sub.kind}")
         if not self.subscribers:
             self.detach()
 
@@ -301,25 +353,95 @@ class Attachment:
             if self._undo[i][0] == tag:
                 self._undo.pop(i)[1]()
 
+    def _slot(self, name: str) -> _Slot:
+        module_name = name.removesuffix(".processor")
+        slot = self._slots.get(module_name)
+        if slot is None:
+            module = self.denoiser.get_submodule(module_name)
+            slot = self._slots[module_name] = _Slot(module, module.processor)
+        return slot
+
+    def _install(self, name: str) -> None:
+        """Give a layer the processor its users need: a controlled one while a control edits it (the capture
+        inside it), else the capture, else its very own original object; a slot nobody uses is forgotten."""
+        slot = self._slots[name]
+        if slot.controls:
+            if slot.controlled is None:
+                from .processor import ControlledAttnProcessor  # lazily: only controls need it
+
+                cross = name.rpartition(".")[2] != "attn1"
+                slot.controlled = ControlledAttnProcessor(
+                    name, slot.original, cross, self._control_call, self._control_edit
+                )
+            slot.controlled.capture = slot.capture
+            proc = slot.controlled
+        else:
+            proc = slot.capture if slot.capture is not None else slot.original
+        if slot.module.processor is not proc:
+            slot.module.set_processor(proc)
+        if slot.capture is None and not slot.controls:
+            del self._slots[name]
+
     def _swap_processors(self, sub: Subscriber) -> None:
         """Give the named attention layers their capturing processors, module by module (the other layers are
-        not touched at all); undone by putting the very same original objects back."""
+        not touched at all); undone by putting the very same original objects back. A layer a control edits
+        keeps its controlled processor, which records through the capture."""
         assert sub.attention is not None
-        den = self.denoiser
-        originals: list[tuple[Any, Any]] = []  # (module, its original processor)
+        done: list[str] = []
         try:
             for name, make in sub.attention.processors.items():
-                module = den.get_submodule(name.removesuffix(".processor"))
-                original = module.processor
-                module.set_processor(make(original))
-                originals.append((module, original))
+                slot = self._slot(name)
+                slot.capture = make(slot.original)
+                done.append(name.removesuffix(".processor"))
+                self._install(done[-1])
         finally:
 
             def undo() -> None:
-                for module, original in reversed(originals):
-                    module.set_processor(original)
+                for module_name in reversed(done):
+                    self._slots[module_name].capture = None
+                    self._install(module_name)
 
             self._undo.append((f"processors:{sub.kind}", undo))
+
+    def _add_control(self, sub: Subscriber) -> None:
+        """Put a controlled processor on the layers a control edits (self-attention layers only while such a
+        control is subscribed); undone by the same original objects coming back."""
+        tap = sub.control
+        assert tap is not None
+        done: list[str] = []
+        try:
+            for name in dict.fromkeys(tap.layers):
+                slot = self._slot(name)
+                slot.controls.append(tap)
+                done.append(name.removesuffix(".processor"))
+                self._install(done[-1])
+        finally:
+
+            def undo() -> None:
+                for module_name in reversed(done):
+                    self._slots[module_name].controls.remove(tap)
+                    self._install(module_name)
+
+            self._undo.append((f"controls:{sub.kind}", undo))
+
+    def _control_call(self, name: str, cross: bool, queries: int, rows: int) -> AttentionCall | None:
+        """The call a controlled layer is making, if some control edits it (else None: the original runs)."""
+        run = self.run
+        if run is None or not run.started:
+            return None
+        cond = self.family.cfg_rows(rows)[1] if run.cfg and self.family.cfg_batch else slice(None)
+        call = AttentionCall(run, name, cross, run.calls - 1, queries, rows, cond)
+        if any(tap.active(call) for tap in self._slots[name].controls):
+            return call
+        return None
+
+    def _control_edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        """Every active control edits the probabilities (N, heads, HW, T) in turn; the rows any changed."""
+        changed: set[int] = set()
+        for tap in self._slots[call.layer].controls:
+            if tap.active(call):
+                changed.update(int(r) for r in tap.edit(call, probs))
+        return sorted(changed)
 
     def _wrap_scheduler(self, sched: Any) -> None:
         had = "step" in vars(sched)

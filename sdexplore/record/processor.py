@@ -38,7 +38,10 @@ Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention, torch.Tensor, slic
 
 
 def is_reproducible(processor: Any) -> bool:
-    """Whether ``processor`` computes plain attention that :class:`CapturingAttnProcessor` reproduces."""
+    """Whether ``processor`` computes plain attention that :class:`CapturingAttnProcessor` reproduces (under a
+    control, the processor the control wraps)."""
+    if isinstance(processor, ControlledAttnProcessor):
+        processor = processor.original
     return type(processor) in REPRODUCIBLE_PROCESSORS
 
 
@@ -181,3 +184,116 @@ class CapturingAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+# Called with (layer name, cross-attention?, query length HW, batch rows N); returns the call description a
+# control edits (opaque here), or None when no control edits this call (then the original processor runs).
+Begin = Callable[[str, bool, int, int], Any]
+# Called with (that call, probabilities (N, heads, HW, T) float32); edits them in place and returns the batch rows
+# it changed.
+Apply = Callable[[Any, torch.Tensor], "list[int]"]
+
+
+class ControlledAttnProcessor:
+    """An attention layer whose probabilities a control may change (cross- or self-attention).
+
+    Installed by the attachment alone, on the layers a control asks for. On a call no control edits, it hands
+    the call to ``capture`` (a recorder's :class:`CapturingAttnProcessor`, if one records this layer) or to the
+    original processor, untouched: the output is bitwise the plain one. On an edited call it computes the
+    probabilities explicitly (:func:`attention_probs`), lets the controls change them, hands the *edited*
+    probabilities of the recorder's rows to its sink (so recorded maps show the attention that made the image),
+    and computes the changed rows' output as ``probs @ V``; the rows no control changed keep the original
+    processor's output bit for bit.
+    """
+
+    def __init__(self, name: str, original: Any, cross: bool, begin: Begin, apply: Apply) -> None:
+        self.name = name
+        self.original = original
+        self.cross = cross
+        self.begin = begin
+        self.apply = apply
+        self.capture: CapturingAttnProcessor | None = None  # set by the attachment while a recorder records
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        plain = self.capture if self.capture is not None else self.original
+        cross = encoder_hidden_states is not None
+        seq_len = (
+            hidden_states.shape[1]
+            if hidden_states.ndim == 3
+            else hidden_states.shape[-1] * hidden_states.shape[-2]
+        )
+        call = None if cross != self.cross else self.begin(self.name, cross, seq_len, hidden_states.shape[0])
+        if call is None:
+            return plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+        residual, mask_arg = hidden_states, attention_mask
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(
+                1, 2
+            )  # (N, HW, C)
+        batch_size = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        key_len = context.shape[1]
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+            attention_mask = attention_mask.view(
+                batch_size, attn.heads, -1, attention_mask.shape[-1]
+            )  # (N, heads, ., T)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)  # (N, HW, heads*d)
+        if cross and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.to_k(context)  # (N, T, heads*d)
+        value = attn.to_v(context)  # (N, T, heads*d)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, HW, d)
+        key = key.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+        value = value.view(batch_size, -1, heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        probs = attention_probs(attn, query, key, attention_mask)  # (N, heads, HW, T) float32
+        changed = sorted(set(self.apply(call, probs)))
+        capture = self.capture
+        if cross and capture is not None:
+            rows = capture.gate(capture.name, seq_len)
+            if rows is not None:
+                capture.sink(capture.name, probs[rows])  # the edited probabilities: what made the image
+        if len(changed) == batch_size:
+            out = None
+        else:  # the rows no control changed: the original processor's output, bitwise
+            out = self.original(attn, residual, encoder_hidden_states, mask_arg, temb, *args, **kwargs)
+            if not changed:
+                return out
+        idx = torch.tensor(changed, device=probs.device)
+        mixed = torch.matmul(probs[idx].to(value.dtype), value[idx])  # (N', heads, HW, d)
+        mixed = (
+            mixed.transpose(1, 2).reshape(len(changed), -1, heads * head_dim).to(query.dtype)
+        )  # (N', HW, C)
+        mixed = attn.to_out[1](attn.to_out[0](mixed))
+        if input_ndim == 4:
+            mixed = mixed.transpose(-1, -2).reshape(len(changed), channel, height, width)  # (N', C, h, w)
+        if attn.residual_connection:
+            mixed = mixed + residual[idx]
+        mixed = mixed / attn.rescale_output_factor
+        if out is None:
+            return mixed
+        out[idx] = mixed.to(out.dtype)
+        return out

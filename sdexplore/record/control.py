@@ -1,0 +1,425 @@
+"""Attention controls: subscribers that *change* attention probabilities while the user's own call runs.
+
+A control patches nothing: it subscribes to the pipeline's attachment (:mod:`sdexplore.record.attach`) with a
+:class:`~.attach.ControlTap` naming the layers it edits; the attachment puts a controlled processor on them
+(self-attention layers only while a control that needs them is subscribed) and restores the very same processor
+objects when the block ends. A layer computes explicit probabilities only at a call some edit changes; every
+other call runs the original kernel, so an edit at zero strength gives the plain image bit for bit. An
+:class:`~sdexplore.record.attention.AttentionRecorder` in the same block records the *edited* probabilities.
+
+Edits (Hertz et al., 2022, "Prompt-to-Prompt Image Editing with Cross Attention Control"), all on the
+conditional half of the CFG batch only, as Prompt-to-Prompt does:
+
+- :class:`WordSwap` (P2P replace): a batch of source prompts followed by as many target prompts, word for word
+  aligned; each target image takes its source image's cross-attention probabilities for the first
+  ``cross_replace`` fraction of the steps and its self-attention probabilities (layers of at most
+  ``self_max_queries`` queries, 16×16 as in P2P) for the first ``self_replace`` fraction;
+- :class:`Reweight` (P2P reweight, token ablation): scale words' cross-attention by factors (0 ablates the word),
+  or put a word's attention where a given ``(h, w)`` mask says ("put the circle here").
+
+Only the UNet families (SD 1.x, 2.x, XL) take controls for now; MMDiT families (SD3, Flux) get an
+:class:`~sdexplore.errors.UnsupportedPipelineError` naming those that can.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
+from ..families import Family, detect_family
+from .attach import AttentionCall, ControlTap, Run, Subscriber, attach, attachment_of, check_attachable
+from .tokens import TokenList, sequence_tokens
+
+#: Families whose attention a control can change (the message of every refusal names them).
+CONTROL_FAMILIES = ("sd1", "sd2", "sdxl")
+_CONTROL_HELP = "controls run on SD 1.x/2.x/XL for now"
+
+
+def check_controllable(pipe: Any, family: Family | None = None) -> Family:
+    """The pipeline's family if a control can run on it, else :class:`UnsupportedPipelineError` saying which can."""
+    family = family or detect_family(pipe)
+    if family.denoiser != "unet":
+        raise UnsupportedPipelineError(
+            f"{family.label} cannot take attention controls yet: {_CONTROL_HELP} "
+            f"({', '.join(CONTROL_FAMILIES)}). Record its attention with sdexplore.observe(pipe, attention=True)."
+        )
+    return family
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A step fraction in [0, 1], else :class:`InvalidArgumentError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not 0.0 <= v <= 1.0:
+        raise InvalidArgumentError(
+            f"{name}={value!r}: a fraction of the steps must be a number in [0, 1] (0 = never, 1 = every step)."
+        )
+    return v
+
+
+def check_weight(word: str, value: Any) -> float:
+    """An attention weight: finite and ≥ 0, else :class:`InvalidArgumentError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not math.isfinite(v) or v < 0:
+        raise InvalidArgumentError(
+            f"The weight of {word!r} is {value!r}: a weight must be a finite number ≥ 0 (1 = unchanged, "
+            "0 = ablate the word, 2 = twice its attention)."
+        )
+    return v
+
+
+def check_mask(word: str, mask: Any) -> torch.Tensor:
+    """A ``(h, w)`` mask in [0, 1] with some area, as float32, else :class:`InvalidArgumentError`."""
+    try:
+        m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"The mask for {word!r} is not an array: {e}.") from None
+    if m.ndim != 2 or min(m.shape) < 1:
+        raise InvalidArgumentError(
+            f"The mask for {word!r} has shape {tuple(m.shape)}: pass one (h, w) array (any size; it is resized "
+            "to each layer's grid)."
+        )
+    if not bool(torch.isfinite(m).all()) or float(m.min()) < 0 or float(m.max()) > 1 or float(m.sum()) <= 0:
+        raise InvalidArgumentError(
+            f"The mask for {word!r} must hold values in [0, 1], some of them above 0 (1 = put the word here)."
+        )
+    return m
+
+
+def _fractions(name: str, steps: Any) -> tuple[float, float]:
+    if not isinstance(steps, Sequence) or isinstance(steps, str) or len(steps) != 2:
+        raise InvalidArgumentError(
+            f"{name}={steps!r}: pass (start, end) fractions of the steps, e.g. (0.0, 1.0) for every step."
+        )
+    a, b = check_fraction(f"{name}[0]", steps[0]), check_fraction(f"{name}[1]", steps[1])
+    if a > b:
+        raise InvalidArgumentError(f"{name}={steps!r}: the start fraction is after the end fraction.")
+    return a, b
+
+
+def _in_fraction(step: int, num_steps: int, start: float, end: float) -> bool:
+    """Step ``step`` of ``num_steps`` lies in [start·N, end·N) (P2P counts steps the same way)."""
+    return start * num_steps <= step < end * num_steps
+
+
+def _prompts_of(run: Run) -> tuple[list[str], int]:
+    """The call's prompts (one per prompt, before ``num_images_per_prompt``) and images per prompt."""
+    prompt = run.arguments.get("prompt")
+    if prompt is None:
+        raise InvalidArgumentError(
+            "Attention controls need the call's prompt (to find its words), not prompt_embeds: pass prompt=."
+        )
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return prompts, int(run.arguments.get("num_images_per_prompt") or 1)
+
+
+def _grid(queries: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of a layer's query grid: the latent size halved (rounding up) until the counts agree."""
+    H, W = latent
+    for k in range(8):
+        h, w = math.ceil(H / 2**k), math.ceil(W / 2**k)
+        if h * w == queries:
+            return h, w
+    raise RecorderStateError(f"Cannot place {queries} queries on a grid of the {latent} latent.")
+
+
+class AttentionEdit:
+    """One edit a :class:`Control` applies; subclasses say which layers, when, and how.
+
+    ``start(run, pipe)`` is called when a run starts (check the call, find words), ``active(call)`` for each
+    attention call of the edited layers (False: the original kernel runs, bitwise) and ``edit(call, probs)``
+    changes the float32 probabilities (N, heads, HW, T) in place, returning the batch rows it changed.
+    """
+
+    needs_self_attention: bool = False
+
+    def start(self, run: Run, pipe: Any) -> None:  # pragma: no cover - an interface
+        """A run starts: check its arguments against the edit (before any denoising)."""
+
+    def active(self, call: AttentionCall) -> bool:  # pragma: no cover - an interface
+        """Whether this edit changes ``call``."""
+        return False
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:  # pragma: no cover - an interface
+        """Change ``probs`` (N, heads, HW, T) in place; return the rows changed."""
+        return []
+
+
+class Reweight(AttentionEdit):
+    """Scale words' cross-attention probabilities (Prompt-to-Prompt's reweighting; 0 ablates a word), or put a
+    word's attention where a mask says.
+
+    ``weights`` maps words of the prompt (one or several space-separated words) to factors ≥ 0; every token of the
+    word, every occurrence, is scaled. Other tokens' probabilities are left as they are: nothing is renormalised,
+    as in P2P. ``masks`` maps words to ``(h, w)`` arrays in [0, 1] (any size, resized to each layer's grid): the
+    word's probabilities are replaced by the mask, scaled so that each head keeps the word's total attention mass
+    ("put the circle here"). ``steps`` is the (start, end) fraction of the steps the edit runs in; ``images``
+    the images of the batch it edits (default all). A factor of 1 and no mask is no edit at all: the plain image
+    bit for bit.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        *,
+        masks: Mapping[str, Any] | None = None,
+        steps: Sequence[float] = (0.0, 1.0),
+        images: Sequence[int] | None = None,
+    ) -> None:
+        if weights is not None and not isinstance(weights, Mapping):
+            raise InvalidArgumentError(
+                f"weights={weights!r}: pass a dict of words to factors, e.g. {{'circle': 0.0}}."
+            )
+        if masks is not None and not isinstance(masks, Mapping):
+            raise InvalidArgumentError(f"masks={masks!r}: pass a dict of words to (h, w) arrays.")
+        self.weights = {_word(w): check_weight(w, v) for w, v in (weights or {}).items()}
+        self.masks = {_word(w): check_mask(w, m) for w, m in (masks or {}).items()}
+        self.steps = _fractions("steps", steps)
+        if images is not None and (
+            isinstance(images, (str, bytes)) or not all(isinstance(i, int) and i >= 0 for i in images)
+        ):
+            raise InvalidArgumentError(f"images={images!r}: pass a list of image indices (0-based) or None.")
+        self.images = None if images is None else sorted(set(images))
+        #: per edited image: its index and [(positions, factor or None, mask or None)]
+        self._targets: list[tuple[int, list[tuple[list[int], float | None, torch.Tensor | None]]]] = []
+        self._latent: tuple[int, int] | None = None
+        self._resized: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def identity(self) -> bool:
+        """True when the edit changes nothing (every factor 1, no mask)."""
+        return not self.masks and all(v == 1.0 for v in self.weights.values())
+
+    def positions(self, pipe: Any, prompt: str) -> list[tuple[list[int], float | None, torch.Tensor | None]]:
+        """The key positions of each word in ``prompt`` with its factor and mask (WordNotFoundError for a word
+        the prompt does not have)."""
+        tokens = sequence_tokens(pipe, prompt)
+        out = [(tokens.positions(w), v, None) for w, v in self.weights.items() if w not in self.masks]
+        out += [(tokens.positions(w), None, m) for w, m in self.masks.items()]
+        return out
+
+    def start(self, run: Run, pipe: Any) -> None:
+        prompts, n = _prompts_of(run)
+        images = [p for p in prompts for _ in range(n)]
+        chosen = range(len(images)) if self.images is None else self.images
+        if self.images is not None and max(self.images, default=-1) >= len(images):
+            raise InvalidArgumentError(
+                f"Reweight(images={self.images}) but the call makes {len(images)} image(s) (indices from 0)."
+            )
+        by_prompt: dict[str, Any] = {}
+        self._targets = []
+        for i in chosen:
+            if images[i] not in by_prompt:
+                by_prompt[images[i]] = self.positions(pipe, images[i])
+            self._targets.append((i, by_prompt[images[i]]))
+        self._resized = {}
+        self._latent = None
+
+    def active(self, call: AttentionCall) -> bool:
+        return (
+            call.cross
+            and not self.identity
+            and bool(self._targets)
+            and _in_fraction(call.step, call.run.num_steps, *self.steps)
+        )
+
+    def _mask_on(self, mask: torch.Tensor, call: AttentionCall, like: torch.Tensor) -> torch.Tensor:
+        """The mask on the layer's query grid, summing to 1: (HW,)."""
+        key = (id(mask), call.queries)
+        if key not in self._resized:
+            sample = call.run.denoiser_in
+            latent = tuple(sample.shape[-2:]) if sample is not None else None
+            h, w = _grid(call.queries, latent)  # type: ignore[arg-type]
+            m = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            m = m.clamp(min=0).reshape(-1)  # (HW,)
+            if float(m.sum()) <= 0:  # a mask smaller than one cell of a coarse layer: its nearest cell
+                m = F.interpolate(mask[None, None], size=(h, w), mode="area")[0, 0].reshape(-1)
+            self._resized[key] = (m / m.sum()).to(like.device)
+        return self._resized[key]
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        rows = []
+        base = call.cond.start or 0
+        for i, words in self._targets:
+            r = base + i
+            for pos, factor, mask in words:
+                idx = torch.tensor(pos, device=probs.device)
+                if mask is None:
+                    probs[r, :, :, idx] *= factor  # (heads, HW, |pos|)
+                else:
+                    mass = probs[r, :, :, idx].sum(1, keepdim=True)  # (heads, 1, |pos|): the word's total
+                    probs[r, :, :, idx] = self._mask_on(mask, call, probs)[None, :, None] * mass
+            rows.append(r)
+        return rows
+
+
+class WordSwap(AttentionEdit):
+    """Prompt-to-Prompt's word swap (replace): target images take their source images' attention.
+
+    The call's prompts are the sources followed by as many targets (``pipe([source, target], latents=...)``,
+    both with the same initial latents); each target must tokenize word for word like its source (same words
+    count, same tokens per word). For the first ``cross_replace`` fraction of the steps a target image's
+    cross-attention probabilities are its source's; for the first ``self_replace`` fraction its self-attention
+    probabilities too, on layers of at most ``self_max_queries`` queries (P2P: 16×16). Both 0: no edit, bit for
+    bit the plain batch.
+    """
+
+    def __init__(
+        self, cross_replace: float = 0.8, self_replace: float = 0.4, self_max_queries: int = 256
+    ) -> None:
+        self.cross_replace = check_fraction("cross_replace", cross_replace)
+        self.self_replace = check_fraction("self_replace", self_replace)
+        if (
+            isinstance(self_max_queries, bool)
+            or not isinstance(self_max_queries, int)
+            or self_max_queries < 1
+        ):
+            raise InvalidArgumentError(
+                f"self_max_queries={self_max_queries!r}: pass a positive int (P2P: 256)."
+            )
+        self.self_max_queries = self_max_queries
+        self.needs_self_attention = self.self_replace > 0
+        self._pairs: tuple[list[int], list[int]] = ([], [])
+
+    def start(self, run: Run, pipe: Any) -> None:
+        prompts, n = _prompts_of(run)
+        if len(prompts) % 2:
+            raise InvalidArgumentError(
+                f"A word swap runs source prompts followed by as many target prompts; this call has {len(prompts)} "
+                "prompt(s). Use sdexplore.edit(pipe, source, target)."
+            )
+        k = len(prompts) // 2
+        for s, t in zip(prompts[:k], prompts[k:], strict=True):
+            check_aligned(pipe, s, t)
+        half = k * n
+        self._pairs = (list(range(half)), list(range(half, 2 * half)))
+
+    def active(self, call: AttentionCall) -> bool:
+        fraction = self.cross_replace if call.cross else self.self_replace
+        if not call.cross and call.queries > self.self_max_queries:
+            return False
+        return _in_fraction(call.step, call.run.num_steps, 0.0, fraction)
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        base = call.cond.start or 0
+        src = [base + i for i in self._pairs[0]]
+        tgt = [base + i for i in self._pairs[1]]
+        probs[tgt] = probs[src]  # (k, heads, HW, T): the source's maps, in the target's rows
+        return tgt
+
+
+def _word(w: Any) -> str:
+    if not isinstance(w, str) or not w.strip():
+        raise InvalidArgumentError(
+            f"{w!r} is not a word: pass words of the prompt as strings, e.g. 'circle'."
+        )
+    return w.strip()
+
+
+def word_tokens(tokens: TokenList) -> list[tuple[str, int]]:
+    """(word, number of tokens) of a prompt's words, in order."""
+    return [(w, len(pos)) for w, pos in tokens.word_spans()]
+
+
+def check_aligned(pipe: Any, source: str, target: str) -> None:
+    """Raise :class:`InvalidArgumentError` unless ``target`` tokenizes word for word like ``source`` (the same
+    number of words, each with as many tokens as its counterpart), as a word swap needs."""
+    a, b = word_tokens(sequence_tokens(pipe, source)), word_tokens(sequence_tokens(pipe, target))
+    if len(a) != len(b):
+        raise InvalidArgumentError(
+            f"A word swap needs prompts with the same number of words: {source!r} has {len(a)}, {target!r} has "
+            f"{len(b)}. Swap words one for one (e.g. 'red' → 'blue')."
+        )
+    for (wa, na), (wb, nb) in zip(a, b, strict=True):
+        if na != nb:
+            raise InvalidArgumentError(
+                f"{wa!r} is {na} token(s) but {wb!r}, which replaces it, is {nb}: a word swap needs words of the "
+                "same token count. Pick another word or spelling."
+            )
+
+
+class Control:
+    """Context manager: apply attention edits to the pipeline calls made in the ``with`` block.
+
+    ::
+
+        with sdexplore.Control(pipe, sdexplore.Reweight({"circle": 0.0})):
+            image = pipe("a big red circle at the top left, blue background").images[0]
+
+    The edits apply in the order given (a :class:`WordSwap`, then a :class:`Reweight` of the target images, is
+    P2P's reweighting of an edit). An ``observe(pipe, attention=True)`` block around or inside it records the
+    edited probabilities. The pipeline is restored exactly on exit, also after an exception or
+    KeyboardInterrupt. SD 1.x, 2.x and XL only, for now.
+    """
+
+    def __init__(self, pipe: Any, *edits: AttentionEdit) -> None:
+        self.family = check_controllable(pipe)
+        if not edits or not all(isinstance(e, AttentionEdit) for e in edits):
+            raise InvalidArgumentError(
+                f"Control(pipe, *edits) takes one or more edits (WordSwap, Reweight), got {edits!r}."
+            )
+        self.pipe = pipe
+        self.edits = list(edits)
+        den = self.family.get_denoiser(pipe)
+        cross = [n.removesuffix(".processor") for n in self.family.cross_attention_layers(den)]
+        selfs = []
+        if any(e.needs_self_attention for e in self.edits):
+            selfs = [c.removesuffix("attn2") + "attn1" for c in cross]
+            selfs = [s for s in selfs if _has_module(den, s)]
+        self.layers = cross + selfs
+        self._attach: attach | None = None
+
+    def __enter__(self) -> Control:
+        if self._attach is not None:
+            raise RecorderStateError("This Control is already active; leave its `with` block first.")
+        existing = attachment_of(self.pipe)
+        if existing is not None:
+            existing.check_free("control")
+        check_attachable(self.pipe, self.family)
+        sub = Subscriber(
+            kind="control",
+            order=0,
+            run_start=self._run_start,
+            control=ControlTap(self.layers, self._active, self._edit),
+        )
+        ctx = attach(self.pipe, sub, self.family)
+        ctx.__enter__()
+        self._attach = ctx
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        ctx, self._attach = self._attach, None
+        if ctx is not None:
+            ctx.__exit__(*exc)
+
+    def _run_start(self, run: Run) -> None:
+        for e in self.edits:
+            e.start(run, self.pipe)
+
+    def _active(self, call: AttentionCall) -> bool:
+        return any(e.active(call) for e in self.edits)
+
+    def _edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        rows: set[int] = set()
+        for e in self.edits:
+            if e.active(call):
+                rows.update(e.edit(call, probs))
+        return sorted(rows)
+
+
+def _has_module(module: torch.nn.Module, name: str) -> bool:
+    try:
+        return hasattr(module.get_submodule(name), "set_processor")
+    except AttributeError:
+        return False
