@@ -39,6 +39,12 @@ _EXPORTS: dict[str, str] = {
     "PromptSwitch": "record.steering",
     "AttentionRecorder": "record.attention",
     "AttentionMaps": "results",
+    # attention control (editing by the attention maps)
+    "edit": "editing",
+    "Edit": "results.edit",
+    "Control": "record.control",
+    "Reweight": "record.control",
+    "WordSwap": "record.control",
     # text, interpolation, walks
     "encode_prompt": "text",
     "inspect_prompt": "text",
@@ -91,9 +97,11 @@ _SUBMODULES = (
 __all__ = [
     "AttentionMaps",
     "AttentionRecorder",
+    "Control",
     "DeviceDtypeError",
     "EMBEDDED_MODEL_DIR",
     "EMBEDDED_GUIDANCE_SCALE",
+    "Edit",
     "EncodedPrompt",
     "ExportError",
     "FAMILIES",
@@ -107,6 +115,7 @@ __all__ = [
     "PromptSwitch",
     "RecorderStateError",
     "ResultFileError",
+    "Reweight",
     "SdexploreError",
     "StepRecord",
     "StepRecorder",
@@ -115,11 +124,13 @@ __all__ = [
     "UnsupportedPipelineError",
     "Walk",
     "WordNotFoundError",
+    "WordSwap",
     "__version__",
     "clip_tokenizer",
     "compare_prompts",
     "describe",
     "detect_family",
+    "edit",
     "embedded_model_available",
     "encode_prompt",
     "generate",
@@ -153,6 +164,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
+    from .editing import edit
     from .errors import (
         DeviceDtypeError,
         ExportError,
@@ -178,10 +190,12 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         set_scheduler,
     )
     from .record.attention import AttentionRecorder
+    from .record.control import Control, Reweight, WordSwap
     from .record.observe import observe
     from .record.steering import PromptSwitch
     from .record.steps import StepRecorder
     from .results import AttentionMaps, Observation, StepRecord, Trace, Walk
+    from .results.edit import Edit
     from .smoothness import smoothness_report
     from .sweeps import sweep, sweep_report
     from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt

@@ -1,0 +1,217 @@
+"""Attention controls on the tiny random SD1 / SDXL pipelines: structure, not meaning (tests/test_edit.py has that).
+
+A control at zero strength is the plain image bit for bit; a control changes only what it targets; the maps
+recorded in the same block are the edited probabilities, whichever block was entered first; the pipeline is
+restored exactly; bad input is refused before any work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_restored, gen, pipeline_state
+
+import sdexplore as sdx
+from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError, WordNotFoundError
+from sdexplore.fixtures import tiny_pipeline
+from sdexplore.record.control import Control, Reweight, WordSwap
+from sdexplore.record.tokens import sequence_tokens
+
+P = "a big red circle on a blue background"
+Q = "a big blue circle on a blue background"
+RUN = dict(num_inference_steps=4, output_type="np")
+
+
+@pytest.fixture(params=["sd1", "sdxl"])
+def pipe(request):
+    return tiny_pipeline(request.param)
+
+
+def _latents(pipe, n: int = 1) -> torch.Tensor:
+    """(n, C, h, w) noise as the pipeline's own first draw with seed 0."""
+    den = pipe.unet
+    size = den.config.sample_size
+    return torch.randn((n, den.config.in_channels, size, size), generator=gen(0))
+
+
+def _arrays(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in (images if isinstance(images, list) else [images])])
+
+
+def test_zero_strength_controls_give_the_plain_images_bit_for_bit(pipe) -> None:
+    x = _latents(pipe)
+    both = torch.cat([x, x])
+    plain = pipe([P, Q], latents=both, **RUN).images
+    with Control(pipe, Reweight({"circle": 1.0}), WordSwap(cross_replace=0.0, self_replace=0.0)):
+        out = pipe([P, Q], latents=both, **RUN).images
+    assert np.array_equal(out, plain)
+    # through edit(): the swap with nothing replaced is the plain generation of the target with the same latents
+    res = sdx.edit(pipe, P, Q, cross_replace=0.0, self_replace=0.0, latents=x, num_inference_steps=4)
+    ref = pipe([P, Q], latents=both, num_inference_steps=4).images
+    assert np.array_equal(_arrays(res.source), _arrays(ref[0]))
+    assert np.array_equal(_arrays(res.edited), _arrays(ref[1]))
+    res = sdx.edit(pipe, P, reweight={"circle": 1.0}, generator=gen(0), num_inference_steps=4)
+    assert np.array_equal(_arrays(res.edited), _arrays(res.source))
+    # the generator draws the noise as the pipeline would: a plain call with the seed (batch 1, so equal up to
+    # the kernels' batch-size rounding) is the source
+    ref = pipe(P, generator=gen(0), num_inference_steps=4).images[0]
+    diff = np.abs(_arrays(res.source).astype(int) - _arrays(ref).astype(int))
+    assert diff.max() <= 2
+
+
+def test_an_ablation_changes_the_image_and_its_recorded_map_is_zero_in_either_order(pipe) -> None:
+    plain = pipe(P, generator=gen(0), **RUN).images
+    with Control(pipe, Reweight({"circle": 0.0})), sdx.observe(pipe, steps=False, attention=True) as inner:
+        first = pipe(P, generator=gen(0), **RUN).images
+    with sdx.observe(pipe, steps=False, attention=True) as outer, Control(pipe, Reweight({"circle": 0.0})):
+        second = pipe(P, generator=gen(0), **RUN).images
+    assert np.array_equal(first, second) and not np.array_equal(first, plain)
+    for obs in (inner, outer):
+        assert float(obs.attention.word("circle").abs().max()) == 0.0
+        assert float(obs.attention.word("red").min()) > 0.0
+
+
+def test_edit_records_both_branches_and_the_edited_map_is_the_edited_probability(pipe) -> None:
+    res = sdx.edit(pipe, P, reweight={"circle": 0.0}, generator=gen(0), num_inference_steps=4)
+    assert res.source_maps.num_images == res.edited_maps.num_images == 1
+    assert float(res.edited_maps.word("circle").abs().max()) == 0.0
+    assert float(res.source_maps.word("circle").min()) > 0.0
+    doubled = sdx.edit(
+        pipe, P, reweight={"circle": 2.0}, generator=gen(0), num_inference_steps=4, steps=(0, 0.25)
+    )
+    first = doubled.edited_maps.steps[0] / doubled.source_maps.steps[0]  # step 0: same inputs, circle × 2
+    pos = doubled.edited_maps.token_lists[0].positions("circle")
+    torch.testing.assert_close(first[0, pos], torch.full_like(first[0, pos], 2.0), rtol=1e-2, atol=0)
+
+
+def test_a_full_swap_gives_the_target_the_sources_cross_attention(pipe) -> None:
+    res = sdx.edit(pipe, P, Q, cross_replace=1.0, self_replace=1.0, generator=gen(0), num_inference_steps=4)
+    torch.testing.assert_close(res.edited_maps.aggregate, res.source_maps.aggregate, rtol=0, atol=0)
+    assert res.edited_maps.token_lists[0].prompt == Q and res.source_maps.token_lists[0].prompt == P
+    assert not np.array_equal(_arrays(res.source), _arrays(res.edited))  # the values still come from "blue"
+
+
+class _Spy(Reweight):
+    """A reweight that keeps, per call, the probabilities before and after its edit."""
+
+    seen: list
+
+    def edit(self, call, probs):
+        before = probs.clone()
+        rows = super().edit(call, probs)
+        self.seen.append((call, before, probs.clone(), rows))
+        return rows
+
+
+def test_a_reweight_changes_only_its_words_column_in_its_rows_at_every_layer_and_step(pipe) -> None:
+    spy = _Spy({"circle": 0.5}, steps=(0.25, 0.75))
+    spy.seen = []
+    with Control(pipe, spy):
+        pipe([P, Q], generator=gen(0), **RUN)
+    pos = sequence_tokens(pipe, P).positions("circle")  # the same positions in Q
+    assert {c.step for c, *_ in spy.seen} == {1, 2}  # steps 1 and 2 of 4: [0.25·4, 0.75·4)
+    layers = {c.layer for c, *_ in spy.seen}
+    assert layers == {n.removesuffix(".processor") for n in pipe.unet.attn_processors if "attn2" in n}
+    for call, before, after, rows in spy.seen:
+        assert call.cross and rows == [call.cond.start, call.cond.start + 1]
+        other = [t for t in range(before.shape[-1]) if t not in pos]
+        assert torch.equal(after[..., other], before[..., other])  # other tokens: untouched, not renormalised
+        assert torch.equal(after[: call.cond.start], before[: call.cond.start])  # the unconditional half
+        torch.testing.assert_close(after[rows][..., pos], before[rows][..., pos] * 0.5)
+
+
+def test_a_mask_puts_the_words_attention_where_it_says() -> None:
+    pipe = tiny_pipeline("sd1")
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[:4, :4] = 1.0  # the top left quarter
+    res = sdx.edit(pipe, P, masks={"circle": mask}, generator=gen(0), num_inference_steps=4)
+    m = res.edited_maps.word("circle")  # (h, w) at latent resolution
+    h, w = m.shape
+    top_left = float(m[: h // 2, : w // 2].sum())
+    assert (
+        top_left > 0.8 * float(m.sum()) > 0
+    )  # most of it in the masked quarter (coarse layers blur the edge)
+    assert float(m[h // 2 :, w // 2 :].sum()) < 0.01 * float(m.sum())  # next to none in the opposite quarter
+    src = res.source_maps.word("circle")
+    assert float(src[: h // 2, : w // 2].sum()) < 0.5 * float(src.sum())
+
+
+@pytest.mark.parametrize("fault", [None, RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("control_first", [True, False])
+def test_the_pipeline_is_restored_exactly(fault, control_first) -> None:
+    pipe = tiny_pipeline("sd1")
+    before = pipeline_state(pipe)
+    self_layers = [n for n in pipe.unet.attn_processors if "attn1" in n]
+
+    def explode(p, i, t, kwargs):
+        if fault is not None and i == 2:
+            raise fault("stop here")
+        return kwargs
+
+    def blocks():
+        control = Control(pipe, WordSwap(0.5, 0.5), Reweight({"circle": 0.0}))
+        observing = sdx.observe(pipe, steps=True, attention=True)
+        return (control, observing) if control_first else (observing, control)
+
+    a, b = blocks()
+    raised = None
+    try:
+        with a, b:
+            procs = pipe.unet.attn_processors
+            assert all(type(procs[n]).__name__ == "ControlledAttnProcessor" for n in self_layers)
+            pipe([P, Q], generator=gen(0), callback_on_step_end=explode, **RUN)
+    except BaseException as e:  # noqa: BLE001 - the faults under test
+        raised = e
+    assert (raised is None) == (fault is None) and (fault is None or isinstance(raised, fault))
+    assert_restored(pipe, before)
+    # a reweight alone swaps cross-attention only: self-attention keeps its processor objects
+    with Control(pipe, Reweight({"circle": 0.0})):
+        procs = pipe.unet.attn_processors
+        assert all(procs[n] is before["procs"][n] for n in self_layers)
+    assert_restored(pipe, before)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error"),
+    [
+        ((P, "a big light blue circle on a blue background"), {}, InvalidArgumentError),  # one more word
+        ((P, Q), {"cross_replace": 1.5}, InvalidArgumentError),
+        ((P, Q), {"self_replace": -0.1}, InvalidArgumentError),
+        ((P,), {"reweight": {"circle": math.nan}}, InvalidArgumentError),
+        ((P,), {"reweight": {"circle": -1.0}}, InvalidArgumentError),
+        ((P,), {"reweight": {"square": 0.0}}, WordNotFoundError),
+        ((P, Q), {"reweight": {"red": 0.0}}, WordNotFoundError),  # looked up in the target
+        ((P,), {}, InvalidArgumentError),  # nothing to edit
+        ((P,), {"masks": {"circle": np.zeros((4, 4))}}, InvalidArgumentError),  # an empty mask
+        ((P,), {"reweight": {"circle": 0.0}, "steps": (0.8, 0.2)}, InvalidArgumentError),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(args, kwargs, error) -> None:
+    pipe = tiny_pipeline("sd1")
+    before = pipeline_state(pipe)
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(error):
+            sdx.edit(pipe, *args, generator=gen(0), num_inference_steps=2, **kwargs)
+    finally:
+        hook.remove()
+    assert not calls
+    assert_restored(pipe, before)
+
+
+def test_misaligned_word_tokens_are_named() -> None:
+    pipe = tiny_pipeline("sd1")
+    with pytest.raises(InvalidArgumentError, match="token"):
+        sdx.edit(pipe, "a red circle", "a reddishness circle", num_inference_steps=2)
+
+
+def test_mmdit_families_are_refused_naming_the_families_that_can() -> None:
+    pipe = tiny_pipeline("sd3")
+    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
+        sdx.edit(pipe, P, reweight={"circle": 0.0})
+    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
+        Control(pipe, Reweight({"circle": 0.0}))
