@@ -1,0 +1,68 @@
+"""sdexplore.edit on the embedded tiny-shapes UNet: edits mean what they say, on held-out scene prompts.
+
+A colour swap (Prompt-to-Prompt replace) keeps the shape where it was better than regenerating the target prompt
+with the same seed, and reads as the target colour; ablating the shape word leaves its recorded map at zero.
+Measured limit: on this model the shape word holds ~5% of the attention on the shape (the causal text encoder
+spreads the prompt into every later token), so ablating it alone barely shrinks the shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sdexplore as sdx
+from sdexplore.embedded import scenes
+from sdexplore.embedded.model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_STEPS
+
+KW = dict(num_inference_steps=EMBEDDED_STEPS, guidance_scale=EMBEDDED_GUIDANCE_SCALE)
+PROMPTS = scenes.validation_prompts()[4:10]  # held out from training
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdx.load_pipeline()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _target(prompt: str) -> tuple[str, str]:
+    """The prompt with its shape's colour swapped for one that is neither the shape's nor the background's."""
+    p = scenes.parse_prompt(prompt)
+    colour = next(c for c in ("blue", "red", "green", "yellow") if c not in (p.colour, p.background))
+    return prompt.replace(f" {p.colour} {p.shape}", f" {colour} {p.shape}"), colour
+
+
+@pytest.mark.slow
+def test_a_colour_swap_keeps_the_shape_better_than_regenerating_and_reads_as_the_new_colour(pipe) -> None:
+    edit_iou, naive_iou = [], []
+    for i, prompt in enumerate(PROMPTS):
+        target, colour = _target(prompt)
+        res = sdx.edit(
+            pipe, prompt, target, generator=torch.Generator().manual_seed(i), attention=False, **KW
+        )
+        naive = pipe(target, generator=torch.Generator().manual_seed(i), **KW).images[0]
+        source, edited = scenes.read_scene(np.asarray(res.source)), scenes.read_scene(np.asarray(res.edited))
+        assert edited.colour == colour, (prompt, target, edited)
+        assert edited.place == source.place and edited.background == source.background
+        edit_iou.append(_iou(source.mask, edited.mask))
+        naive_iou.append(_iou(source.mask, scenes.read_scene(np.asarray(naive)).mask))
+    # measured here: 0.892 against 0.858 (12 other held-out prompts: 0.888 against 0.870)
+    assert np.mean(edit_iou) > np.mean(naive_iou) + 0.02, (edit_iou, naive_iou)
+
+
+@pytest.mark.slow
+def test_ablating_the_shape_word_zeroes_its_map_and_keeps_the_rest_of_the_scene(pipe) -> None:
+    prompt = PROMPTS[0]
+    shape = scenes.parse_prompt(prompt).shape
+    res = sdx.edit(pipe, prompt, reweight={shape: 0.0}, generator=torch.Generator().manual_seed(0), **KW)
+    assert float(res.edited_maps.word(shape).abs().max()) == 0.0 < float(res.source_maps.word(shape).max())
+    assert not np.array_equal(np.asarray(res.source), np.asarray(res.edited))
+    source, edited = scenes.read_scene(np.asarray(res.source)), scenes.read_scene(np.asarray(res.edited))
+    # the measured limit (module docstring): the shape stays, its area within a few percent
+    assert edited.background == source.background and edited.place == source.place
+    assert abs(1 - edited.mask.sum() / source.mask.sum()) < 0.2
