@@ -74,6 +74,14 @@ def test_an_ablation_changes_the_image_and_its_recorded_map_is_zero_in_either_or
         assert float(obs.attention.word("red").min()) > 0.0
 
 
+def test_observe_takes_the_control_itself(pipe) -> None:
+    with sdx.observe(pipe, steps=True, attention=True, control=Reweight({"circle": 0.0})) as obs:
+        pipe(P, generator=gen(0), **RUN)
+    assert float(obs.attention.word("circle").abs().max()) == 0.0 and len(obs.steps) == 4
+    with pytest.raises(InvalidArgumentError):
+        sdx.observe(pipe, attention=True, control="circle")
+
+
 def test_edit_records_both_branches_and_the_edited_map_is_the_edited_probability(pipe) -> None:
     res = sdx.edit(pipe, P, reweight={"circle": 0.0}, generator=gen(0), num_inference_steps=4)
     assert res.source_maps.num_images == res.edited_maps.num_images == 1

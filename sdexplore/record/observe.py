@@ -14,7 +14,12 @@ class _Observe:
     """The context manager :func:`observe` returns: one attachment, its subscribers entered and left together."""
 
     def __init__(
-        self, pipe: Any, steps: bool | dict, attention: bool | dict, options: dict[str, Any]
+        self,
+        pipe: Any,
+        steps: bool | dict,
+        attention: bool | dict,
+        options: dict[str, Any],
+        control: Any = None,
     ) -> None:
         for name, value in (("steps", steps), ("attention", attention)):
             if not isinstance(value, (bool, dict)):
@@ -29,6 +34,12 @@ class _Observe:
             raise InvalidArgumentError(
                 f"Step options {sorted(options)} given with steps=False; pass steps=True or drop them."
             )
+        self._control = None
+        if control is not None:
+            from .control import Control  # lazily: only controls need it
+
+            edits = list(control) if isinstance(control, (list, tuple)) else [control]
+            self._control = Control(pipe, *edits)  # checks the family and the edits before any change
         step_opts = {**(steps if isinstance(steps, dict) else {}), **options}
         self._step_recorder = StepRecorder(pipe, **step_opts) if steps else None
         self._attention_recorder = None
@@ -47,6 +58,8 @@ class _Observe:
                 "This observe(...) block is already active; leave it before entering it again."
             )
         with ExitStack() as stack:
+            if self._control is not None:
+                stack.enter_context(self._control)
             if self._attention_recorder is not None:
                 stack.enter_context(self._attention_recorder)
             if self._step_recorder is not None:
@@ -67,7 +80,14 @@ class _Observe:
                 self.observation._attention_recorder = None
 
 
-def observe(pipe: Any, steps: bool | dict = True, attention: bool | dict = False, **options: Any) -> _Observe:
+def observe(
+    pipe: Any,
+    steps: bool | dict = True,
+    attention: bool | dict = False,
+    *,
+    control: Any = None,
+    **options: Any,
+) -> _Observe:
     """Observe the pipeline calls made inside a ``with`` block; yields an :class:`Observation`.
 
     ::
@@ -79,8 +99,11 @@ def observe(pipe: Any, steps: bool | dict = True, attention: bool | dict = False
     ``steps``: True or a dict of :class:`~sdexplore.steps.StepRecorder` options; extra keyword ``options`` go to
     the step recorder too (``quantities``, ``every``, ``on_step``, steering such as ``stop_at``...).
     ``attention``: True or a dict of ``sdexplore.attention.AttentionRecorder`` options.
+    ``control``: an attention edit (:class:`~sdexplore.Reweight`, :class:`~sdexplore.WordSwap`) or a list of
+    them, applied to every call in the block (as :class:`~sdexplore.Control` does); the recorded maps are then the
+    edited probabilities.
     Each top-level ``pipe(...)`` call in the block is one run (``obs.runs``); ``pipe.encode_prompt``,
     ``sdexplore.inspect_prompt`` or ``sdexplore.set_scheduler`` inside the block never disturb what was
     recorded. The pipeline is restored exactly on exit, also after an exception or KeyboardInterrupt.
     """
-    return _Observe(pipe, steps, attention, options)
+    return _Observe(pipe, steps, attention, options, control)
