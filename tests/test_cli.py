@@ -245,7 +245,8 @@ def test_attention_on_a_saved_sdxl_folder(capsys, tmp_path, sdxl_folder):
     assert rc == 0
     maps = AttentionMaps.load(out / "attention.safetensors")
     assert maps.family == "sdxl"
-    assert size(out / "attention_circle.png") == size(out / "image.png")
+    k = -(-HEAT_MIN_SIDE // min(size(out / "image.png")))  # whole upscale to a viewable short side
+    assert size(out / "attention_circle.png") == tuple(k * v for v in size(out / "image.png"))
 
 
 # ---------------------------------------------------------------- walk
@@ -332,7 +333,11 @@ def test_every_command_on_a_saved_mmdit_folder(capsys, tmp_path, mmdit_folder):
     assert sorted(p.name for p in att.glob("attention_*.png")) == sorted(
         f"attention_{w}.png" for w in ["a", "big", "red", "circle", "grid"]
     )
-    assert size(att / "attention_circle.png") == size(att / "image.png") == (96, 64)
+    assert size(att / "image.png") == (96, 64)
+    assert size(att / "attention_circle.png") == (
+        384,
+        256,
+    )  # upscaled x4: the short side reaches HEAT_MIN_SIDE
     assert "circle: mean attention mass" in stdout
     assert np.asarray(Image.open(att / "attention_circle.png")).std() > 5  # not one flat colour
 

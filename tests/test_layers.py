@@ -15,7 +15,7 @@ ROOT = Path(sdexplore.__file__).parent
 PURE_MATH = {"schedule_math", "preview", "interpolate", "heatmaps", "smoothness"}
 LEAVES = {"errors", "_files", "_checks", "_signals", "_quiet"}
 EXPORT = {"export"}  # frames → GIF/MP4/PNG files: imports only the leaves
-# the family records themselves (families.py): plain facts over leaves, so a result loader can check a file's
+# the family records themselves (families.py): plain facts over leaves and pure math, so a result loader can check a file's
 # channels and map kind against its family without loading a model
 RECORDS = {"families"}
 RESULTS = {"results"} | EXPORT | PURE_MATH | LEAVES | RECORDS
@@ -63,7 +63,7 @@ def _modules(*names: str) -> list[Path]:
     [
         (sorted(PURE_MATH), LEAVES),
         (sorted(EXPORT), LEAVES),
-        (sorted(RECORDS), LEAVES),
+        (sorted(RECORDS), LEAVES | PURE_MATH),
         (["results"], RESULTS),
         (["families", "tokenizer", "masks"], FAMILIES),
         (["record"], RECORD),
