@@ -80,6 +80,8 @@ CELL_TIMEOUT_S = 1800
 STAMP = ".build.json"
 #: Files written by the executed tutorials (notebook 5's animations), in ``docs/generated/`` (left out of the site).
 TUTORIAL_OUTPUTS = ".outputs"
+#: In TUTORIAL_OUTPUTS: the names the tutorials' kernels left in their temporary folder (should be none).
+TEMP_LEFT = "temp_left_behind.json"
 
 
 class DocsBuildError(RuntimeError):
@@ -436,7 +438,10 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
             ),
             # notebook 5 writes its animations here; the notebook test checks them (mkdocs skips dot folders)
             "SDEXPLORE_OUT": str(target / TUTORIAL_OUTPUTS),
+            # the kernels' own temporary folder: whatever a tutorial leaves there is listed for the notebook test
+            "TMPDIR": str(Path(tmp) / "kernel_tmp"),
         }
+        (Path(tmp) / "kernel_tmp").mkdir()
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # kernels inherit this process's environment
         try:
@@ -454,6 +459,8 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
                         failed.append(str(e))
                 if failed:
                     raise DocsBuildError("\n\n".join(failed))
+            left = sorted(p.name for p in (Path(tmp) / "kernel_tmp").iterdir())
+            write_text(target / TUTORIAL_OUTPUTS / TEMP_LEFT, json.dumps(left) + "\n")
         finally:
             for k, v in saved.items():
                 if v is None:
