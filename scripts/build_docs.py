@@ -249,6 +249,8 @@ def api_page() -> str:
             group = "Package"
         elif module == "errors":
             group = "Errors"
+        elif module in ("editing", "record.control", "results.edit"):
+            group = "Editing by attention"
         elif module.startswith(("record", "results", "generation")):
             group = "Recording and results"
         elif module in ("text", "interpolate", "walks", "smoothness"):
@@ -263,6 +265,7 @@ def api_page() -> str:
     order = [
         "Loading, families and the tour",
         "Recording and results",
+        "Editing by attention",
         "Prompts, interpolation and walks",
         "Your own images",
         "Sweeps",

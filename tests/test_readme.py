@@ -106,6 +106,14 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     _reads_as(inv_state["inv_cfg"].reconstruction, inv_state["prompt"])
     assert inv_state["obs"].attention.word("circle").ndim == 2  # maps on the user's picture
 
+    # Edit by attention: the swap keeps place and background and reads as the new colour; the ablated word's map
+    # is zero; under observe the reweighted call recorded its maps
+    ed = state("swap")
+    _reads_as(ed["swap"].source, ed["source"])
+    _reads_as(ed["swap"].edited, "a big green circle at the top left on a blue background")
+    assert float(ed["ablate"].edited_maps.word("circle").abs().max()) == 0.0
+    assert ed["obs"].attention.word("circle").ndim == 2
+
     # Walks between pictures: the end frames are the pictures; a seed keyframe is the prompt's scene
     ws = state("picture_to_seed")
     _reads_as(ws["two_pictures"].images[0], ws["prompt"])
