@@ -20,10 +20,19 @@ Euler step, ``x_next = x + (σ_next − σ)·v``). Inverting a step solves ``x =
   regenerate with the prompt as its own negative prompt: classifier-free guidance ``u + g·(c − u)`` with ``u = c``
   is ``c`` at any scale, so the reconstruction follows the inverted path with CFG on (the attention maps are those
   of a CFG run, at no extra cost, unlike null-text inversion's per-step optimisation).
+- **Null-text inversion** (Mokady et al. 2023, UNet families): the DDIM inversion above (CFG 1) is the pivot;
+  then, step by step in generation order from the pivot's noise, the unconditional text embedding ∅_i is
+  optimised (Adam, ``inner_steps`` iterations, stopped early once the mean squared error is below
+  :data:`NULL_TEXT_TOLERANCE`) so that the CFG step ``A·x + B·(u(∅_i) + g·(c − u(∅_i)))`` from the current latent
+  lands on the pivot's next latent; ∅_i starts from ∅_{i−1} (the empty prompt's embedding at step 0), and the
+  current latent moves on with the optimised ∅_i. The reconstruction then gives the denoiser ∅_i as the
+  unconditional half at step i (:func:`applied`): faithful under CFG with the true unconditional branch, so
+  Prompt-to-Prompt edits of the picture keep what they do not target.
 - **Flow inversion** (SD3): the Euler ODE run backwards on the pipeline's own (shifted) σ schedule.
 
-The reconstruction is an ordinary ``pipe(...)`` call (for the UNet families with a DDIM scheduler built from the
-pipeline's config, swapped in for the call and restored after), so ``sdexplore.observe`` around
+The reconstruction is an ordinary ``pipe(...)`` call inside :func:`applied` (for the UNet families with a DDIM
+scheduler built from the pipeline's config, swapped in for the call and restored after; null-text's embeddings
+given by a subscriber of the pipeline's attachment, no patching of its own), so ``sdexplore.observe`` around
 :func:`invert` records its steps and attention maps like any call's. The inversion's own denoiser calls are not
 a pipeline call and are not recorded.
 """
@@ -34,6 +43,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,7 +55,17 @@ from .families import Family, detect_family
 from .images import ImageLike, encode_image, pipeline_image
 from .results.inversion import METHODS, Inversion, psnr
 
-__all__ = ["DEFAULT_ITERATIONS", "METHODS", "NO_SIGNAL_ITERATIONS", "Inversion", "invert", "psnr"]
+__all__ = [
+    "DEFAULT_ITERATIONS",
+    "METHODS",
+    "NO_SIGNAL_ITERATIONS",
+    "NULL_TEXT_FAMILIES",
+    "NULL_TEXT_TOLERANCE",
+    "Inversion",
+    "applied",
+    "invert",
+    "psnr",
+]
 
 #: Fixed-point passes always given to a step that starts from no signal (ᾱ = 0 or σ = 1).
 NO_SIGNAL_ITERATIONS = 6
@@ -56,6 +76,13 @@ DEFAULT_STEPS = 25
 #: issue's bar) with 2, for about twice the time of 0 passes (≈ 4–5 generations instead of ≈ 2.3).
 DEFAULT_ITERATIONS = 2
 _OUTSIDE_WARNING = "The observed denoiser ran outside a call"
+#: Null-text inversion's early stop: a step's optimisation ends once the mean squared error between the CFG
+#: step's result and the pivot's next latent is below this (Mokady et al.'s ε = 1e-5).
+NULL_TEXT_TOLERANCE = 1e-5
+#: The families whose CFG batch has a text-conditioned unconditional half for null-text inversion to optimise.
+NULL_TEXT_FAMILIES = ("sd1", "sd2", "sdxl")
+#: The guidance scale null-text inversion uses when none is given on a non-embedded model (the paper's).
+NULL_TEXT_GUIDANCE = 7.5
 
 
 # ---------------------------------------------------------------- schedules as linear steps
@@ -195,8 +222,16 @@ def _check(
     iterations: Any,
     height: Any = None,
     width: Any = None,
+    inner_steps: Any = 10,
+    lr: Any = 1e-2,
 ) -> tuple[Family, str, int, float, int]:
     fam = detect_family(pipe)
+    if method == "null-text" and fam.name not in NULL_TEXT_FAMILIES:
+        raise UnsupportedPipelineError(
+            f"method='null-text' optimises the unconditional half of a UNet's CFG batch: SD 1.x, SD 2.x and SDXL "
+            f"have it, {fam.label} does not. Invert {fam.label} with "
+            f"{'method=' + repr('flow') + ' or ' if fam.name == 'sd3' else ''}another family's pipeline."
+        )
     if fam.name not in ("sd1", "sd2", "sdxl", "sd3"):
         raise UnsupportedPipelineError(f"invert does not support the {fam.label} family yet.")
     if not isinstance(prompt, str):
@@ -213,6 +248,8 @@ def _check(
         )
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
         raise InvalidArgumentError(f"steps={steps!r}: give a whole number of steps from 1 to 1000, e.g. 25.")
+    if guidance is None:
+        guidance = _default_guidance(pipe) if method == "null-text" else 1.0
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
         raise InvalidArgumentError(
             f"guidance={guidance!r}: give a finite classifier-free guidance scale, e.g. 1.0."
@@ -221,12 +258,188 @@ def _check(
         raise InvalidArgumentError(
             f"guidance={guidance!r} is negative: give a scale ≥ 0 (1.0 turns CFG off)."
         )
+    if method == "null-text" and guidance <= 1:
+        raise InvalidArgumentError(
+            f"guidance={guidance!r}: null-text inversion optimises the unconditional branch of CFG, which a scale "
+            "≤ 1 does not run; give a scale > 1 (e.g. the model's own), or use method='ddim' at CFG 1."
+        )
     if isinstance(iterations, bool) or not isinstance(iterations, int) or not 0 <= iterations <= 100:
         raise InvalidArgumentError(
             f"iterations={iterations!r}: give fixed-point passes per step from 0 to 100."
         )
+    if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or not 0 <= inner_steps <= 1000:
+        raise InvalidArgumentError(
+            f"inner_steps={inner_steps!r}: give null-text optimisation iterations per step from 0 to 1000 (e.g. "
+            "10; 0 keeps the empty prompt's embedding, plain DDIM inversion reconstructed under CFG)."
+        )
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise InvalidArgumentError(
+            f"lr={lr!r}: give null-text inversion's Adam learning rate as a finite number > 0, e.g. 1e-2."
+        )
     check_size(pipe, height, width)  # before the picture is read: a size the model cannot draw fails here
     return fam, ode, steps, float(guidance), iterations
+
+
+def _default_guidance(pipe: Any) -> float:
+    """The embedded model's own scale for it, else the paper's 7.5."""
+    from .embedded.model import EMBEDDED_GUIDANCE_SCALE, EMBEDDED_MODEL_DIR
+
+    path = str(getattr(pipe.config, "_name_or_path", "") or "")
+    embedded = bool(path) and Path(path).resolve() == Path(EMBEDDED_MODEL_DIR).resolve()
+    return EMBEDDED_GUIDANCE_SCALE if embedded else NULL_TEXT_GUIDANCE
+
+
+# ---------------------------------------------------------------- null-text inversion
+
+
+def _null_text(
+    pipe: Any,
+    fam: Family,
+    prompt: str,
+    height: int,
+    width: int,
+    scheduler: Any,
+    trace: list[torch.Tensor],
+    times: list[float],
+    coeffs: list[tuple[float, float]],
+    guidance: float,
+    inner_steps: int,
+    lr: float,
+) -> tuple[torch.Tensor, list[int]]:
+    """Per-step unconditional embeddings (steps, tokens, D) that make the CFG run retrace the pivot ``trace``
+    (rows in inversion order: ``trace[steps - i]`` is where generation step ``i`` starts), and the Adam
+    iterations each step took. The denoiser's weights get no gradients (``torch.autograd.grad`` on ∅ only)."""
+    from .text import encode_prompt
+
+    enc = encode_prompt(pipe, prompt, height=height, width=width)
+    denoiser = fam.get_denoiser(pipe)
+    param = next(denoiser.parameters())
+    dev, dtype = param.device, param.dtype
+    cond = enc.prompt_embeds.to(dev, dtype)  # (1, tokens, D)
+    null = enc.negative_prompt_embeds.to(dev, torch.float32)  # (1, tokens, D): ∅ before any optimisation
+
+    def extra(uncond: bool) -> dict[str, Any]:
+        if fam.name != "sdxl":
+            return {}
+        pooled = enc.negative_pooled_prompt_embeds if uncond else enc.pooled_prompt_embeds
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled.to(dev, dtype),
+                "time_ids": enc.add_time_ids.to(dev, dtype),
+            }
+        }
+
+    def model(x: torch.Tensor, t: float, text: torch.Tensor, uncond: bool) -> torch.Tensor:
+        timestep = torch.tensor(int(t), device=dev)
+        return denoiser(x, timestep, encoder_hidden_states=text, return_dict=False, **extra(uncond))[0]
+
+    steps = len(times)
+    work = type(scheduler).from_config(scheduler.config)
+    work.set_timesteps(steps)  # the reconstruction's own step moves the latent on, as the pipeline will
+    x = trace[steps].to(dev, dtype)
+    embeds, used = [], []
+    for i in range(steps):
+        a, b = coeffs[i]
+        t = times[i]
+        target = trace[steps - i - 1].to(dev, torch.float32)
+        with torch.no_grad():
+            c = model(x, t, cond, False).float()
+        null = null.detach().clone().requires_grad_(True)
+        opt = torch.optim.Adam([null], lr=lr)
+        j = 0
+        for j in range(1, inner_steps + 1):  # noqa: B007 - j is the count used
+            with torch.enable_grad():
+                u = model(x, t, null.to(dtype), True).float()
+                landed = a * x.float() + b * (u + guidance * (c - u))
+                loss = torch.nn.functional.mse_loss(landed, target)
+                (grad,) = torch.autograd.grad(loss, [null])
+            null.grad = grad
+            opt.step()
+            if loss.item() < NULL_TEXT_TOLERANCE:
+                break
+        used.append(j)
+        null = null.detach()
+        with torch.no_grad():
+            u = model(x, t, null.to(dtype), True)
+            x = work.step(u + guidance * (c.to(u.dtype) - u), work.timesteps[i], x).prev_sample
+        embeds.append(null[0].cpu())
+    return torch.stack(embeds), used  # (steps, tokens, D)
+
+
+# ---------------------------------------------------------------- the reconstruction's pipeline
+
+
+@contextlib.contextmanager
+def _applied(pipe: Any, fam: Family, scheduler: Any, null_embeds: torch.Tensor | None) -> Iterator[None]:
+    """``pipe`` with ``scheduler`` and (null-text) a subscriber that puts ``null_embeds[i]`` in the unconditional
+    half of denoiser call ``i``'s text input; restored exactly after the block, also on an exception."""
+    if null_embeds is None:
+        with _scheduler(pipe, scheduler):
+            yield
+        return
+    from .record.attach import Run, Subscriber, attach
+
+    def denoiser_pre(run: Run, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        spec = fam.denoiser_args
+        text = spec.get("text", args, kwargs)  # (2B, tokens, D): (uncond, cond) halves in the family's order
+        if not run.cfg:
+            raise InvalidArgumentError(
+                "A null-text inversion regenerates under classifier-free guidance: call the pipeline with "
+                "guidance_scale > 1 (inversion.pipe_kwargs() gives the inversion's own)."
+            )
+        i = run.calls  # one denoiser call per step (DDIM)
+        if run.num_steps != null_embeds.shape[0] or i >= null_embeds.shape[0]:
+            raise InvalidArgumentError(
+                f"This null-text inversion has {null_embeds.shape[0]} steps but the call runs {run.num_steps}: "
+                "call the pipeline with num_inference_steps from inversion.pipe_kwargs()."
+            )
+        if tuple(text.shape[1:]) != tuple(null_embeds.shape[1:]):
+            raise InvalidArgumentError(
+                f"The inversion's unconditional embeddings are {tuple(null_embeds.shape[1:])} per step but this "
+                f"pipeline's text input is {tuple(text.shape[1:])}: apply an inversion to the pipeline it came from."
+            )
+        n = text.shape[0] // 2
+        null = null_embeds[i].to(text.device, text.dtype).expand(n, *text.shape[1:])  # (B, tokens, D)
+        halves = [null, text[n:]] if fam.cfg_uncond_first else [text[:n], null]
+        return spec.replace("text", args, kwargs, torch.cat(halves))  # (2B, tokens, D)
+
+    sub = Subscriber(kind="null-text", order=0, denoiser_pre=denoiser_pre)
+    with _scheduler(pipe, scheduler), attach(pipe, sub, fam):
+        yield
+
+
+def applied(pipe: Any, inversion: Inversion) -> contextlib.AbstractContextManager[None]:
+    """Context manager: ``pipe`` set up to regenerate ``inversion``: ``pipe(**inversion.pipe_kwargs())`` inside it
+    reconstructs the picture.
+
+    ::
+
+        inv = sdexplore.invert(pipe, picture, "a red circle ...", method="null-text")
+        with sdexplore.observe(pipe, attention=True) as obs, sdexplore.inversion.applied(pipe, inv):
+            image = pipe(**inv.pipe_kwargs()).images[0]
+
+    The UNet families' reconstruction runs with the inversion's DDIM scheduler (swapped in for the block); a
+    null-text inversion's per-step unconditional embeddings replace the unconditional half of the CFG batch's
+    text input at each step (every image of a batch gets them: an edit's source and target branches alike)
+    through a subscriber of the pipeline's attachment, so ``sdexplore.observe`` records the run as any call.
+    The pipeline is exactly as before after the block, also on an exception.
+    """
+    if not isinstance(inversion, Inversion):
+        raise InvalidArgumentError(
+            f"applied(pipe, inversion) takes an Inversion (from sdexplore.invert), got {type(inversion).__name__}."
+        )
+    fam = detect_family(pipe)
+    made = inversion.settings.get("family")
+    if made is not None and made != fam.name:
+        raise InvalidArgumentError(
+            f"This inversion was made with a {made!r} pipeline, not {fam.label}: apply it to the pipeline it came from."
+        )
+    if inversion.null_embeds is not None and fam.name not in NULL_TEXT_FAMILIES:
+        raise UnsupportedPipelineError(
+            f"A null-text inversion regenerates on SD 1.x, SD 2.x or SDXL, not {fam.label}."
+        )
+    scheduler = pipe.scheduler if fam.name == "sd3" else _ddim_scheduler(pipe)
+    return _applied(pipe, fam, scheduler, inversion.null_embeds)
 
 
 @torch.no_grad()
@@ -237,8 +450,10 @@ def invert(
     *,
     steps: int = DEFAULT_STEPS,
     method: str | None = None,
-    guidance: float = 1.0,
+    guidance: float | None = None,
     iterations: int = DEFAULT_ITERATIONS,
+    inner_steps: int = 10,
+    lr: float = 1e-2,
     height: int | None = None,
     width: int | None = None,
 ) -> Inversion:
@@ -247,18 +462,24 @@ def invert(
     ``image``: a PIL image, an array, a tensor, bytes or a path (:func:`sdexplore.images.load_image`), resized to
     ``height`` × ``width`` (default: the model's size) with a note; a size the model cannot draw (not a positive
     multiple of its VAE factor × patch, or above an SD3 transformer's limit) is refused before any work. ``method``: ``"ddim"`` (the UNet families'
-    default), ``"flow"`` (SD3's default) or ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
-    prompt as its negative). ``guidance``: the reconstruction's CFG scale. ``iterations``: fixed-point passes per
-    step on top of the one-call approximation (default :data:`DEFAULT_ITERATIONS`, the fewest that bring the
-    embedded model within 2 dB of its VAE's round trip; 0 is plain DDIM inversion, about half the time; the
-    no-signal first step of zero-terminal-SNR and flow models always gets :data:`NO_SIGNAL_ITERATIONS`). The
-    module docstring gives the maths.
+    default), ``"flow"`` (SD3's default), ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
+    prompt as its negative) or ``"null-text"`` (SD 1.x/2.x/XL: per-step unconditional embeddings optimised so
+    that the CFG run retraces the DDIM inversion; the one to edit a picture by attention under CFG).
+    ``guidance``: the reconstruction's CFG scale (default 1.0; null-text: the embedded model's own,
+    ``sdexplore.EMBEDDED_GUIDANCE_SCALE``, on the embedded model, else 7.5, and it must be > 1).
+    ``iterations``: fixed-point passes per step on top of the one-call approximation (default
+    :data:`DEFAULT_ITERATIONS`, the fewest that bring the embedded model within 2 dB of its VAE's round trip; 0 is
+    plain DDIM inversion, about half the time; the no-signal first step of zero-terminal-SNR and flow models always
+    gets :data:`NO_SIGNAL_ITERATIONS`). ``inner_steps`` and ``lr``: null-text's Adam iterations per step (stopped
+    early below :data:`NULL_TEXT_TOLERANCE`; 0 gives exactly the DDIM inversion reconstructed at ``guidance``) and
+    learning rate. The module docstring gives the maths.
 
-    The reconstruction is a plain ``pipe(...)`` call, recorded by an enclosing ``sdexplore.observe`` like any call.
-    Returns an :class:`~sdexplore.results.inversion.Inversion` (latents, trace, reconstruction, PSNR, settings).
+    The reconstruction is a plain ``pipe(...)`` call inside :func:`applied`, recorded by an enclosing
+    ``sdexplore.observe`` like any call. Returns an :class:`~sdexplore.results.inversion.Inversion` (latents,
+    trace, reconstruction, PSNR, settings; null-text: the per-step embeddings).
     """
     fam, ode, steps, guidance, iterations = _check(
-        pipe, prompt, steps, method, guidance, iterations, height, width
+        pipe, prompt, steps, method, guidance, iterations, height, width, inner_steps, lr
     )
     method = ode if method is None else method
     picture = np.asarray(pipeline_image(pipe, image, height=height, width=width), dtype=np.uint8)  # (H, W, 3)
@@ -278,6 +499,7 @@ def invert(
 
     x = z0.double()
     trace = [x.float().cpu()]
+    null_embeds, used = None, None
     with (
         warnings.catch_warnings()
     ):  # an enclosing observe's note that this denoiser call is not a pipeline call
@@ -291,8 +513,12 @@ def invert(
             for _ in range(max(iterations, NO_SIGNAL_ITERATIONS) if empty[i] else iterations):
                 x = (x_next - b * model(x, times[i])) / a
             trace.append(x.float().cpu())
+        latents = x.to(next(fam.get_denoiser(pipe).parameters()).dtype)
+        if method == "null-text":
+            null_embeds, used = _null_text(
+                pipe, fam, prompt, h, w, recon_scheduler, trace, times, coeffs, guidance, inner_steps, lr
+            )
 
-    latents = x.to(next(fam.get_denoiser(pipe).parameters()).dtype)
     negative = prompt if method == "negative-prompt" else None
     call: dict[str, Any] = {
         "prompt": prompt,
@@ -305,10 +531,10 @@ def invert(
     }
     if negative is not None:
         call["negative_prompt"] = negative
-    with _scheduler(pipe, recon_scheduler):
+    with _applied(pipe, fam, recon_scheduler, null_embeds):
         out = pipe(**call).images[0]  # (H, W, 3) float in [0, 1]
     reconstruction = (np.asarray(out, dtype=np.float64) * 255 + 0.5).clip(0, 255).astype(np.uint8)
-    settings = {
+    settings: dict[str, Any] = {
         "steps": steps,
         "guidance": guidance,
         "iterations": iterations,
@@ -317,6 +543,10 @@ def invert(
         "scheduler": type(recon_scheduler).__name__,
         "family": fam.name,
     }
+    if method == "null-text":
+        settings.update(
+            inner_steps=inner_steps, lr=float(lr), tolerance=NULL_TEXT_TOLERANCE, inner_steps_used=used
+        )
     return Inversion(
         latents=latents.float().cpu(),
         trace=torch.cat(trace),  # (steps + 1, C, h, w)
@@ -328,4 +558,5 @@ def invert(
         method=method,
         prompt=prompt,
         settings=settings,
+        null_embeds=null_embeds,
     )

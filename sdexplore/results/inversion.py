@@ -13,7 +13,7 @@ import torch
 from . import fileformat as ff
 
 _FORMAT = "sdexplore.inversion"
-METHODS = ("ddim", "negative-prompt", "flow")
+METHODS = ("ddim", "negative-prompt", "flow", "null-text")
 #: How far a saved ``psnr`` may be from the one recomputed from the saved images (dB): the same float64 sum in
 #: another order; a tampered value is off by whole decibels.
 PSNR_TOLERANCE = 1e-6
@@ -36,6 +36,11 @@ class Inversion:
     is where step ``i`` of the reconstruction should start). ``image`` is the picture as inverted (resized to the
     pipeline's size), ``reconstruction`` the regenerated one, both (H, W, 3) uint8; ``psnr`` compares them (dB) and
     ``vae_psnr`` is the VAE's own round trip of the picture, the ceiling any inversion can reach.
+
+    ``null_embeds`` (steps, tokens, D), null-text inversion only (else None): the optimised unconditional text
+    embedding of each generation step, in generation order. The reconstruction must give the denoiser row ``i``
+    as the unconditional half of step ``i`` (``with sdexplore.inversion.applied(pipe, inversion):
+    pipe(**inversion.pipe_kwargs())``); a plain call would use the empty prompt's instead.
     """
 
     latents: torch.Tensor
@@ -48,10 +53,13 @@ class Inversion:
     method: str
     prompt: str
     settings: dict[str, Any] = field(default_factory=dict)
+    null_embeds: torch.Tensor | None = None
 
     def pipe_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``pipe(...)`` that regenerate the picture: prompt, negative prompt (negative-prompt
-        inversion: the prompt itself), steps, guidance, size and ``latents``."""
+        inversion: the prompt itself), steps, guidance, size and ``latents``. Call the pipeline inside
+        ``sdexplore.inversion.applied(pipe, inversion)``, which also gives the call the inversion's scheduler and
+        (null-text) the per-step unconditional embeddings."""
         s = self.settings
         kw: dict[str, Any] = {
             "prompt": self.prompt,
@@ -81,6 +89,8 @@ class Inversion:
             "image": torch.from_numpy(np.require(self.image, np.uint8, ["C", "W"])),  # writable for torch
             "reconstruction": torch.from_numpy(np.require(self.reconstruction, np.uint8, ["C", "W"])),
         }
+        if self.null_embeds is not None:
+            tensors["null_embeds"] = self.null_embeds.detach().cpu().float().contiguous()
         header = {
             "format": _FORMAT,
             "version": ff.VERSION,
@@ -119,6 +129,22 @@ class Inversion:
                 check.fail(
                     f"tensor {name!r}", f"has shape {list(t.shape)} {t.dtype}, expected (H, W, 3) uint8"
                 )
+        null = tensors.get("null_embeds")  # files written before null-text inversion have none
+        if (null is not None) != (method == "null-text"):
+            check.fail(
+                "tensor 'null_embeds'",
+                "is missing: a null-text inversion keeps one unconditional embedding per step"
+                if null is None
+                else f"is present, but method {method!r} has no per-step unconditional embeddings",
+            )
+        if null is not None and (
+            null.ndim != 3 or null.shape[0] != len(timesteps) or not null.is_floating_point()
+        ):
+            check.fail(
+                "tensor 'null_embeds'",
+                f"has shape {list(null.shape)} {null.dtype}, expected ({len(timesteps)}, tokens, D) float (one "
+                "embedding per step)",
+            )
         _check_consistency(check, method, prompt, timesteps, psnr, settings, latents, trace, image, recon)
         rf.verify_checksums()
         return cls(
@@ -132,6 +158,7 @@ class Inversion:
             method=method,
             prompt=prompt,
             settings=settings,
+            null_embeds=null,
         )
 
 
@@ -176,7 +203,7 @@ def _check_consistency(
         ff.check_channels(c, fam, "settings.family", int(C), "tensor 'trace' (steps + 1, C, h, w)")
         if fam is not None and method != "negative-prompt":
             ode = "ddim" if fam.denoiser == "unet" else "flow"
-            if method != ode:
+            if method != ode and not (method == "null-text" and ode == "ddim"):
                 c.fail(
                     "method",
                     f"is {method!r}, but settings.family is {fam.name!r} ({fam.label}), whose sampler inverts "
