@@ -183,3 +183,23 @@ def test_a_file_of_another_result_is_refused(swap, tmp_path) -> None:
     path = swap.source_maps.save(tmp_path / "maps.safetensors")
     with pytest.raises(ResultFileError, match="not Edit"):
         Edit.load(path)
+
+
+def test_word_maps_pair_a_swapped_word_with_the_word_it_replaced(pipe) -> None:
+    res = sdx.edit(
+        pipe,
+        "a red circle, blue background",
+        "a blue circle, blue background",
+        generator=torch.Generator(),
+        **KW,
+    )
+    before, after = res.word_maps("blue")  # the swapped word, although the source has "blue" too (background)
+    # "blue" occurs twice in the edited prompt: its map sums both, so before sums "red" and the background "blue"
+    assert torch.allclose(before, res.source_maps.word("red") + res.source_maps.word("blue"))
+    assert torch.equal(after, res.edited_maps.word("blue"))
+
+
+def test_word_maps_of_an_ablation_show_the_zero_map_after(batch) -> None:
+    before, after = batch.word_maps("circle", index=2)
+    assert torch.equal(before, batch.source_maps.word("circle", index=2)) and float(before.max()) > 0
+    assert float(after.abs().max()) == 0.0

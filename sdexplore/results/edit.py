@@ -73,6 +73,33 @@ class Edit:
         words += [str(w) for w in self.settings.get("masks") or []]
         return list(dict.fromkeys(words))
 
+    def word_maps(self, word: str, index: int = 0) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(before, after): the attention map (h, w) of ``word`` of the edited prompt in the edited image, and the
+        map that stood in its place in the source image (raw mass, one scale: compare them directly).
+
+        Before is the source's map at the same key positions where the two prompts align word for word (a word
+        swap: the swapped-out word; a reweight: the same word), else the source's map of the same word where the
+        source prompt has it, else None (a word the source does not have). Raises NotRecordedError when the edit
+        kept no maps, WordNotFoundError for a word not in the edited prompt.
+        """
+        if self.source_maps is None or self.edited_maps is None:
+            from ..errors import NotRecordedError
+
+            raise NotRecordedError(
+                "This edit kept no attention maps: call sdexplore.edit(..., attention=True) (the default) outside "
+                "an observe(attention=True) block, or read that block's maps."
+            )
+        self.images(index)  # checks the index
+        after = self.edited_maps.word(word, index=index)  # (h, w); WordNotFoundError for a non-word
+        src, out = self.source_maps.token_lists[index], self.edited_maps.token_lists[index]
+        if [len(p) for _, p in src.word_spans()] == [len(p) for _, p in out.word_spans()]:
+            before = sum(self.source_maps.token(p, index=index) for p in out.positions(word))  # (h, w)
+            return before, after  # type: ignore[return-value]
+        try:
+            return self.source_maps.word(word, index=index), after
+        except WordNotFoundError:
+            return None, after
+
     def __repr__(self) -> str:
         src, out = self.prompts(0)
         h, w = self.images(0)[0].shape[:2]
