@@ -8,7 +8,8 @@ work. UNet families (SD 1.x, 2.x, XL) for now.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +17,17 @@ import torch
 from .errors import InvalidArgumentError
 from .families import vae_scale_factor
 from .record.attach import attachment_of
-from .record.control import Control, Reweight, WordSwap, check_aligned, check_controllable
+from .record.control import (
+    Control,
+    LocalBlend,
+    Refine,
+    Reweight,
+    WordSwap,
+    check_aligned,
+    check_controllable,
+    check_weight,
+    token_alignment,
+)
 from .results.edit import Edit, take_images
 
 
@@ -38,6 +49,10 @@ def edit(
     cross_replace: float = 0.8,
     self_replace: float = 0.4,
     steps: tuple[float, float] = (0.0, 1.0),
+    mode: str | None = None,
+    blend: Sequence[str] | None = None,
+    blend_threshold: float = 0.3,
+    blend_start: float = 0.2,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     num_images_per_prompt: int = 1,
@@ -60,6 +75,18 @@ def edit(
     - ``reweight``: words → factors ≥ 0 scaling their cross-attention in the edited image (0 ablates the word),
       during the ``steps`` (start, end) fraction; words are looked up in ``target`` (or ``prompt`` without one).
     - ``masks``: words → ``(h, w)`` arrays in [0, 1]: the word's attention is put where the mask is.
+    - ``mode``: ``"replace"`` (the word swap above) or ``"refine"`` (Prompt-to-Prompt's refinement: ``target``
+      adds or removes words; the target's tokens aligned with the source's take their cross-attention, new
+      tokens keep their own). By default: replace when the prompts align word for word, else refine.
+    - ``blend``: words of the source and/or target (Prompt-to-Prompt's local blend): from the ``blend_start``
+      fraction of the steps on, the edited latents outside a mask of those words' cross-attention (both
+      branches, thresholded at ``blend_threshold`` of its maximum, dilated) are set to the source's after each
+      step, so the edit stays where those words are.
+    - Prompt syntax (needs ``pip install 'sdexplore[edit]'``, parsed by compel's own parser): in ``prompt``,
+      ``"a big (red)1.5 circle"``, ``"a big red++ circle"`` or ``"a big red-- circle"`` reweight words' attention
+      (Prompt-to-Prompt reweighting of the edited image, not compel's embedding weighting), and
+      ``"a big red.swap(blue) circle"`` makes the source/target pair of a swap. The images and maps are
+      labelled with the plain words ("red").
 
     ``generator`` draws the initial latents as the pipeline itself would (so the source is the plain image of
     ``prompt`` with that seed, and ``pipe(target, generator=same seed)`` is the naive baseline); ``latents``
@@ -69,18 +96,35 @@ def edit(
     ``res.edited_maps``); inside an enclosing ``observe(pipe, attention=True)`` block that block records them
     instead (the edited probabilities) and the result's maps are None.
 
-    Raises InvalidArgumentError before any work for prompts that cannot be aligned, a weight that is NaN or
+    Raises InvalidArgumentError before any work for invalid prompt syntax (quoting compel's message), prompts
+    that cannot be aligned, a weight that is NaN or
     negative, a fraction outside [0, 1], or nothing to edit; WordNotFoundError for a word not in the prompt;
     UnsupportedPipelineError on an MMDiT family (controls run on SD 1.x/2.x/XL for now).
     """
     family = check_controllable(pipe)
+    if mode not in (None, "replace", "refine"):
+        raise InvalidArgumentError(
+            f"mode={mode!r}: pass 'replace', 'refine' or None (chosen from the prompts)."
+        )
     sources = _prompts("prompt", prompt)
+    syntax_weights: dict[str, float] | None = None
+    if len(sources) == 1 and _has_syntax(sources[0]):
+        plain, swapped, syntax_weights = parse_syntax(sources[0])
+        if swapped is not None and target is not None:
+            raise InvalidArgumentError(
+                f"{prompt!r} has a .swap() and target={target!r} is given too: use one of them."
+            )
+        if swapped is not None:
+            target = swapped
+        prompt = plain
+        sources = [plain]
+        reweight = {**syntax_weights, **dict(reweight or {})}
     targets = sources if target is None else _prompts("target", target)
     if len(targets) != len(sources):
         raise InvalidArgumentError(
             f"{len(sources)} source prompt(s) but {len(targets)} target prompt(s): pass one target per source."
         )
-    if target is None and not reweight and not masks:
+    if target is None and not reweight and not masks and syntax_weights is None:
         raise InvalidArgumentError(
             "Nothing to edit: pass a target prompt (a word swap), reweight={word: factor} or masks={word: mask}."
         )
@@ -98,16 +142,32 @@ def edit(
             )
     n_src = len(sources) * num_images_per_prompt  # images per branch
     edits: list[Any] = []
+    chosen = None
     if target is not None:
-        swap = WordSwap(cross_replace, self_replace)  # checks the fractions
+        chosen = mode or (
+            "replace"
+            if all(_aligned(pipe, s, t) for s, t in zip(sources, targets, strict=True))
+            else "refine"
+        )
+        swap = (WordSwap if chosen == "replace" else Refine)(
+            cross_replace, self_replace
+        )  # checks the fractions
         for s, t in zip(sources, targets, strict=True):
-            check_aligned(pipe, s, t)
+            if chosen == "replace":
+                check_aligned(pipe, s, t)
+            else:
+                token_alignment(pipe, s, t)  # refuses prompts with nothing in common
         edits.append(swap)
-    if reweight or masks:
+    if reweight or masks or syntax_weights is not None:
         rw = Reweight(reweight, masks=masks, steps=steps, images=list(range(n_src, 2 * n_src)))
         for t in dict.fromkeys(targets):
             rw.positions(pipe, t)  # WordNotFoundError before any work
         edits.append(rw)
+    if blend is not None:
+        lb = LocalBlend(blend, threshold=blend_threshold, start=blend_start)
+        for s, t in zip(sources, targets, strict=True):
+            lb.check(pipe, s, t)  # WordNotFoundError before any work
+        edits.append(lb)
 
     den = family.get_denoiser(pipe)
     scale = vae_scale_factor(pipe)
@@ -148,11 +208,15 @@ def edit(
     images = list(out.images)
     one = n_src == 1
     settings = dict(
+        mode=chosen,
         cross_replace=None if target is None else float(cross_replace),
         self_replace=None if target is None else float(self_replace),
         reweight=dict(reweight or {}),
         masks=sorted(masks or {}),
         steps=list(steps),
+        blend=None if blend is None else list(blend),
+        blend_threshold=None if blend is None else float(blend_threshold),
+        blend_start=None if blend is None else float(blend_start),
         num_images_per_prompt=num_images_per_prompt,
         **{k: v for k, v in call.items() if isinstance(v, (int, float, str))},
     )
@@ -189,3 +253,91 @@ def _call(
         width=width,
         **call,
     )
+
+
+def _aligned(pipe: Any, source: str, target: str) -> bool:
+    try:
+        check_aligned(pipe, source, target)
+    except InvalidArgumentError:
+        return False
+    return True
+
+
+# Characters of compel's syntax: weights "(word)1.5", "word++"/"word--", ".swap(...)", quoted phrases.
+_SYNTAX = re.compile(r"[()\"]|\+\+|--|\w[+-]+(?=\s|$)|\.swap\(")
+
+
+def _has_syntax(prompt: str) -> bool:
+    return bool(_SYNTAX.search(prompt))
+
+
+def parse_syntax(prompt: str) -> tuple[str, str | None, dict[str, float]]:
+    """``(plain source prompt, target prompt or None, {word: attention weight})`` of a prompt in compel's syntax.
+
+    Parsed by compel's own parser (``pip install 'sdexplore[edit]'``): ``(red)1.5`` / ``red++`` / ``red--`` give
+    the word a weight (compel's factors: 1.1 per ``+``, 0.9 per ``-``), ``red.swap(blue)`` makes a target prompt
+    with ``blue`` in its place. Compel's ``.blend()``/``.and()`` and swap options are refused: edit()'s
+    ``cross_replace``/``self_replace`` say when a swap applies. Raises :class:`InvalidArgumentError` quoting
+    compel's message for invalid syntax, and for a weight that is not a finite number ≥ 0.
+    """
+    try:
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()  # compel imports image processors that warn about torchvision
+        try:
+            from compel.prompt_parser import (
+                CrossAttentionControlSubstitute,
+                FlattenedPrompt,
+                Fragment,
+                PromptParser,
+            )
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except ImportError as e:
+        raise InvalidArgumentError(
+            f"{prompt!r} uses prompt syntax ((word)1.5, word++, .swap()), which needs compel: "
+            "pip install 'sdexplore[edit]' (or write the prompt plainly and pass reweight= / target=)."
+        ) from e
+    try:
+        parsed = PromptParser().parse_conjunction(prompt)
+    except Exception as e:  # noqa: BLE001 - compel raises its ParsingException and pyparsing's errors
+        raise InvalidArgumentError(f"Cannot parse the prompt {prompt!r}: {e}") from None
+    if len(parsed.prompts) != 1 or not isinstance(parsed.prompts[0], FlattenedPrompt):
+        raise InvalidArgumentError(
+            f"{prompt!r} is a compel blend or conjunction of prompts: edit() takes one prompt, with weights "
+            "((word)1.5, word++) and at most .swap()s."
+        )
+    source: list[str] = []
+    target: list[str] = []
+    weights: dict[str, float] = {}
+    swapped = False
+    defaults = {"s_start": 0.0, "s_end": 0.0, "t_start": 0.2, "t_end": 1.0}
+
+    def texts(fragments: list[Any], into: list[str], weigh: bool) -> None:
+        for f in fragments:
+            text = f.text.strip()
+            if not text:
+                continue
+            into.append(text)
+            if weigh and not f.weight == 1.0:  # NaN too: check_weight refuses it
+                weights[text] = check_weight(text, f.weight)
+
+    for part in parsed.prompts[0].children:
+        if isinstance(part, CrossAttentionControlSubstitute):
+            options = {k: v for k, v in part.options.items() if defaults.get(k) != v}
+            if options:
+                raise InvalidArgumentError(
+                    f"{prompt!r}: .swap() options {options} are not taken; edit()'s cross_replace and "
+                    "self_replace say for which fraction of the steps the source's attention is used."
+                )
+            swapped = True
+            texts(part.original, source, False)
+            texts(part.edited, target, True)
+        elif isinstance(part, Fragment):
+            texts([part], source, True)
+            texts([part], target, False)
+        else:
+            raise InvalidArgumentError(f"{prompt!r}: {type(part).__name__} is not taken by edit().")
+    plain = " ".join(source)
+    return plain, (" ".join(target) if swapped else None), weights

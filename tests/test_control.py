@@ -17,11 +17,12 @@ from conftest import assert_restored, gen, pipeline_state
 import sdexplore as sdx
 from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError, WordNotFoundError
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.record.control import Control, Reweight, WordSwap
+from sdexplore.record.control import Control, LocalBlend, Refine, Reweight, WordSwap, token_alignment
 from sdexplore.record.tokens import sequence_tokens
 
 P = "a big red circle on a blue background"
 Q = "a big blue circle on a blue background"
+R = "a big red circle on a dark blue background"  # a refinement of P: one word added
 RUN = dict(num_inference_steps=4, output_type="np")
 
 
@@ -185,7 +186,13 @@ def test_the_pipeline_is_restored_exactly(fault, control_first) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "error"),
     [
-        ((P, "a big light blue circle on a blue background"), {}, InvalidArgumentError),  # one more word
+        ((P, "a big light blue circle on a blue background"), {"mode": "replace"}, InvalidArgumentError),
+        ((P, "one two three"), {}, InvalidArgumentError),  # nothing aligns: neither a swap nor a refinement
+        ((P, R), {"mode": "refine", "cross_replace": 2.0}, InvalidArgumentError),
+        ((P, Q), {"mode": "swap"}, InvalidArgumentError),
+        ((P, Q), {"blend": ["square"]}, WordNotFoundError),  # in neither prompt
+        ((P, Q), {"blend": "circle"}, InvalidArgumentError),  # a list of words
+        ((P, Q), {"blend": ["circle"], "blend_threshold": 1.5}, InvalidArgumentError),
         ((P, Q), {"cross_replace": 1.5}, InvalidArgumentError),
         ((P, Q), {"self_replace": -0.1}, InvalidArgumentError),
         ((P,), {"reweight": {"circle": math.nan}}, InvalidArgumentError),
@@ -214,7 +221,7 @@ def test_bad_input_is_refused_before_any_work(args, kwargs, error) -> None:
 def test_misaligned_word_tokens_are_named() -> None:
     pipe = tiny_pipeline("sd1")
     with pytest.raises(InvalidArgumentError, match="token"):
-        sdx.edit(pipe, "a red circle", "a reddishness circle", num_inference_steps=2)
+        sdx.edit(pipe, "a red circle", "a reddishness circle", mode="replace", num_inference_steps=2)
 
 
 def test_mmdit_families_are_refused_naming_the_families_that_can() -> None:
@@ -223,3 +230,88 @@ def test_mmdit_families_are_refused_naming_the_families_that_can() -> None:
         sdx.edit(pipe, P, reweight={"circle": 0.0})
     with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
         Control(pipe, Reweight({"circle": 0.0}))
+
+
+def test_a_refinement_aligns_the_tokens_around_an_added_word() -> None:
+    pipe = tiny_pipeline("sd1")
+    src, tgt = token_alignment(pipe, P, R)
+    a, b = sequence_tokens(pipe, P), sequence_tokens(pipe, R)
+    dark = b.positions("dark")
+    assert not set(dark) & set(tgt)  # the new word is aligned with nothing: it keeps its own attention
+    assert all(a.ids[i] == b.ids[j] for i, j in zip(src, tgt, strict=True))
+    assert [b.positions(w)[0] for w in ("circle", "blue", "background")] == [
+        tgt[src.index(a.positions(w)[0])] for w in ("circle", "blue", "background")
+    ]  # the words after the insertion are shifted by one
+    # a word removed: the same alignment read the other way round
+    assert token_alignment(pipe, R, P) == (tgt, src)
+
+
+def test_refine_is_chosen_for_added_words_and_is_the_plain_target_at_zero_strength(pipe) -> None:
+    x = _latents(pipe)
+    res = sdx.edit(pipe, P, R, cross_replace=0.0, self_replace=0.0, latents=x, num_inference_steps=4)
+    assert res.settings["mode"] == "refine"
+    ref = pipe([P, R], latents=torch.cat([x, x]), num_inference_steps=4).images
+    assert np.array_equal(_arrays(res.edited), _arrays(ref[1]))
+    assert sdx.edit(pipe, P, Q, latents=x, num_inference_steps=2).settings["mode"] == "replace"
+
+
+def test_a_full_refinement_gives_aligned_tokens_the_sources_maps_and_new_ones_their_own(pipe) -> None:
+    res = sdx.edit(pipe, P, R, cross_replace=1.0, self_replace=0.0, generator=gen(0), num_inference_steps=4)
+    src, tgt = token_alignment(pipe, P, R)
+    s0, e0 = res.source_maps.steps[0, 0], res.edited_maps.steps[0, 0]  # (T, h, w) at step 0
+    torch.testing.assert_close(e0[tgt], s0[src], rtol=1e-6, atol=0)
+    assert float(e0[sequence_tokens(pipe, R).positions("dark")].sum()) > 0  # its own map, not zeroed
+    assert not np.array_equal(_arrays(res.source), _arrays(res.edited))
+    # the Refine control itself, without edit(): the same pairs
+    with Control(pipe, Refine(1.0, 0.0)), sdx.observe(pipe, steps=False, attention=True) as obs:
+        pipe([P, R], generator=gen(0), **RUN)
+    steps = obs.attention.steps[0]  # (N, T, h, w)
+    torch.testing.assert_close(steps[1][tgt], steps[0][src], rtol=1e-6, atol=0)
+
+
+def test_a_local_blend_keeps_the_target_equal_to_the_source_outside_its_mask(pipe) -> None:
+    # random weights attend almost uniformly (every normalised value above 0.9): a threshold from a first run's
+    # own maps gives a mask of about half the image
+    probe = LocalBlend(["circle"], threshold=0.0, start=0.25)
+    with Control(pipe, WordSwap(0.5, 0.0), probe):
+        pipe([P, Q], generator=gen(0), **RUN)
+    first = probe._sum[:, None]  # (2, 1, h, w): the maps summed over the run
+    dilated = torch.nn.functional.max_pool2d(first, 3, stride=1, padding=1).flatten(1)
+    threshold = float((dilated / dilated.amax(1, keepdim=True)).quantile(0.7))
+    blend = LocalBlend(["circle"], threshold=threshold, start=0.25)
+    seen = []
+
+    def keep(p, i, t, kwargs):
+        seen.append((i, kwargs["latents"].clone(), None if blend.masks is None else blend.masks.clone()))
+        return kwargs
+
+    with Control(pipe, WordSwap(0.5, 0.0), blend):
+        pipe([P, Q], generator=gen(0), callback_on_step_end=keep, **RUN)
+    assert [m is None for _, _, m in seen] == [True, False, False, False]  # from step 1 of 4 (0.25·4)
+    for _, latents, mask in seen[1:]:
+        assert 0 < int(mask.sum()) < mask.numel()  # a mask, neither empty nor everything
+        outside = ~mask[0]  # (h, w)
+        assert torch.equal(latents[1][:, outside], latents[0][:, outside])  # exactly the source's
+        assert not torch.equal(latents[1][:, mask[0]], latents[0][:, mask[0]])  # the edit inside
+
+
+def test_a_blend_with_an_all_ones_mask_is_the_unblended_edit_bit_for_bit(pipe) -> None:
+    x = _latents(pipe)
+    plain = sdx.edit(pipe, P, Q, latents=x, num_inference_steps=4, attention=False)
+    blended = sdx.edit(
+        pipe, P, Q, blend=["circle"], blend_threshold=0.0, latents=x, num_inference_steps=4, attention=False
+    )
+    assert np.array_equal(_arrays(blended.edited), _arrays(plain.edited))
+    assert np.array_equal(_arrays(blended.source), _arrays(plain.source))
+    tight = sdx.edit(  # random weights: near-uniform maps, so a high threshold for a partial mask
+        pipe,
+        P,
+        Q,
+        blend=["red", "blue"],
+        blend_threshold=0.99,
+        latents=x,
+        num_inference_steps=4,
+        attention=False,
+    )
+    assert not np.array_equal(_arrays(tight.edited), _arrays(plain.edited))
+    assert tight.settings["blend"] == ["red", "blue"]

@@ -14,8 +14,13 @@ conditional half of the CFG batch only, as Prompt-to-Prompt does:
   aligned; each target image takes its source image's cross-attention probabilities for the first
   ``cross_replace`` fraction of the steps and its self-attention probabilities (layers of at most
   ``self_max_queries`` queries, 16×16 as in P2P) for the first ``self_replace`` fraction;
+- :class:`Refine` (P2P refine): target prompts that add or remove words; the target's cross-attention at each
+  token aligned with a source token (a sequence alignment of the token ids) is the source's, new tokens keep
+  their own;
 - :class:`Reweight` (P2P reweight, token ablation): scale words' cross-attention by factors (0 ablates the word),
-  or put a word's attention where a given ``(h, w)`` mask says ("put the circle here").
+  or put a word's attention where a given ``(h, w)`` mask says ("put the circle here");
+- :class:`LocalBlend` (P2P local blend): after each step, the target's latents outside a mask made from chosen
+  words' cross-attention are set back to the source's, so the edit stays local.
 
 Only the UNet families (SD 1.x, 2.x, XL) take controls for now; MMDiT families (SD3, Flux) get an
 :class:`~sdexplore.errors.UnsupportedPipelineError` naming those that can.
@@ -23,6 +28,7 @@ Only the UNet families (SD 1.x, 2.x, XL) take controls for now; MMDiT families (
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -31,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
+from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError, WordNotFoundError
 from ..families import Family, detect_family
-from .attach import AttentionCall, ControlTap, Run, Subscriber, attach, attachment_of, check_attachable
+from .attach import AttentionCall, ControlTap, Run, Step, Subscriber, attach, attachment_of, check_attachable
 from .tokens import TokenList, sequence_tokens
 
 #: Families whose attention a control can change (the message of every refusal names them).
@@ -143,6 +149,7 @@ class AttentionEdit:
     """
 
     needs_self_attention: bool = False
+    reads_first: bool = False  # reads the probabilities before the other edits change them (LocalBlend)
 
     def start(self, run: Run, pipe: Any) -> None:  # pragma: no cover - an interface
         """A run starts: check its arguments against the edit (before any denoising)."""
@@ -154,6 +161,10 @@ class AttentionEdit:
     def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:  # pragma: no cover - an interface
         """Change ``probs`` (N, heads, HW, T) in place; return the rows changed."""
         return []
+
+    def step(self, step: Step, latents: torch.Tensor) -> torch.Tensor | None:
+        """After each scheduler step: new latents (B, C, h, w) to continue from, or None to leave them."""
+        return None
 
 
 class Reweight(AttentionEdit):
@@ -349,6 +360,174 @@ def check_aligned(pipe: Any, source: str, target: str) -> None:
             )
 
 
+def token_alignment(pipe: Any, source: str, target: str) -> tuple[list[int], list[int]]:
+    """Aligned key positions ``(source positions, target positions)`` of two prompts (Prompt-to-Prompt refine).
+
+    The token ids of the whole key sequence (BOS, the prompt, EOS, padding) are aligned with
+    :class:`difflib.SequenceMatcher` (the longest common blocks: words inserted or removed leave the rest
+    aligned; substituted tokens stay unaligned, as with P2P's global alignment, whose mismatch costs more than a
+    gap). Raises :class:`InvalidArgumentError` when no token of the prompts' text aligns.
+    """
+    a, b = sequence_tokens(pipe, source), sequence_tokens(pipe, target)
+    src: list[int] = []
+    tgt: list[int] = []
+    matcher = difflib.SequenceMatcher(None, a.ids, b.ids, autojunk=False)
+    for block in matcher.get_matching_blocks():
+        src += range(block.a, block.a + block.size)
+        tgt += range(block.b, block.b + block.size)
+    if not any(a.kinds[i] == "text" for i in src):
+        raise InvalidArgumentError(
+            f"Nothing of {source!r} aligns with {target!r}: a refinement keeps the source's words and adds or "
+            "removes some (e.g. 'a red circle' → 'a big red circle'); for a new scene generate it anew."
+        )
+    return src, tgt
+
+
+class Refine(WordSwap):
+    """Prompt-to-Prompt's refinement: target prompts that add or remove words keep the source's attention.
+
+    The call's prompts are the sources followed by as many targets, as for :class:`WordSwap`, but a target may
+    insert or delete words. For the first ``cross_replace`` fraction of the steps the target's cross-attention
+    at every token aligned with a source token (:func:`token_alignment`) is the source's at that token; new
+    tokens keep their own. Self-attention is replaced as in :class:`WordSwap`. Both fractions 0: no edit, bit
+    for bit the plain batch.
+    """
+
+    def start(self, run: Run, pipe: Any) -> None:
+        prompts, n = _prompts_of(run)
+        if len(prompts) % 2:
+            raise InvalidArgumentError(
+                f"A refinement runs source prompts followed by as many target prompts; this call has "
+                f"{len(prompts)} prompt(s). Use sdexplore.edit(pipe, source, target)."
+            )
+        k = len(prompts) // 2
+        aligned = [token_alignment(pipe, s, t) for s, t in zip(prompts[:k], prompts[k:], strict=True)]
+        half = k * n
+        self._pairs = (list(range(half)), list(range(half, 2 * half)))
+        self._aligned = [aligned[i // n] for i in range(half)]  # per target image: (source pos, target pos)
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        if not call.cross:
+            return super().edit(call, probs)
+        base = call.cond.start or 0
+        for s, t, (src, tgt) in zip(self._pairs[0], self._pairs[1], self._aligned, strict=True):
+            a = torch.tensor(src, device=probs.device)
+            b = torch.tensor(tgt, device=probs.device)
+            probs[base + t, :, :, b] = probs[base + s, :, :, a]  # (heads, HW, |aligned|)
+        return [base + t for t in self._pairs[1]]
+
+
+class LocalBlend(AttentionEdit):
+    """Prompt-to-Prompt's local blend: keep the target image equal to the source outside the edited words.
+
+    The call's prompts are the sources followed by as many targets (edited images). At every step the
+    cross-attention of ``words`` (words of the source and/or the target prompt; each branch uses those its prompt
+    has) is summed over the word's tokens, averaged over heads and over the layers of at most ``max_queries``
+    queries (P2P: 16×16), on their (upsampled) common grid, and accumulated over the steps so far. From the
+    ``start`` fraction of the steps on (P2P: 0.2), after each scheduler step the map of each branch is dilated
+    (a 3×3 max-pool), brought to the latent size, divided by its maximum and thresholded at ``threshold``; the
+    union of a source's and its target's masks is kept from the target, the rest of the target's latents is set
+    to the source's (x_t = x_src + mask·(x_tgt − x_src), exactly the source outside the mask). It reads the
+    probabilities before other edits change them and leaves every attention output as it is. ``masks`` holds
+    the last mask applied, (B, h, w) booleans, for inspection.
+    """
+
+    reads_first = True
+
+    def __init__(
+        self, words: Sequence[str], *, threshold: float = 0.3, start: float = 0.2, max_queries: int = 256
+    ) -> None:
+        if isinstance(words, str) or not isinstance(words, Sequence) or not words:
+            raise InvalidArgumentError(
+                f"blend={words!r}: pass a list of words of the source or target prompt, e.g. ['circle']."
+            )
+        self.words = [_word(w) for w in words]
+        self.threshold = check_fraction("blend threshold", threshold)
+        self.start_fraction = check_fraction("blend start", start)
+        if isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 1:
+            raise InvalidArgumentError(f"max_queries={max_queries!r}: pass a positive int (P2P: 256).")
+        self.max_queries = max_queries
+        self.masks: torch.Tensor | None = None
+        self._positions: list[list[int]] = []
+        self._half = 0
+        self._sum: torch.Tensor | None = None  # (2·half, h, w) the words' maps, summed over layers and steps
+        self._grid: tuple[int, int] | None = None
+
+    def check(self, pipe: Any, source: str, target: str) -> None:
+        """Raise :class:`WordNotFoundError` for a blend word in neither prompt (before any work)."""
+        self._word_positions(pipe, source, target)
+
+    def _word_positions(self, pipe: Any, source: str, target: str) -> tuple[list[int], list[int]]:
+        out: tuple[list[int], list[int]] = ([], [])
+        for w in self.words:
+            found = False
+            for j, prompt in enumerate((source, target)):
+                try:
+                    out[j].extend(sequence_tokens(pipe, prompt).positions(w))
+                    found = True
+                except WordNotFoundError:
+                    pass
+            if not found:
+                raise WordNotFoundError(
+                    f"The blend word {w!r} is in neither {source!r} nor {target!r}: blend words name what the "
+                    "edit changes, in the source or the target prompt."
+                )
+        return sorted(set(out[0])), sorted(set(out[1]))
+
+    def start(self, run: Run, pipe: Any) -> None:
+        prompts, n = _prompts_of(run)
+        if len(prompts) % 2:
+            raise InvalidArgumentError(
+                f"A local blend runs source prompts followed by as many edited prompts; this call has "
+                f"{len(prompts)} prompt(s). Use sdexplore.edit(pipe, source, target, blend=[...])."
+            )
+        k = len(prompts) // 2
+        pairs = [self._word_positions(pipe, s, t) for s, t in zip(prompts[:k], prompts[k:], strict=True)]
+        self._half = k * n
+        self._positions = [pairs[i // n][0] for i in range(self._half)]
+        self._positions += [pairs[i // n][1] for i in range(self._half)]
+        self._sum, self._grid, self.masks = None, None, None
+
+    def active(self, call: AttentionCall) -> bool:
+        return call.cross and call.queries <= self.max_queries
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        sample = call.run.denoiser_in
+        latent = tuple(sample.shape[-2:]) if sample is not None else None
+        if self._grid is None:  # the finest grid among the layers read: the latent halved until it fits
+            H, W = latent  # type: ignore[misc]
+            k = 0
+            while math.ceil(H / 2**k) * math.ceil(W / 2**k) > self.max_queries:
+                k += 1
+            self._grid = (math.ceil(H / 2**k), math.ceil(W / 2**k))
+        h, w = _grid(call.queries, latent)  # type: ignore[arg-type]
+        base = call.cond.start or 0
+        maps = torch.stack(
+            [probs[base + r][:, :, pos].sum(-1).mean(0) for r, pos in enumerate(self._positions)]
+        )  # (2·half, HW): the words' tokens summed, heads averaged
+        maps = maps.reshape(-1, 1, h, w)  # (2·half, 1, h, w)
+        if (h, w) != self._grid:
+            maps = F.interpolate(maps, size=self._grid, mode="bilinear", align_corners=False)
+        maps = maps[:, 0].cpu()  # (2·half, gh, gw)
+        self._sum = maps if self._sum is None else self._sum + maps
+        return []  # reads only: every output stays the original's
+
+    def step(self, step: Step, latents: torch.Tensor) -> torch.Tensor | None:
+        if self._sum is None or not _in_fraction(step.index, step.run.num_steps, self.start_fraction, 1.0):
+            return None
+        maps = F.max_pool2d(self._sum[:, None], 3, stride=1, padding=1)  # (2·half, 1, gh, gw): dilated
+        maps = F.interpolate(maps, size=tuple(latents.shape[-2:]), mode="nearest")[:, 0]  # (2·half, H, W)
+        peak = maps.flatten(1).amax(1).clamp(min=torch.finfo(maps.dtype).tiny)[:, None, None]
+        masks = (maps / peak) > self.threshold  # (2·half, H, W)
+        half = self._half
+        keep = (masks[:half] | masks[half:]).to(latents.device)  # (half, H, W): source's or target's words
+        self.masks = keep
+        out = latents.clone()
+        src, tgt = latents[:half], latents[half:]
+        out[half:] = torch.where(keep[:, None], tgt, src)  # (half, C, H, W): the source's outside the mask
+        return out
+
+
 class Control:
     """Context manager: apply attention edits to the pipeline calls made in the ``with`` block.
 
@@ -357,7 +536,7 @@ class Control:
         with sdexplore.Control(pipe, sdexplore.Reweight({"circle": 0.0})):
             image = pipe("a big red circle at the top left, blue background").images[0]
 
-    The edits apply in the order given (a :class:`WordSwap`, then a :class:`Reweight` of the target images, is
+    The edits apply in the order given (a :class:`LocalBlend` reads first; a :class:`WordSwap`, then a :class:`Reweight` of the target images, is
     P2P's reweighting of an edit). An ``observe(pipe, attention=True)`` block around or inside it records the
     edited probabilities. The pipeline is restored exactly on exit, also after an exception or
     KeyboardInterrupt. SD 1.x, 2.x and XL only, for now.
@@ -391,6 +570,7 @@ class Control:
             kind="control",
             order=0,
             run_start=self._run_start,
+            step=self._step if any(type(e).step is not AttentionEdit.step for e in self.edits) else None,
             control=ControlTap(self.layers, self._active, self._edit),
         )
         ctx = attach(self.pipe, sub, self.family)
@@ -412,10 +592,20 @@ class Control:
 
     def _edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
         rows: set[int] = set()
-        for e in self.edits:
+        for e in sorted(
+            self.edits, key=lambda e: not e.reads_first
+        ):  # readers see the probabilities unedited
             if e.active(call):
                 rows.update(e.edit(call, probs))
         return sorted(rows)
+
+    def _step(self, step: Step) -> torch.Tensor | None:
+        latents = step.prev_sample
+        for e in self.edits:
+            new = e.step(step, latents)
+            if new is not None:
+                latents = new
+        return None if latents is step.prev_sample else latents
 
 
 def _has_module(module: torch.nn.Module, name: str) -> bool:
