@@ -108,8 +108,10 @@ class Inversion:
         """Load an inversion written by :meth:`save`; any damage raises :class:`~sdexplore.errors.ResultFileError`."""
         rf = ff.read_result(path, _FORMAT, "Inversion")
         check, header, tensors = rf.check, rf.header, rf.tensors
-        ff.require_tensors(check, tensors, ("latents", "trace", "image", "reconstruction"))
         method = check.str(check.get(header, "method", "method"), "method", choices=METHODS)
+        names = ("latents", "trace", "image", "reconstruction")
+        # null-text's per-step embeddings; files written before null-text inversion have none and still load
+        ff.require_tensors(check, tensors, (*names, "null_embeds") if method == "null-text" else names)
         prompt = check.str(check.get(header, "prompt", "prompt"), "prompt")
         timesteps = check.list(check.get(header, "timesteps", "timesteps"), "timesteps")
         timesteps = [check.number(t, f"timesteps[{i}]") for i, t in enumerate(timesteps)]
@@ -129,14 +131,7 @@ class Inversion:
                 check.fail(
                     f"tensor {name!r}", f"has shape {list(t.shape)} {t.dtype}, expected (H, W, 3) uint8"
                 )
-        null = tensors.get("null_embeds")  # files written before null-text inversion have none
-        if (null is not None) != (method == "null-text"):
-            check.fail(
-                "tensor 'null_embeds'",
-                "is missing: a null-text inversion keeps one unconditional embedding per step"
-                if null is None
-                else f"is present, but method {method!r} has no per-step unconditional embeddings",
-            )
+        null = tensors.get("null_embeds")  # (steps, tokens, D)
         if null is not None and (
             null.ndim != 3 or null.shape[0] != len(timesteps) or not null.is_floating_point()
         ):
