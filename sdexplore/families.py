@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError, UnsupportedPipelineError
+from .preview import ConvPreview
 
 
 @dataclass(frozen=True)
@@ -601,6 +602,26 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
         torch.tensor(fam.latent_rgb_factors, dtype=torch.float32),
         torch.tensor(fam.latent_rgb_bias, dtype=torch.float32),
     )
+
+
+def latent_preview(pipe: Any) -> ConvPreview | None:
+    """A pipeline's learned convolutional preview (:class:`~sdexplore.preview.ConvPreview`), or ``None``.
+
+    A model folder may carry one in ``latent_preview.json`` (both embedded models do: their VAE decodes a cell's
+    colour from its neighbours too, which no linear factors follow). Where present, every preview of that
+    pipeline uses it instead of :func:`latent_rgb`'s factors; elsewhere (every published family) it is ``None``.
+    """
+    folder = model_dir(pipe)
+    path = None if folder is None else folder / "latent_preview.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        return ConvPreview.from_dict(json.loads(path.read_text()))
+    except ValueError as e:  # json.JSONDecodeError is a ValueError too
+        raise InvalidArgumentError(
+            f"{path}: {e}. Refit it (python scripts/fit_preview.py --write) or delete the file to preview with "
+            "the linear factors."
+        ) from e
 
 
 def vae_scale_factor(pipe: Any) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 from .decoding import decode_with
 from .errors import NotRecordedError
 from .heatmaps import resize
-from .preview import latent_to_uint8
+from .preview import ConvPreview, conv_preview_to_uint8, latent_to_uint8
 
 if TYPE_CHECKING:
     from .results.trace import StepRecord, Trace
@@ -235,6 +235,13 @@ def preview_factors(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def preview_net(trace: Trace) -> ConvPreview | None:
+    """The learned convolutional preview a trace's previews were made with (``trace.meta["latent_preview"]``,
+    recorded for a model folder that carries one, as both embedded models do), or ``None``: linear factors."""
+    meta = trace.meta.get("latent_preview")
+    return None if meta is None else ConvPreview.from_dict(meta)
+
+
 def _position(trace: Trace, step: int | StepRecord) -> int:
     if isinstance(step, int):
         trace[step]  # noqa: B018 - the trace's own IndexError names the valid range
@@ -266,10 +273,11 @@ def trace_preview(
     image: int = 0,
     factors: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Linear latent → RGB preview of one recorded step's ``of`` (``"x0"``, ``"latents"``, …): (h, w, 3) uint8.
+    """Latent → RGB preview of one recorded step's ``of`` (``"x0"``, ``"latents"``, …): (h, w, 3) uint8.
 
-    Uses the factors the trace was recorded with (:func:`preview_factors`; ``factors`` overrides them) and,
-    for an Euler-type trace (``meta["ve_latents"]``, latents = x0 + σ·ε), scales noisy latents by √ᾱ first,
+    Uses the preview the trace was recorded with: its learned convolutional preview where it has one
+    (:func:`preview_net`), else its linear factors (:func:`preview_factors`); ``factors`` forces the linear
+    preview with those factors. For an Euler-type trace (``meta["ve_latents"]``, latents = x0 + σ·ε), scales noisy latents by √ᾱ first,
     exactly as the recorder's own ``preview_of="latents"`` previews. ``step``: a position in the trace
     (``trace[step]``) or one of its records.
     """
@@ -284,14 +292,18 @@ def trace_preview(
         )
     if not 0 <= image < t.shape[0]:
         raise IndexError(f"image {image} is out of range: this trace holds {t.shape[0]} image(s) per step.")
-    f, b = (
-        preview_factors(trace)
-        if factors is None
-        else (torch.as_tensor(factors[0]).float(), torch.as_tensor(factors[1]).float())
-    )
+    net = preview_net(trace) if factors is None else None
+    if net is None:
+        f, b = (
+            preview_factors(trace)
+            if factors is None
+            else (torch.as_tensor(factors[0]).float(), torch.as_tensor(factors[1]).float())
+        )
     lat = t[image : image + 1].float().cpu()  # (1, C, h, w)
     if of in ("latents", "latents_out") and trace.meta.get("ve_latents"):
         lat = lat * _signal_level(trace, pos, of)  # VE → VP form, the scale the factors expect
+    if net is not None:
+        return conv_preview_to_uint8(lat, net)[0].numpy()  # (h, w, 3): the recorder's own preview function
     return latent_to_uint8(lat, f, b)[0].numpy()  # (h, w, 3): the recorder's own preview function
 
 

@@ -26,8 +26,8 @@ import torch
 
 from ..decoding import decode_with
 from ..errors import InvalidArgumentError, RecorderStateError
-from ..families import detect_family, latent_rgb
-from ..preview import latent_to_uint8, uint8_factors
+from ..families import detect_family, latent_preview, latent_rgb
+from ..preview import ConvPreview, conv_preview_to_uint8, latent_to_uint8, uint8_factors
 from ..results.trace import TENSOR_FIELDS, StepRecord, Trace
 from ..schedule_math import prediction_type
 from .attach import Attachment, Run, Step, Subscriber, attach
@@ -178,6 +178,9 @@ class StepRecorder:
         self._factors, self._bias = latent_rgb(pipe)
         # kept in each trace, so a saved trace previews with the factors it was recorded with
         self._rgb_meta = {"factors": self._factors.tolist(), "bias": self._bias.tolist()}
+        # a model folder's learned convolutional preview, where it has one (then every preview uses it)
+        self._net = latent_preview(pipe)
+        self._net_meta = None if self._net is None else self._net.to_dict()
         self._reset_run_state()
 
     # options read as attributes, as before the config existed
@@ -252,6 +255,7 @@ class StepRecorder:
         self._checked = False
         self._staged = False
         self._factors_dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._net_dev: dict[torch.device, ConvPreview] = {}
 
     def _run_start(self, run: Run) -> None:
         self._finish_run()
@@ -266,6 +270,8 @@ class StepRecorder:
             guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
         )
         trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
+        if self._net_meta is not None:
+            trace.meta["latent_preview"] = copy.deepcopy(self._net_meta)
         trace.mask = (
             run.mask
         )  # an inpainting call's mask (M, H, W), checked against its image at the run's start
@@ -394,8 +400,14 @@ class StepRecorder:
             else:
                 src = sample
             assert src is not None
-            factors, bias = self._preview_factors(src.device)
-            rgb = latent_to_uint8(src, factors, bias, scaled=True)  # (B, h, w, 3)
+            if self._net is not None:
+                net = self._net_dev.get(src.device)
+                if net is None:  # cached per device, as the factors are
+                    net = self._net_dev[src.device] = self._net.to(src.device)
+                rgb = conv_preview_to_uint8(src, net)  # (B, h, w, 3)
+            else:
+                factors, bias = self._preview_factors(src.device)
+                rgb = latent_to_uint8(src, factors, bias, scaled=True)  # (B, h, w, 3)
             rec.preview = self._store(rgb, torch.uint8, fresh=True)
         every = self.config.decode_every
         if "decoded" in qs and every and x0 is not None and len(self.trace.steps) % every == 0:

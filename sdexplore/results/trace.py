@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..preview import ConvPreview
 from . import fileformat as ff
 
 #: Tensor quantities a step can hold, with their shapes (B = images in the batch).
@@ -87,7 +88,9 @@ class Trace:
     # (M, H, W) float32 in [0, 1]: an inpainting call's mask at its own pixel size (1 = repainted), else None
     mask: torch.Tensor | None = None
     # "ve_latents": latents in variance-exploding form (Euler-type schedulers); "latent_rgb": {"factors": C×3,
-    # "bias": 3}, the latent → RGB preview factors the previews were made with; "schedule_begin" and
+    # "bias": 3}, the latent → RGB preview factors the previews were made with; "latent_preview": the learned
+    # convolutional preview (ConvPreview.to_dict()) the previews were made with instead, where the model folder
+    # carries one (the embedded models); "schedule_begin" and
     # "schedule_length": where the run's loop starts in the scheduler's whole schedule (img2img, strength < 1)
     meta: dict[str, Any] = field(default_factory=dict)
 
@@ -363,6 +366,16 @@ def _parse_meta(c: ff.Checker, value: Any, channels: int | None) -> dict[str, An
             c.list(c.get(rgb, "bias", "meta.latent_rgb.bias"), "meta.latent_rgb.bias", length=3)
         ):
             c.number(v, f"meta.latent_rgb.bias[{j}]")
+    if "latent_preview" in meta:
+        try:
+            net = ConvPreview.from_dict(meta["latent_preview"])
+        except ValueError as e:
+            c.fail("meta.latent_preview", f"is not a readable preview network ({e})")
+        if channels is not None and net.channels != channels:
+            c.fail(
+                "meta.latent_preview.input_scale",
+                f"has {net.channels} channels, which does not match the latents' {channels}",
+            )
     return meta
 
 
@@ -376,6 +389,10 @@ def _check_consistency(c: ff.Checker, trace: Trace, sizes: dict[str, int]) -> No
         rgb is not None and "C" not in sizes
     ):  # with latents, _parse_meta matched the factors to their channels
         ff.check_channels(c, fam, "family", len(rgb["factors"]), "meta.latent_rgb.factors")
+    net = trace.meta.get("latent_preview")
+    if net is not None and "C" not in sizes:
+        channels = len(net["input_scale"])
+        ff.check_channels(c, fam, "family", channels, "meta.latent_preview.input_scale")
     if "H" in sizes and "h" in sizes:
         ff.check_scale(
             c, "tensor 'step*.decoded'", (sizes["h"], sizes["w"]), (sizes["H"], sizes["W"]), "the latents"
