@@ -419,6 +419,8 @@ def test_a_size_above_the_embedded_mmdits_limit_is_refused_once_the_model_is_kno
             "cannot be used with --image",
         ),
         (["walk", "a", "b", "--image", "-"], "1 --image for 2 keyframes"),
+        (["edit", "a red circle"], "nothing to edit"),
+        (["edit", "a red circle", "--reweight", "dog=0"], "'dog' is not a word of the prompt"),
         ([], "choose a command"),
     ],
 )
@@ -470,7 +472,7 @@ def test_scheduler_aliases_resolve_to_diffusers_classes():
     assert resolve_scheduler(None) is None
 
 
-@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk", "invert"])
+@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk", "invert", "edit"])
 def test_help_of_every_command_has_examples(capsys, command):
     rc, out, _ = run(capsys, *([command] if command else []), "--help")
     assert rc == 0 and "examples:" in out and "usage: sdexplore" in out
@@ -479,7 +481,7 @@ def test_help_of_every_command_has_examples(capsys, command):
 def test_help_lists_each_command_once(capsys):
     rc, out, _ = run(capsys, "--help")
     assert rc == 0
-    for command in ("describe", "steps", "attention", "walk", "invert", "sweep", "sweep-report"):
+    for command in ("describe", "steps", "attention", "walk", "invert", "edit", "sweep", "sweep-report"):
         listed = [ln for ln in out.splitlines() if ln.split()[:1] == [command]]  # "  steps   generate one..."
         assert len(listed) == 1, (command, listed)
 
@@ -494,8 +496,8 @@ def test_help_and_bad_arguments_load_no_torch_or_diffusers():
     code = (
         "import contextlib, io, sys\n"
         "import sdexplore.cli as c\n"
-        "for argv in (['--help'], ['steps', '--help'], ['invert', '--help'], ['steps'], ['walk', 'a', '--seed', "
-        "'x'], []):\n"
+        "for argv in (['--help'], ['steps', '--help'], ['invert', '--help'], ['edit', '--help'], ['steps'], "
+        "['walk', 'a', '--seed', 'x'], ['edit', 'a', '--seed', '-1'], []):\n"
         "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
         "        c.main(argv)\n"
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n"

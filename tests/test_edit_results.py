@@ -203,3 +203,13 @@ def test_word_maps_of_an_ablation_show_the_zero_map_after(batch) -> None:
     before, after = batch.word_maps("circle", index=2)
     assert torch.equal(before, batch.source_maps.word("circle", index=2)) and float(before.max()) > 0
     assert float(after.abs().max()) == 0.0
+
+
+def test_reweighted_maps_keep_their_mass_and_a_mass_the_weights_cannot_give_fails(batch, tmp_path) -> None:
+    """A reweight scales probabilities after the softmax (ablating a word leaves each pixel less than 1 in all):
+    the edited maps load with the mass they had, and a mass outside the factors' range is refused."""
+    path = batch.save(tmp_path / "e.safetensors")
+    mass = Edit.load(path).edited_maps.aggregate.double().sum(1)
+    assert float(mass.max()) < 1 - 1e-4  # "circle" ablated: the mass it had is gone
+    retensor(path, "edited_maps/aggregate", lambda t: t * 3)
+    fails(path, "tensor 'edited_maps/aggregate'", "settings.reweight")

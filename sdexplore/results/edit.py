@@ -179,7 +179,18 @@ class Edit:
             prefix = f"{n}_maps/"
             sub = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             state = {"format": _maps._FORMAT, "version": ff.VERSION, "maps": meta}
-            maps[n] = AttentionMaps.from_state(sub, state, f"{check.source} ({n}_maps)")
+            reweighted = n == "edited" and bool(settings.get("reweight") or settings.get("masks"))
+            aggregate = sub.get("aggregate")
+            if reweighted and isinstance(aggregate, torch.Tensor) and aggregate.dim() == 4:
+                # a reweight scales probabilities after the softmax: a pixel's mass over the keys is no longer 1
+                # (0.94..0.98 with one word ablated). AttentionMaps checks a softmax's mass, so it is shown the
+                # maps renormalised, and the saved mass is checked against the weights here instead.
+                _check_reweighted_mass(check, aggregate, settings)
+                mass = aggregate.double().sum(1, keepdim=True)  # (B, 1, H, W)
+                unit = torch.where(mass > 0, aggregate / mass.clamp_min(1e-30), 1.0 / aggregate.shape[1])
+                sub = {**sub, "aggregate": unit.to(aggregate.dtype)}  # (B, T, H, W), each pixel sums to 1
+            m = AttentionMaps.from_state(sub, state, f"{check.source} ({n}_maps)")
+            maps[n] = replace(m, aggregate=aggregate) if reweighted else m
         _check_consistency(check, prompts, settings, images, maps)
         rf.verify_checksums()
         n_img = int(images["source"].shape[0])
@@ -220,6 +231,34 @@ def _prompt_field(c: ff.Checker, header: dict[str, Any], key: str) -> str | list
             c.fail(key, "is an empty list, expected a prompt or a list of prompts")
         return [c.str(p, f"{key}[{i}]") for i, p in enumerate(value)]
     return c.str(value, key)
+
+
+#: How far a reweighted pixel's mass may stray beyond its weights' range (GPU recorders average fp16 probabilities).
+_MASS_TOLERANCE = 0.05
+
+
+def _check_reweighted_mass(c: ff.Checker, aggregate: torch.Tensor, settings: dict[str, Any]) -> None:
+    """Reweighted probabilities sum, at each pixel, to a weighted mean of the factors and 1 (the words left as they
+    were): within [min, max] of those, or within [0, max] where masks move attention (their weights vary by pixel).
+    """
+    factors = [1.0]
+    weights = settings.get("reweight") or {}
+    if isinstance(weights, dict):
+        factors += [
+            float(v) for v in weights.values() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+    lo, hi = min(factors), max(factors)
+    if settings.get("masks"):
+        lo, hi = 0.0, math.inf  # a mask moves a word's attention: its weight varies by pixel
+    mass = aggregate.double().sum(1)  # (B, H, W)
+    if aggregate.numel() and not (
+        float(mass.min()) >= lo - _MASS_TOLERANCE and float(mass.max()) <= hi * (1 + _MASS_TOLERANCE)
+    ):
+        c.fail(
+            "tensor 'edited_maps/aggregate'",
+            f"sums over the key positions to {float(mass.min()):.3g}..{float(mass.max()):.3g} at its pixels, "
+            f"outside what settings.reweight's factors allow ({lo:g}..{hi:g})",
+        )
 
 
 def _fraction(c: ff.Checker, value: Any, field: str) -> float | None:
