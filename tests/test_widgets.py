@@ -551,3 +551,79 @@ def test_channel_tiles_keep_a_square_latents_aspect_for_any_channel_count() -> N
         side = grid * 8 + (grid - 1)  # grid tiles of 8 pixels with 1-pixel gaps
         assert tiles.shape == (-(-c // grid) * 9 - 1, side, 3)
         assert abs(tiles.shape[0] / tiles.shape[1] - 1) < 0.2  # never one long strip
+
+
+# ---------------------------------------------------------------- EditExplorer
+
+
+@pytest.fixture(scope="module")
+def edit_run():
+    """A genuine colour swap of the tiny SD1 pipeline (the maps of both branches) and its ablation."""
+    import sdexplore as sdx
+
+    pipe = tiny_pipeline("sd1")
+    kw = dict(num_inference_steps=3, height=64, width=64)
+    swap = sdx.edit(pipe, "a big red circle", "a big blue circle", generator=_gen(0), **kw)
+    ablation = sdx.edit(pipe, "a big red circle", reweight={"circle": 0.0}, generator=_gen(0), **kw)
+    return pipe, swap, ablation
+
+
+def _decoded(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_edit_explorer_opens_on_the_edited_word_and_the_dropdown_changes_the_maps(edit_run):
+    from sdexplore.widgets import EditExplorer
+
+    pipe, swap, _ = edit_run
+    calls = UnetCalls(pipe)
+    ex = EditExplorer(swap, static=False)
+    assert ex.word == "blue" and ex.words == ["a", "big", "blue", "circle"]
+    ex.widget  # noqa: B018
+    shown = bytes(ex._after.value), bytes(ex._before.value)
+    ex.select(word="circle")
+    assert ex.word == "circle" and (bytes(ex._after.value), bytes(ex._before.value)) != shown
+    assert "circle" in ex._caption.value and "before" in ex._caption.value
+    assert calls.n == 0  # the explorer only reads the Edit
+    calls.close()
+
+
+def test_edit_explorer_before_is_the_replaced_words_map_on_the_shared_scale(edit_run):
+    from sdexplore.widgets import EditExplorer
+
+    _, swap, _ = edit_run
+    ex = EditExplorer(swap, static=True)
+    before, after = ex.maps("blue")
+    assert torch.allclose(before, swap.source_maps.word("red"))  # the swapped-out word's map
+    assert torch.equal(after, swap.edited_maps.word("blue"))
+    top = max(float(before.max()), float(after.max()))
+    want = heat_overlay(ex.edited, after, size=ex.size, vmin=0.0, vmax=top)
+    assert np.array_equal(ex.panels("blue")[1], want)  # one scale for both, from 0, not min-max each
+    src, out = ex.source.astype(int), ex.edited.astype(int)
+    assert np.array_equal(ex.difference, np.abs(out - src))
+
+
+def test_edit_explorer_shows_an_ablated_maps_zero_after(edit_run):
+    from sdexplore.widgets import EditExplorer
+
+    _, _, ablation = edit_run
+    ex = EditExplorer(ablation, static=False)
+    assert ex.word == "circle"  # the reweighted word
+    ex.widget  # noqa: B018
+    zero = heat_overlay(ex.edited, torch.zeros(8, 8), size=ex.size, vmin=0.0, vmax=1.0)
+    assert np.array_equal(ex.panels("circle")[1], zero)  # the bottom of the shared scale everywhere
+    after = _decoded(bytes(ex._after.value))  # what the widget shows: that picture, as JPEG
+    assert after.shape == zero.shape and np.abs(after.astype(int) - zero.astype(int)).mean() < 8
+    assert "after 0.0000" in ex.caption("circle")
+
+
+def test_edit_explorer_static_figure_and_a_saved_edit(edit_run, tmp_path):
+    from sdexplore.results import Edit
+    from sdexplore.widgets import EditExplorer
+
+    _, swap, _ = edit_run
+    ex = EditExplorer(Edit.load(swap.save(tmp_path / "e.safetensors")), static=True)
+    fig = ex.figure()
+    assert len(fig.axes) == 6  # source | edited | difference, then the swapped word before | after | change
+    assert [ax.get_title() for ax in fig.axes[3:5]] == ["“blue” before", "“blue” after"]
+    assert "image/png" in ex._repr_mimebundle_()

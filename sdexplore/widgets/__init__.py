@@ -1,6 +1,6 @@
 """Jupyter explorers (ipywidgets 8) over sdexplore's plain-data results, with a static matplotlib fallback.
 
-Every explorer takes a result object (a Trace / Observation, AttentionMaps, a Walk or frames), never a
+Every explorer takes a result object (a Trace / Observation, AttentionMaps, an Edit, a Walk or frames), never a
 pipeline: moving a control only shows what was already computed. In a Jupyter kernel an explorer displays
 as a widget; in a plain script, with ``static=True``, or with ``SDEXPLORE_STATIC=1`` it displays (and
 ``.figure()`` returns) a matplotlib figure instead.
@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from ._base import Explorer, ImageUpload, has_widget_frontend
 from .attention import AttentionExplorer
+from .edit import EditExplorer
 from .interpolation import InterpolationExplorer
 from .player import WalkPlayer
 from .scrubber import TimestepScrubber
 
 __all__ = [
     "AttentionExplorer",
+    "EditExplorer",
     "Explorer",
     "ImageUpload",
     "InterpolationExplorer",
