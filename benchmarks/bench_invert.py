@@ -1,5 +1,5 @@
 """Inversion on the embedded model: reconstruction PSNR of held-out rendered scenes against the VAE's round trip (per
-method, CFG 1 and CFG > 1), the shape word's attention IoU on the reconstruction pass against the scene's true mask,
+method, CFG 1 and CFG > 1, null-text included), the shape word's attention IoU on the reconstruction pass against the scene's true mask,
 a walk between two inverted scenes (endpoints, smoothness), and inversion time as a ratio to one generation.
 
     python benchmarks/bench_invert.py                 # 6 scenes, 25 steps, 4 timing pairs: ~5 min on 2 CPU cores
@@ -33,6 +33,7 @@ VARIANTS = (
     ("ddim, CFG 1, default passes", "ddim", 1.0, None),
     ("ddim, CFG 3, plain", "ddim", 3.0, None),
     ("negative-prompt, CFG 3", "negative-prompt", 3.0, None),
+    ("null-text, CFG 3", "null-text", 3.0, None),  # 10 Adam iterations per step, the model's learning rate
 )
 
 
@@ -159,7 +160,8 @@ def measure_walk(pipe, a, b, frames: int) -> dict:
 
 def measure_time(pipe, prompt: str, seed: int, steps: int, pairs: int) -> dict:
     """Process CPU time of inversions (default passes; 0 passes) over one generation with the same steps at CFG 1,
-    and of the default inversion over one generation at the model's CFG 3 (the pipeline's batch of two)."""
+    and of the default inversion and null-text inversion over one generation at the model's CFG 3 (the
+    pipeline's batch of two)."""
     from sdexplore.inversion import invert
     from sdexplore.scenes import render_scene
 
@@ -178,11 +180,17 @@ def measure_time(pipe, prompt: str, seed: int, steps: int, pairs: int) -> dict:
     )
     cfg3 = run_pairs(
         process_clock(gen(3.0)),
-        {"default passes": process_clock(lambda: invert(pipe, picture, prompt, steps=steps))},
+        {
+            "default passes": process_clock(lambda: invert(pipe, picture, prompt, steps=steps)),
+            "null-text": process_clock(
+                lambda: invert(pipe, picture, prompt, steps=steps, method="null-text", guidance=3.0)
+            ),
+        },
         pairs=pairs,
     )
     out = {f"{k} / generation CFG 1": median_interval(s.ratios()) for k, s in series.items()}
-    out["default passes / generation CFG 3"] = median_interval(cfg3["default passes"].ratios())
+    for k, s in cfg3.items():
+        out[f"{k} / generation CFG 3"] = median_interval(s.ratios())
     return {k: {"median": v.median, "lo": v.lo, "hi": v.hi, "n": v.n} for k, v in out.items()}
 
 
