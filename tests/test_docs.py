@@ -31,7 +31,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
 #: site), an image. Function definitions (and their indented bodies) are not drawing.
 DRAWS = re.compile(
     r"plt\.(subplots|figure|show)\(|\b(show_row|overlay_row|plot_\w+)\(|"
-    r"\b(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer)\(|\bShowImage\(|^player$"
+    r"\b(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer|EditExplorer)\(|\bShowImage\(|^player$"
 )
 
 
@@ -249,6 +249,7 @@ def test_every_page_of_the_nav_is_built(site):
         "architecture",
         "notebooks",
         "cli",
+        "editing",
         "embedded_model",
         *[f"generated/tutorials/{p.stem}" for p in NOTEBOOKS],
     ]:

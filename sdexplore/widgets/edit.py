@@ -84,7 +84,7 @@ class EditExplorer(Explorer):
 
     def panels(self, word: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(before, after, after − before) of ``word`` as (H, W, 3) uint8 pictures at the panel size: the two maps
-        over their images on one scale [0, the larger peak], the difference on a symmetric diverging scale."""
+        over their images on one scale [0, the larger peak], the difference on the same scale, ± that peak."""
         key = ("panels", word, round(self.opacity, 3))
         if key in self._cache:
             return self._cache[key]
@@ -99,8 +99,8 @@ class EditExplorer(Explorer):
             self.edited, after, opacity=self.opacity, cmap=self.cmap, size=side, vmin=0.0, vmax=top
         )
         change = (after.float() - b).numpy()  # (h, w)
-        reach = float(np.abs(change).max()) or 1.0
-        delta = heat_overlay(None, change, cmap=DIFF_CMAP, size=left.shape[0], vmin=-reach, vmax=reach)
+        # on the maps' own scale (±top): a change of a few percent of the peak looks faint, as it is
+        delta = heat_overlay(None, change, cmap=DIFF_CMAP, size=left.shape[0], vmin=-top, vmax=top)
         self._cache[key] = out = (left, right, delta)
         return out
 
