@@ -171,6 +171,16 @@ def evaluate(pipe, previews: dict, n: int) -> dict:
     }
 
 
+def _rounded(value):
+    """Nested lists of float32 values already rounded to 5 decimals, written as those decimals (they read back
+    to the same float32 values) instead of float32's binary noise."""
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return round(value, 5) if isinstance(value, float) else value
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Collect the training samples, fit, print the result; ``--evaluate`` measures, ``--write`` writes."""
     import sdexplore
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, pipe in pipes.items():
         preview = model_preview(trained, pipe.vae.config)
         if args.write:
-            record = {**preview.to_dict(), "fitted_by": command.strip()}
+            record = {**_rounded(preview.to_dict()), "fitted_by": command.strip()}
             (MODELS_DIR / name / "latent_preview.json").write_text(json.dumps(record) + "\n")
         if args.evaluate:
             report[name] = evaluate(pipe, {"linear": latent_rgb(pipe), "conv": preview}, HELD_OUT[name])
