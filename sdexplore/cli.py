@@ -1396,7 +1396,7 @@ def write_edit(pipe: Any, args: argparse.Namespace, folder: Path) -> tuple[Any, 
     import torch
 
     from .editing import edit
-    from .errors import InvalidArgumentError
+    from .errors import InvalidArgumentError, UnsupportedPipelineError
     from .render import heat_overlay
 
     kw = _call_kwargs(args)
@@ -1411,8 +1411,11 @@ def write_edit(pipe: Any, args: argparse.Namespace, folder: Path) -> tuple[Any, 
             generator=torch.Generator("cpu").manual_seed(args.seed),
             **kw,
         )
-    except InvalidArgumentError as e:  # what only the loaded model decides (an MMDiT family, for now)
-        raise InputError(_one_line(e)) from e
+    except (
+        InvalidArgumentError,
+        UnsupportedPipelineError,
+    ) as e:  # what only the loaded model decides (checked
+        raise InputError(_one_line(e)) from e  # before any work: an MMDiT family, for now)
     res.settings.update(seed=args.seed, model=args.model or "embedded", command="sdexplore edit")
     source, edited = res.images()
     folder.mkdir(parents=True, exist_ok=True)

@@ -195,3 +195,12 @@ def test_the_seed_decides_the_source_as_a_plain_call_does(capsys, tmp_path):
     plain = pipe(SOURCE, num_inference_steps=2, guidance_scale=EMBEDDED_GUIDANCE_SCALE,
                  generator=torch.Generator("cpu").manual_seed(7)).images[0]  # fmt: skip
     assert np.abs(png(out / "source.png").astype(int) - np.asarray(plain).astype(int)).max() <= 2
+
+
+def test_a_model_that_cannot_take_controls_is_one_line_and_exit_2_with_nothing_written(capsys, tmp_path):
+    """The embedded MMDiT (an SD3-family model) loads, then is refused before any step: bad input, not a crash."""
+    out = tmp_path / "edit"
+    rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--model", "tiny-shapes-mmdit", *FAST, "--out", out)
+    lines = error_lines(err)
+    assert (rc, len(lines)) == (2, 1) and "cannot take attention controls" in lines[0], err
+    assert "wrote" not in stdout and list(tmp_path.iterdir()) == []
