@@ -1411,11 +1411,9 @@ def write_edit(pipe: Any, args: argparse.Namespace, folder: Path) -> tuple[Any, 
             generator=torch.Generator("cpu").manual_seed(args.seed),
             **kw,
         )
-    except (
-        InvalidArgumentError,
-        UnsupportedPipelineError,
-    ) as e:  # what only the loaded model decides (checked
-        raise InputError(_one_line(e)) from e  # before any work: an MMDiT family, for now)
+    # what only the loaded model decides, checked by edit() before any step (an MMDiT family, for now)
+    except (InvalidArgumentError, UnsupportedPipelineError) as e:
+        raise InputError(_one_line(e)) from e
     res.settings.update(seed=args.seed, model=args.model or "embedded", command="sdexplore edit")
     source, edited = res.images()
     folder.mkdir(parents=True, exist_ok=True)
