@@ -108,6 +108,7 @@ def edit(
         )
     sources = _prompts("prompt", prompt)
     syntax_weights: dict[str, float] | None = None
+    written = sources[0]
     if len(sources) == 1 and _has_syntax(sources[0]):
         plain, swapped, syntax_weights = parse_syntax(sources[0])
         if swapped is not None and target is not None:
@@ -214,6 +215,7 @@ def edit(
         reweight=dict(reweight or {}),
         masks=sorted(masks or {}),
         steps=list(steps),
+        syntax=None if syntax_weights is None else written,
         blend=None if blend is None else list(blend),
         blend_threshold=None if blend is None else float(blend_threshold),
         blend_start=None if blend is None else float(blend_start),

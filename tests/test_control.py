@@ -161,7 +161,7 @@ def test_the_pipeline_is_restored_exactly(fault, control_first) -> None:
         return kwargs
 
     def blocks():
-        control = Control(pipe, WordSwap(0.5, 0.5), Reweight({"circle": 0.0}))
+        control = Control(pipe, WordSwap(0.5, 0.5), Reweight({"circle": 0.0}), LocalBlend(["circle"]))
         observing = sdx.observe(pipe, steps=True, attention=True)
         return (control, observing) if control_first else (observing, control)
 

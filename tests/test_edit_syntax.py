@@ -63,6 +63,10 @@ def test_a_weight_is_an_attention_reweight_bit_for_bit_and_the_maps_say_the_plai
     assert np.array_equal(_a(res.edited), _a(ref.edited)) and np.array_equal(_a(res.source), _a(ref.source))
     assert not np.array_equal(_a(res.edited), _a(res.source))
     assert res.source_prompt == res.edited_prompt == P and res.settings["reweight"] == {"red": 1.5}
+    assert (
+        res.settings["syntax"] == "a big (red)1.5 circle on a blue background"
+        and ref.settings["syntax"] is None
+    )
     assert res.edited_maps.token_lists[0].words == [
         "a",
         "big",

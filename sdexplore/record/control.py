@@ -508,7 +508,7 @@ class LocalBlend(AttentionEdit):
         maps = maps.reshape(-1, 1, h, w)  # (2·half, 1, h, w)
         if (h, w) != self._grid:
             maps = F.interpolate(maps, size=self._grid, mode="bilinear", align_corners=False)
-        maps = maps[:, 0].cpu()  # (2·half, gh, gw)
+        maps = maps[:, 0]  # (2·half, gh, gw), on the device: no sync per layer
         self._sum = maps if self._sum is None else self._sum + maps
         return []  # reads only: every output stays the original's
 
