@@ -7,6 +7,8 @@ maps of both branches are labelled with the plain words; bad syntax is refused b
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,16 @@ def test_bad_syntax_and_weights_are_refused_before_any_work(pipe, prompt, kwargs
         hook.remove()
     assert not calls
     assert_restored(pipe, before)
+
+
+def test_without_compel_syntax_is_refused_naming_the_extra_and_plain_prompts_still_work(
+    pipe, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "compel", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "compel.prompt_parser", None)
+    with pytest.raises(InvalidArgumentError, match=r"sdexplore\[edit\]"):
+        sdx.edit(pipe, "a big (red)1.5 circle", num_inference_steps=2)
+    res = sdx.edit(
+        pipe, "a big red circle, on a blue background.", reweight={"red": 2.0}, num_inference_steps=2
+    )
+    assert res.settings["syntax"] is None and res.source_prompt == "a big red circle, on a blue background."
