@@ -103,6 +103,7 @@ class Run:
     step_guidance: float | None = None  # this step's effective scale where a guidance schedule changed it
     started: bool = False  # the first denoiser call has been seen (schedule fields are filled)
     mask: torch.Tensor | None = None  # (M, H, W) an inpainting call's mask in [0, 1] (1 = repainted), CPU
+    attention_edited: bool = False  # a control changed some cross-attention probabilities in this run
 
     def timestep(self, i: int, given: Any) -> float:
         """Step ``i``'s timestep as a float, from the host copy of the schedule (no device sync)."""
@@ -441,6 +442,8 @@ class Attachment:
         for tap in self._slots[call.layer].controls:
             if tap.active(call):
                 changed.update(int(r) for r in tap.edit(call, probs))
+        if changed and call.cross:
+            call.run.attention_edited = True  # the recorded maps are no longer one softmax per pixel
         return sorted(changed)
 
     def _wrap_scheduler(self, sched: Any) -> None:

@@ -46,6 +46,7 @@ PROBS_BYTES = 32 << 20
 PROBS_BYTES_CPU = 1 << 20
 # the attributes that hold one run's state (set aside when a run ends, built into maps when first read)
 _RUN_STATE = (
+    "_edited",
     "_timesteps",
     "_latent_size",
     "_sel",
@@ -363,6 +364,7 @@ class AttentionRecorder:
 
     # ---- run state ----------------------------------------------------------------------------------------
     def _reset_run(self) -> None:
+        self._edited = False  # a control changed this run's cross-attention (Run.attention_edited)
         self._timesteps: list[float] = []  # one per denoiser call, from the host copy of the schedule
         self._latent_size: tuple[int, int] | None = None
         self._sel = slice(None)
@@ -440,6 +442,7 @@ class AttentionRecorder:
         The maps are built when first read, or when the ``with`` block ends, not inside the call: the call
         returns as soon as its last step is done, and a run whose maps are never read costs no build.
         """
+        self._edited = run.attention_edited
         self._pending = {k: getattr(self, k) for k in _RUN_STATE} if self._timesteps else None
         self._maps, self._why_no_maps = None, None
         self._reset_run()
@@ -1047,6 +1050,7 @@ class AttentionRecorder:
             skipped_layers=list(self.skipped_layers),
             family=self.family.name,
             kind=self.kind,
+            edited=self._edited,
         )
         if self._split is not None:
             neg_rows, cond_rows = self._split

@@ -54,6 +54,10 @@ class AttentionMaps:
     #: ``"text"`` (MMDiT scores, softmax over the text keys only) or ``"output"`` (ConceptAttention's
     #: attention-output maps, softmax over the prompt's word tokens). See :mod:`sdexplore.record.joint`.
     kind: str = "cross"
+    #: True when an attention control (:class:`sdexplore.Reweight`, ...) changed the probabilities these maps
+    #: record: a reweighted word's pixels no longer sum to 1 over the keys, so the loader checks only that the
+    #: maps are not negative.
+    edited: bool = False
     #: Words recorded although not in the prompt (``AttentionRecorder(concepts=...)``); see :meth:`concept`.
     concepts: list[str] = field(default_factory=list)
     concept_aggregate: torch.Tensor | None = None  # (B, C, H, W) float32, like aggregate, one map per concept
@@ -297,6 +301,7 @@ class AttentionMaps:
             "skipped_layers": self.skipped_layers,
             "family": self.family,
             "kind": self.kind,
+            "edited": self.edited,
             "concepts": list(self.concepts),
             "negative": self.negative._meta() if self.negative is not None else None,
         }
@@ -356,6 +361,7 @@ _META_KEYS = frozenset(
         "skipped_layers",
         "family",
         "kind",
+        "edited",
         "concepts",
         "negative",
     }
@@ -464,7 +470,8 @@ def _build(
     kind = c.str(
         meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
     )  # files from before kinds: cross
-    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers)
+    edited = c.bool(meta.get("edited", False), f"{field}.edited")  # files from before controls: False
+    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited)
     negative = None
     if meta["negative"] is not None:
         negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
@@ -490,6 +497,7 @@ def _build(
         skipped_layers=list(skipped),
         family=family,
         kind=kind,
+        edited=edited,
         **concept_parts,
     )
 
@@ -507,6 +515,7 @@ def _check_consistency(
     kind: str,
     aggregate: torch.Tensor,
     layers: dict[str, torch.Tensor],
+    edited: bool = False,
 ) -> None:
     """The header's family, kind and latent size agree with each other and with the maps (no model needed)."""
     fam = ff.family_of(c, family, f"{field}.family")
@@ -533,7 +542,10 @@ def _check_consistency(
         mass = aggregate.double().sum(1)  # (B, H, W): each pixel's mass over the T key positions
         lo, hi = float(mass.min()), float(mass.max())
         exact = kind in ("cross", "text")  # a softmax over the saved keys; joint: image keys share it
-        if not (hi <= 1 + _MASS_TOLERANCE and (lo >= 1 - _MASS_TOLERANCE or not exact)) or lo < 0:
+        if edited:  # a control scaled some words: only the sign is promised
+            if lo < 0:
+                c.fail(f"tensor '{prefix}aggregate'", f"has negative attention ({lo:.3g}) in edited maps")
+        elif not (hi <= 1 + _MASS_TOLERANCE and (lo >= 1 - _MASS_TOLERANCE or not exact)) or lo < 0:
             want = "1 (a softmax over the saved keys)" if exact else "at most 1"
             c.fail(
                 f"{field}.kind",
