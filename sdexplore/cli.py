@@ -91,7 +91,7 @@ _STEPS_EPILOG = """\
 writes into --out (default sdexplore-steps/):
   image.png           the final image
   steps_x0.png        the predicted clean image (x0, VAE-decoded) at every step, labelled step and timestep
-  steps_preview.png   the cheap linear latent->RGB preview of x0 at every step
+  steps_preview.png   the cheap latent->RGB preview of x0 at every step (learned, or linear)
   denoising.gif       one frame per step (x0; a bar at the bottom shows the progress through the run)
   trace.safetensors   the recorded trace: sdexplore.trace.Trace.load("trace.safetensors")
 

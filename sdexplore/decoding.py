@@ -15,7 +15,15 @@ from .preview import latent_to_rgb, to_uint8
 
 
 def latent_preview(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Linear preview of ``latents`` (B, C, h, w) with the pipeline's family factors → (B, h, w, 3) uint8."""
+    """The quick preview of ``latents`` (B, C, h, w) → (B, h, w, 3) uint8, as the step recorder makes it: the model
+    folder's learned convolutional preview where it has one (``latent_preview.json``), else the family's linear
+    factors."""
+    from .families import latent_preview as learned_preview
+    from .preview import conv_preview_to_uint8
+
+    net = learned_preview(pipe)
+    if net is not None:
+        return conv_preview_to_uint8(latents.float(), net)
     factors, bias = latent_rgb(pipe)
     return to_uint8(latent_to_rgb(latents.float(), factors, bias))
 

@@ -229,12 +229,13 @@ def test_scrubber_noisy_panel_scales_euler_latents_by_the_signal_level():
 
 
 def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(tmp_path):
-    """The embedded model ships its own latent → RGB factors: recorded traces carry them, also saved."""
+    """The embedded model ships its own latent → RGB factors and learned preview: recorded traces carry them,
+    also saved, and the scrubber's x0 panel shows the learned preview."""
     import json
 
     import sdexplore as sdx
-    from sdexplore.families import latent_rgb
-    from sdexplore.preview import latent_to_rgb, to_uint8
+    from sdexplore.families import latent_preview
+    from sdexplore.preview import conv_preview_to_uint8
 
     pipe = sdx.load_pipeline()
     shipped = json.loads(
@@ -247,7 +248,9 @@ def test_trace_keeps_the_models_own_preview_factors_and_the_scrubber_uses_them(t
         assert np.allclose(trace.meta["latent_rgb"]["bias"], shipped["bias"])
         scrub = TimestepScrubber(trace, static=False)
         rec = trace[-1]
-        expected = to_uint8(latent_to_rgb(rec.x0[:1].float(), *latent_rgb(pipe)))[0].numpy()
+        # the x0 panel shows the model's learned preview (latent_preview.json), carried in the trace
+        assert trace.meta["latent_preview"] == latent_preview(pipe).to_dict()
+        expected = conv_preview_to_uint8(rec.x0[:1].float(), latent_preview(pipe))[0].numpy()
         assert np.array_equal(_panel(scrub, "x0", expected.shape), expected)
 
 

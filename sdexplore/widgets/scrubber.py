@@ -62,7 +62,7 @@ class TimestepScrubber(SliderExplorer):
 
     Shows, side by side, the noisy latents as a colour preview (scaled by √ᾱ first for Euler-type
     schedulers, whose latents are x0 + σ·ε), the predicted clean image x0 (the VAE decode when recorded,
-    else its linear preview), the noise prediction and the latent channels, with the
+    else its recorded preview, learned or linear), the noise prediction and the latent channels, with the
     timestep, the noise level (σ, √ᾱ) and the guidance scale. Every image is encoded once when its step
     arrives, so moving the slider only swaps bytes: it never runs the pipeline.
 
