@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     "edit": "editing",
     "Edit": "results.edit",
     "Control": "record.control",
+    "LocalBlend": "record.control",
+    "Refine": "record.control",
     "Reweight": "record.control",
     "WordSwap": "record.control",
     # text, interpolation, walks
@@ -109,11 +111,13 @@ __all__ = [
     "InterpolationError",
     "InvalidArgumentError",
     "Inversion",
+    "LocalBlend",
     "ModelNotAvailableError",
     "Observation",
     "PipelineDescription",
     "PromptSwitch",
     "RecorderStateError",
+    "Refine",
     "ResultFileError",
     "Reweight",
     "SdexploreError",
@@ -190,7 +194,7 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         set_scheduler,
     )
     from .record.attention import AttentionRecorder
-    from .record.control import Control, Reweight, WordSwap
+    from .record.control import Control, LocalBlend, Refine, Reweight, WordSwap
     from .record.observe import observe
     from .record.steering import PromptSwitch
     from .record.steps import StepRecorder

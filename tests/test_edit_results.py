@@ -105,6 +105,16 @@ def test_an_edit_without_maps_round_trips(pipe, tmp_path) -> None:
     assert np.array_equal(back.difference(), res.difference())
 
 
+@pytest.mark.parametrize(
+    "prompt", ["a (red)1.0 circle", "a (red)1.5 circle", "a red.swap(blue) circle"], ids=["w1", "w15", "swap"]
+)
+def test_edits_written_in_prompt_syntax_round_trip(pipe, tmp_path, prompt) -> None:
+    """compel's syntax is an edit even at weight 1.0 (settings.syntax keeps the prompt as written)."""
+    res = sdx.edit(pipe, prompt, attention=False, generator=torch.Generator().manual_seed(0), **KW)
+    back = Edit.load(res.save(tmp_path / "e.safetensors"))
+    assert back.settings["syntax"] == prompt and np.array_equal(back.difference(), res.difference())
+
+
 def test_views_difference_and_changed_words(swap, batch) -> None:
     src, out = swap.images()
     assert np.array_equal(swap.difference(), np.abs(out.astype(int) - src.astype(int)).astype(np.uint8))

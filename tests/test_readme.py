@@ -113,6 +113,12 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     _reads_as(ed["swap"].edited, "a big green circle at the top left on a blue background")
     assert float(ed["ablate"].edited_maps.word("circle").abs().max()) == 0.0
     assert ed["obs"].attention.word("circle").ndim == 2
+    green = "a big green circle at the top left on a blue background"
+    _reads_as(ed["green"].edited, green)  # compel's .swap(): the same edit as the explicit pair
+    assert np.array_equal(np.asarray(ed["green"].edited), np.asarray(ed["swap"].edited))
+    _reads_as(ed["local"].edited, green)
+    big, small = (read_scene(np.asarray(im)).size_px for im in (ed["smaller"].source, ed["smaller"].edited))
+    assert small < 0.8 * big  # "small" added: the shape shrinks
 
     # Walks between pictures: the end frames are the pictures; a seed keyframe is the prompt's scene
     ws = state("picture_to_seed")

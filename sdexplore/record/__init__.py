@@ -4,7 +4,8 @@
 - :mod:`.steps` — :class:`~.steps.StepRecorder` and :class:`~.steps.StepConfig`;
 - :mod:`.attention` — :class:`~.attention.AttentionRecorder` and its capturing processor (:mod:`.processor`);
 - :mod:`.steering` — prompt switches, guidance schedules, latent edits, early stops;
-- :mod:`.control` — :class:`~.control.Control` and its attention edits (word swap, reweight, ablation), which
+- :mod:`.control` — :class:`~.control.Control` and its attention edits (word swap, refinement, reweight, ablation, local
+  blend), which
   change attention probabilities through the attachment's controlled processor (:mod:`.processor`);
 - :mod:`.observe` — :func:`~.observe.observe`, all of them around one ``with`` block.
 

@@ -305,8 +305,8 @@ def _check_consistency(
                 "settings.cross_replace",
                 f"is null (no word swap), but the edited prompt {out!r} differs from the source {src!r}",
             )
-        if not reweight and not masks:
-            c.fail("settings", "records no edit (no word swap, no reweight, no masks)")
+        if not reweight and not masks and not settings.get("syntax"):  # "(red)1.0" is an edit (of strength 0)
+            c.fail("settings", "records no edit (no word swap, no reweight, no masks, no prompt syntax)")
     if "steps" in settings:
         span = c.list(settings["steps"], "settings.steps", length=2)
         a, b = (c.number(v, f"settings.steps[{i}]", lo=0.0, hi=1.0) for i, v in enumerate(span))
