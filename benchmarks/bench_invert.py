@@ -33,7 +33,7 @@ VARIANTS = (
     ("ddim, CFG 1, default passes", "ddim", 1.0, None),
     ("ddim, CFG 3, plain", "ddim", 3.0, None),
     ("negative-prompt, CFG 3", "negative-prompt", 3.0, None),
-    ("null-text, CFG 3", "null-text", 3.0, None),  # 10 Adam iterations per step, the model's learning rate
+    ("null-text, CFG 3", "null-text", 3.0, None),  # 10 Adam iterations per step, lr 1e-2
 )
 
 

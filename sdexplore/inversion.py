@@ -61,6 +61,7 @@ __all__ = [
     "METHODS",
     "NO_SIGNAL_ITERATIONS",
     "NULL_TEXT_FAMILIES",
+    "NULL_TEXT_LR",
     "NULL_TEXT_TOLERANCE",
     "Inversion",
     "applied",
@@ -84,11 +85,11 @@ NULL_TEXT_TOLERANCE = 1e-5
 NULL_TEXT_FAMILIES = ("sd1", "sd2", "sdxl")
 #: The guidance scale null-text inversion uses when none is given on a non-embedded model (the paper's).
 NULL_TEXT_GUIDANCE = 7.5
-#: Null-text's Adam learning rate when none is given: the paper's 1e-2 for real checkpoints; 1e-1 on the embedded
-#: model, where 1e-2 leaves its reconstructions 7 dB below the VAE's round trip and 1e-1 within 1 dB
-#: (benchmarks/RESULTS.md, "Null-text inversion": 6 held-out scenes, 25 steps × 10 iterations, CFG 3).
+#: Null-text's Adam learning rate (the paper's). Measured on the embedded model (6 held-out scenes, 25 steps × 10
+#: iterations, CFG 3): 1e-1 brings reconstructions within 1 dB of the VAE's round trip (1e-2: 7 dB below), but
+#: its embeddings then carry the picture's colours, and Prompt-to-Prompt colour swaps of the inverted scene read
+#: white or black instead of the target; at 1e-2 they read as the target (8 of 8 swaps on 3 scenes; 3e-2: 4 of 8).
 NULL_TEXT_LR = 1e-2
-NULL_TEXT_LR_EMBEDDED = 1e-1
 
 
 # ---------------------------------------------------------------- schedules as linear steps
@@ -229,7 +230,7 @@ def _check(
     height: Any = None,
     width: Any = None,
     inner_steps: Any = 10,
-    lr: Any = None,
+    lr: Any = NULL_TEXT_LR,
 ) -> tuple[Family, str, int, float, int, float]:
     fam = detect_family(pipe)
     if method == "null-text" and fam.name not in NULL_TEXT_FAMILIES:
@@ -282,8 +283,6 @@ def _check(
             f"inner_steps={inner_steps!r}: give null-text optimisation iterations per step from 0 to 1000 (e.g. "
             "10; 0 keeps the empty prompt's embedding, plain DDIM inversion reconstructed under CFG)."
         )
-    if lr is None:
-        lr = NULL_TEXT_LR_EMBEDDED if _embedded(pipe) else NULL_TEXT_LR
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
         raise InvalidArgumentError(
             f"lr={lr!r}: give null-text inversion's Adam learning rate as a finite number > 0, e.g. 1e-2."
@@ -462,7 +461,7 @@ def invert(
     guidance: float | None = None,
     iterations: int = DEFAULT_ITERATIONS,
     inner_steps: int = 10,
-    lr: float | None = None,
+    lr: float = NULL_TEXT_LR,
     height: int | None = None,
     width: int | None = None,
 ) -> Inversion:
@@ -481,8 +480,8 @@ def invert(
     plain DDIM inversion, about half the time; the no-signal first step of zero-terminal-SNR and flow models always
     gets :data:`NO_SIGNAL_ITERATIONS`). ``inner_steps`` and ``lr``: null-text's Adam iterations per step (stopped
     early below :data:`NULL_TEXT_TOLERANCE`; 0 gives exactly the DDIM inversion reconstructed at ``guidance``) and
-    learning rate (default the paper's 1e-2; 1e-1 on the embedded model, measured). Null-text costs about 18
-    generations on the embedded model's CPU at 25 steps × 10 iterations. The module docstring gives the maths.
+    learning rate (:data:`NULL_TEXT_LR`, the paper's: a larger one reconstructs closer but edits worse).
+    Null-text costs about 18 generations on the embedded model's CPU at 25 steps × 10 iterations. The module docstring gives the maths.
 
     The reconstruction is a plain ``pipe(...)`` call inside :func:`applied`, recorded by an enclosing
     ``sdexplore.observe`` like any call. Returns an :class:`~sdexplore.results.inversion.Inversion` (latents,
