@@ -138,15 +138,11 @@ def sampling_space(fit: torch.Tensor, vae_config) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Collect the training samples, fit, print the result and (with ``--write``) write both folders."""
+def training_samples(args: argparse.Namespace) -> tuple[dict, object, torch.Tensor, torch.Tensor]:
+    """Both embedded pipelines, their shared VAE, and the training-split samples: latents (N, C, h, w) of encoded
+    scenes and of generated runs' final latents and x0 predictions, with each cell's shape coverage (N, h, w)."""
     import sdexplore
-    from sdexplore.embedded.model import MODELS_DIR
 
-    args = build_parser().parse_args(argv)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    t0 = time.time()
     pipes = {name: sdexplore.load_pipeline(name) for name, _ in MODELS}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -161,6 +157,18 @@ def main(argv: list[str] | None = None) -> dict:
         zs.append(z)
         covers.append(cover)
     z, cover = torch.cat(zs), torch.cat(covers)  # (N, C, h, w), (N, h, w)
+    return pipes, vae, z, cover
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Collect the training samples, fit, print the result and (with ``--write``) write both folders."""
+    from sdexplore.embedded.model import MODELS_DIR
+
+    args = build_parser().parse_args(argv)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    pipes, vae, z, cover = training_samples(args)
     target = decoded_small(vae, z)  # (N, 3, h, w)
     x = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N·h·w, C)
     y = target.permute(0, 2, 3, 1).reshape(-1, 3)  # (N·h·w, 3)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_latent_rgb import MODELS, decoded_small, encoded_samples, generated_samples  # noqa: E402
+from fit_latent_rgb import MODELS, decoded_small, training_samples  # noqa: E402
 
 #: Held-out prompts per model: the first n of ``validation_prompts(216, 1234)``, image i with seed i.
 HELD_OUT = {"tiny-shapes": 64, "tiny-shapes-mmdit": 48}
@@ -183,7 +183,6 @@ def _rounded(value):
 
 def main(argv: list[str] | None = None) -> dict:
     """Collect the training samples, fit, print the result; ``--evaluate`` measures, ``--write`` writes."""
-    import sdexplore
     from sdexplore.embedded.model import MODELS_DIR
     from sdexplore.families import latent_rgb
 
@@ -191,20 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    pipes = {name: sdexplore.load_pipeline(name) for name, _ in MODELS}
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
-    vae = pipes["tiny-shapes"].vae  # the MMDiT's VAE has the same weights (checked below)
-    other = pipes["tiny-shapes-mmdit"].vae.state_dict()
-    if any(not torch.equal(v, other[k]) for k, v in vae.state_dict().items()):
-        sys.exit("The two embedded models' VAEs differ: fit each model on its own samples.")
-    z, cover = encoded_samples(vae, args.encoded, args.seed)
-    zs, covers = [z], [cover]
-    for (name, _), n in zip(MODELS, args.generated, strict=True):
-        z, cover = generated_samples(pipes[name], n, args.seed, args.x0_every)
-        zs.append(z)
-        covers.append(cover)
-    z, cover = torch.cat(zs), torch.cat(covers)  # (N, C, h, w), (N, h, w)
+    pipes, vae, z, cover = training_samples(args)
     trained = fit(z, decoded_small(vae, z), cover, args)
     command = "python scripts/fit_preview.py " + " ".join(argv if argv is not None else sys.argv[1:])
     report: dict = {"samples": len(z), "fit_s": round(time.time() - t0, 1)}
