@@ -22,6 +22,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SITE_DIR = ROOT / "build" / "site"
 
 
+class ModelLoaded(Exception):
+    """Raised by the ``no_model`` fake loader: every check the CLI makes before loading a model has passed."""
+
+
+@pytest.fixture
+def no_model(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Replace the CLI's model load by a recorder that stops the command: what reached it passed every check."""
+    from sdexplore import cli
+
+    calls: list[tuple] = []
+
+    def fake_load(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise ModelLoaded
+
+    monkeypatch.setattr(cli, "_load", fake_load)
+    return calls
+
+
 @pytest.fixture
 def sd1_pipe():
     return tiny_pipeline("sd1")

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import ModelLoaded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,23 +39,6 @@ def error_lines(err: str) -> list[str]:
 def beside(folder: Path) -> list[str]:
     """Names in a folder: the output plus anything a run left beside it (lock, temporary, set-aside)."""
     return sorted(p.name for p in folder.iterdir())
-
-
-class _Loaded(Exception):
-    """Raised by a fake model loader: every check before loading has passed."""
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Replace the model load by a recorder that stops the command: what reached it passed every check."""
-    calls: list[tuple] = []
-
-    def fake_load(*args: object, **kwargs: object) -> None:
-        calls.append(args)
-        raise _Loaded
-
-    monkeypatch.setattr(cli, "_load", fake_load)
-    return calls
 
 
 # ---------------------------------------------------------------- exclusive
@@ -474,7 +458,7 @@ def test_any_command_line_ends_in_one_line_exit_2_or_reaches_the_model(argv, tmp
 
     def fake_load(*args: object, **kwargs: object) -> None:
         calls.append(list(folder.rglob("*.sdexplore-lock")))
-        raise _Loaded
+        raise ModelLoaded
 
     real, cwd = cli._load, os.getcwd()
     cli._load = fake_load

@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-import sdexplore.cli as cli
 from sdexplore.cli import HEAT_MIN_SIDE, main
 from sdexplore.cli_output import MANIFEST
 from sdexplore.results import Edit
@@ -39,22 +38,6 @@ def error_lines(err: str) -> list[str]:
 def png(path: Path) -> np.ndarray:
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
-
-
-class _Loaded(Exception):
-    """Raised by the fake model loader: every check before loading has passed."""
-
-
-@pytest.fixture
-def no_model(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    calls: list[tuple] = []
-
-    def fake_load(*args: object, **kwargs: object) -> None:
-        calls.append(args)
-        raise _Loaded
-
-    monkeypatch.setattr(cli, "_load", fake_load)
-    return calls
 
 
 def test_a_colour_swap_writes_both_images_their_difference_the_maps_and_a_loadable_edit(capsys, tmp_path):
