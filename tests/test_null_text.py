@@ -203,3 +203,24 @@ def edit_own_picture_check(pipe=None) -> dict:
     )  # null-text's reconstruction: 35.0 dB here (plain DDIM at CFG 3: 26.4)
     assert out["outside_psnr"] >= 30, out  # the issue's bar
     return out
+
+
+def test_observe_around_invert_records_the_null_text_reconstruction(picture):
+    """The optimisation's denoiser calls are not a pipeline call (not recorded, no warning escapes); the
+    reconstruction with the per-step embeddings is the one observed run."""
+    import warnings
+
+    import sdexplore as sdx
+
+    pipe = tiny_pipeline("sd1")
+    pipe("warm-up", num_inference_steps=1, output_type="latent")  # a first call sets diffusers' own fields
+    before = _state(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sdx.observe(pipe, steps=True, attention=True) as obs:
+            inv = invert(
+                pipe, picture, "a red circle", steps=3, method="null-text", guidance=2.0, inner_steps=2
+            )
+    assert_restored(pipe, before)
+    assert len(obs.steps) == 3 and "circle" in obs.attention.words
+    torch.testing.assert_close(obs.steps[0].latents[-1:].float(), inv.latents, rtol=0, atol=2e-3)
