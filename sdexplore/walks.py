@@ -220,6 +220,11 @@ def _image_settings(
     for i, inv in enumerate(keyframes):
         if not isinstance(inv, Inversion):
             continue
+        if inv.method == "null-text":  # its per-step embeddings exist only inside inversion.applied
+            raise InterpolationError(
+                f"Keyframe {i} is a null-text inversion, which regenerates its picture only inside "
+                "sdexplore.inversion.applied(pipe, inv); walk from a 'ddim' or 'negative-prompt' inversion."
+            )
         if inv.settings.get("family") != fam:
             raise InterpolationError(
                 f"Keyframe {i} was inverted with a {inv.settings.get('family')} pipeline but this one is {fam}: "

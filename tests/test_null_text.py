@@ -224,3 +224,14 @@ def test_observe_around_invert_records_the_null_text_reconstruction(picture):
     assert_restored(pipe, before)
     assert len(obs.steps) == 3 and "circle" in obs.attention.words
     torch.testing.assert_close(obs.steps[0].latents[-1:].float(), inv.latents, rtol=0, atol=2e-3)
+
+
+def test_a_walk_refuses_a_null_text_keyframe_before_any_work(embedded, embedded_pair, monkeypatch):
+    """A walk would render the keyframe without its per-step embeddings, so its frame would not be the picture."""
+    import sdexplore as sdx
+    from sdexplore.errors import InterpolationError
+
+    monkeypatch.setattr(embedded.unet, "forward", lambda *a, **k: pytest.fail("work started"))
+    _, null = embedded_pair
+    with pytest.raises(InterpolationError, match="null-text inversion, which regenerates"):
+        sdx.walk(embedded, [null, PROMPT], seeds=[0, 0], frames=2)
