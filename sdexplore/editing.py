@@ -3,7 +3,8 @@
 One batched pipeline call of the source prompt(s) and the target prompt(s), both from the same initial latents,
 under a :class:`~sdexplore.record.control.Control` (the edits) and an attention recorder (the maps of both
 branches): the source branch is the plain image, the target branch the edit. Every input is checked before any
-work. UNet families (SD 1.x, 2.x, XL) for now.
+work. SD 1.x, 2.x, XL and SD3 (on SD3 the edits act on the image-query × text-key block of its joint
+attention; ``self_replace`` has no effect there) for now.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def edit(
     Raises InvalidArgumentError before any work for invalid prompt syntax (quoting compel's message), prompts
     that cannot be aligned, a weight that is NaN or
     negative, a fraction outside [0, 1], or nothing to edit; WordNotFoundError for a word not in the prompt;
-    UnsupportedPipelineError on an MMDiT family (controls run on SD 1.x/2.x/XL for now).
+    UnsupportedPipelineError on Flux and Flux.2 (controls run on SD 1.x/2.x/XL and SD3 for now).
     """
     family = check_controllable(pipe)
     if mode not in (None, "replace", "refine"):

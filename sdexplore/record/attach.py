@@ -368,11 +368,10 @@ class Attachment:
         slot = self._slots[name]
         if slot.controls:
             if slot.controlled is None:
-                from .processor import ControlledAttnProcessor  # lazily: only controls need it
+                from .processor import controlled_processor  # lazily: only controls need it
 
-                cross = name.rpartition(".")[2] != "attn1"
-                slot.controlled = ControlledAttnProcessor(
-                    name, slot.original, cross, self._control_call, self._control_edit
+                slot.controlled = controlled_processor(
+                    name, slot.original, self._control_call, self._control_edit
                 )
             slot.controlled.capture = slot.capture
             proc = slot.controlled

@@ -22,8 +22,12 @@ conditional half of the CFG batch only, as Prompt-to-Prompt does:
 - :class:`LocalBlend` (P2P local blend): after each step, the target's latents outside a mask made from chosen
   words' cross-attention are set back to the source's, so the edit stays local.
 
-Only the UNet families (SD 1.x, 2.x, XL) take controls for now; MMDiT families (SD3, Flux) get an
-:class:`~sdexplore.errors.UnsupportedPipelineError` naming those that can.
+SD3 (MMDiT) takes the same edits on its joint attention (:class:`~.joint.JointControlledProcessor`): the
+probabilities a control edits are the image-query × text-key block of each joint block's softmax (normalised
+over text *and* image keys, never renormalised after the edit), so a word swap gives the target branch the
+source's image→text block and a reweight scales a word's column; the image→image part and the text queries are
+left alone (``self_replace`` has no effect there). Flux and Flux.2 get an
+:class:`~sdexplore.errors.UnsupportedPipelineError` naming the families that can.
 """
 
 from __future__ import annotations
@@ -43,14 +47,14 @@ from .attach import AttentionCall, ControlTap, Run, Step, Subscriber, attach, at
 from .tokens import TokenList, sequence_tokens
 
 #: Families whose attention a control can change (the message of every refusal names them).
-CONTROL_FAMILIES = ("sd1", "sd2", "sdxl")
-_CONTROL_HELP = "controls run on SD 1.x/2.x/XL for now"
+CONTROL_FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+_CONTROL_HELP = "controls run on SD 1.x/2.x/XL and SD3 for now"
 
 
 def check_controllable(pipe: Any, family: Family | None = None) -> Family:
     """The pipeline's family if a control can run on it, else :class:`UnsupportedPipelineError` saying which can."""
     family = family or detect_family(pipe)
-    if family.denoiser != "unet":
+    if family.name not in CONTROL_FAMILIES:
         raise UnsupportedPipelineError(
             f"{family.label} cannot take attention controls yet: {_CONTROL_HELP} "
             f"({', '.join(CONTROL_FAMILIES)}). Record its attention with sdexplore.observe(pipe, attention=True)."
@@ -539,7 +543,7 @@ class Control:
     The edits apply in the order given (a :class:`LocalBlend` reads first; a :class:`WordSwap`, then a :class:`Reweight` of the target images, is
     P2P's reweighting of an edit). An ``observe(pipe, attention=True)`` block around or inside it records the
     edited probabilities. The pipeline is restored exactly on exit, also after an exception or
-    KeyboardInterrupt. SD 1.x, 2.x and XL only, for now.
+    KeyboardInterrupt. SD 1.x, 2.x, XL and SD3 (its joint attention), for now.
     """
 
     def __init__(self, pipe: Any, *edits: AttentionEdit) -> None:
@@ -551,6 +555,10 @@ class Control:
         self.pipe = pipe
         self.edits = list(edits)
         den = self.family.get_denoiser(pipe)
+        if self.family.denoiser == "transformer":  # SD3: the joint blocks, image-query × text-key block
+            self.layers = _joint_layers(self.family, den)
+            self._attach: attach | None = None
+            return
         cross = [n.removesuffix(".processor") for n in self.family.cross_attention_layers(den)]
         selfs = []
         if any(e.needs_self_attention for e in self.edits):
@@ -606,6 +614,22 @@ class Control:
             if new is not None:
                 latents = new
         return None if latents is step.prev_sample else latents
+
+
+def _joint_layers(family: Family, denoiser: torch.nn.Module) -> list[str]:
+    """Module names of an SD3 denoiser's joint blocks, refusing a processor the control cannot reproduce."""
+    from .joint import joint_attention_layers, reproducible
+
+    layers = []
+    for name, layout in joint_attention_layers(denoiser):
+        proc = denoiser.get_submodule(name.removesuffix(".processor")).processor
+        if layout != "image-text" or not reproducible(layout, proc):
+            raise UnsupportedPipelineError(
+                f"{family.label}'s layer {name} runs {type(proc).__name__}, which an attention control cannot "
+                "reproduce: give its joint blocks diffusers' default JointAttnProcessor2_0 back before editing."
+            )
+        layers.append(name.removesuffix(".processor"))
+    return layers
 
 
 def _has_module(module: torch.nn.Module, name: str) -> bool:

@@ -182,35 +182,10 @@ class JointCapturingProcessor:
             or not self.gate(self.name, hidden_states.shape[1])
         ):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)  # (N, HW, heads*d)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, HW, d)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        txt_q = attn.add_q_proj(encoder_hidden_states)  # (N, T, heads*d)
-        txt_k = attn.add_k_proj(encoder_hidden_states)
-        txt_v = attn.add_v_proj(encoder_hidden_states)
-        txt_q = txt_q.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
-        txt_k = txt_k.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        txt_v = txt_v.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_added_q is not None:
-            txt_q = attn.norm_added_q(txt_q)
-        if attn.norm_added_k is not None:
-            txt_k = attn.norm_added_k(txt_k)
-        hw = residual.shape[1]
-        img_q = query
-        query = torch.cat([query, txt_q], dim=2)  # (N, heads, HW+T, d)
-        key = torch.cat([key, txt_k], dim=2)
-        value = torch.cat([value, txt_v], dim=2)
+        batch_size, hw = hidden_states.shape[:2]
+        query, key, value = sd3_qkv(attn, hidden_states, encoder_hidden_states)  # (N, heads, HW+T, d)
+        img_q = query[:, :, :hw]
+        head_dim = query.shape[-1]
 
         out, lse = sdpa_with_lse(query, key, value, self.need_lse)  # (N, heads, HW+T, d), (N, heads, HW+T)
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)  # (N, HW+T, C)
@@ -227,12 +202,157 @@ class JointCapturingProcessor:
             key[:, :, :hw],
             value[:, :, :hw],
         )
-        hidden_states, encoder_hidden_states = hidden_states[:, :hw], hidden_states[:, hw:]
-        if not attn.context_pre_only:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        return hidden_states, encoder_hidden_states
+        return sd3_output(attn, hidden_states, hw)
+
+
+def sd3_qkv(
+    attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values of an SD3 joint block as ``JointAttnProcessor2_0`` computes them, image tokens
+    first, then text: each (N, heads, HW+T, d)."""
+    batch_size = hidden_states.shape[0]
+    query = attn.to_q(hidden_states)  # (N, HW, heads*d)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, HW, d)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    txt_q = attn.add_q_proj(encoder_hidden_states)  # (N, T, heads*d)
+    txt_k = attn.add_k_proj(encoder_hidden_states)
+    txt_v = attn.add_v_proj(encoder_hidden_states)
+    txt_q = txt_q.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (N, heads, T, d)
+    txt_k = txt_k.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    txt_v = txt_v.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_added_q is not None:
+        txt_q = attn.norm_added_q(txt_q)
+    if attn.norm_added_k is not None:
+        txt_k = attn.norm_added_k(txt_k)
+    query = torch.cat([query, txt_q], dim=2)  # (N, heads, HW+T, d)
+    key = torch.cat([key, txt_k], dim=2)
+    value = torch.cat([value, txt_v], dim=2)
+    return query, key, value
+
+
+def sd3_output(attn: Any, hidden_states: torch.Tensor, hw: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SD3 joint block's attention output (N, HW+T, C) split and projected as ``JointAttnProcessor2_0`` does:
+    (image tokens (N, HW, C'), text tokens (N, T, C'))."""
+    hidden_states, encoder_hidden_states = hidden_states[:, :hw], hidden_states[:, hw:]
+    if not attn.context_pre_only:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
+class JointControlledProcessor:
+    """An SD3 joint block whose image-query × text-key probabilities a control may change.
+
+    Installed by the attachment alone (:func:`~sdexplore.record.processor.controlled_processor`), on the joint
+    blocks a control asks for. On a call no control edits, it hands the call to ``capture`` (a recorder's
+    :class:`JointCapturingProcessor`) or to the original processor, untouched: bitwise the plain output. On an
+    edited call it runs the original's kernel (:func:`sdpa_with_lse`: the same output and the log-sum-exp of
+    every query over all keys), forms the image-query × text-key block of the joint softmax explicitly,
+    ``P = exp(q·kₜᵀ·scale − lse)`` (N, heads, HW, T) float32, and lets the controls edit it in place, the same
+    probabilities and the same contract as a UNet layer's cross-attention. Nothing is renormalised (as in
+    Prompt-to-Prompt): a word scaled by 0 gives its share of each image query's attention to nobody, the image
+    keys and the other words keep theirs. The changed rows' image-token outputs are then the joint attention
+    with the edited block, ``o' = o + (P' − P)·vₜ`` (the image-key part of the softmax is unchanged, so this is
+    ``P_img·v_img + P'·vₜ`` exactly); text-token queries and the rows no control changed keep the kernel's
+    output bit for bit. A recorder of ``"joint"`` maps in the same block records the edited block.
+    """
+
+    cross = True
+
+    def __init__(self, name: str, original: Any, begin: Callable, apply: Callable) -> None:
+        self.name = name
+        self.original = original
+        self.begin = begin
+        self.apply = apply
+        self.capture: JointCapturingProcessor | None = None  # set by the attachment while a recorder records
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        plain = self.capture if self.capture is not None else self.original
+        call = None
+        if encoder_hidden_states is not None and attention_mask is None:
+            call = self.begin(self.name, True, hidden_states.shape[1], hidden_states.shape[0])
+        if call is None:
+            return plain(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        batch_size, hw = hidden_states.shape[:2]
+        query, key, value = sd3_qkv(attn, hidden_states, encoder_hidden_states)  # (N, heads, HW+T, d)
+        out, lse = sdpa_with_lse(query, key, value)  # (N, heads, HW+T, d), (N, heads, HW+T) or None
+        scale = float(attn.scale)
+        q_img, k_txt, v_txt = query[:, :, :hw], key[:, :, hw:], value[:, :, hw:]
+        plain_probs, _ = text_block(
+            q_img, k_txt, None if lse is None else lse[:, :, :hw], scale, "joint", key[:, :, :hw]
+        )  # (N, heads, HW, T) float32: the image queries' share of each text key
+        probs = plain_probs.clone()
+        changed = sorted(set(self.apply(call, probs)))
+        self._record(attn, query, key, value, out, lse, probs, hw, scale, bool(changed))
+        if changed:
+            idx = torch.tensor(changed, device=out.device)
+            delta = probs[idx] - plain_probs[idx]  # (N', heads, HW, T): the edit of the text block
+            fix = torch.matmul(delta, v_txt[idx].float())  # (N', heads, HW, d)
+            out = out.clone()
+            out[idx, :, :hw] = (out[idx, :, :hw].float() + fix).to(out.dtype)
+        hidden_states = out.transpose(1, 2).reshape(
+            batch_size, -1, attn.heads * query.shape[-1]
+        )  # (N, HW+T, C)
+        return sd3_output(attn, hidden_states.to(query.dtype), hw)
+
+    def _record(
+        self,
+        attn: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor | None,
+        probs: torch.Tensor,
+        hw: int,
+        scale: float,
+        edited: bool,
+    ) -> None:
+        """Hand this call to the recorder capturing the layer, if one does: the edited probabilities where its
+        maps are ``"joint"`` maps (the block the controls edit), else what its capture hands it (unedited)."""
+        capture = self.capture
+        if capture is None or not capture.gate(capture.name, hw):
+            return
+        recorder = getattr(capture.sink, "__self__", None)
+        rows = getattr(recorder, "_sel", None)
+        if (
+            edited
+            and getattr(recorder, "kind", None) == "joint"
+            and not getattr(recorder, "concepts", None)
+            and rows is not None
+        ):
+            recorder._sink(capture.name, probs[rows])  # (B', heads, HW, T): what made the image
+            return
+        o = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(query.dtype)
+        capture.sink(
+            capture.name,
+            attn,
+            query[:, :, :hw],
+            key[:, :, hw:],
+            None if lse is None else lse[:, :, :hw],
+            o[:, :hw],
+            o[:, hw:],
+            scale,
+            key[:, :, :hw],
+            value[:, :, :hw],
+        )
 
 
 def _native_backend(processor: Any) -> bool:
@@ -364,6 +484,8 @@ CAPTURING_JOINT: dict[str, type] = {
 
 def reproducible(layout: str, processor: Any) -> bool:
     """Whether the capturing processor of ``layout`` reproduces ``processor`` exactly."""
+    if isinstance(processor, (JointControlledProcessor, JointCapturingProcessor)):  # the processor it wraps
+        processor = processor.original
     if type(processor) not in REPRODUCIBLE_JOINT.get(layout, ()):
         return False
     return layout == "image-text" or _native_backend(processor)

@@ -297,3 +297,14 @@ class ControlledAttnProcessor:
             return mixed
         out[idx] = mixed.to(out.dtype)
         return out
+
+
+def controlled_processor(name: str, original: Any, begin: Begin, apply: Apply) -> Any:
+    """The controlled processor for layer ``name`` (a module name) whose processor is ``original``: an SD3 joint
+    block's :class:`~sdexplore.record.joint.JointControlledProcessor`, else a UNet layer's
+    :class:`ControlledAttnProcessor` (self-attention for ``attn1`` layers, cross-attention otherwise)."""
+    from .joint import REPRODUCIBLE_JOINT, JointControlledProcessor
+
+    if type(original) in REPRODUCIBLE_JOINT["image-text"]:
+        return JointControlledProcessor(name, original, begin, apply)
+    return ControlledAttnProcessor(name, original, name.rpartition(".")[2] != "attn1", begin, apply)

@@ -1,0 +1,183 @@
+"""Attention controls on SD3's joint attention: structure on the tiny random SD3 pipeline, meaning on the embedded
+tiny-shapes-mmdit.
+
+The controls edit the image-query × text-key block of each joint block's softmax through the same Control API as
+the UNet families. Zero strength is the plain image bit for bit; an ablated word's column is zero in the
+probabilities the output is computed from, and the output is the joint attention with that block edited; the
+recorded "joint" maps are the edited ones; the pipeline is restored exactly; Flux is refused naming the families
+that can.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_restored, gen, pipeline_state
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+import sdexplore as sdx
+from sdexplore.errors import UnsupportedPipelineError
+from sdexplore.fixtures import tiny_pipeline
+from sdexplore.record.control import Control, Reweight, WordSwap
+from sdexplore.record.joint import JointControlledProcessor, sd3_qkv
+from sdexplore.record.tokens import sequence_tokens
+
+P = "a big red circle on a blue background"
+Q = "a big blue circle on a blue background"
+RUN = dict(num_inference_steps=3, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline("sd3")
+
+
+def _latents(pipe) -> torch.Tensor:
+    den = pipe.transformer
+    size = den.config.sample_size
+    return torch.randn((1, den.config.in_channels, size, size), generator=gen(0))
+
+
+def _arrays(images) -> np.ndarray:
+    return np.stack([np.asarray(im) for im in (images if isinstance(images, list) else [images])])
+
+
+def test_zero_strength_controls_give_the_plain_images_bit_for_bit(pipe) -> None:
+    x = _latents(pipe)
+    both = torch.cat([x, x])
+    plain = pipe([P, Q], latents=both, **RUN).images
+    with Control(pipe, Reweight({"circle": 1.0}), WordSwap(cross_replace=0.0)):
+        assert type(pipe.transformer.transformer_blocks[0].attn.processor) is JointControlledProcessor
+        out = pipe([P, Q], latents=both, **RUN).images
+    assert np.array_equal(out, plain)
+    res = sdx.edit(pipe, P, Q, cross_replace=0.0, latents=x, num_inference_steps=3)
+    ref = pipe([P, Q], latents=both, num_inference_steps=3).images
+    assert np.array_equal(_arrays(res.source), _arrays(ref[0]))
+    assert np.array_equal(_arrays(res.edited), _arrays(ref[1]))
+    res = sdx.edit(pipe, P, reweight={"circle": 1.0}, latents=x, num_inference_steps=3)
+    assert np.array_equal(_arrays(res.edited), _arrays(res.source))
+
+
+class _Spy(Reweight):
+    """A reweight that keeps, per call, the probabilities before and after its edit."""
+
+    seen: list
+
+    def edit(self, call, probs):
+        before = probs.clone()
+        rows = super().edit(call, probs)
+        self.seen.append((call, before, probs.clone(), rows))
+        return rows
+
+
+def test_an_ablated_words_column_is_zero_in_the_joint_block_and_nothing_else_changes(pipe) -> None:
+    spy = _Spy({"circle": 0.0})
+    spy.seen = []
+    with Control(pipe, spy):
+        edited = pipe([P, Q], generator=gen(0), **RUN).images
+    plain = pipe([P, Q], generator=gen(0), **RUN).images
+    assert not np.array_equal(edited, plain)
+    pos = sequence_tokens(pipe, P).positions("circle")
+    layers = {c.layer for c, *_ in spy.seen}
+    assert layers == {f"transformer_blocks.{i}.attn" for i in range(len(pipe.transformer.transformer_blocks))}
+    assert {c.step for c, *_ in spy.seen} == {0, 1, 2}
+    for call, before, after, rows in spy.seen:
+        assert rows == [call.cond.start, call.cond.start + 1]  # the conditional half of the CFG batch
+        assert float(after[rows][..., pos].abs().max()) == 0.0 and float(before[rows][..., pos].min()) > 0
+        other = [t for t in range(before.shape[-1]) if t not in pos]
+        assert torch.equal(after[..., other], before[..., other])  # not renormalised
+        assert torch.equal(after[: call.cond.start], before[: call.cond.start])
+        assert float(before.sum(-1).max()) < 1.0  # the joint block: the rest of the mass is on image keys
+
+
+def test_the_edited_output_is_joint_attention_with_the_edited_block() -> None:
+    """One joint block called directly: the changed row's image outputs equal an explicit float64 joint softmax
+    whose image-query × text-key column is zeroed; the other row and the text outputs are bitwise the original's."""
+    pipe = tiny_pipeline("sd3")
+    attn = pipe.transformer.transformer_blocks[0].attn
+    original = attn.processor
+    torch.manual_seed(0)
+    dim = attn.to_q.in_features
+    hs, ehs = torch.randn(2, 16, dim), torch.randn(2, 7, attn.add_k_proj.in_features)
+
+    def ablate(call, probs):
+        probs[1, :, :, 3] = 0.0
+        return [1]
+
+    proc = JointControlledProcessor("x", original, lambda *a: "call", ablate)
+    with torch.no_grad():
+        img, txt = proc(attn, hs, ehs)
+        ref_img, ref_txt = original(attn, hs, ehs)
+        q, k, v = (t.double() for t in sd3_qkv(attn, hs, ehs))  # (2, heads, 16+7, d)
+        p = (q[1, :, :16] @ k[1].transpose(-1, -2) * attn.scale).softmax(-1)  # (heads, 16, 23)
+        p[:, :, 16 + 3] = 0.0
+        o = (p @ v[1]).transpose(0, 1).reshape(16, -1).float()  # (16, heads*d)
+        expected = attn.to_out[0](o)
+    assert torch.equal(img[0], ref_img[0]) and torch.equal(txt, ref_txt)
+    torch.testing.assert_close(img[1], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(img[1], ref_img[1], rtol=1e-4, atol=1e-4)
+
+
+def test_recorded_joint_maps_are_the_edited_ones_in_either_order(pipe) -> None:
+    with Control(pipe, Reweight({"circle": 0.0})), sdx.observe(pipe, steps=False, attention=True) as inner:
+        first = pipe(P, generator=gen(0), **RUN).images
+    with sdx.observe(pipe, steps=False, attention=True) as outer, Control(pipe, Reweight({"circle": 0.0})):
+        second = pipe(P, generator=gen(0), **RUN).images
+    assert np.array_equal(first, second)
+    for obs in (inner, outer):
+        assert float(obs.attention.word("circle").abs().max()) == 0.0
+        assert float(obs.attention.word("red").min()) > 0.0
+    res = sdx.edit(pipe, P, Q, cross_replace=1.0, generator=gen(0), num_inference_steps=3)
+    torch.testing.assert_close(res.edited_maps.aggregate, res.source_maps.aggregate, rtol=0, atol=0)
+    assert not np.array_equal(_arrays(res.source), _arrays(res.edited))  # the values still come from "blue"
+
+
+@pytest.mark.parametrize("fault", [None, RuntimeError, KeyboardInterrupt])
+def test_the_pipeline_is_restored_exactly(fault) -> None:
+    pipe = tiny_pipeline("sd3")
+    pipe(P, **RUN)  # the scheduler's own state after a call (set_timesteps adds attributes)
+    before = pipeline_state(pipe)
+
+    def explode(p, i, t, kwargs):
+        if fault is not None and i == 1:
+            raise fault("stop here")
+        return kwargs
+
+    raised = None
+    try:
+        with Control(pipe, WordSwap(0.5), Reweight({"circle": 0.0})), sdx.observe(pipe, attention=True):
+            pipe([P, Q], generator=gen(0), callback_on_step_end=explode, **RUN)
+    except BaseException as e:  # noqa: BLE001 - the faults under test
+        raised = e
+    assert (raised is None) == (fault is None) and (fault is None or isinstance(raised, fault))
+    assert_restored(pipe, before)
+
+
+def test_flux_and_unreproducible_processors_are_refused_naming_what_can() -> None:
+    pipe = tiny_pipeline("flux")
+    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL and SD3"):
+        sdx.edit(pipe, P, reweight={"circle": 0.0})
+    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL and SD3"):
+        Control(pipe, Reweight({"circle": 0.0}))
+    sd3 = tiny_pipeline("sd3")  # a joint block whose processor the control cannot reproduce
+    sd3.transformer.transformer_blocks[0].attn.set_processor(AttnProcessor2_0())
+    with pytest.raises(UnsupportedPipelineError, match="JointAttnProcessor2_0"):
+        Control(sd3, Reweight({"circle": 0.0}))
+
+
+@pytest.mark.slow
+def test_a_colour_swap_on_the_embedded_mmdit_reads_as_the_new_colour_and_keeps_the_place() -> None:
+    from sdexplore.embedded import scenes
+    from sdexplore.embedded.model import MMDIT_GUIDANCE_SCALE, MMDIT_STEPS
+
+    mmdit = sdx.load_pipeline("tiny-shapes-mmdit")
+    kw = dict(num_inference_steps=MMDIT_STEPS, guidance_scale=MMDIT_GUIDANCE_SCALE, attention=False)
+    for i, prompt in enumerate(scenes.validation_prompts()[4:8]):  # held out from training
+        p = scenes.parse_prompt(prompt)
+        colour = next(c for c in ("blue", "red", "green", "yellow") if c not in (p.colour, p.background))
+        target = prompt.replace(f" {p.colour} {p.shape}", f" {colour} {p.shape}")
+        res = sdx.edit(mmdit, prompt, target, generator=torch.Generator().manual_seed(i), **kw)
+        source, edited = scenes.read_scene(np.asarray(res.source)), scenes.read_scene(np.asarray(res.edited))
+        assert edited.colour == colour, (prompt, target, edited)
+        assert edited.place == source.place and edited.background == source.background, (prompt, edited)
