@@ -56,6 +56,7 @@ def edit(
     blend_start: float = 0.2,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
+    image: Any = None,
     num_images_per_prompt: int = 1,
     attention: bool = True,
     **call: Any,
@@ -91,7 +92,12 @@ def edit(
 
     ``generator`` draws the initial latents as the pipeline itself would (so the source is the plain image of
     ``prompt`` with that seed, and ``pipe(target, generator=same seed)`` is the naive baseline); ``latents``
-    (B, C, h, w) gives them directly. Other keywords go to the pipeline call (``num_inference_steps``,
+    (B, C, h, w) gives them directly. ``image`` edits your own picture: a picture (anything
+    :func:`sdexplore.images.load_image` reads) is inverted with null-text inversion under ``prompt`` (its
+    description; ``num_inference_steps`` and ``guidance_scale`` as given, else the inversion's defaults), or a
+    null-text :class:`~sdexplore.results.inversion.Inversion` made before is used as it is; both branches then
+    start from its latents with its per-step unconditional embeddings (``sdexplore.inversion.applied``), so the
+    source branch is the picture's reconstruction. Other keywords go to the pipeline call (``num_inference_steps``,
     ``guidance_scale``, ``negative_prompt``, ``height``, ``width``...). Edits apply to the conditional half of
     the CFG batch. ``attention=True`` records the maps of both branches (``res.source_maps``,
     ``res.edited_maps``); inside an enclosing ``observe(pipe, attention=True)`` block that block records them
@@ -142,6 +148,21 @@ def edit(
                 f"edit() does not take {forbidden}=: it needs the prompts' words and returns PIL images; call the "
                 "pipeline yourself inside `with sdexplore.Control(pipe, ...)` for that."
             )
+    if image is not None:
+        if latents is not None or generator is not None:
+            raise InvalidArgumentError(
+                "image= starts both branches from the picture's inversion: drop latents= and generator=."
+            )
+        if len(sources) != 1 or num_images_per_prompt != 1:
+            raise InvalidArgumentError(
+                "image= edits one picture: pass one source prompt (a description of the picture) and "
+                "num_images_per_prompt=1."
+            )
+        if "negative_prompt" in call:
+            raise InvalidArgumentError(
+                "image= regenerates with the inversion's own per-step unconditional embeddings, which take the "
+                "negative prompt's place: drop negative_prompt=."
+            )
     n_src = len(sources) * num_images_per_prompt  # images per branch
     edits: list[Any] = []
     chosen = None
@@ -176,6 +197,45 @@ def edit(
     size = int(den.config.sample_size) * scale
     height, width = int(call.pop("height", None) or size), int(call.pop("width", None) or size)
     shape = (n_src, int(den.config.in_channels), height // scale, width // scale)
+    inversion = None
+    if image is not None:
+        from .inversion import DEFAULT_STEPS, Inversion, invert
+
+        if isinstance(image, Inversion):
+            if image.method != "null-text" or image.prompt != sources[0]:
+                raise InvalidArgumentError(
+                    f"image= takes a null-text inversion of the source prompt {sources[0]!r}; this one is a "
+                    f"{image.method!r} inversion of {image.prompt!r}: invert again with "
+                    "sdexplore.invert(pipe, picture, prompt, method='null-text')."
+                )
+            for key, made in (
+                ("num_inference_steps", image.settings["steps"]),
+                ("guidance_scale", image.settings["guidance"]),
+            ):
+                if key in call and call[key] != made:
+                    raise InvalidArgumentError(
+                        f"{key}={call[key]!r}, but the inversion was made for {made!r}: it regenerates the picture "
+                        f"only with its own; drop {key}= (or invert again with it)."
+                    )
+            inversion = image
+        else:
+            inversion = invert(
+                pipe,
+                image,
+                sources[0],
+                method="null-text",
+                steps=call.get("num_inference_steps", DEFAULT_STEPS),
+                guidance=call.get("guidance_scale"),
+                height=height,
+                width=width,
+            )
+        call.update(  # the run the inversion was made for
+            num_inference_steps=int(inversion.settings["steps"]),
+            guidance_scale=float(inversion.settings["guidance"]),
+        )
+        height, width = inversion.image.shape[:2]
+        shape = (n_src, int(den.config.in_channels), height // scale, width // scale)
+        latents = inversion.latents.to(den.device, den.dtype)
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -197,7 +257,12 @@ def edit(
         from .record.attention import AttentionRecorder
 
         recorder = AttentionRecorder(pipe)
-    with Control(pipe, *edits):
+    from contextlib import nullcontext
+
+    from .inversion import applied
+
+    regenerate = nullcontext() if inversion is None else applied(pipe, inversion)
+    with regenerate, Control(pipe, *edits):
         if recorder is not None:
             with recorder:
                 out = _call(
@@ -221,6 +286,7 @@ def edit(
         blend_threshold=None if blend is None else float(blend_threshold),
         blend_start=None if blend is None else float(blend_start),
         num_images_per_prompt=num_images_per_prompt,
+        inversion_psnr=None if inversion is None else float(inversion.psnr),
         **{k: v for k, v in call.items() if isinstance(v, (int, float, str))},
     )
     return Edit(

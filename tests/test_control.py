@@ -224,8 +224,8 @@ def test_misaligned_word_tokens_are_named() -> None:
         sdx.edit(pipe, "a red circle", "a reddishness circle", mode="replace", num_inference_steps=2)
 
 
-def test_mmdit_families_are_refused_naming_the_families_that_can() -> None:
-    pipe = tiny_pipeline("sd3")
+def test_families_without_controls_are_refused_naming_the_families_that_can() -> None:
+    pipe = tiny_pipeline("flux")  # SD3 takes controls on its joint attention (tests/test_control_mmdit.py)
     with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
         sdx.edit(pipe, P, reweight={"circle": 0.0})
     with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
