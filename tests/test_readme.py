@@ -105,6 +105,10 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     _reads_as(inv_state["again"], inv_state["prompt"])
     _reads_as(inv_state["inv_cfg"].reconstruction, inv_state["prompt"])
     assert inv_state["obs"].attention.word("circle").ndim == 2  # maps on the user's picture
+    # Edit your own picture: the source branch is the null-text reconstruction, the edit reads as yellow
+    assert inv_state["inv_nt"].psnr > inv_state["inv_nt"].vae_psnr - 10
+    _reads_as(inv_state["yellow"].source, inv_state["prompt"])
+    _reads_as(inv_state["yellow"].edited, inv_state["prompt"].replace("red", "yellow"))
 
     # Edit by attention: the swap keeps place and background and reads as the new colour; the ablated word's map
     # is zero; under observe the reweighted call recorded its maps
