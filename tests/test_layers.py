@@ -13,7 +13,7 @@ ROOT = Path(sdexplore.__file__).parent
 
 # layer -> the sdexplore modules (top-level names) it may import; a module name or a package name
 PURE_MATH = {"schedule_math", "preview", "interpolate", "heatmaps", "smoothness"}
-LEAVES = {"errors", "_files", "_checks", "_signals", "_quiet"}
+LEAVES = {"errors", "_files", "_checks", "_signals", "_quiet", "_images"}
 EXPORT = {"export"}  # frames → GIF/MP4/PNG files: imports only the leaves
 # the family records themselves (families.py): plain facts over leaves and pure math, so a result loader can check a file's
 # channels and map kind against its family without loading a model

@@ -218,7 +218,7 @@ def _image_list(images: Any) -> list[Any]:
 
 
 def _uint8(image: Any) -> np.ndarray:
-    from ..render import as_uint8_image
+    from .._images import as_uint8_image
 
     return as_uint8_image(image)
 
