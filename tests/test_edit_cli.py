@@ -181,9 +181,15 @@ def test_the_seed_decides_the_source_as_a_plain_call_does(capsys, tmp_path):
 
 
 def test_a_model_that_cannot_take_controls_is_one_line_and_exit_2_with_nothing_written(capsys, tmp_path):
-    """The embedded MMDiT (an SD3-family model) loads, then is refused before any step: bad input, not a crash."""
+    """A Flux.1 folder (no controls yet; SD3 and the UNets take them) loads, then is refused before any step: bad
+    input, not a crash."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    folder = tmp_path / "models" / "tiny-flux"
+    tiny_pipeline("flux").save_pretrained(folder)
+    capsys.readouterr()  # save_pretrained's progress bars are not the command's output
     out = tmp_path / "edit"
-    rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--model", "tiny-shapes-mmdit", *FAST, "--out", out)
+    rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--model", folder, *FAST, "--out", out)
     lines = error_lines(err)
     assert (rc, len(lines)) == (2, 1) and "cannot take attention controls" in lines[0], err
-    assert "wrote" not in stdout and list(tmp_path.iterdir()) == []
+    assert "wrote" not in stdout and not out.exists()
