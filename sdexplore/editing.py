@@ -57,6 +57,12 @@ def edit(
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     image: Any = None,
+    method: str | None = None,
+    n_max: int | None = None,
+    n_min: int | None = None,
+    n_avg: int | None = None,
+    source_guidance: float | None = None,
+    target_guidance: float | None = None,
     num_images_per_prompt: int = 1,
     attention: bool = True,
     **call: Any,
@@ -103,11 +109,57 @@ def edit(
     ``res.edited_maps``); inside an enclosing ``observe(pipe, attention=True)`` block that block records them
     instead (the edited probabilities) and the result's maps are None.
 
+    ``method="flowedit"`` (SD3, Flux.1, Flux.2; :mod:`sdexplore.flowedit`) edits ``image`` from ``prompt`` (its
+    description) to ``target`` with FlowEdit (Kulikov et al. 2025), no inversion and no attention control:
+    ``n_max``, ``n_min``, ``n_avg``, ``source_guidance``, ``target_guidance`` (None: the paper's, scaled to
+    ``num_inference_steps``) and ``generator`` (its noise; the same seed gives the same edit) are its settings,
+    ``height``/``width``/``num_inference_steps`` the only pipeline keywords it takes; the result's ``source`` is
+    the picture's VAE round trip and its maps are None. ``method="inversion"`` (the default with ``image``)
+    inverts the picture as described above: null-text on SD 1.x/2.x/XL, the flow ODE (CFG 1, ``guidance_scale``
+    1) on SD3.
+
     Raises InvalidArgumentError before any work for invalid prompt syntax (quoting compel's message), prompts
     that cannot be aligned, a weight that is NaN or
     negative, a fraction outside [0, 1], or nothing to edit; WordNotFoundError for a word not in the prompt;
     UnsupportedPipelineError on Flux and Flux.2 (controls run on SD 1.x/2.x/XL and SD3 for now).
     """
+    if method not in (None, "inversion", "flowedit"):
+        raise InvalidArgumentError(
+            f"method={method!r}: pass 'flowedit' (SD3/Flux, inversion-free), 'inversion' (invert image=, then "
+            "edit by attention) or None."
+        )
+    flowedit_args = dict(
+        n_max=n_max,
+        n_min=n_min,
+        n_avg=n_avg,
+        source_guidance=source_guidance,
+        target_guidance=target_guidance,
+    )
+    if method == "flowedit":
+        return _flowedit(
+            pipe,
+            prompt,
+            target,
+            image,
+            generator,
+            flowedit_args,
+            dict(
+                reweight=reweight,
+                masks=masks,
+                blend=blend,
+                mode=mode,
+                latents=latents,
+                num_images_per_prompt=None if num_images_per_prompt == 1 else num_images_per_prompt,
+            ),
+            call,
+        )
+    given = [k for k, v in flowedit_args.items() if v is not None]
+    if given:
+        raise InvalidArgumentError(
+            f"{', '.join(given)}: FlowEdit's settings; pass method='flowedit' with them."
+        )
+    if method == "inversion" and image is None:
+        raise InvalidArgumentError("method='inversion' edits your own picture: pass image=picture.")
     family = check_controllable(pipe)
     if mode not in (None, "replace", "refine"):
         raise InvalidArgumentError(
@@ -297,6 +349,71 @@ def edit(
         source_maps=None if maps is None else take_images(maps, slice(0, n_src)),
         edited_maps=None if maps is None else take_images(maps, slice(n_src, 2 * n_src)),
         settings=settings,
+    )
+
+
+def _flowedit(
+    pipe: Any,
+    prompt: Any,
+    target: Any,
+    image: Any,
+    generator: Any,
+    settings: dict[str, Any],
+    others: dict[str, Any],
+    call: dict[str, Any],
+) -> Edit:
+    """``edit(..., method="flowedit")``: every refusal before any work, then :func:`sdexplore.flowedit.flowedit`."""
+    from .flowedit import check_flow_family, flowedit
+
+    check_flow_family(pipe)
+    if image is None:
+        raise InvalidArgumentError(
+            "method='flowedit' edits a picture: pass image=picture (a path, PIL image, array or tensor)."
+        )
+    from .results.inversion import Inversion
+
+    if isinstance(image, Inversion):
+        raise InvalidArgumentError(
+            "method='flowedit' needs no inversion: pass the picture itself (inversion.image), not an Inversion."
+        )
+    if not isinstance(prompt, str) or _has_syntax(prompt):
+        raise InvalidArgumentError(
+            f"prompt={prompt!r}: FlowEdit takes one plain source prompt describing the picture (no lists, no "
+            "compel syntax)."
+        )
+    if target is None:
+        raise InvalidArgumentError(
+            "method='flowedit' needs a target prompt: edit(pipe, source, target, image=picture, method='flowedit')."
+        )
+    if not isinstance(target, str):
+        raise InvalidArgumentError(f"target={target!r}: FlowEdit takes one target prompt (a string).")
+    taken = [k for k, v in others.items() if v is not None]
+    if taken:
+        raise InvalidArgumentError(
+            f"{', '.join(taken)}: not taken by method='flowedit', which edits by the velocity field, not by "
+            "attention or starting latents; drop them, or edit by attention with method='inversion'."
+        )
+    if "guidance_scale" in call:
+        raise InvalidArgumentError(
+            "method='flowedit' has a guidance scale per branch: pass source_guidance= and target_guidance= "
+            "instead of guidance_scale=."
+        )
+    extra = sorted(set(call) - {"num_inference_steps", "height", "width"})
+    if extra:
+        raise InvalidArgumentError(
+            f"{', '.join(extra)}: method='flowedit' takes num_inference_steps, height and width of the pipeline's "
+            "keywords, and no others."
+        )
+    return flowedit(
+        pipe,
+        image,
+        prompt,
+        target,
+        generator=generator,
+        num_inference_steps=call.get("num_inference_steps"),
+        height=call.get("height"),
+        width=call.get("width"),
+        **settings,
     )
 
 

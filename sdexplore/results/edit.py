@@ -299,7 +299,7 @@ def _check_consistency(
         c.str(m, f"settings.masks[{i}]")
         for i, m in enumerate(c.list(settings.get("masks") or [], "settings.masks"))
     ]
-    if swap[0] is None:
+    if swap[0] is None and settings.get("method") != "flowedit":  # FlowEdit edits by velocity, not attention
         if out != src:
             c.fail(
                 "settings.cross_replace",
