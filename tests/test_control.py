@@ -17,7 +17,8 @@ from conftest import assert_restored, gen, pipeline_state
 import sdexplore as sdx
 from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError, WordNotFoundError
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.record.control import Control, LocalBlend, Refine, Reweight, WordSwap, token_alignment
+from sdexplore.record.attach import attachment_of
+from sdexplore.record.control import Control, Inject, LocalBlend, Refine, Reweight, WordSwap, token_alignment
 from sdexplore.record.tokens import sequence_tokens
 
 P = "a big red circle on a blue background"
@@ -224,12 +225,11 @@ def test_misaligned_word_tokens_are_named() -> None:
         sdx.edit(pipe, "a red circle", "a reddishness circle", mode="replace", num_inference_steps=2)
 
 
-def test_families_without_controls_are_refused_naming_the_families_that_can() -> None:
-    pipe = tiny_pipeline("flux")  # SD3 takes controls on its joint attention (tests/test_control_mmdit.py)
-    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
-        sdx.edit(pipe, P, reweight={"circle": 0.0})
-    with pytest.raises(UnsupportedPipelineError, match=r"SD 1\.x/2\.x/XL"):
-        Control(pipe, Reweight({"circle": 0.0}))
+def test_injection_is_refused_on_the_unet_families_naming_the_families_that_can() -> None:
+    pipe = tiny_pipeline("sd1")  # every family takes the word edits; Inject needs joint attention
+    with pytest.raises(UnsupportedPipelineError, match=r"SD3, Flux\.1 and Flux\.2"):
+        Control(pipe, Inject())
+    assert attachment_of(pipe) is None
 
 
 def test_a_refinement_aligns_the_tokens_around_an_added_word() -> None:

@@ -104,6 +104,9 @@ class Run:
     started: bool = False  # the first denoiser call has been seen (schedule fields are filled)
     mask: torch.Tensor | None = None  # (M, H, W) an inpainting call's mask in [0, 1] (1 = repainted), CPU
     attention_edited: bool = False  # a control changed some cross-attention probabilities in this run
+    text_tokens: int = (
+        0  # the latest denoiser call's text tokens (Flux: the head of a single-stream sequence)
+    )
 
     def timestep(self, i: int, given: Any) -> float:
         """Step ``i``'s timestep as a float, from the host copy of the schedule (no device sync)."""
@@ -237,6 +240,7 @@ class AttentionCall:
     queries: int  # HW: the layer's query count
     rows: int  # N: rows of the denoiser batch
     cond: slice  # the conditional rows (every row without CFG)
+    uncond: bool = False  # a family without a CFG batch (Flux): this is true CFG's negative-prompt call
 
 
 @dataclass
@@ -246,12 +250,15 @@ class ControlTap:
     ``active(call)`` says whether the control changes this call: where no control does, the layer runs its
     original processor (bitwise the plain output), so a control at zero strength must answer False.
     ``edit(call, probs)`` changes the float32 probabilities ``probs`` (N, heads, HW, T) in place and returns the
-    batch rows it changed; the others keep the original output.
+    batch rows it changed; the others keep the original output. ``inject(call)`` (joint attention only, SD3 and
+    Flux) returns (target row, source row) pairs: the target rows' image-token keys and values are the source
+    rows' in this call (Stable Flow's attention injection); None or an empty list injects nothing.
     """
 
     layers: list[str]
     active: Callable[[AttentionCall], bool]
     edit: Callable[[AttentionCall, torch.Tensor], Any]
+    inject: Callable[[AttentionCall], Any] | None = None
 
 
 @dataclass
@@ -371,7 +378,12 @@ class Attachment:
                 from .processor import controlled_processor  # lazily: only controls need it
 
                 slot.controlled = controlled_processor(
-                    name, slot.original, self._control_call, self._control_edit
+                    name,
+                    slot.original,
+                    self._control_call,
+                    self._control_edit,
+                    self._control_inject,
+                    self._text_tokens,
                 )
             slot.controlled.capture = slot.capture
             proc = slot.controlled
@@ -430,10 +442,26 @@ class Attachment:
         if run is None or not run.started:
             return None
         cond = self.family.cfg_rows(rows)[1] if run.cfg and self.family.cfg_batch else slice(None)
-        call = AttentionCall(run, name, cross, run.calls - 1, queries, rows, cond)
+        index, uncond = run.calls - 1, False
+        if run.cfg and not self.family.cfg_batch:  # Flux's true CFG: the prompt's call, then the negative's
+            index, second = divmod(index, 2)
+            uncond = second == 1
+        call = AttentionCall(run, name, cross, index, queries, rows, cond, uncond)
         if any(tap.active(call) for tap in self._slots[name].controls):
             return call
         return None
+
+    def _text_tokens(self) -> int:
+        """Text tokens of the denoiser call in progress (0 outside a run)."""
+        return 0 if self.run is None else self.run.text_tokens
+
+    def _control_inject(self, call: AttentionCall) -> list[tuple[int, int]]:
+        """Every active control's (target row, source row) image key and value injections for this call."""
+        pairs: dict[int, int] = {}
+        for tap in self._slots[call.layer].controls:
+            if tap.inject is not None and tap.active(call):
+                pairs.update((int(t), int(s)) for t, s in tap.inject(call) or ())
+        return sorted(pairs.items())
 
     def _control_edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
         """Every active control edits the probabilities (N, heads, HW, T) in turn; the rows any changed."""
@@ -612,6 +640,8 @@ class Attachment:
                     args, kwargs = new
                     changed = True
         run.denoiser_in = sample
+        context = self.family.denoiser_args.get("text", args, kwargs)
+        run.text_tokens = 0 if context is None else int(context.shape[1])
         run.calls += 1
         run.step_calls += 1
         return (args, kwargs) if changed else None

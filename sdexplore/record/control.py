@@ -22,12 +22,20 @@ conditional half of the CFG batch only, as Prompt-to-Prompt does:
 - :class:`LocalBlend` (P2P local blend): after each step, the target's latents outside a mask made from chosen
   words' cross-attention are set back to the source's, so the edit stays local.
 
-SD3 (MMDiT) takes the same edits on its joint attention (:class:`~.joint.JointControlledProcessor`): the
-probabilities a control edits are the image-query × text-key block of each joint block's softmax (normalised
-over text *and* image keys, never renormalised after the edit), so a word swap gives the target branch the
-source's image→text block and a reweight scales a word's column; the image→image part and the text queries are
-left alone (``self_replace`` has no effect there). Flux and Flux.2 get an
-:class:`~sdexplore.errors.UnsupportedPipelineError` naming the families that can.
+SD3, Flux.1 and Flux.2 (MMDiT) take the same edits on their joint attention
+(:class:`~.joint.JointControlledProcessor`, :class:`~.joint.FluxControlledProcessor`, on every joint block: SD3's,
+Flux's double- and single-stream blocks): the probabilities a control edits are the image-query × text-key block
+of each block's softmax (normalised over text *and* image keys, never renormalised after the edit), so a word
+swap gives the target branch the source's image→text block and a reweight scales a word's column; the
+image→image part and the text queries are left alone (``self_replace`` has no effect there). Flux has no CFG
+batch (guidance-distilled): the edits apply to the whole target rows; true CFG's negative-prompt call is left
+alone. On these families one more edit acts on the image part of the joint attention:
+
+- :class:`Inject` (Stable Flow's attention injection, Avrahami et al., 2025): at chosen layers and steps the
+  target images' image-token keys and values are their source images', so the edited image attends to the
+  reference image's features.
+
+Other families get an :class:`~sdexplore.errors.UnsupportedPipelineError` naming the families that can.
 """
 
 from __future__ import annotations
@@ -47,8 +55,10 @@ from .attach import AttentionCall, ControlTap, Run, Step, Subscriber, attach, at
 from .tokens import TokenList, sequence_tokens
 
 #: Families whose attention a control can change (the message of every refusal names them).
-CONTROL_FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
-_CONTROL_HELP = "controls run on SD 1.x/2.x/XL and SD3 for now"
+CONTROL_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")
+_CONTROL_HELP = "controls run on SD 1.x/2.x/XL, SD3, Flux.1 and Flux.2"
+#: Families with joint attention, where :class:`Inject` runs.
+JOINT_CONTROL_FAMILIES = ("sd3", "flux", "flux2")
 
 
 def check_controllable(pipe: Any, family: Family | None = None) -> Family:
@@ -56,7 +66,7 @@ def check_controllable(pipe: Any, family: Family | None = None) -> Family:
     family = family or detect_family(pipe)
     if family.name not in CONTROL_FAMILIES:
         raise UnsupportedPipelineError(
-            f"{family.label} cannot take attention controls yet: {_CONTROL_HELP} "
+            f"{family.label} cannot take attention controls: {_CONTROL_HELP} "
             f"({', '.join(CONTROL_FAMILIES)}). Record its attention with sdexplore.observe(pipe, attention=True)."
         )
     return family
@@ -134,6 +144,16 @@ def _prompts_of(run: Run) -> tuple[list[str], int]:
     return prompts, int(run.arguments.get("num_images_per_prompt") or 1)
 
 
+def _latent_size(run: Run) -> tuple[int, int]:
+    """(h, w) latent cells of the run's latents (packed families: from the run's latent grid)."""
+    if run.latent_grid is not None:
+        return run.latent_grid
+    sample = run.denoiser_in
+    if sample is None:
+        raise RecorderStateError("No denoiser call has been seen yet: the latent size is unknown.")
+    return int(sample.shape[-2]), int(sample.shape[-1])
+
+
 def _grid(queries: int, latent: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of a layer's query grid: the latent size halved (rounding up) until the counts agree."""
     H, W = latent
@@ -149,11 +169,22 @@ class AttentionEdit:
 
     ``start(run, pipe)`` is called when a run starts (check the call, find words), ``active(call)`` for each
     attention call of the edited layers (False: the original kernel runs, bitwise) and ``edit(call, probs)``
-    changes the float32 probabilities (N, heads, HW, T) in place, returning the batch rows it changed.
+    changes the float32 probabilities (N, heads, HW, T) in place, returning the batch rows it changed. On joint
+    attention (SD3, Flux) ``inject(call)`` may return (target row, source row) pairs whose image-token keys and
+    values the call takes from the source row (:class:`Inject`). ``bind(pipe, family, layers)`` is called when
+    the :class:`Control` is made (check the edit against the pipeline before any work).
     """
 
     needs_self_attention: bool = False
     reads_first: bool = False  # reads the probabilities before the other edits change them (LocalBlend)
+    unconditional: bool = False  # also acts on Flux true CFG's negative-prompt call (no prompt words there)
+
+    def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
+        """The :class:`Control` is made on ``pipe`` (``layers``: the module names it attaches to)."""
+
+    def inject(self, call: AttentionCall) -> list[tuple[int, int]]:
+        """(target row, source row) pairs of image-token keys and values to inject at ``call`` (joint attention)."""
+        return []
 
     def start(self, run: Run, pipe: Any) -> None:  # pragma: no cover - an interface
         """A run starts: check its arguments against the edit (before any denoising)."""
@@ -253,9 +284,7 @@ class Reweight(AttentionEdit):
         """The mask on the layer's query grid, summing to 1: (HW,)."""
         key = (id(mask), call.queries)
         if key not in self._resized:
-            sample = call.run.denoiser_in
-            latent = tuple(sample.shape[-2:]) if sample is not None else None
-            h, w = _grid(call.queries, latent)  # type: ignore[arg-type]
+            h, w = _grid(call.queries, _latent_size(call.run))
             m = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             m = m.clamp(min=0).reshape(-1)  # (HW,)
             if float(m.sum()) <= 0:  # a mask smaller than one cell of a coarse layer: its nearest cell
@@ -427,7 +456,8 @@ class LocalBlend(AttentionEdit):
     The call's prompts are the sources followed by as many targets (edited images). At every step the
     cross-attention of ``words`` (words of the source and/or the target prompt; each branch uses those its prompt
     has) is summed over the word's tokens, averaged over heads and over the layers of at most ``max_queries``
-    queries (P2P: 16×16), on their (upsampled) common grid, and accumulated over the steps so far. From the
+    queries (P2P: 16×16; on joint attention, SD3 and Flux, every block: their image→text blocks), on their
+    (upsampled) common grid, and accumulated over the steps so far. From the
     ``start`` fraction of the steps on (P2P: 0.2), after each scheduler step the map of each branch is dilated
     (a 3×3 max-pool), brought to the latent size, divided by its maximum and thresholded at ``threshold``; the
     union of a source's and its target's masks is kept from the target, the rest of the target's latents is set
@@ -456,6 +486,10 @@ class LocalBlend(AttentionEdit):
         self._half = 0
         self._sum: torch.Tensor | None = None  # (2·half, h, w) the words' maps, summed over layers and steps
         self._grid: tuple[int, int] | None = None
+        self._every_layer = False  # joint attention (SD3, Flux): one token grid, every block read
+
+    def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
+        self._every_layer = family.denoiser == "transformer"
 
     def check(self, pipe: Any, source: str, target: str) -> None:
         """Raise :class:`WordNotFoundError` for a blend word in neither prompt (before any work)."""
@@ -493,18 +527,19 @@ class LocalBlend(AttentionEdit):
         self._sum, self._grid, self.masks = None, None, None
 
     def active(self, call: AttentionCall) -> bool:
-        return call.cross and call.queries <= self.max_queries
+        return call.cross and (self._every_layer or call.queries <= self.max_queries)
 
     def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
-        sample = call.run.denoiser_in
-        latent = tuple(sample.shape[-2:]) if sample is not None else None
-        if self._grid is None:  # the finest grid among the layers read: the latent halved until it fits
-            H, W = latent  # type: ignore[misc]
+        latent = _latent_size(call.run)
+        h, w = _grid(call.queries, latent)
+        if self._grid is None and self._every_layer:  # joint attention: the blocks' one token grid
+            self._grid = (h, w)
+        elif self._grid is None:  # the finest grid among the layers read: the latent halved until it fits
+            H, W = latent
             k = 0
             while math.ceil(H / 2**k) * math.ceil(W / 2**k) > self.max_queries:
                 k += 1
             self._grid = (math.ceil(H / 2**k), math.ceil(W / 2**k))
-        h, w = _grid(call.queries, latent)  # type: ignore[arg-type]
         base = call.cond.start or 0
         maps = torch.stack(
             [probs[base + r][:, :, pos].sum(-1).mean(0) for r, pos in enumerate(self._positions)]
@@ -532,6 +567,108 @@ class LocalBlend(AttentionEdit):
         return out
 
 
+class Inject(AttentionEdit):
+    """Stable Flow's attention injection (Avrahami et al., 2025, "Stable Flow: Vital Layers for Training-Free Image
+    Editing"): the target images attend to their source images' features.
+
+    The call's prompts are the sources followed by as many targets, as for :class:`WordSwap`. In the chosen
+    ``layers``, during the ``steps`` (start, end) fraction of the steps, each target image's image-token keys and
+    values in the joint attention (the image part of K and V) are its source image's; its queries and its text
+    tokens' keys and values stay its own. So the target's image tokens (and text tokens) read the source image
+    where they would read their own, and the edit keeps the source's look where the layers chosen carry it.
+
+    ``layers``: the joint-attention layers, as indices into :func:`~sdexplore.record.joint.joint_attention_layers`'s
+    order (SD3: its joint blocks; Flux.1 / Flux.2: the double-stream blocks, then the single-stream ones: Stable
+    Flow's numbering) or module names (``"single_transformer_blocks.3.attn"``); None: every layer. Which layers
+    are "vital" is a property of the model, to be measured, not assumed. Runs on SD3, Flux.1 and Flux.2 (on SD3
+    under CFG both halves of the batch are injected: the target's unconditional prediction follows the source's
+    too; Flux's true CFG: its negative-prompt call too). No layers or an empty step range is no edit at all: the
+    plain image bit for bit.
+    """
+
+    unconditional = True
+
+    def __init__(
+        self, layers: Sequence[int | str] | None = None, steps: Sequence[float] = (0.0, 1.0)
+    ) -> None:
+        if layers is not None and (
+            isinstance(layers, (str, bytes))
+            or not isinstance(layers, Sequence)
+            or not all(
+                (isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+                or (isinstance(x, str) and x.strip())
+                for x in layers
+            )
+        ):
+            raise InvalidArgumentError(
+                f"layers={layers!r}: pass a list of joint-attention layer indices (0-based, e.g. [0, 1, 17]) or "
+                "module names, or None for every layer."
+            )
+        self.layers = None if layers is None else list(layers)
+        self.steps = _fractions("steps", steps)
+        self._names: set[str] = set()
+        self._half = 0
+
+    @property
+    def identity(self) -> bool:
+        """True when the edit injects nothing (no layer, or no step)."""
+        a, b = self.steps
+        return self.layers == [] or a >= b
+
+    def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
+        if family.name not in JOINT_CONTROL_FAMILIES:
+            raise UnsupportedPipelineError(
+                f"Inject replaces image keys and values in joint attention, which {family.label} has not: it runs "
+                "on SD3, Flux.1 and Flux.2. On SD 1.x/2.x/XL use WordSwap's self_replace (self-attention maps)."
+            )
+        if self.layers is None:
+            self._names = set(layers)
+            return
+        names = set()
+        for x in self.layers:
+            if isinstance(x, int):
+                if x >= len(layers):
+                    raise InvalidArgumentError(
+                        f"Inject layer {x}: {family.label}'s denoiser has {len(layers)} joint-attention layers "
+                        f"(indices 0 to {len(layers) - 1})."
+                    )
+                names.add(layers[x])
+                continue
+            name = x.strip().removesuffix(".processor")
+            if name not in layers:
+                raise InvalidArgumentError(
+                    f"Inject layer {x!r} is not a joint-attention layer of this {family.label} denoiser; its layers "
+                    f"are {layers[0]!r} ... {layers[-1]!r} (or pass indices 0 to {len(layers) - 1})."
+                )
+            names.add(name)
+        self._names = names
+
+    def start(self, run: Run, pipe: Any) -> None:
+        prompts, n = _prompts_of(run)
+        if len(prompts) % 2:
+            raise InvalidArgumentError(
+                f"An injection runs source prompts followed by as many target prompts; this call has {len(prompts)} "
+                "prompt(s). Pass [source, target] (the same initial latents for both)."
+            )
+        self._half = len(prompts) // 2 * n
+
+    def active(self, call: AttentionCall) -> bool:
+        return (
+            not self.identity
+            and call.layer in self._names
+            and self._half > 0
+            and _in_fraction(call.step, call.run.num_steps, *self.steps)
+        )
+
+    def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
+        return []  # the probabilities are left alone: the injection is in the keys and values
+
+    def inject(self, call: AttentionCall) -> list[tuple[int, int]]:
+        half = self._half
+        bases = [0] if call.cond == slice(None) else [0, call.rows // 2]  # CFG batch: both halves
+        return [(b + half + i, b + i) for b in bases for i in range(half)]
+
+
 class Control:
     """Context manager: apply attention edits to the pipeline calls made in the ``with`` block.
 
@@ -543,29 +680,31 @@ class Control:
     The edits apply in the order given (a :class:`LocalBlend` reads first; a :class:`WordSwap`, then a :class:`Reweight` of the target images, is
     P2P's reweighting of an edit). An ``observe(pipe, attention=True)`` block around or inside it records the
     edited probabilities. The pipeline is restored exactly on exit, also after an exception or
-    KeyboardInterrupt. SD 1.x, 2.x, XL and SD3 (its joint attention), for now.
+    KeyboardInterrupt. SD 1.x, 2.x, XL, SD3, Flux.1 and Flux.2 (their joint attention; :class:`Inject` there only).
     """
 
     def __init__(self, pipe: Any, *edits: AttentionEdit) -> None:
         self.family = check_controllable(pipe)
         if not edits or not all(isinstance(e, AttentionEdit) for e in edits):
             raise InvalidArgumentError(
-                f"Control(pipe, *edits) takes one or more edits (WordSwap, Reweight), got {edits!r}."
+                f"Control(pipe, *edits) takes one or more edits (WordSwap, Refine, Reweight, LocalBlend, Inject), "
+                f"got {edits!r}."
             )
         self.pipe = pipe
         self.edits = list(edits)
         den = self.family.get_denoiser(pipe)
-        if self.family.denoiser == "transformer":  # SD3: the joint blocks, image-query × text-key block
-            self.layers = _joint_layers(self.family, den)
-            self._attach: attach | None = None
-            return
-        cross = [n.removesuffix(".processor") for n in self.family.cross_attention_layers(den)]
-        selfs = []
-        if any(e.needs_self_attention for e in self.edits):
-            selfs = [c.removesuffix("attn2") + "attn1" for c in cross]
-            selfs = [s for s in selfs if _has_module(den, s)]
-        self.layers = cross + selfs
         self._attach: attach | None = None
+        if self.family.denoiser == "transformer":  # SD3, Flux: the joint blocks, image-query × text-key block
+            self.layers = _joint_layers(self.family, den)
+        else:
+            cross = [n.removesuffix(".processor") for n in self.family.cross_attention_layers(den)]
+            selfs = []
+            if any(e.needs_self_attention for e in self.edits):
+                selfs = [c.removesuffix("attn2") + "attn1" for c in cross]
+                selfs = [s for s in selfs if _has_module(den, s)]
+            self.layers = cross + selfs
+        for e in self.edits:
+            e.bind(pipe, self.family, self.layers)
 
     def __enter__(self) -> Control:
         if self._attach is not None:
@@ -579,7 +718,7 @@ class Control:
             order=0,
             run_start=self._run_start,
             step=self._step if any(type(e).step is not AttentionEdit.step for e in self.edits) else None,
-            control=ControlTap(self.layers, self._active, self._edit),
+            control=ControlTap(self.layers, self._active, self._edit, self._inject),
         )
         ctx = attach(self.pipe, sub, self.family)
         ctx.__enter__()
@@ -595,17 +734,25 @@ class Control:
         for e in self.edits:
             e.start(run, self.pipe)
 
+    def _acting(self, call: AttentionCall) -> list[AttentionEdit]:
+        """The edits that act on ``call`` (Flux true CFG's negative-prompt call: those that act unconditionally)."""
+        return [e for e in self.edits if (e.unconditional or not call.uncond) and e.active(call)]
+
     def _active(self, call: AttentionCall) -> bool:
-        return any(e.active(call) for e in self.edits)
+        return bool(self._acting(call))
 
     def _edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
         rows: set[int] = set()
-        for e in sorted(
-            self.edits, key=lambda e: not e.reads_first
-        ):  # readers see the probabilities unedited
-            if e.active(call):
-                rows.update(e.edit(call, probs))
+        # readers see the probabilities unedited
+        for e in sorted(self._acting(call), key=lambda e: not e.reads_first):
+            rows.update(e.edit(call, probs))
         return sorted(rows)
+
+    def _inject(self, call: AttentionCall) -> list[tuple[int, int]]:
+        pairs: list[tuple[int, int]] = []
+        for e in self._acting(call):
+            pairs += e.inject(call)
+        return pairs
 
     def _step(self, step: Step) -> torch.Tensor | None:
         latents = step.prev_sample
@@ -617,16 +764,19 @@ class Control:
 
 
 def _joint_layers(family: Family, denoiser: torch.nn.Module) -> list[str]:
-    """Module names of an SD3 denoiser's joint blocks, refusing a processor the control cannot reproduce."""
+    """Module names of an MMDiT denoiser's joint-attention layers (SD3's joint blocks; Flux's double-stream, then
+    single-stream blocks), refusing a processor the control cannot reproduce."""
     from .joint import joint_attention_layers, reproducible
 
     layers = []
     for name, layout in joint_attention_layers(denoiser):
         proc = denoiser.get_submodule(name.removesuffix(".processor")).processor
-        if layout != "image-text" or not reproducible(layout, proc):
+        if not reproducible(layout, proc):
+            default = "JointAttnProcessor2_0" if layout == "image-text" else "Flux attention processors"
             raise UnsupportedPipelineError(
                 f"{family.label}'s layer {name} runs {type(proc).__name__}, which an attention control cannot "
-                "reproduce: give its joint blocks diffusers' default JointAttnProcessor2_0 back before editing."
+                f"reproduce: give its joint blocks diffusers' default {default} back (Flux: with the native "
+                "attention backend, transformer.set_attention_backend('native')) before editing."
             )
         layers.append(name.removesuffix(".processor"))
     return layers

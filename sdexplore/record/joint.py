@@ -250,29 +250,47 @@ def sd3_output(attn: Any, hidden_states: torch.Tensor, hw: int) -> tuple[torch.T
 
 
 class JointControlledProcessor:
-    """An SD3 joint block whose image-query × text-key probabilities a control may change.
+    """An SD3 joint block whose image-query × text-key probabilities a control may change, and whose image-token
+    keys and values a control may inject from other batch rows.
 
     Installed by the attachment alone (:func:`~sdexplore.record.processor.controlled_processor`), on the joint
     blocks a control asks for. On a call no control edits, it hands the call to ``capture`` (a recorder's
     :class:`JointCapturingProcessor`) or to the original processor, untouched: bitwise the plain output. On an
-    edited call it runs the original's kernel (:func:`sdpa_with_lse`: the same output and the log-sum-exp of
-    every query over all keys), forms the image-query × text-key block of the joint softmax explicitly,
-    ``P = exp(q·kₜᵀ·scale − lse)`` (N, heads, HW, T) float32, and lets the controls edit it in place, the same
-    probabilities and the same contract as a UNet layer's cross-attention. Nothing is renormalised (as in
-    Prompt-to-Prompt): a word scaled by 0 gives its share of each image query's attention to nobody, the image
-    keys and the other words keep theirs. The changed rows' image-token outputs are then the joint attention
-    with the edited block, ``o' = o + (P' − P)·vₜ`` (the image-key part of the softmax is unchanged, so this is
-    ``P_img·v_img + P'·vₜ`` exactly); text-token queries and the rows no control changed keep the kernel's
-    output bit for bit. A recorder of ``"joint"`` maps in the same block records the edited block.
+    edited call:
+
+    - **injection** first (``inject(call)``: (target row, source row) pairs, Stable Flow's attention injection):
+      the target rows' image-token keys and values, the image part of K and V in the joint attention, are the
+      source rows' (their queries and text keys and values stay their own), so the target's image and text
+      tokens attend to the source image's features;
+    - then the original's kernel runs (:func:`sdpa_with_lse`: the same output and the log-sum-exp of every query
+      over all keys), the image-query × text-key block of the joint softmax is formed explicitly,
+      ``P = exp(q·kₜᵀ·scale − lse)`` (N, heads, HW, T) float32, and the controls edit it in place, the same
+      probabilities and the same contract as a UNet layer's cross-attention. Nothing is renormalised (as in
+      Prompt-to-Prompt): a word scaled by 0 gives its share of each image query's attention to nobody, the image
+      keys and the other words keep theirs. The changed rows' image-token outputs are then the joint attention
+      with the edited block, ``o' = o + (P' − P)·vₜ`` (the image-key part of the softmax is unchanged, so this is
+      ``P_img·v_img + P'·vₜ`` exactly).
+
+    Text-token queries and the rows no control changed keep the kernel's output bit for bit. A recorder of
+    ``"joint"`` maps in the same block records the edited block (and, under injection, the block the injected
+    keys gave).
     """
 
     cross = True
 
-    def __init__(self, name: str, original: Any, begin: Callable, apply: Callable) -> None:
+    def __init__(
+        self,
+        name: str,
+        original: Any,
+        begin: Callable,
+        apply: Callable,
+        inject: Callable | None = None,
+    ) -> None:
         self.name = name
         self.original = original
         self.begin = begin
         self.apply = apply
+        self.inject = inject  # (call) -> [(target row, source row)]: image keys and values to take
         self.capture: JointCapturingProcessor | None = None  # set by the attachment while a recorder records
 
     def __call__(
@@ -292,25 +310,48 @@ class JointControlledProcessor:
             return plain(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         batch_size, hw = hidden_states.shape[:2]
         query, key, value = sd3_qkv(attn, hidden_states, encoder_hidden_states)  # (N, heads, HW+T, d)
-        out, lse = sdpa_with_lse(query, key, value)  # (N, heads, HW+T, d), (N, heads, HW+T) or None
-        scale = float(attn.scale)
-        q_img, k_txt, v_txt = query[:, :, :hw], key[:, :, hw:], value[:, :, hw:]
+        out = self._attend(attn, call, query, key, value, slice(0, hw), slice(hw, None), float(attn.scale))
+        hidden_states = out.transpose(1, 2).reshape(
+            batch_size, -1, attn.heads * query.shape[-1]
+        )  # (N, HW+T, C)
+        return sd3_output(attn, hidden_states.to(query.dtype), hw)
+
+    def _attend(
+        self,
+        attn: Any,
+        call: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        img: slice,
+        txt: slice,
+        scale: float,
+    ) -> torch.Tensor:
+        """The edited call's attention output (N, heads, L, d) from its queries, keys and values (N, heads, L, d),
+        ``img`` and ``txt`` the image and text tokens' places in the joint sequence: injection, the kernel, the
+        controls' edit of the image-query × text-key block, the recorder's maps."""
+        pairs = [] if self.inject is None else list(self.inject(call))
+        if pairs:
+            tgt = torch.tensor([t for t, _ in pairs], device=key.device)
+            src = torch.tensor([s for _, s in pairs], device=key.device)
+            key, value = key.clone(), value.clone()
+            key[tgt, :, img] = key[src, :, img]  # (N', heads, HW, d): the source image's keys
+            value[tgt, :, img] = value[src, :, img]  # and values
+        out, lse = sdpa_with_lse(query, key, value)  # (N, heads, L, d), (N, heads, L) or None
+        q_img, k_txt, v_txt = query[:, :, img], key[:, :, txt], value[:, :, txt]
         plain_probs, _ = text_block(
-            q_img, k_txt, None if lse is None else lse[:, :, :hw], scale, "joint", key[:, :, :hw]
+            q_img, k_txt, None if lse is None else lse[:, :, img], scale, "joint", key[:, :, img]
         )  # (N, heads, HW, T) float32: the image queries' share of each text key
         probs = plain_probs.clone()
         changed = sorted(set(self.apply(call, probs)))
-        self._record(attn, query, key, value, out, lse, probs, hw, scale, bool(changed))
+        self._record(attn, query, key, value, out, lse, probs, img, txt, scale, bool(changed))
         if changed:
             idx = torch.tensor(changed, device=out.device)
             delta = probs[idx] - plain_probs[idx]  # (N', heads, HW, T): the edit of the text block
             fix = torch.matmul(delta, v_txt[idx].float())  # (N', heads, HW, d)
             out = out.clone()
-            out[idx, :, :hw] = (out[idx, :, :hw].float() + fix).to(out.dtype)
-        hidden_states = out.transpose(1, 2).reshape(
-            batch_size, -1, attn.heads * query.shape[-1]
-        )  # (N, HW+T, C)
-        return sd3_output(attn, hidden_states.to(query.dtype), hw)
+            out[idx, :, img] = (out[idx, :, img].float() + fix).to(out.dtype)
+        return out
 
     def _record(
         self,
@@ -321,14 +362,15 @@ class JointControlledProcessor:
         out: torch.Tensor,
         lse: torch.Tensor | None,
         probs: torch.Tensor,
-        hw: int,
+        img: slice,
+        txt: slice,
         scale: float,
         edited: bool,
     ) -> None:
         """Hand this call to the recorder capturing the layer, if one does: the edited probabilities where its
         maps are ``"joint"`` maps (the block the controls edit), else what its capture hands it (unedited)."""
         capture = self.capture
-        if capture is None or not capture.gate(capture.name, hw):
+        if capture is None or not capture.gate(capture.name, probs.shape[2]):
             return
         recorder = getattr(capture.sink, "__self__", None)
         rows = getattr(recorder, "_sel", None)
@@ -344,15 +386,70 @@ class JointControlledProcessor:
         capture.sink(
             capture.name,
             attn,
-            query[:, :, :hw],
-            key[:, :, hw:],
-            None if lse is None else lse[:, :, :hw],
-            o[:, :hw],
-            o[:, hw:],
+            query[:, :, img],
+            key[:, :, txt],
+            None if lse is None else lse[:, :, img],
+            o[:, img],
+            o[:, txt],
             scale,
-            key[:, :, :hw],
-            value[:, :, :hw],
+            key[:, :, img],
+            value[:, :, img],
         )
+
+
+class FluxControlledProcessor(JointControlledProcessor):
+    """A Flux.1 / Flux.2 attention layer (double-stream: text and image from two projections; single-stream: one
+    sequence) under control: the same edits and contract as :class:`JointControlledProcessor`, in Flux's layout.
+
+    The joint sequence is text first, then image (``text_len()`` text tokens at the head of a single-stream
+    block's sequence, from the denoiser's input); queries and keys carry the rotary embeddings (as
+    :func:`flux_qkv` computes them), so the edited block is that of the very softmax the model takes, at SDPA's
+    default scale. Flux has no CFG batch: every row is a conditional row (true CFG's negative call is its own call,
+    which word edits leave alone). Calls with an attention mask and calls no control edits go to the capture or the
+    original processor untouched: bitwise the plain output.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        original: Any,
+        begin: Callable,
+        apply: Callable,
+        inject: Callable | None,
+        text_len: Callable[[], int],
+    ) -> None:
+        super().__init__(name, original, begin, apply, inject)
+        self.text_len = text_len
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        plain = self.capture if self.capture is not None else self.original
+        parallel = type(self.original) is Flux2ParallelSelfAttnProcessor  # Flux.2's single-stream blocks
+        if parallel:  # called as (attn, hidden_states, attention_mask, image_rotary_emb)
+            mask, rope, context = encoder_hidden_states, attention_mask, None
+        else:
+            mask, rope, context = attention_mask, image_rotary_emb, encoder_hidden_states
+        double = context is not None
+        txt = context.shape[1] if double else self.text_len()
+        hw = hidden_states.shape[1] - (0 if double else txt)
+        call = None
+        if mask is None and txt > 0 and hw > 0:
+            call = self.begin(self.name, True, hw, hidden_states.shape[0])
+        if call is None:
+            if parallel:
+                return plain(attn, hidden_states, mask, rope)
+            return plain(attn, hidden_states, context, mask, rope)
+        q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, context, rope)  # (N, heads, T+HW, d)
+        scale = q.shape[-1] ** -0.5  # SDPA's default scale, as native dispatch calls it
+        out = self._attend(attn, call, q, k, v, slice(txt, None), slice(0, txt), scale)
+        hidden = out.permute(0, 2, 1, 3).flatten(2, 3).to(q.dtype)  # (N, T+HW, heads*d)
+        return flux_output(attn, self.original, hidden, txt, double, mlp)
 
 
 def _native_backend(processor: Any) -> bool:
@@ -405,39 +502,10 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             if parallel:
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        flux2 = type(self.original) is Flux2AttnProcessor
-        if parallel:
-            # one fused projection: q, k, v and the MLP's input (split as Flux2ParallelSelfAttnProcessor)
-            fused = attn.to_qkv_mlp_proj(hidden_states)
-            qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
-            local = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
-            qkv, mlp = torch.split(fused, [local, fused.shape[-1] - local], dim=-1)
-            query, key, value = qkv.chunk(3, dim=-1)
-            enc_q = enc_k = enc_v = None
-        else:
-            projections = _flux2_projections if flux2 else _flux_projections
-            query, key, value, enc_q, enc_k, enc_v = projections(attn, hidden_states, encoder_hidden_states)
-        query = query.unflatten(-1, (-1, attn.head_dim))  # (N, L, heads, d)
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
-        if getattr(attn, "added_kv_proj_dim", None) is not None:
-            enc_q = enc_q.unflatten(-1, (-1, attn.head_dim))  # (N, T, heads, d)
-            enc_k = enc_k.unflatten(-1, (-1, attn.head_dim))
-            enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
-            enc_q = attn.norm_added_q(enc_q)
-            enc_k = attn.norm_added_k(enc_k)
-            query = torch.cat([enc_q, query], dim=1)  # (N, T+HW, heads, d): text first
-            key = torch.cat([enc_k, key], dim=1)
-            value = torch.cat([enc_v, value], dim=1)
-        if image_rotary_emb is not None:
-            query = _apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = _apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-        q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (N, heads, L, d): as native dispatch
+        q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, encoder_hidden_states, image_rotary_emb)
         out, lse = sdpa_with_lse(q, k, v, self.need_lse)
         hidden_states = out.permute(0, 2, 1, 3).flatten(2, 3)  # (N, L, heads*d)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = hidden_states.to(q.dtype)
         self.sink(
             self.name,
             attn,
@@ -450,23 +518,78 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             k[:, :, txt:],
             v[:, :, txt:],
         )
-        if parallel:
-            return attn.to_out(torch.cat([hidden_states, attn.mlp_act_fn(mlp)], dim=-1))
-        if double:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [txt, hidden_states.shape[1] - txt], dim=1
-            )
-            if flux2:  # Flux2AttnProcessor's own order, no copies
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-                hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-                return hidden_states, encoder_hidden_states
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return flux_output(attn, self.original, hidden_states, txt, double, mlp)
+
+
+def flux_qkv(
+    attn: Any,
+    original: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None,
+    image_rotary_emb: Any,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Queries, keys and values of a Flux.1 / Flux.2 attention call as ``original`` (``FluxAttnProcessor``,
+    ``Flux2AttnProcessor`` or ``Flux2ParallelSelfAttnProcessor``) computes them, text tokens first, rotary
+    embeddings applied: each (N, heads, T+HW, d), as native dispatch hands them to SDPA; and the MLP's input of
+    Flux.2's fused single-stream projection (else None)."""
+    parallel = type(original) is Flux2ParallelSelfAttnProcessor
+    mlp = None
+    if parallel:
+        # one fused projection: q, k, v and the MLP's input (split as Flux2ParallelSelfAttnProcessor)
+        fused = attn.to_qkv_mlp_proj(hidden_states)
+        qkv_dim, mlp_dim = 3 * attn.inner_dim, attn.mlp_hidden_dim * attn.mlp_mult_factor
+        local = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+        qkv, mlp = torch.split(fused, [local, fused.shape[-1] - local], dim=-1)
+        query, key, value = qkv.chunk(3, dim=-1)
+        enc_q = enc_k = enc_v = None
+    else:
+        projections = _flux2_projections if type(original) is Flux2AttnProcessor else _flux_projections
+        query, key, value, enc_q, enc_k, enc_v = projections(attn, hidden_states, encoder_hidden_states)
+    query = query.unflatten(-1, (-1, attn.head_dim))  # (N, L, heads, d)
+    key = key.unflatten(-1, (-1, attn.head_dim))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+    query = attn.norm_q(query)
+    key = attn.norm_k(key)
+    if getattr(attn, "added_kv_proj_dim", None) is not None:
+        enc_q = enc_q.unflatten(-1, (-1, attn.head_dim))  # (N, T, heads, d)
+        enc_k = enc_k.unflatten(-1, (-1, attn.head_dim))
+        enc_v = enc_v.unflatten(-1, (-1, attn.head_dim))
+        enc_q = attn.norm_added_q(enc_q)
+        enc_k = attn.norm_added_k(enc_k)
+        query = torch.cat([enc_q, query], dim=1)  # (N, T+HW, heads, d): text first
+        key = torch.cat([enc_k, key], dim=1)
+        value = torch.cat([enc_v, value], dim=1)
+    if image_rotary_emb is not None:
+        query = _apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+        key = _apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))  # (N, heads, L, d): as native dispatch
+    return q, k, v, mlp
+
+
+def flux_output(
+    attn: Any, original: Any, hidden_states: torch.Tensor, txt: int, double: bool, mlp: torch.Tensor | None
+) -> Any:
+    """A Flux.1 / Flux.2 attention call's result from its attention output (N, T+HW, C), text first, as
+    ``original`` returns it: double-stream blocks (image (N, HW, C'), text (N, T, C')) projected; single-stream
+    blocks the whole sequence (Flux.2's fused block: with its MLP branch, through ``to_out``)."""
+    flux2 = type(original) is Flux2AttnProcessor
+    if type(original) is Flux2ParallelSelfAttnProcessor:
+        return attn.to_out(torch.cat([hidden_states, attn.mlp_act_fn(mlp)], dim=-1))
+    if double:
+        encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+            [txt, hidden_states.shape[1] - txt], dim=1
+        )
+        if flux2:  # Flux2AttnProcessor's own order, no copies
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
             return hidden_states, encoder_hidden_states
-        if flux2:
-            return attn.to_out[1](attn.to_out[0](hidden_states))
-        return hidden_states
+        hidden_states = attn.to_out[0](hidden_states.contiguous())
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+        return hidden_states, encoder_hidden_states
+    if flux2:
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+    return hidden_states
 
 
 #: Original processors each capturing processor reproduces exactly, by layout (Flux: with the native backend).

@@ -192,6 +192,9 @@ Begin = Callable[[str, bool, int, int], Any]
 # Called with (that call, probabilities (N, heads, HW, T) float32); edits them in place and returns the batch rows
 # it changed.
 Apply = Callable[[Any, torch.Tensor], "list[int]"]
+# Called with (that call); returns the (target row, source row) pairs whose image-token keys and values the call
+# takes from the source row (joint attention only: Stable Flow's injection), or an empty list.
+Inject = Callable[[Any], "list[tuple[int, int]]"]
 
 
 class ControlledAttnProcessor:
@@ -299,12 +302,24 @@ class ControlledAttnProcessor:
         return out
 
 
-def controlled_processor(name: str, original: Any, begin: Begin, apply: Apply) -> Any:
+def controlled_processor(
+    name: str,
+    original: Any,
+    begin: Begin,
+    apply: Apply,
+    inject: Inject | None = None,
+    text_len: Callable[[], int] | None = None,
+) -> Any:
     """The controlled processor for layer ``name`` (a module name) whose processor is ``original``: an SD3 joint
-    block's :class:`~sdexplore.record.joint.JointControlledProcessor`, else a UNet layer's
-    :class:`ControlledAttnProcessor` (self-attention for ``attn1`` layers, cross-attention otherwise)."""
-    from .joint import REPRODUCIBLE_JOINT, JointControlledProcessor
+    block's :class:`~sdexplore.record.joint.JointControlledProcessor`, a Flux.1 / Flux.2 block's
+    :class:`~sdexplore.record.joint.FluxControlledProcessor` (``text_len()``: the text tokens at the head of a
+    single-stream block's sequence), else a UNet layer's :class:`ControlledAttnProcessor` (self-attention for
+    ``attn1`` layers, cross-attention otherwise). ``inject`` (joint blocks only) gives the (target row, source row)
+    pairs whose image keys and values a call injects."""
+    from .joint import REPRODUCIBLE_JOINT, FluxControlledProcessor, JointControlledProcessor
 
     if type(original) in REPRODUCIBLE_JOINT["image-text"]:
-        return JointControlledProcessor(name, original, begin, apply)
+        return JointControlledProcessor(name, original, begin, apply, inject)
+    if type(original) in REPRODUCIBLE_JOINT["text-image"] + REPRODUCIBLE_JOINT["single"]:
+        return FluxControlledProcessor(name, original, begin, apply, inject, text_len or (lambda: 0))
     return ControlledAttnProcessor(name, original, name.rpartition(".")[2] != "attn1", begin, apply)
