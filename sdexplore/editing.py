@@ -246,19 +246,25 @@ def edit(
 
     den = family.get_denoiser(pipe)
     scale = vae_scale_factor(pipe)
-    size = int(den.config.sample_size) * scale
-    height, width = int(call.pop("height", None) or size), int(call.pop("width", None) or size)
-    shape = (n_src, int(den.config.in_channels), height // scale, width // scale)
+    from .inversion import FLOW_FAMILIES
+    from .text import default_size
+
+    size_h, size_w = default_size(pipe)
+    height, width = int(call.pop("height", None) or size_h), int(call.pop("width", None) or size_w)
+    # sampling-space latents (B, C, h, w); Flux's are packed for the call (flowedit.pipe_latents)
+    channels = family.latent_channels if family.latent_packing > 1 else int(den.config.in_channels)
+    shape = (n_src, channels, height // scale, width // scale)
     inversion = None
     if image is not None:
         from .inversion import DEFAULT_STEPS, Inversion, invert
 
+        inverse = "flow" if family.name in FLOW_FAMILIES else "null-text"
         if isinstance(image, Inversion):
-            if image.method != "null-text" or image.prompt != sources[0]:
+            if image.method != inverse or image.prompt != sources[0]:
                 raise InvalidArgumentError(
-                    f"image= takes a null-text inversion of the source prompt {sources[0]!r}; this one is a "
+                    f"image= takes a {inverse} inversion of the source prompt {sources[0]!r}; this one is a "
                     f"{image.method!r} inversion of {image.prompt!r}: invert again with "
-                    "sdexplore.invert(pipe, picture, prompt, method='null-text')."
+                    f"sdexplore.invert(pipe, picture, prompt, method={inverse!r})."
                 )
             for key, made in (
                 ("num_inference_steps", image.settings["steps"]),
@@ -271,11 +277,17 @@ def edit(
                     )
             inversion = image
         else:
+            if inverse == "flow" and not _distilled(pipe) and call.get("guidance_scale", 1.0) != 1.0:
+                raise InvalidArgumentError(
+                    f"guidance_scale={call['guidance_scale']!r}: the flow-ODE inversion regenerates the picture "
+                    "only without classifier-free guidance; drop guidance_scale= (1.0), or edit with "
+                    "method='flowedit', which has a guidance scale per branch."
+                )
             inversion = invert(
                 pipe,
                 image,
                 sources[0],
-                method="null-text",
+                method=inverse,
                 steps=call.get("num_inference_steps", DEFAULT_STEPS),
                 guidance=call.get("guidance_scale"),
                 height=height,
@@ -286,19 +298,28 @@ def edit(
             guidance_scale=float(inversion.settings["guidance"]),
         )
         height, width = inversion.image.shape[:2]
-        shape = (n_src, int(den.config.in_channels), height // scale, width // scale)
+        shape = (n_src, channels, height // scale, width // scale)
         latents = inversion.latents.to(den.device, den.dtype)
+    from .flowedit import pipe_latents
+
     if latents is None:
         from diffusers.utils.torch_utils import randn_tensor
 
         device = getattr(pipe, "_execution_device", den.device)
-        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=den.dtype)
+        drawn = shape
+        if family.name == "flux2":  # Flux2KleinPipeline draws its noise 2×2-patchified: (B, 4C, h/2, w/2)
+            drawn = (n_src, 4 * channels, shape[2] // 2, shape[3] // 2)
+        latents = randn_tensor(drawn, generator=generator, device=torch.device(device), dtype=den.dtype)
+        if family.name != "flux2":
+            latents = pipe_latents(pipe, latents)
     elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape:
         raise InvalidArgumentError(
             f"latents must be a tensor of shape {shape} (one per source image), got "
             f"{getattr(latents, 'shape', type(latents).__name__)}."
         )
-    both = torch.cat([latents, latents])  # (2B, C, h, w): the same noise for source and target
+    else:
+        latents = pipe_latents(pipe, latents)
+    both = torch.cat([latents, latents])  # (2B, ...): the same noise for source and target
 
     record = attention
     existing = attachment_of(pipe)
@@ -439,6 +460,12 @@ def _call(
         width=width,
         **call,
     )
+
+
+def _distilled(pipe: Any) -> bool:
+    from .flowedit import distilled_guidance
+
+    return distilled_guidance(pipe)
 
 
 def _aligned(pipe: Any, source: str, target: str) -> bool:

@@ -28,7 +28,11 @@ Euler step, ``x_next = x + (σ_next − σ)·v``). Inverting a step solves ``x =
   current latent moves on with the optimised ∅_i. The reconstruction then gives the denoiser ∅_i as the
   unconditional half at step i (:func:`applied`): faithful under CFG with the true unconditional branch, so
   Prompt-to-Prompt edits of the picture keep what they do not target.
-- **Flow inversion** (SD3): the Euler ODE run backwards on the pipeline's own (shifted) σ schedule.
+- **Flow inversion** (SD3, Flux.1, Flux.2): the Euler ODE run backwards on the pipeline's own (shifted) σ
+  schedule, computed as the family's pipeline computes it (:func:`sdexplore.flowedit.flow_schedule`: Flux's
+  resolution-dependent shift included), with the velocity called as the pipeline calls it (Flux's packed tokens
+  and position ids; a guidance-distilled transformer gets ``guidance`` as its input, as the reconstruction's
+  ``guidance_scale``).
 
 The reconstruction is an ordinary ``pipe(...)`` call inside :func:`applied` (for the UNet families with a DDIM
 scheduler built from the pipeline's config, swapped in for the call and restored after; null-text's embeddings
@@ -83,6 +87,8 @@ _OUTSIDE_WARNING = "The observed denoiser ran outside a call"
 NULL_TEXT_TOLERANCE = 1e-5
 #: The families whose CFG batch has a text-conditioned unconditional half for null-text inversion to optimise.
 NULL_TEXT_FAMILIES = ("sd1", "sd2", "sdxl")
+#: The flow-matching families, inverted with the flow ODE (method="flow").
+FLOW_FAMILIES = ("sd3", "flux", "flux2")
 #: The guidance scale null-text inversion uses when none is given on a non-embedded model (the paper's).
 NULL_TEXT_GUIDANCE = 7.5
 #: Null-text's Adam learning rate (the paper's). Measured on the embedded model (6 held-out scenes, 25 steps × 10
@@ -139,25 +145,14 @@ def _ddim_steps(scheduler: Any, steps: int) -> tuple[list[float], list[tuple[flo
     return times, coeffs, empty
 
 
-def _flow_steps(pipe: Any, steps: int) -> tuple[list[float], list[tuple[float, float]], list[bool]]:
-    """Timesteps, linear coefficients (1, σ_next − σ) of the flow-matching Euler step, "no signal" (σ = 1)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+def _flow_steps(
+    pipe: Any, steps: int, height: int, width: int
+) -> tuple[list[float], list[tuple[float, float]], list[bool]]:
+    """Timesteps, linear coefficients (1, σ_next − σ) of the flow-matching Euler step, "no signal" (σ = 1), on the
+    schedule the pipeline's own call at ``height`` × ``width`` uses."""
+    from .flowedit import flow_schedule
 
-    current = pipe.scheduler
-    if type(current) is not FlowMatchEulerDiscreteScheduler:
-        raise UnsupportedPipelineError(
-            f"Flow inversion needs the pipeline's FlowMatchEulerDiscreteScheduler, not {type(current).__name__}: "
-            "sdexplore.set_scheduler(pipe, 'FlowMatchEulerDiscreteScheduler')."
-        )
-    if current.config.use_dynamic_shifting or current.config.get("stochastic_sampling", False):
-        raise UnsupportedPipelineError(
-            "Flow inversion supports the static shift of SD3's scheduler; this one uses dynamic shifting or "
-            "stochastic sampling, whose schedule depends on the call."
-        )
-    work = FlowMatchEulerDiscreteScheduler.from_config(current.config)
-    work.set_timesteps(steps)
-    sigmas = work.sigmas.double().tolist()  # (steps + 1,), last 0
-    times = [float(t) for t in work.timesteps.tolist()]
+    times, sigmas = flow_schedule(pipe, steps, height, width)  # sigmas: (steps + 1,), last 0
     coeffs = [(1.0, sigmas[i + 1] - sigmas[i]) for i in range(steps)]
     return times, coeffs, [s >= 1.0 for s in sigmas[:steps]]
 
@@ -165,10 +160,16 @@ def _flow_steps(pipe: Any, steps: int) -> tuple[list[float], list[tuple[float, f
 # ---------------------------------------------------------------- the model, conditioned on the prompt
 
 
-def _conditional_model(pipe: Any, fam: Family, prompt: str, height: int, width: int) -> Any:
+def _conditional_model(
+    pipe: Any, fam: Family, prompt: str, height: int, width: int, guidance: float = 1.0
+) -> Any:
     """``m(x, t)``: the denoiser's conditional output, called as the family's pipeline calls it."""
     from .text import encode_prompt
 
+    if fam.name in FLOW_FAMILIES:  # the conditional velocity (a distilled transformer's guidance input aside)
+        from .flowedit import distilled_guidance, velocity_model
+
+        return velocity_model(pipe, prompt, guidance if distilled_guidance(pipe) else 1.0, height, width)
     enc = encode_prompt(pipe, prompt, height=height, width=width)
     denoiser = fam.get_denoiser(pipe)
     param = next(denoiser.parameters())
@@ -179,24 +180,14 @@ def _conditional_model(pipe: Any, fam: Family, prompt: str, height: int, width: 
 
     def model(x: torch.Tensor, t: float) -> torch.Tensor:
         sample = x.to(param.device, param.dtype)
-        if fam.name == "sd3":
-            timestep = torch.full((1,), t, device=param.device, dtype=param.dtype)
-            out = denoiser(
-                hidden_states=sample,
-                timestep=timestep,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                return_dict=False,
-            )[0]
-        else:
-            timestep = torch.tensor(int(t), device=param.device)
-            extra = {}
-            if fam.name == "sdxl":
-                extra["added_cond_kwargs"] = {
-                    "text_embeds": pooled,
-                    "time_ids": enc.add_time_ids.to(param.device, param.dtype),
-                }
-            out = denoiser(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
+        timestep = torch.tensor(int(t), device=param.device)
+        extra = {}
+        if fam.name == "sdxl":
+            extra["added_cond_kwargs"] = {
+                "text_embeds": pooled,
+                "time_ids": enc.add_time_ids.to(param.device, param.dtype),
+            }
+        out = denoiser(sample, timestep, encoder_hidden_states=embeds, return_dict=False, **extra)[0]
         return out.double()
 
     return model
@@ -237,13 +228,18 @@ def _check(
         raise UnsupportedPipelineError(
             f"method='null-text' optimises the unconditional half of a UNet's CFG batch: SD 1.x, SD 2.x and SDXL "
             f"have it, {fam.label} does not. Invert {fam.label} with "
-            f"{'method=' + repr('flow') + ' or ' if fam.name == 'sd3' else ''}another family's pipeline."
+            f"{'method=' + repr('flow') + ' or ' if fam.name in FLOW_FAMILIES else ''}another family's pipeline."
         )
-    if fam.name not in ("sd1", "sd2", "sdxl", "sd3"):
+    if fam.name not in ("sd1", "sd2", "sdxl", *FLOW_FAMILIES):
         raise UnsupportedPipelineError(f"invert does not support the {fam.label} family yet.")
+    if method == "negative-prompt" and fam.name in ("flux", "flux2"):
+        raise InvalidArgumentError(
+            f"method='negative-prompt' needs a CFG batch with a negative prompt under guidance_scale, which "
+            f"{fam.label}'s pipeline does not run that way: use method='flow'."
+        )
     if not isinstance(prompt, str):
         raise InvalidArgumentError(f'prompt must be a string ("" for none), got {type(prompt).__name__}.')
-    ode = "flow" if fam.name == "sd3" else "ddim"
+    ode = "flow" if fam.name in FLOW_FAMILIES else "ddim"
     if method is None:
         method = ode
     if method not in METHODS:
@@ -446,7 +442,7 @@ def applied(pipe: Any, inversion: Inversion) -> contextlib.AbstractContextManage
         raise UnsupportedPipelineError(
             f"A null-text inversion regenerates on SD 1.x, SD 2.x or SDXL, not {fam.label}."
         )
-    scheduler = pipe.scheduler if fam.name == "sd3" else _ddim_scheduler(pipe)
+    scheduler = pipe.scheduler if fam.name in FLOW_FAMILIES else _ddim_scheduler(pipe)
     return _applied(pipe, fam, scheduler, inversion.null_embeds)
 
 
@@ -498,13 +494,15 @@ def invert(
         times, coeffs, empty = _ddim_steps(recon_scheduler, steps)
     else:
         recon_scheduler = pipe.scheduler
-        times, coeffs, empty = _flow_steps(pipe, steps)
+        times, coeffs, empty = _flow_steps(pipe, steps, h, w)
 
     from .decoding import decode_with
+    from .flowedit import encode_picture, pipe_latents
 
-    z0 = encode_image(pipe, picture, height=h, width=w)  # (1, C, h/f, w/f), the VAE posterior mean
+    # (1, C, h/f, w/f), the VAE posterior mean in the sampling space (Flux.2: its batch-norm normalisation)
+    z0 = encode_picture(pipe, picture) if ode == "flow" else encode_image(pipe, picture, height=h, width=w)
     vae_round_trip = decode_with(pipe.vae, z0)[0].cpu().numpy()  # (H, W, 3) uint8
-    model = _conditional_model(pipe, fam, prompt, h, w)
+    model = _conditional_model(pipe, fam, prompt, h, w, guidance)
 
     x = z0.double()
     trace = [x.float().cpu()]
@@ -535,7 +533,7 @@ def invert(
         "guidance_scale": guidance,
         "height": h,
         "width": w,
-        "latents": latents,
+        "latents": pipe_latents(pipe, latents),  # Flux.1: packed tokens; Flux.2: 2×2 patches
         "output_type": "np",
     }
     if negative is not None:
