@@ -76,6 +76,7 @@ _EXPORTS: dict[str, str] = {
     "InterpolationError": "errors",
     "InvalidArgumentError": "errors",
     "ExportError": "errors",
+    "MemoryBudgetError": "errors",
 }
 _SUBMODULES = (
     "widgets",
@@ -112,6 +113,7 @@ __all__ = [
     "InvalidArgumentError",
     "Inversion",
     "LocalBlend",
+    "MemoryBudgetError",
     "ModelNotAvailableError",
     "Observation",
     "PipelineDescription",

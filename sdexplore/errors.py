@@ -66,3 +66,8 @@ class ExportError(SdexploreError, ValueError, OSError):
 
 class SweepAbortedError(SdexploreError, RuntimeError):
     """Another process of a sweep stopped before the work began (its error is in the message)."""
+
+
+class MemoryBudgetError(SdexploreError, MemoryError):
+    """A recording would not fit its ``max_bytes`` budget or the memory the machine has free; raised before the
+    denoising loop, naming the options that bound it."""

@@ -18,7 +18,9 @@ from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipeli
 from ..families import detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
+from . import budget
 from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
+from .budget import Plan
 from .concept_stream import ConceptStream, concept_masses
 from .joint import (
     CAPTURING_JOINT,
@@ -47,6 +49,7 @@ PROBS_BYTES_CPU = 1 << 20
 # the attributes that hold one run's state (set aside when a run ends, built into maps when first read)
 _RUN_STATE = (
     "_edited",
+    "_plan",
     "_timesteps",
     "_latent_size",
     "_sel",
@@ -119,6 +122,14 @@ class AttentionRecorder:
             the prompt's maps are unchanged. UNet models need diffusers' default attention processor; MMDiT
             models need every layer (no ``layers=``/``scales=``). A model whose text encoder only saw full prompts
             (the embedded tiny-shapes model) gives single-word keys little meaning.
+        max_bytes: a bound on the bytes of every map the call stores (``maps.nbytes``, both halves with
+            ``negative``). Worked out before the denoising loop from the denoiser's structure: if the full
+            recording is larger, the per-step maps get a coarser resolution (while they take more than half of the
+            room), then layers are kept from the coarsest grid up while they fit; a ``UserWarning`` and
+            :attr:`budget` say what was left out. :class:`~sdexplore.errors.MemoryBudgetError` if even the
+            aggregate map and one layer exceed it. Without it, a recording larger than the memory free on the
+            denoiser's device (or, on the CPU, twice that: sums and the host copy) is refused before the loop with
+            the same error, naming this option.
     """
 
     def __init__(
@@ -133,8 +144,18 @@ class AttentionRecorder:
         keep_probs: bool = False,
         kind: str | None = None,
         concepts: Sequence[str] = (),
+        max_bytes: int | None = None,
     ) -> None:
         self.pipe = pipe
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
+        ):
+            raise InvalidArgumentError(
+                f"max_bytes={max_bytes!r}: give the bound on the stored maps as a whole number of bytes ≥ 1, e.g. "
+                "300 * 2**20, or None for no bound."
+            )
+        #: The bound on the stored maps' bytes (None: the machine's free memory is the only bound).
+        self.max_bytes = max_bytes
         self.family = detect_family(pipe)
         unet = getattr(pipe, self.family.denoiser, None)
         if unet is None or not hasattr(
@@ -221,6 +242,7 @@ class AttentionRecorder:
         self._entered_once = False
         self._maps: AttentionMaps | None = None
         self._why_no_maps: str | None = None
+        self._last_plan: Plan | None = None
         self._prompt_rows: tuple[list[TokenList], list[TokenList]] | None = None
         self._reset_run()
 
@@ -364,6 +386,7 @@ class AttentionRecorder:
 
     # ---- run state ----------------------------------------------------------------------------------------
     def _reset_run(self) -> None:
+        self._plan: Plan | None = None  # this call's capture, worked out at its first denoiser call
         self._edited = False  # a control changed this run's cross-attention (Run.attention_edited)
         self._timesteps: list[float] = []  # one per denoiser call, from the host copy of the schedule
         self._latent_size: tuple[int, int] | None = None
@@ -518,8 +541,6 @@ class AttentionRecorder:
         self._latent_off = False
         if self._timesteps and not self._first_step_checked:
             self._check_first_step()
-        if self.step_resolution is not None:
-            self._steps.append([{}, 0])
         spec = self.family.denoiser_args
         sample = spec.get("sample", args, kwargs)
         context = spec.get("text", args, kwargs)
@@ -548,9 +569,62 @@ class AttentionRecorder:
                 self._sel, self._split = cond, None
             else:
                 self._sel, self._split = slice(None), None
+        if self._plan is None:
+            self._plan = self._make_plan(run)
+        if self._plan.step_size is not None:
+            self._steps.append([{}, 0])
         if self.concepts and self._layouts:
             self._start_concepts(run, args, kwargs)
         return None
+
+    def _make_plan(self, run: Run) -> Plan:
+        """The call's capture, before its first step: reduced to ``max_bytes`` (layers left out are handed to their
+        own processor, as ``scales=`` does), and checked against the memory free on the denoiser's device."""
+        assert self._latent_size is not None
+        den = self.family.get_denoiser(self.pipe)
+        names = [n.removesuffix(".processor") for n in self._captured]
+        patch = max(self.family.latent_packing, int(getattr(den.config, "patch_size", 1) or 1))
+        scales = budget.layer_scales(den, names, patch)
+        if self.scales is not None:  # layers the scales= filter passes cost nothing
+            names = [n for n in names if scales[n] in self.scales]
+        calls = max(run.num_steps, 1) * max(int(getattr(self.pipe.scheduler, "order", 1) or 1), 1)
+        p = budget.plan(
+            names=names,
+            grids={n: budget.grid(self._latent_size, scales[n]) for n in names},
+            heads={n: int(getattr(den.get_submodule(n), "heads", 1) or 1) for n in names},
+            latent=self._latent_size,
+            rows=len(range(self._rows)[self._sel]),
+            keys=self._num_keys + len(self.concepts),
+            calls=calls,
+            halves=2 if self._split is not None else 1,
+            step_size=None if self.step_resolution is None else self._step_size(),
+            per_head=self.per_head,
+            keep_probs=self.keep_probs,
+            probs_itemsize=den.dtype.itemsize,
+            max_bytes=self.max_bytes,
+        )
+        budget.check_fits(p, den.device, self.max_bytes)
+        self._last_plan = p
+        self._passed.update(p.dropped)  # module names, as the gate is called
+        if p.reduced:
+            steps = (
+                "no per-step maps"
+                if p.step_size is None
+                else f"per-step maps at {p.step_size[0]}×{p.step_size[1]}"
+            )
+            warnings.warn(
+                f"max_bytes={self.max_bytes:,}: recording {len(p.layers)} of {len(names)} attention layers (the "
+                f"coarsest first) and {steps}, about {p.nbytes:,} bytes. recorder.budget lists what was left "
+                "out.",
+                stacklevel=2,
+            )
+        return p
+
+    @property
+    def budget(self) -> Plan | None:
+        """The latest call's capture plan: layers kept and ``dropped`` for ``max_bytes``, the per-step maps'
+        ``step_size``, and ``nbytes``, the bytes its maps take (None before a call)."""
+        return self._last_plan
 
     def _start_concepts(self, run: Run, args: tuple, kwargs: dict) -> None:
         """A fresh concept stream for this denoiser call: the concepts' word tokens through the denoiser's
@@ -922,7 +996,7 @@ class AttentionRecorder:
                 self._probs.setdefault(name, []).extend(
                     p[i, j].to(dtype, copy=True) for i in range(len(steps))
                 )  # (B', heads, HW, T) each
-        if self.step_resolution is not None:
+        if self._steps:
             hw = self._layer_hw[names[0]]
             per = m.sum(1).div_(heads) if len(names) > 1 else m[:, 0].div(heads)  # (S, B', HW, T)
             size = self._step_size()
@@ -953,6 +1027,8 @@ class AttentionRecorder:
 
     def _step_size(self) -> tuple[int, int]:
         assert self._latent_size is not None
+        if self._plan is not None and self._plan.step_size is not None:
+            return self._plan.step_size  # step_resolution's size, or coarser to fit max_bytes
         H, W = self._latent_size
         if isinstance(self.step_resolution, int):
             s = min(self.step_resolution, max(H, W)) / max(H, W)

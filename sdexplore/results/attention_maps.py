@@ -76,6 +76,26 @@ class AttentionMaps:
         return int(self.timesteps.shape[0])
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of every map tensor held (aggregate, layers, per-step, per-head, probabilities, concepts and the
+        negative half's): what ``AttentionRecorder(max_bytes=...)`` bounds."""
+        total = 0
+        for value in (
+            self.aggregate,
+            self.timesteps,
+            self.steps,
+            self.concept_aggregate,
+            self.concept_steps,
+            *self.layers.values(),
+            *(self.layer_heads or {}).values(),
+            *(self.probs or {}).values(),
+            *(self.concept_layers or {}).values(),
+        ):
+            if value is not None:
+                total += value.numel() * value.element_size()
+        return total + (self.negative.nbytes if self.negative is not None else 0)
+
+    @property
     def layer_names(self) -> list[str]:
         """Names of the captured cross-attention layers (``unet`` module paths)."""
         return list(self.layers)
