@@ -452,7 +452,7 @@ def _call(
     a list of another length than its batch); one generator still drives a stochastic sampler's noise."""
     gen = generator if isinstance(generator, torch.Generator) else None
     return pipe(
-        prompts,
+        prompt=prompts,  # by name: Flux2KleinPipeline's first parameter is its condition image
         latents=latents,
         generator=gen,
         num_images_per_prompt=n,

@@ -41,16 +41,27 @@ def test_ddim_step_is_diffusers_inverse_scheduler(picture):
     assert inv.timesteps == [float(t) for t in reversed(inverse.timesteps.tolist())]
 
 
-@pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3"])
+@pytest.mark.parametrize("family", ["sd2", "sdxl", "sd3", "flux", "flux2"])
 def test_fixed_point_solves_each_generation_step(family, picture):
     """With fixed-point passes, one generation step from trace[k+1] lands on trace[k] (v-prediction, SDXL's
-    extra conditioning, SD3's flow step): the reconstruction retraces the inversion."""
+    extra conditioning, SD3's flow step, Flux.1's packed tokens and resolution-shifted schedule with its distilled
+    guidance input, Flux.2's batch-norm latents): the reconstruction retraces the inversion."""
     pipe = tiny_pipeline(family)
-    inv = invert(pipe, picture, "a red circle", steps=2, iterations=8)
-    assert inv.trace.shape[0] == 3 and inv.method == ("flow" if family == "sd3" else "ddim")
+    size = dict(height=64, width=64) if family.startswith("flux") else {}
+    # Flux.1's second σ is 0.61 (its resolution shift): the fixed point needs more passes (8: 24.7 dB; 20: 55 dB)
+    inv = invert(pipe, picture, "a red circle", steps=2, iterations=20 if family == "flux" else 8, **size)
+    flow = family in ("sd3", "flux", "flux2")
+    assert inv.trace.shape[0] == 3 and inv.method == ("flow" if flow else "ddim")
     torch.testing.assert_close(inv.latents, inv.trace[-1:])
     # a random-weight model regenerates its own inversion: the reconstruction is near the VAE round trip
     assert inv.psnr > inv.vae_psnr - 3.0, (inv.psnr, inv.vae_psnr)
+    if flow:  # closer: the pipeline's own call regenerates the VAE round trip itself (a wrong schedule or
+        # velocity call, e.g. the unshifted σ of Flux or the unnormalised Flux.2 latents, falls far below)
+        from sdexplore.decoding import decode_with
+        from sdexplore.flowedit import encode_picture
+
+        round_trip = decode_with(pipe.vae, encode_picture(pipe, inv.image))[0].numpy()
+        assert psnr(inv.reconstruction, round_trip) > 35.0, psnr(inv.reconstruction, round_trip)
 
 
 def test_reconstruction_is_an_observed_call_and_the_pipeline_is_restored(picture):
@@ -115,6 +126,11 @@ def test_bad_input_is_refused_before_any_work(picture, monkeypatch):
         invert(sd3, picture, height=72)  # a multiple of the VAE's 8, not of 8 × the 2×2 patch
     with pytest.raises(InvalidArgumentError, match="limit of 256 pixels"):  # pos_embed_max_size 16 × 2 × 8
         invert(sd3, picture, width=272)
+    flux = tiny_pipeline("flux")
+    with pytest.raises(InvalidArgumentError, match="use method='flow'"):
+        invert(flux, picture, method="negative-prompt", height=64, width=64)
+    with pytest.raises(UnsupportedPipelineError, match="method='flow' or another"):
+        invert(flux, picture, method="null-text", height=64, width=64)
 
 
 def test_save_load_round_trip(tmp_path, picture):
