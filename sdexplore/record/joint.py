@@ -380,6 +380,8 @@ class JointControlledProcessor:
             and not getattr(recorder, "concepts", None)
             and rows is not None
         ):
+            if getattr(recorder, "keep_probs", False):
+                recorder._flush()  # the kept probabilities are filed in call order: the waiting calls first
             recorder._sink(capture.name, probs[rows])  # (B', heads, HW, T): what made the image
             return
         o = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(query.dtype)

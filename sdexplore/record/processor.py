@@ -278,6 +278,9 @@ class ControlledAttnProcessor:
         if cross and capture is not None:
             rows = capture.gate(capture.name, seq_len)
             if rows is not None:
+                recorder = getattr(capture.sink, "__self__", None)
+                if getattr(recorder, "keep_probs", False):
+                    recorder._flush()  # the kept probabilities are filed in call order: the waiting calls first
                 capture.sink(capture.name, probs[rows])  # the edited probabilities: what made the image
         if len(changed) == batch_size:
             out = None
