@@ -197,19 +197,7 @@ def test_injection_acts_at_the_chosen_layers_and_steps_and_leaves_the_source_alo
     assert np.array_equal(out[0], plain[0]) and not np.array_equal(out[1], plain[1])
 
 
-def _edit_names_the_prompt() -> bool:
-    import inspect
-
-    from sdexplore import editing
-
-    return "prompt=prompts" in inspect.getsource(editing._call)
-
-
 def test_edit_runs_on_flux_and_the_pipeline_is_restored(pipe) -> None:
-    if type(pipe).__name__ != "FluxPipeline" and not _edit_names_the_prompt():
-        pytest.skip(
-            "edit() passes the prompts positionally, Flux.2 [klein]'s image slot (issue 29's editing change)"
-        )
     kw = dict(num_inference_steps=3, height=64, width=64)
     pipe(prompt=P, **kw)  # the scheduler's own state after a call
     before = pipeline_state(pipe)
