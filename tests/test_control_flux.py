@@ -255,3 +255,42 @@ def test_the_pipeline_is_restored_exactly(fault) -> None:
         raised = e
     assert (raised is None) == (fault is None) and (fault is None or isinstance(raised, fault))
     assert_restored(pipe, before)
+
+
+def test_a_mask_puts_the_words_attention_where_it_says_on_flux_tokens(pipe) -> None:
+    """The mask is resized to the image tokens' grid (the 8×8 latent in 2×2 patches: 4×4) and keeps each head's
+    mass of the word."""
+    mask = np.zeros((8, 8), dtype=np.float32)
+    mask[:4, :4] = 1.0  # the top-left quarter
+    spy = _Spy(masks={"circle": mask})
+    spy.seen = []
+    with Control(pipe, spy):
+        pipe(prompt=P, generator=gen(0), **RUN)
+    pos = sequence_tokens(pipe, P).positions("circle")
+    for _call, before, after, _rows in spy.seen:
+        grid = after[0, :, :, pos].reshape(after.shape[1], 4, 4, len(pos))  # (heads, 4, 4, |pos|)
+        assert float(grid[:, 2:].abs().max()) == 0.0 and float(grid[:, :, 2:].abs().max()) == 0.0
+        assert float(grid[:, :2, :2].min()) > 0.0
+        torch.testing.assert_close(after[0, :, :, pos].sum(1), before[0, :, :, pos].sum(1))  # the mass kept
+
+
+def test_a_local_blend_keeps_the_source_outside_the_words_mask(pipe) -> None:
+    from sdexplore.families import detect_family
+
+    both = _latents(pipe)
+    blend = LocalBlend(["circle"], threshold=0.99, start=0.0)  # random maps are flat: keep only their peaks
+    with Control(pipe, WordSwap(0.5), blend):
+        out = pipe(
+            prompt=[P, Q], latents=both, num_inference_steps=3, height=64, width=64, output_type="latent"
+        )
+    fam = detect_family(pipe)
+    lat = out.images
+    if lat.ndim == 3:  # Flux.1's packed tokens (B, 16, 64)
+        lat = fam.unpack_latents(lat, (8, 8))
+    elif lat.shape[1] != fam.latent_channels:  # Flux.2's patchified latents (B, 128, 4, 4)
+        lat = fam.unpack_latents(lat.flatten(2).transpose(1, 2), (8, 8))
+    keep = blend.masks  # (1, 8, 8): the last mask applied
+    assert keep is not None and keep.shape == (1, 8, 8) and 0 < int(keep.sum()) < 64
+    outside = ~keep[0]
+    assert torch.equal(lat[1][:, outside], lat[0][:, outside])
+    assert not torch.equal(lat[1][:, keep[0]], lat[0][:, keep[0]])
