@@ -315,3 +315,21 @@ def test_a_blend_with_an_all_ones_mask_is_the_unblended_edit_bit_for_bit(pipe) -
     )
     assert not np.array_equal(_arrays(tight.edited), _arrays(plain.edited))
     assert tight.settings["blend"] == ["red", "blue"]
+
+
+def test_kept_probabilities_stay_in_step_order_when_a_control_edits_late(pipe) -> None:
+    """A reweight of the last step only: the kept probabilities of the earlier steps are the plain run's (the
+    edited calls are filed after the deferred ones, not before them), the last step's word column is doubled."""
+    opts = dict(keep_probs=True)
+    with sdx.observe(pipe, steps=False, attention=opts) as plain:
+        pipe(P, generator=gen(0), **RUN)
+    with sdx.observe(
+        pipe, steps=False, attention=opts, control=Reweight({"circle": 2.0}, steps=(0.7, 1.0))
+    ) as ed:
+        pipe(P, generator=gen(0), **RUN)
+    pos = sequence_tokens(pipe, P).positions("circle")
+    a, b = plain.attention.probs, ed.attention.probs  # name → (S, B, heads, HW, T)
+    for name in a:
+        torch.testing.assert_close(b[name][:3], a[name][:3], rtol=1e-6, atol=1e-7)  # steps 0-2 of 4: plain
+    first = next(iter(a))  # the first layer at the last step: the same inputs, the word's column doubled
+    torch.testing.assert_close(b[first][3][..., pos], 2 * a[first][3][..., pos], rtol=1e-5, atol=1e-7)
