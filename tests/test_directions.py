@@ -208,3 +208,18 @@ def test_the_inner_layer_is_refused_while_a_recorder_holds_it(sd3) -> None:
         pytest.raises(RecorderStateError, match="already recorded"),
     ):
         d.apply(sd3).__enter__()
+
+
+def test_the_explorer_shows_each_directions_frame_at_its_strength(sd1) -> None:
+    from sdexplore.widgets.directions import DirectionExplorer
+
+    d = D.from_pairs(sd1, [PAIR])
+    walks = {"colour": d.walk(sd1, "a red square at the top", frames=3, **KW)}
+    ex = DirectionExplorer(walks, static=False)
+    ex.widget  # noqa: B018 - build it
+    ex._sliders["colour"].value = 2
+    assert np.array_equal(ex.frame("colour", 1.0), walks["colour"].images[2])
+    fig = DirectionExplorer(walks, static=True).figure()
+    assert len(fig.axes) == 3
+    with pytest.raises(InvalidArgumentError):
+        DirectionExplorer({})
