@@ -3,8 +3,12 @@
 One batched pipeline call of the source prompt(s) and the target prompt(s), both from the same initial latents,
 under a :class:`~sdexplore.record.control.Control` (the edits) and an attention recorder (the maps of both
 branches): the source branch is the plain image, the target branch the edit. Every input is checked before any
-work. SD 1.x, 2.x, XL and SD3 (on SD3 the edits act on the image-query × text-key block of its joint
-attention; ``self_replace`` has no effect there) for now.
+work. The families of ``record.control.CONTROL_FAMILIES`` (on SD3 and Flux the edits act on the image-query ×
+text-key block of the joint attention; ``self_replace`` has no effect there).
+
+Your own picture (``image=``): null-text inversion (SD 1.x/2.x/XL) or the flow-ODE inversion (SD3, Flux.1,
+Flux.2) under the source prompt gives both branches' starting latents; or ``method="flowedit"`` (SD3, Flux.1,
+Flux.2; :mod:`sdexplore.flowedit`) edits it inversion-free, without attention controls.
 """
 
 from __future__ import annotations
@@ -99,11 +103,13 @@ def edit(
     ``generator`` draws the initial latents as the pipeline itself would (so the source is the plain image of
     ``prompt`` with that seed, and ``pipe(target, generator=same seed)`` is the naive baseline); ``latents``
     (B, C, h, w) gives them directly. ``image`` edits your own picture: a picture (anything
-    :func:`sdexplore.images.load_image` reads) is inverted with null-text inversion under ``prompt`` (its
-    description; ``num_inference_steps`` and ``guidance_scale`` as given, else the inversion's defaults), or a
-    null-text :class:`~sdexplore.results.inversion.Inversion` made before is used as it is; both branches then
-    start from its latents with its per-step unconditional embeddings (``sdexplore.inversion.applied``), so the
-    source branch is the picture's reconstruction. Other keywords go to the pipeline call (``num_inference_steps``,
+    :func:`sdexplore.images.load_image` reads) is inverted under ``prompt`` (its description;
+    ``num_inference_steps`` and ``guidance_scale`` as given, else the inversion's defaults) with null-text
+    inversion on SD 1.x/2.x/XL, or with the flow ODE on SD3, Flux.1 and Flux.2 (at CFG 1: a ``guidance_scale``
+    other than 1 is refused there, except as a guidance-distilled transformer's input); or a null-text (UNet) /
+    flow (SD3, Flux) :class:`~sdexplore.results.inversion.Inversion` made before is used as it is; both branches
+    then start from its latents (null-text: with its per-step unconditional embeddings,
+    ``sdexplore.inversion.applied``), so the source branch is the picture's reconstruction. Other keywords go to the pipeline call (``num_inference_steps``,
     ``guidance_scale``, ``negative_prompt``, ``height``, ``width``...). Edits apply to the conditional half of
     the CFG batch. ``attention=True`` records the maps of both branches (``res.source_maps``,
     ``res.edited_maps``); inside an enclosing ``observe(pipe, attention=True)`` block that block records them
@@ -121,7 +127,8 @@ def edit(
     Raises InvalidArgumentError before any work for invalid prompt syntax (quoting compel's message), prompts
     that cannot be aligned, a weight that is NaN or
     negative, a fraction outside [0, 1], or nothing to edit; WordNotFoundError for a word not in the prompt;
-    UnsupportedPipelineError on Flux and Flux.2 (controls run on SD 1.x/2.x/XL and SD3 for now).
+    UnsupportedPipelineError on a family that cannot take controls (``CONTROL_FAMILIES`` names those that can),
+    and for ``method="flowedit"`` on a family that is not a flow-matching one (SD3, Flux.1, Flux.2 can).
     """
     if method not in (None, "inversion", "flowedit"):
         raise InvalidArgumentError(

@@ -466,7 +466,8 @@ def invert(
     ``image``: a PIL image, an array, a tensor, bytes or a path (:func:`sdexplore.images.load_image`), resized to
     ``height`` × ``width`` (default: the model's size) with a note; a size the model cannot draw (not a positive
     multiple of its VAE factor × patch, or above an SD3 transformer's limit) is refused before any work. ``method``: ``"ddim"`` (the UNet families'
-    default), ``"flow"`` (SD3's default), ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
+    default), ``"flow"`` (the default of SD3, Flux.1 and Flux.2; for a guidance-distilled Flux transformer ``guidance`` is
+    its guidance input, in the inversion and the reconstruction alike), ``"negative-prompt"`` (faithful under CFG: the reconstruction uses the
     prompt as its negative) or ``"null-text"`` (SD 1.x/2.x/XL: per-step unconditional embeddings optimised so
     that the CFG run retraces the DDIM inversion; the one to edit a picture by attention under CFG).
     ``guidance``: the reconstruction's CFG scale (default 1.0; null-text: the embedded model's own,
