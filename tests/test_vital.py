@@ -219,3 +219,22 @@ def test_no_injection_is_the_plain_batch_and_injection_changes_only_the_target(s
     assert injected.settings["method"] == "inject" and injected.settings["inject"] == ["transformer_blocks.0"]
     assert _block_hooks(sd3) == 0
     assert_restored(sd3, state)
+
+
+# ---- the embedded tiny-shapes-mmdit: the measured vital set means something -------------------------------------
+def test_the_most_vital_block_of_the_embedded_mmdit_changes_the_scene_and_the_least_vital_does_not() -> None:
+    import sdexplore as sdx
+    from sdexplore import scenes
+
+    pipe = sdx.load_pipeline("tiny-shapes-mmdit")
+    call = dict(num_inference_steps=20, guidance_scale=3.0, read_scenes=True)
+    prompts = scenes.validation_prompts()
+    vl = vital_layers(pipe, prompts[20:24], seeds=[0], **call)  # held out from training
+    assert 0 < len(vl.vital) < len(vl.blocks)  # some blocks matter more than the threshold, some do not
+    top, least = vl.ranking[0], vl.ranking[-1]
+    assert least not in vl.vital
+    # on other held-out prompts: bypassing the most vital block changes what the picture shows on most of them,
+    # bypassing the least vital one on at most half, and changes the pixels far less
+    check = vital_layers(pipe, prompts[28:32], seeds=[1], blocks=[top, least], **call)
+    assert check.scene_changed[0] >= 0.75 and check.scene_changed[1] <= 0.5
+    assert check.scores[0] > 3 * check.scores[1] and check.psnr[1] > check.psnr[0] + 5
