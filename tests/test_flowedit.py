@@ -162,3 +162,15 @@ def test_embedded_mmdit_colour_edit_reads_as_the_target_and_keeps_the_background
         "blue", source.shape, source.place, source.background,
     ), edited  # fmt: skip
     assert _psnr_outside(np.asarray(res.edited), scene, source.mask | edited.mask) >= 25.0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux", "flux2"])
+def test_the_schedule_is_the_one_the_pipelines_own_call_uses(family, fixtures):
+    """Flux.1's and Flux.2's σ depend on the image's token count (their own shift rules): flow_schedule gives
+    exactly the σ a plain call at that size ends up with."""
+    pipe = fixtures[family]
+    for size in (64, 128):
+        pipe(prompt="a red circle", num_inference_steps=5, height=size, width=size, output_type="latent")
+        times, sigmas = flow_schedule(pipe, 5, size, size)
+        assert sigmas == pipe.scheduler.sigmas.double().tolist()
+        assert times == [float(t) for t in pipe.scheduler.timesteps.tolist()]
