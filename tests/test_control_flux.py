@@ -294,3 +294,22 @@ def test_a_local_blend_keeps_the_source_outside_the_words_mask(pipe) -> None:
     outside = ~keep[0]
     assert torch.equal(lat[1][:, outside], lat[0][:, outside])
     assert not torch.equal(lat[1][:, keep[0]], lat[0][:, keep[0]])
+
+
+def test_an_injection_alone_forms_no_probabilities_and_records_plain_joint_maps(pipe, monkeypatch) -> None:
+    """Injection needs only the kernel: the image→text block (N, heads, HW, T) float32, large on a real Flux, is
+    not formed; a recorder in the block still records the joint maps the injected keys gave (one softmax per
+    pixel: unflagged)."""
+    import sdexplore.record.joint as joint
+
+    def refuse(*a, **k):
+        raise AssertionError("the probabilities were formed")
+
+    both = _latents(pipe)
+    with sdx.observe(pipe, steps=False, attention=True) as obs, Control(pipe, Inject()):
+        monkeypatch.setattr(joint, "text_block", refuse)
+        out = pipe(prompt=[P, Q], latents=both, **RUN).images
+        monkeypatch.undo()
+    plain = pipe(prompt=[P, Q], latents=both, **RUN).images
+    assert np.array_equal(out[0], plain[0]) and not np.array_equal(out[1], plain[1])
+    assert not obs.attention.edited and float(obs.attention.word("circle", index=1).min()) > 0

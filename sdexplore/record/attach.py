@@ -241,6 +241,7 @@ class AttentionCall:
     rows: int  # N: rows of the denoiser batch
     cond: slice  # the conditional rows (every row without CFG)
     uncond: bool = False  # a family without a CFG batch (Flux): this is true CFG's negative-prompt call
+    probs: bool = True  # some active control reads or edits the probabilities (False: only injections act)
 
 
 @dataclass
@@ -259,6 +260,9 @@ class ControlTap:
     active: Callable[[AttentionCall], bool]
     edit: Callable[[AttentionCall, torch.Tensor], Any]
     inject: Callable[[AttentionCall], Any] | None = None
+    # whether the control reads or edits the probabilities at a call it is active at (None: always); where no
+    # active control does, a joint layer skips forming them (an injection alone needs only the kernel)
+    probs: Callable[[AttentionCall], bool] | None = None
 
 
 @dataclass
@@ -447,9 +451,11 @@ class Attachment:
             index, second = divmod(index, 2)
             uncond = second == 1
         call = AttentionCall(run, name, cross, index, queries, rows, cond, uncond)
-        if any(tap.active(call) for tap in self._slots[name].controls):
-            return call
-        return None
+        active = [tap for tap in self._slots[name].controls if tap.active(call)]
+        if not active:
+            return None
+        call.probs = any(tap.probs is None or tap.probs(call) for tap in active)
+        return call
 
     def _text_tokens(self) -> int:
         """Text tokens of the denoiser call in progress (0 outside a run)."""

@@ -178,6 +178,7 @@ class AttentionEdit:
     needs_self_attention: bool = False
     reads_first: bool = False  # reads the probabilities before the other edits change them (LocalBlend)
     unconditional: bool = False  # also acts on Flux true CFG's negative-prompt call (no prompt words there)
+    reads_probs: bool = True  # reads or edits the probabilities where active (Inject: only keys and values)
 
     def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
         """The :class:`Control` is made on ``pipe`` (``layers``: the module names it attaches to)."""
@@ -587,6 +588,7 @@ class Inject(AttentionEdit):
     """
 
     unconditional = True
+    reads_probs = False
 
     def __init__(
         self, layers: Sequence[int | str] | None = None, steps: Sequence[float] = (0.0, 1.0)
@@ -718,7 +720,7 @@ class Control:
             order=0,
             run_start=self._run_start,
             step=self._step if any(type(e).step is not AttentionEdit.step for e in self.edits) else None,
-            control=ControlTap(self.layers, self._active, self._edit, self._inject),
+            control=ControlTap(self.layers, self._active, self._edit, self._inject, self._reads),
         )
         ctx = attach(self.pipe, sub, self.family)
         ctx.__enter__()
@@ -747,6 +749,9 @@ class Control:
         for e in sorted(self._acting(call), key=lambda e: not e.reads_first):
             rows.update(e.edit(call, probs))
         return sorted(rows)
+
+    def _reads(self, call: AttentionCall) -> bool:
+        return any(e.reads_probs for e in self._acting(call))
 
     def _inject(self, call: AttentionCall) -> list[tuple[int, int]]:
         pairs: list[tuple[int, int]] = []

@@ -338,6 +338,9 @@ class JointControlledProcessor:
             key[tgt, :, img] = key[src, :, img]  # (N', heads, HW, d): the source image's keys
             value[tgt, :, img] = value[src, :, img]  # and values
         out, lse = sdpa_with_lse(query, key, value)  # (N, heads, L, d), (N, heads, L) or None
+        if not getattr(call, "probs", True):  # only injections act: no probabilities to form
+            self._record(attn, query, key, value, out, lse, None, img, txt, scale, False)
+            return out
         q_img, k_txt, v_txt = query[:, :, img], key[:, :, txt], value[:, :, txt]
         plain_probs, _ = text_block(
             q_img, k_txt, None if lse is None else lse[:, :, img], scale, "joint", key[:, :, img]
@@ -361,7 +364,7 @@ class JointControlledProcessor:
         value: torch.Tensor,
         out: torch.Tensor,
         lse: torch.Tensor | None,
-        probs: torch.Tensor,
+        probs: torch.Tensor | None,
         img: slice,
         txt: slice,
         scale: float,
@@ -370,7 +373,7 @@ class JointControlledProcessor:
         """Hand this call to the recorder capturing the layer, if one does: the edited probabilities where its
         maps are ``"joint"`` maps (the block the controls edit), else what its capture hands it (unedited)."""
         capture = self.capture
-        if capture is None or not capture.gate(capture.name, probs.shape[2]):
+        if capture is None or not capture.gate(capture.name, query[:, :, img].shape[2]):
             return
         recorder = getattr(capture.sink, "__self__", None)
         rows = getattr(recorder, "_sel", None)
