@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "Control": "record.control",
     "LocalBlend": "record.control",
     "Refine": "record.control",
+    "Inject": "record.control",
     "Reweight": "record.control",
     "WordSwap": "record.control",
     # text, interpolation, walks
@@ -111,6 +112,7 @@ __all__ = [
     "Family",
     "InterpolationError",
     "InvalidArgumentError",
+    "Inject",
     "Inversion",
     "LocalBlend",
     "MemoryBudgetError",
@@ -196,7 +198,7 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         set_scheduler,
     )
     from .record.attention import AttentionRecorder
-    from .record.control import Control, LocalBlend, Refine, Reweight, WordSwap
+    from .record.control import Control, Inject, LocalBlend, Refine, Reweight, WordSwap
     from .record.observe import observe
     from .record.steering import PromptSwitch
     from .record.steps import StepRecorder

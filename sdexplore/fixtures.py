@@ -46,8 +46,8 @@ FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2"]
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
-#: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels; not yet attention
-#: maps, walks or text inspection, whose tests assume a T5 sequence).
+#: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels, attention maps and
+#: controls; not yet walks or text inspection, whose tests assume a T5 sequence).
 PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2",)
 #: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
 #: "schnell" (no guidance input; a fixed shift of 1).
