@@ -25,6 +25,7 @@ a stronger edit that keeps less of the picture), ``n_min`` how many of them are 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from .families import Family, detect_family, vae_scale_factor
 
 #: The flow-matching families FlowEdit runs on.
 FLOWEDIT_FAMILIES = ("sd3", "flux", "flux2")
+_OUTSIDE_WARNING = "The observed denoiser ran outside a call"
 #: The paper's settings per family: (steps, n_max, source guidance, target guidance).
 PAPER_DEFAULTS = {"sd3": (50, 33, 3.5, 13.5), "flux": (28, 24, 1.5, 5.5), "flux2": (28, 24, 1.5, 5.5)}
 
@@ -377,9 +379,13 @@ def flowedit(
     x_src = encode_picture(pipe, picture)  # (1, C, h/f, w/f)
     src = velocity_model(pipe, source_prompt, g_src, h, w)
     tar = velocity_model(pipe, target_prompt, g_tar, h, w)
-    edited = flowedit_latents(
-        src, tar, x_src, timesteps, sigmas, n_max=n_max, n_min=n_min, n_avg=n_avg, generator=generator
-    )
+    with (
+        warnings.catch_warnings()
+    ):  # an enclosing observe's note that these denoiser calls are not a pipeline call
+        warnings.filterwarnings("ignore", message=_OUTSIDE_WARNING)
+        edited = flowedit_latents(
+            src, tar, x_src, timesteps, sigmas, n_max=n_max, n_min=n_min, n_avg=n_avg, generator=generator
+        )
     dtype = x_src.dtype
     round_trip = decode_with(pipe.vae, x_src)[0].cpu().numpy()  # (H, W, 3) uint8
     out = decode_with(pipe.vae, edited.to(dtype))[0].cpu().numpy()

@@ -174,3 +174,19 @@ def test_the_schedule_is_the_one_the_pipelines_own_call_uses(family, fixtures):
         times, sigmas = flow_schedule(pipe, 5, size, size)
         assert sigmas == pipe.scheduler.sigmas.double().tolist()
         assert times == [float(t) for t in pipe.scheduler.timesteps.tolist()]
+
+
+def test_inside_observe_flowedit_warns_of_nothing_and_the_pipeline_is_restored(fixtures, picture):
+    """FlowEdit's velocity calls are no pipeline call: an enclosing observe records nothing and says nothing."""
+    import warnings
+
+    from conftest import assert_restored, pipeline_state
+
+    pipe = fixtures["flux"]
+    before = pipeline_state(pipe)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with sdx.observe(pipe, steps=True) as obs:
+            sdx.edit(pipe, "a red circle", "a blue circle", image=picture, method="flowedit", **SMALL)
+    assert len(obs.runs) == 0
+    assert_restored(pipe, before)
