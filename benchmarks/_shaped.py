@@ -213,7 +213,30 @@ def build(
             shaped = _BUILDERS[model](flux_blocks)
     finally:
         torch.set_default_dtype(before)
+    # the schedule in float32 on the host, as from_pretrained builds it (not in dtype, not on the meta device)
+    shaped.pipe.register_modules(scheduler=_scheduler(model))
     return _done(shaped)
+
+
+def _scheduler(model: str) -> Any:
+    """The model's scheduler as published (SD-1.5: DDIM in place of PNDM, as the fixture has it)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+    if model == "sd15":
+        return DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False)
+    if model == "sdxl":
+        return EulerDiscreteScheduler(**betas, timestep_spacing="leading")
+    if model == "sd35m":
+        return FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev: the shift follows the image's token count
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
 
 
 def _done(shaped: Shaped) -> Shaped:
@@ -236,7 +259,7 @@ _TEXT_NOTE = "text encoders at real width and output length, {layers}"
 
 
 def _sdxl(_: Any) -> Shaped:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     from sdexplore.tokenizer import clip_tokenizer
 
@@ -247,13 +270,7 @@ def _sdxl(_: Any) -> Shaped:
         tokenizer=clip_tokenizer(pad_token="<|endoftext|>"),
         tokenizer_2=clip_tokenizer(pad_token="!"),
         unet=UNet2DConditionModel(**denoiser_config("sdxl")),
-        scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            timestep_spacing="leading",
-            steps_offset=1,
-        ),
+        scheduler=None,  # set by build(), outside the dtype and device of the modules
         add_watermarker=False,
     )
     note = _TEXT_NOTE.format(layers=f"{TEXT_LAYERS['clip']} of 12 / 32 layers (CLIP-L / bigG)")
@@ -261,13 +278,13 @@ def _sdxl(_: Any) -> Shaped:
 
 
 def _sd35m(_: Any) -> Shaped:
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
     from sdexplore.tokenizer import clip_tokenizer, t5_tokenizer
 
     pipe = StableDiffusion3Pipeline(
         transformer=SD3Transformer2DModel(**denoiser_config("sd35m")),
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=None,  # set by build(), outside the dtype and device of the modules
         vae=_vae(
             16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False
         ),
@@ -292,19 +309,12 @@ def _sd35m(_: Any) -> Shaped:
 
 
 def _flux1(flux_blocks: tuple[int, int]) -> Shaped:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
 
     from sdexplore.tokenizer import clip_tokenizer, t5_tokenizer
 
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        ),
+        scheduler=None,  # set by build(), outside the dtype and device of the modules
         vae=_vae(
             16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
         ),

@@ -502,6 +502,8 @@ def _child_cmd(name: str, out: Path, args: argparse.Namespace) -> list[str]:
         cmd += ["--pairs", str(args.pairs)]
     if args.flux_blocks:
         cmd += ["--flux-blocks", *map(str, args.flux_blocks)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     return cmd
 
 
@@ -551,12 +553,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--until", metavar="HH:MM", help="UTC time to stop: no row starts after it, a running one ends"
     )
+    ap.add_argument(
+        "--threads", type=int, help="torch threads in each row (default: torch's, the core count)"
+    )
     ap.add_argument("--json", type=Path, help="write the results to this JSON file (after each row)")
     ap.add_argument("--inline", action="store_true", help="run rows in this process (tests; peaks may mix)")
     ap.add_argument("--one", choices=list(ROWS), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for flag in ("steps", "pairs"):
+    for flag in ("steps", "pairs", "threads"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             ap.error(f"--{flag} must be ≥ 1, got {value}")
@@ -574,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry and not peak_memory_supported():
         ap.error("peak memory needs Linux's /proc/self/clear_refs; run on Linux (or --dry)")
     if args.one:  # a child: one row, its result to --out
+        if args.threads:
+            torch.set_num_threads(args.threads)
         result = run_row(
             args.one,
             steps=args.steps,
@@ -599,9 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows:
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
-            out["rows"].append({"row": name, "error": f"not started: --until {args.until} reached"})
-            continue
-        if args.inline:
+            result = {"row": name, "error": f"not started: --until {args.until} reached"}
+            result["command"] = f"nice -n 10 python benchmarks/bench_scale.py --rows {name}"
+        elif args.inline:
+            if args.threads:
+                torch.set_num_threads(args.threads)
             result = run_row(
                 name,
                 steps=args.steps,
