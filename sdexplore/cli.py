@@ -169,11 +169,19 @@ keeps the source's cross-attention for the first --cross-replace of the steps an
 first --self-replace. --reweight WORD=FACTOR scales a word's attention in the edited image (0 ablates it);
 words are looked up in TARGET, or in SOURCE without one.
 
+--image PICTURE edits your own picture; SOURCE describes it. By default (--method inversion) the picture is
+inverted first (null-text inversion on SD 1.x/2.x/XL, the flow ODE at guidance 1 on SD3 and Flux) and both
+branches start from its latents, so source.png is its reconstruction. --method flowedit (SD3, Flux.1, Flux.2)
+edits it inversion-free (FlowEdit, Kulikov et al. 2025): source.png is the picture's VAE round trip, and no
+maps are kept.
+
 examples:
   sdexplore edit "a big red circle at the top left on a blue background" \
       "a big green circle at the top left on a blue background"
   sdexplore edit "a big red circle at the top left on a blue background" --reweight red=2 --out louder
   sdexplore edit "a big red circle at the top left on a blue background" --reweight circle=0 --out ablate
+  sdexplore edit "a big red circle at the top left on a blue background" \
+      "a big blue circle at the top left on a blue background" --image scene.png --out mine
 """
 
 
@@ -537,6 +545,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         metavar="F",
         help="fraction of the steps that keep the source's self-attention (word swap; default 0.4)",
+    )
+    e.add_argument(
+        "--image",
+        metavar="PICTURE",
+        help="edit this picture (SOURCE describes it) instead of a generated one",
+    )
+    e.add_argument(
+        "--method",
+        choices=("inversion", "flowedit"),
+        default=None,
+        help="with --image: invert then edit (default), or FlowEdit's inversion-free edit (SD3, Flux)",
     )
     e.add_argument(
         "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
@@ -1369,6 +1388,18 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise InputError(
             f"--reweight names {next(w for w in words if words.count(w) > 1)!r} twice; give it once"
         )
+    if args.method is not None and args.image is None:
+        raise InputError(f"--method {args.method} edits a picture: give it with --image PICTURE")
+    if args.method == "flowedit" and args.guidance is not None:
+        raise InputError(
+            "--guidance does not apply to --method flowedit: FlowEdit guides its source and target branches with "
+            "the paper's own scales; leave --guidance out"
+        )
+    if args.method == "flowedit" and (args.target is None or args.reweight):
+        raise InputError(
+            "--method flowedit edits toward TARGET and reweights nothing: pass TARGET and leave --reweight out"
+        )
+    _check_image_options(args, [args.image])
     _check_size(args)
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
@@ -1382,7 +1413,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         res, names = write_edit(pipe, args, output.path)
         output.commit()
     _wrote(output.shown / v for v in names)
-    for word in res.changed_words():
+    for word in res.changed_words() if res.edited_maps is not None else []:  # FlowEdit keeps no maps
         before, after = res.word_maps(word)
         was = "none (not in the source)" if before is None else f"{float(before.mean()):.4f}"
         print(f"{word}: mean attention mass before {was}, after {float(after.mean()):.4f}")
@@ -1400,21 +1431,31 @@ def write_edit(pipe: Any, args: argparse.Namespace, folder: Path) -> tuple[Any, 
     from .render import heat_overlay
 
     kw = _call_kwargs(args)
-    try:
-        res = edit(
-            pipe,
-            args.source,
-            args.target,
+    picture = getattr(args, "image", None)
+    method = getattr(args, "method", None)
+    if method == "flowedit":
+        kw.pop("guidance_scale", None)  # the embedded model's scale: FlowEdit sets each branch's own
+    if picture is not None and method != "flowedit":
+        options: dict[str, Any] = {"image": picture}  # both branches start from its inversion: no noise drawn
+    else:
+        options = {"generator": torch.Generator("cpu").manual_seed(args.seed)}
+        if picture is not None:
+            options.update(image=picture, method=method)
+    if method != "flowedit":
+        options.update(
             reweight=dict(args.reweight or []) or None,
             cross_replace=args.cross_replace,
             self_replace=args.self_replace,
-            generator=torch.Generator("cpu").manual_seed(args.seed),
-            **kw,
         )
+    try:
+        with _image_notes():
+            res = edit(pipe, args.source, args.target, **options, **kw)
     # what only the loaded model decides, checked by edit() before any step (an MMDiT family, for now)
     except (InvalidArgumentError, UnsupportedPipelineError) as e:
         raise InputError(_one_line(e)) from e
     res.settings.update(seed=args.seed, model=args.model or "embedded", command="sdexplore edit")
+    if picture is not None:
+        res.settings.update(image=str(picture))
     source, edited = res.images()
     folder.mkdir(parents=True, exist_ok=True)
     names = ["source.png", "edited.png", "difference.png"]
@@ -1422,7 +1463,7 @@ def write_edit(pipe: Any, args: argparse.Namespace, folder: Path) -> tuple[Any, 
     _save_png(edited, folder / names[1])
     _save_png(res.difference(), folder / names[2])
     taken: set[str] = set()
-    for word in res.changed_words():
+    for word in res.changed_words() if res.edited_maps is not None else []:  # FlowEdit keeps no maps
         before, after = res.word_maps(word)
         top = max(float(after.max()), 0.0 if before is None else float(before.max())) or 1.0
         slug = _slug(word, taken)

@@ -180,16 +180,55 @@ def test_the_seed_decides_the_source_as_a_plain_call_does(capsys, tmp_path):
     assert np.abs(png(out / "source.png").astype(int) - np.asarray(plain).astype(int)).max() <= 2
 
 
-def test_a_model_that_cannot_take_controls_is_one_line_and_exit_2_with_nothing_written(capsys, tmp_path):
-    """A Flux.1 folder (no controls yet; SD3 and the UNets take them) loads, then is refused before any step: bad
-    input, not a crash."""
-    from sdexplore.fixtures import tiny_pipeline
+def test_flowedit_on_a_model_that_cannot_is_one_line_and_exit_2_with_nothing_written(capsys, tmp_path):
+    """FlowEdit needs a flow-matching model: the embedded UNet loads, then is refused before any step (bad input,
+    not a crash), naming the families that can."""
+    from sdexplore.embedded.scenes import render_scene
 
-    folder = tmp_path / "models" / "tiny-flux"
-    tiny_pipeline("flux").save_pretrained(folder)
-    capsys.readouterr()  # save_pretrained's progress bars are not the command's output
+    picture = tmp_path / "scene.png"
+    Image.fromarray(render_scene(SOURCE, jitter=False)[0]).save(picture)
     out = tmp_path / "edit"
-    rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--model", folder, *FAST, "--out", out)
+    rc, stdout, err = run(
+        capsys, "edit", SOURCE, TARGET, "--image", picture, "--method", "flowedit", *FAST, "--out", out
+    )
     lines = error_lines(err)
-    assert (rc, len(lines)) == (2, 1) and "cannot take attention controls" in lines[0], err
+    assert (rc, len(lines)) == (2, 1) and "FlowEdit needs a flow-matching model" in lines[0], err
+    assert "SD3, Flux.1 or Flux.2" in lines[0]
     assert "wrote" not in stdout and not out.exists()
+
+
+def test_your_own_picture_is_inverted_and_edited_and_its_reconstruction_is_the_source(capsys, tmp_path):
+    from sdexplore.embedded.scenes import render_scene
+
+    picture = tmp_path / "scene.png"
+    Image.fromarray(render_scene(SOURCE, jitter=False)[0]).save(picture)
+    out = tmp_path / "mine"
+    rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--image", picture, "--steps", "4", "--no-progress",
+                          "--out", out)  # fmt: skip
+    assert rc == 0, err
+    res = Edit.load(out / "edit.safetensors")
+    assert res.settings["image"] == str(picture)
+    source = png(out / "source.png").astype(float)
+    original = png(picture).astype(float)
+    psnr = 10 * np.log10(255.0**2 / np.mean((source - original) ** 2))
+    assert psnr > 25  # the source branch is the picture's null-text reconstruction, not a new sample
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (("--method", "flowedit"), "--method flowedit edits a picture: give it with --image"),
+        (("--method", "inversion"), "--method inversion edits a picture"),
+        (("--image", "scene.png", "--method", "flowedit", "--guidance", "3"), "--guidance does not apply"),
+        (("--image", "scene.png", "--method", "flowedit", "--reweight", "red=2"), "leave --reweight out"),
+        (("--image", "missing.png"), "does not exist"),
+        (("--image", "scene.png", "--negative", "blurry"), "--negative cannot be used with --image"),
+    ],
+)
+def test_picture_options_are_checked_before_the_model_loads(capsys, tmp_path, no_model, argv, message):
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "scene.png")
+    argv = tuple(str(tmp_path / a) if a.endswith(".png") else a for a in argv)
+    rc, _, err = run(capsys, "edit", SOURCE, TARGET, *argv, "--out", tmp_path / "o")
+    lines = error_lines(err)
+    assert rc == 2 and len(lines) == 1 and message in lines[0], err
+    assert no_model == [] and not (tmp_path / "o").exists()
