@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 # torch 2.13.0: on the project's CI machines pip takes a CPU build that lies on disk. Override for your machine.
 TORCH ?= torch==2.13.0
 PORT ?= 8888
+# pytest-xdist workers for make test: one per core of the 2-core CI machines (each test runs one torch thread)
+WORKERS ?= 2
 # Jupyter refuses to run as root without this flag (containers, CI boxes); ordinary users never need it.
 LAB_FLAGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
@@ -31,7 +33,7 @@ lab: setup
 # the docs site is built once per run (into build/site, reused while its inputs are unchanged; tests/conftest.py),
 # and its executed tutorials serve the notebook tests too
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=15
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(WORKERS) --dist loadgroup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

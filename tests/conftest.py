@@ -117,6 +117,18 @@ def assert_restored(pipe, before: dict) -> None:
     assert getattr(pipe, "_interrupt", False) is False and attachment_of(pipe) is None
 
 
+# ---------------------------------------------------------------------------------------- parallel workers
+#: Session fixtures that build something shared on disk (the docs site, the executed tutorials): every test using
+#: them runs on one pytest-xdist worker (``--dist loadgroup``), so the site is built once per run, not per worker.
+SHARED_BUILDS = {"docs_build", "docs_site", "executed_tutorials"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SHARED_BUILDS & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("docs"))
+
+
 # ---------------------------------------------------------------------------------------- the docs build
 @pytest.fixture(scope="session")
 def docs_build() -> dict:
