@@ -198,24 +198,11 @@ def velocity_model(pipe: Any, prompt: str, guidance: float, height: int, width: 
 def encode_picture(pipe: Any, picture: np.ndarray) -> torch.Tensor:
     """The sampling-space latents (1, C, h, w) of a picture (H, W, 3) uint8 at its own size: the VAE posterior's
     mean, shifted and scaled (SD3, Flux.1), or normalised by the VAE's batch-norm statistics over 2×2 patches as
-    ``Flux2KleinPipeline`` does (Flux.2)."""
+    ``Flux2KleinPipeline`` does (Flux.2): :func:`sdexplore.images.encode_image`."""
     from .images import encode_image
 
-    vae = pipe.vae
-    if getattr(vae, "bn", None) is None:
-        h, w = picture.shape[:2]
-        return encode_image(pipe, picture, height=h, width=w)
-    param = next(vae.parameters())
-    pixels = torch.from_numpy(np.asarray(picture, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
-    pixels = pixels.permute(2, 0, 1)[None].to(param.device, param.dtype)  # (1, 3, H, W)
-    z = vae.encode(pixels).latent_dist.mode()  # (1, C, h, w)
-    b, c, h, w = z.shape
-    x = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, dy, dx, h/2, w/2)
-    x = x.reshape(b, c * 4, h // 2, w // 2)  # (B, 4C, h/2, w/2): channel c·4 + 2·dy + dx
-    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)  # (1, 4C, 1, 1)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.dtype)
-    x = ((x - mean) / std).reshape(b, c, 2, 2, h // 2, w // 2)  # (B, C, dy, dx, h/2, w/2)
-    return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # (B, C, h, w)
+    h, w = picture.shape[:2]
+    return encode_image(pipe, picture, height=h, width=w)
 
 
 def pipe_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -288,7 +288,8 @@ def encode_image(
     pipe: Any, image: ImageLike, *, height: int | None = None, width: int | None = None
 ) -> torch.Tensor:
     """The sampling-space latents (1, C, h, w) of a picture: the VAE posterior's mean, shifted and scaled as the
-    pipelines do (``(z − shift_factor) · scaling_factor``), on the pipeline's device and dtype.
+    pipelines do (``(z − shift_factor) · scaling_factor``), or for a VAE with batch-norm statistics (Flux.2)
+    normalised by them over 2×2 patches as ``Flux2KleinPipeline`` does; on the pipeline's device and dtype.
 
     The posterior mean (not a sample) makes the result deterministic; the picture is read with
     :func:`pipeline_image`.
@@ -299,6 +300,14 @@ def encode_image(
     pixels = torch.from_numpy(np.asarray(pic, dtype=np.float32) / 127.5 - 1.0)  # (H, W, 3) in [-1, 1]
     pixels = pixels.permute(2, 0, 1)[None].to(device=param.device, dtype=param.dtype)  # (1, 3, H, W)
     z = vae.encode(pixels).latent_dist.mode()  # (1, C, h, w)
+    if getattr(vae, "bn", None) is not None:
+        b, c, h, w = z.shape
+        x = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, dy, dx, h/2, w/2)
+        x = x.reshape(b, c * 4, h // 2, w // 2)  # (B, 4C, h/2, w/2): channel c·4 + 2·dy + dx
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(x.dtype)  # (1, 4C, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(x.dtype)
+        x = ((x - mean) / std).reshape(b, c, 2, 2, h // 2, w // 2)  # (B, C, dy, dx, h/2, w/2)
+        return x.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # (B, C, h, w)
     shift = getattr(vae.config, "shift_factor", None)
     if shift:  # SD3's VAE; None or 0.0 for the SD 1.x/2.x/XL VAEs
         z = z - shift

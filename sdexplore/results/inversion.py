@@ -59,7 +59,9 @@ class Inversion:
         """Keyword arguments for ``pipe(...)`` that regenerate the picture: prompt, negative prompt (negative-prompt
         inversion: the prompt itself), steps, guidance, size and ``latents``. Call the pipeline inside
         ``sdexplore.inversion.applied(pipe, inversion)``, which also gives the call the inversion's scheduler and
-        (null-text) the per-step unconditional embeddings."""
+        (null-text) the per-step unconditional embeddings. ``latents`` are (1, C, h, w) in sampling space: Flux.1
+        and Flux.2 pipelines take them packed, as ``sdexplore.flowedit.pipe_latents(pipe, inv.latents)`` gives
+        them (``edit(image=inv)`` and walks do this themselves)."""
         s = self.settings
         kw: dict[str, Any] = {
             "prompt": self.prompt,
