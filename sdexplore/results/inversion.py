@@ -61,7 +61,7 @@ class Inversion:
         ``sdexplore.inversion.applied(pipe, inversion)``, which also gives the call the inversion's scheduler and
         (null-text) the per-step unconditional embeddings. ``latents`` are (1, C, h, w) in sampling space: Flux.1
         and Flux.2 pipelines take them packed, as ``sdexplore.flowedit.pipe_latents(pipe, inv.latents)`` gives
-        them (``edit(image=inv)`` and walks do this themselves)."""
+        them (``edit(image=inv)`` does this itself)."""
         s = self.settings
         kw: dict[str, Any] = {
             "prompt": self.prompt,
