@@ -194,11 +194,14 @@ def run_row(
     dry: bool = False,
     gpu: bool = False,
     flux_blocks: tuple[int, int] | None = None,
+    stop_at: float | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
     """Build row ``name``'s pipeline, then measure plain and recorded calls in ABBA pairs (see the module doc).
 
-    ``dry`` runs the same code on the row's tiny fixture at 64² (float32, CPU). Returns plain data (JSON-ready).
+    ``dry`` runs the same code on the row's tiny fixture at 64² (float32, CPU). With ``stop_at`` (seconds since
+    the epoch), no pair starts that would end after it, as far as the pairs so far tell (the first pair always
+    runs; AB and BA stay balanced). Returns plain data (JSON-ready).
     """
     row = ROWS[name]
     steps = steps or (GPU_STEPS if gpu else (2 if dry else row.steps))
@@ -275,9 +278,14 @@ def run_row(
         log(
             f"[{name}] warm-up (2 one-step calls) {warm_s:.0f} s; {pairs} ABBA pair(s) × 3 variants × {steps} steps"
         )
-    series = run_pairs(
-        measured(call), {v: measured(observed(v, o)) for v, o in VARIANTS}, pairs=pairs, warmup=0
-    )
+    t_pairs = time.time()
+
+    def keep_going(series: dict) -> bool:
+        done = len(next(iter(series.values())).orders)
+        return stop_at is None or time.time() + (time.time() - t_pairs) / max(done, 1) < stop_at
+
+    variants = {v: measured(observed(v, o)) for v, o in VARIANTS}
+    series = run_pairs(measured(call), variants, pairs=pairs, warmup=0, keep_going=keep_going, min_pairs=1)
     return _summarise(
         row,
         series,
@@ -428,7 +436,7 @@ def format_rows(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         if "error" in r:
-            lines.append(f"{r['row']}: not measured ({r['error']})")
+            lines.append(f"{r['row']}: not measured ({r['error']}); to run it: {r.get('command', '')}")
             continue
         lines.append(
             f"{r['row']}: {r['denoiser']} {r['denoiser_params'] / 1e9:.3f} B params ({r['dtype']}, {r['device']}, "
@@ -490,7 +498,7 @@ def format_rows(results: list[dict[str, Any]]) -> str:
 
 
 # ---- driver: one subprocess per row ------------------------------------------------------------------------------
-def _child_cmd(name: str, out: Path, args: argparse.Namespace) -> list[str]:
+def _child_cmd(name: str, out: Path, args: argparse.Namespace, stop_at: float | None = None) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--out", str(out)]
     if args.dry:
         cmd.append("--dry")
@@ -504,6 +512,8 @@ def _child_cmd(name: str, out: Path, args: argparse.Namespace) -> list[str]:
         cmd += ["--flux-blocks", *map(str, args.flux_blocks)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if stop_at is not None:
+        cmd += ["--stop-at", f"{stop_at:.0f}"]
     return cmd
 
 
@@ -554,6 +564,10 @@ def main(argv: list[str] | None = None) -> int:
         "--until", metavar="HH:MM", help="UTC time to stop: no row starts after it, a running one ends"
     )
     ap.add_argument(
+        "--budget", type=float, help="seconds for all rows (default: none; --gpu: 540, one 10-minute command)"
+    )
+    ap.add_argument("--stop-at", type=float, help=argparse.SUPPRESS)
+    ap.add_argument(
         "--threads", type=int, help="torch threads in each row (default: torch's, the core count)"
     )
     ap.add_argument("--json", type=Path, help="write the results to this JSON file (after each row)")
@@ -561,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one", choices=list(ROWS), help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    for flag in ("steps", "pairs", "threads"):
+    for flag in ("steps", "pairs", "threads", "budget"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             ap.error(f"--{flag} must be ≥ 1, got {value}")
@@ -588,11 +602,14 @@ def main(argv: list[str] | None = None) -> int:
             dry=args.dry,
             gpu=args.gpu,
             flux_blocks=tuple(args.flux_blocks) if args.flux_blocks else None,
+            stop_at=args.stop_at,
         )
         args.out.write_text(json.dumps(result))
         return 0
     rows = [QUICK_ROW] if args.quick else (args.rows or (list(GPU_ROWS) if args.gpu else list(ROWS)))
-    deadline = _deadline(args.until)
+    budget = args.budget or (540.0 if args.gpu else None)
+    ends = [t for t in (_deadline(args.until), budget and time.time() + budget) if t is not None]
+    deadline = min(ends) if ends else None
     out: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(args.gpu),
@@ -606,8 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows:
         left = None if deadline is None else deadline - time.time()
         if left is not None and left <= 0:
-            result = {"row": name, "error": f"not started: --until {args.until} reached"}
-            result["command"] = f"nice -n 10 python benchmarks/bench_scale.py --rows {name}"
+            result = {"row": name, "error": "not started: the time limit (--until / --budget) was reached"}
+            result["command"] = _again(name, args.gpu)
         elif args.inline:
             if args.threads:
                 torch.set_num_threads(args.threads)
@@ -618,9 +635,10 @@ def main(argv: list[str] | None = None) -> int:
                 dry=args.dry,
                 gpu=args.gpu,
                 flux_blocks=tuple(args.flux_blocks) if args.flux_blocks else None,
+                stop_at=deadline,
             )
         else:
-            result = _run_child(name, args, left)
+            result = _run_child(name, args, left, deadline)
         out["rows"].append(result)
         print(format_rows([result]), flush=True)
         if args.json:
@@ -629,16 +647,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all("error" not in r for r in out["rows"]) else 1
 
 
-def _run_child(name: str, args: argparse.Namespace, timeout: float | None) -> dict[str, Any]:
+def _run_child(
+    name: str, args: argparse.Namespace, timeout: float | None, stop_at: float | None
+) -> dict[str, Any]:
+    """Run row ``name`` in a fresh process (its peaks alone in it); killed after ``timeout`` seconds."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "row.json"
         try:
-            proc = subprocess.run(_child_cmd(name, path, args), timeout=timeout)
+            proc = subprocess.run(_child_cmd(name, path, args, stop_at), timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {"row": name, "error": f"stopped at --until {args.until}"}
+            return {
+                "row": name,
+                "error": "stopped at the time limit (--until / --budget)",
+                "command": _again(name, args.gpu),
+            }
         if proc.returncode != 0 or not path.exists():
-            return {"row": name, "error": f"the row's process exited with {proc.returncode}"}
+            return {
+                "row": name,
+                "error": f"the row's process exited with {proc.returncode}",
+                "command": _again(name, args.gpu),
+            }
         return json.loads(path.read_text())
+
+
+def _again(name: str, gpu: bool) -> str:
+    """The command that runs row ``name`` alone."""
+    if gpu:
+        return f"python benchmarks/bench_scale.py --gpu --rows {name} --json {name}-gpu.json"
+    return f"nice -n 10 python benchmarks/bench_scale.py --rows {name} --json {name}.json"
 
 
 if __name__ == "__main__":

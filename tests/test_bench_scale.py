@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,9 +180,17 @@ def test_until_in_the_past_starts_no_row(tmp_path, monkeypatch):
         == 1
     )
     assert calls == []
-    assert [r["error"] for r in json.loads(out.read_text())["rows"]] == [
-        "not started: --until 00:00 reached"
-    ] * 2
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["error"] for r in rows] == ["not started: the time limit (--until / --budget) was reached"] * 2
+    assert (
+        rows[1]["command"]
+        == "nice -n 10 python benchmarks/bench_scale.py --rows sdxl-512 --json sdxl-512.json"
+    )
+
+
+def test_a_row_starts_no_pair_past_its_stop_time_but_keeps_ab_and_ba_balanced():
+    r = bench_scale.run_row("sd15-256", steps=1, pairs=6, dry=True, stop_at=time.time(), log=None)
+    assert r["orders"] == ["AB", "BA"]
 
 
 @pytest.mark.parametrize(
