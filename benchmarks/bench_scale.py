@@ -22,8 +22,19 @@ measured peak; attention maps grow linearly in layers, so Flux.1's ``full_depth`
     python benchmarks/bench_scale.py --quick                  # the smallest row (SD-1.5 at 256²)
     nice -n 10 python benchmarks/bench_scale.py               # the CPU table, row by row (hours on 2 cores)
     python benchmarks/bench_scale.py --rows sdxl-1024 --json scale.json
-    python benchmarks/bench_scale.py --gpu --json gpu.json    # bf16, 20 steps, GPU_ROWS, < 15 min on one H100
     python benchmarks/bench_scale.py --dry --quick            # the code path on the tiny fixtures (seconds)
+    nice -n 10 python benchmarks/bench_scale.py --rows sdxl-1024 sd15-512 --until 01:05 --json scale.json
+
+On the CPU the model runs in bf16 (AMX: about 5× float32's matmul throughput here), 1–2 steps per call, so the
+recorders' fixed costs per call (set-up, building the maps at the end) are not spread over 50 steps: the time
+ratios are upper bounds of a long run's.
+
+The GPU rows, one prepared command (bf16, 20 steps, 3 ABBA pairs; SD-1.5 512², then Flux.1-dev 1024² at its full
+19 + 38 blocks (24 GB of bf16 weights), SDXL 1024², SD3.5-medium 1024²; within ``--budget`` 540 s, so it fits one
+10-minute command of a 15-minute lease; rows past the budget are listed with the command that runs them). It needs
+torch with CUDA, diffusers ≥ 0.42 and transformers on the machine, nothing from the Hub:
+
+    python benchmarks/bench_scale.py --gpu --json "$OUT/scale-gpu.json"
 """
 
 from __future__ import annotations
@@ -50,6 +61,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+if (
+    str(HERE.parent) not in sys.path
+):  # the checkout's sdexplore where it is not installed (a lent GPU machine)
+    sys.path.append(str(HERE.parent))
 
 import _shaped  # noqa: E402
 from _paired import Summary, median_interval, run_pairs  # noqa: E402
