@@ -221,6 +221,23 @@ def test_no_injection_is_the_plain_batch_and_injection_changes_only_the_target(s
     assert_restored(sd3, state)
 
 
+@pytest.mark.parametrize("family", ["flux", "flux2"])
+def test_injection_on_flux_changes_only_the_target_and_records_both_branches(family) -> None:
+    pipe = tiny_pipeline(family)
+    plain = _images(pipe(prompt=[P, Q], generator=[gen(0), gen(0)], **FLUX_RUN))
+    none = edit(pipe, P, Q, inject="none", generator=gen(0), **FLUX_RUN)
+    assert np.array_equal(np.asarray(none.source), plain[0]) and np.array_equal(
+        np.asarray(none.edited), plain[1]
+    )
+    res = edit(
+        pipe, P, Q, inject=["single_transformer_blocks.1"], generator=gen(0), attention=True, **FLUX_RUN
+    )
+    assert np.array_equal(np.asarray(res.source), plain[0])
+    assert not np.array_equal(np.asarray(res.edited), plain[1])
+    assert res.source_maps.word("circle").shape == res.edited_maps.word("square").shape == (8, 8)
+    assert _block_hooks(pipe) == 0
+
+
 # ---- the embedded tiny-shapes-mmdit: the measured vital set means something -------------------------------------
 def test_the_most_vital_block_of_the_embedded_mmdit_changes_the_scene_and_the_least_vital_does_not() -> None:
     import sdexplore as sdx
