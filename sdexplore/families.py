@@ -1,7 +1,9 @@
-"""Model families (SD 1.x, SD 2.x, SDXL, SD3, Flux.1, Flux.2): everything model-specific lives here, one record per family."""
+"""Model families (SD 1.x, SD 2.x, SDXL, SD3, Flux.1, Flux.2, PixArt-Σ): everything model-specific lives here, one
+record per family."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,6 +83,57 @@ class TextEncoding:
     negative_pooled: torch.Tensor | None = None
 
 
+#: What a family can do, by name (``Family.capabilities``); ``tests/test_conformance.py`` checks each one a family
+#: claims, and checks that each one it lacks is refused with one clear error.
+CAPABILITIES: dict[str, str] = {
+    "steps": "every timestep recorded (latents, predictions, x0, previews): sdexplore.observe(pipe, steps=True)",
+    "steering": "steps changed while they run (latent edits, prompt switches, guidance schedules)",
+    "stop_at": "a run stopped after k steps (StepRecorder(stop_at=k), through the pipeline's interrupt flag)",
+    "attention": "per-token attention maps: sdexplore.observe(pipe, attention=True)",
+    "concepts": "maps of words not in the prompt: AttentionRecorder(concepts=[...])",
+    "controls": "attention controls: Reweight, WordSwap, Refine, LocalBlend",
+    "inject": "Inject: image keys and values of joint attention taken from a source run",
+    "invert": "sdexplore.invert: a picture back to its starting noise",
+    "null-text": "null-text inversion (optimised unconditional embeddings)",
+    "flowedit": "FlowEdit: inversion-free editing on a flow-matching model",
+    "walks": "sdexplore.walk: frames between prompts and seeds",
+    "directions": "directions in text or inner space, found and applied",
+    "ablate-text": "text-token ablation (a word's keys removed from attention)",
+}
+
+_UNET_CAPS = frozenset(
+    {
+        "steps",
+        "steering",
+        "stop_at",
+        "attention",
+        "concepts",
+        "controls",
+        "invert",
+        "null-text",
+        "walks",
+        "directions",
+        "ablate-text",
+    }
+)
+_MMDIT_CAPS = frozenset(
+    {
+        "steps",
+        "steering",
+        "stop_at",
+        "attention",
+        "concepts",
+        "controls",
+        "inject",
+        "invert",
+        "flowedit",
+        "walks",
+        "directions",
+        "ablate-text",
+    }
+)
+
+
 @dataclass(frozen=True)
 class Family:
     """What sdexplore needs to know about one model family.
@@ -122,6 +175,59 @@ class Family:
     # (Flux.2 [klein]: do_classifier_free_guidance, i.e. guidance_scale > 1 on a model that is not step-distilled,
     # at guidance_scale); None: Flux.1's rule, true_cfg_scale > 1 with a negative prompt (see true_cfg)
     cfg_flag: str | None = None
+    # What sdexplore can do with this family: names from CAPABILITIES. Anything missing is refused with
+    # UnsupportedPipelineError (or InvalidArgumentError for an option) naming the families that can.
+    capabilities: frozenset[str] = frozenset()
+    # Call arguments a plain call of this family's pipelines needs at the fixtures' small sizes (PixArt-Σ: no
+    # resolution binning, whose aspect-ratio table starts at 256 pixels)
+    call_defaults: tuple[tuple[str, Any], ...] = ()
+    # What the pipeline's encode_prompt returns, by position, where it is not (embeds, negative[, pooled, negative
+    # pooled]): PixArt-Σ's is ("embeds", "mask", "negative", "negative_mask")
+    encode_layout: tuple[str, ...] | None = None
+    # The denoiser predicts ε and a learned variance in one (B, 2C, h, w) output (PixArt); the pipeline keeps the
+    # first C channels before scheduler.step, and so do prediction()'s readers
+    learned_variance: bool = False
+    # A CFG-batch pipeline without a do_classifier_free_guidance property (PixArt decides in a local variable):
+    # CFG runs where the call's guidance_scale exceeds 1
+    cfg_from_guidance_scale: bool = False
+
+    def can(self, capability: str) -> bool:
+        """Whether this family has ``capability`` (a key of :data:`CAPABILITIES`)."""
+        if capability not in CAPABILITIES:
+            raise InvalidArgumentError(
+                f"Unknown capability {capability!r}; choose one of {', '.join(CAPABILITIES)}."
+            )
+        return capability in self.capabilities
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """The prediction the scheduler steps with, out of a denoiser output: ε alone where the denoiser also
+        predicts a learned variance (PixArt's (B, 2C, h, w) → (B, C, h, w), a view), else the output itself."""
+        if self.learned_variance and output.ndim == 4 and output.shape[1] == 2 * self.latent_channels:
+            return output[
+                :, : self.latent_channels
+            ]  # (B, C, h, w): the ε half, as the pipeline's chunk(2)[0]
+        return output
+
+    def batch_cfg(self, pipe: Any, arguments: dict[str, Any]) -> bool:
+        """Whether a call of ``pipe`` with these (bound) arguments runs one (uncond, cond) CFG batch: the pipeline's
+        own ``do_classifier_free_guidance`` where it has one, else ``guidance_scale > 1`` (PixArt's rule)."""
+        if not self.cfg_batch:
+            return False
+        if self.cfg_from_guidance_scale:
+            scale = arguments.get("guidance_scale", _call_default(pipe, "guidance_scale"))
+            return scale is not None and float(scale) > 1.0
+        try:
+            return bool(getattr(pipe, "do_classifier_free_guidance", False))
+        except (AttributeError, TypeError):
+            return False
+
+    def guidance_scale_of(self, pipe: Any, arguments: dict[str, Any]) -> float:
+        """The guidance scale of a running call: the pipeline's ``_guidance_scale`` where it keeps one, else the
+        call's ``guidance_scale`` or its default (PixArt keeps none)."""
+        scale = getattr(pipe, "_guidance_scale", None)
+        if scale is None and self.cfg_from_guidance_scale:
+            scale = arguments.get("guidance_scale", _call_default(pipe, "guidance_scale"))
+        return 1.0 if scale is None else float(scale)
 
     def present_tokenizers(self, pipe: Any) -> list[tuple[str, Any]]:
         """``(attribute, tokenizer)`` of each tokenizer the pipeline has, in order (SD3 may lack T5's)."""
@@ -255,6 +361,12 @@ class Family:
         prompts (SD3's ``prompt_2``, ``prompt_3``) are None, i.e. the same prompt for every text encoder.
         """
         extra: dict[str, Any] = {k: None for k in self.prompt_arguments}
+        if (
+            self.encode_layout is not None
+        ):  # PixArt: no negative means "" and the call's defaults hold here too
+            negative_prompt = "" if negative_prompt is None else negative_prompt
+            accepted = inspect.signature(pipe.encode_prompt).parameters
+            extra.update({k: v for k, v in self.call_defaults if k in accepted})
         extra.update({k: v for k, v in options.items() if k in self.encode_options and v is not None})
         if not self.cfg_batch:
             return self._encode_without_cfg_batch(
@@ -276,6 +388,11 @@ class Family:
             clip_skip=clip_skip,
             **extra,
         )
+        if self.encode_layout is not None:
+            named = dict(zip(self.encode_layout, out, strict=False))
+            return TextEncoding(
+                named["embeds"], named.get("negative"), named.get("pooled"), named.get("negative_pooled")
+            )
         # SDXL and SD3 both return (embeds, negative, pooled, negative pooled); SD3's embeds are the CLIP-L ‖
         # CLIP-G hidden states (zero-padded to T5's width) followed by T5's along the token axis.
         if self.pooled_text_embeds:
@@ -314,6 +431,12 @@ class Family:
         return TextEncoding(embeds, negative, pooled, negative_pooled)
 
 
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of argument ``name`` of ``pipe.__call__`` (None where it has none)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
 # Latent → RGB factors as published with ComfyUI's latent formats (rows = latent channels, columns = R, G, B).
 _SD_FACTORS = (
     (0.3512, 0.2297, 0.3227),
@@ -342,6 +465,7 @@ SD1 = Family(
     latent_rgb_factors=_SD_FACTORS,
     latent_rgb_bias=(0.0, 0.0, 0.0),
     pooled_text_embeds=False,
+    capabilities=_UNET_CAPS,
 )
 SD2 = replace(SD1, name="sd2", label="Stable Diffusion 2.x")
 SDXL = Family(
@@ -360,6 +484,7 @@ SDXL = Family(
     pooled_text_embeds=True,
     denoiser_args=DenoiserArgs(pooled=("added_cond_kwargs", "text_embeds")),
     size_conditioning=True,
+    capabilities=_UNET_CAPS,
 )
 
 # SD3's 16-channel VAE, from ComfyUI's comfy/latent_formats.py, class SD3 (latent_rgb_factors and
@@ -414,6 +539,7 @@ SD3 = Family(
     clip_sequence=("text_encoder", "text_encoder_2"),
     prompt_arguments=("prompt_2", "prompt_3"),
     encode_options=("max_sequence_length",),
+    capabilities=_MMDIT_CAPS,
 )
 
 # Flux.1's 16-channel VAE, from ComfyUI's comfy/latent_formats.py, class Flux (latent_rgb_factors and
@@ -465,6 +591,8 @@ FLUX = Family(
     encode_options=("max_sequence_length",),
     cfg_batch=False,
     latent_packing=2,
+    # directions need one CFG batch per step, which Flux's guidance is not
+    capabilities=_MMDIT_CAPS - {"directions"},
 )
 
 # Flux.2's 32-channel VAE, from ComfyUI's comfy/latent_formats.py, class Flux2 (latent_rgb_factors,
@@ -539,10 +667,40 @@ FLUX2 = Family(
     # the transformer's tokens (B, h/2 · w/2, 128), in the same channel order as Flux.1's packing
     latent_packing=2,
     cfg_flag="do_classifier_free_guidance",
+    # concept maps and text ablation are not built for its fused blocks; walks and directions assume a T5
+    # sequence or one CFG batch
+    capabilities=_MMDIT_CAPS - {"concepts", "ablate-text", "walks", "directions"},
+)
+
+PIXART_SIGMA = Family(
+    name="pixart-sigma",
+    label="PixArt-Σ",
+    pipeline_classes=("PixArtSigmaPipeline",),
+    text_encoders=("text_encoder",),  # T5-XXL alone (its sequence, with an attention mask over the padding)
+    tokenizers=("tokenizer",),
+    latent_channels=4,  # SDXL's VAE, so SDXL's preview factors
+    latent_rgb_factors=_SDXL_FACTORS,
+    latent_rgb_bias=(0.1084, -0.0175, -0.0011),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # PixArtTransformer2DModel: DiT blocks, self-attention (attn1), then cross-attention
+    # to T5 (attn2, as in a UNet's transformer blocks); it predicts ε and a learned variance (8 output channels),
+    # which the pipeline splits before scheduler.step.
+    # PixArtTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep, added_cond_kwargs, ...)
+    denoiser_args=DenoiserArgs(sample=("hidden_states", 0), timestep=("timestep", 2)),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    encode_layout=("embeds", "mask", "negative", "negative_mask"),
+    # steps and attn2 cross-attention maps as in a UNet; no stop_at (its loop never reads the interrupt flag);
+    # concept maps need unmasked cross-attention (T5's padding is masked here); inversion, walks, controls,
+    # directions and text ablation name the families they run on
+    capabilities=frozenset({"steps", "steering", "attention"}),
+    call_defaults=(("use_resolution_binning", False), ("clean_caption", False)),
+    learned_variance=True,
+    cfg_from_guidance_scale=True,
 )
 
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA)}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 
@@ -563,6 +721,9 @@ def detect_family(pipe: Any) -> Family:
         return FLUX
     if cls in FLUX2.pipeline_classes:
         return FLUX2
+    for fam in FAMILIES.values():
+        if fam is not SD1 and fam is not SD2 and cls in fam.pipeline_classes:
+            return fam
     if cls in SD1.pipeline_classes:
         tok = getattr(pipe, "tokenizer", None)
         te = getattr(pipe, "text_encoder", None)
@@ -573,7 +734,7 @@ def detect_family(pipe: Any) -> Family:
     raise UnsupportedPipelineError(
         f"sdexplore does not support {cls}. Supported pipeline classes: {_SUPPORTED}. "
         "Load one with sdexplore.load_pipeline(...) or diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline "
-        "/ StableDiffusion3Pipeline / FluxPipeline / Flux2KleinPipeline."
+        "/ StableDiffusion3Pipeline / FluxPipeline / Flux2KleinPipeline / PixArtSigmaPipeline."
     )
 
 

@@ -1,4 +1,4 @@
-"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 / Flux.2 [klein] pipelines built in code: offline
+"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 / Flux.2 [klein] / PixArt-Σ pipelines built in code: offline
 structure tests and demos.
 
 They have the real architecture classes and the real CLIP tokenizer (SD3, Flux: plus a small offline T5 tokenizer;
@@ -21,6 +21,8 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -41,14 +43,17 @@ from transformers import (
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma"]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 #: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels, attention maps and
 #: controls; not yet walks or text inspection, whose tests assume a T5 sequence).
-PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2",)
+PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma")
+#: Every fixture family, old and new: the conformance suite (tests/test_conformance.py) runs on each; what each can
+#: do is its record's ``Family.capabilities``.
+ALL_FIXTURE_FAMILIES: tuple[str, ...] = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
 #: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
 #: "schnell" (no guidance input; a fixed shift of 1).
 FLUX_VARIANTS: tuple[str, ...] = ("dev", "schnell")
@@ -427,11 +432,48 @@ def _tiny_flux2() -> Any:
     return pipe
 
 
-@lru_cache(maxsize=7)
+# ---- PixArt-Σ: a DiT with cross-attention (attn2) to T5, ε and a learned variance, SDXL's 4-channel VAE -----------
+def _pixart_parts() -> dict[str, torch.nn.Module]:
+    # 2×2 patches, 2 blocks of 4 heads × 8 (self-attention, then cross-attention to the T5 sequence projected from
+    # its width 64 to 32); 8 output channels: ε and the learned variance, as the real model
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=_T5_WIDTH,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    )
+    return {"transformer": transformer, "vae": _vae(scaling_factor=0.13025), "text_encoder": _t5()}
+
+
+def _tiny_pixart_sigma() -> Any:
+    state = _state("pixart-sigma")
+    parts = _pixart_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    # PixArt's training schedule (linear betas 1e-4 → 0.02, ε); DDIM so that x0 is the scheduler's own
+    scheduler = DDIMScheduler(
+        beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False, set_alpha_to_one=False
+    )
+    pipe = PixArtSigmaPipeline(tokenizer=t5_tokenizer(), scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=8)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family == "flux2":
+    if family == "pixart-sigma":
+        parts = _pixart_parts()
+    elif family == "flux2":
         parts = _flux2_parts()
     elif family.startswith("flux-"):
         parts = _flux_parts(family.removeprefix("flux-"))
@@ -488,6 +530,9 @@ def tiny_pipeline(
     2 double- and 2 single-stream blocks, a 32-channel ``AutoencoderKLFlux2`` with batch-norm statistics, tokens of
     2×2 patches × 32 = 128 channels, CFG as two transformer calls at ``guidance_scale`` > 1); call it with
     ``prompt=`` (its first argument is ``image``). 64×64 pixels → 8×8 latents.
+    ``pixart-sigma`` is a ``PixArtSigmaPipeline`` (2 DiT blocks with cross-attention to T5 through the offline T5
+    tokenizer, ε and a learned variance, SDXL's VAE scaling, DDIM on PixArt's linear schedule); call it with
+    ``use_resolution_binning=False`` (its aspect-ratio table starts at 256 pixels; ``Family.call_defaults``).
     """
     known = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
     if family not in known:
@@ -496,8 +541,14 @@ def tiny_pipeline(
         raise ValueError(
             f"variant= applies to the flux fixture only, one of {FLUX_VARIANTS}; got {variant!r}."
         )
-    if family in MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES and prediction_type is not None:
+    if family in MMDIT_FIXTURE_FAMILIES + ("flux2",) and prediction_type is not None:
         raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family == "pixart-sigma":
+        if not t5 or prediction_type is not None:
+            raise ValueError(
+                "The pixart-sigma fixture is fixed: T5 and ε-prediction; pass no t5= or prediction_type."
+            )
+        return _tiny_pixart_sigma()
     if family == "flux2":
         if not t5:
             raise ValueError("Flux.2 [klein] has no T5 encoder: t5=False applies to the sd3 fixture only.")

@@ -38,3 +38,51 @@ def test_unsupported_pipeline_names_supported_classes():
 
     with pytest.raises(UnsupportedPipelineError, match="StableDiffusionPipeline.*FluxPipeline"):
         detect_family(Flux2LikePipeline())
+
+
+# ---- PixArt-Σ: the record's methods for a DiT with learned variance and a local CFG flag ------------------------
+@pytest.fixture(scope="module")
+def pixart():
+    from sdexplore.fixtures import tiny_pipeline
+
+    return tiny_pipeline("pixart-sigma")
+
+
+def test_pixart_record_reads_its_pipeline(pixart):
+    from sdexplore.families import PIXART_SIGMA
+
+    fam = detect_family(pixart)
+    assert fam is PIXART_SIGMA and fam.get_denoiser(pixart) is pixart.transformer
+    cross = fam.cross_attention_layers(pixart.transformer)  # DiT blocks: attn2 is the text cross-attention
+    assert cross == [f"transformer_blocks.{i}.attn2.processor" for i in range(2)]
+    enc = fam.encode_prompt(pixart, "a red circle", device="cpu", max_sequence_length=32)
+    embeds, mask, negative, _ = pixart.encode_prompt("a red circle", device="cpu", max_sequence_length=32)
+    assert torch.equal(enc.embeds, embeds) and torch.equal(enc.negative, negative) and enc.pooled is None
+    assert mask.shape == (1, 32) and enc.embeds.shape == (
+        1,
+        32,
+        64,
+    )  # the mask is not mistaken for a negative
+
+
+def test_pixart_prediction_is_the_epsilon_half_and_cfg_follows_guidance_scale(pixart):
+    from sdexplore.families import PIXART_SIGMA, SD1
+
+    out = torch.randn(2, 8, 8, 8)  # (2B, ε ‖ variance, h, w)
+    assert torch.equal(PIXART_SIGMA.prediction(out), out.chunk(2, dim=1)[0])  # as the pipeline splits it
+    assert SD1.prediction(out) is out and PIXART_SIGMA.prediction(out[:, :4]).shape == (2, 4, 8, 8)
+    # PixArtSigmaPipeline has no do_classifier_free_guidance property: the call's guidance_scale (default 4.5)
+    assert not hasattr(type(pixart), "do_classifier_free_guidance")
+    assert PIXART_SIGMA.batch_cfg(pixart, {}) and PIXART_SIGMA.guidance_scale_of(pixart, {}) == 4.5
+    assert not PIXART_SIGMA.batch_cfg(pixart, {"guidance_scale": 1.0})
+    assert PIXART_SIGMA.guidance_scale_of(pixart, {"guidance_scale": 2.0}) == 2.0
+
+
+def test_capabilities_are_named_and_checked():
+    from sdexplore.errors import InvalidArgumentError
+    from sdexplore.families import CAPABILITIES, FAMILIES
+
+    assert all(f.capabilities <= set(CAPABILITIES) and f.can("steps") for f in FAMILIES.values())
+    assert FAMILIES["sd1"].can("null-text") and not FAMILIES["flux"].can("null-text")
+    with pytest.raises(InvalidArgumentError, match="Unknown capability 'fly'"):
+        FAMILIES["sd1"].can("fly")
