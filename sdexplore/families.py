@@ -699,8 +699,40 @@ PIXART_SIGMA = Family(
     cfg_from_guidance_scale=True,
 )
 
+CHROMA = Family(
+    name="chroma",
+    label="Chroma",
+    pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline", "ChromaInpaintPipeline"),
+    text_encoders=(
+        "text_encoder",
+    ),  # T5-XXL alone: no CLIP, no pooled vector (a timestep approximator instead)
+    tokenizers=("tokenizer",),
+    latent_channels=16,  # Flux.1's VAE and its 2×2 packing
+    latent_rgb_factors=_FLUX_FACTORS,
+    latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # ChromaTransformer2DModel: Flux's double- and single-stream blocks
+    # ChromaTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep, img_ids, txt_ids,
+    # attention_mask, ...); the pipeline passes everything by keyword, timestep as t / 1000
+    denoiser_args=DenoiserArgs(
+        sample=("hidden_states", 0),
+        timestep=("timestep", 2),
+        text=("encoder_hidden_states", 1),
+        positions=("img_ids", 3),
+    ),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    cfg_batch=False,
+    latent_packing=2,
+    # CFG as two transformer calls per step, the prompt's then the negative's, where guidance_scale > 1
+    cfg_flag="do_classifier_free_guidance",
+    # its attention always carries T5's padding mask, which the joint capture does not take yet: no maps, so no
+    # controls or concepts; inversion, walks and the rest name the families they run on
+    capabilities=frozenset({"steps", "steering", "stop_at"}),
+)
+
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA, CHROMA)}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 

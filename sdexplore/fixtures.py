@@ -15,6 +15,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     AutoencoderKLFlux2,
+    ChromaPipeline,
+    ChromaTransformer2DModel,
     DDIMScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
@@ -43,14 +45,14 @@ from transformers import (
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma", "chroma"]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 #: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels, attention maps and
 #: controls; not yet walks or text inspection, whose tests assume a T5 sequence).
-PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma")
+PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma", "chroma")
 #: Every fixture family, old and new: the conformance suite (tests/test_conformance.py) runs on each; what each can
 #: do is its record's ``Family.capabilities``.
 ALL_FIXTURE_FAMILIES: tuple[str, ...] = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
@@ -467,11 +469,45 @@ def _tiny_pixart_sigma() -> Any:
     return pipe
 
 
-@lru_cache(maxsize=8)
+# ---- Chroma: Flux.1's transformer without CLIP (T5 alone, a timestep approximator), Flux's VAE and packing ------
+def _chroma_parts() -> dict[str, torch.nn.Module]:
+    # Flux's fixture shape (2 double- and 2 single-stream blocks, 4 heads × 8, RoPE axes 2 + 2 + 4) and a one-layer
+    # approximator of width 32 in place of the pooled-vector and guidance embeddings
+    transformer = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_T5_WIDTH,
+        axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    return {"transformer": transformer, "vae": _flux_vae(), "text_encoder": _t5()}
+
+
+def _tiny_chroma() -> Any:
+    state = _state("chroma")
+    parts = _chroma_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    # Chroma's scheduler is Flux.1-dev's (dynamic shifting by the token count)
+    pipe = ChromaPipeline(scheduler=_flux_scheduler("dev"), tokenizer=t5_tokenizer(), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=9)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family == "pixart-sigma":
+    if family == "chroma":
+        parts = _chroma_parts()
+    elif family == "pixart-sigma":
         parts = _pixart_parts()
     elif family == "flux2":
         parts = _flux2_parts()
@@ -533,6 +569,9 @@ def tiny_pipeline(
     ``pixart-sigma`` is a ``PixArtSigmaPipeline`` (2 DiT blocks with cross-attention to T5 through the offline T5
     tokenizer, ε and a learned variance, SDXL's VAE scaling, DDIM on PixArt's linear schedule); call it with
     ``use_resolution_binning=False`` (its aspect-ratio table starts at 256 pixels; ``Family.call_defaults``).
+    ``chroma`` is a ``ChromaPipeline`` (Flux.1's fixture transformer without CLIP: T5 alone through the offline T5
+    tokenizer, a timestep approximator, CFG as two transformer calls at ``guidance_scale`` > 1, Flux's VAE and
+    2×2 packing); pass ``height=64, width=64``.
     """
     known = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
     if family not in known:
@@ -543,6 +582,12 @@ def tiny_pipeline(
         )
     if family in MMDIT_FIXTURE_FAMILIES + ("flux2",) and prediction_type is not None:
         raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family == "chroma":
+        if not t5 or prediction_type is not None:
+            raise ValueError(
+                "The chroma fixture is fixed: T5 and flow matching; pass no t5= or prediction_type."
+            )
+        return _tiny_chroma()
     if family == "pixart-sigma":
         if not t5 or prediction_type is not None:
             raise ValueError(

@@ -34,3 +34,25 @@ def test_sd2_is_v_prediction_and_bad_family():
     assert tiny_pipeline("sd2").scheduler.config.prediction_type == "v_prediction"
     with pytest.raises(ValueError, match="sd1"):
         tiny_pipeline("flux3")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("family", ["pixart-sigma", "chroma"])
+def test_new_family_fixtures_are_deterministic_independent_and_fixed(family):
+    from sdexplore.families import FAMILIES
+
+    kw = dict(
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        output_type="np",
+        max_sequence_length=16,
+        **dict(FAMILIES[family].call_defaults),
+    )
+    a, b = tiny_pipeline(family), tiny_pipeline(family)
+    assert a.transformer is not b.transformer and a.tokenizer("a circle").input_ids[-1] == 1  # T5's </s>
+    x = a(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    y = b(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw).images
+    z = a(prompt="a red circle", generator=torch.Generator().manual_seed(1), **kw).images
+    assert x.shape == (1, 64, 64, 3) and np.array_equal(x, y) and np.abs(x - z).max() > 1e-3
+    with pytest.raises(ValueError, match="fixed"):
+        tiny_pipeline(family, prediction_type="epsilon")

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
-from ..families import detect_family, vae_scale_factor
+from ..families import FAMILIES, detect_family, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
 from . import budget
@@ -157,6 +157,13 @@ class AttentionRecorder:
         #: The bound on the stored maps' bytes (None: the machine's free memory is the only bound).
         self.max_bytes = max_bytes
         self.family = detect_family(pipe)
+        if not self.family.can("attention"):
+            able = ", ".join(f.label for f in FAMILIES.values() if f.can("attention"))
+            raise UnsupportedPipelineError(
+                f"sdexplore cannot record {self.family.label}'s attention yet (its joint attention always carries "
+                f"T5's padding mask, which the capture does not take): attention maps work on {able}. Record its "
+                "steps with sdexplore.observe(pipe, steps=True)."
+            )
         unet = getattr(pipe, self.family.denoiser, None)
         if unet is None or not hasattr(
             type(unet), "attn_processors"
@@ -196,10 +203,12 @@ class AttentionRecorder:
             )
         #: Words whose maps are recorded although they are not in the prompt (see :meth:`AttentionMaps.concept`).
         self.concepts = list(dict.fromkeys(c.strip() for c in concepts))
-        if self.concepts and joint and self.family.name == "flux2":
+        if self.concepts and not self.family.can("concepts"):
+            able = ", ".join(f.label for f in FAMILIES.values() if f.can("concepts"))
             raise InvalidArgumentError(
-                "Concept maps are not available on Flux.2 yet (its blocks share modulation and fuse projections "
-                "differently); record its joint-attention maps without concepts=."
+                f"Concept maps are not available on {self.family.label} yet (Flux.2's blocks share modulation and "
+                "fuse projections differently; PixArt-Σ masks T5's padding in its cross-attention): they work on "
+                f"{able}. Record its attention maps without concepts=."
             )
         if self.concepts and joint and (layers is not None or scales is not None):
             raise InvalidArgumentError(
