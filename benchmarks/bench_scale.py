@@ -618,6 +618,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu=args.gpu,
             flux_blocks=tuple(args.flux_blocks) if args.flux_blocks else None,
             stop_at=args.stop_at,
+            log=lambda m: print(m, flush=True),
         )
         args.out.write_text(json.dumps(result))
         return 0
