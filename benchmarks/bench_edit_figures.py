@@ -203,7 +203,12 @@ def ablations(pipe: Any, model: str, prompts: Sequence[str], which: str = "shape
             naive_area=float(nv.mask.sum() / max(src.mask.sum(), 1)),
             naive_iou=iou(src.mask, nv.mask),
             naive_kind_kept=nv.shape == src.shape,
+            causal_kind_as_naive=edt.shape == nv.shape,  # edt: the causal ablation's reading
         )
+        if which == "shape":  # no prompt makes an empty scene: the empty prompt's shape, for scale
+            row["empty_prompt_area"] = float(
+                read(plain(pipe, model, "", i)).mask.sum() / max(src.mask.sum(), 1)
+            )
         rows.append(row)
     return rows
 
@@ -258,6 +263,12 @@ def tune(pipe: Any, model: str, what: str) -> list[dict]:
     :data:`KIND_GRID` ("kinds")."""
     out = []
     grid, fn = (COLOUR_GRID, colour_swaps) if what == "colour" else (KIND_GRID, kind_swaps)
+    if model == "mmdit":  # SD3: self_replace has no effect; no local blend on its joint attention here
+        seen = {}
+        for g in grid:
+            if g["blend_threshold"] is None:
+                seen.setdefault(g["cross_replace"], dict(g, self_replace=0.0))
+        grid = list(seen.values())
     for settings in grid:
         rows = fn(pipe, model, TUNING, settings, naive=False)
         out.append(dict(settings, **summary(rows)))
