@@ -361,12 +361,19 @@ class Family:
         prompts (SD3's ``prompt_2``, ``prompt_3``) are None, i.e. the same prompt for every text encoder.
         """
         extra: dict[str, Any] = {k: None for k in self.prompt_arguments}
+        skip: dict[str, Any] = {"clip_skip": clip_skip}
         if (
             self.encode_layout is not None
-        ):  # PixArt: no negative means "" and the call's defaults hold here too
+        ):  # PixArt, Sana: no negative means "" and the call's defaults hold here
             negative_prompt = "" if negative_prompt is None else negative_prompt
             accepted = inspect.signature(pipe.encode_prompt).parameters
             extra.update({k: v for k, v in self.call_defaults if k in accepted})
+            if "clip_skip" not in accepted and "kwargs" not in accepted:  # Sana's encode_prompt takes none
+                if clip_skip is not None:
+                    raise InvalidArgumentError(
+                        f"The {self.label} pipelines take no clip_skip; leave it None."
+                    )
+                skip = {}
         extra.update({k: v for k, v in options.items() if k in self.encode_options and v is not None})
         if not self.cfg_batch:
             return self._encode_without_cfg_batch(
@@ -385,7 +392,7 @@ class Family:
             num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=do_classifier_free_guidance,
             negative_prompt=negative_prompt,
-            clip_skip=clip_skip,
+            **skip,
             **extra,
         )
         if self.encode_layout is not None:
@@ -731,8 +738,36 @@ CHROMA = Family(
     capabilities=frozenset({"steps", "steering", "stop_at"}),
 )
 
+SANA = Family(
+    name="sana",
+    label="Sana",
+    pipeline_classes=("SanaPipeline",),
+    text_encoders=(
+        "text_encoder",
+    ),  # Gemma-2 (its last hidden states, T5-like: one sequence with a padding mask)
+    tokenizers=("tokenizer",),
+    latent_channels=32,  # the DC-AE (32 channels, 32× smaller)
+    # No published latent → RGB factors for the DC-AE: previews are flat grey until a model folder carries its own
+    # fitted latent_rgb.json (scripts/fit_preview.py)
+    latent_rgb_factors=((0.0, 0.0, 0.0),) * 32,
+    latent_rgb_bias=(0.0, 0.0, 0.0),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # SanaTransformer2DModel: linear self-attention (attn1), softmax cross-attention (attn2)
+    # SanaTransformer2DModel.forward(hidden_states, encoder_hidden_states, timestep, guidance, ...)
+    denoiser_args=DenoiserArgs(sample=("hidden_states", 0), timestep=("timestep", 2)),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    encode_layout=("embeds", "mask", "negative", "negative_mask"),
+    # maps are the attn2 cross-attention (softmax over Gemma's unmasked tokens); self-attention is linear (ReLU
+    # kernels, no softmax), so it has no probabilities to map; concept maps need unmasked cross-attention
+    capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
+    call_defaults=(("use_resolution_binning", False), ("clean_caption", False)),
+)
+
 #: Every supported family, in detection order.
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA, CHROMA)}
+FAMILIES: dict[str, Family] = {
+    f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA, CHROMA, SANA)
+}
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
 
@@ -820,7 +855,10 @@ def latent_preview(pipe: Any) -> ConvPreview | None:
 def vae_scale_factor(pipe: Any) -> int:
     """Pixels per latent cell along each side (8 for every SD family, SD3 and Flux included; Flux's 2×2 packing
     makes one denoiser token 16×16 pixels, but a latent cell is still 8×8)."""
-    return int(getattr(pipe, "vae_scale_factor", 2 ** (len(pipe.vae.config.block_out_channels) - 1)))
+    factor = getattr(pipe, "vae_scale_factor", None)  # read first: Sana's DC-AE has no block_out_channels
+    if factor is None:
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(factor)
 
 
 def size_unit(pipe: Any) -> int:

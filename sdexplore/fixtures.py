@@ -13,11 +13,13 @@ from typing import Any, Literal
 
 import torch
 from diffusers import (
+    AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
     ChromaPipeline,
     ChromaTransformer2DModel,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     Flux2KleinPipeline,
     Flux2Transformer2DModel,
@@ -25,6 +27,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    SanaPipeline,
+    SanaTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
@@ -36,6 +40,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Gemma2Config,
+    Gemma2Model,
+    GemmaTokenizerFast,
     Qwen2TokenizerFast,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -45,14 +52,14 @@ from transformers import (
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma", "chroma"]
+FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma", "chroma", "sana"]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 #: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels, attention maps and
 #: controls; not yet walks or text inspection, whose tests assume a T5 sequence).
-PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma", "chroma")
+PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma", "chroma", "sana")
 #: Every fixture family, old and new: the conformance suite (tests/test_conformance.py) runs on each; what each can
 #: do is its record's ``Family.capabilities``.
 ALL_FIXTURE_FAMILIES: tuple[str, ...] = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
@@ -501,11 +508,111 @@ def _tiny_chroma() -> Any:
     return pipe
 
 
-@lru_cache(maxsize=9)
+# ---- Sana: linear-attention DiT, cross-attention to Gemma-2, a 32-channel DC-AE, flow DPM-Solver -----------------
+_GEMMA_SPECIAL = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")  # Gemma's ids 0..4
+_GEMMA_WORDS = (
+    "a an the of on in at with and to is big small red blue green white black yellow sky sea tree house left "
+    "right circle square background prompt start"
+).split()
+
+
+@lru_cache(maxsize=1)
+def _gemma_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    import string
+
+    pieces = list(_GEMMA_SPECIAL) + [f"<0x{b:02X}>" for b in range(256)]  # byte fallback: any text encodes
+    pieces += sorted(set(string.ascii_letters + string.digits + string.punctuation)) + ["▁"]
+    merges: list[tuple[str, str]] = []
+    for word in _GEMMA_WORDS:  # "▁red" by a chain of merges; "a" at the start of a text has no ▁, as in Gemma
+        piece = "▁" + word
+        for i in range(2, len(piece) + 1):
+            if (pair := (piece[: i - 1], piece[i - 1])) not in merges:
+                merges.append(pair)
+    vocab: dict[str, int] = {}
+    for t in pieces + ["".join(m) for m in merges]:
+        vocab.setdefault(t, len(vocab))
+    return vocab, merges
+
+
+def gemma_tokenizer(max_length: int = 300) -> GemmaTokenizerFast:
+    """A small Gemma tokenizer built offline: a ``▁``-word BPE with byte fallback over a few hundred pieces written
+    in code, Gemma's special tokens (``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2, added in front), wrapped as
+    ``GemmaTokenizerFast`` (what ``SanaPipeline`` expects). Not Gemma's 256k vocabulary: the ids differ."""
+    vocab, merges = _gemma_vocab_and_merges()
+    tok = GemmaTokenizerFast(vocab=dict(vocab), merges=list(merges), add_bos_token=True)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _sana_parts() -> dict[str, torch.nn.Module]:
+    # 2 blocks of 4 heads × 8, cross-attention to the 16-wide Gemma states; a 4-stage DC-AE (8×, 32 channels: 64
+    # pixels ↔ 8×8 latents; the real one has 6 stages, 32×)
+    transformer = SanaTransformer2DModel(
+        in_channels=32,
+        out_channels=32,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=16,
+        sample_size=8,
+        patch_size=1,
+    )
+    blocks = (8, 16, 32, 32)  # the last a multiple of the latent channels (the DC-AE's shortcut repeats them)
+    vae = AutoencoderDC(
+        latent_channels=32,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock",) * 4,
+        decoder_block_types=("ResBlock",) * 4,
+        encoder_block_out_channels=blocks,
+        decoder_block_out_channels=blocks,
+        encoder_layers_per_block=(1,) * 4,
+        decoder_layers_per_block=(1,) * 4,
+        encoder_qkv_multiscales=((),) * 4,
+        decoder_qkv_multiscales=((),) * 4,
+        scaling_factor=0.41407,  # Sana's DC-AE
+    )
+    gemma = Gemma2Model(
+        Gemma2Config(
+            vocab_size=len(gemma_tokenizer()),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
+    )
+    return {"transformer": transformer, "vae": vae, "text_encoder": gemma}
+
+
+def _tiny_sana() -> Any:
+    state = _state("sana")
+    parts = _sana_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    # Sana's scheduler: flow DPM-Solver++ with shift 3
+    scheduler = DPMSolverMultistepScheduler(
+        flow_shift=3.0, prediction_type="flow_prediction", use_flow_sigmas=True
+    )
+    pipe = SanaPipeline(tokenizer=gemma_tokenizer(), scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@lru_cache(maxsize=10)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family == "chroma":
+    if family == "sana":
+        parts = _sana_parts()
+    elif family == "chroma":
         parts = _chroma_parts()
     elif family == "pixart-sigma":
         parts = _pixart_parts()
@@ -572,6 +679,9 @@ def tiny_pipeline(
     ``chroma`` is a ``ChromaPipeline`` (Flux.1's fixture transformer without CLIP: T5 alone through the offline T5
     tokenizer, a timestep approximator, CFG as two transformer calls at ``guidance_scale`` > 1, Flux's VAE and
     2×2 packing); pass ``height=64, width=64``.
+    ``sana`` is a ``SanaPipeline`` (2 blocks of linear self-attention and softmax cross-attention to a one-layer
+    Gemma-2 through the offline :func:`gemma_tokenizer`, a 32-channel DC-AE of 8× here, flow DPM-Solver++ with shift
+    3); call it with ``use_resolution_binning=False``.
     """
     known = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
     if family not in known:
@@ -582,6 +692,12 @@ def tiny_pipeline(
         )
     if family in MMDIT_FIXTURE_FAMILIES + ("flux2",) and prediction_type is not None:
         raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family == "sana":
+        if not t5 or prediction_type is not None:
+            raise ValueError(
+                "The sana fixture is fixed: Gemma-2 and flow matching; pass no t5= or prediction_type."
+            )
+        return _tiny_sana()
     if family == "chroma":
         if not t5 or prediction_type is not None:
             raise ValueError(

@@ -86,3 +86,24 @@ def test_capabilities_are_named_and_checked():
     assert FAMILIES["sd1"].can("null-text") and not FAMILIES["flux"].can("null-text")
     with pytest.raises(InvalidArgumentError, match="Unknown capability 'fly'"):
         FAMILIES["sd1"].can("fly")
+
+
+def test_sana_record_encodes_without_clip_skip_and_reads_the_dc_ae_scale():
+    from sdexplore.errors import InvalidArgumentError
+    from sdexplore.families import SANA
+    from sdexplore.fixtures import gemma_tokenizer, tiny_pipeline
+
+    pipe = tiny_pipeline("sana")
+    assert detect_family(pipe) is SANA and vae_scale_factor(pipe) == 8  # the DC-AE has no block_out_channels
+    enc = SANA.encode_prompt(pipe, "a red circle", device="cpu", max_sequence_length=16)
+    embeds, mask, negative, _ = pipe.encode_prompt("a red circle", device="cpu", max_sequence_length=16)
+    assert torch.equal(enc.embeds, embeds) and torch.equal(enc.negative, negative) and mask.shape == (1, 16)
+    with pytest.raises(InvalidArgumentError, match="clip_skip"):
+        SANA.encode_prompt(pipe, "a red circle", device="cpu", clip_skip=1)
+    # Sana's cross-attention is softmax (its processor reproducible); its self-attention is linear (not captured)
+    cross = SANA.cross_attention_layers(pipe.transformer)
+    assert cross == [f"transformer_blocks.{i}.attn2.processor" for i in range(2)]
+    tok = gemma_tokenizer()
+    ids = tok("a red circle, Zürich").input_ids
+    assert ids[0] == tok.bos_token_id == 2 and tok.convert_ids_to_tokens(ids)[1:4] == ["a", "▁red", "▁circle"]
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle, Zürich"  # byte fallback: no <unk>

@@ -14,12 +14,18 @@ from diffusers.models.attention_processor import (
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
+from diffusers.models.transformers.sana_transformer import SanaAttnProcessor2_0
+
+#: Processors whose output is one SDPA call, which the capturing processor makes too (bitwise the same output).
+#: Sana's cross-attention processor is AttnProcessor2_0 without the norms and residual Sana's attn2 never has.
+SDPA_PROCESSORS: tuple[type, ...] = (AttnProcessor2_0, SanaAttnProcessor2_0)
 
 #: Processors whose output is plain softmax attention, so a capturing replacement reproduces it. Any other
 #: processor (IP-Adapter, custom editing processors, ...) is left in place and its layer is not captured.
 REPRODUCIBLE_PROCESSORS: tuple[type, ...] = (
     AttnProcessor,
     AttnProcessor2_0,
+    SanaAttnProcessor2_0,
     SlicedAttnProcessor,
     XFormersAttnProcessor,
 )
@@ -156,7 +162,7 @@ class CapturingAttnProcessor:
                 query = attn.norm_q(query)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
-            if type(self.original) is AttnProcessor2_0:
+            if type(self.original) in SDPA_PROCESSORS:
                 # Probabilities of the captured rows only (the conditional half by default), beside the original's
                 # own SDPA kernel, which still produces the output: bitwise unchanged.
                 if attention_mask is None and self.defer is not None:
