@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "AttentionMaps": "results",
     # attention control (editing by the attention maps)
     "edit": "editing",
+    "vital_layers": "vital",
+    "VitalLayers": "vital",
     "Edit": "results.edit",
     "Control": "record.control",
     "LocalBlend": "record.control",
@@ -96,6 +98,7 @@ _SUBMODULES = (
     "render",
     "decoding",
     "sweeps",
+    "vital",
 )
 
 __all__ = [
@@ -130,6 +133,7 @@ __all__ = [
     "Trace",
     "UnsafeCheckpointError",
     "UnsupportedPipelineError",
+    "VitalLayers",
     "Walk",
     "WordNotFoundError",
     "WordSwap",
@@ -153,6 +157,7 @@ __all__ = [
     "smoothness_report",
     "sweep",
     "sweep_report",
+    "vital_layers",
     "walk",
 ]
 
@@ -172,6 +177,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
+    from .vital import VitalLayers, vital_layers
     from .editing import edit
     from .errors import (
         DeviceDtypeError,

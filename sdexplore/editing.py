@@ -58,6 +58,7 @@ def edit(
     blend: Sequence[str] | None = None,
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
+    inject: Any = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     image: Any = None,
@@ -90,6 +91,10 @@ def edit(
     - ``mode``: ``"replace"`` (the word swap above) or ``"refine"`` (Prompt-to-Prompt's refinement: ``target``
       adds or removes words; the target's tokens aligned with the source's take their cross-attention, new
       tokens keep their own). By default: replace when the prompts align word for word, else refine.
+    - ``inject`` (SD3, Flux.1, Flux.2): Stable Flow's edit. A :class:`~sdexplore.vital.VitalLayers` from
+      :func:`sdexplore.vital_layers` (its measured vital blocks), ``"all"``, ``"none"`` or block names: in those
+      blocks' joint attention the target's image keys and values are the source's, during the ``steps`` fraction.
+      Runs on its own (no reweight, masks, blend, mode or image).
     - ``blend``: words of the source and/or target (Prompt-to-Prompt's local blend): from the ``blend_start``
       fraction of the steps on, the edited latents outside a mask of those words' cross-attention (both
       branches, thresholded at ``blend_threshold`` of its maximum, dilated) are set to the source's after each
@@ -167,6 +172,30 @@ def edit(
         )
     if method == "inversion" and image is None:
         raise InvalidArgumentError("method='inversion' edits your own picture: pass image=picture.")
+    if inject is not None:
+        taken = [
+            k
+            for k, v in dict(reweight=reweight, masks=masks, blend=blend, mode=mode, image=image).items()
+            if v is not None
+        ]
+        if taken or num_images_per_prompt != 1:
+            raise InvalidArgumentError(
+                f"{', '.join(taken) or 'num_images_per_prompt'}: inject= (Stable Flow's injection at chosen blocks, "
+                "SD3/Flux) runs on its own; drop them."
+            )
+        from .vital import edit as inject_edit  # lazily: only injection edits need it
+
+        return inject_edit(
+            pipe,
+            prompt,
+            target,
+            inject=inject,
+            steps=steps,
+            generator=generator,
+            latents=latents,
+            attention=attention,
+            **call,
+        )
     family = check_controllable(pipe)
     if mode not in (None, "replace", "refine"):
         raise InvalidArgumentError(

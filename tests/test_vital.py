@@ -293,3 +293,25 @@ def test_injecting_at_the_vital_blocks_keeps_the_sources_shape_where_the_non_vit
         assert all(b.place == a.place and b.background == a.background for a, b in read), name
         squares[name] = sum(b.shape == "square" for _, b in read)
     assert squares["vital"] <= 3 and squares["non-vital"] >= 5, squares
+
+
+def test_edit_inject_runs_stable_flows_edit_and_the_result_saves_and_loads(tmp_path):
+    """``sdexplore.edit(..., inject=...)`` is :func:`sdexplore.vital.edit`; its Edit (no word swap recorded: the
+    prompts differ by the image stream's injection) saves and loads."""
+    import sdexplore
+    from sdexplore.results import Edit
+
+    pipe = tiny_pipeline("sd3")
+    kw = dict(num_inference_steps=2, height=64, width=64)
+    res = sdexplore.edit(
+        pipe, "a red circle", "a red square", inject="all", generator=torch.Generator().manual_seed(0), **kw
+    )
+    direct = sdexplore.vital.edit(pipe, "a red circle", "a red square", inject="all",
+                                  generator=torch.Generator().manual_seed(0), **kw)  # fmt: skip
+    assert np.array_equal(np.asarray(res.edited), np.asarray(direct.edited))
+    res.save(tmp_path / "inject.safetensors")
+    loaded = Edit.load(tmp_path / "inject.safetensors")
+    assert loaded.settings["method"] == "inject"
+    assert loaded.settings["inject"] == ["transformer_blocks.0", "transformer_blocks.1"]
+    with pytest.raises(InvalidArgumentError, match="runs on its own"):
+        sdexplore.edit(pipe, "a red circle", "a red square", inject="all", reweight={"red": 2.0}, **kw)

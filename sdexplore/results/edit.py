@@ -299,7 +299,8 @@ def _check_consistency(
         c.str(m, f"settings.masks[{i}]")
         for i, m in enumerate(c.list(settings.get("masks") or [], "settings.masks"))
     ]
-    if swap[0] is None and settings.get("method") != "flowedit":  # FlowEdit edits by velocity, not attention
+    if swap[0] is None and settings.get("method") not in ("flowedit", "inject"):
+        # FlowEdit edits by velocity, Inject by the image stream's keys and values: neither is a word swap
         if out != src:
             c.fail(
                 "settings.cross_replace",
