@@ -189,6 +189,15 @@ def generate_inner(
     return torch.cat(out), cap.num_steps
 
 
+def _check_steps_fit(steps: list[int] | None, num_inference_steps: Any) -> None:
+    """Steps beyond the run's length are refused before anything is generated (when the length is given)."""
+    if steps is not None and isinstance(num_inference_steps, int) and max(steps) >= num_inference_steps:
+        raise InvalidArgumentError(
+            f"steps={steps} reach beyond the run's {num_inference_steps} steps: choose steps in "
+            f"0..{num_inference_steps - 1}."
+        )
+
+
 def _call_options(num_inference_steps: Any, guidance_scale: Any, height: Any, width: Any) -> dict[str, Any]:
     call = {
         "num_inference_steps": num_inference_steps,
@@ -257,6 +266,7 @@ def from_pairs(
         )
     seeds = check_seeds(seeds)
     layer = check_layer(pipe, family, layer)
+    _check_steps_fit(steps, num_inference_steps)
     call = _call_options(num_inference_steps, guidance_scale, height, width)
     n = len(pairs)
     flat_seeds = [s for s in seeds for _ in range(n)]  # (seeds × pairs) rows, aligned in both runs
@@ -318,6 +328,7 @@ def pca(
             "give more seeds."
         )
     layer = check_layer(pipe, family, layer)
+    _check_steps_fit(steps, num_inference_steps)
     call = _call_options(num_inference_steps, guidance_scale, height, width)
     flat_prompts = [p for _ in seeds for p in prompts]
     flat_seeds = [s for s in seeds for _ in prompts]
