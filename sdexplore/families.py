@@ -733,9 +733,10 @@ CHROMA = Family(
     latent_packing=2,
     # CFG as two transformer calls per step, the prompt's then the negative's, where guidance_scale > 1
     cfg_flag="do_classifier_free_guidance",
-    # its attention always carries T5's padding mask, which the joint capture does not take yet: no maps, so no
-    # controls or concepts; inversion, walks and the rest name the families they run on
-    capabilities=frozenset({"steps", "steering", "stop_at"}),
+    # every attention call carries T5's padding mask (diffusers 0.42 passes it as float 0/1, which SDPA adds: kept
+    # pairs get +1, "masked" ones 0); the joint maps are the image-query × text-key block of that very softmax.
+    # Controls, concepts, inversion, walks and the rest name the families they run on
+    capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
 )
 
 SANA = Family(

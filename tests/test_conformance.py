@@ -240,7 +240,13 @@ def _explicit_probs(pipe, name: str, kw: dict) -> tuple[np.ndarray, dict[str, li
                 k = torch.cat([attn.norm_added_k(split(attn.add_k_proj(c))), k], 1)
             rope = kwargs["image_rotary_emb"]
             q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
-            p = ((q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * d**-0.5).softmax(-1)  # (B, heads, L, L)
+            scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * d**-0.5  # (B, heads, L, L)
+            mask = kwargs.get("attention_mask")  # Chroma's (B, 1, L, L): SDPA adds a float mask, drops False
+            if mask is not None:
+                scores = (
+                    scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+                )
+            p = scores.softmax(-1)
             t = kw["max_sequence_length"]
             seen.setdefault(layer, []).append(p[cond, :, t:, :t])
 
@@ -456,3 +462,24 @@ def test_directions_are_refused(name) -> None:
 
     with pytest.raises((UnsupportedPipelineError, InvalidArgumentError), match="Directions"):
         check_family(pipe_of(name))
+
+
+# ---- masked joint attention (Chroma) -------------------------------------------------------------------------
+def test_key_bias_reads_bool_and_float_masks_and_text_block_applies_it() -> None:
+    from sdexplore.record.joint import key_bias, text_block
+
+    keep = torch.tensor(
+        [[1, 1, 0, 1, 1, 1]], dtype=torch.bool
+    )  # 3 text keys (the third masked), 3 image keys
+    outer = keep[:, None, None, :] & keep[:, None, :, None]  # (1, 1, 6, 6): Chroma's outer product
+    bias = key_bias(outer, 6)
+    assert bias.tolist() == [[0.0, 0.0, float("-inf"), 0.0, 0.0, 0.0]]
+    assert key_bias(outer.float(), 6).tolist() == [[1.0, 1.0, 0.0, 1.0, 1.0, 1.0]]  # a float mask is added
+    assert key_bias(outer[..., :5], 6) is None  # not a (N, 1, L, L) mask: the original processor runs
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 6, 4)  # image queries; text keys then image keys
+    for b in (bias, key_bias(outer.float(), 6)):
+        want = ((q @ k.transpose(-1, -2)) * 0.5 + b[:, None, None, :]).softmax(-1)[..., :3]  # (1, 2, 3, 3)
+        lse = ((q @ k.transpose(-1, -2)) * 0.5 + b[:, None, None, :]).logsumexp(-1)
+        got, _ = text_block(q, k[:, :, :3], lse, 0.5, "joint", key_bias=b[:, :3])
+        torch.testing.assert_close(got, want)

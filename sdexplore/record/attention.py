@@ -160,9 +160,8 @@ class AttentionRecorder:
         if not self.family.can("attention"):
             able = ", ".join(f.label for f in FAMILIES.values() if f.can("attention"))
             raise UnsupportedPipelineError(
-                f"sdexplore cannot record {self.family.label}'s attention yet (its joint attention always carries "
-                f"T5's padding mask, which the capture does not take): attention maps work on {able}. Record its "
-                "steps with sdexplore.observe(pipe, steps=True)."
+                f"sdexplore cannot record {self.family.label}'s attention yet: attention maps work on {able}. "
+                "Record its steps with sdexplore.observe(pipe, steps=True)."
             )
         unet = getattr(pipe, self.family.denoiser, None)
         if unet is None or not hasattr(
@@ -748,6 +747,7 @@ class AttentionRecorder:
         scale: float,
         k_img: torch.Tensor,
         v_img: torch.Tensor,
+        key_bias: torch.Tensor | None = None,
     ) -> None:
         """One MMDiT layer's call: keep the captured rows' image queries (N, heads, HW, d), text keys
         (N, heads, T, d) and the kernel's log-sum-exp (N, heads, HW) until :meth:`_flush_joint` (views, no copy;
@@ -777,7 +777,8 @@ class AttentionRecorder:
         lse = None if lse is None else lse[rows]  # (B', heads, HW)
         ki = k_img[rows] if lse is None else None  # image keys, only where the kernel gave no log-sum-exp
         q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
-        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc))
+        kb = None if key_bias is None else key_bias[rows]  # (B', T): Chroma's mask on the text keys
+        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc, kb))
         self._queued_bytes += q.numel() * q.element_size() + k.numel() * k.element_size()
         if self._queued_bytes > QUEUE_BYTES:
             self._flush()
@@ -796,7 +797,7 @@ class AttentionRecorder:
         groups: dict[tuple, list[str]] = {}
         for name, items in queue.items():
             first = items[0]
-            key = (tuple(it[0] for it in items), first[5], *(shape(first[i]) for i in (1, 2, 3, 4, 6)))
+            key = (tuple(it[0] for it in items), first[5], *(shape(first[i]) for i in (1, 2, 3, 4, 6, 7)))
             groups.setdefault(key, []).append(name)
 
         def stacked(names: list[str], i: int) -> torch.Tensor | None:
@@ -809,15 +810,18 @@ class AttentionRecorder:
         for key, names in groups.items():
             steps, scale = list(key[0]), key[1]
             q, k = stacked(names, 1), stacked(names, 2)  # (S, n, B', heads, HW, d), (S, n, B', heads, T, d)
-            lse, ki, kc = (
+            lse, ki, kc, kb = (
                 stacked(names, 3),
                 stacked(names, 4),
                 stacked(names, 6),
-            )  # (S, n, B', heads, HW[, d])
+                stacked(names, 7),
+            )  # (S, n, B', heads, HW[, d]); the key bias (S, n, B', T)
 
-            def probs(sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale)) -> torch.Tensor:
+            def probs(
+                sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale, kb)
+            ) -> torch.Tensor:
                 """(..., heads', HW, T[+C]) of the index ``sel`` (steps, or a step and layer), heads ``h``."""
-                q_, k_, lse_, ki_, kc_, scale_ = t
+                q_, k_, lse_, ki_, kc_, scale_, kb_ = t
                 p, norm = text_block(
                     q_[sel][..., h, :, :],
                     k_[sel][..., h, :, :],
@@ -825,6 +829,7 @@ class AttentionRecorder:
                     scale_,
                     self.kind,
                     None if ki_ is None else ki_[sel][..., h, :, :],
+                    None if kb_ is None else kb_[sel],
                 )  # (..., heads', HW, T), (..., heads', HW)
                 if kc_ is not None and spans is not None:
                     masses = concept_masses(

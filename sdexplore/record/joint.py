@@ -105,14 +105,20 @@ def text_block(
     scale: float,
     kind: str,
     k_img: Any = None,
+    key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities of image queries (..., HW, d) on text keys (..., T, d) → (..., HW, T) float32, and the
     log-normaliser the softmax used, (..., HW) float32 (concept maps are normalised against it).
 
     ``kind="joint"``: normalised over every key (``lse`` from the kernel; when it is None, ``k_img`` (..., HW', d)
-    supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only.
+    supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only. ``key_bias``
+    (..., T) float32, where the call had an attention mask: what it adds to every image query's score on each
+    text key (−inf for a masked key; Chroma's float mask adds 1 or 0); with ``kind="joint"`` then ``lse`` must be
+    the masked call's own.
     """
     scores = torch.matmul(q_img.float(), k_txt.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, T)
+    if key_bias is not None:
+        scores = scores.add_(key_bias.unsqueeze(-2).unsqueeze(-2))  # (B, 1, 1, T) over heads and queries
     if kind == "text":
         lse = scores.logsumexp(-1)  # (B, heads, HW)
     elif lse is None:
@@ -503,12 +509,32 @@ class FluxCapturingProcessor(JointCapturingProcessor):
         double = encoder_hidden_states is not None
         txt = encoder_hidden_states.shape[1] if double else self.text_len()
         hw = hidden_states.shape[1] - (0 if double else txt)
-        if attention_mask is not None or txt <= 0 or hw <= 0 or not self.gate(self.name, hw):
+        bias = (
+            None
+            if attention_mask is None
+            else key_bias(attention_mask, hidden_states.shape[1] + (txt if double else 0))
+        )
+        if (
+            (attention_mask is not None and bias is None)
+            or txt <= 0
+            or hw <= 0
+            or not self.gate(self.name, hw)
+        ):
             if parallel:
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
         q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, encoder_hidden_states, image_rotary_emb)
-        out, lse = sdpa_with_lse(q, k, v, self.need_lse)
+        if bias is None:
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse)
+        else:  # Chroma: the mask as native dispatch passes it (bitwise the same call); the normaliser explicitly
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (N, heads, L, d)
+            scores = torch.matmul(q[:, :, txt:].float(), k.float().transpose(-1, -2)).mul_(
+                q.shape[-1] ** -0.5
+            )
+            lse = scores.add_(bias[:, None, None, :]).logsumexp(-1)  # (N, heads, HW) over every key
+            lse = torch.cat(
+                [lse.new_zeros(lse.shape[0], lse.shape[1], txt), lse], 2
+            )  # (N, heads, L): text rows unused
         hidden_states = out.permute(0, 2, 1, 3).flatten(2, 3)  # (N, L, heads*d)
         hidden_states = hidden_states.to(q.dtype)
         self.sink(
@@ -522,8 +548,24 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             q.shape[-1] ** -0.5,  # SDPA's default scale, as native dispatch calls it
             k[:, :, txt:],
             v[:, :, txt:],
+            **({} if bias is None else {"key_bias": bias[:, :txt]}),
         )
         return flux_output(attn, self.original, hidden_states, txt, double, mlp)
+
+
+def key_bias(mask: torch.Tensor, length: int) -> torch.Tensor | None:
+    """What an attention mask (N, 1, L, L) — bool (False: masked) or float (added, as SDPA takes it) — adds to an
+    image query's score on each of the L keys, (N, L) float32, read from the last query row (an image token's);
+    None for a mask of another shape. Chroma's mask is the outer product of a per-token mask whose image part is
+    1, so every image query's row is that one."""
+    if mask.ndim != 4 or mask.shape[-1] != length or mask.shape[-2] != length or mask.shape[1] != 1:
+        return None
+    row = mask[:, 0, -1, :]  # (N, L): the last query is an image token
+    if row.dtype == torch.bool:
+        return torch.zeros(row.shape, dtype=torch.float32, device=row.device).masked_fill_(
+            ~row, float("-inf")
+        )
+    return row.float()
 
 
 def flux_qkv(
