@@ -26,6 +26,7 @@ import torch
 
 from .errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
 from .families import detect_family
+from .record.attach import module_hooks
 
 #: Default vital threshold on the mean absolute pixel difference (a fraction of the 0..255 range).
 DEFAULT_THRESHOLD = 0.05
@@ -92,15 +93,9 @@ def bypassed(pipe: Any, blocks: Sequence[str]) -> Iterator[None]:
     One forward hook per block, removed on exit (success, exception or KeyboardInterrupt): the pipeline is left
     as it was found. ``blocks=[]`` changes nothing."""
     names = _check_blocks(pipe, blocks)
-    den = detect_family(pipe).get_denoiser(pipe)
-    handles = []
-    try:
-        for name in names:
-            handles.append(den.get_submodule(name).register_forward_hook(_bypass_hook, with_kwargs=True))
+    denoiser = detect_family(pipe).denoiser
+    with module_hooks(pipe, post={f"{denoiser}.{name}": _bypass_hook for name in names}):
         yield
-    finally:
-        for h in reversed(handles):
-            h.remove()
 
 
 def _check_blocks(pipe: Any, blocks: Any) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError, WordNotFoundError
 from ..families import Family, detect_family
-from .attach import Run, Subscriber, attach, attachment_of
+from .attach import Run, Subscriber, attach, attachment_of, module_hooks
 from .tokens import resolve_max_sequence_length, tokenize_prompt
 
 __all__ = ["ABLATION_FAMILIES", "AblatedText", "CausalAblation", "ablated_prompt_embeds", "encoder_positions"]
@@ -172,24 +172,14 @@ def ablated_prompt_embeds(
     words = _words(words)
     where = encoder_positions(pipe, prompt, words, max_sequence_length=max_sequence_length)
     fired: list[str] = []
-    handles = []
-    try:
-        for name, (ids, pos) in where.items():
-            if pos:
-                handles.append(
-                    getattr(pipe, name).register_forward_pre_hook(
-                        _mask_hook(name, ids, pos, fired), with_kwargs=True
-                    )
-                )
+    hooks = {name: _mask_hook(name, ids, pos, fired) for name, (ids, pos) in where.items() if pos}
+    with module_hooks(pipe, pre=hooks):
         options = {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
         dev = device if device is not None else getattr(pipe, "_execution_device", "cpu")
         with torch.no_grad():
             enc = family.encode_prompt(
                 pipe, prompt, device=dev, do_classifier_free_guidance=False, clip_skip=clip_skip, **options
             )
-    finally:
-        for h in handles:
-            h.remove()
     unfired = [n for n, (_, pos) in where.items() if pos and n not in fired]
     if unfired:
         raise RecorderStateError(

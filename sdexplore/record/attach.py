@@ -31,11 +31,12 @@ them can be observed at a time (a clear :class:`~sdexplore.errors.RecorderStateE
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -813,3 +814,43 @@ def check_attachable(pipe: Any, family: Family) -> None:
 def attachment_of(pipe: Any) -> Attachment | None:
     """The pipeline's attachment while something observes it, else None."""
     return _BY_PIPE.get(id(pipe))
+
+
+@contextlib.contextmanager
+def module_hooks(
+    pipe: Any,
+    *,
+    pre: dict[str, Callable[..., Any]] | None = None,
+    post: dict[str, Callable[..., Any]] | None = None,
+) -> Iterator[None]:
+    """Forward pre-hooks (``pre``) and forward hooks (``post``) on modules of ``pipe`` for the ``with`` block.
+
+    Besides the subscribers' taps, this is the one way sdexplore hooks a module (a block bypassed to find vital
+    layers, a text encoder's attention mask for causal ablation). Keys are module paths from the pipeline, its
+    component then the path inside it: ``"transformer.transformer_blocks.0"``, ``"text_encoder"``. Hooks are
+    registered with ``with_kwargs=True`` (``pre``: ``fn(module, args, kwargs) -> (args, kwargs) | None``; ``post``:
+    ``fn(module, args, kwargs, output) -> output | None``). Every path is resolved before any hook is placed, and
+    every hook is removed on exit, also after an exception or KeyboardInterrupt.
+    """
+
+    def module(path: str) -> torch.nn.Module:
+        component, _, inner = path.partition(".")
+        found = getattr(pipe, component, None)
+        if not isinstance(found, torch.nn.Module):
+            raise InvalidArgumentError(f"{path!r}: the pipeline has no module {component!r}.")
+        try:
+            return found.get_submodule(inner) if inner else found
+        except AttributeError as e:
+            raise InvalidArgumentError(f"{path!r}: {component} has no submodule {inner!r}.") from e
+
+    targets = [(module(p), fn, True) for p, fn in (pre or {}).items()]
+    targets += [(module(p), fn, False) for p, fn in (post or {}).items()]
+    handles = []
+    try:
+        for mod, fn, before in targets:
+            register = mod.register_forward_pre_hook if before else mod.register_forward_hook
+            handles.append(register(fn, with_kwargs=True))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
