@@ -1,9 +1,11 @@
-"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 / Flux.2 [klein] / PixArt-Σ pipelines built in code: offline
-structure tests and demos.
+"""Tiny random-weight SD 1.x / SD 2.x / SDXL / SD3 / Flux.1 / Flux.2 [klein] / PixArt-Σ / Chroma / Sana pipelines
+built in code: offline structure tests and demos.
 
 They have the real architecture classes and the real CLIP tokenizer (SD3, Flux: plus a small offline T5 tokenizer;
-Flux.2 [klein]: a small offline Qwen byte-level BPE tokenizer with Qwen3's chat template) but random weights, so they draw noise: use them for structure (shapes, hooks, restore guarantees), never for
-meaning.
+PixArt-Σ and Chroma: that T5 tokenizer alone; Flux.2 [klein]: a small offline Qwen byte-level BPE tokenizer with
+Qwen3's chat template; Sana: a small offline Gemma tokenizer) but random weights, so they draw noise: use them for
+structure (shapes, hooks, restore guarantees), never for meaning. ``ALL_FIXTURE_FAMILIES`` lists every one; the
+conformance suite (tests/test_conformance.py) runs on each.
 """
 
 from __future__ import annotations

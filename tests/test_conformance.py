@@ -120,6 +120,12 @@ def test_fixture_is_its_family_and_claims_known_capabilities(name) -> None:
         fam.can("teleport")
 
 
+@pytest.mark.parametrize("name", ALL_FIXTURE_FAMILIES)
+def test_describe_names_the_family(name) -> None:
+    d = sdx.describe(pipe_of(name))
+    assert d.family == name and FAMILIES[name].label in str(d)
+
+
 def test_capability_table_agrees_with_the_modules_that_refuse() -> None:
     """Every module's own list of families equals the capability table (until the modules read the table)."""
     from sdexplore.directions.apply import SUPPORTED
