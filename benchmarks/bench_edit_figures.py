@@ -2,7 +2,7 @@
 with the same seed): colour swaps, kind swaps, ablating the shape word (the word's attention zeroed, with and
 without causal ablation in the text encoders), ablating the background word, and the cost of an edit.
 
-    python benchmarks/bench_edit_figures.py                       # both models, 12 held-out prompts: ~25 min, 1 thread
+    python benchmarks/bench_edit_figures.py                       # both models, 12 held-out prompts: ~40 min, 1 thread
     python benchmarks/bench_edit_figures.py --model mmdit --only ablation kinds --json out.json
     python benchmarks/bench_edit_figures.py --tune colour kinds --only   # the settings grids on TUNING only
 
