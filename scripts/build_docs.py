@@ -2,7 +2,7 @@
 
 ``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
 (git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
-two embedded models' cards, the benchmark results, the seven tutorials executed on the embedded model
+two embedded models' cards, the benchmark results, the eight tutorials executed on the embedded model
 (explorers shown as static figures, ``SDEXPLORE_STATIC=1``) and the gallery.
 
 ``--reuse`` skips the work when ``docs/generated/.build.json`` says the pages and ``--site-dir`` were built from

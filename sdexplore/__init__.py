@@ -99,6 +99,7 @@ _SUBMODULES = (
     "decoding",
     "sweeps",
     "vital",
+    "directions",
 )
 
 __all__ = [

@@ -21,7 +21,7 @@ import pytest
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("0*.ipynb"))
 #: A top-level line that makes an explorer (the cell then displays it: a static figure in the executed copy).
-EXPLORER = re.compile(r"^(\w+ = )?(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer|EditExplorer)\(")
+EXPLORER = re.compile(r"^(\w+ = )?(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer|EditExplorer|DirectionExplorer)\(")
 #: Notebook → explorers it must display.
 EXPLORERS = {
     "02_step_by_step.ipynb": 2,  # TimestepScrubber after the run, and the live one
@@ -30,6 +30,7 @@ EXPLORERS = {
     "05_latent_walks.ipynb": 3,
     "06_your_own_image.ipynb": 2,  # TimestepScrubber with its upload control, AttentionExplorer
     "07_edit_by_attention.ipynb": 1,  # EditExplorer
+    "08_directions.ipynb": 1,  # DirectionExplorer
 }
 #: Notebook → lines its UNet-versus-MMDiT section prints: both embedded models ran, from the same noise.
 SIDE_BY_SIDE = {
@@ -75,7 +76,7 @@ def output_problems(text: str, name: str) -> list[str]:
     ]
 
 
-def test_there_are_seven_tutorials_committed_without_outputs():
+def test_there_are_eight_tutorials_committed_without_outputs():
     assert [p.name for p in NOTEBOOKS] == [
         "01_tour.ipynb",
         "02_step_by_step.ipynb",
@@ -84,6 +85,7 @@ def test_there_are_seven_tutorials_committed_without_outputs():
         "05_latent_walks.ipynb",
         "06_your_own_image.ipynb",
         "07_edit_by_attention.ipynb",
+        "08_directions.ipynb",
     ]
     for path in NOTEBOOKS:
         text = committed_text(path)

@@ -124,6 +124,14 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     big, small = (read_scene(np.asarray(im)).size_px for im in (ed["smaller"].source, ed["smaller"].edited))
     assert small < 0.8 * big  # "small" added: the shape shrinks
 
+    # FlowEdit on the embedded MMDiT: the picture's colour turns, place and background stay
+    _reads_as(state("flowed")["flowed"].edited, "a big yellow circle at the top left on a blue background")
+
+    # Directions: a red → blue direction turns a held-out prompt's red (another shape and place, another seed)
+    dr = state("bluer")
+    _reads_as(dr["bluer"], "a big blue triangle at the bottom left on a white background")
+    assert Path("red_to_blue.safetensors").stat().st_size > 0
+
     # Walks between pictures: the end frames are the pictures; a seed keyframe is the prompt's scene
     ws = state("picture_to_seed")
     _reads_as(ws["two_pictures"].images[0], ws["prompt"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._base import Explorer, ImageUpload, has_widget_frontend
 from .attention import AttentionExplorer
+from .directions import DirectionExplorer
 from .edit import EditExplorer
 from .interpolation import InterpolationExplorer
 from .player import WalkPlayer
@@ -17,6 +18,7 @@ from .scrubber import TimestepScrubber
 
 __all__ = [
     "AttentionExplorer",
+    "DirectionExplorer",
     "EditExplorer",
     "Explorer",
     "ImageUpload",
