@@ -72,25 +72,11 @@ _NO_WALK_CHECK = (
     "walks.py checks no family, so {} fails deep inside instead of a refusal naming the families: {}"
 )
 PENDING: dict[tuple[str, str], str] = {
-    ("steps", "pixart-sigma"): _ATTACH_VARIANCE,
-    ("steering", "pixart-sigma"): _ATTACH_VARIANCE,
-    ("stop_at-refused", "pixart-sigma"): (
-        "record/steering.py accepts stop_at on a pipeline whose loop never reads _interrupt (PixArt-Σ) and runs "
-        "every step: refuse it where Family.can('stop_at') is False"
-    ),
-    ("attention", "pixart-sigma"): _ATTACH_CFG,
-    ("labels", "pixart-sigma"): _ATTACH_CFG,
     ("labels", "sana"): (
         "record/tokens.py does not know Gemma's ▁ word marker (words come out as '▁red') nor Sana's complex human "
         "instruction, prepended before [bos] + the last max_sequence_length − 1 positions are kept (the "
         "probabilities are exact)"
     ),
-    ("walks-refused", "flux2"): _NO_WALK_CHECK.format("Flux.2", "ValueError (unpacking its Qwen embeddings)"),
-    ("walks-refused", "chroma"): _NO_WALK_CHECK.format("Chroma", "ValueError (prompt_embeds without a mask)"),
-    ("walks-refused", "pixart-sigma"): _NO_WALK_CHECK.format(
-        "PixArt-Σ", "ValueError (negative prompt twice)"
-    ),
-    ("walks-refused", "sana"): _NO_WALK_CHECK.format("Sana", "ValueError (negative prompt twice)"),
 }
 
 

@@ -18,7 +18,17 @@ def test_every_public_name_resolves():
             assert issubclass(obj, sdexplore.SdexploreError) and issubclass(obj, Exception), name
     assert (sdexplore.EMBEDDED_MODEL_DIR / "model_index.json").is_file()
     assert sdexplore.EMBEDDED_GUIDANCE_SCALE > 1.0  # a scale that turns classifier-free guidance on
-    assert set(sdexplore.FAMILIES) == {"sd1", "sd2", "sdxl", "sd3", "flux", "flux2"}
+    assert set(sdexplore.FAMILIES) == {
+        "sd1",
+        "sd2",
+        "sdxl",
+        "sd3",
+        "flux",
+        "flux2",
+        "pixart-sigma",
+        "chroma",
+        "sana",
+    }
     assert all(isinstance(f, sdexplore.Family) for f in sdexplore.FAMILIES.values())
     assert {"invert", "Inversion"} <= set(sdexplore.__all__) and callable(sdexplore.images.load_image)
     scrubber = sdexplore.widgets.TimestepScrubber

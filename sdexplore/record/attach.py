@@ -599,13 +599,10 @@ class Attachment:
         fam = self.family
         if fam.latent_packing > 1:
             run.latent_grid = fam.latent_grid(sample, args, kwargs)
-        run.guidance_scale = float(getattr(pipe, "_guidance_scale", 1.0))
+        run.guidance_scale = fam.guidance_scale_of(pipe, run.arguments)
         if fam.cfg_batch:
-            try:
-                cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
-            except (AttributeError, TypeError):
-                cfg = False
-            run.cfg = cfg and sample.shape[0] % 2 == 0
+            # PixArt-Σ decides CFG in a local variable: Family.batch_cfg reads the call's guidance_scale there
+            run.cfg = fam.batch_cfg(pipe, run.arguments) and sample.shape[0] % 2 == 0
             return
         # Flux: "true CFG" is two calls per step at true_cfg_scale; guidance_scale is the distilled guidance
         # (dev: a denoiser input), which schnell ignores (its step scale is then 1, as without CFG). Flux.2 [klein]:
@@ -659,7 +656,7 @@ class Attachment:
             return None
         is_tuple = isinstance(output, tuple)
         out = output[0] if is_tuple else output.sample  # (2B|B, C, h, w); Flux: (B, h/2 · w/2, 64)
-        run.denoiser_out = out
+        run.denoiser_out = self.family.prediction(out)  # PixArt: the ε half of its (ε ‖ variance) output
         if not self.family.cfg_batch:
             run.call_outputs.append(out)
         new = out
