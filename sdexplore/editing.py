@@ -59,6 +59,7 @@ def edit(
     blend_threshold: float = 0.3,
     blend_start: float = 0.2,
     inject: Any = None,
+    ablation: str = "attention",
     generator: torch.Generator | list[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     image: Any = None,
@@ -87,6 +88,11 @@ def edit(
       ``self_replace`` fraction.
     - ``reweight``: words → factors ≥ 0 scaling their cross-attention in the edited image (0 ablates the word),
       during the ``steps`` (start, end) fraction; words are looked up in ``target`` (or ``prompt`` without one).
+    - ``ablation``: what a factor of 0 in ``reweight`` does. ``"attention"`` (default, Prompt-to-Prompt's): the
+      word's cross-attention is zeroed; the later tokens of a causal text encoder (CLIP) still carry it.
+      ``"causal"``: the word is also removed from the text encoders' context for the edited image
+      (:class:`sdexplore.record.ablate_text.CausalAblation`: no later token, end-of-text or padding reads it; T5 in
+      both directions; the pooled vector too), as if it had never been read, positions unchanged.
     - ``masks``: words → ``(h, w)`` arrays in [0, 1]: the word's attention is put where the mask is.
     - ``mode``: ``"replace"`` (the word swap above) or ``"refine"`` (Prompt-to-Prompt's refinement: ``target``
       adds or removes words; the target's tokens aligned with the source's take their cross-attention, new
@@ -172,6 +178,11 @@ def edit(
         )
     if method == "inversion" and image is None:
         raise InvalidArgumentError("method='inversion' edits your own picture: pass image=picture.")
+    if ablation not in ("attention", "causal"):
+        raise InvalidArgumentError(
+            f"ablation={ablation!r}: pass 'attention' (the word's cross-attention is zeroed) or 'causal' (the word "
+            "also leaves the text encoders' context)."
+        )
     if inject is not None:
         taken = [
             k
@@ -274,6 +285,14 @@ def edit(
         for t in dict.fromkeys(targets):
             rw.positions(pipe, t)  # WordNotFoundError before any work
         edits.append(rw)
+    ablated = [w for w, v in (reweight or {}).items() if v == 0.0] if ablation == "causal" else []
+    text_ablation: Any = None
+    if ablated:
+        from .record.ablate_text import CausalAblation  # lazily: only causal ablation needs it
+
+        text_ablation = CausalAblation(
+            pipe, ablated, images=list(range(n_src, 2 * n_src))
+        )  # checks the family
     if blend is not None:
         lb = LocalBlend(blend, threshold=blend_threshold, start=blend_start)
         for s, t in zip(sources, targets, strict=True):
@@ -371,7 +390,7 @@ def edit(
     from .inversion import applied
 
     regenerate = nullcontext() if inversion is None else applied(pipe, inversion)
-    with regenerate, Control(pipe, *edits):
+    with regenerate, text_ablation or nullcontext(), Control(pipe, *edits):
         if recorder is not None:
             with recorder:
                 out = _call(
@@ -388,6 +407,7 @@ def edit(
         cross_replace=None if target is None else float(cross_replace),
         self_replace=None if target is None else float(self_replace),
         reweight=dict(reweight or {}),
+        ablation=ablation if ablated else None,
         masks=sorted(masks or {}),
         steps=list(steps),
         syntax=None if syntax_weights is None else written,

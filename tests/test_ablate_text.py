@@ -123,3 +123,20 @@ def test_flux_loses_the_word_in_t5_on_both_sides_and_in_clips_pooled_vector() ->
     with CausalAblation(pipe, "circle", images=[1]):
         out = pipe([P, P], generator=gen(0), **run).images
     assert np.array_equal(out[0], ref[0]) and not np.allclose(out[1], ref[1], atol=1e-4)
+
+
+def test_edit_with_causal_ablation_removes_the_word_from_the_edited_branch_only() -> None:
+    """``edit(reweight={w: 0}, ablation="causal")``: the source branch is the attention-only edit's source bit for
+    bit, the edited branch differs from the attention-only ablation (the later tokens no longer carry the word),
+    the ablated word's map is still exactly 0, and the setting is recorded."""
+    pipe = tiny_pipeline("sd1")
+    prompt = "a big red circle at the top left"
+    kw = dict(num_inference_steps=3, height=64, width=64)
+    plain = sdx.edit(pipe, prompt, reweight={"circle": 0.0}, generator=gen(0), **kw)
+    causal = sdx.edit(pipe, prompt, reweight={"circle": 0.0}, ablation="causal", generator=gen(0), **kw)
+    assert np.array_equal(np.asarray(causal.source), np.asarray(plain.source))
+    assert not np.array_equal(np.asarray(causal.edited), np.asarray(plain.edited))
+    assert float(causal.edited_maps.word("circle").abs().max()) == 0.0
+    assert causal.settings["ablation"] == "causal" and plain.settings["ablation"] is None
+    with pytest.raises(InvalidArgumentError, match="ablation="):
+        sdx.edit(pipe, prompt, reweight={"circle": 0.0}, ablation="text", **kw)
