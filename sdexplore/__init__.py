@@ -185,6 +185,7 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
         ExportError,
         InterpolationError,
         InvalidArgumentError,
+        MemoryBudgetError,
         ModelNotAvailableError,
         RecorderStateError,
         ResultFileError,
