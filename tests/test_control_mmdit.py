@@ -17,9 +17,9 @@ from conftest import assert_restored, gen, pipeline_state
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 import sdexplore as sdx
-from sdexplore.errors import UnsupportedPipelineError
+from sdexplore.errors import RecorderStateError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.record.control import Control, Inject, Reweight, WordSwap
+from sdexplore.record.control import AttentionEdit, Control, Inject, Reweight, WordSwap
 from sdexplore.record.joint import JointControlledProcessor, sd3_qkv
 from sdexplore.record.tokens import sequence_tokens
 
@@ -89,6 +89,60 @@ def test_an_ablated_words_column_is_zero_in_the_joint_block_and_nothing_else_cha
         assert torch.equal(after[..., other], before[..., other])  # not renormalised
         assert torch.equal(after[: call.cond.start], before[: call.cond.start])
         assert float(before.sum(-1).max()) < 1.0  # the joint block: the rest of the mass is on image keys
+
+
+def test_only_the_rows_the_edits_read_are_formed(pipe) -> None:
+    """A reweight reads and edits the conditional rows only: the unconditional rows of its block are not formed
+    (zero); an edit that does not say so gets every row; the images are the same either way."""
+
+    class Reader(AttentionEdit):  # reads every row, changes nothing
+        def __init__(self) -> None:
+            self.seen: list = []
+
+        def active(self, call):
+            return True
+
+        def edit(self, call, probs):
+            self.seen.append((call, probs.clone()))
+            return []
+
+    spy, reader = _Spy({"circle": 0.0}), Reader()
+    spy.seen = []
+    with Control(pipe, spy):
+        alone = pipe([P, Q], generator=gen(0), **RUN).images
+    with Control(pipe, spy, reader):
+        beside = pipe([P, Q], generator=gen(0), **RUN).images
+    assert np.array_equal(alone, beside)
+    for call, before, _, _ in spy.seen[: len(spy.seen) // 2]:  # the reweight alone
+        assert float(before[: call.cond.start].abs().max()) == 0.0  # not formed
+        assert float(before[call.cond].min()) > 0.0
+    for _call, before, _, _ in spy.seen[len(spy.seen) // 2 :]:  # beside an edit that reads every row
+        assert float(before.min()) > 0.0
+    assert reader.seen and all(float(p[: c.cond.start].min()) > 0.0 for c, p in reader.seen)
+
+
+def test_a_recorder_of_both_halves_records_formed_rows(pipe) -> None:
+    """The rows a "joint" recorder files are formed even where the edits read fewer: with ``negative=True`` the
+    unconditional maps under a reweight are the plain run's (to the drift the edited latents bring)."""
+    both = {"negative": True}
+    with Control(pipe, Reweight({"circle": 0.0})), sdx.observe(pipe, steps=False, attention=both) as obs:
+        pipe(P, generator=gen(0), **RUN)
+    with sdx.observe(pipe, steps=False, attention=both) as ref:
+        pipe(P, generator=gen(0), **RUN)
+    neg, ref_neg = obs.attention.negative.aggregate, ref.attention.negative.aggregate
+    assert float(neg.abs().max()) > 0.0
+    torch.testing.assert_close(neg, ref_neg, rtol=1e-3, atol=1e-5)  # the latents drift after step 0 only
+    assert float(obs.attention.word("circle").abs().max()) == 0.0
+
+
+def test_an_edit_that_changes_rows_it_did_not_declare_is_refused(pipe) -> None:
+    class Stray(Reweight):  # declares the conditional rows, changes the first unconditional one
+        def edit(self, call, probs):
+            probs[0] *= 0.5
+            return [0]
+
+    with Control(pipe, Stray({"circle": 0.0})), pytest.raises(RecorderStateError, match="rows"):
+        pipe(P, generator=gen(0), **RUN)
 
 
 def test_the_edited_output_is_joint_attention_with_the_edited_block() -> None:

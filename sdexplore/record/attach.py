@@ -243,6 +243,9 @@ class AttentionCall:
     cond: slice  # the conditional rows (every row without CFG)
     uncond: bool = False  # a family without a CFG batch (Flux): this is true CFG's negative-prompt call
     probs: bool = True  # some active control reads or edits the probabilities (False: only injections act)
+    # the rows whose probabilities some active control reads or edits (every row unless each such control
+    # declares fewer): a processor may leave the other rows of ``probs`` zero
+    prob_rows: slice = field(default_factory=lambda: slice(None))
 
 
 @dataclass
@@ -254,7 +257,9 @@ class ControlTap:
     ``edit(call, probs)`` changes the float32 probabilities ``probs`` (N, heads, HW, T) in place and returns the
     batch rows it changed; the others keep the original output. ``inject(call)`` (joint attention only, SD3 and
     Flux) returns (target row, source row) pairs: the target rows' image-token keys and values are the source
-    rows' in this call (Stable Flow's attention injection); None or an empty list injects nothing.
+    rows' in this call (Stable Flow's attention injection); None or an empty list injects nothing. ``rows(call)``
+    names the batch rows whose probabilities the control reads or edits (None: every row); where every active
+    reader names the same rows, a joint layer forms only those (and those a recorder files), the others are zero.
     """
 
     layers: list[str]
@@ -264,6 +269,9 @@ class ControlTap:
     # whether the control reads or edits the probabilities at a call it is active at (None: always); where no
     # active control does, a joint layer skips forming them (an injection alone needs only the kernel)
     probs: Callable[[AttentionCall], bool] | None = None
+    # the batch rows whose probabilities the control reads or edits at a call it is active at (None: every row);
+    # a processor need not form the others (they are zero in ``probs``)
+    rows: Callable[[AttentionCall], slice | None] | None = None
 
 
 @dataclass
@@ -455,7 +463,11 @@ class Attachment:
         active = [tap for tap in self._slots[name].controls if tap.active(call)]
         if not active:
             return None
-        call.probs = any(tap.probs is None or tap.probs(call) for tap in active)
+        readers = [tap for tap in active if tap.probs is None or tap.probs(call)]
+        call.probs = bool(readers)
+        spans = [None if tap.rows is None else tap.rows(call) for tap in readers]
+        if spans and all(span is not None and span == spans[0] for span in spans):
+            call.prob_rows = spans[0]  # every reader reads the same rows: the others need not be formed
         return call
 
     def _text_tokens(self) -> int:

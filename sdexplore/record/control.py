@@ -172,13 +172,17 @@ class AttentionEdit:
     changes the float32 probabilities (N, heads, HW, T) in place, returning the batch rows it changed. On joint
     attention (SD3, Flux) ``inject(call)`` may return (target row, source row) pairs whose image-token keys and
     values the call takes from the source row (:class:`Inject`). ``bind(pipe, family, layers)`` is called when
-    the :class:`Control` is made (check the edit against the pipeline before any work).
+    the :class:`Control` is made (check the edit against the pipeline before any work). An edit that reads and
+    changes only the conditional rows (``call.cond``) says so with ``conditional_only = True``: a joint layer then
+    forms only those rows' probabilities (the others are zero in ``probs``).
     """
 
     needs_self_attention: bool = False
     reads_first: bool = False  # reads the probabilities before the other edits change them (LocalBlend)
     unconditional: bool = False  # also acts on Flux true CFG's negative-prompt call (no prompt words there)
     reads_probs: bool = True  # reads or edits the probabilities where active (Inject: only keys and values)
+    # reads and edits the conditional rows' probabilities only (``call.cond``): a joint layer then forms no others
+    conditional_only: bool = False
 
     def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
         """The :class:`Control` is made on ``pipe`` (``layers``: the module names it attaches to)."""
@@ -215,6 +219,8 @@ class Reweight(AttentionEdit):
     the images of the batch it edits (default all). A factor of 1 and no mask is no edit at all: the plain image
     bit for bit.
     """
+
+    conditional_only = True
 
     def __init__(
         self,
@@ -320,6 +326,8 @@ class WordSwap(AttentionEdit):
     bit the plain batch.
     """
 
+    conditional_only = True
+
     def __init__(
         self, cross_replace: float = 0.8, self_replace: float = 0.4, self_max_queries: int = 256
     ) -> None:
@@ -358,10 +366,12 @@ class WordSwap(AttentionEdit):
 
     def edit(self, call: AttentionCall, probs: torch.Tensor) -> list[int]:
         base = call.cond.start or 0
-        src = [base + i for i in self._pairs[0]]
-        tgt = [base + i for i in self._pairs[1]]
-        probs[tgt] = probs[src]  # (k, heads, HW, T): the source's maps, in the target's rows
-        return tgt
+        src, tgt = self._pairs
+        if not tgt:
+            return []
+        # (k, heads, HW, T): the source's maps, in the target's rows (consecutive rows: one copy, no gather)
+        probs[base + tgt[0] : base + tgt[-1] + 1] = probs[base + src[0] : base + src[-1] + 1]
+        return [base + t for t in tgt]
 
 
 def _word(w: Any) -> str:
@@ -468,6 +478,7 @@ class LocalBlend(AttentionEdit):
     """
 
     reads_first = True
+    conditional_only = True
 
     def __init__(
         self, words: Sequence[str], *, threshold: float = 0.3, start: float = 0.2, max_queries: int = 256
@@ -720,7 +731,7 @@ class Control:
             order=0,
             run_start=self._run_start,
             step=self._step if any(type(e).step is not AttentionEdit.step for e in self.edits) else None,
-            control=ControlTap(self.layers, self._active, self._edit, self._inject, self._reads),
+            control=ControlTap(self.layers, self._active, self._edit, self._inject, self._reads, self._rows),
         )
         ctx = attach(self.pipe, sub, self.family)
         ctx.__enter__()
@@ -752,6 +763,12 @@ class Control:
 
     def _reads(self, call: AttentionCall) -> bool:
         return any(e.reads_probs for e in self._acting(call))
+
+    def _rows(self, call: AttentionCall) -> slice | None:
+        """The rows whose probabilities the acting edits read or edit: the conditional ones where every such
+        edit keeps to them, else None (every row)."""
+        readers = [e for e in self._acting(call) if e.reads_probs]
+        return call.cond if all(e.conditional_only for e in readers) else None
 
     def _inject(self, call: AttentionCall) -> list[tuple[int, int]]:
         pairs: list[tuple[int, int]] = []

@@ -40,6 +40,8 @@ from diffusers.models.transformers.transformer_flux import _get_qkv_projections 
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections as _flux2_projections
 
+from ..errors import RecorderStateError
+
 #: The map kinds of MMDiT attention (see the module docstring).
 JOINT_KINDS = ("joint", "text", "output")
 
@@ -344,23 +346,62 @@ class JointControlledProcessor:
             key[tgt, :, img] = key[src, :, img]  # (N', heads, HW, d): the source image's keys
             value[tgt, :, img] = value[src, :, img]  # and values
         out, lse = sdpa_with_lse(query, key, value)  # (N, heads, L, d), (N, heads, L) or None
+        capture = self.capture
+        captured = capture is not None and bool(capture.gate(capture.name, query[:, :, img].shape[2]))
         if not getattr(call, "probs", True):  # only injections act: no probabilities to form
-            self._record(attn, query, key, value, out, lse, None, img, txt, scale, False)
+            if captured:
+                self._record(attn, query, key, value, out, lse, None, img, txt, scale, False)
             return out
+        n = query.shape[0]
+        # the rows whose block is formed: those the controls read or edit, and those a "joint" recorder files
+        rows = getattr(call, "prob_rows", slice(None))
+        kept = self._joint_rows() if captured else None
+        if rows.step not in (None, 1) or (kept is not None and kept != rows):
+            rows = slice(None)
+        lo, hi, _ = rows.indices(n)
         q_img, k_txt, v_txt = query[:, :, img], key[:, :, txt], value[:, :, txt]
         plain_probs, _ = text_block(
-            q_img, k_txt, None if lse is None else lse[:, :, img], scale, "joint", key[:, :, img]
-        )  # (N, heads, HW, T) float32: the image queries' share of each text key
-        probs = plain_probs.clone()
+            q_img[lo:hi],
+            k_txt[lo:hi],
+            None if lse is None else lse[lo:hi, :, img],
+            scale,
+            "joint",
+            key[lo:hi, :, img],
+        )  # (N', heads, HW, T) float32: the image queries' share of each text key, rows lo:hi
+        if (lo, hi) == (0, n):
+            probs = plain_probs.clone()
+        else:  # the rows nobody reads are not formed: zero
+            probs = plain_probs.new_empty((n, *plain_probs.shape[1:]))  # (N, heads, HW, T)
+            probs[:lo].zero_()
+            probs[lo:hi] = plain_probs
+            probs[hi:].zero_()
         changed = sorted(set(self.apply(call, probs)))
-        self._record(attn, query, key, value, out, lse, probs, img, txt, scale, bool(changed))
+        if captured:
+            self._record(attn, query, key, value, out, lse, probs, img, txt, scale, bool(changed))
         if changed:
-            idx = torch.tensor(changed, device=out.device)
-            delta = probs[idx] - plain_probs[idx]  # (N', heads, HW, T): the edit of the text block
+            if changed[0] < lo or changed[-1] >= hi:
+                raise RecorderStateError(
+                    f"A control changed rows {changed} of {self.name} but declared it reads rows {lo} to "
+                    f"{hi - 1} only: a ControlTap's rows must cover every row its edit changes."
+                )
+            a, b = changed[0], changed[-1] + 1
+            # consecutive rows (a word swap's targets, a reweighted image): slices, no gathered copies
+            idx: Any = slice(a, b) if b - a == len(changed) else torch.tensor(changed, device=out.device)
+            plain_idx = slice(a - lo, b - lo) if isinstance(idx, slice) else idx - lo
+            delta = probs[idx] - plain_probs[plain_idx]  # (N', heads, HW, T): the edit of the text block
             fix = torch.matmul(delta, v_txt[idx].float())  # (N', heads, HW, d)
-            out = out.clone()
+            # in place: ``out`` is the kernel's own new tensor, and what the recorder was handed is a copy
             out[idx, :, img] = (out[idx, :, img].float() + fix).to(out.dtype)
         return out
+
+    def _joint_rows(self) -> slice | None:
+        """The rows a recorder of ``"joint"`` maps files from the edited block (None: no such recorder here; it
+        takes what its capture hands it)."""
+        recorder = getattr(getattr(self.capture, "sink", None), "__self__", None)
+        rows = getattr(recorder, "_sel", None)
+        if getattr(recorder, "kind", None) == "joint" and not getattr(recorder, "concepts", None):
+            return rows
+        return None
 
     def _record(
         self,
@@ -376,24 +417,21 @@ class JointControlledProcessor:
         scale: float,
         edited: bool,
     ) -> None:
-        """Hand this call to the recorder capturing the layer, if one does: the edited probabilities where its
-        maps are ``"joint"`` maps (the block the controls edit), else what its capture hands it (unedited)."""
+        """Hand this call to the recorder capturing the layer (its gate has taken the call): the edited
+        probabilities where its maps are ``"joint"`` maps (the block the controls edit), else what its capture
+        hands it (unedited)."""
         capture = self.capture
-        if capture is None or not capture.gate(capture.name, query[:, :, img].shape[2]):
-            return
+        assert capture is not None
         recorder = getattr(capture.sink, "__self__", None)
-        rows = getattr(recorder, "_sel", None)
-        if (
-            edited
-            and getattr(recorder, "kind", None) == "joint"
-            and not getattr(recorder, "concepts", None)
-            and rows is not None
-        ):
+        rows = self._joint_rows()
+        if edited and rows is not None:
             if getattr(recorder, "keep_probs", False):
                 recorder._flush()  # the kept probabilities are filed in call order: the waiting calls first
             recorder._sink(capture.name, probs[rows])  # (B', heads, HW, T): what made the image
             return
         o = out.transpose(1, 2).reshape(out.shape[0], -1, attn.heads * out.shape[-1]).to(query.dtype)
+        if o.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            o = o.clone()  # one head: a view of ``out``, which the edit then changes in place
         capture.sink(
             capture.name,
             attn,
