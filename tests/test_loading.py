@@ -70,7 +70,7 @@ def test_local_folder_roundtrip_and_bad_folders(tmp_path, sd1_pipe):
     with pytest.raises(ModelNotAvailableError, match="not a diffusers pipeline folder"):
         load_pipeline(tmp_path, device="cpu")
     index = json.loads((folder / "model_index.json").read_text())
-    index["_class_name"] = "PixArtSigmaPipeline"  # a diffusers pipeline of no supported family
+    index["_class_name"] = "KandinskyV22Pipeline"  # a diffusers pipeline of no supported family
     (folder / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(UnsupportedPipelineError, match="StableDiffusionXLPipeline"):
         load_pipeline(folder, device="cpu")
