@@ -1,4 +1,4 @@
-"""Semantic directions: find them (prompt pairs, PCA), apply them with a strength, walk along them, name them.
+"""Semantic directions: find them (prompt pairs, PCA, the Jacobian's singular vectors), apply them with a strength, walk along them, name them.
 
 ```python
 import sdexplore as sdx
@@ -92,6 +92,7 @@ def apply(
 
 from .explore import name, walk  # noqa: E402
 from .find import default_layer, from_pairs, pca  # noqa: E402
+from .jacobian import jacobian  # noqa: E402
 
 __all__ = [
     "SUPPORTED",
@@ -100,6 +101,7 @@ __all__ = [
     "apply",
     "default_layer",
     "from_pairs",
+    "jacobian",
     "load",
     "name",
     "pca",

@@ -6,7 +6,10 @@
 - an **inner** direction changes the image-stream output of one attention layer (the UNet's mid-block
   self-attention; an MMDiT block's joint attention) during the chosen steps: the attachment puts a processor on
   that layer (its :class:`AttentionTap`) that calls the layer's very own processor and adds ``strength · shift``
-  to each half of the CFG batch.
+  to each half of the CFG batch;
+- a **latent** direction (a Jacobian direction) moves the latents x_t at the start of each chosen step: the
+  attachment's ``step`` hook adds ``strength · shift`` to every image's latents leaving the step before (so a
+  latent direction cannot act at step 0, whose x_t is the seed's noise).
 
 A strength of 0 (or a step outside the chosen ones) changes nothing: the inputs and outputs are the very tensors
 of a plain run, so the image is bit for bit the plain image.
@@ -23,7 +26,7 @@ import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family, detect_family
-from ..record.attach import Attachment, AttentionTap, Run, Subscriber, attach, attachment_of
+from ..record.attach import Attachment, AttentionTap, Run, Step, Subscriber, attach, attachment_of
 
 if TYPE_CHECKING:
     from ..results.directions import DirectionData
@@ -142,6 +145,14 @@ class DirectionSteering:
             if d.space == "inner" and s != 0.0:
                 assert d.layer is not None
                 self.inner.setdefault(d.layer, []).append((d, s, st))
+        self.latent = [(d, s, st) for d, s, st in directions if d.space == "latent" and s != 0.0]
+        for d, _, st in self.latent:
+            if 0 in (st if st is not None else [0]):
+                raise InvalidArgumentError(
+                    "A latent direction moves x_t at the start of a step, after the step before: it cannot act at "
+                    "step 0 (the seed's noise) nor at every step. Give steps ≥ 1 (its own: "
+                    f"{d.steps})."
+                )
         self._attach: attach | None = None
         self.attachment: Attachment | None = None
         self._cache: dict[tuple[int, str, Any, Any], torch.Tensor] = {}
@@ -159,8 +170,9 @@ class DirectionSteering:
             order=0,  # before recorders read the inputs
             denoiser_pre=self._denoiser_pre if self.text else None,
             attention=tap,
+            step=self._move_latents if self.latent else None,
         )
-        if sub.denoiser_pre is None and tap is None:
+        if sub.denoiser_pre is None and tap is None and sub.step is None:
             sub.run_start = lambda run: None  # every strength is 0: subscribe and change nothing
         self._attach = attach(self.pipe, sub, self.family)
         self.attachment = self._attach.__enter__()
@@ -217,6 +229,23 @@ class DirectionSteering:
                 new_pooled[cond] += s * self._as(d, "pooled", pooled)
             args, kwargs = spec.replace("pooled", args, kwargs, new_pooled)
         return args, kwargs
+
+    def _move_latents(self, step: Step) -> torch.Tensor | None:
+        # this step's output is x_t of step index + 1
+        active = [(d, s) for d, s, st in self.latent if st is not None and step.index + 1 in st]
+        if not active:
+            return None
+        prev = step.prev_sample  # (B, C, h, w)
+        new = prev.clone()
+        for d, s in active:
+            shift = self._as(d, "shift", prev)  # (C, h, w)
+            if shift.shape != prev.shape[1:]:
+                raise InvalidArgumentError(
+                    f"The latent direction is {tuple(shift.shape)} (channels, height, width) but this run's latents "
+                    f"are {tuple(prev.shape[1:])}: apply it at the image size it was found at (height=, width=)."
+                )
+            new += s * shift
+        return new
 
     def _factory(self, layer: str) -> Callable[[Any], StreamTap]:
         entries = self.inner[layer]

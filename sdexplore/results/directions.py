@@ -5,7 +5,9 @@ A direction is a shift in one space of one model family:
 - ``space="text"``: a per-token shift of the conditional prompt embedding ``embeds`` (T, D) and, on families with a
   pooled text vector (SDXL, SD3, Flux), of the pooled embedding ``pooled`` (P,);
 - ``space="inner"``: a shift of the image stream at one attention layer of the denoiser (``layer``, a module
-  name), ``shift`` (2, HW, C): row 0 for the unconditional half of a CFG batch, row 1 for the conditional half.
+  name), ``shift`` (2, HW, C): row 0 for the unconditional half of a CFG batch, row 1 for the conditional half;
+- ``space="latent"``: a move of the latents x_t at the start of ``steps`` (a Jacobian direction, Park et al.
+  2023), ``shift`` (C, h, w); ``layer`` names the attention layer whose output it changes most.
 
 Nothing here needs a pipeline: a saved direction loads and describes itself without diffusers.
 """
@@ -22,7 +24,7 @@ import torch
 from . import fileformat as ff
 
 _FORMAT = "sdexplore.direction"
-SPACES = ("text", "inner")
+SPACES = ("text", "inner", "latent")
 METHODS = ("pairs", "pca", "jacobian")
 _FIELDS = {
     "format",
@@ -45,13 +47,16 @@ _FIELDS = {
 class DirectionData:
     """A found direction: its tensors and how it was found (see the module docstring for the spaces)."""
 
-    space: str  # "text" | "inner"
+    space: str  # "text" | "inner" | "latent"
     method: str  # "pairs" (difference of means) | "pca" | "jacobian"
     family: str  # the family name it was found on ("sd1", "sd3", ...): a direction only fits its own model
     embeds: torch.Tensor | None = None  # text: (T, D) shift of the conditional prompt embedding
     pooled: torch.Tensor | None = None  # text: (P,) shift of the pooled embedding (families that have one)
-    shift: torch.Tensor | None = None  # inner: (2, HW, C) shift of the layer's image stream (uncond, cond)
-    layer: str | None = None  # inner: the attention module whose image-stream output is shifted
+    shift: torch.Tensor | None = None  # inner: (2, HW, C) shift of the layer's image stream (uncond, cond);
+    # latent: (C, h, w) move of x_t
+    layer: str | None = (
+        None  # inner: the attention module whose image-stream output is shifted (latent: measured)
+    )
     steps: list[int] | None = None  # the steps it was averaged over (and applied at by default); None: all
     num_steps: int = 0  # inner: steps of the runs it was found from (0 for text)
     pairs: list[tuple[str, str]] = field(default_factory=list)  # the (from, to) prompt pairs (method "pairs")
@@ -65,7 +70,10 @@ class DirectionData:
             raise ValueError(f"space must be one of {SPACES} and method one of {METHODS}")
 
     def __repr__(self) -> str:
-        where = f"at {self.layer}" if self.space == "inner" else "on the prompt embedding"
+        where = {
+            "inner": f"at {self.layer}",
+            "latent": f"on x_t at step {self.steps}, seen at {self.layer}",
+        }.get(self.space, "on the prompt embedding")
         tail = f", {len(self.pairs)} pairs" if self.pairs else ""
         if self.variance_explained is not None:
             tail += f", {self.variance_explained:.1%} of the variance"
@@ -123,6 +131,10 @@ class DirectionData:
             layer = check.str(layer, "layer")
             ff.require_tensors(check, tensors, {"shift"})
             ff.check_tensor(check, "shift", tensors["shift"], (2, None, None), floating=True)  # (2, HW, C)
+        elif space == "latent":
+            layer = check.str(layer, "layer")
+            ff.require_tensors(check, tensors, {"shift"})
+            ff.check_tensor(check, "shift", tensors["shift"], (None, None, None), floating=True)  # (C, h, w)
         else:
             if layer is not None:
                 check.fail("layer", "must be null for a text direction")
