@@ -73,6 +73,8 @@ examples:
   sdexplore edit "a big red circle at the top left on a blue background" \
       "a big green circle at the top left on a blue background" --out edit
   sdexplore attention "a big red circle at the top left on a blue background" --image photo.png --out att
+  sdexplore direction "a red circle" "a blue circle" --out red-to-blue.safetensors
+  sdexplore steps "a red square at the top" --direction red-to-blue.safetensors:1.0 --out blue
   sdexplore steps "an astronaut riding a horse" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 30
 
 Without --model every command uses the embedded tiny model (offline, CPU, seconds).
@@ -153,6 +155,20 @@ examples:
   sdexplore invert scene.png "a big red circle at the top left on a blue background"
   sdexplore invert photo.jpg "a cat on a sofa" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --steps 50
   sdexplore invert scene.png "a big red circle at the top left on a blue background" --guidance 3 --out inv3
+"""
+
+_DIRECTION_EPILOG = """\
+writes --out (default sdexplore-direction.safetensors): the direction, a checksummed result file, applied with
+  sdexplore steps|attention|walk ... --direction FILE[:STRENGTH]   or in Python sdexplore.directions.load(FILE)
+
+A direction fits only the model it was found with (the file records its family and the --model); an inner
+direction also only the image size it was found at.
+
+examples:
+  sdexplore direction "a big red circle at the left" "a big blue circle at the left" --out red-to-blue.safetensors
+  sdexplore direction "a red square" "a blue square" --pair "a red circle" "a blue circle" --out colour.safetensors
+  sdexplore direction "a small circle" "a big circle" --space inner --seeds 0 1 2 --out size.safetensors
+  sdexplore steps "a red square at the top" --direction red-to-blue.safetensors:1.5 --out blue
 """
 
 _EDIT_EPILOG = """\
@@ -239,6 +255,27 @@ def _reweight(text: str) -> tuple[str, float]:
     return word.strip(), value
 
 
+def _direction_option(text: str) -> tuple[str, float]:
+    """An argparse type: ``PATH[:STRENGTH]`` (strength default 1.0, finite). The last ``:`` splits only when what
+    follows it is a number, so a path may hold a colon."""
+    path, colon, tail = text.rpartition(":")
+    if colon:
+        try:
+            strength = float(tail)
+        except ValueError:
+            strength = None
+        if strength is not None:
+            if not math.isfinite(strength) or not path.strip():
+                raise argparse.ArgumentTypeError(
+                    f"expected PATH[:STRENGTH] with a finite strength (1: the direction's own size, 0: the plain "
+                    f"image, -1: the opposite way), got {text!r}"
+                )
+            return path, strength
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected PATH[:STRENGTH], got an empty path")
+    return text, 1.0
+
+
 def _seed(text: str) -> int:
     """An argparse type: a seed, a whole number with 0 <= seed < 2**64 (what torch.Generator.manual_seed takes)."""
     try:
@@ -318,6 +355,17 @@ def _output(default: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
+def _directions_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--direction",
+        type=_direction_option,
+        action="append",
+        metavar="PATH[:S]",
+        help="apply a saved direction (made by `sdexplore direction`) at strength S (default 1; 0: the plain "
+        "image, negative: the opposite way); repeat to apply several at once",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``sdexplore`` argument parser with its four commands."""
     from . import __version__
@@ -389,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="GIF frames per second (default 8)",
     )
     s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
+    _directions_option(s)
     s.set_defaults(run=_cmd_steps)
 
     a = sub.add_parser(
@@ -416,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="step groups in the grid (default 6)",
     )
     a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
+    _directions_option(a)
     a.set_defaults(run=_cmd_attention)
 
     w = sub.add_parser(
@@ -462,7 +512,62 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PICTURE",
         help='one picture per keyframe, "-" for none: image keyframes (see below)',
     )
+    _directions_option(w)
     w.set_defaults(run=_cmd_walk)
+
+    r = sub.add_parser(
+        "direction",
+        parents=[_common(), _output("sdexplore-direction.safetensors", "the direction file, .safetensors")],
+        help="find a semantic direction from prompt pairs and save it, for --direction or "
+        "sdexplore.directions.load",
+        description="Find a semantic direction from prompt pairs (the mean of second - first, on the prompt "
+        "embedding or inside the denoiser) and save it as a checksummed result file.",
+        epilog=_DIRECTION_EPILOG,
+        formatter_class=fmt,
+    )
+    r.add_argument("first", metavar="FROM", help="the first prompt of a pair, in quotes")
+    r.add_argument("second", metavar="TO", help="the second prompt: the direction moves FROM onto TO")
+    r.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("FROM", "TO"),
+        help="another pair of prompts (repeat): the direction is the mean over all pairs",
+    )
+    r.add_argument(
+        "--space",
+        choices=("text", "inner"),
+        default="text",
+        help="text: a shift of the prompt embedding (no generation, default); inner: a shift of the denoiser's "
+        "image stream at one attention layer (generates every prompt from every seed)",
+    )
+    r.add_argument("--label", metavar="NAME", help="a name for the direction (e.g. colour)")
+    g = r.add_argument_group("inner space only")
+    g.add_argument(
+        "--layer", metavar="NAME", help="the attention module to shift (default: the family's own)"
+    )
+    g.add_argument(
+        "--seeds", type=_seed, nargs="+", metavar="S", help="seeds of the finding runs (default 0 1)"
+    )
+    g.add_argument(
+        "--steps",
+        type=_whole(1, MAX_STEPS),
+        metavar="N",
+        help=f"denoising steps of the finding runs (default {DEFAULT_STEPS})",
+    )
+    g.add_argument(
+        "--guidance",
+        type=_number(0.0, MAX_GUIDANCE),
+        metavar="G",
+        help="classifier-free guidance scale of the finding runs (default: as `sdexplore steps`)",
+    )
+    g.add_argument(
+        "--height", type=_whole(8, MAX_SIDE), metavar="H", help="image height (the direction fits it)"
+    )
+    g.add_argument(
+        "--width", type=_whole(8, MAX_SIDE), metavar="W", help="image width (the direction fits it)"
+    )
+    r.set_defaults(run=_cmd_direction)
 
     v = sub.add_parser(
         "invert",
@@ -922,6 +1027,7 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     _check_size(args)
     _check_fps(args.fps, ".gif", args.steps)  # one GIF frame per step
     _check_image_options(args, [args.image])
+    _check_directions(args)
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
     names = {
@@ -936,8 +1042,9 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     with output:  # the lock is taken here: a second run into the same --out is refused before loading
         pipe = _load(args, args.model, scheduler)
         write_steps(pipe, args, {k: output.path / v for k, v in names.items()})
+        extra = _write_directions_record(args, output.path)
         output.commit()
-    _wrote(output.shown / v for v in names.values())
+    _wrote(output.shown / v for v in [*names.values(), *extra])
     return 0
 
 
@@ -951,7 +1058,8 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
 
     prompt, decode = args.prompt, args.preview == "decode"
     if getattr(args, "image", None) is None:
-        images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
+        with _steered(pipe, args):
+            images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
     else:
         images, obs = _reconstruct_observed(pipe, args, steps=True)
     trace = obs.steps
@@ -962,6 +1070,8 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
         negative_prompt=args.negative,
         command="sdexplore steps",
     )
+    if getattr(args, "directions", None):
+        trace.meta.update(directions=_directions_record(args))
     if getattr(args, "image", None) is not None:
         trace.meta.update(image=str(args.image), seed=None)
     image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
@@ -1035,6 +1145,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             if not word.strip():
                 raise InputError("--words has an empty word; pass words of the prompt")
     _check_image_options(args, [args.image])
+    _check_directions(args)
     output = _start_output(args, folder=True)
     scheduler = _check_model(args, args.model, args.scheduler)
 
@@ -1054,8 +1165,11 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             {k: output.path / v for k, v in fixed.items()},
             {wd: output.path / v for wd, v in word_files.items()},
         )
+        extra = _write_directions_record(args, output.path)
         output.commit()
-    _wrote(output.shown / v for v in (fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"]))
+    _wrote(
+        output.shown / v for v in (fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"], *extra)
+    )
     for word in word_files:
         m = maps.word(word)  # (h, w) raw attention mass
         r, c = divmod(int(m.argmax()), int(m.shape[1]))
@@ -1077,9 +1191,10 @@ def write_attention(
     from .render import heat_overlay
 
     if getattr(args, "image", None) is None:
-        images, obs = generate(
-            pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
-        )
+        with _steered(pipe, args):
+            images, obs = generate(
+                pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+            )
     else:
         images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
     maps = obs.attention
@@ -1161,6 +1276,7 @@ def _cmd_walk(args: argparse.Namespace) -> int:
     if suffix not in (".gif", ".mp4"):
         raise InputError(f"--out must end in .gif or .mp4, got {args.out!r}")
     _check_fps(args.fps, suffix, args.frames)
+    _check_directions(args)
     output = _start_output(args, folder=False)
     scheduler = _check_model(args, args.model, args.scheduler)
 
@@ -1169,23 +1285,24 @@ def _cmd_walk(args: argparse.Namespace) -> int:
     with output, _image_notes():
         pipe = _load(args, args.model, scheduler)
         kwargs = _call_kwargs(args)
-        result = walk(
-            pipe,
-            prompts,
-            seeds=args.seeds,
-            images=pictures,
-            frames=args.frames,
-            batch_size=args.batch_size,
-            negative_prompt=kwargs.pop("negative_prompt", None),
-            num_inference_steps=kwargs.pop("num_inference_steps"),
-            guidance_scale=kwargs.pop("guidance_scale", None),
-            height=kwargs.pop("height", None),
-            width=kwargs.pop("width", None),
-            spacing=args.spacing,
-            loop=args.circular,
-            generator_device="cpu",  # as `steps` and `attention`: a seed gives the same image on every device
-            progress=not args.no_progress,
-        )
+        with _steered(pipe, args):
+            result = walk(
+                pipe,
+                prompts,
+                seeds=args.seeds,
+                images=pictures,
+                frames=args.frames,
+                batch_size=args.batch_size,
+                negative_prompt=kwargs.pop("negative_prompt", None),
+                num_inference_steps=kwargs.pop("num_inference_steps"),
+                guidance_scale=kwargs.pop("guidance_scale", None),
+                height=kwargs.pop("height", None),
+                width=kwargs.pop("width", None),
+                spacing=args.spacing,
+                loop=args.circular,
+                generator_device="cpu",  # as `steps` and `attention`: a seed gives the same image on every device
+                progress=not args.no_progress,
+            )
         if suffix == ".mp4":
             result.save_mp4(output.path, fps=args.fps)
         else:
@@ -1193,6 +1310,190 @@ def _cmd_walk(args: argparse.Namespace) -> int:
         output.commit()
     _wrote([output.shown])
     print(result.smoothness())
+    return 0
+
+
+# ---------------------------------------------------------------- directions: --direction and `direction`
+
+
+def _model_key(model: str | None) -> str:
+    """What a direction file records as its model: "embedded", a local path made absolute, or the hub id."""
+    if model is None:
+        return "embedded"
+    path = Path(model).expanduser()
+    try:
+        if path.exists():
+            return str(path.resolve())
+    except (OSError, ValueError):
+        pass
+    return model
+
+
+def _check_directions(args: argparse.Namespace) -> None:
+    """--direction: every file exists and loads as a direction (checksums, fields, shapes), before the model
+    loads; kept on ``args.directions`` as (Direction, strength, path) for the run."""
+    given = getattr(args, "direction", None) or []
+    args.directions = []
+    if not given:
+        return
+    pictures = getattr(args, "image", None)
+    pictures = [pictures] if isinstance(pictures, str) else pictures or []
+    if any(p not in (None, "-") for p in pictures):
+        raise InputError(
+            "--direction cannot be used with --image: the picture's inversion would be steered too; generate "
+            "from a prompt with --direction, or leave --direction out"
+        )
+    from .directions import load
+    from .errors import SdexploreError
+
+    for path, strength in given:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise InputError(
+                f"--direction {path}: no such file; make one with `sdexplore direction FROM TO --out FILE`"
+            )
+        try:
+            d = load(file)
+        except (SdexploreError, OSError, ValueError) as e:
+            raise InputError(f"--direction {path}: {_one_line(e)}") from e
+        args.directions.append((d, strength, path))
+
+
+def _check_directions_fit(pipe: Any, args: argparse.Namespace) -> Any:
+    """Once the model is loaded: each direction was made for this family (``sdexplore.directions.apply``
+    refuses another) and, where the file records it, this --model. Returns the context manager applying them
+    all (a no-op without --direction)."""
+    loaded = getattr(args, "directions", None) or []
+    if not loaded:
+        return contextlib.nullcontext()
+    from . import directions
+    from .errors import InvalidArgumentError
+
+    model = _model_key(getattr(args, "model", None))
+    for d, strength, path in loaded:
+        made = d.settings.get("model")
+        if made is not None and made != model:
+            raise InputError(
+                f"--direction {path} was made with the model {made}, this run uses {model}: a direction fits only "
+                f"the model it was found with; make it again with this --model"
+            )
+        try:
+            directions.apply(pipe, [(d, strength)])
+        except InvalidArgumentError as e:
+            raise InputError(f"--direction {path}: {_one_line(e)}") from e
+    return directions.apply(pipe, [(d, strength) for d, strength, _ in loaded])
+
+
+@contextlib.contextmanager
+def _steered(pipe: Any, args: argparse.Namespace) -> Iterator[None]:
+    """Apply --direction around the generation; a direction whose shape does not fit this run (found with
+    another model of the family, or an inner one at another image size) is refused as bad input."""
+    from .errors import InvalidArgumentError
+
+    steering = _check_directions_fit(pipe, args)
+    try:
+        with steering:
+            yield
+    except InvalidArgumentError as e:
+        if not getattr(args, "directions", None) or "direction" not in str(e):
+            raise
+        raise InputError(f"--direction: {_one_line(e)}") from e
+
+
+def _directions_record(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The applied directions as plain JSON, for the run's saved output: what a result says it was made with."""
+    from .cli_output import _sha256
+
+    out = []
+    for d, strength, path in getattr(args, "directions", None) or []:
+        out.append(
+            {
+                "file": str(path),
+                "sha256": _sha256(Path(path).expanduser()),
+                "strength": strength,
+                "space": d.space,
+                "method": d.method,
+                "family": d.family,
+                "model": d.settings.get("model"),
+                "layer": d.layer,
+                "steps": d.steps,
+                "label": d.label,
+                "pairs": [list(pr) for pr in d.pairs],
+            }
+        )
+    return out
+
+
+def _write_directions_record(args: argparse.Namespace, folder: Path) -> list[str]:
+    """``directions.json`` in the output folder when --direction was given; returns the file names written."""
+    record = _directions_record(args)
+    if not record:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "directions.json").write_text(json.dumps(record, indent=1) + "\n")
+    return ["directions.json"]
+
+
+def _cmd_direction(args: argparse.Namespace) -> int:
+    pairs = [(args.first, args.second), *[tuple(pr) for pr in args.pair or []]]
+    for a, b in pairs:
+        _prompt(a)
+        _prompt(b)
+    if args.label is not None and not args.label.strip():
+        raise InputError("--label is empty: give the direction a name, or leave --label out")
+    if args.space == "text":
+        for name in ("layer", "seeds", "steps", "guidance", "height", "width"):
+            if getattr(args, name) is not None:
+                raise InputError(
+                    f"--{name} is for --space inner (a text direction needs no generation); leave it out or "
+                    "add --space inner"
+                )
+    _check_size(args)
+    if Path(args.out).suffix.lower() != ".safetensors":
+        raise InputError(f"--out must end in .safetensors (a direction is one result file), got {args.out!r}")
+    from .directions.find import check_pairs
+    from .errors import InvalidArgumentError
+
+    try:
+        check_pairs(pairs)
+    except InvalidArgumentError as e:
+        raise InputError(_one_line(e)) from e
+    output = _start_output(args, folder=False)
+    _check_model(args, args.model)
+    from .directions import from_pairs
+
+    with output:
+        pipe = _load(args, args.model)
+        options: dict[str, Any] = {"label": args.label}
+        if args.space == "inner":
+            call = _call_kwargs(
+                argparse.Namespace(
+                    steps=args.steps or DEFAULT_STEPS,
+                    guidance=args.guidance,
+                    model=args.model,
+                    height=args.height,
+                    width=args.width,
+                    negative=None,
+                )
+            )
+            options.update(
+                layer=args.layer,
+                num_inference_steps=call["num_inference_steps"],
+                guidance_scale=call.get("guidance_scale"),
+                height=call.get("height"),
+                width=call.get("width"),
+            )
+            if args.seeds is not None:
+                options["seeds"] = args.seeds
+        try:
+            d = from_pairs(pipe, pairs, args.space, **options)
+        except InvalidArgumentError as e:  # what only the loaded model decides (its family, the layer)
+            raise InputError(_one_line(e)) from e
+        d.settings.update(model=_model_key(args.model), command="sdexplore direction")
+        d.save(output.path)
+        output.commit()
+    _wrote([output.shown])
+    print(f"{d!r}, norm {d.norm:.4g}")
     return 0
 
 
@@ -1503,7 +1804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(f"unrecognized arguments: {' '.join(extra)} (see `{where} --help`)")
         if args.command is None:
             raise InputError(
-                "choose a command: describe, steps, attention, walk, invert, edit, sweep or sweep-report (see "
+                "choose a command: describe, steps, attention, walk, invert, edit, direction, sweep or sweep-report "
+                "(see "
                 "`sdexplore --help`)"
             )
         with sigterm_as_interrupt(), _quiet_libraries(debug):  # SIGTERM (kill, a scheduler) as Ctrl-C
