@@ -31,6 +31,8 @@ from .find import _call_options, _device, check_layer
 
 #: strength 1 moves x_t by this share of its own norm
 STEP_SIZE = 0.1
+#: extra vectors iterated beside the k asked for (they speed up convergence where σ_k and σ_k+1 are close)
+OVERSAMPLE = 2
 
 
 class _Stop(Exception):
@@ -116,11 +118,13 @@ def _layer_map(
 def _top_singular(
     f: Any, x: torch.Tensor, k: int, iterations: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k right-singular vectors (n, k) and singular values (k,) of J = ∂f/∂x by subspace iteration."""
+    """Top-k right-singular vectors (n, k) and singular values (k,) of J = ∂f/∂x by subspace iteration (a block of
+    k + OVERSAMPLE vectors, the top k of its Rayleigh–Ritz step kept)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     n = x.numel()
     shape, dtype = x.shape, x.dtype
+    b = min(n, k + OVERSAMPLE)  # block size
 
     # SDPA's fused CPU/GPU kernels have no forward-mode derivative; the math kernel is the same attention
     with sdpa_kernel(SDPBackend.MATH):
@@ -137,18 +141,18 @@ def _top_singular(
             (g,) = vjp_fn(u.reshape(like[0].shape).to(like[0].dtype))
             return g.detach().reshape(-1).float()
 
-        v = torch.randn(n, k, generator=generator, dtype=torch.float32).to(x.device)  # (n, k)
+        v = torch.randn(n, b, generator=generator, dtype=torch.float32).to(x.device)  # (n, b)
         v, _ = torch.linalg.qr(v)
         for _ in range(iterations):
-            cols = [jtu(jv(v[:, i])) for i in range(k)]
-            v, _ = torch.linalg.qr(torch.stack(cols, 1))  # (n, k) JᵀJ·V, orthonormalised
-        y = torch.stack([jv(v[:, i]) for i in range(k)], 1)  # (m, k) J·V
+            cols = [jtu(jv(v[:, i])) for i in range(b)]
+            v, _ = torch.linalg.qr(torch.stack(cols, 1))  # (n, b) JᵀJ·V, orthonormalised
+        y = torch.stack([jv(v[:, i]) for i in range(b)], 1)  # (m, b) J·V
     _, s, zh = torch.linalg.svd(y.double(), full_matrices=False)  # Rayleigh–Ritz: J·V = U S Zᵀ
-    vecs = (v.double() @ zh.T).float()  # (n, k) sorted by singular value
+    vecs = (v.double() @ zh[:k].T).float()  # (n, k) sorted by singular value
     # a sign convention, so the same run gives the same vectors: the largest entry is positive
     idx = vecs.abs().argmax(0)
     vecs = vecs * torch.sign(vecs[idx, torch.arange(k)])
-    return vecs, s.float()
+    return vecs, s[:k].float()
 
 
 def jacobian(
@@ -170,7 +174,7 @@ def jacobian(
     ``prompt``'s run from ``seed``'s noise.
 
     ``step`` counts from 0 and must be ≥ 1 (x_t at step 0 is the seed's noise itself, which a direction cannot move
-    from inside the run). ``iterations`` rounds of subspace iteration (each ``k`` JVPs and ``k`` VJPs). Each
+    from inside the run). ``iterations`` rounds of subspace iteration (each ``k + 2`` JVPs and VJPs). Each
     direction moves x_t at ``step`` (``space="latent"``, ``steps=[step]``): strength 1 is the unit singular vector
     times a tenth of that x_t's norm. Its singular value is ``settings["singular_value"]`` (all k in
     ``settings["singular_values"]``), and ``variance_explained`` is its σ² over the sum of the k σ². Sorted by
