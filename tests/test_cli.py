@@ -472,7 +472,9 @@ def test_scheduler_aliases_resolve_to_diffusers_classes():
     assert resolve_scheduler(None) is None
 
 
-@pytest.mark.parametrize("command", [None, "describe", "steps", "attention", "walk", "invert", "edit"])
+@pytest.mark.parametrize(
+    "command", [None, "describe", "steps", "attention", "walk", "invert", "edit", "direction"]
+)
 def test_help_of_every_command_has_examples(capsys, command):
     rc, out, _ = run(capsys, *([command] if command else []), "--help")
     assert rc == 0 and "examples:" in out and "usage: sdexplore" in out
@@ -481,7 +483,17 @@ def test_help_of_every_command_has_examples(capsys, command):
 def test_help_lists_each_command_once(capsys):
     rc, out, _ = run(capsys, "--help")
     assert rc == 0
-    for command in ("describe", "steps", "attention", "walk", "invert", "edit", "sweep", "sweep-report"):
+    for command in (
+        "describe",
+        "steps",
+        "attention",
+        "walk",
+        "invert",
+        "edit",
+        "direction",
+        "sweep",
+        "sweep-report",
+    ):
         listed = [ln for ln in out.splitlines() if ln.split()[:1] == [command]]  # "  steps   generate one..."
         assert len(listed) == 1, (command, listed)
 
