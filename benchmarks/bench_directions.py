@@ -1,5 +1,6 @@
 """Semantic directions on the embedded models: do directions found from prompt pairs move held-out prompts, keep the
-rest, transfer to unseen seeds, and what do they cost; which of the unsupervised (PCA) directions the scene reader names.
+rest, transfer to unseen seeds, and what do they cost; which of the unsupervised directions (PCA, the Jacobian's
+singular vectors) the scene reader names.
 
     python benchmarks/bench_directions.py                   # both models, text and inner: ~15 min on 2 CPU cores
     python benchmarks/bench_directions.py --model unet --space text --json dirs.json
@@ -223,6 +224,54 @@ def unsupervised(pipe, quick: bool) -> list[dict]:
     return out
 
 
+def jacobian_named(pipe, quick: bool, step: int = 6, strength: float = 1.0) -> dict:
+    """Top 5 Jacobian directions (Park et al.) at ``step`` of one prompt's run, each named by the scene reader,
+    beside random latent moves of the same size (the floor: what any move of x_t that large changes)."""
+    from sdexplore import directions as D
+    from sdexplore.embedded.evaluate import recommended
+
+    steps, cfg = recommended(pipe)
+    call = {"num_inference_steps": steps, "guidance_scale": cfg}
+    prompts = [
+        "a red circle at the left",
+        "a big blue square at the top right",
+        "a small yellow triangle at the center",
+    ]
+    seeds = [0, 200] if quick else [0, 200, 201]
+    comps = D.jacobian(pipe, prompts[0], step=step, k=5, iterations=10, **call)
+    gen = torch.Generator().manual_seed(123)
+    randoms = []
+    for _ in range(1 if quick else 2):
+        r = torch.randn(comps[0].shift.shape, generator=gen)  # (C, h, w)
+        r = r / r.norm() * comps[0].settings["step_size"]
+        randoms.append(
+            D.Direction(
+                space="latent",
+                method="jacobian",
+                family=comps[0].family,
+                shift=r,
+                layer=comps[0].layer,
+                steps=[step],
+            )
+        )
+    out: dict = {"step": step, "strength": strength, "components": [], "random": []}
+    for kind, ds in (("components", comps), ("random", randoms)):
+        for d in ds:
+            named = D.name(
+                pipe, d, prompts, seeds=seeds, strength=strength, attention=False, scene=True, **call
+            )
+            v = d.shift / d.shift.norm()  # (C, h, w) unit
+            dc = float(
+                v.mean((1, 2)).square().sum() * v[0].numel()
+            )  # share of the vector in per-channel means
+            row = {"scene": named["scene"], "label": named["label"], "dc_share": dc}
+            if kind == "components":
+                row["singular_value"] = d.settings["singular_value"]
+            out[kind].append(row)
+            print(json.dumps({"jacobian": {kind: row}}), flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="a small subset of prompts")
     parser.add_argument("--no-pca", action="store_true")
+    parser.add_argument("--no-jacobian", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
 
@@ -254,6 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps({"model": m, "cost": r["cost"]}), flush=True)
         if not args.no_pca:
             r["pca"] = unsupervised(pipe, args.quick)
+        if not args.no_jacobian:
+            r["jacobian"] = jacobian_named(pipe, args.quick)
         results[m] = r
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
