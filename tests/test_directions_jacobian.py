@@ -3,14 +3,16 @@ against a dense Jacobian on the tiny fixtures; applied as a move of x_t (strengt
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import assert_restored, gen, pipeline_state
 
 from sdexplore import directions as D
-from sdexplore.errors import InvalidArgumentError
+from sdexplore.errors import InvalidArgumentError, ResultFileError
 from sdexplore.families import detect_family
 from sdexplore.fixtures import tiny_pipeline
+from sdexplore.results.directions import DirectionData
 
 PROMPT = "a red circle at the left"
 KW = {"num_inference_steps": 4, "guidance_scale": 3.0}
@@ -164,6 +166,22 @@ def test_a_latent_direction_saves_and_loads(tmp_path, sd1, found) -> None:
     with back.apply(sd1, 1.0):
         b = sd1(PROMPT, generator=gen(1), output_type="np", **KW).images[0]
     assert (a == b).all() and not (a == plain).all()
+
+
+def test_a_latent_file_with_a_wrong_shape_is_refused_naming_the_field(tmp_path, found) -> None:
+    flat = DirectionData(**{**found[0].__dict__, "shift": found[0].shift.reshape(4, -1)})  # (C, h·w): no grid
+    path = flat.save(tmp_path / "flat.safetensors")
+    with pytest.raises(ResultFileError, match="shift"):
+        D.load(path)
+
+
+def test_a_walk_along_a_latent_direction_has_the_plain_image_in_the_middle(sd1, found) -> None:
+    walk = found[0].walk(sd1, PROMPT, strength=2.0, frames=3, seed=0, **KW)
+    plain = sd1(PROMPT, generator=gen(0), output_type="np", **KW).images[0]
+    frames = walk.images  # (3, H, W, 3) uint8
+    assert walk.settings["strengths"] == [-2.0, 0.0, 2.0]
+    assert np.abs(frames[1].astype(np.float32) / 255.0 - plain).max() <= 1 / 255 + 1e-6  # the plain image
+    assert not np.array_equal(frames[0], frames[2])
 
 
 def test_a_latent_direction_cannot_act_at_step_zero(sd1, found) -> None:
