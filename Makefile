@@ -33,7 +33,7 @@ lab: setup
 # the docs site is built once per run (into build/site, reused while its inputs are unchanged; tests/conftest.py),
 # and its executed tutorials serve the notebook tests too
 test: setup
-	$(BIN)/python -m pytest -q -ra --durations=15 -n $(WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(WORKERS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from filelock import FileLock
 
 from sdexplore.fixtures import tiny_pipeline
 
@@ -117,18 +118,6 @@ def assert_restored(pipe, before: dict) -> None:
     assert getattr(pipe, "_interrupt", False) is False and attachment_of(pipe) is None
 
 
-# ---------------------------------------------------------------------------------------- parallel workers
-#: Session fixtures that build something shared on disk (the docs site, the executed tutorials): every test using
-#: them runs on one pytest-xdist worker (``--dist loadgroup``), so the site is built once per run, not per worker.
-SHARED_BUILDS = {"docs_build", "docs_site", "executed_tutorials"}
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if SHARED_BUILDS & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("docs"))
-
-
 # ---------------------------------------------------------------------------------------- the docs build
 @pytest.fixture(scope="session")
 def docs_build() -> dict:
@@ -140,14 +129,22 @@ def docs_build() -> dict:
     digests of the inputs before the build, its return code and its output.
     """
     build_docs = load_script("build_docs")
-    digest = build_docs.inputs_digest()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(SITE_DIR), "--reuse"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    with site_lock():  # pytest-xdist: the first worker builds, the others wait and reuse its site
+        digest = build_docs.inputs_digest()
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(SITE_DIR), "--reuse"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     return {"digest": digest, "returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def site_lock() -> FileLock:
+    """The lock every build of ``build/site`` in the suite holds: with several pytest-xdist workers each runs the
+    session fixtures, so one builds the site while the others wait, then find it current and reuse it."""
+    SITE_DIR.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(SITE_DIR.parent / "site.lock"))
 
 
 @pytest.fixture(scope="session")

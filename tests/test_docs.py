@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import build_docs  # noqa: E402
 import griffe_comment_docstrings  # noqa: E402
+from conftest import site_lock  # noqa: E402
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
 #: A top-level statement that draws: a matplotlib figure, a plotting helper, an explorer (static figure on the
@@ -218,12 +219,13 @@ def test_the_suite_builds_the_site_once_and_a_second_build_reuses_it(site, docs_
     assert build_docs.site_current(site, docs_build["digest"]), "the suite's site is its inputs' build"
     if build_docs.inputs_digest() != docs_build["digest"]:
         pytest.skip("a source changed during this test run: a second build would rightly rebuild")
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(site), "--reuse"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    with site_lock():
+        again = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "build_docs.py"), "--site-dir", str(site), "--reuse"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
     assert again.returncode == 0 and "up to date" in again.stdout, again.stderr[-3000:]
 
 

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 from ..families import Family
-from ..record.attach import Run, Subscriber, attach
+from ..record.attach import Run, Subscriber, attach, module_hooks
 from .apply import check_family
 from .find import _call_options, _device, check_layer
 
@@ -94,22 +94,19 @@ def _layer_map(
     args = tuple(_rows(a, rows, cond) for a in args)
     kwargs = {k: _rows(v, rows, cond) for k, v in kwargs.items()}
     x = spec.get("sample", args, kwargs).detach()  # (1, C, h, w)
-    module = den.get_submodule(layer)
     box: list[torch.Tensor] = []
 
-    def hook(_m: Any, _inputs: Any, out: Any) -> None:
+    def hook(_m: Any, _args: Any, _kwargs: Any, out: Any) -> None:
         box.append(out[0] if isinstance(out, tuple) else out)  # (1, HW, C'): SD3's (image, text) → image
         raise _Stop
 
     def f(x: torch.Tensor) -> torch.Tensor:
         a, kw = spec.replace("sample", args, kwargs, x)
-        handle = module.register_forward_hook(hook)
-        try:
-            den(*a, **kw)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
+        with module_hooks(pipe, post={f"{family.denoiser}.{layer}": hook}):
+            try:
+                den(*a, **kw)
+            except _Stop:
+                pass
         return box.pop()
 
     return f, x
