@@ -2,12 +2,15 @@
 
 :func:`tokenize_prompt` labels one tokenizer's window; :func:`sequence_tokens` labels the whole text sequence a
 pipeline's denoiser attends to (SD3: CLIP's 77 positions then T5's; Flux: T5's; Flux.2 [klein]: Qwen3's chat-templated
-prompt; the UNet families: CLIP's 77), each part from the prompt its encoder encoded (``prompt_2``, ``prompt_3``).
+prompt; Sana: Gemma's positions kept of the instruction-prefixed prompt; the UNet families: CLIP's 77), each part from
+the prompt its encoder encoded (``prompt_2``, ``prompt_3``). Word markers are read from each tokenizer's own
+components (:func:`word_marker`), never from a family's name.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import weakref
 from collections import OrderedDict
 from dataclasses import replace
@@ -23,8 +26,10 @@ __all__ = [
     "PAD",
     "TEXT",
     "TokenList",
+    "CALL_DEFAULT",
     "chat_tokens",
     "default_max_sequence_length",
+    "instructed_tokens",
     "resolve_max_sequence_length",
     "sequence_tokens",
     "tokenize_prompt",
@@ -38,12 +43,23 @@ _CACHE_SIZE = 256  # prompts remembered (a walk or a sweep labels the same few p
 _MAX_T5_LENGTH = 512  # diffusers' SD3 and Flux pipelines refuse a larger max_sequence_length
 
 
+class _CallDefault:
+    def __repr__(self) -> str:
+        return "CALL_DEFAULT"
+
+
+#: ``sequence_tokens(..., complex_human_instruction=CALL_DEFAULT)``: the pipeline's own default, as a plain call.
+CALL_DEFAULT: Any = _CallDefault()
+
+
 def word_marker(tokenizer: Any) -> tuple[str, str]:
     """``(marker, where)`` of a tokenizer's word marker, read from the tokenizer's own model, not from text.
 
-    CLIP's BPE model appends an end-of-word suffix (``("</w>", "end")``); a sentencepiece tokenizer (T5's Unigram)
-    has a Metaspace pre-tokenizer or decoder that starts every word with ``"▁"`` (``("▁", "start")``). A tokenizer
-    with neither (no backend, or another scheme) gets ``("", "end")``: every piece is a word of its own.
+    CLIP's BPE model appends an end-of-word suffix (``("</w>", "end")``); a sentencepiece tokenizer starts every
+    word with ``"▁"`` (``("▁", "start")``), which it declares either as a Metaspace pre-tokenizer or decoder (T5's
+    Unigram) or as a normalizer that replaces spaces by ``"▁"`` and a decoder that turns it back (Gemma's BPE); a
+    byte-level BPE (GPT-2, Qwen) starts a word with the byte symbol of a space, ``"Ġ"``. A tokenizer with none of
+    these (no backend, or another scheme) gets ``("", "end")``: every piece is a word of its own.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:  # a slow (pure Python) tokenizer
@@ -53,27 +69,43 @@ def word_marker(tokenizer: Any) -> tuple[str, str]:
     suffix = getattr(backend.model, "end_of_word_suffix", None)
     if suffix:
         return str(suffix), WORD_END
-    for part in (backend.decoder, backend.pre_tokenizer):
-        for sub in _members(part):
-            replacement = getattr(sub, "replacement", None)
-            if type(sub).__name__ == "Metaspace" and replacement:
-                return str(replacement), WORD_START
+    decoder, pre = _components(backend.decoder), _components(backend.pre_tokenizer)
+    for sub in decoder + pre:
+        if sub.get("type") == "Metaspace" and sub.get("replacement"):
+            return str(sub["replacement"]), WORD_START
+    spaces_to = {  # what the normalizer writes for a space, and what the decoder writes back as one
+        str(r["content"])
+        for r in _components(backend.normalizer)
+        if r.get("type") == "Replace" and r.get("pattern") == {"String": " "} and r.get("content")
+    }
+    for sub in decoder:
+        marker = (sub.get("pattern") or {}).get("String") if sub.get("type") == "Replace" else None
+        if marker and sub.get("content") == " " and (marker in spaces_to or not spaces_to):
+            return str(marker), WORD_START
+    if any(sub.get("type") == "ByteLevel" for sub in pre):
+        return "Ġ", WORD_START  # byte-level BPE maps the space byte to "Ġ", which starts the word it precedes
     return "", WORD_END
 
 
-def _members(part: Any) -> list[Any]:
-    """The components of a tokenizers pre-tokenizer/decoder: itself, or those of a Sequence."""
+def _components(part: Any) -> list[dict[str, Any]]:
+    """The JSON records of a tokenizers normalizer, pre-tokenizer or decoder: itself and, for a Sequence, each of
+    its members (nested ones too), as the tokenizers library serialises them (``{"type": "Replace", ...}``)."""
     if part is None:
         return []
-    if type(part).__name__ != "Sequence":
-        return [part]
-    out, i = [], 0
-    while True:
-        try:
-            out.append(part[i])
-        except (IndexError, TypeError, AttributeError):
-            return out
-        i += 1
+    try:
+        state = json.loads(part.__getstate__())
+    except (AttributeError, TypeError, ValueError):  # a custom Python component has no JSON form
+        return []
+    out: list[dict[str, Any]] = []
+    todo = [state]
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, dict):
+            out.append(node)
+            todo += [v for v in node.values() if isinstance(v, dict | list)]
+        elif isinstance(node, list):
+            todo += node
+    return out
 
 
 def tokenize_prompt(
@@ -193,6 +225,7 @@ def sequence_tokens(
     max_sequence_length: int | None = None,
     prompt_2: str | None = None,
     prompt_3: str | None = None,
+    complex_human_instruction: Any = CALL_DEFAULT,
 ) -> TokenList:
     """Labels of every position of the text sequence ``pipe``'s denoiser attends to, for ``prompt``.
 
@@ -207,6 +240,10 @@ def sequence_tokens(
     - Flux: T5's ``max_sequence_length`` positions, from ``prompt_2`` (CLIP gives only the pooled vector, from
       ``prompt``).
     - Flux.2 [klein]: Qwen3's ``max_sequence_length`` positions of the chat-templated prompt (:func:`chat_tokens`).
+    - A pipeline whose ``encode_prompt`` prepends an instruction to the prompt (Sana's ``complex_human_instruction``):
+      the positions it keeps of the instructed prompt (:func:`instructed_tokens`). ``complex_human_instruction`` is
+      the call's (None, False or [] for none); left out, the pipeline's own default, as a plain call uses. Negative
+      prompts are encoded without it: label them with ``complex_human_instruction=None``.
 
     ``prompt_2``/``prompt_3`` follow the pipelines' rule: None or empty means ``prompt``; a family whose
     ``encode_prompt`` takes no such argument refuses it. ``max_sequence_length`` defaults to the pipeline's own
@@ -223,6 +260,26 @@ def sequence_tokens(
         _further_prompt(pipe, fam, n, v, prompt) for n, v in (("prompt_2", prompt_2), ("prompt_3", prompt_3))
     )
     max_sequence_length = resolve_max_sequence_length(pipe, max_sequence_length)
+    instructed = _takes_instruction(pipe)
+    if not instructed and complex_human_instruction is not CALL_DEFAULT and complex_human_instruction:
+        raise InvalidArgumentError(
+            f"{fam.label} ({type(pipe).__name__}) prepends no instruction to the prompt; leave "
+            "complex_human_instruction out."
+        )
+    if instructed and max_sequence_length is not None:
+        if complex_human_instruction is CALL_DEFAULT:
+            complex_human_instruction = _call_default(pipe, "complex_human_instruction")
+        tokenizer = getattr(pipe, fam.tokenizers[0])
+        encoder = getattr(pipe, fam.text_encoders[0], None)
+        name = str(getattr(getattr(encoder, "config", None), "model_type", None) or "text")
+        return instructed_tokens(
+            tokenizer,
+            prompt,
+            max_sequence_length,
+            complex_human_instruction,
+            preprocess=_preprocessor(pipe),
+            name=name,
+        )
     if max_sequence_length is None:
         tokenizers = fam.present_tokenizers(pipe)  # SDXL's refiner has tokenizer_2 alone: it labels prompt
         main = tokenize_prompt(tokenizers[0][1], prompt)
@@ -300,6 +357,101 @@ def _with_shared(segment: Segment, second: TokenList, text: str) -> Segment:
         s2.marker_at,
     )
     return replace(segment, shared=shared)
+
+
+def _takes_instruction(pipe: Any) -> bool:
+    """Whether ``pipe.encode_prompt`` prepends an instruction to the prompt (Sana's ``complex_human_instruction``)."""
+    encode = getattr(pipe, "encode_prompt", None)
+    return encode is not None and "complex_human_instruction" in inspect.signature(encode).parameters
+
+
+def _call_default(pipe: Any, name: str) -> Any:
+    """The default of argument ``name`` of ``pipe.__call__`` (None where it has none)."""
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def _preprocessor(pipe: Any) -> Any:
+    """The text clean-up the pipeline applies before tokenizing (PixArt's and Sana's ``_text_preprocessing`` with
+    ``clean_caption=False``: lower case, stripped), or None where it has none."""
+    method = getattr(pipe, "_text_preprocessing", None)
+    if method is None:
+        return None
+    return lambda text: method(text, clean_caption=False)[0]
+
+
+def instructed_tokens(
+    tokenizer: Any,
+    prompt: str,
+    length: int,
+    instruction: Any,
+    *,
+    preprocess: Any = None,
+    name: str = "gemma",
+) -> TokenList:
+    """Labels of the ``length`` positions a text encoder's output keeps for ``prompt`` when the pipeline prepends an
+    instruction to it (Sana's ``complex_human_instruction``, a list of lines).
+
+    As ``SanaPipeline.encode_prompt`` does: the text is the lines joined by newlines followed by the (preprocessed)
+    prompt, tokenized to ``n + length − 2`` positions where ``n`` is the instruction's own token count (BOS
+    included), padded on the right; of the encoder's output it keeps position 0 (BOS) and the last ``length − 1``.
+    Tokens holding a character of the prompt are text (the piece that carries the instruction's last space into
+    the prompt's first word, ``"▁a"``, included); the instruction's tokens that are kept are labelled ``bos``, as a
+    chat template's are, so its words are never found as the prompt's; padding is ``pad``. Without an instruction
+    (None, False or []) the text is the prompt alone, ``length`` positions. The word marker is the tokenizer's own
+    (:func:`word_marker`: Gemma's ``"▁"``).
+    """
+    if isinstance(instruction, str) or (instruction and not all(isinstance(x, str) for x in instruction)):
+        raise InvalidArgumentError(
+            f"complex_human_instruction={instruction!r} is not a list of lines: pass a list of strings, or None."
+        )
+    encoded = preprocess(prompt) if preprocess is not None else prompt
+    prefix = "\n".join(instruction) if instruction else ""
+    text = prefix + encoded
+    total = len(tokenizer.encode(prefix)) + length - 2 if prefix else length
+    start, stop = len(prefix), len(text)
+
+    def kind(a: int, b: int, special: int, id_: int) -> str:
+        if not special and a < stop and b > start:
+            return TEXT
+        if special:
+            return BOS if id_ == tokenizer.bos_token_id else EOS
+        return BOS if b <= start else EOS
+
+    enc = tokenizer(
+        text,
+        padding="max_length",
+        max_length=total,
+        truncation=True,
+        padding_side="right",  # as the pipeline sets it
+        return_attention_mask=True,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    # the pipeline's select_index: BOS, then the last length − 1
+    keep = [0, *range(total - length + 1, total)]
+    ids = [int(enc.input_ids[i]) for i in keep]
+    kinds = [
+        kind(*enc.offset_mapping[i], enc.special_tokens_mask[i], ids[j]) if enc.attention_mask[i] else PAD
+        for j, i in enumerate(keep)
+    ]
+    full = tokenizer(text, truncation=False, return_offsets_mapping=True, return_special_tokens_mask=True)
+    cut = [
+        int(i)
+        for i, (a, b), sp in zip(
+            full.input_ids[total:], full.offset_mapping[total:], full.special_tokens_mask[total:], strict=True
+        )
+        if kind(a, b, sp, int(i)) == TEXT
+    ]
+    marker, where = word_marker(tokenizer)
+    return TokenList(
+        ids=ids,
+        pieces=list(tokenizer.convert_ids_to_tokens(ids)),
+        kinds=kinds,
+        truncated=list(tokenizer.convert_ids_to_tokens(cut)),
+        prompt=prompt,
+        segments=[Segment(name, 0, len(ids), marker, where)],
+    )
 
 
 def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen") -> TokenList:
