@@ -21,7 +21,7 @@ _INDEX = "observation.json"
 
 @dataclass
 class Observation:
-    """What :func:`~sdexplore.observation.observe` recorded: per-step traces and attention maps.
+    """What :func:`~sdexplore.record.observe.observe` recorded: per-step traces and attention maps.
 
     ``steps`` is the :class:`~sdexplore.results.Trace` of the latest pipeline call in the block (``runs`` holds
     one per call); ``attention`` the ``AttentionMaps`` of the latest call (``None`` when not requested).
@@ -45,7 +45,7 @@ class Observation:
     def mask(self) -> Any:
         """The latest call's inpainting mask, (M, H, W) float32 in [0, 1] (1 = repainted), or None (not an
         inpainting call, or steps were not recorded: the mask travels with the trace). Views draw its outline:
-        ``sdexplore.render.heat_overlay(image, obs.attention.word("cat"), mask=obs.mask)``."""
+        ``sdexplore.views.render.heat_overlay(image, obs.attention.word("cat"), mask=obs.mask)``."""
         return self.runs[-1].mask if self.runs else None
 
     @property
@@ -54,6 +54,48 @@ class Observation:
         if self._attention is None and self._attention_recorder is not None:
             return self._attention_recorder.maps
         return self._attention
+
+    def save_html(
+        self,
+        path: str | Path,
+        *,
+        image: Any = None,
+        index: int = 0,
+        model: str | None = None,
+        seed: int | None = None,
+        prompt: str | None = None,
+        negative_prompt: str | None = None,
+        channels: bool = False,
+        layers: bool = True,
+        title: str | None = None,
+    ) -> Path:
+        """One self-contained HTML page to explore this observation without a kernel: a step scrubber (noisy
+        latents, predicted x0 and, when recorded, the VAE decode of every step) and the attention per word (step
+        range, layer, opacity) over ``image``. It opens from ``file://`` with no network; written atomically.
+
+        ``image``: the generated picture to draw the maps over (default: the last step's decode, else its x0
+        preview); ``index``: which image of the batch; ``model``, ``seed``, ``prompt``, ``negative_prompt``: the
+        provenance the page shows (the prompt defaults to the recorded one; family, scheduler, steps, guidance and
+        sdexplore's version are always written); ``channels``: add the noise-prediction and latent-channel
+        panels (larger pages); ``layers``: keep each layer's maps (the layer menu). A bad path raises
+        :class:`~sdexplore.errors.InvalidArgumentError`, an observation with nothing recorded
+        :class:`~sdexplore.errors.NotRecordedError`, both before any work. Returns the path.
+        """
+        from ..views import pages  # the views layer, imported only when a page is asked for
+
+        return pages.save_observation(
+            self,
+            path,
+            image=image,
+            index=index,
+            model=model,
+            seed=seed,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            channels=channels,
+            layers=layers,
+            title=title,
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write ``steps.safetensors`` (latest trace), ``attention.safetensors`` and ``observation.json``.

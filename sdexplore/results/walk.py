@@ -85,27 +85,49 @@ class Walk:
 
     def save_gif(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
         """Animated GIF (``rubber``: forward then back)."""
-        from .. import export
+        from ..views import export
 
         return export.save_gif(self.images, path, fps=fps, rubber=rubber)
 
     def save_mp4(self, path: str | Path, *, fps: float = 12, rubber: bool = False) -> Path:
         """H.264 MP4 (``rubber``: forward then back)."""
-        from .. import export
+        from ..views import export
 
         return export.save_mp4(self.images, path, fps=fps, rubber=rubber)
 
     def save_frames(self, folder: str | Path) -> list[Path]:
         """One PNG per frame."""
-        from .. import export
+        from ..views import export
 
         return export.save_frames(self.images, folder)
 
     def save_grid(self, path: str | Path, *, cols: int | None = None) -> Path:
         """All frames tiled into one PNG."""
-        from .. import export
+        from ..views import export
 
         return export.save_grid(self.images, path, cols=cols)
+
+    def save_html(
+        self,
+        path: str | Path,
+        *,
+        fps: float = 12,
+        quality: int | None = None,
+        model: str | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """One self-contained HTML page that plays this walk and scrubs its frames with their smoothness curve,
+        with no kernel and no network (it opens from ``file://``); written atomically. Returns the path.
+
+        ``fps``: the playback speed it opens with; ``quality``: store frames as lossy WebP of that quality
+        (default lossless PNG or WebP, whichever is smaller); ``model``: the model's name for the page's
+        provenance (the walk's prompts, seeds, family, scheduler and sdexplore's version are always written).
+        A path that is not an ``.html`` file in an existing folder raises
+        :class:`~sdexplore.errors.InvalidArgumentError` before any work.
+        """
+        from ..views import pages  # the views layer, imported only when a page is asked for
+
+        return pages.save_walk(self, path, fps=fps, quality=quality, model=model, title=title)
 
     # ---- save / load --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -1,0 +1,394 @@
+"""The data of a kernel-free explorer: an Observation, a Walk or an Edit as one JSON-able payload.
+
+The JavaScript explorers (``sdexplore/views/web/*.js``) read it in a notebook (anywidget's ``payload`` trait)
+and in a self-contained page (embedded, see :mod:`sdexplore.views.pages`). Pictures travel as PNG or lossless
+WebP (whichever is smaller), maps as uint8 arrays with each map's own (min, max), deflated; the colour map as the
+256 colours matplotlib gives the Python views. Format (version 1)::
+
+    {"format": "sdexplore.page", "version": 1, "kind": "observation" | "walk" | "edit",
+     "provenance": {model, family, scheduler, seed, prompt, negative_prompt, steps, guidance_scale,
+                    size: [H, W], sdexplore, date},
+     "colormap": {"name": "jet", "lut": b64(256 × RGB uint8)},
+     "image": IMAGE | [IMAGE per frame] | null,          # the picture the maps are drawn over
+     "frames": {"count": F, "fps": f} (optional: a video's time axis; every per-frame item then has F entries,
+               and every map block a leading F axis),
+     "steps": {"count": S, "total": num_steps, "index": [S], "timestep": [S], "sigma": [S] (null = ∞),
+               "alpha_bar": [S], "guidance": [S], "x0_source": [S], "flow_sigma": [S] | null,
+               "size": [h, w], "panels": [{"key", "title", "images": [IMAGE per step]}]} | absent,
+     "attention": {"kind", "family", "edited", "tokens": [T], "kinds": [T],
+                   "words": [{"word", "positions": [...]}], "default_word", "opacity", "timesteps": [S],
+                   "aggregate": MAPS [T, H, W], "steps": MAPS [S, T, h, w] | null,
+                   "layers": [{"name", "maps": MAPS [T, h, w]}]} | absent,
+     "walk": {...} | absent, "edit": {...} | absent}
+    IMAGE = {"mime": "image/png" | "image/webp", "data": b64, "shape": [H, W]}
+    MAPS  = {"shape": [..., h, w], "codec": "deflate", "data": b64(zlib(uint8 codes)),
+             "delta": axis (optional: codes stored as differences along that leading axis, mod 256),
+             "lo": b64(float32 per map), "hi": b64(float32 per map)}     # value = lo + q / 255 · (hi − lo)
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import io
+import math
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .._images import as_uint8_image
+
+FORMAT = "sdexplore.page"
+VERSION = 1
+_PANEL_TITLES = {
+    "noisy": "noisy latents",
+    "x0": "predicted x0",
+    "decoded": "image (VAE decode)",
+    "noise": "noise prediction",
+    "latents": "latent channels",
+}
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def b64(data: bytes) -> str:
+    """Base64 text of ``data``."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def encode_image(image: Any, *, quality: int | None = None) -> dict[str, Any]:
+    """One picture → ``{"mime", "data", "shape"}``: lossless PNG or lossless WebP, whichever is smaller
+    (``quality``: a lossy WebP of that quality instead, for large frames)."""
+    arr = as_uint8_image(image)  # (H, W, 3)
+    pil = Image.fromarray(arr)
+    candidates = []
+    if quality is None:
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG", optimize=True)
+        candidates.append(("image/png", buf.getvalue()))
+    buf = io.BytesIO()
+    if quality is None:
+        pil.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+    else:
+        pil.save(buf, format="WEBP", quality=int(quality), method=4)
+    candidates.append(("image/webp", buf.getvalue()))
+    mime, data = min(candidates, key=lambda c: len(c[1]))
+    return {"mime": mime, "data": b64(data), "shape": [int(arr.shape[0]), int(arr.shape[1])]}
+
+
+def decode_image(image: dict[str, Any]) -> np.ndarray:
+    """The (H, W, 3) uint8 pixels of an :func:`encode_image` entry (tests, round trips)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(image["data"]))).convert("RGB"))
+
+
+def quantize_maps(maps: Any, *, delta: int | None = None) -> dict[str, Any]:
+    """Maps ``(..., h, w)`` → a MAPS block: each map as uint8 over its own (min, max), deflated.
+
+    The largest error of a value read back is (max − min) / 510 of its map. ``delta``: a leading axis along
+    which neighbouring maps look alike (the steps of per-step maps): the codes are stored as differences from
+    the previous map along it (mod 256), which deflate packs 2× tighter; the page sums them back.
+    """
+    x = (
+        maps.detach().float().cpu().numpy()
+        if isinstance(maps, torch.Tensor)
+        else np.asarray(maps, np.float32)
+    )
+    if x.ndim < 2:
+        raise ValueError(f"maps are (..., h, w), got shape {x.shape}")
+    if delta is not None and not 0 <= delta < x.ndim - 2:
+        raise ValueError(f"delta={delta} is not a leading axis of maps shaped {x.shape}")
+    shape = [int(s) for s in x.shape]
+    flat = np.nan_to_num(x.reshape(-1, shape[-2] * shape[-1]).astype(np.float32))  # (maps, h·w)
+    lo = flat.min(axis=1) if flat.size else np.zeros(0, np.float32)
+    hi = flat.max(axis=1) if flat.size else np.zeros(0, np.float32)
+    span = np.maximum(hi - lo, 1e-30)[:, None]
+    q = np.clip(np.rint((flat - lo[:, None]) / span * 255.0), 0, 255).astype(np.uint8).reshape(shape)
+    block: dict[str, Any] = {"shape": shape, "codec": "deflate"}
+    if delta is not None:
+        q = np.diff(q, axis=delta, prepend=np.zeros_like(q.take([0], axis=delta)))  # uint8: mod 256
+        block["delta"] = delta
+    block["data"] = b64(zlib.compress(np.ascontiguousarray(q).tobytes(), 9))
+    block["lo"] = b64(lo.astype("<f4").tobytes())
+    block["hi"] = b64(hi.astype("<f4").tobytes())
+    return block
+
+
+def dequantize_maps(block: dict[str, Any]) -> np.ndarray:
+    """The float32 maps of a MAPS block, shaped as saved (what the page computes from it)."""
+    shape = block["shape"]
+    raw = base64.b64decode(block["data"])
+    q = np.frombuffer(zlib.decompress(raw) if block.get("codec") == "deflate" else raw, np.uint8).reshape(
+        shape
+    )
+    if block.get("delta") is not None:
+        q = np.cumsum(q, axis=block["delta"], dtype=np.uint8)  # wraps mod 256, undoing the differences
+    lo = np.frombuffer(base64.b64decode(block["lo"]), "<f4")
+    hi = np.frombuffer(base64.b64decode(block["hi"]), "<f4")
+    flat = q.reshape(len(lo), -1).astype(np.float32)  # (maps, h·w)
+    return (lo[:, None] + flat / 255.0 * (hi - lo)[:, None]).reshape(shape)
+
+
+def colormap_entry(cmap: str | None = None) -> dict[str, str]:
+    """``{"name", "lut"}``: the 256 RGB colours of ``cmap`` (default: the heat maps' own) exactly as
+    :func:`sdexplore.views.render.colorize` colours values 0/255 … 255/255."""
+    from .render import HEAT_CMAP, colorize
+
+    name = cmap or HEAT_CMAP
+    lut = colorize(np.linspace(0.0, 1.0, 256, dtype=np.float32)[None], name)[0]  # (256, 3) uint8
+    return {"name": name, "lut": b64(np.ascontiguousarray(lut, np.uint8).tobytes())}
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no ∞ or NaN: those travel as null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def provenance(**fields: Any) -> dict[str, Any]:
+    """The provenance block: the given fields (None dropped), sdexplore's version and today's date (UTC)."""
+    from .. import __version__
+
+    out = {k: v for k, v in fields.items() if v is not None}
+    out["sdexplore"] = __version__
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return out
+
+
+def _base(kind: str, prov: dict[str, Any], cmap: str | None) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        "provenance": prov,
+        "colormap": colormap_entry(cmap),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- observation
+def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[str, Any] | None:
+    """The scrubber's data of a Trace: per recorded step its numbers and its panels (None if no panel can be
+    drawn: nothing latent-shaped or pictured was recorded)."""
+    from ..schedule_math import flow_sigma_from_sigma
+    from .render import trace_preview
+
+    recs = list(trace.steps)
+    if not recs:
+        return None
+    first = recs[0]
+    keys = []
+    if first.latents is not None:
+        keys.append("noisy")
+    if first.x0 is not None or first.preview is not None:
+        keys.append("x0")
+    if first.decoded is not None:
+        keys.append("decoded")
+    if channels and first.noise_pred is not None:
+        keys.append("noise")
+    if channels and first.latents is not None:
+        keys.append("latents")
+    if not keys:
+        return None
+    if channels:
+        from .widgets._base import channel_tiles
+
+    def picture(rec: Any, pos: int, key: str) -> np.ndarray:
+        if key == "noisy":
+            return trace_preview(trace, pos, "latents", image=index)
+        if key == "x0":
+            return (
+                trace_preview(trace, pos, "x0", image=index)
+                if rec.x0 is not None
+                else rec.preview[index].numpy()
+            )
+        if key == "decoded":
+            return rec.decoded[index].numpy()
+        if key == "noise":
+            return channel_tiles(rec.noise_pred[index])
+        return channel_tiles(rec.latents[index])
+
+    panels = []
+    size = None
+    for key in keys:
+        images = []
+        for pos, rec in enumerate(recs):
+            arr = picture(rec, pos, key)
+            size = size or [int(arr.shape[0]), int(arr.shape[1])]
+            images.append(encode_image(arr))
+        panels.append({"key": key, "title": _PANEL_TITLES[key], "images": images})
+    flow = trace.prediction_type == "flow_prediction"
+    return {
+        "count": len(recs),
+        "total": int(trace.num_steps or len(recs)),
+        "index": [int(r.index) for r in recs],
+        "timestep": [float(r.timestep) for r in recs],
+        "sigma": [_finite(r.sigma) for r in recs],
+        "alpha_bar": [float(r.alpha_bar) for r in recs],
+        "guidance": [float(r.guidance_scale) for r in recs],
+        "x0_source": [r.x0_source for r in recs],
+        "flow_sigma": [float(flow_sigma_from_sigma(r.sigma)) for r in recs] if flow else None,
+        "size": size,
+        "panels": panels,
+    }
+
+
+def attention_block(
+    maps: Any, *, index: int = 0, steps: bool = True, layers: bool = True, opacity: float | None = None
+) -> dict[str, Any]:
+    """The attention explorer's data of AttentionMaps (image ``index``): every key position's maps,
+    aggregated, per step (where recorded) and per layer (where kept), quantised."""
+    from .render import HEAT_OPACITY
+    from .widgets.attention import first_content_word
+
+    tl = maps.token_lists[index]
+    # each distinct word with every key position AttentionMaps.word() sums for it (all occurrences, all segments)
+    words = [{"word": w, "positions": sorted(set(tl.positions(w)))} for w in dict.fromkeys(tl.words)]
+    return {
+        "kind": maps.kind,
+        "family": maps.family,
+        "edited": bool(maps.edited),
+        "tokens": list(tl.tokens),
+        "kinds": list(tl.kinds),
+        "words": words,
+        "default_word": first_content_word([w["word"] for w in words]) if words else None,
+        "opacity": float(HEAT_OPACITY if opacity is None else opacity),
+        "timesteps": [float(t) for t in maps.timesteps],
+        "aggregate": quantize_maps(maps.aggregate[index]),  # (T, H, W)
+        "steps": quantize_maps(maps.steps[:, index], delta=0)
+        if steps and maps.steps is not None
+        else None,  # (S, T, h, w)
+        "layers": [{"name": n, "maps": quantize_maps(t[index])} for n, t in maps.layers.items()]  # (T, h, w)
+        if layers
+        else [],
+    }
+
+
+def observation_payload(
+    obs: Any,
+    *,
+    image: Any = None,
+    index: int = 0,
+    channels: bool = False,
+    layers: bool = True,
+    cmap: str | None = None,
+    model: str | None = None,
+    seed: int | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+) -> dict[str, Any]:
+    """The payload of an :class:`~sdexplore.results.Observation`: its latest run's steps (if recorded), its
+    attention maps (if recorded) and the picture to draw them over (``image``; default the last step's VAE
+    decode, else its x0 preview). Provenance fields the Observation does not hold (the model, the seed) are
+    given here; the prompt defaults to the recorded one."""
+    trace = obs.runs[-1] if obs.runs else None
+    maps = obs.attention
+    steps = steps_block(trace, index=index, channels=channels) if trace is not None else None
+    att = attention_block(maps, index=index, layers=layers) if maps is not None else None
+    if image is None and trace is not None and len(trace):
+        last = trace[-1]
+        if last.decoded is not None:
+            image = last.decoded[index]
+        elif last.x0 is not None or last.preview is not None:
+            from .render import trace_preview
+
+            image = (
+                trace_preview(trace, -1, "x0", image=index) if last.x0 is not None else last.preview[index]
+            )
+    picture = encode_image(image) if image is not None else None
+    if prompt is None and maps is not None:
+        prompt = maps.token_lists[index].prompt
+    prov = provenance(
+        model=model,
+        family=(trace.family if trace is not None else None) or (maps.family if maps is not None else None),
+        scheduler=trace.scheduler if trace is not None else None,
+        seed=seed,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=int(trace.num_steps) if trace is not None and trace.num_steps else None,
+        guidance_scale=float(trace.guidance_scale) if trace is not None else None,
+        size=picture["shape"] if picture is not None else None,
+    )
+    out = _base("observation", prov, cmap)
+    out["image"] = picture
+    if steps is not None:
+        out["steps"] = steps
+    if att is not None:
+        out["attention"] = att
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- walk
+def _frame_label(walk: Any, i: int) -> str:
+    segments, ts = list(walk.segments or []), list(walk.ts or [])
+    n = len(walk)
+    if not segments or not ts:
+        return f"frame {i + 1} / {n}"
+    k = len(walk.seeds)
+    a, b = segments[i], (segments[i] + 1) % k
+
+    def key(j: int) -> str:
+        p = walk.prompts[j] if j < len(walk.prompts) else None
+        return f"“{p}” (seed {walk.seeds[j]})" if p is not None else f"keyframe {j} (seed {walk.seeds[j]})"
+
+    mark = " · keyframe" if i in walk.keyframe_frames else ""
+    return f"frame {i + 1} / {n}: {key(a)} → {key(b)}, t = {ts[i]:.2f}{mark}"
+
+
+def walk_payload(
+    walk: Any,
+    *,
+    fps: float = 12,
+    quality: int | None = None,
+    model: str | None = None,
+    cmap: str | None = None,
+) -> dict[str, Any]:
+    """The payload of a :class:`~sdexplore.results.Walk`: every frame, where it lies between the keyframes, and
+    the consecutive-frame distances (pixel metric) with the walk's smoothness."""
+    from ..smoothness import smoothness_report
+
+    frames = np.asarray(walk.images)
+    settings = dict(getattr(walk, "settings", {}) or {})
+    report = smoothness_report(frames, "pixel") if len(frames) > 1 else None
+    prompts = [p for p in walk.prompts if p is not None]
+    prov = provenance(
+        model=model,
+        family=settings.get("family"),
+        scheduler=settings.get("scheduler"),
+        seed=list(walk.seeds),
+        prompt=" → ".join(prompts) if prompts else None,
+        steps=settings.get("num_inference_steps"),
+        guidance_scale=settings.get("guidance_scale"),
+        size=[int(frames.shape[1]), int(frames.shape[2])],
+    )
+    out = _base("walk", prov, cmap)
+    out["image"] = None
+    out["walk"] = {
+        "count": len(frames),
+        "fps": float(fps),
+        "prompts": list(walk.prompts),
+        "seeds": [int(s) for s in walk.seeds],
+        "keyframes": [int(k) for k in walk.keyframe_frames],
+        "labels": [_frame_label(walk, i) for i in range(len(frames))],
+        "images": [encode_image(f, quality=quality) for f in frames],
+        "distances": [float(d) for d in report.distances] if report is not None else [],
+        "smoothness": _finite(report.smoothness) if report is not None else None,
+        "jumps": [int(j) for j in report.jumps] if report is not None else [],
+    }
+    return out
+
+
+def walks_payload(walks: dict[str, Any], **options: Any) -> dict[str, Any]:
+    """Several walks of one frame count, compared on one slider (the interpolation explorer): the first walk's
+    payload with ``walk.compare`` = ``[{"name", "images", "distances", "smoothness"}]`` for every walk."""
+    names = list(walks)
+    first = walk_payload(walks[names[0]], **options)
+    compare = []
+    for name in names:
+        p = first if name == names[0] else walk_payload(walks[name], **options)
+        w = p["walk"]
+        compare.append(
+            {"name": name, "images": w["images"], "distances": w["distances"], "smoothness": w["smoothness"]}
+        )
+    first["walk"]["compare"] = compare
+    return first
