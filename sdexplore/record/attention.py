@@ -578,16 +578,17 @@ class AttentionRecorder:
             else:
                 self._sel, self._split = slice(None), None
         if self._plan is None:
-            self._plan = self._make_plan(run)
+            self._plan = self._make_plan(run, sample.device)
         if self._plan.step_size is not None:
             self._steps.append([{}, 0])
         if self.concepts and self._layouts:
             self._start_concepts(run, args, kwargs)
         return None
 
-    def _make_plan(self, run: Run) -> Plan:
+    def _make_plan(self, run: Run, device: torch.device) -> Plan:
         """The call's capture, before its first step: reduced to ``max_bytes`` (layers left out are handed to their
-        own processor, as ``scales=`` does), and checked against the memory free on the denoiser's device."""
+        own processor, as ``scales=`` does), and checked against the memory free on ``device``, where the denoiser
+        computes (its input's device: the model's ``device`` property walks every module to honour offloading)."""
         assert self._latent_size is not None
         den = self.family.get_denoiser(self.pipe)
         names = [n.removesuffix(".processor") for n in self._captured]
@@ -608,10 +609,12 @@ class AttentionRecorder:
             step_size=None if self.step_resolution is None else self._step_size(),
             per_head=self.per_head,
             keep_probs=self.keep_probs,
-            probs_itemsize=den.dtype.itemsize,
+            probs_itemsize=den.dtype.itemsize
+            if self.keep_probs
+            else 0,  # the dtype walks the model: only if kept
             max_bytes=self.max_bytes,
         )
-        budget.check_fits(p, den.device, self.max_bytes)
+        budget.check_fits(p, device, self.max_bytes)
         self._last_plan = p
         self._passed.update(p.dropped)  # module names, as the gate is called
         if p.reduced:
@@ -748,6 +751,7 @@ class AttentionRecorder:
         k_img: torch.Tensor,
         v_img: torch.Tensor,
         key_bias: torch.Tensor | None = None,
+        image_key_bias: torch.Tensor | None = None,
     ) -> None:
         """One MMDiT layer's call: keep the captured rows' image queries (N, heads, HW, d), text keys
         (N, heads, T, d) and the kernel's log-sum-exp (N, heads, HW) until :meth:`_flush_joint` (views, no copy;
@@ -775,11 +779,13 @@ class AttentionRecorder:
             self._file([step], (name,), p[None, None])
             return
         lse = None if lse is None else lse[rows]  # (B', heads, HW)
-        ki = k_img[rows] if lse is None else None  # image keys, only where the kernel gave no log-sum-exp
+        # image keys, only where "joint" maps need a log-sum-exp the kernel did not give (math fallback; a mask)
+        ki = k_img[rows] if lse is None and self.kind == "joint" else None
         q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
         kb = None if key_bias is None else key_bias[rows]  # (B', T): Chroma's mask on the text keys
-        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc, kb))
-        self._queued_bytes += q.numel() * q.element_size() + k.numel() * k.element_size()
+        kib = None if key_bias is None or ki is None else image_key_bias[rows]  # (B', HW'): on the image keys
+        self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc, kb, kib))
+        self._queued_bytes += sum(x.numel() * x.element_size() for x in (q, k, ki) if x is not None)
         if self._queued_bytes > QUEUE_BYTES:
             self._flush()
 
@@ -797,7 +803,7 @@ class AttentionRecorder:
         groups: dict[tuple, list[str]] = {}
         for name, items in queue.items():
             first = items[0]
-            key = (tuple(it[0] for it in items), first[5], *(shape(first[i]) for i in (1, 2, 3, 4, 6, 7)))
+            key = (tuple(it[0] for it in items), first[5], *(shape(first[i]) for i in (1, 2, 3, 4, 6, 7, 8)))
             groups.setdefault(key, []).append(name)
 
         def stacked(names: list[str], i: int) -> torch.Tensor | None:
@@ -810,18 +816,19 @@ class AttentionRecorder:
         for key, names in groups.items():
             steps, scale = list(key[0]), key[1]
             q, k = stacked(names, 1), stacked(names, 2)  # (S, n, B', heads, HW, d), (S, n, B', heads, T, d)
-            lse, ki, kc, kb = (
+            lse, ki, kc, kb, kib = (
                 stacked(names, 3),
                 stacked(names, 4),
                 stacked(names, 6),
                 stacked(names, 7),
-            )  # (S, n, B', heads, HW[, d]); the key bias (S, n, B', T)
+                stacked(names, 8),
+            )  # (S, n, B', heads, HW[, d]); the key bias (S, n, B', T) and on the image keys (S, n, B', HW')
 
             def probs(
-                sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale, kb)
+                sel: Any, h: Any = slice(None), t: tuple = (q, k, lse, ki, kc, scale, kb, kib)
             ) -> torch.Tensor:
                 """(..., heads', HW, T[+C]) of the index ``sel`` (steps, or a step and layer), heads ``h``."""
-                q_, k_, lse_, ki_, kc_, scale_, kb_ = t
+                q_, k_, lse_, ki_, kc_, scale_, kb_, kib_ = t
                 p, norm = text_block(
                     q_[sel][..., h, :, :],
                     k_[sel][..., h, :, :],
@@ -830,6 +837,7 @@ class AttentionRecorder:
                     self.kind,
                     None if ki_ is None else ki_[sel][..., h, :, :],
                     None if kb_ is None else kb_[sel],
+                    None if kib_ is None else kib_[sel],
                 )  # (..., heads', HW, T), (..., heads', HW)
                 if kc_ is not None and spans is not None:
                     masses = concept_masses(
@@ -890,7 +898,14 @@ class AttentionRecorder:
         return torch.tensor(kinds, device=o_txt.device)  # (B', T)
 
     def _defer(
-        self, name: str, query: torch.Tensor, key: torch.Tensor, attn: Any, context: Any, rows: slice
+        self,
+        name: str,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        attn: Any,
+        context: Any,
+        rows: slice,
+        bias: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Keep one layer's queries (N, heads, HW, d) for later, with its keys (N, heads, T, d): the whole CFG
         batch, its ``rows`` taken once per batch rather than once per layer and step.
@@ -898,15 +913,35 @@ class AttentionRecorder:
         The tensors are the layer's own (views, no copy). Queries wait until the run ends, its maps are read, or
         :data:`QUEUE_BYTES` of them are waiting; then every waiting step of every layer of one shape gets its
         probabilities from one batched matmul and softmax (:meth:`_flush`). A layer's keys depend only on the
-        text, so one copy serves every step that saw the same text tensor.
+        text, so one copy serves every step that saw the same text tensor. ``bias``: a per-key attention mask's
+        addition to every score (N, heads, T) and the mask argument it came from (one per denoiser call: the
+        layers of a call that share it share the bias).
         """
+        if bias is not None and self.concepts:
+            raise RecorderStateError(
+                f"Layer {name} was called with an attention mask: concept maps need unmasked cross-attention. "
+                "Record without concepts=."
+            )
         if self.concepts and name not in self._concept_keys:
             self._concept_keys[name] = self._keys_of_concepts(attn, key.shape[1])
         upcast, scale = bool(attn.upcast_attention), float(attn.scale)
-        group = (query.shape, key.shape, query.dtype, upcast, scale, id(context), rows.start, rows.stop)
+        source = None if bias is None else bias[1]
+        group = (
+            query.shape,
+            key.shape,
+            query.dtype,
+            upcast,
+            scale,
+            id(context),
+            rows.start,
+            rows.stop,
+            id(source),
+        )
         batch = self._queue.get(group)
-        if batch is None:  # holding the text tensor keeps its id() from being reused while the batch waits
-            batch = self._queue[group] = [context, {}, [], upcast, scale, rows]
+        if (
+            batch is None
+        ):  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
+            batch = self._queue[group] = [context, {}, [], upcast, scale, rows, bias]
         batch[1].setdefault(name, key)
         batch[2].append((len(self._timesteps) - 1, name, query))
         self._queued_bytes += query.numel() * query.element_size()
@@ -931,7 +966,7 @@ class AttentionRecorder:
         """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
         self._flush_joint()
         queue, self._queue, self._queued_bytes = self._queue, {}, 0
-        for _, keys, items, upcast, scale, rows in queue.values():
+        for _, keys, items, upcast, scale, rows, bias in queue.values():
             by_step: dict[int, list[tuple[str, torch.Tensor]]] = {}
             for step, name, q in items:
                 by_step.setdefault(step, []).append((name, q))
@@ -959,6 +994,9 @@ class AttentionRecorder:
                     if upcast:
                         q3, kt = q3.float(), kt.float()
                     scores = torch.baddbmm(_empty(q3), q3, kt, beta=0.0, alpha=scale)  # (n*B'*heads, S*HW, T)
+                    if bias is not None:  # the mask's addition to each key's score, for every query
+                        kb = bias[0][rows].to(scores.dtype)  # (B', heads, T)
+                        scores += kb.expand(n, b, heads, t).reshape(n * b * heads, 1, t)
                     probs = scores.softmax(-1, dtype=torch.float32)  # (n*B'*heads, S*HW, T)
                     if self.concepts:  # the concepts' columns after the T text positions
                         probs = torch.cat([probs, self._concept_probs(names, b, q3, scores, scale)], -1)
@@ -1062,9 +1100,13 @@ class AttentionRecorder:
             )  # (S', B', HW, T) or (S', B', T, hs, ws)
             if key[0] == "native":
                 stacked = resize(_grid_maps(stacked, key[1]), size)  # (S', B', T, hs, ws)
-            if total is None:
+            if total is None and len(idx) == len(self._steps):
+                total = stacked  # every step in this group (the common case): no scatter into zeros
+            elif total is None:
                 total = stacked.new_zeros((len(self._steps), *stacked.shape[1:]))
-            total[idx] += stacked
+                total[idx] += stacked
+            else:
+                total[idx] += stacked
         counts = torch.tensor([max(n, 1) for _, n in self._steps], dtype=total.dtype, device=total.device)
         return total / counts.view(-1, 1, 1, 1, 1)  # a step that captured nothing stays zero
 
@@ -1093,7 +1135,7 @@ class AttentionRecorder:
             n.removesuffix(".processor") for n in self._captured if n.removesuffix(".processor") in means
         ]
         layers = {n: _grid_maps(means[n], self._layer_hw[n]) for n in order}  # (B', T, h, w) each
-        aggregate = torch.stack([resize(m, (H, W)) for m in layers.values()]).mean(0)  # (B', T, H, W)
+        aggregate = _resized_mean(list(layers.values()), (H, W))  # (B', T, H, W)
         steps = self._step_maps()  # (S, B', T, hs, ws)
         heads = None
         if head_means is not None:  # (B', heads, T, h, w) each
@@ -1164,6 +1206,20 @@ def _empty(like: torch.Tensor) -> torch.Tensor:
     if base is None:
         base = _EMPTY[key] = torch.zeros(1, 1, 1, dtype=like.dtype, device=like.device)
     return base
+
+
+def _resized_mean(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Mean of maps (..., h_i, w_i) resized to ``size``: one resize per grid (resizing treats every map alone, so
+    the values are those of one resize per map)."""
+    by_grid: dict[tuple[int, ...], list[int]] = {}
+    for i, m in enumerate(maps):
+        by_grid.setdefault(tuple(m.shape), []).append(i)
+    out: list[torch.Tensor | None] = [None] * len(maps)
+    for idx in by_grid.values():
+        resized = resize(torch.stack([maps[i] for i in idx]), size)  # (n, ..., H, W)
+        for j, i in enumerate(idx):
+            out[i] = resized[j]
+    return torch.stack(out).mean(0)  # type: ignore[arg-type]
 
 
 def _grid_maps(flat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

@@ -108,6 +108,7 @@ def text_block(
     kind: str,
     k_img: Any = None,
     key_bias: torch.Tensor | None = None,
+    image_key_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities of image queries (..., HW, d) on text keys (..., T, d) → (..., HW, T) float32, and the
     log-normaliser the softmax used, (..., HW) float32 (concept maps are normalised against it).
@@ -116,7 +117,8 @@ def text_block(
     supplies the image keys to compute it); ``kind="text"``: softmax over the text keys only. ``key_bias``
     (..., T) float32, where the call had an attention mask: what it adds to every image query's score on each
     text key (−inf for a masked key; Chroma's float mask adds 1 or 0); with ``kind="joint"`` then ``lse`` must be
-    the masked call's own.
+    the masked call's own, or None with ``k_img`` and ``image_key_bias`` (..., HW') float32, what the mask adds on
+    each image key.
     """
     scores = torch.matmul(q_img.float(), k_txt.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, T)
     if key_bias is not None:
@@ -125,6 +127,10 @@ def text_block(
         lse = scores.logsumexp(-1)  # (B, heads, HW)
     elif lse is None:
         img = torch.matmul(q_img.float(), k_img.float().transpose(-1, -2)).mul_(scale)  # (B, heads, HW, HW')
+        if image_key_bias is not None:
+            img = img.add_(
+                image_key_bias.unsqueeze(-2).unsqueeze(-2)
+            )  # (B, 1, 1, HW') over heads and queries
         lse = torch.logaddexp(img.logsumexp(-1), scores.logsumexp(-1))  # (B, heads, HW)
     return scores.sub_(lse.unsqueeze(-1)).exp_(), lse
 
@@ -564,15 +570,10 @@ class FluxCapturingProcessor(JointCapturingProcessor):
         q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, encoder_hidden_states, image_rotary_emb)
         if bias is None:
             out, lse = sdpa_with_lse(q, k, v, self.need_lse)
-        else:  # Chroma: the mask as native dispatch passes it (bitwise the same call); the normaliser explicitly
+        else:  # Chroma: the mask as native dispatch passes it (bitwise the same call); the normaliser is worked
+            # out later by the recorder, batched, from the image keys and the mask's bias on every key
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (N, heads, L, d)
-            scores = torch.matmul(q[:, :, txt:].float(), k.float().transpose(-1, -2)).mul_(
-                q.shape[-1] ** -0.5
-            )
-            lse = scores.add_(bias[:, None, None, :]).logsumexp(-1)  # (N, heads, HW) over every key
-            lse = torch.cat(
-                [lse.new_zeros(lse.shape[0], lse.shape[1], txt), lse], 2
-            )  # (N, heads, L): text rows unused
+            lse = None
         hidden_states = out.permute(0, 2, 1, 3).flatten(2, 3)  # (N, L, heads*d)
         hidden_states = hidden_states.to(q.dtype)
         self.sink(
@@ -586,7 +587,7 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             q.shape[-1] ** -0.5,  # SDPA's default scale, as native dispatch calls it
             k[:, :, txt:],
             v[:, :, txt:],
-            **({} if bias is None else {"key_bias": bias[:, :txt]}),
+            **({} if bias is None else {"key_bias": bias[:, :txt], "image_key_bias": bias[:, txt:]}),
         )
         return flux_output(attn, self.original, hidden_states, txt, double, mlp)
 

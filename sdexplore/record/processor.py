@@ -38,9 +38,22 @@ Sink = Callable[[str, torch.Tensor], None]
 # to the original processor.
 Gate = Callable[[str, int], "slice | None"]
 # Called with (processor name, queries (N, heads, HW, d), keys (N, heads, T, d), the Attention module, the text
-# tensor the keys came from, the rows to capture): the receiver computes the captured rows' probabilities later
-# (batched over layers and steps), from these very tensors.
-Defer = Callable[[str, torch.Tensor, torch.Tensor, Attention, torch.Tensor, slice], None]
+# tensor the keys came from, the rows to capture, and where the call had a per-key attention mask (PixArt-Σ's T5
+# padding): (what it adds to every query's score on each key (N, heads, T), the mask argument it came from) else
+# None): the receiver computes the captured rows' probabilities later (batched over layers and steps), from these
+# very tensors.
+Defer = Callable[
+    [
+        str,
+        torch.Tensor,
+        torch.Tensor,
+        Attention,
+        torch.Tensor,
+        slice,
+        "tuple[torch.Tensor, torch.Tensor] | None",
+    ],
+    None,
+]
 
 
 def is_reproducible(processor: Any) -> bool:
@@ -115,6 +128,9 @@ class CapturingAttnProcessor:
             )
 
         context = encoder_hidden_states  # the text tensor itself: its keys are the same at every step
+        mask_arg = (
+            attention_mask  # one tensor per denoiser call, shared by its layers (the prepared one is not)
+        )
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -165,8 +181,13 @@ class CapturingAttnProcessor:
             if type(self.original) in SDPA_PROCESSORS:
                 # Probabilities of the captured rows only (the conditional half by default), beside the original's
                 # own SDPA kernel, which still produces the output: bitwise unchanged.
-                if attention_mask is None and self.defer is not None:
-                    self.defer(self.name, query, key, attn, context, rows)  # probabilities later, batched
+                if self.defer is not None and (attention_mask is None or attention_mask.shape[-2] == 1):
+                    bias = None  # a per-key mask (the same for every query) is a bias on the keys' scores
+                    if attention_mask is not None:
+                        bias = (attention_mask[:, :, 0], mask_arg)  # (N, heads, T)
+                    self.defer(
+                        self.name, query, key, attn, context, rows, bias
+                    )  # probabilities later, batched
                 else:
                     mask = None if attention_mask is None else attention_mask[rows]
                     self.sink(self.name, attention_probs(attn, query[rows], key[rows], mask))
