@@ -122,3 +122,24 @@ def test_an_instruction_is_refused_where_the_pipeline_prepends_none_or_is_not_a_
         sequence_tokens(sd1, "a red circle", complex_human_instruction=["Describe:"])
     with pytest.raises(InvalidArgumentError, match="list of lines"):
         sequence_tokens(sana, "a red circle", complex_human_instruction="Describe:")
+
+
+def test_pixart_labels_read_the_prompt_as_the_pipeline_cleans_it() -> None:
+    pipe = tiny_pipeline("pixart-sigma")
+    seen: list[list[int]] = []
+    handle = pipe.text_encoder.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            kwargs.get("input_ids", args[0] if args else None)[0].tolist()
+        ),
+        with_kwargs=True,
+    )
+    try:
+        pipe.encode_prompt(
+            "  A Big RED square ", do_classifier_free_guidance=False, device="cpu", max_sequence_length=L
+        )
+    finally:
+        handle.remove()
+    tl = sequence_tokens(pipe, "  A Big RED square ", max_sequence_length=L)
+    assert (
+        tl.ids == seen[0] and tl.words == ["a", "big", "red", "square"] and tl.prompt == "  A Big RED square "
+    )

@@ -295,6 +295,13 @@ def sequence_tokens(
                 "system-prompted Mistral-3 input; pass prompt_embeds and read maps by position."
             )
         return chat_tokens(getattr(pipe, fam.tokenizers[0]), prompt, max_sequence_length)
+    if fam.name == "z-image":  # thinking on, and only the unmasked states are kept: no padding
+        return chat_tokens(pipe.tokenizer, prompt, max_sequence_length, thinking=True, pad=False)
+    if fam.name == "qwen-image":  # its system prompt, whose tokens the pipeline drops by count
+        template, drop = pipe.prompt_template_encode, int(pipe.prompt_template_encode_start_idx)
+        return chat_tokens(
+            pipe.tokenizer, prompt, max_sequence_length, template=template, drop=drop, pad=False
+        )
     parts: list[TokenList] = []
     clip = fam.clip_sequence or ()  # a T5 family's CLIP encoders that fill the first positions (SD3's)
     if clip:
@@ -313,7 +320,10 @@ def sequence_tokens(
     source = "prompt_3" if "prompt_3" in fam.prompt_arguments else "prompt_2"  # what T5 encodes
     text = prompt_3 if source == "prompt_3" else prompt_2
     if t5 is not None:
-        part = tokenize_prompt(t5, text, max_sequence_length, name="t5")
+        preprocess = _preprocessor(pipe)  # PixArt lower-cases and strips the prompt before T5 reads it
+        part = tokenize_prompt(
+            t5, text if preprocess is None else preprocess(text), max_sequence_length, name="t5"
+        )
         if text != prompt:
             part.segments = [replace(part.parts()[0], source=source, text=text)]
         parts.append(part)
@@ -454,7 +464,17 @@ def instructed_tokens(
     )
 
 
-def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen") -> TokenList:
+def chat_tokens(
+    tokenizer: Any,
+    prompt: str,
+    length: int,
+    *,
+    name: str = "qwen",
+    thinking: bool = False,
+    template: str | None = None,
+    drop: int = 0,
+    pad: bool = True,
+) -> TokenList:
     """Labels of the ``length`` positions a chat-model text encoder sees for ``prompt`` (Flux.2 [klein]'s Qwen3).
 
     The prompt is rendered as ``Flux2KleinPipeline`` renders it (one user turn, the assistant header, an empty
@@ -462,12 +482,18 @@ def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen")
     as it does (``padding="max_length", truncation=True``). The prompt's own tokens are text; the template's tokens
     before them are labelled ``bos`` and those after ``eos`` (so "user" or "assistant" are never found as words);
     padding is ``pad``. Byte-level BPE starts a word with ``Ġ`` (a space), which is the segment's word marker.
+
+    Other pipelines: ``thinking=True`` renders no thinking block (``ZImagePipeline``); ``template`` is a ``"{}"``
+    format string in place of the chat template, whose first ``drop`` tokens the pipeline drops (``QwenImagePipeline``'s
+    system prompt); ``pad=False`` labels only the tokens the encoder keeps (both drop the padded states).
     """
 
     def render(content: str) -> str:
+        if template is not None:
+            return template.format(content)
         messages = [{"role": "user", "content": content}]
         return tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
         )
 
     text = render(prompt)
@@ -482,21 +508,23 @@ def chat_tokens(tokenizer: Any, prompt: str, length: int, *, name: str = "qwen")
 
     enc = tokenizer(
         text,
-        padding="max_length",
-        max_length=length,
+        padding="max_length" if pad else False,
+        max_length=length + drop,
         truncation=True,
         return_attention_mask=True,
         return_offsets_mapping=True,
     )
-    ids = [int(i) for i in enc.input_ids]
+    ids = [int(i) for i in enc.input_ids][drop:]
     kinds = [
         kind(a, b) if mask else PAD
         for (a, b), mask in zip(enc.offset_mapping, enc.attention_mask, strict=True)
-    ]
+    ][drop:]
     full = tokenizer(text, truncation=False, return_offsets_mapping=True)
     cut = [
         i
-        for i, (a, b) in zip(full.input_ids[length:], full.offset_mapping[length:], strict=True)
+        for i, (a, b) in zip(
+            full.input_ids[length + drop :], full.offset_mapping[length + drop :], strict=True
+        )
         if kind(a, b) == TEXT
     ]
     return TokenList(
