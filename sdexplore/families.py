@@ -35,6 +35,10 @@ class DenoiserArgs:
     # Token positions of the image tokens (Flux's img_ids (N, 3): 0, row, column; Flux.2's (B, N, 4): 0, row,
     # column, 0), which give the latent grid of packed latents
     positions: tuple[str, int] | None = None
+    # The denoiser takes the sample and the text as lists of per-row tensors (Z-Image: latents (C, 1, h, w), caption
+    # features (L_i, D) of each row's own length); get() hands them on as one batch, (B, C, h, w) and (B, T, D)
+    # zero-padded to the longest
+    per_row: bool = False
 
     def _pooled_in_dict(self) -> bool:
         return self.pooled is not None and isinstance(self.pooled[1], str)
@@ -51,9 +55,12 @@ class DenoiserArgs:
         if where is None:
             return None
         name, pos = where
-        if name in kwargs:
-            return kwargs[name]
-        return args[pos] if len(args) > pos else None
+        value = kwargs[name] if name in kwargs else (args[pos] if len(args) > pos else None)
+        if self.per_row and which in ("sample", "text") and isinstance(value, (list, tuple)):
+            if which == "sample":
+                return torch.stack(value)[:, :, 0]  # (B, C, 1, h, w) → (B, C, h, w)
+            return torch.nn.utils.rnn.pad_sequence(list(value), batch_first=True)  # (B, T, D)
+        return value
 
     def replace(self, which: str, args: tuple, kwargs: dict, value: Any) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of a forward call with input ``which`` set to ``value`` (the originals untouched)."""
@@ -64,7 +71,7 @@ class DenoiserArgs:
                 kwargs[self.pooled[0]] = {**kwargs[self.pooled[0]], self.pooled[1]: value}
                 return args, kwargs
         where = getattr(self, which)
-        if where is None:
+        if where is None or (self.per_row and which in ("sample", "text")):
             raise InvalidArgumentError(f"This denoiser has no {which!r} input to replace.")
         name, pos = where
         if name in kwargs or len(args) <= pos:
@@ -190,6 +197,19 @@ class Family:
     # A CFG-batch pipeline without a do_classifier_free_guidance property (PixArt decides in a local variable):
     # CFG runs where the call's guidance_scale exceeds 1
     cfg_from_guidance_scale: bool = False
+    # The scheduler steps -output (Z-Image's denoiser predicts x0 − ε; the pipeline negates it), and the CFG is
+    # c + g·(c − u) = u + (g + 1)·(c − u): the recorded scale is the pipeline's plus cfg_scale_offset
+    negated_output: bool = False
+    cfg_scale_offset: float = 0.0
+    # Video: latents (B, C, F, h, w) with F latent frames (Wan: (frames − 1) / 4 + 1); every recorded latent, preview
+    # and map keeps the F axis before (h, w). Image families: (B, C, h, w), no F axis anywhere
+    video: bool = False
+    # A second denoiser some pipelines of the family switch to mid-run (Wan 2.2 A14B's low-noise transformer_2): only
+    # `denoiser` is observed, so a pipeline that has one is refused
+    second_denoiser: str | None = None
+    # A transformer whose text enters through cross-attention (attn2, as in a UNet's blocks: PixArt-Σ, Sana, Wan),
+    # not joint attention: its maps are kind "cross"
+    cross_attention: bool = False
 
     def can(self, capability: str) -> bool:
         """Whether this family has ``capability`` (a key of :data:`CAPABILITIES`)."""
@@ -202,6 +222,10 @@ class Family:
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The prediction the scheduler steps with, out of a denoiser output: ε alone where the denoiser also
         predicts a learned variance (PixArt's (B, 2C, h, w) → (B, C, h, w), a view), else the output itself."""
+        if isinstance(output, (list, tuple)):  # Z-Image: one (C, 1, h, w) per row
+            output = torch.stack(output)[:, :, 0]  # (B, C, h, w)
+        if self.negated_output:
+            return -output
         if self.learned_variance and output.ndim == 4 and output.shape[1] == 2 * self.latent_channels:
             return output[
                 :, : self.latent_channels
@@ -227,6 +251,11 @@ class Family:
         scale = getattr(pipe, "_guidance_scale", None)
         if scale is None and self.cfg_from_guidance_scale:
             scale = arguments.get("guidance_scale", _call_default(pipe, "guidance_scale"))
+        return 1.0 if scale is None else float(scale) + self.cfg_scale_offset
+
+    def true_cfg_scale(self, pipe: Any, arguments: dict[str, Any]) -> float:
+        """The call's ``true_cfg_scale``, or its pipeline's default (Flux 1.0, Qwen-Image 4.0)."""
+        scale = arguments.get("true_cfg_scale", _call_default(pipe, "true_cfg_scale"))
         return 1.0 if scale is None else float(scale)
 
     def present_tokenizers(self, pipe: Any) -> list[tuple[str, Any]]:
@@ -239,6 +268,11 @@ class Family:
         if module is None:
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__} has no {self.denoiser!r}: sdexplore observes the {self.label} denoiser there."
+            )
+        if self.second_denoiser is not None and getattr(pipe, self.second_denoiser, None) is not None:
+            raise UnsupportedPipelineError(
+                f"This {type(pipe).__name__} switches to a second denoiser ({self.second_denoiser}) mid-run, which "
+                f"sdexplore does not observe yet: load a single-transformer {self.label} model (Wan 2.1 T2V)."
             )
         return module
 
@@ -293,6 +327,10 @@ class Family:
         if self.latent_packing == 1:
             return int(sample.shape[-2]), int(sample.shape[-1])
         ids = self.denoiser_args.get("positions", args, kwargs)
+        # Qwen-Image's img_shapes: [[(1, h/p, w/p)]] per row
+        if isinstance(ids, (list, tuple)) and ids and ids[0]:
+            _, rows, cols = ids[0][0]
+            return int(rows) * self.latent_packing, int(cols) * self.latent_packing
         if ids is None:
             raise UnsupportedPipelineError(
                 f"The {self.label} denoiser was called without image position ids; sdexplore cannot tell the "
@@ -322,7 +360,7 @@ class Family:
             return False
         if self.cfg_flag is not None:
             return pipe is not None and bool(getattr(pipe, self.cfg_flag, False))
-        scale = arguments.get("true_cfg_scale", 1.0)
+        scale = arguments.get("true_cfg_scale", 1.0) if pipe is None else self.true_cfg_scale(pipe, arguments)
         has_negative = arguments.get("negative_prompt") is not None or (
             arguments.get("negative_prompt_embeds") is not None
             and arguments.get("negative_pooled_prompt_embeds") is not None
@@ -425,10 +463,13 @@ class Family:
         if clip_skip is not None:
             raise InvalidArgumentError(f"The {self.label} pipelines take no clip_skip; leave it None.")
 
+        accepted = inspect.signature(pipe.encode_prompt).parameters
+        count = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
+        if "do_classifier_free_guidance" in accepted:  # Wan: the negative is encoded below, when one is given
+            extra = {**extra, "do_classifier_free_guidance": False}
+
         def encode(text: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            out = pipe.encode_prompt(
-                prompt=text, device=device, num_images_per_prompt=num_images_per_prompt, **extra
-            )
+            out = pipe.encode_prompt(prompt=text, device=device, **{count: num_images_per_prompt}, **extra)
             return out[0], (out[1] if self.pooled_text_embeds else None)
 
         embeds, pooled = encode(prompt)
@@ -704,6 +745,7 @@ PIXART_SIGMA = Family(
     call_defaults=(("use_resolution_binning", False), ("clean_caption", False)),
     learned_variance=True,
     cfg_from_guidance_scale=True,
+    cross_attention=True,
 )
 
 CHROMA = Family(
@@ -763,11 +805,122 @@ SANA = Family(
     # kernels, no softmax), so it has no probabilities to map; concept maps need unmasked cross-attention
     capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
     call_defaults=(("use_resolution_binning", False), ("clean_caption", False)),
+    cross_attention=True,
+)
+
+# Wan 2.1's 16-channel video VAE, from ComfyUI's comfy/latent_formats.py, class Wan21 (latent_rgb_factors,
+# latent_rgb_factors_bias). ComfyUI's process_in normalises by the VAE's per-channel latents_mean / latents_std, as
+# diffusers' WanPipeline does, so the factors apply to the sampling-space latents of every frame as they are.
+_WAN_FACTORS = (
+    (-0.1299, -0.1692, 0.2932),
+    (0.0671, 0.0406, 0.0442),
+    (0.3568, 0.2548, 0.1747),
+    (0.0372, 0.2344, 0.1420),
+    (0.0313, 0.0189, -0.0328),
+    (0.0296, -0.0956, -0.0665),
+    (-0.3477, -0.4059, -0.2925),
+    (0.0166, 0.1902, 0.1975),
+    (-0.0412, 0.0267, -0.1364),
+    (-0.1293, 0.0740, 0.1636),
+    (0.0680, 0.3019, 0.1128),
+    (0.0032, 0.0581, 0.0639),
+    (-0.1251, 0.0927, 0.1699),
+    (0.0060, -0.0633, 0.0005),
+    (0.3477, 0.2275, 0.2950),
+    (0.1984, 0.0913, 0.1861),
+)
+
+WAN = Family(
+    name="wan",
+    label="Wan 2.x",
+    pipeline_classes=("WanPipeline",),  # text-to-video
+    text_encoders=("text_encoder",),  # UMT5-XXL: one sequence, the padding zeroed (not masked)
+    tokenizers=("tokenizer",),
+    latent_channels=16,  # the video VAE: 8× smaller in space, 4× in time (frames 1 + 4k → 1 + k latent frames)
+    latent_rgb_factors=_WAN_FACTORS,
+    latent_rgb_bias=(-0.1835, -0.0868, -0.3360),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # WanTransformer3DModel: (1, 2, 2) space-time patches; per block self-attention
+    # (attn1, RoPE over frame, row, column) and cross-attention to the text (attn2)
+    # WanTransformer3DModel.forward(hidden_states, timestep, encoder_hidden_states, ...), all by keyword
+    denoiser_args=DenoiserArgs(sample=("hidden_states", 0)),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    cfg_batch=False,  # CFG as two transformer calls per step, the prompt's then the negative's
+    cfg_flag="do_classifier_free_guidance",
+    # steps and the attn2 cross-attention maps per frame; controls, concepts, inversion, walks and the rest name
+    # the families they run on
+    capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
+    call_defaults=(
+        ("num_frames", 5),
+    ),  # 2 latent frames: the fixtures' short clip (the pipeline's default is 81)
+    video=True,
+    second_denoiser="transformer_2",
+    cross_attention=True,
+)
+
+Z_IMAGE = Family(
+    name="z-image",
+    label="Z-Image",
+    pipeline_classes=("ZImagePipeline",),
+    # Qwen3 (hidden_states[-2] of the chat-templated prompt, padding dropped)
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    latent_channels=16,  # Flux.1's VAE (scaling and shift), so Flux's preview factors
+    latent_rgb_factors=_FLUX_FACTORS,
+    latent_rgb_bias=(-0.0329, -0.0718, -0.0851),
+    pooled_text_embeds=False,
+    cfg_uncond_first=False,  # the CFG batch is prompt rows, then negative rows
+    denoiser="transformer",  # ZImageTransformer2DModel: refiners per stream, then single-stream layers over
+    # [image ‖ caption] tokens, each part padded to a multiple of 32 (layers.N.attention)
+    # ZImageTransformer2DModel.forward(x, t, cap_feats, ...): lists of per-row latents and caption features
+    denoiser_args=DenoiserArgs(sample=("x", 0), timestep=("t", 1), text=("cap_feats", 2), per_row=True),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    negated_output=True,
+    cfg_scale_offset=1.0,
+    # steps, latent edits, stop_at and the joint maps; prompt switches and guidance schedules need a text and an
+    # output tensor (these are per-row lists) and are refused; controls, concepts, inversion, walks and the rest
+    # name the families they run on
+    capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
+)
+
+QWEN_IMAGE = Family(
+    name="qwen-image",
+    label="Qwen-Image",
+    pipeline_classes=("QwenImagePipeline",),
+    # Qwen2.5-VL, text only: last hidden states, the system prompt's tokens dropped
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    latent_channels=16,  # a Wan-style 3-D causal VAE normalised by per-channel statistics: Wan 2.1's factors
+    latent_rgb_factors=_WAN_FACTORS,
+    latent_rgb_bias=(-0.1835, -0.0868, -0.3360),
+    pooled_text_embeds=False,
+    denoiser="transformer",  # QwenImageTransformer2DModel: double-stream blocks, text first
+    # QwenImageTransformer2DModel.forward(hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+    # timestep, img_shapes, guidance, ...); the pipeline passes everything by keyword, timestep as t / 1000
+    denoiser_args=DenoiserArgs(
+        sample=("hidden_states", 0),
+        timestep=("timestep", 3),
+        text=("encoder_hidden_states", 1),
+        guidance=("guidance", 5),
+        positions=("img_shapes", 4),
+    ),
+    clip_sequence=(),
+    encode_options=("max_sequence_length",),
+    # true CFG as two transformer calls per step, the prompt's then the negative's (true_cfg_scale > 1 and a
+    # negative prompt), the combination rescaled to the prompt's norm
+    cfg_batch=False,
+    latent_packing=2,
+    # steps, steering, stop_at and the joint maps; controls, concepts, inversion, walks and the rest name the
+    # families they run on
+    capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
 )
 
 #: Every supported family, in detection order.
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA, CHROMA, SANA)
+    f.name: f
+    for f in (SD1, SD2, SDXL, SD3, FLUX, FLUX2, PIXART_SIGMA, CHROMA, SANA, WAN, Z_IMAGE, QWEN_IMAGE)
 }
 
 _SUPPORTED = ", ".join(sorted({c for f in FAMILIES.values() for c in f.pipeline_classes}))
@@ -857,6 +1010,8 @@ def vae_scale_factor(pipe: Any) -> int:
     """Pixels per latent cell along each side (8 for every SD family, SD3 and Flux included; Flux's 2×2 packing
     makes one denoiser token 16×16 pixels, but a latent cell is still 8×8)."""
     factor = getattr(pipe, "vae_scale_factor", None)  # read first: Sana's DC-AE has no block_out_channels
+    if factor is None:  # Wan's video VAE: spatial and temporal factors apart
+        factor = getattr(pipe, "vae_scale_factor_spatial", None)
     if factor is None:
         factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     return int(factor)
@@ -867,5 +1022,12 @@ def size_unit(pipe: Any) -> int:
     UNets, 16 for SD3's and Flux's 2×2 patches; a size in between is rounded down by some pipelines, silently)."""
     den = detect_family(pipe).get_denoiser(pipe)
     fam = detect_family(pipe)
-    patch = max(fam.latent_packing, int(getattr(den.config, "patch_size", 1) or 1))
+    patch = max(fam.latent_packing, spatial_patch(den.config))
     return vae_scale_factor(pipe) * patch
+
+
+def spatial_patch(config: Any) -> int:
+    """Latent cells per denoiser patch along each spatial side: the config's ``patch_size`` (Wan's space-time
+    (t, h, w) patches: h), 1 where it has none."""
+    patch = getattr(config, "patch_size", None) or 1
+    return int(patch[-1] if isinstance(patch, list | tuple) else patch)

@@ -18,6 +18,8 @@ from diffusers import (
     AutoencoderDC,
     AutoencoderKL,
     AutoencoderKLFlux2,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     ChromaPipeline,
     ChromaTransformer2DModel,
     DDIMScheduler,
@@ -29,6 +31,8 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SanaPipeline,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
@@ -36,6 +40,11 @@ from diffusers import (
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -50,21 +59,47 @@ from transformers import (
     Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
-FixtureFamily = Literal["sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "pixart-sigma", "chroma", "sana"]
+FixtureFamily = Literal[
+    "sd1",
+    "sd2",
+    "sdxl",
+    "sd3",
+    "flux",
+    "flux2",
+    "pixart-sigma",
+    "chroma",
+    "sana",
+    "z-image",
+    "qwen-image",
+    "wan",
+]
 #: The UNet fixture families: every capability (steps, steering, attention maps, walks, widgets) works on them.
 FIXTURE_FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
 #: The MMDiT fixture families (flow matching, a transformer denoiser): steps and steering work on each.
 MMDIT_FIXTURE_FAMILIES: tuple[str, ...] = ("sd3", "flux")
 #: Fixture families with part of the capabilities: Flux.2 [klein] (steps, steering, token labels, attention maps and
 #: controls; not yet walks or text inspection, whose tests assume a T5 sequence).
-PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = ("flux2", "pixart-sigma", "chroma", "sana")
+PARTIAL_FIXTURE_FAMILIES: tuple[str, ...] = (
+    "flux2",
+    "pixart-sigma",
+    "chroma",
+    "sana",
+    "z-image",
+    "qwen-image",
+)
 #: Every fixture family, old and new: the conformance suite (tests/test_conformance.py) runs on each; what each can
 #: do is its record's ``Family.capabilities``.
-ALL_FIXTURE_FAMILIES: tuple[str, ...] = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
+#: The video fixture families: latents (B, C, F, h, w), frame strips and maps per frame (Wan 2.x).
+VIDEO_FIXTURE_FAMILIES: tuple[str, ...] = ("wan",)
+ALL_FIXTURE_FAMILIES: tuple[str, ...] = (
+    FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES + VIDEO_FIXTURE_FAMILIES
+)
 #: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
 #: "schnell" (no guidance input; a fixed shift of 1).
 FLUX_VARIANTS: tuple[str, ...] = ("dev", "schnell")
@@ -358,13 +393,13 @@ def qwen_tokenizer(max_length: int = 512) -> Qwen2TokenizerFast:
     return tok
 
 
-def _qwen3() -> Qwen3ForCausalLM:
+def _qwen3(layers: int = _QWEN_LAYERS) -> Qwen3ForCausalLM:
     return Qwen3ForCausalLM(
         Qwen3Config(
             vocab_size=len(_qwen_vocab_and_merges()[0]),
             hidden_size=_QWEN_HIDDEN,
             intermediate_size=24,
-            num_hidden_layers=_QWEN_LAYERS,
+            num_hidden_layers=layers,
             num_attention_heads=2,
             num_key_value_heads=1,
             head_dim=8,
@@ -608,12 +643,164 @@ def _tiny_sana() -> Any:
     return pipe
 
 
+# ---- Z-Image: one single-stream DiT over [image ‖ caption] tokens, Qwen3's second-to-last hidden states ---------
+def _zimage_parts() -> dict[str, torch.nn.Module]:
+    # 2 main layers and 1 refiner layer each (image, caption) of 4 heads × 8 = 32 channels, 2×2 patches (an 8×8 latent
+    # is 16 image tokens, padded to 32 as the model pads every part); RoPE axes 2 + 2 + 4 = the head dim; a 2-layer
+    # Qwen3 (the pipeline reads hidden_states[-2]); Flux.1's 16-channel VAE and factors, as Z-Image uses
+    transformer = ZImageTransformer2DModel(
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=4,
+        n_kv_heads=4,
+        cap_feat_dim=_QWEN_HIDDEN,
+        axes_dims=[2, 2, 4],
+        axes_lens=[1024, 64, 64],
+    )
+    return {"transformer": transformer, "vae": _flux_vae(), "text_encoder": _qwen3(layers=2).model}
+
+
+def _tiny_zimage() -> Any:
+    state = _state("z-image")
+    parts = _zimage_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)  # Z-Image's (no dynamic shifting)
+    pipe = ZImagePipeline(scheduler=scheduler, tokenizer=qwen_tokenizer(), **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- Qwen-Image: an MMDiT (text first) over Qwen2.5-VL's last hidden states, a 3-D causal VAE, true CFG ---------
+def _qwen_image_parts() -> dict[str, torch.nn.Module]:
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocab = _qwen_vocab_and_merges()[0]
+    # the smallest Qwen2.5-VL the pipeline's text-only path takes: one text layer of width 16 (2 heads × 8, M-RoPE
+    # sections 1 + 1 + 2 = half the head dim) and a one-block vision tower it never calls
+    text_encoder = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=len(vocab),
+                hidden_size=_QWEN_HIDDEN,
+                intermediate_size=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                bos_token_id=None,
+                eos_token_id=vocab["<|im_end|>"],
+                pad_token_id=vocab["<|endoftext|>"],
+            ),
+            vision_config=dict(
+                depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16
+            ),
+        )
+    )
+    # 2 blocks of 4 heads × 8, 2×2 packed tokens of 16 × 4 = 64 channels, RoPE axes 2 + 2 + 4; a 3-stage 3-D VAE
+    # (8×, 16 channels, Qwen-Image's latent statistics: the config's defaults)
+    transformer = QwenImageTransformer2DModel(
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=_QWEN_HIDDEN,
+        axes_dims_rope=(2, 2, 4),
+    )
+    vae = AutoencoderKLQwenImage(base_dim=8, dim_mult=[1, 2, 2, 2], num_res_blocks=1)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder}
+
+
+def _tiny_qwen_image() -> Any:
+    state = _state("qwen-image")
+    parts = _qwen_image_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen-Image's: dynamic exponential shift by the token count
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    )
+    pipe = QwenImagePipeline(scheduler=scheduler, tokenizer=qwen_tokenizer(), **parts)
+    # The pipeline drops the system prompt's tokens by count (34 of the real Qwen tokenizer); the small vocabulary
+    # splits that text into more pieces, so the count is this tokenizer's own
+    prefix = pipe.prompt_template_encode.split("{}")[0]
+    pipe.prompt_template_encode_start_idx = len(pipe.tokenizer(prefix).input_ids)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ---- Wan 2.x: text-to-video DiT (space-time patches, cross-attention to UMT5), a causal 3D video VAE -------------
+def _wan_parts() -> dict[str, torch.nn.Module]:
+    # 2 blocks of 4 heads × 12 (RoPE: 4 dims each for frame, row and column), (1, 2, 2) patches: 5 frames of 64² →
+    # 2 latent frames of 8 × 8 → 2 × 4 × 4 = 32 image tokens; a 4-level VAE (8× in space, 4× in time, 16 channels)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=4,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=_T5_WIDTH,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    umt5 = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(t5_tokenizer()),
+            d_model=_T5_WIDTH,
+            d_kv=8,
+            d_ff=37,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    return {"transformer": transformer, "vae": vae, "text_encoder": umt5}
+
+
+def _tiny_wan() -> Any:
+    state = _state("wan")
+    parts = _wan_parts()
+    for key, module in parts.items():
+        module.load_state_dict(state[key])
+        module.eval()
+    # Wan 2.1 T2V's scheduler: UniPC on flow sigmas, shift 3
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+    )
+    pipe = WanPipeline(tokenizer=t5_tokenizer(), scheduler=scheduler, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @lru_cache(maxsize=10)
 def _state(family: str) -> dict[str, dict[str, torch.Tensor]]:
     """Random weights of each component, drawn once with a fixed seed (so every fixture is identical)."""
     torch.manual_seed(0)
-    if family == "sana":
+    if family == "wan":
+        parts = _wan_parts()
+    elif family == "sana":
         parts = _sana_parts()
+    elif family == "z-image":
+        parts = _zimage_parts()
+    elif family == "qwen-image":
+        parts = _qwen_image_parts()
     elif family == "chroma":
         parts = _chroma_parts()
     elif family == "pixart-sigma":
@@ -684,8 +871,17 @@ def tiny_pipeline(
     ``sana`` is a ``SanaPipeline`` (2 blocks of linear self-attention and softmax cross-attention to a one-layer
     Gemma-2 through the offline :func:`gemma_tokenizer`, a 32-channel DC-AE of 8× here, flow DPM-Solver++ with shift
     3); call it with ``use_resolution_binning=False``.
+    ``wan`` is a ``WanPipeline`` (text-to-video: 2 blocks of space-time self-attention and cross-attention to a
+    one-layer UMT5 through the offline T5 tokenizer, (1, 2, 2) patches, a 16-channel causal video VAE of 8× in space
+    and 4× in time, UniPC on flow sigmas with shift 3); call it with ``num_frames=5`` (2 latent frames) and
+    ``height=64, width=64``; its output is ``.frames`` (B, frames, H, W, 3).
+    ``z-image`` is a ``ZImagePipeline`` (a single-stream DiT of 2 layers over the image tokens then the caption's,
+    a 2-layer Qwen3 through the offline :func:`qwen_tokenizer`, Flux's VAE; CFG in one batch, prompt rows first).
+    ``qwen-image`` is a ``QwenImagePipeline`` (2 MMDiT blocks, text first, over a one-layer Qwen2.5-VL's text path,
+    a 16-channel 3-D causal VAE, 2×2 packed tokens; true CFG as two calls with a negative prompt). Pass
+    ``height=64, width=64`` to both.
     """
-    known = FIXTURE_FAMILIES + MMDIT_FIXTURE_FAMILIES + PARTIAL_FIXTURE_FAMILIES
+    known = ALL_FIXTURE_FAMILIES
     if family not in known:
         raise ValueError(f"Unknown fixture family {family!r}; choose one of {known}.")
     if variant is not None and (family != "flux" or variant not in FLUX_VARIANTS):
@@ -694,6 +890,19 @@ def tiny_pipeline(
         )
     if family in MMDIT_FIXTURE_FAMILIES + ("flux2",) and prediction_type is not None:
         raise ValueError(f"The {family} fixture is a flow-matching model: it takes no prediction_type.")
+    if family in ("z-image", "qwen-image"):
+        if not t5 or prediction_type is not None:
+            raise ValueError(
+                f"The {family} fixture is fixed: a Qwen text encoder and flow matching; pass no t5= or "
+                "prediction_type."
+            )
+        return _tiny_zimage() if family == "z-image" else _tiny_qwen_image()
+    if family == "wan":
+        if not t5 or prediction_type is not None:
+            raise ValueError(
+                "The wan fixture is fixed: UMT5 and flow matching; pass no t5= or prediction_type."
+            )
+        return _tiny_wan()
     if family == "sana":
         if not t5 or prediction_type is not None:
             raise ValueError(

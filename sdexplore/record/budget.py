@@ -8,7 +8,8 @@ The stored maps of one call are (float32 unless said; B rows captured, T keys, S
   ``keep_probs`` every probability ``S × B × heads × hw × T`` in the denoiser's dtype;
 - the per-step maps ``S × B × T × hs × ws`` at the step resolution, whatever the number of layers.
 
-So the maps grow as image tokens × text tokens × layers, and the per-step maps as steps: the growth laws of
+A video's maps carry its ``F`` frames before ``(h, w)`` (``plan(frames=F)``): every term but the timesteps is ``F``
+times an image's. So the maps grow as image tokens × text tokens × layers, and the per-step maps as steps: the growth laws of
 ``docs/architecture.md`` and ``tests/test_attention_budget.py``. A layer's grid is read off the denoiser's
 structure before any call (UNet: the down/up samplers before its block; MMDiT: the patch size), so a plan needs
 no trial step.
@@ -98,6 +99,7 @@ def plan(
     keys: int,
     calls: int,
     halves: int = 1,
+    frames: int = 1,
     step_size: tuple[int, int] | None,
     per_head: bool,
     keep_probs: bool,
@@ -106,23 +108,25 @@ def plan(
 ) -> Plan:
     """The capture of one call, reduced to ``max_bytes`` if given.
 
+    ``frames``: a video's frames along the denoiser's tokens (its maps are (..., F, h, w)); 1 for an image.
     A recording that fits is left whole. Otherwise, in this order: the per-step maps are halved in resolution while they take more than half of
     what the aggregate leaves (down to 1×1; dropped if even that is too much), then layers are kept from the
     cheapest (coarsest grid) up, ties in the model's order, while they fit. Raises
     :class:`~sdexplore.errors.MemoryBudgetError` when the aggregate and the cheapest layer alone exceed it.
     """
     H, W = latent
-    fixed = rows * keys * H * W * FLOAT + halves * calls * FLOAT  # each half keeps its timesteps
+    fixed = rows * keys * frames * H * W * FLOAT + halves * calls * FLOAT  # each half keeps its timesteps
     costs = {}
     for n in names:
         h, w = grids[n]
+        h *= frames  # a video's F maps of h × w per layer cost as one map F·h tall
         per = rows * keys * h * w * FLOAT * (1 + (heads[n] if per_head else 0))
         if keep_probs:
             per += calls * rows * heads[n] * h * w * keys * probs_itemsize
         costs[n] = per
 
     def step_cost(size: tuple[int, int] | None) -> int:
-        return 0 if size is None else calls * rows * keys * size[0] * size[1] * FLOAT
+        return 0 if size is None else calls * rows * keys * frames * size[0] * size[1] * FLOAT
 
     if max_bytes is None or fixed + step_cost(step_size) + sum(costs.values()) <= max_bytes:
         return Plan(list(names), [], step_size, step_size, fixed, costs, step_cost(step_size))

@@ -76,7 +76,7 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> None:
 class StepConfig:
     """What a :class:`StepRecorder` keeps, and where. Validated on construction."""
 
-    quantities: tuple[str, ...] = DEFAULT_QUANTITIES  # see sdexplore.trace.TENSOR_FIELDS, or "all"
+    quantities: tuple[str, ...] = DEFAULT_QUANTITIES  # see sdexplore.results.trace.TENSOR_FIELDS, or "all"
     every: int = 1  # keep one step in `every` (the last step is always kept)
     dtype: torch.dtype = (
         torch.float16
@@ -145,7 +145,7 @@ class StepRecorder:
         config: a :class:`StepConfig`; or give its fields as keywords (``quantities``, ``every``, ``dtype``,
             ``device``, ``max_bytes``, ``preview_of``, ``tiny_vae``, ``decode_every``, ``on_step``). On CUDA,
             without ``on_step``, records are staged on the GPU and moved in one go when the run ends.
-        edit_latents, switch_prompt, guidance, stop_at, stop_returns: steering, see :mod:`sdexplore.steering`
+        edit_latents, switch_prompt, guidance, stop_at, stop_returns: steering, see :mod:`sdexplore.record.steering`
             (applied by a :class:`~sdexplore.record.steering.Steering` beside the recorder).
     """
 
@@ -165,6 +165,12 @@ class StepRecorder:
             raise RecorderStateError(f"{type(pipe).__name__} has no scheduler: there are no steps to record.")
         self.pipe = pipe
         self.config = config or StepConfig(**config_opts)
+        if self.family.video and "decoded" in self.config.quantities:
+            raise InvalidArgumentError(
+                f"'decoded' (a VAE decode of every recorded step) is not available for {self.family.label} videos: "
+                "its causal video VAE decodes whole clips. Record 'preview' (every frame, by the latent → RGB "
+                "factors) and see trace.frame_strip(step)."
+            )
         self.steering = Steering(pipe, **{k: v for k, v in options.items() if k in _STEERING_OPTIONS})
         self.traces: list[Trace] = []
         self.subscriber = Subscriber(
@@ -202,21 +208,24 @@ class StepRecorder:
         return self.traces[-1]
 
     def estimate_bytes(self, latent_shape: tuple[int, ...], num_steps: int) -> int:
-        """Upper bound of the bytes one run's trace holds, for latents of ``latent_shape`` (B, C, h, w)."""
+        """Upper bound of the bytes one run's trace holds, for latents of ``latent_shape`` (B, C, h, w), or
+        (B, C, F, h, w) for a video's F latent frames (every frame previewed and decoded)."""
         cfg = self.config
-        b, _, h, w = latent_shape
+        b, _, *cells = latent_shape  # cells: (h, w) or (F, h, w)
+        h, w = cells[-2:]
+        frames = math.prod(cells[:-2])  # 1 for an image
         numel = math.prod(latent_shape)
         el = torch.empty((), dtype=cfg.dtype).element_size()
         per_step = sum(numel * el for q in _LATENT_SHAPED if q in cfg.quantities)
         if "preview" in cfg.quantities:
-            per_step += b * h * w * 3
+            per_step += b * frames * h * w * 3
         if "noise_norm" in cfg.quantities:
             per_step += b * 4
         kept = math.ceil(num_steps / cfg.every) + 1
         total = per_step * kept + numel * el  # + final_latents
         if "decoded" in cfg.quantities and cfg.decode_every:
             scale = 8  # every SD VAE (and TAESD) upsamples latents 8×
-            total += (math.ceil(kept / cfg.decode_every) + 1) * b * (h * scale) * (w * scale) * 3
+            total += (math.ceil(kept / cfg.decode_every) + 1) * b * frames * (h * scale) * (w * scale) * 3
         return total
 
     # ---- context manager ----------------------------------------------------------------------------------
@@ -267,7 +276,7 @@ class StepRecorder:
             prediction_type=prediction_type(sched),  # "flow_prediction" for flow matching (SD3)
             num_steps=0 if getattr(sched, "timesteps", None) is None else len(sched.timesteps),
             every=self.config.every,
-            guidance_scale=float(getattr(self.pipe, "_guidance_scale", 1.0)),
+            guidance_scale=float(getattr(self.pipe, "_guidance_scale", None) or 1.0),  # Qwen-Image's is None
         )
         trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
         if self._net_meta is not None:
@@ -388,9 +397,9 @@ class StepRecorder:
                 setattr(rec, q, view)
         if "noise_norm" in qs:
             mo = step.model_output
-            norm = torch.linalg.vector_norm(mo, dim=(1, 2, 3), dtype=torch.float32).mul_(
+            norm = torch.linalg.vector_norm(mo, dim=tuple(range(1, mo.ndim)), dtype=torch.float32).mul_(
                 1.0 / math.sqrt(mo[0].numel())
-            )  # (B,) root mean square
+            )  # (B,) root mean square (over frames too, for a video)
             rec.noise_norm = self._store(norm, torch.float32, fresh=True)
         if "preview" in qs:
             if self.config.preview_of == "x0":
@@ -400,6 +409,11 @@ class StepRecorder:
             else:
                 src = sample
             assert src is not None
+            frames = (
+                src.shape[2] if src.ndim == 5 else None
+            )  # a video's (B, C, F, h, w): every frame previewed
+            if frames is not None:
+                src = src.movedim(2, 1).flatten(0, 1)  # (B·F, C, h, w)
             if self._net is not None:
                 net = self._net_dev.get(src.device)
                 if net is None:  # cached per device, as the factors are
@@ -408,6 +422,8 @@ class StepRecorder:
             else:
                 factors, bias = self._preview_factors(src.device)
                 rgb = latent_to_uint8(src, factors, bias, scaled=True)  # (B, h, w, 3)
+            if frames is not None:
+                rgb = rgb.unflatten(0, (-1, frames))  # (B, F, h, w, 3)
             rec.preview = self._store(rgb, torch.uint8, fresh=True)
         every = self.config.decode_every
         if "decoded" in qs and every and x0 is not None and len(self.trace.steps) % every == 0:
@@ -420,7 +436,7 @@ def steer(pipe: Any, **steering: Any) -> StepRecorder:
     """Steer the pipeline calls inside a ``with`` block without recording tensors.
 
     Takes the steering options of :class:`StepRecorder` (``edit_latents``, ``switch_prompt``, ``guidance``,
-    ``stop_at``, ``stop_returns``); see :mod:`sdexplore.steering`. Step scalars are still kept in ``.trace``.
+    ``stop_at``, ``stop_returns``); see :mod:`sdexplore.record.steering`. Step scalars are still kept in ``.trace``.
     """
     allowed = {*_STEERING_OPTIONS, "on_step"}
     bad = sorted(set(steering) - allowed)

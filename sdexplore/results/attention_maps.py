@@ -33,6 +33,11 @@ class AttentionMaps:
     Batch ``index`` follows the pipeline's output order (each prompt repeated ``num_images_per_prompt``
     times). ``steps`` has one entry per UNet call (one per denoising step for DDIM, PNDM, Euler, DPM-Solver;
     Heun and KDPM2 evaluate the UNet twice per step).
+
+    A video's maps (Wan) carry its ``frames`` F before the two spatial axes: aggregate (B, T, F, H, W), layers
+    (B, T, F, h, w), steps (S, B, T, F, hs, ws), layer_heads (B, heads, T, F, h, w), probs (S, B, heads, F·h·w, T)
+    (queries frame by frame); :meth:`word` gives (F, h, w), or one frame's (h, w) with ``frame=``. An image's
+    maps have no F axis and ``frames`` is None.
     """
 
     aggregate: torch.Tensor  # (B, T, H, W) float32: mean over steps, layers, heads at latent resolution
@@ -63,6 +68,9 @@ class AttentionMaps:
     concept_aggregate: torch.Tensor | None = None  # (B, C, H, W) float32, like aggregate, one map per concept
     concept_layers: dict[str, torch.Tensor] | None = None  # name → (B, C, h, w)
     concept_steps: torch.Tensor | None = None  # (S, B, C, hs, ws)
+    #: A video's frames F along the denoiser's tokens (latent frames / its time patch; Wan: the latent frames):
+    #: every map has an F axis before (h, w). None for an image (no F axis).
+    frames: int | None = None
 
     # ---- labels -------------------------------------------------------------------------------------------
     @property
@@ -130,18 +138,21 @@ class AttentionMaps:
         index: int = 0,
         occurrence: int | None = None,
         normalize: Normalization = "mass",
+        frame: int | None = None,
     ) -> torch.Tensor:
-        """Heat map ``(h, w)`` of a word (or space-separated words) of image ``index``'s prompt.
+        """Heat map ``(h, w)`` of a word (or space-separated words) of image ``index``'s prompt; a video's
+        ``(F, h, w)``, or frame ``frame``'s ``(h, w)``.
 
         ``step=None`` averages every step; an int, range, slice or list picks steps (mean over them) from the
         per-step maps at their small resolution. ``layer`` (a layer name or a substring such as ``"up_blocks"``)
         restricts to matching layers at their native resolution (several matches: upsampled to the latent
         size and averaged). ``step`` and ``layer`` together need ``keep_probs=True``. A word that occurs
         several times sums all occurrences unless ``occurrence`` picks one. ``normalize``: see
-        :func:`sdexplore.heatmaps.normalize` (default raw mass).
+        :func:`sdexplore.heatmaps.normalize` (default raw mass; ``"minmax"`` and ``"sum"`` act frame by frame).
         """
         positions = self._tokens_of(index).positions(word, occurrence)  # WordNotFoundError for a non-word
-        return self._map(positions, step=step, layer=layer, index=index, norm=normalize)
+        out = self._map(positions, step=step, layer=layer, index=index, norm=normalize)
+        return self._frame_of(out, frame)
 
     def token(
         self,
@@ -151,6 +162,7 @@ class AttentionMaps:
         layer: str | None = None,
         index: int = 0,
         normalize: Normalization = "mass",
+        frame: int | None = None,
     ) -> torch.Tensor:
         """Heat map ``(h, w)`` of one key position (0 = BOS; see :attr:`tokens`); options as :meth:`word`."""
         T = int(self.aggregate.shape[1])
@@ -159,7 +171,8 @@ class AttentionMaps:
                 f"Token position {position!r} is not a key position: pass an int in 0..{T - 1} (or -{T}..-1); "
                 f"see .tokens for what each holds, or use .word() for a word."
             )
-        return self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
+        out = self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
+        return self._frame_of(out, frame)
 
     def concept(
         self,
@@ -216,6 +229,22 @@ class AttentionMaps:
     def to_numpy(self, words: Sequence[str] | None = None, *, index: int = 0) -> dict[str, np.ndarray]:
         """:meth:`word_maps` as numpy arrays."""
         return {w: m.numpy() for w, m in self.word_maps(words, index=index).items()}
+
+    def _frame_of(self, maps: torch.Tensor, frame: int | None) -> torch.Tensor:
+        """``maps`` (F, h, w) of a video, or its frame ``frame`` (h, w); an image's maps as they are."""
+        if frame is None:
+            return maps
+        F = self.frames
+        if F is None:
+            raise SelectionError(
+                f"frame={frame!r}: these are an image's maps, with no frames; leave frame= out."
+            )
+        if isinstance(frame, bool) or not isinstance(frame, int) or not -F <= frame < F:
+            raise SelectionError(
+                f"frame={frame!r} is not a frame of these maps: pass an int in 0..{F - 1} ({F} latent frames), or "
+                "None for all of them."
+            )
+        return maps[frame]  # (h, w)
 
     def _tokens_of(self, index: int) -> TokenList:
         n = self.num_images
@@ -283,8 +312,8 @@ class AttentionMaps:
                 per = []
                 for n in names:
                     p = self.probs[n][idx, index].float().mean(1)  # (S', HW, T): mean over heads
-                    h, w = self.layers[n].shape[-2:]
-                    per.append(p[..., positions].sum(-1).mean(0).reshape(h, w))  # (h, w)
+                    grid = self.layers[n].shape[2:]  # (h, w), or a video's (F, h, w)
+                    per.append(p[..., positions].sum(-1).mean(0).reshape(grid))  # (h, w) or (F, h, w)
             if len(per) == 1:
                 out = per[0]
             else:
@@ -324,7 +353,7 @@ class AttentionMaps:
             "edited": self.edited,
             "concepts": list(self.concepts),
             "negative": self.negative._meta() if self.negative is not None else None,
-        }
+        } | ({} if self.frames is None else {"frames": self.frames})  # an image's files carry no frames key
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors by name, JSON-able header): the form saved to disk."""
@@ -384,6 +413,7 @@ _META_KEYS = frozenset(
         "edited",
         "concepts",
         "negative",
+        "frames",
     }
 )
 _TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt", "segments"})
@@ -428,9 +458,13 @@ def _build(
     c: ff.Checker, meta: dict[str, Any], tensors: dict[str, torch.Tensor], prefix: str, field: str
 ) -> AttentionMaps:
     """AttentionMaps from a checked ``maps`` header and its tensors, every shape and dtype checked."""
-    B, T, H, W = ff.check_tensor(
-        c, f"{prefix}aggregate", tensors[f"{prefix}aggregate"], (None,) * 4, floating=True
-    )
+    frames = meta.get("frames")  # files of images (and from before videos) carry none
+    if frames is not None:
+        frames = c.int(frames, f"{field}.frames", lo=1)
+    f = () if frames is None else (frames,)  # a video's frame axis, before (h, w) in every map
+    B, T, *_, H, W = ff.check_tensor(
+        c, f"{prefix}aggregate", tensors[f"{prefix}aggregate"], (None, None, *f, None, None), floating=True
+    )  # (B, T[, F], H, W)
     (S,) = ff.check_tensor(c, f"{prefix}timesteps", tensors[f"{prefix}timesteps"], (None,), floating=True)
     size = c.list(c.get(meta, "latent_size", f"{field}.latent_size"), f"{field}.latent_size", length=2)
     latent_size = (
@@ -442,24 +476,26 @@ def _build(
     steps = None
     if meta["has_steps"]:
         steps = tensors[f"{prefix}steps"]
-        ff.check_tensor(c, f"{prefix}steps", steps, (S, B, T, None, None), floating=True)  # (S, B, T, h, w)
+        ff.check_tensor(
+            c, f"{prefix}steps", steps, (S, B, T, *f, None, None), floating=True
+        )  # (S, B, T[, F], h, w)
     layers: dict[str, torch.Tensor] = {}
     heads: dict[str, torch.Tensor] | None = {} if meta["has_layer_heads"] else None
     probs: dict[str, torch.Tensor] | None = {} if meta["has_probs"] else None
     for n in meta["layer_names"]:
         t = layers[n] = tensors[f"{prefix}layers/{n}"]
-        _, _, h, w = ff.check_tensor(
-            c, f"{prefix}layers/{n}", t, (B, T, None, None), floating=True
-        )  # (B, T, h, w)
+        *_, h, w = ff.check_tensor(
+            c, f"{prefix}layers/{n}", t, (B, T, *f, None, None), floating=True
+        )  # (B, T[, F], h, w)
         nh = None
         if heads is not None:
             t = heads[n] = tensors[f"{prefix}layer_heads/{n}"]
-            nh = ff.check_tensor(c, f"{prefix}layer_heads/{n}", t, (B, None, T, h, w), floating=True)[1]
+            nh = ff.check_tensor(c, f"{prefix}layer_heads/{n}", t, (B, None, T, *f, h, w), floating=True)[1]
         if probs is not None:
             t = probs[n] = tensors[f"{prefix}probs/{n}"]
             ff.check_tensor(
-                c, f"{prefix}probs/{n}", t, (S, B, nh, h * w, T), floating=True
-            )  # (S, B, heads, hw, T)
+                c, f"{prefix}probs/{n}", t, (S, B, nh, (frames or 1) * h * w, T), floating=True
+            )  # (S, B, heads, [F·]hw, T)
     token_lists = [
         _token_list(c, d, T, f"{field}.token_lists[{i}]")
         for i, d in enumerate(
@@ -474,28 +510,28 @@ def _build(
     if concepts:
         C = len(concepts)
         agg = tensors[f"{prefix}concepts/aggregate"]
-        ff.check_tensor(c, f"{prefix}concepts/aggregate", agg, (B, C, H, W), floating=True)
+        ff.check_tensor(c, f"{prefix}concepts/aggregate", agg, (B, C, *f, H, W), floating=True)
         cl = {}
         for n in meta["layer_names"]:
             cl[n] = tensors[f"{prefix}concepts/layers/{n}"]
             ff.check_tensor(
-                c, f"{prefix}concepts/layers/{n}", cl[n], (B, C, *layers[n].shape[-2:]), floating=True
+                c, f"{prefix}concepts/layers/{n}", cl[n], (B, C, *layers[n].shape[2:]), floating=True
             )
         cs = None
         if steps is not None:
             cs = tensors[f"{prefix}concepts/steps"]
-            ff.check_tensor(c, f"{prefix}concepts/steps", cs, (S, B, C, *steps.shape[-2:]), floating=True)
+            ff.check_tensor(c, f"{prefix}concepts/steps", cs, (S, B, C, *steps.shape[3:]), floating=True)
         concept_parts = dict(concepts=concepts, concept_aggregate=agg, concept_layers=cl, concept_steps=cs)
     family = c.str(c.get(meta, "family", f"{field}.family"), f"{field}.family")
     kind = c.str(
         meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
     )  # files from before kinds: cross
     edited = c.bool(meta.get("edited", False), f"{field}.edited")  # files from before controls: False
-    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited)
+    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited, frames)
     negative = None
     if meta["negative"] is not None:
         negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
-        if negative.aggregate.shape != (B, T, H, W) or negative.num_steps != S:
+        if negative.aggregate.shape != tensors[f"{prefix}aggregate"].shape or negative.num_steps != S:
             c.fail(f"{field}.negative", "does not match the conditional maps' images, tokens, size or steps")
         if (negative.family, negative.kind) != (family, kind):
             c.fail(
@@ -518,6 +554,7 @@ def _build(
         family=family,
         kind=kind,
         edited=edited,
+        frames=frames,
         **concept_parts,
     )
 
@@ -536,11 +573,23 @@ def _check_consistency(
     aggregate: torch.Tensor,
     layers: dict[str, torch.Tensor],
     edited: bool = False,
+    frames: int | None = None,
 ) -> None:
     """The header's family, kind and latent size agree with each other and with the maps (no model needed)."""
     fam = ff.family_of(c, family, f"{field}.family")
+    if fam is not None and fam.video != (frames is not None):
+        c.fail(
+            f"{field}.frames",
+            f"is {frames!r}, but {field}.family is {family!r} ({fam.label}), "
+            + (
+                "a video family: its maps have frames"
+                if fam.video
+                else "an image family: its maps have no frames"
+            ),
+        )
     if fam is not None:
-        kinds = ("cross",) if fam.denoiser == "unet" else tuple(k for k in MAP_KINDS if k != "cross")
+        cross = fam.denoiser == "unet" or fam.cross_attention  # text through attn2 (PixArt-Σ, Sana, Wan)
+        kinds = ("cross",) if cross else tuple(k for k in MAP_KINDS if k != "cross")
         if kind not in kinds:
             c.fail(
                 f"{field}.kind",

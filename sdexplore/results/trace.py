@@ -7,12 +7,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import torch
 
+from ..errors import InvalidArgumentError, NotRecordedError, SelectionError
 from ..preview import ConvPreview
 from . import fileformat as ff
 
-#: Tensor quantities a step can hold, with their shapes (B = images in the batch).
+#: Tensor quantities a step can hold, with their shapes (B = images in the batch). A video's (Wan's) tensors carry
+#: its F latent frames after the channels: latents (B, C, F, h, w), previews (B, F, h, w, 3) (see Trace.frames).
 TENSOR_FIELDS: tuple[str, ...] = (
     "latents",  # (B, C, h, w) latents entering the step
     "latents_out",  # (B, C, h, w) latents leaving the step (the scheduler's prev_sample, after edits)
@@ -178,6 +181,46 @@ class Trace:
                 f"StepRecorder(quantities=(..., {quantity!r}))."
             )
         return torch.stack(ts)
+
+    @property
+    def frames(self) -> int | None:
+        """Latent frames ``F`` of a video's trace, whose latent-shaped tensors are (B, C, F, h, w) and previews
+        (B, F, h, w, 3); ``None`` for an image's trace (no frame axis anywhere)."""
+        for s in self.steps:
+            for k, t in s._tensors().items():
+                if k in _LATENT_LIKE:
+                    return int(t.shape[2]) if t.ndim == 5 else None
+                if k in ("preview", "decoded"):
+                    return int(t.shape[1]) if t.ndim == 5 else None
+        final = self.final_latents
+        return None if final is None or final.ndim != 5 else int(final.shape[2])
+
+    def frame_strip(
+        self, step: int, *, index: int = 0, quantity: str = "preview", scale: int = 1
+    ) -> PIL.Image.Image:
+        """The frames of recorded step ``step`` side by side, one row (F·w pixels wide): image ``index``'s
+        ``quantity`` ("preview" or "decoded"), each pixel ``scale``× larger (nearest neighbour). An image's trace
+        gives its one picture. A row per step, top to bottom, shows a video denoising."""
+        if quantity not in ("preview", "decoded"):
+            raise InvalidArgumentError(f"quantity={quantity!r}: a frame strip shows 'preview' or 'decoded'.")
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise InvalidArgumentError(
+                f"scale={scale!r}: pass a whole number ≥ 1 of screen pixels per pixel."
+            )
+        rec = self[step]
+        pics = getattr(rec, quantity)
+        if pics is None:
+            raise NotRecordedError(
+                f"Step {step} has no {quantity!r}: record it with StepRecorder(quantities=(..., {quantity!r}))."
+            )
+        n = pics.shape[0]
+        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+            raise SelectionError(f"index={index!r} is not an image of this trace: pass an int in 0..{n - 1}.")
+        frames = pics[index] if pics.ndim == 5 else pics[index][None]  # (F, h, w, 3)
+        row = frames.permute(1, 0, 2, 3).flatten(1, 2)  # (h, F·w, 3): the frames left to right
+        if scale > 1:
+            row = row.repeat_interleave(scale, 0).repeat_interleave(scale, 1)  # (h·s, F·w·s, 3)
+        return PIL.Image.fromarray(row.cpu().numpy())
 
     def quantities(self) -> tuple[str, ...]:
         """Names of the tensor quantities present in the first record."""
@@ -382,6 +425,13 @@ def _parse_meta(c: ff.Checker, value: Any, channels: int | None) -> dict[str, An
 def _check_consistency(c: ff.Checker, trace: Trace, sizes: dict[str, int]) -> None:
     """The header's family, step counts and schedule agree with each other and with the tensors (no model)."""
     fam = ff.family_of(c, trace.family, "family")
+    if fam is not None and "rank" in sizes and fam.video != ("F" in sizes):
+        have = "(B, C, F, h, w) video tensors" if "F" in sizes else "(B, C, h, w) image tensors"
+        c.fail(
+            "family",
+            f"is {trace.family!r} ({fam.label}), whose latents {'are' if fam.video else 'are not'} "
+            f"video latents, but the trace holds {have}",
+        )
     if "C" in sizes:
         ff.check_channels(c, fam, "family", sizes["C"], "every latent tensor (B, C, h, w)")
     rgb = trace.meta.get("latent_rgb")
@@ -428,6 +478,13 @@ class _Dims:
         self.sizes: dict[str, int] = {}
 
     def _agree(self, name: str, t: torch.Tensor, dims: str) -> None:
+        video = "F" in dims  # a video's tensors all carry the frame axis, an image's none
+        if dims != "B" and self.sizes.setdefault("rank", int(video)) != int(video):
+            self.c.fail(
+                f"tensor {name!r}",
+                f"has shape {tuple(t.shape)}, but the trace's other tensors {'do not carry' if video else 'carry'} "
+                "a frame axis (video tensors are (B, C, F, h, w), previews (B, F, h, w, 3))",
+            )
         for d, size in zip(dims, t.shape, strict=True):
             if d == "_":  # a size no other tensor shares (the 3 colour channels)
                 continue
@@ -441,14 +498,18 @@ class _Dims:
     def tensor(self, quantity: str, name: str, t: torch.Tensor) -> None:
         """Check one tensor's rank, dtype and sizes against the others."""
         if quantity in _LATENT_LIKE:
-            ff.check_tensor(self.c, name, t, (None,) * 4, floating=True)  # (B, C, h, w)
-            self._agree(name, t, "BChw")
-        elif quantity == "preview":
-            ff.check_tensor(self.c, name, t, (None, None, None, 3), dtype=torch.uint8)  # (B, h, w, 3)
-            self._agree(name, t, "Bhw_")
-        elif quantity == "decoded":
-            ff.check_tensor(self.c, name, t, (None, None, None, 3), dtype=torch.uint8)  # (B, H, W, 3)
-            self._agree(name, t, "BHW_")
+            video = t.ndim == 5
+            f = (None,) if video else ()  # a video's frame axis
+            ff.check_tensor(self.c, name, t, (None, None, *f, None, None), floating=True)  # (B, C[, F], h, w)
+            self._agree(name, t, "BCFhw" if video else "BChw")
+        elif quantity in ("preview", "decoded"):
+            video = t.ndim == 5
+            f = (None,) if video else ()
+            ff.check_tensor(
+                self.c, name, t, (None, *f, None, None, 3), dtype=torch.uint8
+            )  # (B[, F], h, w, 3)
+            small = "hw" if quantity == "preview" else "HW"
+            self._agree(name, t, f"BF{small}_" if video else f"B{small}_")
         else:  # noise_norm
             ff.check_tensor(self.c, name, t, (None,), dtype=torch.float32)  # (B,)
             self._agree(name, t, "B")
