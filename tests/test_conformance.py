@@ -45,9 +45,14 @@ def call_kwargs(name: str, **extra) -> dict:
     return {**kw, **extra}
 
 
+def pixels(out) -> np.ndarray:
+    """A pipeline output's pictures: ``.images``, or a video pipeline's ``.frames`` (B, frames, H, W, 3)."""
+    return out.frames if hasattr(out, "frames") else out.images
+
+
 def plain(name: str, seed: int = 0, **extra) -> np.ndarray:
     pipe = pipe_of(name)
-    return pipe(prompt=P, generator=gen(seed), **call_kwargs(name, **extra)).images
+    return pixels(pipe(prompt=P, generator=gen(seed), **call_kwargs(name, **extra)))
 
 
 def families_with(capability: str) -> list[str]:
@@ -71,7 +76,12 @@ _ATTACH_VARIANCE = (
 _NO_WALK_CHECK = (
     "walks.py checks no family, so {} fails deep inside instead of a refusal naming the families: {}"
 )
-PENDING: dict[tuple[str, str], str] = {}
+PENDING: dict[tuple[str, str], str] = {
+    ("describe", "wan"): (
+        "tour.py's describe() reads vae.config.latent_channels, which Wan's video VAE names z_dim (and its latent "
+        "shape has no frames)"
+    ),
+}
 
 
 def _params(names: list[str], check: str) -> list:
@@ -94,13 +104,13 @@ def test_fixture_is_its_family_and_claims_known_capabilities(name) -> None:
     assert fam.capabilities <= set(CAPABILITIES), fam.capabilities - set(CAPABILITIES)
     assert "steps" in fam.capabilities  # the least a family must do
     cfg = fam.get_denoiser(pipe).config
-    out = cfg.out_channels or cfg.in_channels  # what the denoiser predicts per latent cell or token
+    out = cfg.get("out_channels") or cfg.in_channels  # what the denoiser predicts per latent cell or token
     assert out == fam.latent_channels * fam.latent_packing**2 * (2 if fam.learned_variance else 1)
     with pytest.raises(InvalidArgumentError, match="Unknown capability"):
         fam.can("teleport")
 
 
-@pytest.mark.parametrize("name", ALL_FIXTURE_FAMILIES)
+@pytest.mark.parametrize("name", _params(list(ALL_FIXTURE_FAMILIES), "describe"))
 def test_describe_names_the_family(name) -> None:
     d = sdx.describe(pipe_of(name))
     assert d.family == name and FAMILIES[name].label in str(d)
@@ -144,7 +154,7 @@ def _x0_by_schedule(pipe, step, latents: torch.Tensor, prediction: torch.Tensor)
 def test_steps_leave_the_image_and_give_x0_by_the_schedule(name) -> None:
     pipe, want = pipe_of(name), plain(name)
     with sdx.observe(pipe, steps={"quantities": "all", "dtype": torch.float32}) as obs:
-        image = pipe(prompt=P, generator=gen(0), **call_kwargs(name)).images
+        image = pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
     assert np.array_equal(image, want)  # bitwise
     tr = obs.steps
     assert len(tr) == STEPS and tr.family == name
@@ -179,6 +189,12 @@ def _explicit_probs(pipe, name: str, kw: dict) -> tuple[np.ndarray, dict[str, li
     modules = dict(den.named_modules())
     seen: dict[str, list[torch.Tensor]] = {}
     handles = []
+    rows_in: dict[str, int] = {}  # Z-Image: its image tokens and the prompt row's caption tokens, per call
+
+    def denoiser_pre(module, args, kwargs):
+        if name == "z-image":  # x: per-row latents (C, 1, h, w); cap_feats: per-row caption features (L_i, D)
+            rows_in["hw"] = args[0][0].shape[-2] * args[0][0].shape[-1] // 4  # 2×2 patches
+            rows_in["text"] = args[2][0].shape[0]  # the prompt's row comes first
 
     def heads_first(x: torch.Tensor, d: int) -> torch.Tensor:  # (B, L, heads·d) → (B, heads, L, d)
         return x.unflatten(-1, (-1, d)).transpose(1, 2)
@@ -188,15 +204,68 @@ def _explicit_probs(pipe, name: str, kw: dict) -> tuple[np.ndarray, dict[str, li
             h = kwargs.get("hidden_states", args[0] if args else None)
             c = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
             rows = h.shape[0]
-            cond = 1 if fam.cfg_batch and rows == 2 else 0  # the (uncond, cond) batch: cond is second
+            cond = (
+                int(fam.cfg_uncond_first) if fam.cfg_batch and rows == 2 else 0
+            )  # Z-Image: prompt row first
             if not joint:  # cross-attention: image queries, text keys, PixArt's mask as an additive bias
                 d = attn.to_q.out_features // attn.heads
-                q, k = heads_first(attn.to_q(h), d), heads_first(attn.to_k(c), d)
-                scores = (q @ k.transpose(-1, -2)) * attn.scale  # (B, heads, HW, T)
+                q, k = attn.to_q(h), attn.to_k(c)
+                if type(attn).__name__ == "WanAttention":  # RMSNorm across the heads, before the split
+                    q, k = attn.norm_q(q), attn.norm_k(k)
+                q, k = heads_first(q, d), heads_first(k, d)
+                scale = getattr(attn, "scale", d**-0.5)  # Wan's: SDPA's default
+                # (B, heads, HW, T); a video's (B, heads, F·HW, T), its queries frame by frame
+                scores = (q @ k.transpose(-1, -2)) * scale
                 mask = kwargs.get("attention_mask")
                 if mask is not None:  # (B, 1, T) bias
                     scores = scores + mask[:, None]
                 seen.setdefault(layer, []).append(scores.softmax(-1)[cond])
+                return
+            if name == "z-image":  # one sequence: image tokens then caption, each padded to a multiple of 32
+                qk = [attn.norm_q(attn.to_q(h).unflatten(-1, (attn.heads, -1)))]
+                qk.append(attn.norm_k(attn.to_k(h).unflatten(-1, (attn.heads, -1))))
+                rot = kwargs["freqs_cis"].unsqueeze(2)  # (B, L, 1, d/2) complex
+                q, k = (
+                    torch.view_as_real(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)) * rot).flatten(
+                        3
+                    )
+                    for x in qk
+                )
+                scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * q.shape[-1] ** -0.5  # (B, heads, L, L)
+                hw, t = rows_in["hw"], rows_in["text"]
+                start = -(-hw // 32) * 32
+                seen.setdefault(layer, []).append(scores.softmax(-1)[cond, :, :hw, start : start + t])
+                return
+            if name == "qwen-image":  # text first; Qwen's complex rotary embedding per stream
+                from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen as qrope
+
+                d = attn.inner_dim // attn.heads
+                img_f, txt_f = kwargs["image_rotary_emb"]
+                q = torch.cat(
+                    [
+                        qrope(
+                            attn.norm_added_q(attn.add_q_proj(c).unflatten(-1, (-1, d))),
+                            txt_f,
+                            use_real=False,
+                        ),
+                        qrope(attn.norm_q(attn.to_q(h).unflatten(-1, (-1, d))), img_f, use_real=False),
+                    ],
+                    1,
+                )
+                k = torch.cat(
+                    [
+                        qrope(
+                            attn.norm_added_k(attn.add_k_proj(c).unflatten(-1, (-1, d))),
+                            txt_f,
+                            use_real=False,
+                        ),
+                        qrope(attn.norm_k(attn.to_k(h).unflatten(-1, (-1, d))), img_f, use_real=False),
+                    ],
+                    1,
+                )
+                scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * d**-0.5  # (B, heads, T+HW, T+HW)
+                t = c.shape[1]
+                seen.setdefault(layer, []).append(scores.softmax(-1)[cond, :, t:, :t])
                 return
             if "image_rotary_emb" not in kwargs:  # SD3: image first, then text, scale 1/√d
                 d = attn.to_q.out_features // attn.heads
@@ -238,13 +307,14 @@ def _explicit_probs(pipe, name: str, kw: dict) -> tuple[np.ndarray, dict[str, li
 
         return pre
 
+    handles.append(den.register_forward_pre_hook(denoiser_pre, with_kwargs=True))
     for layer in names:
         handles.append(
             modules[layer].register_forward_pre_hook(hook(layer, modules[layer]), with_kwargs=True)
         )
     try:
         with torch.no_grad():
-            image = pipe(prompt=P, generator=gen(0), **kw).images
+            image = pixels(pipe(prompt=P, generator=gen(0), **kw))
     finally:
         for h in handles:
             h.remove()
@@ -261,7 +331,7 @@ def test_attention_maps_equal_an_explicit_softmax_and_leave_the_image(name) -> N
     pipe, kw = pipe_of(name), call_kwargs(name)
     want_image, want = _explicit_probs(pipe, name, kw)
     with sdx.observe(pipe, steps=False, attention={"keep_probs": True, "per_head": True}) as obs:
-        image = pipe(prompt=P, generator=gen(0), **kw).images
+        image = pixels(pipe(prompt=P, generator=gen(0), **kw))
     assert np.array_equal(image, want_image)  # bitwise: the output still comes from the original kernel
     maps = obs.attention
     assert maps.family == name and set(maps.layer_names) == set(want) and want
@@ -302,8 +372,9 @@ def test_attention_maps_are_labelled_with_the_prompts_words(name) -> None:
             h.remove()
     maps = obs.attention
     assert maps.words == P.split()  # each word once, its pieces merged, markers and specials left out
-    circle = maps.word("circle")  # (H, W): the summed maps of the word's pieces
-    assert circle.shape == maps.latent_size and float(circle.sum()) > 0
+    circle = maps.word("circle")  # (H, W): the summed maps of the word's pieces; a video's (F, H, W)
+    assert circle.shape == (*([maps.frames] if maps.frames else []), *maps.latent_size)
+    assert float(circle.sum()) > 0
     labels = maps.token_lists[0]
     for seg in labels.parts():  # each part of the sequence (SD3: CLIP's, then T5's) by its own encoder
         span = range(seg.start, seg.stop)
@@ -325,25 +396,107 @@ def test_attention_is_refused_naming_the_families_that_can(name) -> None:
         sdx.observe(pipe_of(name), steps=True, attention=True)
 
 
+# ---- the time axis (video families) --------------------------------------------------------------------------
+VIDEO = [n for n in ALL_FIXTURE_FAMILIES if FAMILIES[n].video]
+
+
+@pytest.mark.parametrize("name", _params(VIDEO, "frames"))
+def test_video_steps_keep_every_frame_and_strip_them(name) -> None:
+    """Latents (B, C, F, h, w) with the VAE's latent frames; each frame previewed from its own x0 frame; a frame
+    strip lays the frames of a step left to right."""
+    from sdexplore.families import latent_rgb
+    from sdexplore.preview import latent_to_uint8
+
+    pipe = pipe_of(name)
+    with sdx.observe(pipe, steps={"quantities": "all", "dtype": torch.float32}) as obs:
+        video = pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
+    tr = obs.steps
+    F = tr.frames
+    assert F == (video.shape[1] - 1) // pipe.vae_scale_factor_temporal + 1 > 1
+    factors, bias = latent_rgb(pipe)
+    for i, step in enumerate(tr):
+        assert step.latents.shape[2] == step.x0.shape[2] == F and step.preview.shape[:2] == (1, F)
+        h, w = step.preview.shape[2:4]
+        strip = np.asarray(tr.frame_strip(i))  # (h, F·w, 3)
+        assert strip.shape == (h, F * w, 3)
+        for f in range(F):
+            own = latent_to_uint8(step.x0[:, :, f], factors, bias)[0]  # (h, w, 3) of x0's frame f alone
+            assert (step.preview[0, f].int() - own.int()).abs().max() <= 1  # float rounding: one level
+            assert np.array_equal(strip[:, f * w : (f + 1) * w], step.preview[0, f].numpy())
+    assert tr.frame_strip(0, scale=3).size == (3 * F * w, 3 * h)
+
+
+@pytest.mark.parametrize("name", _params([n for n in VIDEO if FAMILIES[n].can("attention")], "frame-maps"))
+def test_video_maps_per_frame_and_step_equal_an_explicit_softmax(name) -> None:
+    """The reduced maps (no probabilities kept) per layer and frame, and per step and frame, equal the explicit
+    softmax's head mean reshaped frame by frame (queries run frame-major, then rows, then columns)."""
+    from sdexplore.heatmaps import resize
+
+    pipe, kw = pipe_of(name), call_kwargs(name)
+    _, want = _explicit_probs(pipe, name, kw)  # layer → per step (heads, F·h·w, T)
+    with sdx.observe(pipe, steps=False, attention=True) as obs:
+        pixels(pipe(prompt=P, generator=gen(0), **kw))
+    maps = obs.attention
+    F = maps.frames
+    at = maps.token_lists[0].positions("circle", None)
+    per_step = []
+    for layer, calls in want.items():
+        grid = tuple(maps.layers[layer].shape[2:])  # (F, h, w)
+        assert grid[0] == F > 1
+        each = [p.mean(0)[:, at].sum(-1).reshape(grid) for p in calls]  # per step (F, h, w): head mean
+        ref = torch.stack(each).mean(0)
+        per_step.append([resize(m, maps.steps.shape[-2:]) for m in each])
+        for f in range(F):
+            got = maps.word("circle", layer=layer, frame=f)  # (h, w)
+            torch.testing.assert_close(got, ref[f], rtol=0, atol=1e-5)
+        assert torch.equal(
+            maps.word("circle", layer=layer),
+            torch.stack([maps.word("circle", layer=layer, frame=f) for f in range(F)]),
+        )
+    for s in range(STEPS):  # per step: the mean over layers, at the step maps' size
+        ref = torch.stack([layer_steps[s] for layer_steps in per_step]).mean(0)  # (F, hs, ws)
+        for f in range(F):
+            torch.testing.assert_close(maps.word("circle", step=s, frame=f), ref[f], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", _params(families_with("steps"), "files"))
+def test_recorded_results_load_back(name, tmp_path) -> None:
+    """A trace and (where the family has them) attention maps survive save → load: shapes, frames, kind."""
+    from sdexplore.results.attention_maps import AttentionMaps
+    from sdexplore.results.trace import Trace
+
+    pipe = pipe_of(name)
+    attention = FAMILIES[name].can("attention")
+    with sdx.observe(pipe, steps=True, attention=attention) as obs:
+        pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
+    tr = Trace.load(obs.steps.save(tmp_path / "trace.safetensors"))
+    assert tr.frames == obs.steps.frames and (tr.frames is not None) == FAMILIES[name].video
+    assert torch.equal(tr[-1].latents, obs.steps[-1].latents)
+    if attention:
+        maps = AttentionMaps.load(obs.attention.save(tmp_path / "maps.safetensors"))
+        assert (maps.frames, maps.kind) == (obs.attention.frames, obs.attention.kind)
+        assert torch.equal(maps.aggregate, obs.attention.aggregate)
+
+
 # ---- steering ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", _params(families_with("steering"), "steering"))
 def test_steering_edits_latents(name) -> None:
     pipe, kw = pipe_of(name), call_kwargs(name, num_inference_steps=3)
-    full = pipe(prompt=P, generator=gen(0), **kw).images
+    full = pixels(pipe(prompt=P, generator=gen(0), **kw))
     with sdx.observe(pipe, edit_latents=lambda step, latents: latents):  # an identity edit: bit for bit
-        same = pipe(prompt=P, generator=gen(0), **kw).images
+        same = pixels(pipe(prompt=P, generator=gen(0), **kw))
     assert np.array_equal(same, full)
     with sdx.observe(pipe, edit_latents=lambda step, latents: -latents if step == 0 else latents):
-        edited = pipe(prompt=P, generator=gen(0), **kw).images
+        edited = pixels(pipe(prompt=P, generator=gen(0), **kw))
     assert np.abs(edited - full).max() > 1e-4
 
 
 @pytest.mark.parametrize("name", _params(families_with("stop_at"), "stop_at"))
 def test_stop_at_stops_early(name) -> None:
     pipe, kw = pipe_of(name), call_kwargs(name, num_inference_steps=3)
-    full = pipe(prompt=P, generator=gen(0), **kw).images
+    full = pixels(pipe(prompt=P, generator=gen(0), **kw))
     with sdx.observe(pipe, stop_at=1) as obs:
-        early = pipe(prompt=P, generator=gen(0), **kw).images
+        early = pixels(pipe(prompt=P, generator=gen(0), **kw))
     assert len(obs.steps) == 1 and early.shape == full.shape and np.abs(early - full).max() > 1e-4
     assert not getattr(pipe, "_interrupt", False)  # the flag is handed back
 
@@ -359,10 +512,10 @@ def test_stop_at_is_refused_where_the_pipeline_cannot_stop(name) -> None:
 def test_zero_strength_controls_give_the_plain_image(name) -> None:
     pipe, want = pipe_of(name), plain(name)
     with sdx.Control(pipe, sdx.Reweight({"circle": 1.0})):
-        image = pipe(prompt=P, generator=gen(0), **call_kwargs(name)).images
+        image = pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
     assert np.array_equal(image, want)
     with sdx.Control(pipe, sdx.Reweight({"circle": 0.0})):
-        ablated = pipe(prompt=P, generator=gen(0), **call_kwargs(name)).images
+        ablated = pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
     assert np.abs(ablated - want).max() > 0
 
 
@@ -379,9 +532,9 @@ def test_an_empty_injection_gives_the_plain_images(name) -> None:
     def pair() -> dict:  # a source and a target row from the same noise
         return dict(prompt=[P, "a green square"], generator=[gen(0), gen(0)], **kw)
 
-    want = pipe(**pair()).images
+    want = pixels(pipe(**pair()))
     with sdx.Control(pipe, sdx.Inject(steps=(0.5, 0.5))):
-        image = pipe(**pair()).images
+        image = pixels(pipe(**pair()))
     assert np.array_equal(image, want)
 
 
@@ -444,7 +597,7 @@ def test_walks_are_refused(name) -> None:
 def test_concept_maps_are_recorded_and_leave_the_image(name) -> None:
     pipe, want = pipe_of(name), plain(name)
     with sdx.observe(pipe, steps=False, attention={"concepts": ["sky"]}) as obs:
-        image = pipe(prompt=P, generator=gen(0), **call_kwargs(name)).images
+        image = pixels(pipe(prompt=P, generator=gen(0), **call_kwargs(name)))
     assert np.array_equal(image, want)
     sky = obs.attention.concept("sky")
     assert torch.isfinite(sky).all() and float(sky.std()) > 0

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
-from ..families import FAMILIES, detect_family, vae_scale_factor
+from ..families import FAMILIES, detect_family, spatial_patch, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
 from . import budget
@@ -35,6 +35,8 @@ from .joint import (
 )
 from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
 from .tokens import TokenList, sequence_tokens, unlabelled
+from .wan import WanCapturingProcessor
+from .wan import reproducible as wan_reproducible
 
 LayerFilter = str | Sequence[str] | Callable[[str], bool] | None
 #: Queries waiting for their probabilities are turned into maps once this many bytes of them wait (and at the
@@ -52,6 +54,7 @@ _RUN_STATE = (
     "_plan",
     "_timesteps",
     "_latent_size",
+    "_frames",
     "_sel",
     "_split",
     "_layer_hw",
@@ -89,7 +92,7 @@ class AttentionRecorder:
     Keys are labelled with ``pipe.tokenizer``'s tokens of ``prompt`` (for SDXL too: its two tokenizers give the
     same ids for the same text, only the padding differs). A run is one top-level ``pipe(...)`` call: calls to
     ``pipe.encode_prompt`` or :func:`sdexplore.inspect_prompt` in the block never reset it. Several calls in one
-    block: ``maps`` holds the latest. After a :class:`~sdexplore.steering.PromptSwitch` the keys of the later steps
+    block: ``maps`` holds the latest. After a :class:`~sdexplore.record.steering.PromptSwitch` the keys of the later steps
     belong to the switched prompt; the labels stay those of the call's prompt.
 
     Args:
@@ -164,9 +167,8 @@ class AttentionRecorder:
                 "Record its steps with sdexplore.observe(pipe, steps=True)."
             )
         unet = getattr(pipe, self.family.denoiser, None)
-        if unet is None or not hasattr(
-            type(unet), "attn_processors"
-        ):  # the class: the property walks every module
+        # the class: the property walks every module (Z-Image's transformer has none: its layers are read below)
+        if unet is None or not (hasattr(type(unet), "attn_processors") or type(unet).__name__.startswith("ZImage")):
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
@@ -313,11 +315,13 @@ class AttentionRecorder:
             if proc_name in self._layouts:
                 cls = CAPTURING_JOINT[self._layouts[proc_name]]
                 need_lse = self.kind == "joint"
-                if cls is FluxCapturingProcessor:
+                if issubclass(cls, FluxCapturingProcessor):  # Flux, Z-Image: the text length
                     return lambda original: cls(
                         name, original, self._joint_sink, self._joint_gate, need_lse, self._text_len
                     )
                 return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
+            if wan_reproducible(procs[proc_name]):  # Wan: every frame's image tokens attend to the text
+                return lambda original: WanCapturingProcessor(name, original, self._gate, self._defer)
             return lambda original: CapturingAttnProcessor(
                 name, original, self._sink, self._gate, self._defer
             )
@@ -366,7 +370,7 @@ class AttentionRecorder:
     def _reproducible(self, proc_name: str, processor: Any) -> bool:
         layout = self._layouts.get(proc_name)
         if layout is None:
-            return is_reproducible(processor)
+            return is_reproducible(processor) or wan_reproducible(processor)
         return joint_reproducible(layout, processor)
 
     @property
@@ -398,9 +402,13 @@ class AttentionRecorder:
         self._edited = False  # a control changed this run's cross-attention (Run.attention_edited)
         self._timesteps: list[float] = []  # one per denoiser call, from the host copy of the schedule
         self._latent_size: tuple[int, int] | None = None
+        # a video's frames F along the denoiser's tokens (latent frames / the time patch): maps (..., F, h, w); None
+        # for an image
+        self._frames: int | None = None
         self._sel = slice(None)
         self._split: tuple[slice, slice] | None = None  # (uncond, cond) rows when both halves are kept
-        self._layer_hw: dict[str, tuple[int, int]] = {}
+        # a layer's query grid: (h, w), or (F, h, w) for a video
+        self._layer_hw: dict[str, tuple[int, ...]] = {}
         self._hw_cache: dict[tuple[int, int, int], tuple[int, int] | None] = {}
         # per tuple of layers filed together: [head sums summed over steps (n, B', HW, T), steps, per-head sums
         # (n, B', heads, HW, T) or None, head count]
@@ -577,6 +585,9 @@ class AttentionRecorder:
         if self._latent_size is not None and size != self._latent_size:
             raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
         self._latent_size = size
+        if sample.ndim == 5:  # a video's latents (N, C, F, h, w), patched in time too (Wan: 1 frame a patch)
+            patch = getattr(self.family.get_denoiser(self.pipe).config, "patch_size", None) or (1,)
+            self._frames = int(sample.shape[2]) // int(patch[0])
         if context is not None:
             self._num_keys = int(context.shape[1])
         if self._rows != sample.shape[0]:  # the CFG layout, worked out once per run
@@ -605,7 +616,7 @@ class AttentionRecorder:
         assert self._latent_size is not None
         den = self.family.get_denoiser(self.pipe)
         names = [n.removesuffix(".processor") for n in self._captured]
-        patch = max(self.family.latent_packing, int(getattr(den.config, "patch_size", 1) or 1))
+        patch = max(self.family.latent_packing, spatial_patch(den.config))
         scales = budget.layer_scales(den, names, patch)
         if self.scales is not None:  # layers the scales= filter passes cost nothing
             names = [n for n in names if scales[n] in self.scales]
@@ -613,6 +624,7 @@ class AttentionRecorder:
         p = budget.plan(
             names=names,
             grids={n: budget.grid(self._latent_size, scales[n]) for n in names},
+            frames=self._frames or 1,
             heads={n: int(getattr(den.get_submodule(n), "heads", 1) or 1) for n in names},
             latent=self._latent_size,
             rows=len(range(self._rows)[self._sel]),
@@ -622,9 +634,7 @@ class AttentionRecorder:
             step_size=None if self.step_resolution is None else self._step_size(),
             per_head=self.per_head,
             keep_probs=self.keep_probs,
-            probs_itemsize=den.dtype.itemsize
-            if self.keep_probs
-            else 0,  # the dtype walks the model: only if kept
+            probs_itemsize=den.dtype.itemsize if self.keep_probs else 0,  # the dtype walks the model: only if kept
             max_bytes=self.max_bytes,
         )
         budget.check_fits(p, device, self.max_bytes)
@@ -696,17 +706,19 @@ class AttentionRecorder:
             f"scales {there} (1 = latent resolution). Pass scales= from those, or leave it out."
         )
 
-    def _grid(self, seq_len: int) -> tuple[int, int] | None:
-        """(h, w) of a layer's query grid from its sequence length and the latent size (any aspect ratio)."""
+    def _grid(self, seq_len: int) -> tuple[int, ...] | None:
+        """(h, w) of a layer's query grid from its sequence length and the latent size (any aspect ratio); a video's
+        (F, h, w), its queries frame by frame."""
         assert self._latent_size is not None
         H, W = self._latent_size
-        key = (seq_len, H, W)
+        F = self._frames
+        key = (seq_len, H, W, F)
         if key not in self._hw_cache:
             found = None
             for k in range(8):
                 h, w = math.ceil(H / 2**k), math.ceil(W / 2**k)  # stride-2 convs round up
-                if h * w == seq_len:
-                    found = (h, w)
+                if h * w * (F or 1) == seq_len:
+                    found = (h, w) if F is None else (F, h, w)
                     break
             self._hw_cache[key] = found
         return self._hw_cache[key]
@@ -726,7 +738,7 @@ class AttentionRecorder:
                 "record with layers= excluding it."
             )
         if self.scales is not None:
-            scale = round(self._latent_size[0] / hw[0])
+            scale = round(self._latent_size[0] / hw[-2])
             self._scales_seen.add(scale)
             if scale not in self.scales:
                 self._passed.add(name)
@@ -937,7 +949,8 @@ class AttentionRecorder:
             )
         if self.concepts and name not in self._concept_keys:
             self._concept_keys[name] = self._keys_of_concepts(attn, key.shape[1])
-        upcast, scale = bool(attn.upcast_attention), float(attn.scale)
+        upcast = bool(getattr(attn, "upcast_attention", False))
+        scale = float(getattr(attn, "scale", key.shape[-1] ** -0.5))  # Wan's: SDPA's default, 1/√d
         source = None if bias is None else bias[1]
         group = (
             query.shape,
@@ -951,9 +964,7 @@ class AttentionRecorder:
             id(source),
         )
         batch = self._queue.get(group)
-        if (
-            batch is None
-        ):  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
+        if batch is None:  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
             batch = self._queue[group] = [context, {}, [], upcast, scale, rows, bias]
         batch[1].setdefault(name, key)
         batch[2].append((len(self._timesteps) - 1, name, query))
@@ -1065,7 +1076,7 @@ class AttentionRecorder:
             hw = self._layer_hw[names[0]]
             per = m.sum(1).div_(heads) if len(names) > 1 else m[:, 0].div(heads)  # (S, B', HW, T)
             size = self._step_size()
-            if hw[0] * hw[1] > size[0] * size[1]:  # shrink now: native maps this large would cost memory
+            if hw[-2] * hw[-1] > size[0] * size[1]:  # shrink now: native maps this large would cost memory
                 per, key = resize(_grid_maps(per, hw), size), ("shrunk", size)  # (S, B', T, hs, ws)
             else:  # resized for all steps at once when the result is built
                 key = ("native", hw)
@@ -1121,7 +1132,8 @@ class AttentionRecorder:
             else:
                 total[idx] += stacked
         counts = torch.tensor([max(n, 1) for _, n in self._steps], dtype=total.dtype, device=total.device)
-        return total / counts.view(-1, 1, 1, 1, 1)  # a step that captured nothing stays zero
+        counts = counts.view(-1, *([1] * (total.ndim - 1)))  # (S, 1, ...)
+        return total / counts  # a step that captured nothing stays zero
 
     # ---- building the result ------------------------------------------------------------------------------
     def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
@@ -1147,9 +1159,9 @@ class AttentionRecorder:
         order = [
             n.removesuffix(".processor") for n in self._captured if n.removesuffix(".processor") in means
         ]
-        layers = {n: _grid_maps(means[n], self._layer_hw[n]) for n in order}  # (B', T, h, w) each
+        layers = {n: _grid_maps(means[n], self._layer_hw[n]) for n in order}  # (B', T[, F], h, w) each
         aggregate = _resized_mean(list(layers.values()), (H, W))  # (B', T, H, W)
-        steps = self._step_maps()  # (S, B', T, hs, ws)
+        steps = self._step_maps()  # (S, B', T[, F], hs, ws)
         heads = None
         if head_means is not None:  # (B', heads, T, h, w) each
             heads = {n: _grid_maps(head_means[n], self._layer_hw[n]) for n in order}
@@ -1191,6 +1203,7 @@ class AttentionRecorder:
 
         common = dict(
             latent_size=(H, W),
+            frames=self._frames,
             vae_scale=vae_scale_factor(self.pipe),
             skipped_layers=list(self.skipped_layers),
             family=self.family.name,
@@ -1235,8 +1248,8 @@ def _resized_mean(maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tens
     return torch.stack(out).mean(0)  # type: ignore[arg-type]
 
 
-def _grid_maps(flat: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """(..., HW, T) sums → (..., T, h, w) maps."""
+def _grid_maps(flat: torch.Tensor, hw: tuple[int, ...]) -> torch.Tensor:
+    """(..., HW, T) sums → (..., T, h, w) maps; a video's (..., FHW, T) → (..., T, F, h, w)."""
     return flat.transpose(-1, -2).reshape(*flat.shape[:-2], flat.shape[-1], *hw)  # (..., T, h, w)
 
 
