@@ -145,7 +145,7 @@ def page_html(payload: dict[str, Any], explorers: list[str], *, title: str | Non
         if prov.get(k) is not None
     ]
     fact_html = " · ".join(
-        f"{html.escape(k.replace('_', ' '))} <code>{html.escape(_show(v))}</code>" for k, v in facts
+        f"{html.escape(k.replace('_', ' '))} <code>{html.escape(_show(k, v))}</code>" for k, v in facts
     )
     prompt = prov.get("prompt")
     sections = "\n".join(
@@ -177,13 +177,9 @@ def page_html(payload: dict[str, Any], explorers: list[str], *, title: str | Non
 """
 
 
-def _show(v: Any) -> str:
+def _show(key: str, v: Any) -> str:
     if isinstance(v, list):
-        return (
-            "×".join(map(str, v))
-            if all(isinstance(x, int) for x in v) and len(v) == 2
-            else ", ".join(map(str, v))
-        )
+        return "×".join(map(str, v)) if key == "size" else ", ".join(map(str, v))
     return str(v)
 
 

@@ -85,8 +85,13 @@ export async function loadMaps(block, what = "maps") {
   const h = shape[shape.length - 2];
   const w = shape[shape.length - 1];
   const count = shape.slice(0, -2).reduce((a, b) => a * b, 1);
-  let q = b64bytes(block.data);
-  if (block.codec === "deflate") q = await inflate(q);
+  let q;
+  try {
+    q = b64bytes(block.data);
+    if (block.codec === "deflate") q = await inflate(q);
+  } catch (e) {
+    throw new PayloadError(`${what}: the map data does not decode (${e.message || e})`);
+  }
   if (q.length !== count * h * w) {
     throw new PayloadError(`${what}: ${q.length} values, expected ${count * h * w} for shape [${shape}]`);
   }
