@@ -177,7 +177,7 @@ def describe(
         raise ValueError(
             f"height and width must be multiples of {factor} (the VAE's downsampling), got {h}×{w}."
         )
-    ch = int(pipe.vae.config.latent_channels)
+    ch = fam.latent_channels  # the record's: Qwen-Image's (Wan-style) VAE calls it z_dim
     latent = (ch, h // factor, w // factor)
     sched_copy = type(pipe.scheduler).from_config(pipe.scheduler.config)
     cfg = pipe.scheduler.config

@@ -623,7 +623,7 @@ class Attachment:
         run.distilled = fam.denoiser_args.get("guidance", args, kwargs) is not None
         if run.cfg:
             if fam.cfg_flag is None:
-                run.guidance_scale = float(run.arguments["true_cfg_scale"])
+                run.guidance_scale = fam.true_cfg_scale(pipe, run.arguments)  # Qwen-Image's default is 4
         elif not run.distilled:
             run.guidance_scale = 1.0
 

@@ -34,7 +34,7 @@ from .joint import (
     reproducible as joint_reproducible,
 )
 from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
-from .tokens import TokenList, sequence_tokens, unlabelled
+from .tokens import TokenList, padded_to, sequence_tokens, unlabelled
 from .wan import WanCapturingProcessor
 from .wan import reproducible as wan_reproducible
 
@@ -1138,7 +1138,8 @@ class AttentionRecorder:
     # ---- building the result ------------------------------------------------------------------------------
     def _labels(self, rows: int) -> tuple[list[TokenList], list[TokenList]]:
         if self._prompt_rows is not None and len(self._prompt_rows[0]) == rows:
-            cond, neg = self._prompt_rows
+            # Z-Image and Qwen-Image keep each prompt's own states: a shorter row is padded to the batch's keys
+            cond, neg = ([padded_to(tl, self._num_keys) for tl in part] for part in self._prompt_rows)
             if all(len(tl.ids) == self._num_keys for tl in cond + neg):
                 return cond, neg
         if self._prompt_rows is not None:

@@ -39,6 +39,10 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.models.transformers.transformer_flux import _get_qkv_projections as _flux_projections
 from diffusers.models.transformers.transformer_flux2 import Flux2AttnProcessor, Flux2ParallelSelfAttnProcessor
 from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections as _flux2_projections
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0
+from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen as _qwen_rope
+from diffusers.models.transformers.transformer_z_image import SEQ_MULTI_OF as _Z_MULTIPLE
+from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
 
 from ..errors import RecorderStateError
 
@@ -153,8 +157,13 @@ def joint_attention_layers(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
     Layout ``"image-text"``: SD3's joint blocks (image tokens first, then text, from two projections);
     ``"text-image"``: Flux's and Flux.2's double-stream blocks (text first); ``"single"``: their single-stream
     blocks (one sequence, text first, the text length known only from the denoiser's input). Image-only attention (SD3.5's
-    ``attn2``) carries no text and is not listed.
+    ``attn2``) carries no text and is not listed. ``"qwen"``: Qwen-Image's double-stream blocks (text first, its own
+    rotary embedding and mask); ``"unified"``: Z-Image's main layers (one sequence, image first; its refiners see
+    one stream each and are not listed).
     """
+    kind = type(denoiser).__name__
+    if kind.startswith("ZImage"):
+        return [(f"{n}.processor", "unified") for n, _ in denoiser.named_modules() if _z_layer(n)]
     layers = []
     for name, module in denoiser.named_modules():
         if not hasattr(module, "set_processor") or not (
@@ -163,7 +172,8 @@ def joint_attention_layers(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
             continue
         if getattr(module, "add_k_proj", None) is not None:
             flux = type(module).__name__.startswith("Flux")
-            layers.append((f"{name}.processor", "text-image" if flux else "image-text"))
+            own = "qwen" if kind.startswith("QwenImage") else "image-text"
+            layers.append((f"{name}.processor", "text-image" if flux else own))
         elif name.startswith("single_transformer_blocks."):
             layers.append((f"{name}.processor", "single"))
     return layers
@@ -678,16 +688,180 @@ def flux_output(
     return hidden_states
 
 
+def _z_layer(name: str) -> bool:
+    """Whether a module of a Z-Image transformer is a main layer's attention (``layers.N.attention``)."""
+    parts = name.split(".")
+    return len(parts) == 3 and parts[0] == "layers" and parts[2] == "attention"
+
+
+def masked_lse(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a boolean key mask (N, 1, 1, L): the log-sum-exp (N, heads, R) of the queries ``rows`` over the kept keys,
+    at SDPA's default scale, and the mask as an additive bias (N, L) float32 (0 kept, −inf masked)."""
+    bias = torch.zeros(mask.shape[0], mask.shape[-1], device=q.device).masked_fill_(
+        ~mask[:, 0, 0], float("-inf")
+    )
+    scores = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    return scores.add_(bias[:, None, None, :]).logsumexp(-1), bias  # (N, heads, R), (N, L)
+
+
+class QwenCapturingProcessor(JointCapturingProcessor):
+    """Qwen-Image's ``QwenDoubleStreamAttnProcessor2_0``, step for step: text and image from two projections, text
+    first, Qwen's complex rotary embedding, and the joint padding mask it builds from ``encoder_hidden_states_mask``.
+    Attention goes through the same SDPA call as native dispatch (bitwise unchanged); the captured rows' image
+    queries, text keys, log-sum-exp (over the kept keys where masked) and outputs go to the sink."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_hidden_states_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+    ) -> Any:
+        txt, hw = encoder_hidden_states.shape[1], hidden_states.shape[1]
+        if attention_mask is not None or not self.gate(self.name, hw):
+            return self.original(
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                encoder_hidden_states_mask,
+                attention_mask,
+                image_rotary_emb,
+            )
+        d = attn.inner_dim // attn.heads
+        img = [
+            f(hidden_states).unflatten(-1, (-1, d)) for f in (attn.to_q, attn.to_k, attn.to_v)
+        ]  # (N, HW, h, d)
+        tx = [
+            f(encoder_hidden_states).unflatten(-1, (-1, d))
+            for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)
+        ]
+        for x, norms in ((img, (attn.norm_q, attn.norm_k)), (tx, (attn.norm_added_q, attn.norm_added_k))):
+            x[:2] = [x[i] if n is None else n(x[i]) for i, n in enumerate(norms)]
+        if image_rotary_emb is not None:
+            img[:2] = [_qwen_rope(x, image_rotary_emb[0], use_real=False) for x in img[:2]]
+            tx[:2] = [_qwen_rope(x, image_rotary_emb[1], use_real=False) for x in tx[:2]]
+        q, k, v = (
+            torch.cat([t, i], 1).permute(0, 2, 1, 3) for t, i in zip(tx, img, strict=True)
+        )  # (N, h, T+HW, d)
+        bias = None
+        if encoder_hidden_states_mask is None:
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse)
+        else:  # the processor's own joint mask (N, 1, 1, T+HW), as native dispatch passes it
+            keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            mask = torch.cat([encoder_hidden_states_mask, keep], 1)[:, None, None, :]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            lse, bias = masked_lse(q, k, mask, slice(txt, None))
+            lse = torch.cat([lse.new_zeros(*lse.shape[:2], txt), lse], 2)  # (N, h, T+HW): text rows unused
+        joint = out.permute(0, 2, 1, 3).flatten(2, 3).to(q.dtype)  # (N, T+HW, h·d)
+        self.sink(
+            self.name,
+            attn,
+            q[:, :, txt:],
+            k[:, :, :txt],
+            None if lse is None else lse[:, :, txt:],
+            joint[:, txt:],
+            joint[:, :txt],
+            d**-0.5,
+            k[:, :, txt:],
+            v[:, :, txt:],
+            **({} if bias is None else {"key_bias": bias[:, :txt]}),
+        )
+        image = attn.to_out[0](joint[:, txt:].contiguous())
+        if len(attn.to_out) > 1:
+            image = attn.to_out[1](image)
+        return image, attn.to_add_out(joint[:, :txt].contiguous())
+
+
+class ZImageCapturingProcessor(FluxCapturingProcessor):
+    """Z-Image's ``ZSingleStreamAttnProcessor`` in its main layers, step for step. Each row's sequence is its image
+    tokens, padded to a multiple of 32, then its caption's tokens (``text_len()``: the longest row's count), padded
+    likewise, then the batch's padding (masked). The real image tokens are counted once per sequence shape from
+    the rotary table (padding sits at position (0, 0, 0), whose rotation is exactly 1). Attention goes through the
+    same SDPA call as native dispatch (bitwise unchanged); the captured rows' image queries, caption keys,
+    log-sum-exp and outputs go to the sink (the image and caption padding are keys like any other)."""
+
+    _counts: dict[tuple[int, int], int]
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        freqs_cis: torch.Tensor | None = None,
+    ) -> Any:
+        txt = self.text_len()
+        x_len = hidden_states.shape[1] - -(-txt // _Z_MULTIPLE) * _Z_MULTIPLE  # the padded image part
+        hw = self._image_tokens(freqs_cis, x_len) if txt > 0 and x_len > 0 else 0
+        if hw <= 0 or not self.gate(self.name, hw):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, freqs_cis)
+        qkv = [f(hidden_states).unflatten(-1, (attn.heads, -1)) for f in (attn.to_q, attn.to_k, attn.to_v)]
+        qkv[:2] = [x if n is None else n(x) for x, n in zip(qkv[:2], (attn.norm_q, attn.norm_k), strict=True)]
+        if freqs_cis is not None:  # the processor's own rotation: complex pairs, float32, back to the dtype
+            rot = freqs_cis.unsqueeze(2)  # (N, L, 1, d/2)
+            qkv[:2] = [
+                torch.view_as_real(torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2)) * rot)
+                .flatten(3)
+                .type_as(x)
+                for x in qkv[:2]
+            ]
+        q, k, v = (x.permute(0, 2, 1, 3) for x in qkv)  # (N, heads, L, d): as native dispatch
+        text = slice(x_len, x_len + txt)
+        bias = None
+        if attention_mask is None:
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse)
+            lse = None if lse is None else lse[:, :, :hw]
+        else:
+            mask = attention_mask[:, None, None, :] if attention_mask.ndim == 2 else attention_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            lse, bias = masked_lse(q, k, mask, slice(0, hw))
+        others = torch.cat([k[:, :, :x_len], k[:, :, text.stop :]], 2) if lse is None else k[:, :, :hw]
+        hidden = out.permute(0, 2, 1, 3).flatten(2, 3).to(q.dtype)  # (N, L, heads·d)
+        self.sink(
+            self.name,
+            attn,
+            q[:, :, :hw],
+            k[:, :, text],
+            lse,
+            hidden[:, :hw],
+            hidden[:, text],
+            q.shape[-1] ** -0.5,
+            others,
+            v[:, :, :hw],
+            **({} if bias is None else {"key_bias": bias[:, text]}),
+        )
+        output = attn.to_out[0](hidden)
+        return attn.to_out[1](output) if len(attn.to_out) > 1 else output
+
+    def _image_tokens(self, freqs: torch.Tensor | None, x_len: int) -> int:
+        """Real image tokens among the first ``x_len`` (one host read per sequence shape and layer)."""
+        if freqs is None:
+            return 0
+        counts = self.__dict__.setdefault("_counts", {})
+        key = (int(freqs.shape[1]), x_len)
+        if key not in counts:
+            counts[key] = int((freqs[0, :x_len] != 1).any(-1).sum())
+        return counts[key]
+
+
 #: Original processors each capturing processor reproduces exactly, by layout (Flux: with the native backend).
 REPRODUCIBLE_JOINT: dict[str, tuple[type, ...]] = {
     "image-text": (JointAttnProcessor2_0,),
     "text-image": (FluxAttnProcessor, Flux2AttnProcessor),
     "single": (FluxAttnProcessor, Flux2ParallelSelfAttnProcessor),
+    "qwen": (QwenDoubleStreamAttnProcessor2_0,),
+    "unified": (ZSingleStreamAttnProcessor,),
 }
 CAPTURING_JOINT: dict[str, type] = {
     "image-text": JointCapturingProcessor,
     "text-image": FluxCapturingProcessor,
     "single": FluxCapturingProcessor,
+    "qwen": QwenCapturingProcessor,
+    "unified": ZImageCapturingProcessor,
 }
 
 

@@ -88,6 +88,11 @@ class PromptSwitch:
     def check_for(self, family: Family) -> None:
         """Raise InvalidArgumentError unless the switch gives what ``family``'s denoiser takes (before any run):
         ``pooled_prompt_embeds`` with ``prompt_embeds`` where the family has a pooled text vector, none where not."""
+        if family.denoiser_args.per_row:
+            raise InvalidArgumentError(
+                f"Prompt switches are not available on {family.label}: its denoiser takes the text as a list of "
+                "per-row caption features, which sdexplore does not replace. Steer it with edit_latents or stop_at."
+            )
         if self.prompt_embeds is None:
             return
         pooled = self.pooled_prompt_embeds
@@ -233,6 +238,11 @@ class Steering:
             )
         if switch_prompt is not None:
             switch_prompt.check_for(detect_family(pipe))
+        if guidance is not None and detect_family(pipe).denoiser_args.per_row:
+            raise InvalidArgumentError(
+                f"Guidance schedules are not available on {detect_family(pipe).label}: its denoiser returns a list "
+                "of per-row predictions, which sdexplore does not rescale. Call it with a fixed guidance_scale."
+            )
         if guidance is not None and not callable(guidance):
             try:
                 scales = [float(g) for g in guidance]

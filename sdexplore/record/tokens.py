@@ -28,6 +28,7 @@ __all__ = [
     "TokenList",
     "CALL_DEFAULT",
     "chat_tokens",
+    "padded_to",
     "default_max_sequence_length",
     "instructed_tokens",
     "resolve_max_sequence_length",
@@ -174,6 +175,20 @@ def _tokenize(tokenizer: Any, prompt: str, length: int) -> tuple:
         tuple(kinds),
         tuple(tokenizer.convert_ids_to_tokens(cut)),
         word_marker(tokenizer),
+    )
+
+
+def padded_to(tokens: TokenList, length: int) -> TokenList:
+    """``tokens`` followed by padding keys up to ``length`` positions (a pipeline that keeps only each prompt's own
+    states, Z-Image's or Qwen-Image's, pads a batch to its longest row); ``tokens`` itself when not shorter."""
+    n = length - len(tokens.ids)
+    if n <= 0:
+        return tokens
+    return replace(
+        tokens,
+        ids=tokens.ids + [-1] * n,
+        pieces=tokens.pieces + ["<pad>"] * n,
+        kinds=tokens.kinds + [PAD] * n,
     )
 
 
