@@ -4,13 +4,14 @@ VAE, scheduler)."""
 from __future__ import annotations
 
 import html
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .families import detect_family, vae_scale_factor
+from .families import CAPABILITIES, detect_family, vae_scale_factor
 from .inversion import DEFAULT_STEPS
 from .schedule_math import FLOW_PREDICTION, dynamic_shift_mu, prediction_type
 
@@ -23,6 +24,8 @@ _ROLES = {
     "text_encoder_3": "T5 encoder: the long, detailed text sequence",
     "unet": "reads the noisy latents and the text; predicts {target}",
     "transformer": "MMDiT: image and text tokens attend jointly; predicts {target}",
+    "transformer:cross": "DiT: the {tokens} tokens attend to each other, then to the text tokens (cross-attention); "
+    "predicts {target}",
     "image_encoder": "encodes reference images (IP-Adapter)",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
@@ -89,6 +92,15 @@ class PipelineDescription:
     blocks: list[str] = field(
         default_factory=list
     )  # a transformer denoiser's block structure, one line per kind
+    #: What sdexplore can do with this family (``Family.capabilities``, in :data:`~sdexplore.families.CAPABILITIES`
+    #: order); everything else is refused with an error naming the families that can.
+    capabilities: list[str] = field(default_factory=list)
+    frames: tuple[int, int] | None = None  # a video family: (frames, latent frames) of a default call
+
+    @property
+    def missing(self) -> list[str]:
+        """The capabilities this family lacks (each refused with one clear error)."""
+        return [c for c in CAPABILITIES if c not in self.capabilities]
 
     @property
     def total_parameters(self) -> int:
@@ -109,10 +121,14 @@ class PipelineDescription:
     def _summary(self) -> list[str]:
         h, w = self.image_size
         ch, lh, lw = self.latent_shape
+        f, lf = self.frames or (1, 1)
+        video, latent_video = (f"{f} frames × ", f"{lf} × ") if self.frames else ("", "")
         return [
             f"Family: {self.family_label} ({self.family}); {self.total_parameters / 1e6:,.1f} M parameters in all",
-            f"Pixels → latents: {h}×{w}×3 = {h * w * 3:,} numbers → {lh}×{lw}×{ch} = {lh * lw * ch:,} "
-            f"numbers ({self.compression:g}× fewer)",
+            f"sdexplore can: {', '.join(self.capabilities) or 'nothing'}"
+            + (f"; refuses with a clear error: {', '.join(self.missing)}" if self.missing else ""),
+            f"Pixels → latents: {video}{h}×{w}×3 = {f * h * w * 3:,} numbers → {latent_video}{lh}×{lw}×{ch} = "
+            f"{lf * lh * lw * ch:,} numbers ({self.compression:g}× fewer)",
             f"Scheduler: {self.scheduler}, {self.num_train_timesteps} training timesteps; "
             f"{len(self.timesteps)} inference steps: {_short(self.timesteps)}",
             f"Prediction type {self.prediction_type}: the denoiser predicts {predicts(self.prediction_type)}",
@@ -140,15 +156,40 @@ def _short(ts: list[int]) -> str:
     return ", ".join(map(str, ts)) if len(ts) <= 8 else f"{ts[0]}, {ts[1]}, {ts[2]}, …, {ts[-2]}, {ts[-1]}"
 
 
-def _component(name: str, obj: Any, family: str = "", target: str = "") -> Component:
+def _component(
+    name: str, obj: Any, family: str = "", target: str = "", pipe: Any = None, den: Any = None
+) -> Component:
     params = dtype = device = None
     if isinstance(obj, torch.nn.Module):
         params = sum(p.numel() for p in obj.parameters())
         first = next(obj.parameters(), None)
         if first is not None:
             dtype, device = str(first.dtype).removeprefix("torch."), str(first.device)
-    role = (_FAMILY_ROLES.get(family, {}).get(name) or _ROLES.get(name, "")).format(target=target)
-    return Component(name, type(obj).__name__, role, params, dtype, device)
+    role = _FAMILY_ROLES.get(family, {}).get(name) or _role(name, obj, pipe, den)
+    return Component(name, type(obj).__name__, role.format(target=target), params, dtype, device)
+
+
+def _role(name: str, obj: Any, pipe: Any, den: Any) -> str:
+    """A component's role, read from the component where its name alone does not say (which tokens a tokenizer
+    makes, whether a transformer attends jointly or through cross-attention)."""
+    if name.startswith("tokenizer") and pipe is not None and hasattr(obj, "convert_ids_to_tokens"):
+        from .record.tokens import word_marker
+
+        marker = word_marker(obj)[0]
+        kind = {"</w>": "CLIP BPE tokens", "▁": "sentencepiece pieces", "Ġ": "byte-level BPE tokens"}
+        encoder = getattr(pipe, "text_encoder" + name.removeprefix("tokenizer"), None)
+        reader = f" for {type(encoder).__name__}" if encoder is not None else ""
+        return f"splits the prompt into {kind.get(marker, 'tokens')}{reader}"
+    if name == "transformer" and den is not None and _cross_attention(den):
+        return _ROLES["transformer:cross"].replace(
+            "{tokens}", "video" if "3D" in type(den).__name__ else "image"
+        )
+    return _ROLES.get(name, "")
+
+
+def _cross_attention(den: Any) -> list[str]:
+    """Names of a transformer's text cross-attention layers (``attn2``: PixArt, Sana, Wan); none for an MMDiT."""
+    return [n for n, m in den.named_modules() if n.rpartition(".")[2] == "attn2" and hasattr(m, "processor")]
 
 
 def describe(
@@ -165,14 +206,29 @@ def describe(
     """
     fam = detect_family(pipe)
     target = predicts(prediction_type(pipe.scheduler))
-    comps = [_component(n, obj, fam.name, target) for n, obj in pipe.components.items() if obj is not None]
-    factor = vae_scale_factor(pipe)
     den = fam.get_denoiser(pipe)
+    comps = [
+        _component(n, obj, fam.name, target, pipe, den)
+        for n, obj in pipe.components.items()
+        if obj is not None
+    ]
+    factor = vae_scale_factor(pipe)
     # latent cells of the native size: the denoiser's sample_size; Flux's transformer has none, its pipeline
     # a default_sample_size (128: 1024 pixels)
     cells = getattr(den.config, "sample_size", None) or getattr(pipe, "default_sample_size", None) or 64
     default = int(cells) * factor
     h, w = height or default, width or default
+    call = inspect.signature(type(pipe).__call__).parameters
+    frames = None
+    if "num_frames" in call:  # a video pipeline (Wan): its call's own size and frame count
+        h = height or int(call["height"].default or default)
+        w = width or int(call["width"].default or default)
+        f = int(call["num_frames"].default)
+        temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+        frames = (
+            f,
+            (f - 1) // temporal + 1,
+        )  # the causal video VAE keeps the first frame, then 1 in `temporal`
     if h % factor or w % factor:
         raise ValueError(
             f"height and width must be multiples of {factor} (the VAE's downsampling), got {h}×{w}."
@@ -208,17 +264,21 @@ def describe(
         components=comps,
         image_size=(h, w),
         latent_shape=latent,
-        compression=(h * w * 3) / (latent[0] * latent[1] * latent[2]),
+        compression=((frames or (1,))[0] * h * w * 3)
+        / ((frames or (1, 1))[1] * latent[0] * latent[1] * latent[2]),
         scheduler=type(pipe.scheduler).__name__,
         prediction_type=prediction_type(pipe.scheduler),  # "flow_prediction" for flow matching (SD3)
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         timesteps=[int(t) for t in sched_copy.timesteps],
         blocks=_blocks(den),
+        capabilities=[c for c in CAPABILITIES if fam.can(c)],
+        frames=frames,
     )
 
 
 def _blocks(den: Any) -> list[str]:
-    """The MMDiT block structure of a transformer denoiser (empty for a UNet), read from its module tree."""
+    """The block structure of a transformer denoiser (MMDiT or cross-attention DiT; empty for a UNet), read from its
+    module tree."""
     cfg = den.config
     heads, dim = getattr(cfg, "num_attention_heads", None), getattr(cfg, "attention_head_dim", None)
     width = f"{heads} heads × {dim} = {heads * dim} channels" if heads and dim else ""
@@ -234,5 +294,14 @@ def _blocks(den: Any) -> list[str]:
         lines.append(
             f"Transformer: {joint} joint (MMDiT) blocks — text and image tokens keep their own weights and attend "
             f"jointly; {width}"
+        )
+    elif not hasattr(den, "down_blocks") and (cross := _cross_attention(den)):  # PixArt-Σ, Sana, Wan
+        modules = dict(den.named_modules())
+        first = modules.get(cross[0].rpartition(".")[0] + ".attn1")
+        linear = first is not None and "Linear" in type(getattr(first, "processor", None)).__name__
+        kind = "linear (softmax-free: no attention maps) self-attention" if linear else "self-attention"
+        lines.append(
+            f"Transformer: {len(cross)} blocks of {kind} over the {'video' if '3D' in type(den).__name__ else 'image'}"
+            f" tokens, then cross-attention to the text tokens (its softmax gives the maps); {width}"
         )
     return lines
