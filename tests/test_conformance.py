@@ -76,12 +76,7 @@ _ATTACH_VARIANCE = (
 _NO_WALK_CHECK = (
     "walks.py checks no family, so {} fails deep inside instead of a refusal naming the families: {}"
 )
-PENDING: dict[tuple[str, str], str] = {
-    ("describe", "wan"): (
-        "tour.py's describe() reads vae.config.latent_channels, which Wan's video VAE names z_dim (and its latent "
-        "shape has no frames)"
-    ),
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _params(names: list[str], check: str) -> list:
@@ -105,7 +100,9 @@ def test_fixture_is_its_family_and_claims_known_capabilities(name) -> None:
     assert "steps" in fam.capabilities  # the least a family must do
     cfg = fam.get_denoiser(pipe).config
     out = cfg.get("out_channels") or cfg.in_channels  # what the denoiser predicts per latent cell or token
-    if fam.latent_packing > 1:  # packed tokens in, packed tokens out (Qwen-Image's out_channels counts latent ones)
+    if (
+        fam.latent_packing > 1
+    ):  # packed tokens in, packed tokens out (Qwen-Image's out_channels counts latent ones)
         out = cfg.in_channels
     assert out == fam.latent_channels * fam.latent_packing**2 * (2 if fam.learned_variance else 1)
     with pytest.raises(InvalidArgumentError, match="Unknown capability"):
@@ -116,6 +113,10 @@ def test_fixture_is_its_family_and_claims_known_capabilities(name) -> None:
 def test_describe_names_the_family(name) -> None:
     d = sdx.describe(pipe_of(name))
     assert d.family == name and FAMILIES[name].label in str(d)
+    assert d.capabilities == [
+        c for c in CAPABILITIES if FAMILIES[name].can(c)
+    ]  # the record, the single source
+    assert f"sdexplore can: {', '.join(d.capabilities)}" in str(d)
 
 
 def test_capability_table_agrees_with_the_modules_that_refuse() -> None:
