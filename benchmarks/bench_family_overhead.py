@@ -4,7 +4,8 @@ Each family's tiny fixture, 64×64, ``steps`` denoising steps, one thread, proce
 ``sdexplore.observe(pipe, steps=True, attention=True)`` around the call to the plain call. The call returns latents
 (``output_type="latent"``): the VAE decode, the same in both, would only dilute the ratio.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_family_overhead.py [--families pixart-sigma chroma sana] [--pairs 6]
+    OMP_NUM_THREADS=1 python benchmarks/bench_family_overhead.py [--families pixart-sigma chroma sana wan z-image
+        qwen-image] [--pairs 6]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def family_call(pipe: Any, steps: int) -> Callable[[], Any]:
     family = detect_family(pipe)
     kw: dict[str, Any] = dict(num_inference_steps=steps, height=64, width=64, output_type="latent")
     kw.update(dict(family.call_defaults))
-    if family.name in ("flux", "chroma"):
+    if family.name in ("flux", "chroma", "wan"):  # their T5's 512 positions, mostly padding, at 64 pixels
         kw["max_sequence_length"] = 64
 
     def call() -> Any:
@@ -68,7 +69,9 @@ def ratios(families: list[str], pairs: int = 6, steps: int = 4) -> dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", nargs="+", default=["pixart-sigma", "chroma", "sana"])
+    ap.add_argument(
+        "--families", nargs="+", default=["pixart-sigma", "chroma", "sana", "wan", "z-image", "qwen-image"]
+    )
     ap.add_argument("--pairs", type=int, default=6)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--json", type=Path)

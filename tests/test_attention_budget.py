@@ -24,6 +24,8 @@ def call(pipe, family: str, steps: int = 3, size: int = 64, **kw):
     args = dict(num_inference_steps=steps, generator=gen(), height=size, width=size, output_type="pt")
     if family == "flux2":
         return pipe(prompt=PROMPT, **args, **kw).images
+    if family == "wan":  # a video: 5 frames (2 latent frames) unless asked, its output .frames
+        return pipe(prompt=PROMPT, **{"num_frames": 5, **args, "max_sequence_length": 32, **kw}).frames
     return pipe(PROMPT, **args, **kw).images
 
 
@@ -56,6 +58,8 @@ def pipe_of(pipes, family: str):
         ("sd3", {"per_head": True, "keep_probs": True}),
         ("flux", {"step_resolution": None}),
         ("flux2", {}),
+        ("wan", {}),
+        ("wan", {"per_head": True, "keep_probs": True, "step_resolution": (3, 5)}),
     ],
 )
 def test_the_plan_made_before_the_loop_is_the_bytes_stored(pipes, family, options):
@@ -65,7 +69,7 @@ def test_the_plan_made_before_the_loop_is_the_bytes_stored(pipes, family, option
     assert rec.budget.nbytes == rec.maps.nbytes > 0
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd1", "sdxl", "sd3", "flux", "wan"])
 @pytest.mark.parametrize("fraction", [1.0, 0.6, 0.3])
 def test_max_bytes_bounds_the_maps_and_only_selects(pipes, family, fraction):
     pipe = pipe_of(pipes, family)
@@ -197,3 +201,18 @@ def test_growth_law_of_step_recording_in_steps():
     assert out[6][0] == out[3][0]  # layers and aggregate: unchanged
     assert out[6][1] == 2 * out[3][1]
     assert out[6][2] == 2 * out[3][2]
+
+
+def test_growth_law_of_attention_capture_in_frames():
+    """A video's maps grow as its frames: every stored map (aggregate, layers, per-step, per head, probabilities)
+    carries the F axis, the timesteps do not; the plan counts it exactly."""
+    pipe = tiny_pipeline("wan")
+    sizes = {}
+    for frames in (5, 9):  # 2 and 3 latent frames (the VAE's 4× in time, the first frame alone)
+        with AttentionRecorder(pipe, per_head=True, keep_probs=True) as rec:
+            call(pipe, "wan", num_frames=frames)
+        maps = rec.maps
+        assert rec.budget.nbytes == maps.nbytes
+        assert maps.aggregate.shape[2] == maps.frames == (frames - 1) // 4 + 1
+        sizes[maps.frames] = maps.nbytes - maps.timesteps.numel() * 4
+    assert 2 * sizes[3] == 3 * sizes[2]  # exponent 1 in frames

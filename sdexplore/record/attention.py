@@ -18,7 +18,7 @@ from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipeli
 from ..families import FAMILIES, detect_family, spatial_patch, vae_scale_factor
 from ..heatmaps import resize
 from ..results.attention_maps import AttentionMaps
-from . import budget
+from . import budget, relations
 from .attach import AttentionTap, Run, Subscriber, attach, attachment_of, check_attachable
 from .budget import Plan
 from .concept_stream import ConceptStream, concept_masses
@@ -72,6 +72,8 @@ _RUN_STATE = (
     "_rows",
     "_prompt_rows",
     "_concept_keys",
+    "_qmasks",
+    "_qweights",
 )
 
 
@@ -148,8 +150,16 @@ class AttentionRecorder:
         kind: str | None = None,
         concepts: Sequence[str] = (),
         max_bytes: int | None = None,
+        relation: str = "image->text",
+        queries: Any = None,
+        heads: Any = "mean",
     ) -> None:
         self.pipe = pipe
+        #: What is kept of the attention: the relation, the image queries and the heads (checked here, before any run).
+        self.selection = relations.parse(relation, queries, heads)
+        #: Which block of the attention the maps hold (``"image->text"``, ``"image->image"``, ``"text->image"``,
+        #: ``"text->text"``; :mod:`sdexplore.record.relations`).
+        self.relation = self.selection.relation
         if max_bytes is not None and (
             isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1
         ):
@@ -173,7 +183,9 @@ class AttentionRecorder:
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
             )
-        joint = dict(joint_attention_layers(unet)) if self.family.denoiser == "transformer" else {}
+        # cross-attention transformers (PixArt-Σ, Sana, Wan) have attn2 layers only: no module walk for joint ones
+        mmdit = self.family.denoiser == "transformer" and not self.family.cross_attention
+        joint = dict(joint_attention_layers(unet)) if mmdit else {}
         #: Processor name → layout of each MMDiT attention layer (empty for UNet models).
         self._layouts: dict[str, str] = joint
         if joint:
@@ -191,7 +203,11 @@ class AttentionRecorder:
             )
         #: What the recorded maps are: "cross" (UNet) or one of "joint", "text", "output" (MMDiT).
         self.kind = kind or "cross"
-        cross = list(joint) if joint else self.family.cross_attention_layers(unet)
+        self._check_relation(joint, concepts)
+        if self.relation == "image->image" and not joint:  # self-attention: the attn1 layers
+            cross = relations.self_attention_layers(unet)
+        else:
+            cross = list(joint) if joint else self.family.cross_attention_layers(unet)
         if not cross:
             raise UnsupportedPipelineError(
                 f"No cross-attention layers found in {type(unet).__name__}: this UNet is not text-conditioned "
@@ -257,6 +273,41 @@ class AttentionRecorder:
         self._reset_run()
 
     # ---- context manager ----------------------------------------------------------------------------------
+    def _check_relation(self, joint: dict[str, str], concepts: Sequence[str]) -> None:
+        """Refuse a relation this family's attention does not have, before any run."""
+        rel = self.relation
+        if rel == "image->text":
+            return
+        if self.family.video:
+            raise InvalidArgumentError(
+                f"relation={rel!r} is recorded for image families; {self.family.label}'s maps are image→text per "
+                "frame. Leave relation out."
+            )
+        if concepts:
+            raise InvalidArgumentError(
+                f"Concept maps are image→text maps; relation={rel!r} records another block. Record them apart."
+            )
+        if not joint and rel in relations.TEXT_QUERIES:
+            able = ", ".join(f.label for f in FAMILIES.values() if f.can("attention") and f.denoiser == "transformer"
+                             and not f.cross_attention and not f.video)
+            raise InvalidArgumentError(
+                f"relation={rel!r} needs text queries, and {self.family.label} attends to text by cross-attention, "
+                "where text tokens are only keys and values (no text query ever attends). Text→image and "
+                f"text→text exist in joint (MMDiT) attention: {able}. On this model record 'image->text' or "
+                "'image->image'."
+            )
+        if joint and self.kind != "joint":
+            raise InvalidArgumentError(
+                f"relation={rel!r} records a block of the joint softmax as the model weighs it: kind='joint' (the "
+                f"default), not kind={self.kind!r}."
+            )
+        odd = sorted({v for v in joint.values() if v not in ("image-text", "text-image", "single")})
+        if odd:
+            raise InvalidArgumentError(
+                f"relation={rel!r} is not recorded on {self.family.label} yet (its joint attention's layout: "
+                f"{', '.join(odd)}); it works on SD3, Flux.1, Flux.2 and Chroma. Record 'image->text' here."
+            )
+
     # ---- context manager ----------------------------------------------------------------------------------
     def __enter__(self) -> AttentionRecorder:
         if self._attach is not None:
@@ -269,7 +320,8 @@ class AttentionRecorder:
         check_attachable(self.pipe, self.family)
         den = self.family.get_denoiser(self.pipe)
         procs = {n: den.get_submodule(n.removesuffix(".processor")).processor for n in self._selected}
-        if any(isinstance(p, (CapturingAttnProcessor, *CAPTURING_JOINT.values())) for p in procs.values()):
+        leftover = (CapturingAttnProcessor, relations.SelfCapturingProcessor, *CAPTURING_JOINT.values())
+        if any(isinstance(p, leftover) for p in procs.values()):
             raise RecorderStateError(
                 "This pipeline still carries sdexplore capturing processors from a recorder that was never exited "
                 "(a `with` block left by a crashed kernel?). Leave that block, or rebuild the pipeline."
@@ -279,9 +331,16 @@ class AttentionRecorder:
         self.skipped_layers = [n.removesuffix(".processor") for n in skipped]
         if not capture:
             kinds = sorted({type(procs[n]).__name__ for n in self._selected})
+            linear = any("Linear" in k for k in kinds)
             raise UnsupportedPipelineError(
                 f"Cannot capture attention: every selected attention layer uses a processor sdexplore cannot "
-                f"reproduce exactly ({', '.join(kinds)}). {self._reset_hint()}"
+                f"reproduce exactly ({', '.join(kinds)}). "
+                + (
+                    "Its self-attention is linear: there are no softmax probabilities, so no image→image maps. "
+                    if linear and self.relation == "image->image"
+                    else ""
+                )
+                + self._reset_hint()
             )
         if self.concepts and any(
             type(procs[n]) is not AttnProcessor2_0 for n in capture if n not in self._layouts
@@ -320,6 +379,8 @@ class AttentionRecorder:
                         name, original, self._joint_sink, self._joint_gate, need_lse, self._text_len
                     )
                 return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
+            if self.relation == "image->image":  # a UNet's (or PixArt-Σ's) self-attention layer
+                return lambda original: relations.SelfCapturingProcessor(name, original, self._gate, self._relate)
             if wan_reproducible(procs[proc_name]):  # Wan: every frame's image tokens attend to the text
                 return lambda original: WanCapturingProcessor(name, original, self._gate, self._defer)
             return lambda original: CapturingAttnProcessor(
@@ -369,6 +430,8 @@ class AttentionRecorder:
 
     def _reproducible(self, proc_name: str, processor: Any) -> bool:
         layout = self._layouts.get(proc_name)
+        if layout is None and self.relation == "image->image":  # self-attention: diffusers' SDPA processor only
+            return type(processor) is AttnProcessor2_0
         if layout is None:
             return is_reproducible(processor) or wan_reproducible(processor)
         return joint_reproducible(layout, processor)
@@ -436,6 +499,8 @@ class AttentionRecorder:
             tuple, torch.Tensor | None
         ] = {}  # kind="output": (B', T) masks by batch layout
         self._concept_keys: dict[str, torch.Tensor] = {}  # layer → keys of the concepts' words (heads, C', d)
+        self._qmasks: torch.Tensor | None = None  # image→image: the queries' weights on the latent (Q, H, W)
+        self._qweights: dict[tuple, torch.Tensor] = {}  # ... on a layer's grid (Q, h*w), by grid and device
 
     def _run_start(self, run: Run) -> None:
         """A pipeline call begins: a fresh run, its rows labelled with the call's prompt tokens."""
@@ -602,6 +667,8 @@ class AttentionRecorder:
             else:
                 self._sel, self._split = slice(None), None
         if self._plan is None:
+            if self.relation == "image->image":  # points and masks against this call's latent grid
+                self._qmasks = relations.query_masks(self.selection, self._latent_size)
             self._plan = self._make_plan(run, sample.device)
         if self._plan.step_size is not None:
             self._steps.append([{}, 0])
@@ -621,14 +688,24 @@ class AttentionRecorder:
         if self.scales is not None:  # layers the scales= filter passes cost nothing
             names = [n for n in names if scales[n] in self.scales]
         calls = max(run.num_steps, 1) * max(int(getattr(self.pipe.scheduler, "order", 1) or 1), 1)
+        heads = {n: int(getattr(den.get_submodule(n), "heads", 1) or 1) for n in names}
+        relations.check_heads(self.selection, heads)
+        if self.selection.heads is not None:  # only the selected heads are averaged (and kept with per_head)
+            heads = {n: len(self.selection.heads) for n in names}
+        grids = {n: budget.grid(self._latent_size, scales[n]) for n in names}
+        keys = self._num_keys + len(self.concepts)
+        if self.relation == "text->text":  # each layer's maps: (1, T) rows over the text keys
+            grids = {n: self._map_size() for n in names}
+        elif self.relation == "image->image":  # one map per selected query
+            keys = self.selection.num_queries
         p = budget.plan(
             names=names,
-            grids={n: budget.grid(self._latent_size, scales[n]) for n in names},
+            grids=grids,
             frames=self._frames or 1,
-            heads={n: int(getattr(den.get_submodule(n), "heads", 1) or 1) for n in names},
-            latent=self._latent_size,
+            heads=heads,
+            latent=self._map_size(),
             rows=len(range(self._rows)[self._sel]),
-            keys=self._num_keys + len(self.concepts),
+            keys=keys,
             calls=calls,
             halves=2 if self._split is not None else 1,
             step_size=None if self.step_resolution is None else self._step_size(),
@@ -636,6 +713,7 @@ class AttentionRecorder:
             keep_probs=self.keep_probs,
             probs_itemsize=den.dtype.itemsize if self.keep_probs else 0,  # the dtype walks the model: only if kept
             max_bytes=self.max_bytes,
+            extra_bytes=0 if self._qmasks is None else (2 if self._split is not None else 1) * self._qmasks.nbytes,
         )
         budget.check_fits(p, device, self.max_bytes)
         self._last_plan = p
@@ -777,12 +855,19 @@ class AttentionRecorder:
         v_img: torch.Tensor,
         key_bias: torch.Tensor | None = None,
         image_key_bias: torch.Tensor | None = None,
+        **extra: Any,
     ) -> None:
         """One MMDiT layer's call: keep the captured rows' image queries (N, heads, HW, d), text keys
         (N, heads, T, d) and the kernel's log-sum-exp (N, heads, HW) until :meth:`_flush_joint` (views, no copy;
         at most :data:`QUEUE_BYTES` wait), or file the attention-output maps from the outputs (N, HW, C) and
         (N, T, C) at once for ``kind="output"``."""
         rows, step = self._sel, len(self._timesteps) - 1
+        if self.relation != "image->text":
+            self._relate_joint(
+                name, q_img[rows], k_txt[rows], None if lse is None else lse[rows], k_img[rows], scale, rows,
+                key_bias, image_key_bias, extra,
+            )
+            return
         kc = oc = None
         if self.concepts:  # the concept tokens through this block: their keys and attention outputs
             block, single = self._blocks[name]
@@ -893,6 +978,96 @@ class AttentionRecorder:
                         p = probs((i, j), slice(h, h + hchunk)).sum(1, keepdim=True)  # (B', 1, HW, T)
                         total = p if total is None else total.add_(p)
                     self._file([step], (name,), total.div_(heads)[None, None])  # (1, 1, B', 1, HW, T)
+
+    # ---- relations other than image→text (computed at once: only the selection is kept) ------------------------
+    def _heads_of(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """``x`` (B', heads, ...) restricted to the selected heads."""
+        if x is None or self.selection.heads is None:
+            return x
+        return x[:, list(self.selection.heads)]
+
+    def _weights(self, name: str, device: torch.device) -> torch.Tensor:
+        """(Q, h*w): the selected queries' weights on layer ``name``'s query grid (once per grid and run)."""
+        hw = self._layer_hw[name]
+        key = (hw, device)
+        if key not in self._qweights:
+            assert self._qmasks is not None
+            self._qweights[key] = relations.grid_weights(self._qmasks, hw).to(device)
+        return self._qweights[key]
+
+    def _relate(self, name: str, query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> None:
+        """A self-attention layer's call (image→image): each selected query's probabilities over the image keys,
+        (B', heads, HW, Q), filed like per-token maps (the Q selections in the place of the T tokens)."""
+        q, k = self._heads_of(query[rows]), self._heads_of(key[rows])  # (B', heads', HW, d)
+        maps = relations.weighted_rows(q, k, self._weights(name, q.device), scale)  # (B', heads', HW, Q)
+        self._file([len(self._timesteps) - 1], (name,), maps[None, None])
+
+    def _relate_joint(
+        self,
+        name: str,
+        q_img: torch.Tensor,
+        k_txt: torch.Tensor,
+        lse: torch.Tensor | None,
+        k_img: torch.Tensor,
+        scale: float,
+        rows: slice,
+        key_bias: torch.Tensor | None,
+        image_key_bias: torch.Tensor | None,
+        extra: dict[str, Any],
+    ) -> None:
+        """An MMDiT layer's call, the captured rows only (B', heads, ·, d): the image→image, text→image or
+        text→text block of the joint softmax, normalised over every key (the kernel's log-sum-exp where it gave
+        one, else computed here), filed as (B', heads', keys, queries) maps."""
+        step = len(self._timesteps) - 1
+        qi, kt, ki = self._heads_of(q_img), self._heads_of(k_txt), self._heads_of(k_img)
+        lse = self._heads_of(lse)
+        kb = None if key_bias is None else key_bias[rows][:, None, None, :]  # (B', 1, 1, T) on the text keys
+        kib = None if image_key_bias is None else image_key_bias[rows][:, None, None, :]  # (B', 1, 1, HW')
+        if self.relation == "image->image":
+
+            def lse_of(idx: torch.Tensor) -> torch.Tensor:  # (B', heads', R): these image rows over every key
+                if lse is not None:
+                    return lse[:, :, idx]
+                q = qi[:, :, idx].float()
+                own = torch.matmul(q, ki.float().transpose(-1, -2)).mul_(scale)  # (B', heads', R, HW')
+                txt = torch.matmul(q, kt.float().transpose(-1, -2)).mul_(scale)  # (B', heads', R, T)
+                own = own if kib is None else own.add_(kib)
+                txt = txt if kb is None else txt.add_(kb)
+                return torch.logaddexp(own.logsumexp(-1), txt.logsumexp(-1))
+
+            w = self._weights(name, qi.device)
+            maps = relations.weighted_rows(qi, ki, w, scale, lse_of, kib)  # (B', heads', HW', Q)
+            self._file([step], (name,), maps[None, None])
+            return
+        q_txt = extra.get("q_txt")
+        if q_txt is None:
+            raise RecorderStateError(
+                f"Layer {name} does not hand over its text queries: relation={self.relation!r} is not recorded on "
+                f"{self.family.label} yet. Record 'image->text' or 'image->image'."
+            )
+        qt = self._heads_of(q_txt[rows])  # (B', heads', T, d)
+        lse_txt = extra.get("lse_txt")
+        lt = None if lse_txt is None else self._heads_of(lse_txt[rows])  # (B', heads', T)
+        rb = extra.get("text_query_bias")  # (N, T, L) a mask's addition per text query and key (text first)
+        T = qt.shape[-2]
+        if rb is not None:
+            rb = rb[rows][:, None]  # (B', 1, T, T+HW')
+            bt, bi = rb[..., :T], rb[..., T:]
+        else:
+            bt, bi = kb, kib
+        if lt is None:  # the log-normaliser of each text query over every key
+            txt = torch.matmul(qt.float(), kt.float().transpose(-1, -2)).mul_(scale)  # (B', heads', T, T)
+            img = torch.matmul(qt.float(), ki.float().transpose(-1, -2)).mul_(scale)  # (B', heads', T, HW')
+            txt = txt if bt is None else txt.add_(bt)
+            img = img if bi is None else img.add_(bi)
+            lt = torch.logaddexp(txt.logsumexp(-1), img.logsumexp(-1))  # (B', heads', T)
+            lt = lt.masked_fill(lt.isneginf(), float("inf"))  # a fully masked query row attends nowhere: zeros
+        if self.relation == "text->image":
+            p = relations.rows_probs(qt, ki, scale, lt, bi)  # (B', heads', T, HW')
+        else:
+            p = relations.rows_probs(qt, kt, scale, lt, bt)  # (B', heads', T, T)
+            self._layer_hw[name] = self._map_size()  # (1, T): a row over the text keys
+        self._file([step], (name,), p.transpose(-1, -2)[None, None])  # (1, 1, B', heads', keys, T)
 
     def _word_mask(self, rows: slice, o_txt: torch.Tensor) -> torch.Tensor | None:
         """(B', T) True at the prompt's word tokens (ConceptAttention's softmax runs over these); None when the
@@ -1101,10 +1276,17 @@ class AttentionRecorder:
         means = {n: s / counts[n] for n, s in sums.items()}
         return means, ({n: h / counts[n] for n, h in heads.items()} if self.per_head else None)
 
+    def _map_size(self) -> tuple[int, int]:
+        """The maps' full size: the latent grid, or (1, T) for text→text rows over the T text keys."""
+        assert self._latent_size is not None
+        return (1, self._num_keys) if self.relation == "text->text" else self._latent_size
+
     def _step_size(self) -> tuple[int, int]:
         assert self._latent_size is not None
         if self._plan is not None and self._plan.step_size is not None:
             return self._plan.step_size  # step_resolution's size, or coarser to fit max_bytes
+        if self.relation == "text->text":
+            return self._map_size()
         H, W = self._latent_size
         if isinstance(self.step_resolution, int):
             s = min(self.step_resolution, max(H, W)) / max(H, W)
@@ -1155,7 +1337,7 @@ class AttentionRecorder:
         if not self._groups:
             raise RecorderStateError(self._no_capture_reason())
         assert self._latent_size is not None
-        H, W = self._latent_size
+        H, W = self._map_size()
         means, head_means = self._per_layer()
         order = [
             n.removesuffix(".processor") for n in self._captured if n.removesuffix(".processor") in means
@@ -1210,6 +1392,8 @@ class AttentionRecorder:
             family=self.family.name,
             kind=self.kind,
             edited=self._edited,
+            relation=self.relation,
+            query_masks=None if self._qmasks is None else self._qmasks.clone(),
         )
         if self._split is not None:
             neg_rows, cond_rows = self._split
