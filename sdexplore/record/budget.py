@@ -105,6 +105,7 @@ def plan(
     keep_probs: bool,
     probs_itemsize: int,
     max_bytes: int | None,
+    extra_bytes: int = 0,
 ) -> Plan:
     """The capture of one call, reduced to ``max_bytes`` if given.
 
@@ -115,7 +116,8 @@ def plan(
     :class:`~sdexplore.errors.MemoryBudgetError` when the aggregate and the cheapest layer alone exceed it.
     """
     H, W = latent
-    fixed = rows * keys * frames * H * W * FLOAT + halves * calls * FLOAT  # each half keeps its timesteps
+    # each half keeps its timesteps; extra_bytes: what the maps hold beside maps (image→image's query masks)
+    fixed = rows * keys * frames * H * W * FLOAT + halves * calls * FLOAT + extra_bytes
     costs = {}
     for n in names:
         h, w = grids[n]

@@ -225,6 +225,8 @@ class JointCapturingProcessor:
             float(attn.scale),
             key[:, :, :hw],
             value[:, :, :hw],
+            q_txt=query[:, :, hw:],  # the text rows, for text→image and text→text maps
+            lse_txt=None if lse is None else lse[:, :, hw:],
         )
         return sd3_output(attn, hidden_states, hw)
 
@@ -415,7 +417,11 @@ class JointControlledProcessor:
         takes what its capture hands it)."""
         recorder = getattr(getattr(self.capture, "sink", None), "__self__", None)
         rows = getattr(recorder, "_sel", None)
-        if getattr(recorder, "kind", None) == "joint" and not getattr(recorder, "concepts", None):
+        if (
+            getattr(recorder, "kind", None) == "joint"
+            and not getattr(recorder, "concepts", None)
+            and getattr(recorder, "relation", "image->text") == "image->text"  # the block the controls edit
+        ):
             return rows
         return None
 
@@ -459,6 +465,8 @@ class JointControlledProcessor:
             scale,
             key[:, :, img],
             value[:, :, img],
+            q_txt=query[:, :, txt],  # the text rows, for text→image and text→text maps
+            lse_txt=None if lse is None else lse[:, :, txt],
         )
 
 
@@ -598,8 +606,22 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             k[:, :, txt:],
             v[:, :, txt:],
             **({} if bias is None else {"key_bias": bias[:, :txt], "image_key_bias": bias[:, txt:]}),
+            q_txt=q[:, :, :txt],  # the text rows, for text→image and text→text maps
+            lse_txt=None if lse is None else lse[:, :, :txt],
+            text_query_bias=None if bias is None else query_bias(attention_mask, txt),
         )
         return flux_output(attn, self.original, hidden_states, txt, double, mlp)
+
+
+def query_bias(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """What a (N, 1, L, L) attention mask adds to each of the first ``rows`` queries' scores on every key,
+    (N, rows, L) float32 (bool: −inf where masked)."""
+    part = mask[:, 0, :rows, :]  # (N, rows, L)
+    if part.dtype == torch.bool:
+        return torch.zeros(part.shape, dtype=torch.float32, device=part.device).masked_fill_(
+            ~part, float("-inf")
+        )
+    return part.float()
 
 
 def key_bias(mask: torch.Tensor, length: int) -> torch.Tensor | None:

@@ -71,6 +71,15 @@ class AttentionMaps:
     #: A video's frames F along the denoiser's tokens (latent frames / its time patch; Wan: the latent frames):
     #: every map has an F axis before (h, w). None for an image (no F axis).
     frames: int | None = None
+    #: Which block of the attention the maps hold, ``"queries->keys"`` (:mod:`sdexplore.record.relations`):
+    #: ``"image->text"`` (per-token maps: axis 1 the text keys, the map the image queries); ``"image->image"``
+    #: (axis 1 the selected query points or masks, the map the image keys: UNet self-attention, MMDiT joint
+    #: attention's image block); ``"text->image"`` (axis 1 the text queries, the map the image keys);
+    #: ``"text->text"`` (axis 1 the text queries, each map a (1, T) row over the text keys).
+    relation: str = "image->text"
+    #: image→image: the selected queries as weights on the latent grid, (Q, H, W) float32, each summing to 1 (a
+    #: point: one cell; a mask: its pixels equally); :meth:`query` reads query ``i``'s map. None otherwise.
+    query_masks: torch.Tensor | None = None
 
     # ---- labels -------------------------------------------------------------------------------------------
     @property
@@ -94,6 +103,7 @@ class AttentionMaps:
             self.steps,
             self.concept_aggregate,
             self.concept_steps,
+            self.query_masks,
             *self.layers.values(),
             *(self.layer_heads or {}).values(),
             *(self.probs or {}).values(),
@@ -150,6 +160,10 @@ class AttentionMaps:
         several times sums all occurrences unless ``occurrence`` picks one. ``normalize``: see
         :func:`sdexplore.heatmaps.normalize` (default raw mass; ``"minmax"`` and ``"sum"`` act frame by frame).
         """
+        if self.relation == "image->image":
+            raise SelectionError(
+                "These are image→image maps, one per selected query point, not per word: use .query(i)."
+            )
         positions = self._tokens_of(index).positions(word, occurrence)  # WordNotFoundError for a non-word
         out = self._map(positions, step=step, layer=layer, index=index, norm=normalize)
         return self._frame_of(out, frame)
@@ -173,6 +187,29 @@ class AttentionMaps:
             )
         out = self._map([position % T], step=step, layer=layer, index=index, norm=normalize)
         return self._frame_of(out, frame)
+
+    def query(
+        self,
+        query: int,
+        *,
+        step: StepSelector = None,
+        layer: str | None = None,
+        index: int = 0,
+        normalize: Normalization = "mass",
+    ) -> torch.Tensor:
+        """image→image: the map ``(h, w)`` over the image keys of selected query ``query`` (its position in the
+        recorder's ``queries=``; :attr:`query_masks` holds each); ``step``, ``layer``, ``index`` and ``normalize``
+        as in :meth:`word`."""
+        if self.relation != "image->image" or self.query_masks is None:
+            raise SelectionError(
+                f"query() reads image→image maps; these are {self.relation} maps: use .word() or .token()."
+            )
+        Q = int(self.query_masks.shape[0])
+        if isinstance(query, bool) or not isinstance(query, int) or not -Q <= query < Q:
+            raise SelectionError(
+                f"query={query!r} is not a recorded query: pass an int in 0..{Q - 1} ({Q} were selected)."
+            )
+        return self._map([query % Q], step=step, layer=layer, index=index, norm=normalize)
 
     def concept(
         self,
@@ -334,26 +371,34 @@ class AttentionMaps:
                 t[f"{prefix}concepts/steps"] = self.concept_steps
             for name, v in (self.concept_layers or {}).items():
                 t[f"{prefix}concepts/layers/{name}"] = v
+        if self.query_masks is not None:
+            t[f"{prefix}query_masks"] = self.query_masks
         if self.negative is not None:
             t.update(self.negative._tensors(prefix + "negative/"))
         return {k: v.detach().cpu().contiguous() for k, v in t.items()}
 
     def _meta(self) -> dict[str, Any]:
-        return {
-            "token_lists": [tl.to_json() for tl in self.token_lists],
-            "latent_size": list(self.latent_size),
-            "vae_scale": self.vae_scale,
-            "layer_names": self.layer_names,
-            "has_steps": self.steps is not None,
-            "has_layer_heads": self.layer_heads is not None,
-            "has_probs": self.probs is not None,
-            "skipped_layers": self.skipped_layers,
-            "family": self.family,
-            "kind": self.kind,
-            "edited": self.edited,
-            "concepts": list(self.concepts),
-            "negative": self.negative._meta() if self.negative is not None else None,
-        } | ({} if self.frames is None else {"frames": self.frames})  # an image's files carry no frames key
+        return (
+            {
+                "token_lists": [tl.to_json() for tl in self.token_lists],
+                "latent_size": list(self.latent_size),
+                "vae_scale": self.vae_scale,
+                "layer_names": self.layer_names,
+                "has_steps": self.steps is not None,
+                "has_layer_heads": self.layer_heads is not None,
+                "has_probs": self.probs is not None,
+                "skipped_layers": self.skipped_layers,
+                "family": self.family,
+                "kind": self.kind,
+                "edited": self.edited,
+                "concepts": list(self.concepts),
+                "negative": self.negative._meta() if self.negative is not None else None,
+            }
+            | ({} if self.frames is None else {"frames": self.frames})
+            | (  # an image's files carry no frames key
+                {} if self.relation == "image->text" else {"relation": self.relation}
+            )
+        )  # nor image→text maps (and files from before relations) a relation
 
     def to_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors by name, JSON-able header): the form saved to disk."""
@@ -414,12 +459,17 @@ _META_KEYS = frozenset(
         "concepts",
         "negative",
         "frames",
+        "relation",
     }
 )
 _TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt", "segments"})
 _KINDS = ("bos", "text", "eos", "pad")
 #: Kinds of attention maps (:attr:`AttentionMaps.kind`).
 MAP_KINDS = ("cross", "joint", "text", "output")
+#: Relations a recording keeps (:attr:`AttentionMaps.relation`; :mod:`sdexplore.record.relations`).
+RELATIONS = ("image->text", "image->image", "text->image", "text->text")
+#: Relations whose queries are text tokens: MMDiT joint attention only (cross-attention has no text queries).
+TEXT_QUERIES = ("text->image", "text->text")
 
 
 def _tensor_names(c: ff.Checker, meta: Any, prefix: str, field: str) -> list[str]:
@@ -440,6 +490,8 @@ def _tensor_names(c: ff.Checker, meta: Any, prefix: str, field: str) -> list[str
     for group in ("layer_heads", "probs"):
         if c.bool(c.get(meta, f"has_{group}", f"{field}.has_{group}"), f"{field}.has_{group}"):
             names += [f"{prefix}{group}/{n}" for n in layers]
+    if meta.get("relation") == "image->image":
+        names.append(f"{prefix}query_masks")
     concepts = c.list(meta.get("concepts", []), f"{field}.concepts")
     if concepts:
         names.append(f"{prefix}concepts/aggregate")
@@ -462,6 +514,8 @@ def _build(
     if frames is not None:
         frames = c.int(frames, f"{field}.frames", lo=1)
     f = () if frames is None else (frames,)  # a video's frame axis, before (h, w) in every map
+    # files from before relations: image→text
+    relation = c.str(meta.get("relation", "image->text"), f"{field}.relation", choices=RELATIONS)
     B, T, *_, H, W = ff.check_tensor(
         c, f"{prefix}aggregate", tensors[f"{prefix}aggregate"], (None, None, *f, None, None), floating=True
     )  # (B, T[, F], H, W)
@@ -496,8 +550,14 @@ def _build(
             ff.check_tensor(
                 c, f"{prefix}probs/{n}", t, (S, B, nh, (frames or 1) * h * w, T), floating=True
             )  # (S, B, heads, [F·]hw, T)
+    query_masks = None
+    if (
+        relation == "image->image"
+    ):  # axis 1 holds the selected queries, each with its weights on the latent grid
+        query_masks = tensors[f"{prefix}query_masks"]
+        ff.check_tensor(c, f"{prefix}query_masks", query_masks, (T, H, W), floating=True)  # (Q, H, W)
     token_lists = [
-        _token_list(c, d, T, f"{field}.token_lists[{i}]")
+        _token_list(c, d, None if relation == "image->image" else T, f"{field}.token_lists[{i}]")
         for i, d in enumerate(
             c.list(c.get(meta, "token_lists", f"{field}.token_lists"), f"{field}.token_lists", length=B)
         )
@@ -527,7 +587,9 @@ def _build(
         meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
     )  # files from before kinds: cross
     edited = c.bool(meta.get("edited", False), f"{field}.edited")  # files from before controls: False
-    _check_consistency(c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited, frames)
+    _check_consistency(
+        c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited, frames, relation
+    )
     negative = None
     if meta["negative"] is not None:
         negative = _build(c, meta["negative"], tensors, "negative/", f"{field}.negative")
@@ -555,6 +617,8 @@ def _build(
         kind=kind,
         edited=edited,
         frames=frames,
+        relation=relation,
+        query_masks=query_masks,
         **concept_parts,
     )
 
@@ -574,9 +638,25 @@ def _check_consistency(
     layers: dict[str, torch.Tensor],
     edited: bool = False,
     frames: int | None = None,
+    relation: str = "image->text",
 ) -> None:
     """The header's family, kind and latent size agree with each other and with the maps (no model needed)."""
     fam = ff.family_of(c, family, f"{field}.family")
+    if relation != "image->text":  # each query's map over the keys: its share of a softmax, at most 1
+        if relation in TEXT_QUERIES and fam is not None and (fam.denoiser == "unet" or fam.cross_attention):
+            c.fail(
+                f"{field}.relation",
+                f"is {relation!r}, but {fam.label} attends to text by cross-attention, which has no text queries",
+            )
+        for n, t in layers.items():
+            mass = t.double().flatten(-2).sum(-1)  # (B, Q): each query's mass over the layer's keys
+            if mass.numel() and (float(mass.max()) > 1 + _MASS_TOLERANCE or float(mass.min()) < 0):
+                c.fail(
+                    f"tensor '{prefix}layers/{n}'",
+                    f"holds {relation} maps whose mass per query is {float(mass.min()):.3g}.."
+                    f"{float(mass.max()):.3g}, but a query's probabilities over keys sum to at most 1",
+                )
+        return
     if fam is not None and fam.video != (frames is not None):
         c.fail(
             f"{field}.frames",
@@ -623,7 +703,7 @@ def _check_consistency(
             )
 
 
-def _token_list(c: ff.Checker, value: Any, T: int, field: str) -> TokenList:
+def _token_list(c: ff.Checker, value: Any, T: int | None, field: str) -> TokenList:
     """One image's token labels: ids, pieces and kinds for each of the ``T`` key positions."""
     d = c.dict(value, field)
     unknown = sorted(set(d) - _TOKEN_KEYS)
