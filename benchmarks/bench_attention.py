@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from _timing import interleaved, rows_vs
 
-from sdexplore.attention import AttentionRecorder
+from sdexplore.record.attention import AttentionRecorder
 
 PROMPT = "a big red circle at the top left on a blue background"
 GUIDANCE = 7.5

@@ -9,7 +9,9 @@ from typing import Any
 import torch
 from _timing import interleaved, rows_vs
 
-from sdexplore.cli import build_parser, write_attention, write_steps
+from sdexplore.cli import build_parser
+from sdexplore.cli.attention import write_attention
+from sdexplore.cli.steps import write_steps
 
 PROMPT = "a big red circle at the top left on a blue background"
 

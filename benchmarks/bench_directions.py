@@ -16,7 +16,7 @@ For each model (the UNet ``tiny-shapes``, the SD3-family ``tiny-shapes-mmdit``) 
   the others (target: the shape's side grows by more than 3 px).
 
 Each held-out prompt is generated from seeds the inner directions were found on ("seen") and from others
-("unseen"), plainly and with the direction at each strength. The scene reader (``sdexplore.scenes.read_scene``)
+("unseen"), plainly and with the direction at each strength. The scene reader (``sdexplore.embedded.scenes.read_scene``)
 reads every image: **turned** = the read attribute is the target; **kept** = the other attributes (place and kind
 for colour, colour and kind for place, colour, place and kind for size) read as in the plain image of that prompt and
 seed. Cost: process CPU seconds of one generation with a direction applied against the plain call, ABBA pairs
@@ -93,7 +93,7 @@ def tasks(quick: bool) -> dict[str, dict]:
 
 
 def read(images: list[np.ndarray]) -> list[dict]:
-    from sdexplore.scenes import read_scene
+    from sdexplore.embedded.scenes import read_scene
 
     out = []
     for im in images:

@@ -7,7 +7,7 @@ a walk between two inverted scenes (endpoints, smoothness), and inversion time a
     python benchmarks/bench_invert.py --quick --scenes 48   # default inversion only: PSNR and IoU on more scenes,
                                                             # beside the model's own generations of the prompts
 
-Rendered scenes (``sdexplore.scenes.render_scene``) are real pictures with known masks: the held-out prompts of
+Rendered scenes (``sdexplore.embedded.scenes.render_scene``) are real pictures with known masks: the held-out prompts of
 ``validation_prompts()``, drawn with seeds the training never used. Times are process CPU seconds in ABBA pairs
 (benchmarks/_paired.py), so other processes' load on a shared box shows up far less than in wall time.
 """
@@ -40,7 +40,7 @@ VARIANTS = (
 def scene_prompts(n: int) -> list[str]:
     """``n`` of the 216 held-out prompts of ``validation_prompts()``, drawn at random (seed 0): the list is ordered
     by place, so a stride would take one place only."""
-    from sdexplore.scenes import validation_prompts
+    from sdexplore.embedded.scenes import validation_prompts
 
     prompts = validation_prompts()
     picks = np.random.default_rng(0).permutation(len(prompts))[:n]
@@ -59,9 +59,9 @@ def shape_iou(pipe, maps, prompt: str, coverage: np.ndarray) -> float:
 
 def measure_scene(pipe, prompt: str, seed: int, steps: int) -> tuple[dict, object]:
     """PSNR of every variant and the IoU of the default inversion's reconstruction pass; returns (row, inversion)."""
+    from sdexplore.embedded.scenes import render_scene
     from sdexplore.inversion import invert
     from sdexplore.record.attention import AttentionRecorder
-    from sdexplore.scenes import render_scene
 
     picture, coverage, _ = render_scene(prompt, seed=seed)  # (64, 64, 3) uint8, (64, 64) float
     row: dict = {"prompt": prompt, "seed": seed}
@@ -85,9 +85,9 @@ def measure_quick(pipe, prompt: str, seed: int, steps: int) -> dict:
     own generation of the prompt at CFG 1 (seed 0), scored against the generated image's own shape mask as in the
     model's evaluation: how much of the IoU is the model's and how much the inversion's."""
     from sdexplore.embedded.evaluate import attention_iou, shape_token_index, shape_word_maps
+    from sdexplore.embedded.scenes import read_scene, render_scene
     from sdexplore.inversion import invert
     from sdexplore.record.attention import AttentionRecorder
-    from sdexplore.scenes import read_scene, render_scene
 
     picture, coverage, _ = render_scene(prompt, seed=seed)
     with AttentionRecorder(pipe, step_resolution=None) as rec:
@@ -162,8 +162,8 @@ def measure_time(pipe, prompt: str, seed: int, steps: int, pairs: int) -> dict:
     """Process CPU time of inversions (default passes; 0 passes) over one generation with the same steps at CFG 1,
     and of the default inversion and null-text inversion over one generation at the model's CFG 3 (the
     pipeline's batch of two)."""
+    from sdexplore.embedded.scenes import render_scene
     from sdexplore.inversion import invert
-    from sdexplore.scenes import render_scene
 
     picture = render_scene(prompt, seed=seed)[0]
 
@@ -249,8 +249,8 @@ def main(argv: list[str] | None = None) -> dict:
     # two walks: between two renders of one prompt (the jitter moves the shape a little), and between the first
     # two scenes whose shapes differ (the model's discrete world of 9 places and 8 colours switches somewhere,
     # in a prompt-and-seed walk between the same prompts as much: it is measured beside it)
+    from sdexplore.embedded.scenes import parse_prompt, render_scene
     from sdexplore.inversion import invert
-    from sdexplore.scenes import parse_prompt, render_scene
 
     a = inversions[0]
     again = invert(pipe, render_scene(a.prompt, seed=200)[0], a.prompt, steps=args.steps)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from _timing import interleaved, rows_vs
 
-from sdexplore.observation import observe
+from sdexplore.record.observe import observe
 
 
 def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:

@@ -41,9 +41,9 @@ def _latency(name: str, update: Callable[[int], None], n: int, repeats: int) -> 
 
 def benchmark(pipe: Any, *, device: str, repeats: int, gpu: bool) -> list[dict]:
     """Latency of every explorer control on a realistic run, plus the live-scrubber overhead on the call."""
-    from sdexplore.observation import observe
+    from sdexplore.record.observe import observe
+    from sdexplore.views.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
     from sdexplore.walks import walk
-    from sdexplore.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
 
     steps = 50 if gpu else 25
     size = {"height": 512, "width": 512} if gpu else {}

@@ -276,7 +276,7 @@ def api_page() -> str:
         "# API reference",
         "",
         "Every public name of `sdexplore` (its `__all__`), generated from the docstrings by mkdocstrings at each "
-        "build. Topic modules (`sdexplore.widgets`, `sdexplore.plots`, `sdexplore.scenes`, ...) hold the rest; "
+        "build. Topic modules (`sdexplore.views.widgets`, `sdexplore.views.plots`, `sdexplore.embedded.scenes`, ...) hold the rest; "
         "the [architecture page](../architecture.md) explains how the pieces fit.",
         "",
     ]

@@ -39,9 +39,9 @@ def build(out: Path) -> dict[str, float]:
     import torch
 
     import sdexplore as sdx
-    from sdexplore.export import save_gif
-    from sdexplore.plots.attention import word_overlay
-    from sdexplore.render import decode_steps, spread, trace_preview, upscale
+    from sdexplore.views.export import save_gif
+    from sdexplore.views.plots.attention import word_overlay
+    from sdexplore.views.render import decode_steps, spread, trace_preview, upscale
 
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
@@ -111,7 +111,7 @@ def build(out: Path) -> dict[str, float]:
         progress=False,
     )
     frames = np.stack([upscale(f, PIXELS) for f in w.images])  # (N, 256, 256, 3)
-    save_gif(frames, out / "walk.gif", fps=6, rubber=True)  # written atomically by sdexplore.export
+    save_gif(frames, out / "walk.gif", fps=6, rubber=True)  # written atomically by sdexplore.views.export
     seconds["walk"] = time.perf_counter() - t0
 
     page = PAGE.format(
@@ -143,14 +143,14 @@ thread(s): {timing}). Prompt: *"{prompt}"*, seed 0, {steps} DDIM steps, guidance
 *{strip} of the {steps} steps, from pure noise (left) to the final image (right). Top: the noisy latents x_t
 through the free linear latent→RGB preview (one pixel per latent cell). Bottom: the model's guess of the
 finished image at that step (x̂0, VAE-decoded after the run). `sdx.observe(pipe, steps=True)`,
-`sdexplore.render.trace_preview` and `sdexplore.render.decode_steps`.*
+`sdexplore.views.render.trace_preview` and `sdexplore.views.render.decode_steps`.*
 
 ## Cross-attention, one heat map per word
 
 ![The image and each word's cross-attention map over it](attention_words.png)
 
 *Where each word of the prompt attends, averaged over steps, layers and heads, beside the generated image (top left):
-`sdx.observe(pipe, attention=True)` and `sdexplore.plots.attention.word_overlay` (the blend of `plot_words`). Each map is stretched to the
+`sdx.observe(pipe, attention=True)` and `sdexplore.views.plots.attention.word_overlay` (the blend of `plot_words`). Each map is stretched to the
 whole colour map, so it shows where a word looks, not how strongly.*
 
 ## A walk between two prompts
@@ -158,7 +158,7 @@ whole colour map, so it shows where a word looks, not how strongly.*
 ![A walk from the first prompt and seed to the second](walk.gif)
 
 *{frames} frames from "{a}" (seed 0) to "{b}" (seed 1), prompt embeddings and noise slerped, played forward
-then back: `sdx.walk(...)` and `sdexplore.export.save_gif`.*
+then back: `sdx.walk(...)` and `sdexplore.views.export.save_gif`.*
 """
 
 

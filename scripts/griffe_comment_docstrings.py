@@ -1,7 +1,7 @@
 """A griffe extension for sdexplore's docstrings: ``#:`` comments become attribute docstrings; Sphinx-isms read.
 
 sdexplore documents its constants the Sphinx way (``#: The embedded model's folder.`` above the assignment) and
-its docstrings use a few reST forms (``:class:`~sdexplore.trace.Trace```, a ``::`` before a code block). griffe,
+its docstrings use a few reST forms (``:class:`~sdexplore.results.trace.Trace```, a ``::`` before a code block). griffe,
 which mkdocstrings uses, reads only string literals below an assignment, and Markdown shows reST verbatim; this
 extension closes both gaps at build time, without touching the sources. Loaded by ``mkdocs.yml``.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import griffe
 
-# :func:`~sdexplore.observation.observe` / :class:`Trace` -> `observe` / `Trace`
+# :func:`~sdexplore.record.observe.observe` / :class:`Trace` -> `observe` / `Trace`
 _ROLE = re.compile(r":(?:py:)?(?:func|class|meth|attr|mod|data|exc|obj|const):`~?(?:[\w.]*\.)?([^`<>]+?)`")
 _LITERAL_MARKER = re.compile(r"(?m)^[ \t]*::[ \t]*\n")  # a line holding only "::" (reST: code block follows)
 _TRAILING_MARKER = re.compile(r"(?m)(\S)::\s*$")  # "Example::" -> "Example:"

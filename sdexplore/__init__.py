@@ -1,8 +1,9 @@
 """sdexplore: look inside Stable Diffusion — every denoising step, cross-attention per token, walks between prompts.
 
 The public surface is deliberate and small. Names are imported lazily (PEP 562), so ``import sdexplore`` and
-``sdexplore --help`` stay fast; torch and diffusers load on first use. Topic modules (``sdexplore.widgets``,
-``sdexplore.plots``, ``sdexplore.scenes``, ``sdexplore.interpolate``, ...) hold the rest.
+``sdexplore --help`` stay fast; torch and diffusers load on first use. Topic modules hold the rest:
+``sdx.widgets`` and ``sdx.plots`` (in :mod:`sdexplore.views`), ``sdx.scenes`` (:mod:`sdexplore.embedded.scenes`),
+``sdx.interpolate``, ...
 """
 
 from __future__ import annotations
@@ -81,26 +82,27 @@ _EXPORTS: dict[str, str] = {
     "ExportError": "errors",
     "MemoryBudgetError": "errors",
 }
-_SUBMODULES = (
-    "widgets",
-    "plots",
-    "scenes",
-    "interpolate",
-    "heatmaps",
-    "export",
-    "images",
-    "families",
-    "fixtures",
-    "text",
-    "record",
-    "results",
-    "embedded",
-    "render",
-    "decoding",
-    "sweeps",
-    "vital",
-    "directions",
-)
+# topic module reachable as an attribute (``sdx.widgets``) -> where it lives
+_SUBMODULES: dict[str, str] = {
+    "widgets": "views.widgets",
+    "plots": "views.plots",
+    "scenes": "embedded.scenes",
+    "interpolate": "interpolate",
+    "heatmaps": "heatmaps",
+    "export": "views.export",
+    "images": "images",
+    "families": "families",
+    "fixtures": "fixtures",
+    "text": "text",
+    "record": "record",
+    "results": "results",
+    "embedded": "embedded",
+    "render": "views.render",
+    "decoding": "decoding",
+    "sweeps": "sweeps",
+    "vital": "vital",
+    "directions": "directions",
+}
 
 __all__ = [
     "AttentionMaps",
@@ -169,7 +171,7 @@ def __getattr__(name: str) -> Any:
         globals()[name] = value  # cache: later lookups skip __getattr__
         return value
     if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
+        return importlib.import_module(f".{_SUBMODULES[name]}", __name__)
     raise AttributeError(f"module 'sdexplore' has no attribute {name!r}")
 
 
@@ -178,7 +180,6 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
-    from .vital import VitalLayers, vital_layers
     from .editing import edit
     from .errors import (
         DeviceDtypeError,
@@ -217,4 +218,5 @@ if TYPE_CHECKING:  # static view of the lazy names for type checkers and IDEs
     from .text import EncodedPrompt, compare_prompts, encode_prompt, inspect_prompt
     from .tokenizer import clip_tokenizer
     from .tour import PipelineDescription, describe
+    from .vital import VitalLayers, vital_layers
     from .walks import walk

@@ -25,7 +25,7 @@ def generate(
 
     ``images`` is exactly the pipeline output's ``.images`` — a list of PIL images by default (one per
     prompt × ``num_images_per_prompt``; use ``images[0]`` for a single prompt), a numpy array for
-    ``output_type="np"``. ``obs`` is the :class:`~sdexplore.observation.Observation` (``obs.steps``,
+    ``output_type="np"``. ``obs`` is the :class:`~sdexplore.results.observation.Observation` (``obs.steps``,
     ``obs.attention``). ``seed`` (a whole number from 0 to 2**64 − 1, checked before any work) is a shortcut for
     ``generator=torch.Generator("cpu").manual_seed(seed)`` (a CPU generator gives the same image on every
     device); ``steps`` / ``attention`` take the same values as in :func:`sdexplore.observe`. Every other keyword

@@ -4,7 +4,7 @@ diffusers' inpainting pipelines resize a mask of another size to the image's sil
 picture repaints the wrong place. :func:`load_mask` and :func:`check_inpaint_inputs` (which the attachment calls
 when an observed call begins, before the pipeline does anything) give one clear
 :class:`~sdexplore.errors.InvalidArgumentError` instead, and the recorded mask travels with the trace so that views
-draw its outline (:func:`sdexplore.render.heat_overlay`'s ``mask=``). The same start-of-run check refuses an
+draw its outline (:func:`sdexplore.views.render.heat_overlay`'s ``mask=``). The same start-of-run check refuses an
 img2img or inpainting ``strength`` outside (0, 1] and a 16-bit picture, which diffusers meets with raw errors.
 """
 

@@ -227,7 +227,7 @@ def vital_layers(
     plainly and then with each block of ``blocks`` (default: every candidate, :func:`candidate_blocks`) bypassed.
     A block's score is the mean absolute difference of its bypassed pictures from the plain ones (uint8 pixels,
     as a fraction of 255); it is vital above ``threshold``. ``read_scenes=True`` (the embedded models' world) also
-    reads each picture with :func:`sdexplore.scenes.read_scene` and counts the pictures whose colour, background,
+    reads each picture with :func:`sdexplore.embedded.scenes.read_scene` and counts the pictures whose colour, background,
     kind or place changed. ``batch_size`` pictures go through the pipeline at once (default: all). Other
     keywords go to every pipeline call (``num_inference_steps``, ``guidance_scale``, ``height``, ``width``...).
 

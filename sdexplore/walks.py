@@ -389,7 +389,7 @@ def _observe_fn() -> Callable[..., Any]:
 
 
 def default_summary(obs: Any, index: int) -> dict[str, Any]:
-    """Small JSON-able summary of frame ``index`` of a batched :class:`~sdexplore.observation.Observation`.
+    """Small JSON-able summary of frame ``index`` of a batched :class:`~sdexplore.results.observation.Observation`.
 
     Steps: the timesteps and, where recorded, the per-step RMS of the guided noise prediction. Attention: the
     mean attention mass of each of the 77 key positions over the image. Pass ``summarize=`` to keep more (e.g.

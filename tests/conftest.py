@@ -30,7 +30,7 @@ class ModelLoaded(Exception):
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Replace the CLI's model load by a recorder that stops the command: what reached it passed every check."""
-    from sdexplore import cli
+    from sdexplore.cli import _common as cli  # where the commands find the model loader
 
     calls: list[tuple] = []
 

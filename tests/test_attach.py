@@ -13,7 +13,7 @@ from conftest import assert_restored, gen, pipeline_state
 import sdexplore as sdx
 from sdexplore.errors import RecorderStateError
 from sdexplore.record.attach import attachment_of
-from sdexplore.steering import PromptSwitch
+from sdexplore.record.steering import PromptSwitch
 
 P = "a big red circle on a blue background"
 Q = "a small green square on a white background"

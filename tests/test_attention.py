@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from conftest import gen
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from sdexplore.attention import AttentionMaps, AttentionRecorder
 from sdexplore.errors import (
     InvalidArgumentError,
     RecorderStateError,
@@ -20,6 +19,8 @@ from sdexplore.errors import (
     WordNotFoundError,
 )
 from sdexplore.fixtures import tiny_pipeline
+from sdexplore.record.attention import AttentionRecorder
+from sdexplore.results.attention_maps import AttentionMaps
 
 PROMPT = "a big red circle at the top left on a blue background"
 RUN = dict(num_inference_steps=3, height=64, width=64, output_type="pt")
@@ -412,7 +413,7 @@ def test_no_warning_in_the_plain_case(sd1_pipe):
 
 
 def test_observe_builds_the_recorder(sd1_pipe):
-    from sdexplore.observation import observe
+    from sdexplore.record.observe import observe
 
     before = _state(sd1_pipe)
     with observe(sd1_pipe, steps=False, attention=dict(negative=True, step_resolution=4)) as obs:
@@ -731,7 +732,7 @@ def test_mmdit_save_load_roundtrip(mmdit_recorded, tmp_path):
 def test_mmdit_observe_builds_the_recorder(mmdit):
     from conftest import assert_restored, pipeline_state
 
-    from sdexplore.observation import observe
+    from sdexplore.record.observe import observe
 
     family, pipe = mmdit
     pipe(PROMPT, generator=gen(0), **MMDIT_RUN)  # diffusers' per-call attributes as this call sets them

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import sdexplore
-from sdexplore.attention import AttentionRecorder
 from sdexplore.heatmaps import iou, threshold, upsample
+from sdexplore.record.attention import AttentionRecorder
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ MIN_MARGIN = 0.50  # over the mismatched pairs
 
 
 def test_shape_word_map_overlaps_generated_shape():
-    from sdexplore.scenes import parse_prompt, read_scene
+    from sdexplore.embedded.scenes import parse_prompt, read_scene
 
     pipe = sdexplore.load_pipeline(device="cpu")
     prompts = [p for p in PROMPTS if _parses(parse_prompt, p)]

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import gen
 
-from sdexplore.attention import AttentionRecorder
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.plots.attention import plot_step_grid, plot_word, plot_words
-from sdexplore.render import heat_overlay
+from sdexplore.record.attention import AttentionRecorder
+from sdexplore.views.plots.attention import plot_step_grid, plot_word, plot_words
+from sdexplore.views.render import heat_overlay
 
 matplotlib.use("Agg")
 

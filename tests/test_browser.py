@@ -36,9 +36,9 @@ NOTEBOOK_CELLS = [
     """\
 import numpy as np, torch
 from sdexplore.loading import load_pipeline
-from sdexplore.observation import observe
+from sdexplore.record.observe import observe
 from sdexplore.walks import walk
-from sdexplore.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
+from sdexplore.views.widgets import AttentionExplorer, InterpolationExplorer, TimestepScrubber, WalkPlayer
 torch.set_num_threads(1)
 pipe = load_pipeline()
 PROMPT = "a big red circle at the top left on a blue background"

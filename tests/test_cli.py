@@ -13,12 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sdexplore.attention import AttentionMaps
-from sdexplore.cli import HEAT_MIN_SIDE, SCHEDULER_ALIASES, TILE, main, resolve_scheduler
-from sdexplore.cli_output import MANIFEST
-from sdexplore.export import image_grid, read_frames
+from sdexplore.cli import main
+from sdexplore.cli._common import HEAT_MIN_SIDE, SCHEDULER_ALIASES, TILE, resolve_scheduler
+from sdexplore.cli.output import MANIFEST
 from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE, load_pipeline
-from sdexplore.trace import Trace
+from sdexplore.results.attention_maps import AttentionMaps
+from sdexplore.results.trace import Trace
+from sdexplore.views.export import image_grid, read_frames
 
 PROMPT = "a big red circle at the top left on a blue background"
 
@@ -155,7 +156,8 @@ def test_steps_on_a_saved_sdxl_folder(capsys, tmp_path, sdxl_folder):
 def test_steps_on_a_zero_terminal_snr_v_prediction_model(sd2_pipe, tmp_path):
     from diffusers import DDIMScheduler
 
-    from sdexplore.cli import build_parser, write_steps
+    from sdexplore.cli import build_parser
+    from sdexplore.cli.steps import write_steps
 
     sd2_pipe.scheduler = DDIMScheduler.from_config(
         sd2_pipe.scheduler.config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
@@ -175,7 +177,7 @@ def test_steps_on_a_zero_terminal_snr_v_prediction_model(sd2_pipe, tmp_path):
 def test_x0_decoding_upcasts_a_float16_vae_that_asks_for_it_and_puts_it_back(sd1_pipe):
     import copy
 
-    from sdexplore.cli import decode_x0
+    from sdexplore.cli.steps import decode_x0
     from sdexplore.decoding import decode_with
     from sdexplore.generation import generate
 
@@ -357,7 +359,9 @@ def test_every_command_on_a_saved_mmdit_folder(capsys, tmp_path, mmdit_folder):
 def test_sizes_and_negative_are_checked_once_the_model_is_known(family):
     """SD3 and Flux work in 2x2 patches of 8x8 VAE blocks: sizes in multiples of 16 (FluxPipeline would round
     72 down to 64 silently); Flux.1 has no CFG batch, so a negative prompt it would ignore is refused."""
-    from sdexplore.cli import InputError, _check_for_model, build_parser
+    from sdexplore.cli import build_parser
+    from sdexplore.cli._common import _check_for_model
+    from sdexplore.cli.output import InputError
     from sdexplore.fixtures import tiny_pipeline
 
     pipe = tiny_pipeline(family)
@@ -383,7 +387,9 @@ def test_a_size_above_the_embedded_mmdits_limit_is_refused_once_the_model_is_kno
     """tiny-shapes-mmdit draws at most 64 px per side (pos_embed_max_size): --height 128 is one sentence naming
     the limit before generating, not diffusers' error after the prompt is encoded."""
     import sdexplore as sdx
-    from sdexplore.cli import InputError, _check_for_model, build_parser
+    from sdexplore.cli import build_parser
+    from sdexplore.cli._common import _check_for_model
+    from sdexplore.cli.output import InputError
 
     pipe = sdx.load_pipeline("tiny-shapes-mmdit")
     _check_for_model(build_parser().parse_args(["steps", "a red circle", "--height", "64"]), pipe)
@@ -501,7 +507,7 @@ def test_help_lists_each_command_once(capsys):
 def test_help_and_bad_arguments_load_no_torch_or_diffusers():
     """`sdexplore --help` took ~13 s on a busy machine: the parser imported sdexplore.inversion (torch). The
     parser and argument errors must not load torch, diffusers or transformers."""
-    from sdexplore.cli import INVERT_ITERATIONS
+    from sdexplore.cli._common import INVERT_ITERATIONS
     from sdexplore.inversion import DEFAULT_ITERATIONS
 
     assert INVERT_ITERATIONS == DEFAULT_ITERATIONS  # the help's default, written out to spare the import
@@ -545,7 +551,7 @@ def test_installed_console_script_help():
 
 
 def test_trained_model_steps_and_attention_mean_something(capsys, tmp_path):
-    from sdexplore.scenes import read_scene
+    from sdexplore.embedded.scenes import read_scene
 
     out = tmp_path / "att"
     rc, _, _ = run(capsys, "attention", PROMPT, "--words", "circle", "--out", out, "--no-progress")
@@ -566,7 +572,7 @@ def test_trained_model_steps_and_attention_mean_something(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def scene_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Rendered scenes as picture files (one at 96x96, resized with a note), a text file named .png."""
-    from sdexplore.scenes import render_scene
+    from sdexplore.embedded.scenes import render_scene
 
     folder = tmp_path_factory.mktemp("pictures")
     files = {"red": folder / "red.png", "green": folder / "green.png", "junk": folder / "junk.png"}
@@ -604,7 +610,7 @@ def test_invert_writes_the_reconstruction_its_psnr_and_the_inversion(capsys, tmp
 
 
 def test_a_file_that_is_not_a_picture_is_one_error_before_loading(capsys, tmp_path, scene_files, monkeypatch):
-    import sdexplore.cli as cli
+    import sdexplore.cli._common as cli
 
     monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
     for argv in (["invert", scene_files["junk"], PROMPT], ["attention", PROMPT, "--image", scene_files["junk"]],

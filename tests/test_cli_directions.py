@@ -18,7 +18,7 @@ from sdexplore.cli import main
 from sdexplore.embedded.scenes import read_scene
 from sdexplore.loading import EMBEDDED_GUIDANCE_SCALE, load_pipeline
 from sdexplore.results.directions import DirectionData
-from sdexplore.trace import Trace
+from sdexplore.results.trace import Trace
 
 RED, BLUE = (
     "a big red circle at the left on a white background",

@@ -16,10 +16,11 @@ from conftest import ModelLoaded
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import sdexplore.cli as cli
-import sdexplore.cli_output as cli_output
+import sdexplore.cli._common as cli_common
+import sdexplore.cli.output as cli_output
+import sdexplore.cli.steps as cli_steps
 from sdexplore.cli import main
-from sdexplore.trace import Trace
+from sdexplore.results.trace import Trace
 
 FAST = ("--steps", "2", "--preview", "linear", "--no-progress")
 
@@ -47,14 +48,14 @@ def beside(folder: Path) -> list[str]:
 def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(capsys, tmp_path, monkeypatch):
     out = tmp_path / "shared"
     started, release = threading.Event(), threading.Event()
-    real = cli.write_steps
+    real = cli_steps.write_steps
 
     def slow_write(pipe, args, files):
         started.set()
         assert release.wait(60)
         real(pipe, args, files)
 
-    monkeypatch.setattr(cli, "write_steps", slow_write)
+    monkeypatch.setattr(cli_steps, "write_steps", slow_write)
     first: list[int] = []
     worker = threading.Thread(
         target=lambda: first.append(main(["steps", "a red circle", *FAST, "--out", str(out)]))
@@ -101,7 +102,7 @@ def test_a_live_lock_refuses_and_a_dead_runs_lock_is_taken_over(capsys, tmp_path
 
 def _interrupt_after_partial_write(monkeypatch: pytest.MonkeyPatch, target: str) -> None:
     """Make the writer named ``target`` write a few bytes and then be interrupted (Ctrl-C mid-write)."""
-    import sdexplore.export as export
+    import sdexplore.views.export as export
 
     def partial(images, path, **kwargs):
         Path(path).write_bytes(b"")  # as ffmpeg leaves a 0-byte .mp4
@@ -154,7 +155,7 @@ def test_sigterm_mid_write_is_handled_as_ctrl_c(capsys, tmp_path):
     argv = ["steps", "a blue square", *FAST, "--out", str(out), "--force"]
     code = (
         "import pathlib, sys, time\n"
-        "import sdexplore.cli as cli, sdexplore.export as export\n"
+        "import sdexplore.cli as cli, sdexplore.views.export as export\n"
         "def stuck(images, path, **kw):  # the GIF half written, then the run is stopped there\n"
         "    pathlib.Path(path).write_bytes(b'GIF89a')\n"
         f"    pathlib.Path({str(marker)!r}).write_text('writing')\n"
@@ -257,13 +258,13 @@ def test_force_replaces_sdexplores_own_output_only_while_its_manifest_holds(caps
     assert rc == 2 and "image.png, changed since sdexplore wrote it" in err
     (out / "image.png").write_bytes(before["image.png"])
 
-    real = cli.write_steps
+    real = cli_steps.write_steps
 
     def user_adds_a_file_meanwhile(pipe, args, files):
         (out / "notes.txt").write_text("written during the run")
         real(pipe, args, files)
 
-    monkeypatch.setattr(cli, "write_steps", user_adds_a_file_meanwhile)
+    monkeypatch.setattr(cli_steps, "write_steps", user_adds_a_file_meanwhile)
     rc, stdout, err = run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")
     assert rc == 2 and "notes.txt" in err and "wrote" not in stdout
     after = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -460,15 +461,15 @@ def test_any_command_line_ends_in_one_line_exit_2_or_reaches_the_model(argv, tmp
         calls.append(list(folder.rglob("*.sdexplore-lock")))
         raise ModelLoaded
 
-    real, cwd = cli._load, os.getcwd()
-    cli._load = fake_load
+    real, cwd = cli_common._load, os.getcwd()
+    cli_common._load = fake_load
     os.chdir(folder)
     err, out = io.StringIO(), io.StringIO()
     try:
         with redirect_stderr(err), redirect_stdout(out):
             rc = main(argv)
     finally:
-        cli._load, _ = real, os.chdir(cwd)
+        cli_common._load, _ = real, os.chdir(cwd)
     text = err.getvalue()
     assert "Traceback" not in text, text
     if calls:  # every check passed: the failure is the fake load's, reported as a failed run (1)

@@ -82,7 +82,8 @@ def test_describe_non_square_and_bad_size(sd1_pipe):
 )
 def test_describe_embedded_models_says_what_their_configs_say(model, expected_type):
     """The embedded UNet is v-prediction (not "predicts the noise"); the default step count is the commands'."""
-    from sdexplore import cli, inversion
+    from sdexplore import inversion
+    from sdexplore.cli import _common as cli
     from sdexplore.loading import load_pipeline
     from sdexplore.schedule_math import prediction_type
     from sdexplore.tour import predicts

@@ -210,7 +210,7 @@ def test_the_inner_layer_is_refused_while_a_recorder_holds_it(sd3) -> None:
 
 
 def test_the_explorer_shows_each_directions_frame_at_its_strength(sd1) -> None:
-    from sdexplore.widgets.directions import DirectionExplorer
+    from sdexplore.views.widgets.directions import DirectionExplorer
 
     d = D.from_pairs(sd1, [PAIR])
     walks = {"colour": d.walk(sd1, "a red square at the top", frames=3, **KW)}

@@ -98,7 +98,7 @@ def test_comment_docstrings_and_rest_roles():
     assert griffe_comment_docstrings.comment_docstring(lines, 4) == "The folder.\nSecond line."
     assert griffe_comment_docstrings.comment_docstring(lines, 6) is None
     md = griffe_comment_docstrings.markdown_from_rest(
-        "See :func:`~sdexplore.observation.observe` and :class:`Trace`.\n\n::\n\n    code()\n"
+        "See :func:`~sdexplore.record.observe.observe` and :class:`Trace`.\n\n::\n\n    code()\n"
     )
     assert md == "See `observe` and `Trace`.\n\n\n    code()\n"  # the "::" line is gone, the code block stays
 

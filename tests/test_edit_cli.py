@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sdexplore.cli import HEAT_MIN_SIDE, main
-from sdexplore.cli_output import MANIFEST
+from sdexplore.cli import main
+from sdexplore.cli._common import HEAT_MIN_SIDE
+from sdexplore.cli.output import MANIFEST
 from sdexplore.results import Edit
 
 SOURCE = "a big red circle at the top left on a blue background"
@@ -41,7 +42,7 @@ def png(path: Path) -> np.ndarray:
 
 
 def test_a_colour_swap_writes_both_images_their_difference_the_maps_and_a_loadable_edit(capsys, tmp_path):
-    from sdexplore.scenes import read_scene
+    from sdexplore.embedded.scenes import read_scene
 
     out = tmp_path / "edit"
     rc, stdout, err = run(capsys, "edit", SOURCE, TARGET, "--out", out, "--no-progress")
@@ -76,7 +77,7 @@ def test_an_ablation_writes_the_zero_map_after(capsys, tmp_path):
         float(res.edited_maps.word("circle").abs().max()) == 0.0 < float(res.source_maps.word("circle").max())
     )
     assert "circle: mean attention mass before" in stdout and "after 0.0000" in stdout
-    from sdexplore.render import heat_overlay
+    from sdexplore.views.render import heat_overlay
 
     # one colour scale for the pair, from 0: the zero map after is the colour map's bottom everywhere
     zero = heat_overlay(png(out / "edited.png"), np.zeros((8, 8)), size=HEAT_MIN_SIDE, vmin=0.0, vmax=1.0)

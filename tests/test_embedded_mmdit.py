@@ -484,8 +484,8 @@ def test_red_to_blue_walk_turns_the_colour_monotonically(mm) -> None:
 
 
 def test_prompt_switch_at_step_k_changes_what_the_steps_after_k_decide(mm) -> None:
-    from sdexplore.steering import PromptSwitch
-    from sdexplore.steps import StepRecorder
+    from sdexplore.record.steering import PromptSwitch
+    from sdexplore.record.steps import StepRecorder
 
     a = "a big red circle at the top left on a white background"
     moved = "a big blue circle at the bottom right on a white background"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdexplore.export import (
+from sdexplore.views.export import (
     as_uint8_frames,
     image_grid,
     read_frames,
@@ -89,7 +89,7 @@ def test_walk_export_methods(tmp_path):
 
 
 def test_walk_plots(tmp_path):
-    from sdexplore.plots.walks import plot_frame_strip, plot_smoothness
+    from sdexplore.views.plots.walks import plot_frame_strip, plot_smoothness
 
     w = _walk(_frames(7))
     strip = plot_frame_strip(w, count=4)
@@ -131,7 +131,7 @@ def test_fps_and_loop_the_encoders_cannot_hold_are_refused_before_encoding(tmp_p
     up front, and the bound the message names is itself accepted."""
     import re
 
-    import sdexplore.export as export
+    import sdexplore.views.export as export
     from sdexplore.errors import ExportError, InvalidArgumentError
 
     still = np.repeat(_frames(1), 16, axis=0)  # 16 identical frames: one merged frame in the GIF

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import sdexplore as sdx
+from sdexplore.embedded.scenes import read_scene, render_scene
 from sdexplore.errors import InvalidArgumentError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.inversion import invert, psnr
 from sdexplore.record.control import CONTROL_FAMILIES
-from sdexplore.scenes import read_scene, render_scene
 
 PROMPT = "a big red circle at the top left on a blue background"
 

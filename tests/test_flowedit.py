@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import sdexplore as sdx
+from sdexplore.embedded.scenes import read_scene, render_scene
 from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.flowedit import (
@@ -19,7 +20,6 @@ from sdexplore.flowedit import (
     velocity_model,
 )
 from sdexplore.results.edit import Edit
-from sdexplore.scenes import read_scene, render_scene
 
 PROMPT = "a big red circle at the top left on a blue background"
 SMALL = dict(num_inference_steps=4, height=64, width=64)

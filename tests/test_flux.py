@@ -22,8 +22,8 @@ from sdexplore.decoding import decode_with
 from sdexplore.families import FLUX, latent_rgb
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.preview import latent_to_rgb, to_uint8
+from sdexplore.record.steps import StepRecorder
 from sdexplore.schedule_math import dynamic_shift_mu
-from sdexplore.steps import StepRecorder
 
 P = "a red circle on a blue background"
 # a short T5 sequence keeps the tests fast (Flux's default, 512 tokens, is checked in the encode_prompt test)

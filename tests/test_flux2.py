@@ -18,9 +18,9 @@ from sdexplore.errors import UnsupportedPipelineError, WordNotFoundError
 from sdexplore.families import FLUX2, latent_rgb
 from sdexplore.fixtures import qwen_tokenizer, tiny_pipeline
 from sdexplore.preview import latent_to_rgb, to_uint8
+from sdexplore.record.steering import PromptSwitch
+from sdexplore.record.steps import StepRecorder
 from sdexplore.record.tokens import sequence_tokens
-from sdexplore.steering import PromptSwitch
-from sdexplore.steps import StepRecorder
 
 P, Q = "a red circle on a blue background", "a green square"
 # a short Qwen sequence keeps the tests fast (the pipeline's default is 512 positions)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from sdexplore.embedded.scenes import render_scene
 from sdexplore.errors import InvalidArgumentError, SdexploreError
 from sdexplore.images import ImageNote, encode_image, image_array, load_image, pipeline_image
-from sdexplore.scenes import render_scene
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import sdexplore as sdx
 from sdexplore.errors import InvalidArgumentError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.masks import load_mask, mask_array
-from sdexplore.render import draw_mask_outline, heat_overlay, mask_outline
+from sdexplore.views.render import draw_mask_outline, heat_overlay, mask_outline
 
 PROMPT = "a red circle"
 CLASSES = {
@@ -278,9 +278,9 @@ def test_the_mask_is_saved_with_the_observation_and_drawn_around_the_maps(bases,
 
 
 def test_attention_views_draw_the_inpainting_mask_and_take_a_new_upload(bases) -> None:
-    from sdexplore.plots.attention import word_overlay
-    from sdexplore.render import mask_outline
-    from sdexplore.widgets import AttentionExplorer
+    from sdexplore.views.plots.attention import word_overlay
+    from sdexplore.views.render import mask_outline
+    from sdexplore.views.widgets import AttentionExplorer
 
     pipe = _build(bases, "sd1-inpaint")
     with sdx.observe(pipe, steps=True, attention=True) as obs:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import assert_restored, pipeline_state
 
+from sdexplore.embedded.scenes import render_scene
 from sdexplore.errors import InvalidArgumentError, ResultFileError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.inversion import Inversion, _ddim_steps, invert, psnr
-from sdexplore.scenes import render_scene
 
 PROMPT = "a big red circle at the top left on a blue background"
 

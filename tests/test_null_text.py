@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import assert_restored, pipeline_state
 
+from sdexplore.embedded.scenes import render_scene
 from sdexplore.errors import InvalidArgumentError, ResultFileError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.inversion import Inversion, applied, invert
-from sdexplore.scenes import render_scene
 
 PROMPT = "a big red circle at the top left on a blue background"
 
@@ -150,8 +150,8 @@ def test_edit_from_an_inverted_picture_keeps_the_source_branch(embedded, embedde
     """An attention edit run from the inversion's latents inside ``applied``: both branches get ∅_i (the uncond
     half of a batch of two images), so the source branch is the reconstruction, and the swap reads as the target."""
     import sdexplore as sdx
+    from sdexplore.embedded.scenes import read_scene
     from sdexplore.inversion import psnr
-    from sdexplore.scenes import read_scene
 
     _, null = embedded_pair
     target = PROMPT.replace("red", "yellow")
@@ -180,8 +180,8 @@ def test_edit_own_picture(embedded) -> None:
     import scipy.ndimage as nd
 
     import sdexplore as sdx
+    from sdexplore.embedded.scenes import read_scene
     from sdexplore.inversion import psnr
-    from sdexplore.scenes import read_scene
 
     pipe = embedded
     picture, coverage, _ = render_scene(PROMPT, seed=3)

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import gen
 
-from sdexplore.attention import AttentionRecorder
 from sdexplore.errors import RecorderStateError, ResultFileError
 from sdexplore.generation import generate
-from sdexplore.observation import Observation, observe
-from sdexplore.trace import Trace
+from sdexplore.record.attention import AttentionRecorder
+from sdexplore.record.observe import observe
+from sdexplore.results.observation import Observation
+from sdexplore.results.trace import Trace
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")
 

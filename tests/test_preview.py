@@ -196,8 +196,8 @@ def test_embedded_traces_preview_with_the_network_and_re_render_the_same_after_l
     from sdexplore.families import latent_preview
     from sdexplore.preview import conv_preview_to_uint8
     from sdexplore.record.steps import StepRecorder
-    from sdexplore.render import trace_preview
     from sdexplore.results.trace import Trace
+    from sdexplore.views.render import trace_preview
 
     pipe = sdexplore.load_pipeline()
     pipe.set_progress_bar_config(disable=True)

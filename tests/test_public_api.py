@@ -31,8 +31,8 @@ def test_every_public_name_resolves():
     }
     assert all(isinstance(f, sdexplore.Family) for f in sdexplore.FAMILIES.values())
     assert {"invert", "Inversion"} <= set(sdexplore.__all__) and callable(sdexplore.images.load_image)
-    scrubber = sdexplore.widgets.TimestepScrubber
-    assert isinstance(scrubber, type) and scrubber.__module__.startswith("sdexplore.widgets")
+    scrubber = sdexplore.widgets.TimestepScrubber  # sdx.widgets: the explorers, in sdexplore.views.widgets
+    assert isinstance(scrubber, type) and scrubber.__module__.startswith("sdexplore.views.widgets")
 
 
 def test_import_does_not_load_diffusers():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-import sdexplore.export as export
 import sdexplore.loading as loading
+import sdexplore.views.export as export
 from sdexplore import DeviceDtypeError, ModelNotAvailableError, SdexploreError, UnsupportedPipelineError
 
 

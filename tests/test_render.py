@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from sdexplore.errors import NotRecordedError, SdexploreError
 from sdexplore.preview import latent_to_rgb, to_uint8
-from sdexplore.render import (
+from sdexplore.record.steps import StepRecorder
+from sdexplore.results.trace import StepRecord, Trace
+from sdexplore.views.render import (
     as_uint8_image,
     decode_steps,
     heat_overlay,
@@ -20,8 +22,6 @@ from sdexplore.render import (
     step_groups,
     trace_preview,
 )
-from sdexplore.steps import StepRecorder
-from sdexplore.trace import StepRecord, Trace
 
 
 # ---------------------------------------------------------------------------------------- heat overlay

@@ -247,7 +247,7 @@ def test_an_observation_whose_steps_and_maps_disagree_fails(sd1_obs, tmp_path):
 
 @pytest.fixture(scope="module")
 def inversion() -> Inversion:
-    from sdexplore.scenes import render_scene
+    from sdexplore.embedded.scenes import render_scene
 
     picture = render_scene("a big red circle at the top left on a blue background", seed=3)[0]  # (64, 64, 3)
     return sdx.invert(tiny_pipeline("sd1"), picture, "a red circle", steps=2, iterations=0)
@@ -284,7 +284,7 @@ def test_inversion_fields_that_disagree_fail(inversion, tmp_path, edit, field):
 
 
 def test_an_sd3_inversion_relabelled_sd1_fails_on_its_channels(tmp_path):
-    from sdexplore.scenes import render_scene
+    from sdexplore.embedded.scenes import render_scene
 
     picture = render_scene("a big red circle at the top left on a blue background", seed=3)[0]
     inv = sdx.invert(tiny_pipeline("sd3"), picture, "a red circle", steps=2, iterations=0)

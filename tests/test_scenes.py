@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -209,15 +211,12 @@ def test_scene_batch_to_moves_every_tensor_and_keeps_the_scenes():
     assert back.prompts() == batch.prompts() and back is not batch
 
 
-def test_the_old_address_sdexplore_scenes_offers_the_same_objects():
-    """``sdexplore.scenes`` (and ``sdx.scenes``) re-exports the world at its new home, object for object."""
+def test_sdx_scenes_is_the_embedded_scenes_module():
+    """``sdx.scenes`` reaches the world at its home, :mod:`sdexplore.embedded.scenes` (no re-export module)."""
     import sdexplore
-    import sdexplore.scenes as old
 
-    assert sdexplore.scenes is old
-    assert sorted(old.__all__) == sorted(scenes.__all__)
-    for name in scenes.__all__:
-        assert getattr(old, name) is getattr(scenes, name), name
+    assert sdexplore.scenes is scenes
+    assert not (Path(sdexplore.__file__).parent / "scenes.py").exists()
 
 
 def test_the_embedded_model_s_constants_keep_their_old_homes():

@@ -10,8 +10,8 @@ from conftest import gen
 
 from sdexplore.families import SD3
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.steering import PromptSwitch
-from sdexplore.steps import StepRecorder, steer
+from sdexplore.record.steering import PromptSwitch
+from sdexplore.record.steps import StepRecorder, steer
 
 P, Q = "a red circle", "a blue square"
 KW = dict(num_inference_steps=4, height=64, width=64, output_type="np")

@@ -14,8 +14,8 @@ import sdexplore as sdx
 from sdexplore.errors import InvalidArgumentError
 from sdexplore.families import detect_family
 from sdexplore.fixtures import tiny_pipeline
-from sdexplore.steering import PromptSwitch, guidance_at
-from sdexplore.steps import StepRecorder, steer
+from sdexplore.record.steering import PromptSwitch, guidance_at
+from sdexplore.record.steps import StepRecorder, steer
 
 P, Q = "a red circle", "a blue square"
 KW = dict(num_inference_steps=4, height=64, width=64, output_type="np")

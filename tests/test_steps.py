@@ -10,7 +10,7 @@ from conftest import gen
 from sdexplore.errors import RecorderStateError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.loading import set_scheduler
-from sdexplore.steps import DEFAULT_MAX_BYTES, StepRecorder
+from sdexplore.record.steps import DEFAULT_MAX_BYTES, StepRecorder
 
 KW = dict(num_inference_steps=3, height=64, width=64, output_type="np")
 SCHEDULERS = [

@@ -9,7 +9,7 @@ from conftest import gen
 
 from sdexplore.families import SD1, SDXL
 from sdexplore.preview import latent_to_rgb, to_uint8
-from sdexplore.steps import StepRecorder
+from sdexplore.record.steps import StepRecorder
 
 matplotlib.use("Agg")
 
@@ -32,7 +32,12 @@ def test_latent_to_rgb_is_the_published_linear_map() -> None:
 def test_step_plots_draw_real_content(sd1_pipe, tmp_path) -> None:
     import matplotlib.pyplot as plt
 
-    from sdexplore.plots.steps import plot_latent_channels, plot_noise_levels, plot_noise_norms, plot_steps
+    from sdexplore.views.plots.steps import (
+        plot_latent_channels,
+        plot_noise_levels,
+        plot_noise_norms,
+        plot_steps,
+    )
 
     with StepRecorder(sd1_pipe, quantities="all") as rec:
         sd1_pipe("a red circle", generator=gen(0), num_inference_steps=5, height=64, width=64)
@@ -61,7 +66,7 @@ def test_step_plots_preview_with_the_traces_own_factors(sd1_pipe) -> None:
     plotted x0 and latents follow trace.meta["latent_rgb"], not the family table."""
     import numpy as np
 
-    from sdexplore.plots.steps import plot_steps, step_image
+    from sdexplore.views.plots.steps import plot_steps, step_image
 
     with StepRecorder(sd1_pipe, quantities=("latents", "x0", "preview")) as rec:
         sd1_pipe("a red circle", generator=gen(0), num_inference_steps=3, height=64, width=64)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import gen
 
-from sdexplore.steering import PromptSwitch
-from sdexplore.steps import StepRecorder, steer
+from sdexplore.record.steering import PromptSwitch
+from sdexplore.record.steps import StepRecorder, steer
 
 KW = dict(num_inference_steps=4, height=64, width=64, output_type="np")
 

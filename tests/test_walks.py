@@ -191,7 +191,7 @@ def test_red_to_blue_walk_changes_colour_monotonically():
     """
     from diffusers import StableDiffusionPipeline
 
-    from sdexplore.scenes import COLOURS
+    from sdexplore.embedded.scenes import COLOURS
 
     pipe = StableDiffusionPipeline.from_pretrained(str(MODEL_DIR))
     pipe.set_progress_bar_config(disable=True)
@@ -255,7 +255,7 @@ def test_sd3_walk_saves_loads_and_refines_with_its_t5_length(tmp_path):
 # ---- image keyframes: a picture inverted (sdexplore.invert), then walked like a prompt keyframe -------------------
 @pytest.fixture(scope="module")
 def pictures() -> list[np.ndarray]:
-    from sdexplore.scenes import render_scene
+    from sdexplore.embedded.scenes import render_scene
 
     return [
         render_scene(p, seed=3)[0] for p in ("a big red circle at the left", "a small blue square at the top")

@@ -12,23 +12,23 @@ import pytest
 import torch
 from PIL import Image
 
-from sdexplore.export import read_frames
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.heatmaps import normalize, resize
-from sdexplore.observation import observe
-from sdexplore.render import heat_overlay
+from sdexplore.record.observe import observe
+from sdexplore.results.trace import Trace
 from sdexplore.smoothness import smoothness_report
-from sdexplore.trace import Trace
-from sdexplore.walks import walk
-from sdexplore.widgets import (
+from sdexplore.views.export import read_frames
+from sdexplore.views.render import heat_overlay
+from sdexplore.views.widgets import (
     AttentionExplorer,
     InterpolationExplorer,
     TimestepScrubber,
     WalkPlayer,
     has_widget_frontend,
 )
-from sdexplore.widgets._base import jpeg_bytes
-from sdexplore.widgets.interpolation import encode_frame
+from sdexplore.views.widgets._base import jpeg_bytes
+from sdexplore.views.widgets.interpolation import encode_frame
+from sdexplore.walks import walk
 
 PROMPT = "a big red circle on a blue background"
 STEPS = 6
@@ -210,7 +210,7 @@ def test_scrubber_noisy_panel_scales_euler_latents_by_the_signal_level():
     from diffusers import EulerDiscreteScheduler
 
     from sdexplore.preview import latent_to_rgb, to_uint8
-    from sdexplore.render import preview_factors
+    from sdexplore.views.render import preview_factors
 
     pipe = tiny_pipeline("sd1")
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -314,7 +314,7 @@ def test_attention_controls_change_the_image_without_running_the_pipeline(run):
 
 def test_attention_opens_on_the_first_content_word(run):
     """Not on "a": the first word that is not a stop word, punctuation or a special token."""
-    from sdexplore.widgets.attention import first_content_word
+    from sdexplore.views.render import first_content_word
 
     _, obs, image = run
     ex = AttentionExplorer(obs, image, static=False)
@@ -339,7 +339,7 @@ def test_attention_heat_is_the_normalised_word_map(run):
 
 def test_attention_without_prompt_text_offers_key_positions(run):
     _, obs, image = run
-    from sdexplore.attention.tokens import unlabelled
+    from sdexplore.record.tokens import unlabelled
 
     m = obs.attention
     T = int(m.aggregate.shape[1])
@@ -420,7 +420,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def test_upload_reads_the_picture_with_a_note_and_refuses_a_non_image():
-    from sdexplore.widgets import ImageUpload
+    from sdexplore.views.widgets import ImageUpload
 
     got = []
     upload = ImageUpload(lambda im: got.append(im) or "done", size=64)
@@ -547,7 +547,7 @@ def test_scrubber_shows_a_flow_models_own_sigma() -> None:
 
 
 def test_channel_tiles_keep_a_square_latents_aspect_for_any_channel_count() -> None:
-    from sdexplore.widgets._base import channel_tiles
+    from sdexplore.views.render import channel_tiles
 
     for c, grid in ((4, 2), (16, 4), (32, 6)):
         tiles = channel_tiles(torch.randn(c, 8, 8), pad=1)
@@ -576,7 +576,7 @@ def _decoded(data: bytes) -> np.ndarray:
 
 
 def test_edit_explorer_opens_on_the_edited_word_and_the_dropdown_changes_the_maps(edit_run):
-    from sdexplore.widgets import EditExplorer
+    from sdexplore.views.widgets import EditExplorer
 
     pipe, swap, _ = edit_run
     calls = UnetCalls(pipe)
@@ -592,7 +592,7 @@ def test_edit_explorer_opens_on_the_edited_word_and_the_dropdown_changes_the_map
 
 
 def test_edit_explorer_before_is_the_replaced_words_map_on_the_shared_scale(edit_run):
-    from sdexplore.widgets import EditExplorer
+    from sdexplore.views.widgets import EditExplorer
 
     _, swap, _ = edit_run
     ex = EditExplorer(swap, static=True)
@@ -607,7 +607,7 @@ def test_edit_explorer_before_is_the_replaced_words_map_on_the_shared_scale(edit
 
 
 def test_edit_explorer_shows_an_ablated_maps_zero_after(edit_run):
-    from sdexplore.widgets import EditExplorer
+    from sdexplore.views.widgets import EditExplorer
 
     _, _, ablation = edit_run
     ex = EditExplorer(ablation, static=False)
@@ -622,7 +622,7 @@ def test_edit_explorer_shows_an_ablated_maps_zero_after(edit_run):
 
 def test_edit_explorer_static_figure_and_a_saved_edit(edit_run, tmp_path):
     from sdexplore.results import Edit
-    from sdexplore.widgets import EditExplorer
+    from sdexplore.views.widgets import EditExplorer
 
     _, swap, _ = edit_run
     ex = EditExplorer(Edit.load(swap.save(tmp_path / "e.safetensors")), static=True)

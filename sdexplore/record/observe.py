@@ -96,9 +96,9 @@ def observe(
             image = pipe("a big red circle", generator=torch.Generator().manual_seed(0)).images[0]
         obs.steps[10].x0, obs.steps[-1].preview, obs.attention.word("circle")
 
-    ``steps``: True or a dict of :class:`~sdexplore.steps.StepRecorder` options; extra keyword ``options`` go to
+    ``steps``: True or a dict of :class:`~sdexplore.record.steps.StepRecorder` options; extra keyword ``options`` go to
     the step recorder too (``quantities``, ``every``, ``on_step``, steering such as ``stop_at``...).
-    ``attention``: True or a dict of ``sdexplore.attention.AttentionRecorder`` options.
+    ``attention``: True or a dict of ``sdexplore.record.attention.AttentionRecorder`` options.
     ``control``: an attention edit (:class:`~sdexplore.Reweight`, :class:`~sdexplore.WordSwap`) or a list of
     them, applied to every call in the block (as :class:`~sdexplore.Control` does); the recorded maps are then the
     edited probabilities.

@@ -234,7 +234,7 @@ class Steering:
             raise InvalidArgumentError("edit_latents must be a function (step, latents) -> latents.")
         if switch_prompt is not None and not isinstance(switch_prompt, PromptSwitch):
             raise InvalidArgumentError(
-                "switch_prompt must be a sdexplore.steering.PromptSwitch(at_step=..., prompt=...)."
+                "switch_prompt must be a sdexplore.record.steering.PromptSwitch(at_step=..., prompt=...)."
             )
         if switch_prompt is not None:
             switch_prompt.check_for(detect_family(pipe))

@@ -191,7 +191,7 @@ def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[s
     if not keys:
         return None
     if channels:
-        from .widgets._base import channel_tiles
+        from .render import channel_tiles
 
     def picture(rec: Any, pos: int, key: str) -> np.ndarray:
         if key == "noisy":
@@ -238,8 +238,7 @@ def attention_block(
 ) -> dict[str, Any]:
     """The attention explorer's data of AttentionMaps (image ``index``): every key position's maps,
     aggregated, per step (where recorded) and per layer (where kept), quantised."""
-    from .render import HEAT_OPACITY
-    from .widgets.attention import first_content_word
+    from .render import HEAT_OPACITY, first_content_word
 
     tl = maps.token_lists[index]
     # each distinct word with every key position AttentionMaps.word() sums for it (all occurrences, all segments)

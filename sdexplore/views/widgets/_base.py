@@ -1,6 +1,6 @@
 """Shared pieces of the explorers: image → PNG bytes, channel tiles, SVG curves, frontend detection, static fallback.
 
-Pictures themselves (heat-map overlays, colour maps, trace previews) come from :mod:`sdexplore.render`.
+Pictures themselves (heat-map overlays, colour maps, trace previews) come from :mod:`sdexplore.views.render`.
 """
 
 from __future__ import annotations
@@ -8,18 +8,15 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 import os
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import torch
 from PIL import Image
 
-from ..errors import InvalidArgumentError
-from ..render import as_uint8_image, colorize, upscale
+from ...errors import InvalidArgumentError
+from ..render import as_uint8_image, upscale
 
 #: Environment variable that forces the static (matplotlib) fallback everywhere: ``SDEXPLORE_STATIC=1``.
 STATIC_ENV = "SDEXPLORE_STATIC"
@@ -90,33 +87,6 @@ def jpeg_bytes(image: Any, *, quality: int = 90) -> bytes:
 def data_uri(data: bytes, fmt: str = "png") -> str:
     """A ``data:image/...;base64,...`` URI for an HTML ``<img>``."""
     return f"data:image/{fmt};base64," + base64.b64encode(data).decode("ascii")
-
-
-def channel_tiles(
-    tensor: Any, *, cmap: str = "RdBu_r", pad: int = 1, scale: float | None = None
-) -> np.ndarray:
-    """Latent-shaped (C, h, w) → RGB (rows·h, cols·w, 3): one tile per channel, symmetric diverging colours.
-
-    ``scale``: values at ±scale reach the ends of the colour map (default: 99th percentile of |x|, so one
-    outlier does not wash out the rest). Channels are laid out in a near-square grid (⌈√C⌉ columns: 2×2 for SD's 4,
-    4×4 for SD3's and Flux's 16, 6×6 for Flux.2's 32), so the panel keeps the latent's aspect ratio.
-    """
-    x = (
-        tensor.detach().float().cpu().numpy()
-        if isinstance(tensor, torch.Tensor)
-        else np.asarray(tensor, np.float32)
-    )
-    c, h, w = x.shape
-    if scale is None:
-        scale = float(np.percentile(np.abs(x), 99)) or 1.0
-    cols = math.ceil(math.sqrt(c))
-    rows = -(-c // cols)
-    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
-    for i in range(c):
-        r, q = divmod(i, cols)
-        tile = colorize(x[i], cmap, -scale, scale)  # (h, w, 3)
-        out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = tile
-    return out
 
 
 # ---------------------------------------------------------------------------------------- SVG curves
@@ -332,7 +302,7 @@ class ImageUpload:
     def receive(self, data: bytes | memoryview, name: str = "upload") -> Any:
         """Read the bytes of an uploaded file and hand the picture on; returns ``on_image``'s result, or None
         when the file is not a picture (the status line says why)."""
-        from ..images import load_image  # lazily: the explorers import without the image module's needs
+        from ...images import load_image  # lazily: the explorers import without the image module's needs
 
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")

@@ -1,11 +1,15 @@
-"""The ``sdexplore sweep`` and ``sdexplore sweep-report`` subcommands (registered by :mod:`sdexplore.cli`)."""
+"""``sdexplore sweep`` and ``sdexplore sweep-report``: prompts x seeds into a resumable folder, and its summary.
+
+The sweep engine is :mod:`sdexplore.sweeps`; this module only parses, checks and calls it."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ._common import _common_options, _generation_options, _seed, _whole, resolve_scheduler
+from .output import InputError, _one_line
 
 _SWEEP_EPILOG = """\
 PROMPTS is a text file (one prompt per line; # comments), a CSV file with a header (prompt, and optionally
@@ -35,19 +39,12 @@ ground truth), scene_parts.png (embedded model), slowest.png.
 """
 
 
-def add_parsers(
-    sub: Any,
-    *,
-    common: argparse.ArgumentParser,
-    generation: argparse.ArgumentParser,
-    seed: Callable[[str], int],
-    whole: Callable[[int, int], Callable[[str], int]],
-) -> None:
+def add_parser(sub: Any) -> None:
     """Add ``sweep`` and ``sweep-report`` to the ``sdexplore`` subparsers ``sub``."""
     fmt = argparse.RawDescriptionHelpFormatter
     s = sub.add_parser(
         "sweep",
-        parents=[common, generation],
+        parents=[_common_options(), _generation_options()],
         help="prompts x seeds with observation on, into a resumable folder (accelerate for several processes)",
         description="Generate every prompt x seed of a prompt file with attention and steps observed; each item's "
         "image, word maps and step summaries go into --out, resumable, sharded over accelerate's processes.",
@@ -56,7 +53,7 @@ def add_parsers(
     )
     s.add_argument("prompts", metavar="PROMPTS", help="prompt file: .txt, .csv or .jsonl")
     s.add_argument(
-        "--seeds", type=seed, nargs="+", default=[0], metavar="S", help="seeds of every prompt (default 0)"
+        "--seeds", type=_seed, nargs="+", default=[0], metavar="S", help="seeds of every prompt (default 0)"
     )
     s.add_argument("--out", required=True, metavar="DIR", help="the sweep folder (created, or resumed)")
     s.add_argument(
@@ -70,7 +67,7 @@ def add_parsers(
     )
     s.add_argument(
         "--batch-size",
-        type=whole(1, 1024),
+        type=_whole(1, 1024),
         default=1,
         metavar="N",
         help="images per pipeline call (default 1)",
@@ -90,11 +87,9 @@ def add_parsers(
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ..cli import resolve_scheduler
-    from ..cli_output import InputError, _one_line
     from ..errors import InvalidArgumentError
-    from .folder import check_writable
-    from .run import sweep
+    from ..sweeps.folder import check_writable
+    from ..sweeps.run import sweep
 
     try:  # bad input, exit 2 with a sentence, as the other commands' --out (not a bare errno, exit 1)
         check_writable(Path(args.out).expanduser())
@@ -125,10 +120,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from ..cli_output import InputError, _one_line
     from ..errors import InvalidArgumentError
-    from .folder import check_writable
-    from .report import sweep_report
+    from ..sweeps.folder import check_writable
+    from ..sweeps.report import sweep_report
 
     if args.out is not None:
         try:

@@ -20,7 +20,7 @@ import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 
-from .errors import ExportError, InvalidArgumentError
+from ..errors import ExportError, InvalidArgumentError
 
 #: GIF frame delays are whole hundredths of a second, and browsers play any delay under 0.02 s as 0.1 s.
 MAX_GIF_FPS = 50

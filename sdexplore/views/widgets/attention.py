@@ -11,29 +11,15 @@ from typing import Any
 
 import torch
 
-from ..heatmaps import normalize, resize
-from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, step_groups
+from ...heatmaps import normalize, resize
+from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, first_content_word, heat_overlay, step_groups
 from ._base import Explorer, data_uri, jpeg_bytes, new_figure
 
 ALL_LAYERS = "all layers"
+
+
 #: Words the explorer does not open on: articles, prepositions, conjunctions and the like, whose maps spread
 #: thinly or copy their neighbours. A small deliberate list, not a linguistic one; any word can still be picked.
-STOP_WORDS = frozenset(
-    "a an the of in on at to for from with by and or but is are was be as into onto over under near its it "
-    "this that these those".split()
-)
-
-
-def first_content_word(words: Sequence[str]) -> str:
-    """The first word that is not a stop word, punctuation or a special token (``words[0]`` if none is)."""
-    for word in words:
-        plain = word.strip().lower()
-        special = plain.startswith("<") and plain.endswith(">")  # <|startoftext|>, </s>, <pad>
-        if plain not in STOP_WORDS and any(ch.isalnum() for ch in plain) and not special:
-            return word
-    return words[0]
-
-
 def _as_maps(source: Any) -> Any:
     """AttentionMaps from AttentionMaps or an Observation (``.attention``)."""
     if hasattr(source, "aggregate") and hasattr(source, "word"):
@@ -74,10 +60,10 @@ class AttentionExplorer(Explorer):
     costs a few milliseconds and never runs the pipeline.
 
     Args:
-        source: :class:`~sdexplore.attention.AttentionMaps` or an ``Observation`` with attention.
+        source: :class:`~sdexplore.results.attention_maps.AttentionMaps` or an ``Observation`` with attention.
         image: the generated image (PIL, array or tensor) to draw the maps over; ``None`` shows maps alone.
         words: the words offered (default: every distinct word of the prompt); the explorer opens on the first
-            that is not a stop word (:data:`STOP_WORDS`) or punctuation.
+            that is not a stop word (:data:`sdexplore.views.render.STOP_WORDS`) or punctuation.
         batch_index: which image of the batch.
         size: displayed side of the main image in pixels.
         cmap: matplotlib colour map of the heat maps (default: the one the CLI and plots use).

@@ -8,11 +8,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
-from ..heatmaps import Normalization
-from ..heatmaps import normalize as norm
+from ...errors import InvalidArgumentError
+from ...heatmaps import Normalization
+from ...heatmaps import normalize as norm
+from ...results.attention_maps import AttentionMaps, StepSelector
 from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, spread
-from ..results.attention_maps import AttentionMaps, StepSelector
 
 
 def word_overlay(
@@ -32,7 +32,7 @@ def word_overlay(
     an inpainting mask (``obs.mask``) whose outline is drawn on top.
 
     ``"minmax"`` stretches each map to the whole colour map; ``"mass"`` / ``"sum"`` keep zero at its bottom
-    and the map's peak at its top. The blend is :func:`sdexplore.render.heat_overlay`, as in the CLI and widgets.
+    and the map's peak at its top. The blend is :func:`sdexplore.views.render.heat_overlay`, as in the CLI and widgets.
     """
     heat = maps.word(word, step=step, layer=layer, index=index)  # (h, w) attention mass
     # heat_overlay stretches min-max by itself: the raw map keeps the blend bit for bit the CLI's and widgets'

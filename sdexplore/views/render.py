@@ -16,14 +16,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._images import as_uint8_image
-from .decoding import decode_with
-from .errors import NotRecordedError
-from .heatmaps import resize
-from .preview import ConvPreview, conv_preview_to_uint8, latent_to_uint8
+from .._images import as_uint8_image
+from ..decoding import decode_with
+from ..errors import NotRecordedError
+from ..heatmaps import resize
+from ..preview import ConvPreview, conv_preview_to_uint8, latent_to_uint8
 
 if TYPE_CHECKING:
-    from .results.trace import StepRecord, Trace
+    from ..results.trace import StepRecord, Trace
 
 #: The colour map of every heat-map overlay (CLI files, widgets, plots).
 HEAT_CMAP = "jet"
@@ -197,7 +197,7 @@ def preview_factors(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
             torch.tensor(meta["factors"], dtype=torch.float32),
             torch.tensor(meta["bias"], dtype=torch.float32),
         )
-    from .families import FAMILIES
+    from ..families import FAMILIES
 
     fam = FAMILIES.get(trace.family)
     if fam is None:
@@ -319,3 +319,47 @@ def decode_steps(
     finally:
         if upcast:
             vae.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------- shared by the views
+def channel_tiles(
+    tensor: Any, *, cmap: str = "RdBu_r", pad: int = 1, scale: float | None = None
+) -> np.ndarray:
+    """Latent-shaped (C, h, w) → RGB (rows·h, cols·w, 3): one tile per channel, symmetric diverging colours.
+
+    ``scale``: values at ±scale reach the ends of the colour map (default: 99th percentile of |x|, so one
+    outlier does not wash out the rest). Channels are laid out in a near-square grid (⌈√C⌉ columns: 2×2 for SD's 4,
+    4×4 for SD3's and Flux's 16, 6×6 for Flux.2's 32), so the panel keeps the latent's aspect ratio.
+    """
+    x = (
+        tensor.detach().float().cpu().numpy()
+        if isinstance(tensor, torch.Tensor)
+        else np.asarray(tensor, np.float32)
+    )
+    c, h, w = x.shape
+    if scale is None:
+        scale = float(np.percentile(np.abs(x), 99)) or 1.0
+    cols = math.ceil(math.sqrt(c))
+    rows = -(-c // cols)
+    out = np.full((rows * h + (rows - 1) * pad, cols * w + (cols - 1) * pad, 3), 255, np.uint8)
+    for i in range(c):
+        r, q = divmod(i, cols)
+        tile = colorize(x[i], cmap, -scale, scale)  # (h, w, 3)
+        out[r * (h + pad) : r * (h + pad) + h, q * (w + pad) : q * (w + pad) + w] = tile
+    return out
+
+
+STOP_WORDS = frozenset(
+    "a an the of in on at to for from with by and or but is are was be as into onto over under near its it "
+    "this that these those".split()
+)
+
+
+def first_content_word(words: Sequence[str]) -> str:
+    """The first word that is not a stop word, punctuation or a special token (``words[0]`` if none is)."""
+    for word in words:
+        plain = word.strip().lower()
+        special = plain.startswith("<") and plain.endswith(">")  # <|startoftext|>, </s>, <pad>
+        if plain not in STOP_WORDS and any(ch.isalnum() for ch in plain) and not special:
+            return word
+    return words[0]

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InvalidArgumentError
-from ..render import HEAT_CMAP, HEAT_OPACITY, heat_overlay
+from ...errors import InvalidArgumentError
+from ..render import HEAT_CMAP, HEAT_OPACITY, first_content_word, heat_overlay
 from ._base import Explorer, jpeg_bytes, new_figure, png_bytes, style_widget
-from .attention import first_content_word
 
 #: Colour map of the map difference (after − before): blue where the word lost attention, red where it gained.
 DIFF_CMAP = "RdBu_r"

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import NotRecordedError
+from ...errors import NotRecordedError
+from ...results.trace import Trace
 from ..render import LATENT_QUANTITIES, spread, trace_preview
-from ..results.trace import Trace
 
 _IMAGE_QUANTITIES = ("preview", "decoded")
 _LATENT_QUANTITIES = LATENT_QUANTITIES
@@ -27,7 +27,7 @@ def step_image(trace: Trace, position: int, quantity: str = "preview", image: in
     """One record's picture as (H, W, 3) uint8: a preview / decode, or a latent quantity through latent→RGB.
 
     Latent quantities are previewed with the factors the trace was recorded with (``meta["latent_rgb"]``)
-    and Euler-type noisy latents scaled by √ᾱ first: :func:`sdexplore.render.trace_preview`.
+    and Euler-type noisy latents scaled by √ᾱ first: :func:`sdexplore.views.render.trace_preview`.
     """
     if quantity not in _IMAGE_QUANTITIES + _LATENT_QUANTITIES:
         raise ValueError(

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ...errors import InvalidArgumentError
 from ._base import Explorer, new_figure, style_widget
 from .interpolation import encode_frame, frames_of
 

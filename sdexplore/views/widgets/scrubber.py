@@ -10,13 +10,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..render import spread, trace_preview
-from ..results.trace import StepRecord, Trace
-from ..schedule_math import flow_sigma_from_sigma
+from ...results.trace import StepRecord, Trace
+from ...schedule_math import flow_sigma_from_sigma
+from ..render import channel_tiles, spread, trace_preview
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,
-    channel_tiles,
     new_figure,
     png_bytes,
     style_widget,
@@ -75,11 +74,11 @@ class TimestepScrubber(SliderExplorer):
             pipe(prompt)
 
     Args:
-        source: a :class:`~sdexplore.trace.Trace`, an ``Observation`` (its latest run) or a ``StepRecorder``;
+        source: a :class:`~sdexplore.results.trace.Trace`, an ``Observation`` (its latest run) or a ``StepRecorder``;
             ``None`` for an empty scrubber filled by :meth:`on_step`.
         image: which image of the batch to show.
         rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the factors the
-            trace was recorded with, ``meta["latent_rgb"]``, see :func:`sdexplore.render.trace_preview`).
+            trace was recorded with, ``meta["latent_rgb"]``, see :func:`sdexplore.views.render.trace_preview`).
         size: displayed side of each panel in pixels.
         live_fps: while filling in live, redraw at most this often (the newest step; the last step of a run
             is always drawn), so a fast GPU run is not slowed by encoding every step. ``None``: every step.

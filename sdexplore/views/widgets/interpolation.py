@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from ...smoothness import Metric, smoothness_report
 from ..render import as_uint8_image, spread, upscale
-from ..smoothness import Metric, smoothness_report
 from ._base import (
     WIDGET_MIN_SIDE,
     SliderExplorer,

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from ...smoothness import Metric, SmoothnessReport, smoothness_report
 from ..export import as_uint8_frames
 from ..render import spread
-from ..smoothness import Metric, SmoothnessReport, smoothness_report
 
 
 def plot_frame_strip(walk: Any, *, count: int = 8, height: float = 1.6) -> Figure:

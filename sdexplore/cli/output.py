@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._signals import interrupts_deferred
+from .._signals import interrupts_deferred
 
 PROG = "sdexplore"
 

@@ -1,0 +1,236 @@
+"""``sdexplore attention``: generate one image and write its attention maps per word and a step x word grid."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _common
+from ._common import (
+    HEAT_MIN_SIDE,
+    MAX_STEPS,
+    TILE,
+    _call_kwargs,
+    _check_directions,
+    _check_image_options,
+    _check_model,
+    _check_size,
+    _common_options,
+    _directions_option,
+    _fit,
+    _generation_options,
+    _output_options,
+    _prompt,
+    _reconstruct_observed,
+    _save_png,
+    _seed,
+    _slug,
+    _start_output,
+    _steered,
+    _tokenizer_before_loading,
+    _whole,
+    _write_directions_record,
+    _wrote,
+)
+from .output import InputError
+
+if TYPE_CHECKING:  # numpy, torch and diffusers load when a command runs: `--help` and bad input stay fast
+    import numpy as np
+
+_ATTENTION_EPILOG = """\
+writes into --out (default sdexplore-attention/):
+  image.png                the generated image
+  attention_WORD.png       the word's heat map over the image (aggregated over steps and layers), one per word
+  attention_grid.png       rows = groups of steps (early -> late), columns = words
+  attention.safetensors    the maps: sdexplore.AttentionMaps.load("attention.safetensors")
+
+Each heat map is min-max normalised on its own (it shows where a word attends, not how strongly).
+With --image PICTURE the maps are those of the picture's reconstruction (the picture inverted with the prompt,
+then regenerated from its inverted noise under observation): attention on your own picture.
+
+examples:
+  sdexplore attention "a big red circle at the top left on a blue background"
+  sdexplore attention "a big red circle at the top left on a blue background" --words circle "blue background" --out att
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``attention`` to the ``sdexplore`` subparsers ``sub``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    a = sub.add_parser(
+        "attention",
+        parents=[
+            _common_options(),
+            _generation_options(),
+            _output_options("sdexplore-attention", "output folder"),
+        ],
+        help="generate one image and write attention heat maps per word (cross-attention; joint attention on "
+        "SD3/Flux), a step x word grid, the maps",
+        description="Generate one image and record its attention maps (UNet cross-attention, SD3/Flux joint attention): an overlay per word, a step x "
+        "word grid, and the saved maps.",
+        epilog=_ATTENTION_EPILOG,
+        formatter_class=fmt,
+    )
+    a.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes (put it before --words)")
+    a.add_argument(
+        "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
+    )
+    a.add_argument(
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
+    )
+    a.add_argument(
+        "--rows",
+        type=_whole(1, MAX_STEPS),
+        default=6,
+        metavar="R",
+        help="step groups in the grid (default 6)",
+    )
+    a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
+    _directions_option(a)
+    a.set_defaults(run=_cmd_attention)
+
+
+def _check_words(tokens: Any, words: Sequence[str], prompt: str) -> None:
+    from ..errors import WordNotFoundError
+
+    for word in words:
+        try:
+            tokens.positions(word)
+        except WordNotFoundError as e:
+            if tokens.truncated and "cut off" in str(e):
+                raise InputError(str(e)) from e
+            known = ", ".join(dict.fromkeys(tokens.words))
+            raise InputError(
+                f"{word!r} is not a word of the prompt {prompt!r}; its words are: {known}. "
+                "Pass --words with some of these"
+            ) from e
+
+
+def _word_files(words: Iterable[str]) -> dict[str, str]:
+    """Each word → its overlay's file name (``attention_WORD.png``, made unique)."""
+    taken: set[str] = set()
+    return {wd: f"attention_{_slug(wd, taken)}.png" for wd in dict.fromkeys(words)}
+
+
+def _words_to_map(tokens: Any, args: argparse.Namespace) -> list[str]:
+    """The words the command maps (--words or every word of the prompt), each checked against the prompt."""
+    words = list(dict.fromkeys(args.words)) if args.words is not None else list(dict.fromkeys(tokens.words))
+    if not words:
+        raise InputError(f"the prompt {args.prompt!r} has no words to map")
+    _check_words(tokens, words, args.prompt)
+    return words
+
+
+def _cmd_attention(args: argparse.Namespace) -> int:
+    prompt = _prompt(args.prompt)
+    _check_size(args)
+    if args.words is not None:
+        for word in args.words:
+            if not word.strip():
+                raise InputError("--words has an empty word; pass words of the prompt")
+    _check_image_options(args, [args.image])
+    _check_directions(args)
+    output = _start_output(args, folder=True)
+    scheduler = _check_model(args, args.model, args.scheduler)
+
+    from ..record.tokens import tokenize_prompt
+
+    tokenizer = _tokenizer_before_loading(args.model)
+    words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None
+    fixed = {"image": "image.png", "grid": "attention_grid.png", "maps": "attention.safetensors"}
+    with output:
+        pipe = _common._load(args, args.model, scheduler)
+        if words is None:  # a hub model: its tokenizer came with it
+            words = _words_to_map(tokenize_prompt(pipe.tokenizer, prompt), args)
+        word_files = _word_files(words)
+        maps = write_attention(
+            pipe,
+            args,
+            {k: output.path / v for k, v in fixed.items()},
+            {wd: output.path / v for wd, v in word_files.items()},
+        )
+        extra = _write_directions_record(args, output.path)
+        output.commit()
+    _wrote(
+        output.shown / v for v in (fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"], *extra)
+    )
+    for word in word_files:
+        m = maps.word(word)  # (h, w) raw attention mass
+        r, c = divmod(int(m.argmax()), int(m.shape[1]))
+        print(
+            f"{word}: mean attention mass {float(m.mean()):.4f}, "
+            f"peak at row {r / m.shape[0]:.2f}, column {c / m.shape[1]:.2f} of the image"
+        )
+    return 0
+
+
+def write_attention(
+    pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
+) -> Any:
+    """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
+
+    import numpy as np
+
+    from ..generation import generate
+    from ..views.render import heat_overlay
+
+    if getattr(args, "image", None) is None:
+        with _steered(pipe, args):
+            images, obs = generate(
+                pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+            )
+    else:
+        images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
+    maps = obs.attention
+    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
+    fixed["image"].parent.mkdir(parents=True, exist_ok=True)
+    _save_png(image, fixed["image"])
+    for word, path in word_files.items():
+        _save_png(
+            heat_overlay(image, maps.word(word), size=HEAT_MIN_SIDE), path
+        )  # 64x64 is too small to read
+    _save_png(_attention_grid(maps, image, list(word_files), args.rows), fixed["grid"])
+    maps.save(fixed["maps"])
+    return maps
+
+
+def _group_label(group: range, ts: list[float]) -> str:
+    if len(group) == 1:
+        return f"step {group[0]}\nt {ts[group[0]]:.0f}"
+    return (
+        f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
+    )
+
+
+def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> np.ndarray:
+    """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..views.render import heat_overlay, step_groups
+
+    cell = _fit(image, TILE)  # (h, w, 3)
+    h, w = cell.shape[:2]
+    groups = step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
+    ts = maps.timesteps.tolist()
+    left, top, gap = 84, 18, 2
+    canvas = Image.new(
+        "RGB", (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap), "white"
+    )
+    draw = ImageDraw.Draw(canvas)
+    for c, word in enumerate(words):
+        x = left + c * (w + gap)
+        label = word
+        while len(label) > 1 and draw.textlength(label) > w:
+            label = label[:-3] + ".."
+        draw.text((x + (w - draw.textlength(label)) / 2, 3), label, fill="black")
+        for r, group in enumerate(groups):
+            y = top + r * (h + gap)
+            heat = maps.word(word) if group is None else maps.word(word, step=group)  # (h', w')
+            canvas.paste(Image.fromarray(heat_overlay(cell, heat)), (x, y))
+            if c == 0:
+                text = "all steps" if group is None else _group_label(group, ts)
+                draw.multiline_text((3, y + h / 2 - 12), text, fill="black")
+    return np.asarray(canvas)

@@ -1,0 +1,178 @@
+"""``sdexplore steps``: generate one image and write every denoising step (strips, a GIF, the trace)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import _common
+from ._common import (
+    MAX_GIF_FPS,
+    _call_kwargs,
+    _check_directions,
+    _check_fps,
+    _check_image_options,
+    _check_model,
+    _check_size,
+    _common_options,
+    _directions_option,
+    _directions_record,
+    _fit,
+    _generation_options,
+    _number,
+    _output_options,
+    _prompt,
+    _reconstruct_observed,
+    _save_png,
+    _seed,
+    _start_output,
+    _steered,
+    _strip,
+    _with_progress_bar,
+    _write_directions_record,
+    _wrote,
+)
+
+if TYPE_CHECKING:  # numpy, torch and diffusers load when a command runs: `--help` and bad input stay fast
+    import numpy as np
+
+_STEPS_EPILOG = """\
+writes into --out (default sdexplore-steps/):
+  image.png           the final image
+  steps_x0.png        the predicted clean image (x0, VAE-decoded) at every step, labelled step and timestep
+  steps_preview.png   the cheap latent->RGB preview of x0 at every step (learned, or linear)
+  denoising.gif       one frame per step (x0; a bar at the bottom shows the progress through the run)
+  trace.safetensors   the recorded trace: sdexplore.Trace.load("trace.safetensors")
+
+With --image PICTURE the steps are those of the picture's reconstruction: the picture is inverted with the
+prompt (sdexplore invert) and regenerated from its inverted noise under observation (image.png is the
+reconstruction; --seed is not used).
+
+examples:
+  sdexplore steps "a big red circle at the top left on a blue background"
+  sdexplore steps "a big red circle at the top left on a blue background" --image scene.png --out mine
+  sdexplore steps "a small green triangle" --steps 50 --scheduler euler --seed 3 --out tri
+  sdexplore steps "a castle" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preview linear --out castle
+"""
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``steps`` to the ``sdexplore`` subparsers ``sub``."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser(
+        "steps",
+        parents=[
+            _common_options(),
+            _generation_options(),
+            _output_options("sdexplore-steps", "output folder"),
+        ],
+        help="generate one image and write every denoising step: x0 and preview strips, a GIF, the trace",
+        description="Generate one image and record every denoising step: the final image, strips of x0 and "
+        "previews, an animated GIF of the denoising, and the saved trace.",
+        epilog=_STEPS_EPILOG,
+        formatter_class=fmt,
+    )
+    s.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes")
+    s.add_argument(
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
+    )
+    s.add_argument(
+        "--preview",
+        choices=("decode", "linear"),
+        default="decode",
+        help="decode: VAE-decode x0 at every step (GIF and x0 strip); linear: only the free linear preview",
+    )
+    s.add_argument(
+        "--fps",
+        type=_number(0.0, MAX_GIF_FPS, above=True),
+        default=8.0,
+        help="GIF frames per second (default 8)",
+    )
+    s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
+    _directions_option(s)
+    s.set_defaults(run=_cmd_steps)
+
+
+def _cmd_steps(args: argparse.Namespace) -> int:
+    _prompt(args.prompt)
+    _check_size(args)
+    _check_fps(args.fps, ".gif", args.steps)  # one GIF frame per step
+    _check_image_options(args, [args.image])
+    _check_directions(args)
+    output = _start_output(args, folder=True)
+    scheduler = _check_model(args, args.model, args.scheduler)
+    names = {
+        "image": "image.png",
+        "x0": "steps_x0.png",
+        "preview": "steps_preview.png",
+        "gif": "denoising.gif",
+        "trace": "trace.safetensors",
+    }
+    if args.preview != "decode":
+        del names["x0"]
+    with output:  # the lock is taken here: a second run into the same --out is refused before loading
+        pipe = _common._load(args, args.model, scheduler)
+        write_steps(pipe, args, {k: output.path / v for k, v in names.items()})
+        extra = _write_directions_record(args, output.path)
+        output.commit()
+    _wrote(output.shown / v for v in [*names.values(), *extra])
+    return 0
+
+
+def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> None:
+    """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files``."""
+
+    import numpy as np
+
+    from ..generation import generate
+    from ..views.export import save_gif
+
+    prompt, decode = args.prompt, args.preview == "decode"
+    if getattr(args, "image", None) is None:
+        with _steered(pipe, args):
+            images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
+    else:
+        images, obs = _reconstruct_observed(pipe, args, steps=True)
+    trace = obs.steps
+    trace.meta.update(
+        prompt=prompt,
+        seed=args.seed,
+        model=args.model or "embedded",
+        negative_prompt=args.negative,
+        command="sdexplore steps",
+    )
+    if getattr(args, "directions", None):
+        trace.meta.update(directions=_directions_record(args))
+    if getattr(args, "image", None) is not None:
+        trace.meta.update(image=str(args.image), seed=None)
+    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
+    h, w = image.shape[:2]
+    labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
+    previews = [s.preview[0].numpy() for s in trace]  # each (h, w, 3) uint8, one pixel per latent cell
+    files["image"].parent.mkdir(parents=True, exist_ok=True)
+    _save_png(image, files["image"])
+    _save_png(_strip(previews, labels, nearest=True), files["preview"])
+    if decode:
+        x0s = decode_x0(pipe, trace, progress=not args.no_progress)  # each (H, W, 3) uint8
+        _save_png(_strip(x0s, labels, nearest=False), files["x0"])
+        frames = x0s
+    else:
+        frames = [_fit(p, max(h, w), nearest=True) for p in previews]
+    n = len(frames)
+    save_gif(
+        np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]), files["gif"], fps=args.fps
+    )
+    trace.save(files["trace"])
+
+
+def decode_x0(pipe: Any, trace: Any, *, progress: bool = True) -> list[np.ndarray]:
+    """VAE-decode the x0 of every recorded step (image 0) after the run → (H, W, 3) uint8 each.
+
+    Decoding after the run keeps the denoising loop as fast as a plain call. A float16 VAE whose config asks
+    for ``force_upcast`` (SDXL's, which overflows in float16) decodes in float32, as the pipelines do, and
+    is put back afterwards.
+    """
+    from ..views.render import decode_steps
+
+    return decode_steps(pipe.vae, trace, progress=progress)
