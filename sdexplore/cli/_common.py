@@ -34,41 +34,25 @@ SCHEDULER_ALIASES: dict[str, str] = {
     "unipc": "UniPCMultistepScheduler",
 }
 
-
 DEFAULT_STEPS = 25  # denoising steps of every command unless --steps says otherwise
-
-
 TILE = 128  # longer side of one step's tile in the strips and the attention grid, in pixels
-
-
 HEAT_MIN_SIDE = (
     256  # shorter side of a word's heat-map PNG at least this (a 64x64 image is upscaled, nearest)
 )
-
 
 #: sdexplore.inversion.DEFAULT_ITERATIONS, written out: importing sdexplore.inversion loads torch, and the parser
 #: (`--help`, bad input) must not (a test checks the two agree).
 INVERT_ITERATIONS = 2
 
-
 MAX_STEPS = 1000  # diffusers' SD schedulers have 1000 training timesteps; more inference steps fail
-
-
 MAX_SIDE = 8192  # --height / --width, pixels
-
-
 MAX_FRAMES = 10_000  # frames of one walk
-
-
 MAX_GUIDANCE = 100.0  # classifier-free guidance scale (SD uses 1..20; beyond 100 images are saturated noise)
-
-
 MAX_FPS = 240.0
-
-
 MAX_GIF_FPS = 50.0  # GIF frame times are 1/100 s; most viewers slow anything under 2/100 s to 1/10 s
 
 
+# -------------------------------------------------------------------------------------------- argument types
 def _whole(low: int, high: int) -> Callable[[str], int]:
     """An argparse type: a whole number in [low, high] (a clear one-line error otherwise)."""
 
@@ -147,6 +131,7 @@ def _seed(text: str) -> int:
     return value
 
 
+# --------------------------------------------------------------------------------------------- option groups
 def _common_options(model_option: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model and machine")
@@ -226,6 +211,7 @@ def _directions_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+# -------------------------------------------------------------------------- checks before the expensive work
 def _prompt(text: str) -> str:
     if not text.strip():
         raise InputError(
@@ -441,6 +427,7 @@ def _wrote(paths: Iterable[Path]) -> None:
         print(f"wrote {p}")
 
 
+# --------------------------------------------------------------------------------------------- image helpers
 def _fit(image: np.ndarray, longest: int, nearest: bool = False) -> np.ndarray:
     """Resize an (H, W, 3) uint8 image so its longer side is ``longest`` pixels (aspect ratio kept)."""
     import numpy as np
@@ -504,6 +491,7 @@ def _slug(word: str, taken: set[str]) -> str:
     return name
 
 
+# ----------------------------------------------------------------------------------------------- --direction
 def _model_key(model: str | None) -> str:
     """What a direction file records as its model: "embedded", a local path made absolute, or the hub id."""
     if model is None:
@@ -622,6 +610,7 @@ def _write_directions_record(args: argparse.Namespace, folder: Path) -> list[str
     return ["directions.json"]
 
 
+# --------------------------------------------------------------------- --image: pictures and their inversion
 def _check_picture(path: str) -> None:
     """A picture given on the command line is read now, before anything is loaded: a missing or non-image file
     is one clear error (its conversions are noted later, once, when it is used)."""
