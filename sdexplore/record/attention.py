@@ -74,8 +74,6 @@ _RUN_STATE = (
     "_concept_keys",
     "_qmasks",
     "_qweights",
-    "_qmasks",
-    "_qweights",
 )
 
 
@@ -180,9 +178,7 @@ class AttentionRecorder:
             )
         unet = getattr(pipe, self.family.denoiser, None)
         # the class: the property walks every module (Z-Image's transformer has none: its layers are read below)
-        if unet is None or not (
-            hasattr(type(unet), "attn_processors") or type(unet).__name__.startswith("ZImage")
-        ):
+        if unet is None or not (hasattr(type(unet), "attn_processors") or type(unet).__name__.startswith("ZImage")):
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
@@ -292,55 +288,8 @@ class AttentionRecorder:
                 f"Concept maps are image→text maps; relation={rel!r} records another block. Record them apart."
             )
         if not joint and rel in relations.TEXT_QUERIES:
-            able = ", ".join(
-                f.label
-                for f in FAMILIES.values()
-                if f.can("attention")
-                and f.denoiser == "transformer"
-                and not f.cross_attention
-                and not f.video
-            )
-            raise InvalidArgumentError(
-                f"relation={rel!r} needs text queries, and {self.family.label} attends to text by cross-attention, "
-                "where text tokens are only keys and values (no text query ever attends). Text→image and "
-                f"text→text exist in joint (MMDiT) attention: {able}. On this model record 'image->text' or "
-                "'image->image'."
-            )
-        if joint and self.kind != "joint":
-            raise InvalidArgumentError(
-                f"relation={rel!r} records a block of the joint softmax as the model weighs it: kind='joint' (the "
-                f"default), not kind={self.kind!r}."
-            )
-        odd = sorted({v for v in joint.values() if v not in ("image-text", "text-image", "single")})
-        if odd:
-            raise InvalidArgumentError(
-                f"relation={rel!r} is not recorded on {self.family.label} yet (its joint attention's layout: "
-                f"{', '.join(odd)}); it works on SD3, Flux.1, Flux.2 and Chroma. Record 'image->text' here."
-            )
-
-    def _check_relation(self, joint: dict[str, str], concepts: Sequence[str]) -> None:
-        """Refuse a relation this family's attention does not have, before any run."""
-        rel = self.relation
-        if rel == "image->text":
-            return
-        if self.family.video:
-            raise InvalidArgumentError(
-                f"relation={rel!r} is recorded for image families; {self.family.label}'s maps are image→text per "
-                "frame. Leave relation out."
-            )
-        if concepts:
-            raise InvalidArgumentError(
-                f"Concept maps are image→text maps; relation={rel!r} records another block. Record them apart."
-            )
-        if not joint and rel in relations.TEXT_QUERIES:
-            able = ", ".join(
-                f.label
-                for f in FAMILIES.values()
-                if f.can("attention")
-                and f.denoiser == "transformer"
-                and not f.cross_attention
-                and not f.video
-            )
+            able = ", ".join(f.label for f in FAMILIES.values() if f.can("attention") and f.denoiser == "transformer"
+                             and not f.cross_attention and not f.video)
             raise InvalidArgumentError(
                 f"relation={rel!r} needs text queries, and {self.family.label} attends to text by cross-attention, "
                 "where text tokens are only keys and values (no text query ever attends). Text→image and "
@@ -431,13 +380,7 @@ class AttentionRecorder:
                     )
                 return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
             if self.relation == "image->image":  # a UNet's (or PixArt-Σ's) self-attention layer
-                return lambda original: relations.SelfCapturingProcessor(
-                    name, original, self._gate, self._relate
-                )
-            if self.relation == "image->image":  # a UNet's (or PixArt-Σ's) self-attention layer
-                return lambda original: relations.SelfCapturingProcessor(
-                    name, original, self._gate, self._relate
-                )
+                return lambda original: relations.SelfCapturingProcessor(name, original, self._gate, self._relate)
             if wan_reproducible(procs[proc_name]):  # Wan: every frame's image tokens attend to the text
                 return lambda original: WanCapturingProcessor(name, original, self._gate, self._defer)
             return lambda original: CapturingAttnProcessor(
@@ -487,13 +430,7 @@ class AttentionRecorder:
 
     def _reproducible(self, proc_name: str, processor: Any) -> bool:
         layout = self._layouts.get(proc_name)
-        if (
-            layout is None and self.relation == "image->image"
-        ):  # self-attention: diffusers' SDPA processor only
-            return type(processor) is AttnProcessor2_0
-        if (
-            layout is None and self.relation == "image->image"
-        ):  # self-attention: diffusers' SDPA processor only
+        if layout is None and self.relation == "image->image":  # self-attention: diffusers' SDPA processor only
             return type(processor) is AttnProcessor2_0
         if layout is None:
             return is_reproducible(processor) or wan_reproducible(processor)
@@ -562,8 +499,6 @@ class AttentionRecorder:
             tuple, torch.Tensor | None
         ] = {}  # kind="output": (B', T) masks by batch layout
         self._concept_keys: dict[str, torch.Tensor] = {}  # layer → keys of the concepts' words (heads, C', d)
-        self._qmasks: torch.Tensor | None = None  # image→image: the queries' weights on the latent (Q, H, W)
-        self._qweights: dict[tuple, torch.Tensor] = {}  # ... on a layer's grid (Q, h*w), by grid and device
         self._qmasks: torch.Tensor | None = None  # image→image: the queries' weights on the latent (Q, H, W)
         self._qweights: dict[tuple, torch.Tensor] = {}  # ... on a layer's grid (Q, h*w), by grid and device
 
@@ -716,8 +651,8 @@ class AttentionRecorder:
             raise RecorderStateError(f"The latent size changed mid-run ({self._latent_size} → {size}).")
         self._latent_size = size
         if sample.ndim == 5:  # a video's latents (N, C, F, h, w), patched in time too (Wan: 1 frame a patch)
-            patch = getattr(self.family.get_denoiser(self.pipe).config, "patch_size", None) or (1,)
-            self._frames = int(sample.shape[2]) // int(patch[0])
+            patch = getattr(self.family.get_denoiser(self.pipe).config, "patch_size", None)
+            self._frames = int(sample.shape[2]) // (int(patch[0]) if isinstance(patch, list | tuple) else 1)
         if context is not None:
             self._num_keys = int(context.shape[1])
         if self._rows != sample.shape[0]:  # the CFG layout, worked out once per run
@@ -776,13 +711,9 @@ class AttentionRecorder:
             step_size=None if self.step_resolution is None else self._step_size(),
             per_head=self.per_head,
             keep_probs=self.keep_probs,
-            probs_itemsize=den.dtype.itemsize
-            if self.keep_probs
-            else 0,  # the dtype walks the model: only if kept
+            probs_itemsize=den.dtype.itemsize if self.keep_probs else 0,  # the dtype walks the model: only if kept
             max_bytes=self.max_bytes,
-            extra_bytes=0
-            if self._qmasks is None
-            else (2 if self._split is not None else 1) * self._qmasks.nbytes,
+            extra_bytes=0 if self._qmasks is None else (2 if self._split is not None else 1) * self._qmasks.nbytes,
         )
         budget.check_fits(p, device, self.max_bytes)
         self._last_plan = p
@@ -933,16 +864,8 @@ class AttentionRecorder:
         rows, step = self._sel, len(self._timesteps) - 1
         if self.relation != "image->text":
             self._relate_joint(
-                name,
-                q_img[rows],
-                k_txt[rows],
-                None if lse is None else lse[rows],
-                k_img[rows],
-                scale,
-                rows,
-                key_bias,
-                image_key_bias,
-                extra,
+                name, q_img[rows], k_txt[rows], None if lse is None else lse[rows], k_img[rows], scale, rows,
+                key_bias, image_key_bias, extra,
             )
             return
         kc = oc = None
@@ -1138,101 +1061,7 @@ class AttentionRecorder:
             txt = txt if bt is None else txt.add_(bt)
             img = img if bi is None else img.add_(bi)
             lt = torch.logaddexp(txt.logsumexp(-1), img.logsumexp(-1))  # (B', heads', T)
-            lt = lt.masked_fill(
-                lt.isneginf(), float("inf")
-            )  # a fully masked query row attends nowhere: zeros
-        if self.relation == "text->image":
-            p = relations.rows_probs(qt, ki, scale, lt, bi)  # (B', heads', T, HW')
-        else:
-            p = relations.rows_probs(qt, kt, scale, lt, bt)  # (B', heads', T, T)
-            self._layer_hw[name] = self._map_size()  # (1, T): a row over the text keys
-        self._file([step], (name,), p.transpose(-1, -2)[None, None])  # (1, 1, B', heads', keys, T)
-
-    # ---- relations other than image→text (computed at once: only the selection is kept) ------------------------
-    def _heads_of(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        """``x`` (B', heads, ...) restricted to the selected heads."""
-        if x is None or self.selection.heads is None:
-            return x
-        return x[:, list(self.selection.heads)]
-
-    def _weights(self, name: str, device: torch.device) -> torch.Tensor:
-        """(Q, h*w): the selected queries' weights on layer ``name``'s query grid (once per grid and run)."""
-        hw = self._layer_hw[name]
-        key = (hw, device)
-        if key not in self._qweights:
-            assert self._qmasks is not None
-            self._qweights[key] = relations.grid_weights(self._qmasks, hw).to(device)
-        return self._qweights[key]
-
-    def _relate(self, name: str, query: torch.Tensor, key: torch.Tensor, rows: slice, scale: float) -> None:
-        """A self-attention layer's call (image→image): each selected query's probabilities over the image keys,
-        (B', heads, HW, Q), filed like per-token maps (the Q selections in the place of the T tokens)."""
-        q, k = self._heads_of(query[rows]), self._heads_of(key[rows])  # (B', heads', HW, d)
-        maps = relations.weighted_rows(q, k, self._weights(name, q.device), scale)  # (B', heads', HW, Q)
-        self._file([len(self._timesteps) - 1], (name,), maps[None, None])
-
-    def _relate_joint(
-        self,
-        name: str,
-        q_img: torch.Tensor,
-        k_txt: torch.Tensor,
-        lse: torch.Tensor | None,
-        k_img: torch.Tensor,
-        scale: float,
-        rows: slice,
-        key_bias: torch.Tensor | None,
-        image_key_bias: torch.Tensor | None,
-        extra: dict[str, Any],
-    ) -> None:
-        """An MMDiT layer's call, the captured rows only (B', heads, ·, d): the image→image, text→image or
-        text→text block of the joint softmax, normalised over every key (the kernel's log-sum-exp where it gave
-        one, else computed here), filed as (B', heads', keys, queries) maps."""
-        step = len(self._timesteps) - 1
-        qi, kt, ki = self._heads_of(q_img), self._heads_of(k_txt), self._heads_of(k_img)
-        lse = self._heads_of(lse)
-        kb = None if key_bias is None else key_bias[rows][:, None, None, :]  # (B', 1, 1, T) on the text keys
-        kib = None if image_key_bias is None else image_key_bias[rows][:, None, None, :]  # (B', 1, 1, HW')
-        if self.relation == "image->image":
-
-            def lse_of(idx: torch.Tensor) -> torch.Tensor:  # (B', heads', R): these image rows over every key
-                if lse is not None:
-                    return lse[:, :, idx]
-                q = qi[:, :, idx].float()
-                own = torch.matmul(q, ki.float().transpose(-1, -2)).mul_(scale)  # (B', heads', R, HW')
-                txt = torch.matmul(q, kt.float().transpose(-1, -2)).mul_(scale)  # (B', heads', R, T)
-                own = own if kib is None else own.add_(kib)
-                txt = txt if kb is None else txt.add_(kb)
-                return torch.logaddexp(own.logsumexp(-1), txt.logsumexp(-1))
-
-            w = self._weights(name, qi.device)
-            maps = relations.weighted_rows(qi, ki, w, scale, lse_of, kib)  # (B', heads', HW', Q)
-            self._file([step], (name,), maps[None, None])
-            return
-        q_txt = extra.get("q_txt")
-        if q_txt is None:
-            raise RecorderStateError(
-                f"Layer {name} does not hand over its text queries: relation={self.relation!r} is not recorded on "
-                f"{self.family.label} yet. Record 'image->text' or 'image->image'."
-            )
-        qt = self._heads_of(q_txt[rows])  # (B', heads', T, d)
-        lse_txt = extra.get("lse_txt")
-        lt = None if lse_txt is None else self._heads_of(lse_txt[rows])  # (B', heads', T)
-        rb = extra.get("text_query_bias")  # (N, T, L) a mask's addition per text query and key (text first)
-        T = qt.shape[-2]
-        if rb is not None:
-            rb = rb[rows][:, None]  # (B', 1, T, T+HW')
-            bt, bi = rb[..., :T], rb[..., T:]
-        else:
-            bt, bi = kb, kib
-        if lt is None:  # the log-normaliser of each text query over every key
-            txt = torch.matmul(qt.float(), kt.float().transpose(-1, -2)).mul_(scale)  # (B', heads', T, T)
-            img = torch.matmul(qt.float(), ki.float().transpose(-1, -2)).mul_(scale)  # (B', heads', T, HW')
-            txt = txt if bt is None else txt.add_(bt)
-            img = img if bi is None else img.add_(bi)
-            lt = torch.logaddexp(txt.logsumexp(-1), img.logsumexp(-1))  # (B', heads', T)
-            lt = lt.masked_fill(
-                lt.isneginf(), float("inf")
-            )  # a fully masked query row attends nowhere: zeros
+            lt = lt.masked_fill(lt.isneginf(), float("inf"))  # a fully masked query row attends nowhere: zeros
         if self.relation == "text->image":
             p = relations.rows_probs(qt, ki, scale, lt, bi)  # (B', heads', T, HW')
         else:
@@ -1310,9 +1139,7 @@ class AttentionRecorder:
             id(source),
         )
         batch = self._queue.get(group)
-        if (
-            batch is None
-        ):  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
+        if batch is None:  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
             batch = self._queue[group] = [context, {}, [], upcast, scale, rows, bias]
         batch[1].setdefault(name, key)
         batch[2].append((len(self._timesteps) - 1, name, query))
