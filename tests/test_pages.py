@@ -314,3 +314,45 @@ def test_walk_page_errors(a_walk, tmp_path):
     with pytest.raises(NotRecordedError, match="no frames"):
         empty.save_html(tmp_path / "w.html")
     assert not any(Path(tmp_path).iterdir()) or os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------- video
+def test_a_video_observation_carries_a_frames_axis(tmp_path):
+    """Wan (tiny fixture): the payload's maps lead with the latent frames, each step's panels and the image hold
+    one picture per latent frame (the video's pixel frames sampled at them)."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline("wan")
+    kw = dict(
+        num_frames=5, height=64, width=64, num_inference_steps=2, max_sequence_length=32, output_type="np"
+    )
+    with sdexplore.observe(pipe, attention=True) as obs:
+        video = pipe(
+            prompt="a red circle moving right", generator=torch.Generator().manual_seed(0), **kw
+        ).frames[0]
+    F = obs.steps.frames
+    assert F == obs.attention.frames == 2 and video.shape[0] == 5
+    p = pages.read_payload(obs.save_html(tmp_path / "video.html", image=video))
+    assert p["frames"] == {"count": F}
+    assert [pl.decode_image(im).tolist() for im in p["image"]] == [
+        pl.decode_image(pl.encode_image(video[i])).tolist() for i in (0, 4)
+    ]  # latent frame f over pixel frame round(f · (N − 1) / (F − 1))
+    for panel in p["steps"]["panels"]:
+        assert all(len(step) == F for step in panel["images"])
+    from sdexplore.views.render import trace_preview
+
+    x0 = next(panel for panel in p["steps"]["panels"] if panel["key"] == "x0")
+    np.testing.assert_array_equal(
+        pl.decode_image(x0["images"][1][1]), trace_preview(pl.frame_trace(obs.steps, 1), 1, "x0")
+    )
+    maps, att = obs.attention, p["attention"]
+    T = maps.aggregate.shape[1]
+    assert att["aggregate"]["shape"][:2] == [F, T]
+    np.testing.assert_allclose(
+        pl.dequantize_maps(att["aggregate"]), maps.aggregate[0].movedim(1, 0).numpy(), atol=1e-3
+    )  # (F, T, H, W)
+    assert att["steps"]["shape"][:3] == [F, 2, T] and att["steps"]["delta"] == 1
+    np.testing.assert_allclose(
+        pl.dequantize_maps(att["steps"]), maps.steps[:, 0].permute(2, 0, 1, 3, 4).numpy(), atol=1e-3
+    )  # (F, S, T, h, w)
+    assert all(layer["maps"]["shape"][:2] == [F, T] for layer in att["layers"])

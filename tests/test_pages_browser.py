@@ -23,7 +23,6 @@ from PIL import Image
 
 import sdexplore
 from sdexplore.views import pages
-from sdexplore.views import payload as pl
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -265,39 +264,29 @@ def test_damaged_payloads_show_an_error_not_a_blank(results, browser, tmp_path):
             page.close()
 
 
-def test_a_frames_axis_gets_a_frame_slider(results, browser, tmp_path):
-    """A video's payload (a leading frames axis on the maps, a list of pictures per step and for the image) shows
-    a frame slider in both explorers, and moving it changes the pictures."""
-    obs, image, _ = results
-    p = pl.observation_payload(obs, image=image)
-    F = 3
-    rng = np.random.default_rng(0)
-    frames = [np.asarray(image)] + [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(F - 1)]
-    p["frames"] = {"count": F, "fps": 8}
-    p["image"] = [pl.encode_image(f) for f in frames]
-    for panel in p["steps"]["panels"]:
-        panel["images"] = [
-            [img] + [pl.encode_image(f[::4, ::4]) for f in frames[1:]] for img in panel["images"]
-        ]
-    maps = obs.attention
-    shifted = [maps.aggregate[0].roll(4 * k, dims=-1) for k in range(F)]
-    p["attention"]["aggregate"] = pl.quantize_maps(torch.stack(shifted))  # (F, T, H, W)
-    p["attention"]["steps"] = pl.quantize_maps(
-        torch.stack([maps.steps[:, 0]] * F), delta=1
-    )  # (F, S, T, h, w)
-    p["attention"]["layers"] = [
-        {"name": n, "maps": pl.quantize_maps(torch.stack([t[0]] * F))} for n, t in maps.layers.items()
-    ]
-    path = pages.write_page(tmp_path / "video.html", p, ["scrubber", "attention"])
+def test_a_video_page_gets_a_frame_slider(browser, tmp_path):
+    """A video's page (Wan, tiny fixture: 2 latent frames) shows a frame slider in both explorers, and moving it
+    changes the pictures."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline("wan")
+    kw = dict(
+        num_frames=5, height=64, width=64, num_inference_steps=3, max_sequence_length=32, output_type="np"
+    )
+    with sdexplore.observe(pipe, attention=True) as obs:
+        video = pipe(
+            prompt="a red circle moving right", generator=torch.Generator().manual_seed(0), **kw
+        ).frames[0]
+    path = obs.save_html(tmp_path / "video.html", image=video)
     page = Opened(browser, path)
     try:
         assert page.state == "ok" and page.page.locator(".sdx-error").count() == 0
+        assert "frame 1 / 2" in page.page.locator(".sdx-scrubber .sdx-info").inner_text()
         page.moves(".sdx-panel-x0", lambda: page.key(".sdx-scrubber .sdx-frame-slider", "ArrowRight"))
-        assert "frame 2 / 3" in page.page.locator(".sdx-scrubber .sdx-info").inner_text()
-        page.moves(
-            ".sdx-attention-image", lambda: page.key(".sdx-attention .sdx-frame-slider", "ArrowRight", 2)
-        )
-        assert "frame 3 / 3" in page.page.locator(".sdx-attention .sdx-caption").inner_text()
+        assert "frame 2 / 2" in page.page.locator(".sdx-scrubber .sdx-info").inner_text()
+        page.moves(".sdx-attention-image", lambda: page.key(".sdx-attention .sdx-frame-slider", "ArrowRight"))
+        assert "frame 2 / 2" in page.page.locator(".sdx-attention .sdx-caption").inner_text()
+        page.page.screenshot(path=str(_shots() / "page_video.png"), full_page=True)
         assert page.errors == [] and page.requests == []
     finally:
         page.close()

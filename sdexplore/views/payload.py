@@ -167,6 +167,22 @@ def _base(kind: str, prov: dict[str, Any], cmap: str | None) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- observation
+def frame_trace(trace: Any, frame: int) -> Any:
+    """The trace of one frame of a video's trace: every latent-shaped tensor (B, C, F, h, w) → (B, C, h, w) and
+    every picture (B, F, h, w, 3) → (B, h, w, 3) at ``frame`` (views, no copies), the rest shared."""
+    from dataclasses import replace
+
+    def one(t: Any, axis: int) -> Any:
+        return t.select(axis, frame) if t is not None and t.ndim == 5 else t
+
+    steps = []
+    for rec in trace.steps:
+        kw = {k: one(t, 2) for k, t in rec._tensors().items() if k not in ("preview", "decoded")}
+        kw.update({k: one(getattr(rec, k), 1) for k in ("preview", "decoded")})
+        steps.append(replace(rec, **kw))
+    return replace(trace, steps=steps, final_latents=one(trace.final_latents, 2))
+
+
 def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[str, Any] | None:
     """The scrubber's data of a Trace: per recorded step its numbers and its panels (None if no panel can be
     drawn: nothing latent-shaped or pictured was recorded)."""
@@ -193,7 +209,7 @@ def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[s
     if channels:
         from .render import channel_tiles
 
-    def picture(rec: Any, pos: int, key: str) -> np.ndarray:
+    def picture(trace: Any, rec: Any, pos: int, key: str) -> np.ndarray:
         if key == "noisy":
             return trace_preview(trace, pos, "latents", image=index)
         if key == "x0":
@@ -208,14 +224,19 @@ def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[s
             return channel_tiles(rec.noise_pred[index])
         return channel_tiles(rec.latents[index])
 
+    F = trace.frames  # a video's latent frames: every panel holds F pictures per step
+    views = [trace] if F is None else [frame_trace(trace, f) for f in range(F)]
     panels = []
     size = None
     for key in keys:
-        images = []
-        for pos, rec in enumerate(recs):
-            arr = picture(rec, pos, key)
-            size = size or [int(arr.shape[0]), int(arr.shape[1])]
-            images.append(encode_image(arr))
+        images: list[Any] = []
+        for pos in range(len(recs)):
+            per = []
+            for view in views:
+                arr = picture(view, view.steps[pos], pos, key)
+                size = size or [int(arr.shape[0]), int(arr.shape[1])]
+                per.append(encode_image(arr))
+            images.append(per if F is not None else per[0])
         panels.append({"key": key, "title": _PANEL_TITLES[key], "images": images})
     flow = trace.prediction_type == "flow_prediction"
     return {
@@ -240,6 +261,12 @@ def attention_block(
     aggregated, per step (where recorded) and per layer (where kept), quantised."""
     from .render import HEAT_OPACITY, first_content_word
 
+    video = getattr(maps, "frames", None)
+
+    def lead(t: torch.Tensor, axis: int) -> torch.Tensor:
+        """A video's maps carry their frames F at ``axis`` (before h, w): the page wants F first."""
+        return t if video is None else t.movedim(axis, 0)
+
     tl = maps.token_lists[index]
     # each distinct word with every key position AttentionMaps.word() sums for it (all occurrences, all segments)
     words = [{"word": w, "positions": sorted(set(tl.positions(w)))} for w in dict.fromkeys(tl.words)]
@@ -253,13 +280,13 @@ def attention_block(
         "default_word": first_content_word([w["word"] for w in words]) if words else None,
         "opacity": float(HEAT_OPACITY if opacity is None else opacity),
         "timesteps": [float(t) for t in maps.timesteps],
-        "aggregate": quantize_maps(maps.aggregate[index]),  # (T, H, W)
-        "steps": quantize_maps(maps.steps[:, index], delta=0)
+        "aggregate": quantize_maps(lead(maps.aggregate[index], 1)),  # (T, H, W) or a video's (F, T, H, W)
+        "steps": quantize_maps(lead(maps.steps[:, index], 2), delta=0 if video is None else 1)
         if steps and maps.steps is not None
-        else None,  # (S, T, h, w)
-        "layers": [{"name": n, "maps": quantize_maps(t[index])} for n, t in maps.layers.items()]  # (T, h, w)
+        else None,  # (S, T, h, w) or (F, S, T, h, w): codes as differences between steps
+        "layers": [{"name": n, "maps": quantize_maps(lead(t[index], 1))} for n, t in maps.layers.items()]
         if layers
-        else [],
+        else [],  # each (T, h, w) or (F, T, h, w)
     }
 
 
@@ -283,8 +310,22 @@ def observation_payload(
     trace = obs.runs[-1] if obs.runs else None
     maps = obs.attention
     steps = steps_block(trace, index=index, channels=channels) if trace is not None else None
-    att = attention_block(maps, index=index, layers=layers) if maps is not None else None
-    if image is None and trace is not None and len(trace):
+    per_word = maps is not None and getattr(maps, "relation", "image->text") == "image->text"
+    att = attention_block(maps, index=index, layers=layers) if per_word else None
+    frames = (trace.frames if trace is not None else None) or (
+        getattr(maps, "frames", None) if per_word else None
+    )
+    if image is None and trace is not None and len(trace) and trace.frames is not None:
+        last = frame_trace(trace, 0)[-1]
+        if last.decoded is not None:
+            image = trace[-1].decoded[index]  # (F, H, W, 3)
+        elif last.x0 is not None:
+            from .render import trace_preview
+
+            image = [trace_preview(frame_trace(trace, f), -1, "x0", image=index) for f in range(trace.frames)]
+        elif last.preview is not None:
+            image = trace[-1].preview[index]  # (F, h, w, 3)
+    elif image is None and trace is not None and len(trace):
         last = trace[-1]
         if last.decoded is not None:
             image = last.decoded[index]
@@ -294,7 +335,7 @@ def observation_payload(
             image = (
                 trace_preview(trace, -1, "x0", image=index) if last.x0 is not None else last.preview[index]
             )
-    picture = encode_image(image) if image is not None else None
+    picture = _pictures(image, frames) if image is not None else None
     if prompt is None and maps is not None:
         prompt = maps.token_lists[index].prompt
     prov = provenance(
@@ -306,15 +347,33 @@ def observation_payload(
         negative_prompt=negative_prompt,
         steps=int(trace.num_steps) if trace is not None and trace.num_steps else None,
         guidance_scale=float(trace.guidance_scale) if trace is not None else None,
-        size=picture["shape"] if picture is not None else None,
+        size=(picture[0] if isinstance(picture, list) else picture)["shape"] if picture is not None else None,
     )
     out = _base("observation", prov, cmap)
     out["image"] = picture
+    if frames is not None:
+        out["frames"] = {"count": int(frames)}
     if steps is not None:
         out["steps"] = steps
     if att is not None:
         out["attention"] = att
     return out
+
+
+def _pictures(image: Any, frames: int | None) -> Any:
+    """The picture the maps are drawn over: one image, or for a video (``frames`` latent frames) one per frame.
+
+    A video given as its N pixel frames (N, H, W, 3) is sampled at the latent frames (N = 4·(F − 1) + 1 for Wan:
+    latent frame f sits over pixel frame round(f·(N − 1)/(F − 1))); a single image is shown under every frame."""
+    if frames is None:
+        return encode_image(image)
+    arr = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)
+    if isinstance(image, list) or arr.ndim == 4 and arr.shape[0] > 1:
+        seq = list(image) if isinstance(image, list) else list(arr)  # N pixel frames
+        picks = [round(f * (len(seq) - 1) / max(frames - 1, 1)) for f in range(frames)]
+        return [encode_image(seq[i]) for i in picks]
+    one = encode_image(image)
+    return [one] * frames
 
 
 # ---------------------------------------------------------------------------------------------- walk

@@ -333,8 +333,9 @@ export function lineChart(curves, { width = 420, height = 110, xlabel = "", high
     return e;
   };
   add("rect", { x: L, y: T, width: pw, height: ph, fill: "none", stroke: "#ccc" });
-  add("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, hi.toPrecision(3));
-  add("text", { x: L - 4, y: T + ph, "text-anchor": "end" }, lo.toPrecision(3));
+  const fmt = (v) => (v !== 0 && Math.abs(v) < 1e-2 ? v.toExponential(1) : String(Number(v.toPrecision(3))));
+  add("text", { x: L - 4, y: T + 8, "text-anchor": "end" }, fmt(hi));
+  add("text", { x: L - 4, y: T + ph, "text-anchor": "end" }, fmt(lo));
   add("text", { x: L + pw / 2, y: height - 4, "text-anchor": "middle" }, xlabel);
   curves.forEach((c, k) => {
     const pts = c.values.map((v, i) => `${px(i).toFixed(1)},${py(v).toFixed(1)}`).join(" ");
