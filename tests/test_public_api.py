@@ -28,6 +28,7 @@ def test_every_public_name_resolves():
         "pixart-sigma",
         "chroma",
         "sana",
+        "wan",
     }
     assert all(isinstance(f, sdexplore.Family) for f in sdexplore.FAMILIES.values())
     assert {"invert", "Inversion"} <= set(sdexplore.__all__) and callable(sdexplore.images.load_image)

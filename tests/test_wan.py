@@ -69,6 +69,16 @@ def test_the_fixture_makes_a_short_video(pipe, obs):
     assert obs.steps[0].latents.shape == (1, 16, 2, 8, 8)
 
 
+def test_the_fixture_is_deterministic_independent_and_fixed(pipe):
+    a, b = pipe, tiny_pipeline("wan")
+    assert a.transformer is not b.transformer
+    x = a(prompt=P, generator=gen(0), **KW).frames
+    assert np.array_equal(x, b(prompt=P, generator=gen(0), **KW).frames)
+    assert np.abs(x - a(prompt=P, generator=gen(1), **KW).frames).max() > 1e-3
+    with pytest.raises(ValueError, match="fixed"):
+        tiny_pipeline("wan", prediction_type="epsilon")
+
+
 def test_a_second_denoiser_is_refused_before_anything_runs(pipe):
     """Wan 2.2 A14B switches to transformer_2 mid-run, which the attachment would not see."""
     pipe.transformer_2 = (
