@@ -356,3 +356,53 @@ def test_a_video_observation_carries_a_frames_axis(tmp_path):
         pl.dequantize_maps(att["steps"]), maps.steps[:, 0].permute(2, 0, 1, 3, 4).numpy(), atol=1e-3
     )  # (F, S, T, h, w)
     assert all(layer["maps"]["shape"][:2] == [F, T] for layer in att["layers"])
+
+
+# ---------------------------------------------------------------------------------------------- edit pages
+@pytest.fixture(scope="module")
+def an_edit(embedded):
+    return sdexplore.edit(
+        embedded[0],
+        PROMPT,
+        PROMPT.replace("red", "green"),
+        num_inference_steps=10,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def test_edit_page_round_trip(an_edit, tmp_path):
+    path = pages.save_edit(an_edit, tmp_path / "edit.html", model="tiny-shapes", seed=0)
+    p = pages.read_payload(path)
+    e = p["edit"]
+    src, out = an_edit.images()
+    np.testing.assert_array_equal(pl.decode_image(e["source"]), src)
+    np.testing.assert_array_equal(pl.decode_image(e["edited"]), out)
+    np.testing.assert_array_equal(pl.decode_image(e["difference"]), an_edit.difference())
+    assert e["default_word"] == "green" and e["source_prompt"] == PROMPT
+    words = [w["word"] for w in e["words"]]
+    assert words == list(dict.fromkeys(an_edit.edited_maps.token_lists[0].words))
+    assert [w["word"] for w in e["words"] if w["changed"]] == ["green"]
+    before, after = pl.dequantize_maps(e["before"]), pl.dequantize_maps(e["after"])
+    k = words.index("green")
+    want_before, want_after = an_edit.word_maps("green")
+    top = float(max(want_before.max(), want_after.max()))
+    assert np.abs(before[k] - want_before.numpy()).max() <= top / 500
+    assert np.abs(after[k] - want_after.numpy()).max() <= top / 500
+    assert p["provenance"]["seed"] == 0 and "→" in p["provenance"]["prompt"]
+    from matplotlib import colormaps
+
+    lut = np.frombuffer(__import__("base64").b64decode(e["diff_colormap"]["lut"]), np.uint8).reshape(256, 3)
+    want = (colormaps["RdBu_r"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    np.testing.assert_array_equal(lut, want)
+
+
+def test_edit_page_errors(an_edit, tmp_path, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the payload was built before the arguments were checked")
+
+    monkeypatch.setattr(pl, "edit_payload", no_work)
+    with pytest.raises(InvalidArgumentError, match=r"\.html"):
+        pages.save_edit(an_edit, tmp_path / "edit.png")
+    with pytest.raises(InvalidArgumentError, match="index"):
+        pages.save_edit(an_edit, tmp_path / "edit.html", index=2)
+    assert not (tmp_path / "edit.html").exists()

@@ -290,3 +290,31 @@ def test_a_video_page_gets_a_frame_slider(browser, tmp_path):
         assert page.errors == [] and page.requests == []
     finally:
         page.close()
+
+
+def test_edit_page_offline_word_and_opacity_change_the_maps(results, browser, tmp_path):
+    obs, image, _ = results
+    pipe = sdexplore.load_pipeline()
+    e = sdexplore.edit(
+        pipe,
+        PROMPT,
+        PROMPT.replace("red", "green"),
+        num_inference_steps=8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    path = pages.save_edit(e, tmp_path / "edit.html")
+    page = Opened(browser, path)
+    try:
+        assert page.state == "ok" and page.page.locator(".sdx-error").count() == 0
+        for c in (".sdx-edit-source", ".sdx-edit-edited", ".sdx-edit-before", ".sdx-edit-after"):
+            assert not _one_colour(page.pixels(c)), f"{c} is one colour"
+        assert "“green” (edited)" in page.page.locator(".sdx-edit-caption").inner_text()
+        words = [w["word"] for w in pages.read_payload(path)["edit"]["words"]]
+        page.moves(
+            ".sdx-edit-after", lambda: page.page.select_option(".sdx-edit-word", str(words.index("circle")))
+        )
+        page.moves(".sdx-edit-before", lambda: page.key(".sdx-edit-explorer .sdx-opacity", "ArrowLeft", 3))
+        page.page.screenshot(path=str(_shots() / "page_edit.png"), full_page=True)
+        assert page.requests == [] and page.errors == []
+    finally:
+        page.close()

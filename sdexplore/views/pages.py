@@ -24,7 +24,7 @@ from ..errors import InvalidArgumentError, NotRecordedError, ResultFileError
 from . import payload as _payload
 
 #: The explorers (one JavaScript module each, in sdexplore/views/web/).
-EXPLORERS = ("scrubber", "attention", "walk", "interpolation")
+EXPLORERS = ("scrubber", "attention", "walk", "interpolation", "edit")
 _IMPORT_CORE = re.compile(r"import\s*\{[^}]*\}\s*from\s*\"\./core\.js\";\s*")
 _EXPORT = re.compile(r"^export (?=(async )?function |const |class |let )", re.M)
 _PAYLOAD_ID = "sdx-payload"
@@ -128,6 +128,7 @@ def page_html(payload: dict[str, Any], explorers: list[str], *, title: str | Non
         "attention": "Attention per word",
         "walk": "Walk",
         "interpolation": "Frames",
+        "edit": "The edit",
     }
     facts = [
         (k, prov[k])
@@ -269,3 +270,13 @@ def save_walk(walk: Any, path: Any, **options: Any) -> Path:
     if isinstance(fps, bool) or not isinstance(fps, int | float) or not 0 < fps <= 60:
         raise InvalidArgumentError(f"fps={fps!r}: pass a number of frames per second in (0, 60].")
     return write_page(path, _payload.walk_payload(walk, **options), ["walk", "interpolation"], title=title)
+
+
+def save_edit(edit: Any, path: Any, **options: Any) -> Path:
+    """One self-contained page of an :class:`~sdexplore.results.edit.Edit` (source | edited | difference, and a word's
+    map before and after on one scale); ``options``: ``index``, ``words``, ``model``, ``seed``, ``title``. A bad
+    path raises InvalidArgumentError before any work; a bad ``index`` too (the Edit's own check)."""
+    path = check_page_path(path)
+    title = options.pop("title", None)
+    edit.images(options.get("index", 0))  # InvalidArgumentError for an index the edit does not hold
+    return write_page(path, _payload.edit_payload(edit, **options), ["edit"], title=title)

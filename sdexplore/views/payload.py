@@ -450,3 +450,70 @@ def walks_payload(walks: dict[str, Any], **options: Any) -> dict[str, Any]:
         )
     first["walk"]["compare"] = compare
     return first
+
+
+# ---------------------------------------------------------------------------------------------- edit
+def edit_payload(
+    edit: Any,
+    *,
+    index: int = 0,
+    words: list[str] | None = None,
+    model: str | None = None,
+    seed: int | None = None,
+    cmap: str | None = None,
+) -> dict[str, Any]:
+    """The payload of an :class:`~sdexplore.results.edit.Edit`: the source, edited and difference pictures, and
+    for each offered word (default: every distinct word of the edited prompt) its map before and after the edit
+    (:meth:`~sdexplore.results.edit.Edit.word_maps`: raw mass, compared on one scale)."""
+    from .render import HEAT_OPACITY, first_content_word
+    from .widgets.edit import DIFF_CMAP
+
+    src, out = edit.images(index)  # (H, W, 3) each; checks the index
+    src_prompt, out_prompt = edit.prompts(index)
+    changed = edit.changed_words(index)
+    block: dict[str, Any] = {
+        "source_prompt": src_prompt,
+        "edited_prompt": out_prompt,
+        "source": encode_image(src),
+        "edited": encode_image(out),
+        "difference": encode_image(edit.difference(index)),
+        "opacity": float(HEAT_OPACITY),
+        "diff_colormap": colormap_entry(DIFF_CMAP),
+        "before": None,
+        "after": None,
+        "words": [],
+        "default_word": None,
+    }
+    if edit.source_maps is not None and edit.edited_maps is not None:
+        offered = (
+            list(words)
+            if words is not None
+            else list(dict.fromkeys(edit.edited_maps.token_lists[index].words))
+        )
+        befores, afters, entries = [], [], []
+        for word in offered:
+            before, after = edit.word_maps(
+                word, index=index
+            )  # (h, w) each, raw mass; before None: not in the source
+            afters.append(after.float())
+            befores.append(torch.zeros_like(after, dtype=torch.float32) if before is None else before.float())
+            entries.append({"word": word, "changed": word in changed, "has_before": before is not None})
+        block["before"] = quantize_maps(torch.stack(befores))  # (W, h, w)
+        block["after"] = quantize_maps(torch.stack(afters))  # (W, h, w)
+        block["words"] = entries
+        block["default_word"] = first_content_word([w for w in changed if w in offered] + offered)
+    settings = dict(getattr(edit, "settings", {}) or {})
+    prov = provenance(
+        model=model,
+        family=edit.edited_maps.family if edit.edited_maps is not None else settings.get("family"),
+        scheduler=settings.get("scheduler"),
+        seed=seed if seed is not None else settings.get("seed"),
+        prompt=f"{src_prompt} → {out_prompt}",
+        steps=settings.get("num_inference_steps"),
+        guidance_scale=settings.get("guidance_scale"),
+        size=[int(src.shape[0]), int(src.shape[1])],
+    )
+    payload = _base("edit", prov, cmap)
+    payload["image"] = None
+    payload["edit"] = block
+    return payload

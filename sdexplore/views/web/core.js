@@ -152,8 +152,8 @@ export function atFrame(x, frame) {
 
 // ---------------------------------------------------------------------------------------------- colour
 // The payload's colour map: 256 RGB entries (base64 of 768 bytes) computed from matplotlib when it was saved.
-export function colourTable(payload) {
-  const lut = b64bytes(payload.colormap.lut);
+export function colourTable(payload, entry) {
+  const lut = b64bytes((entry || payload.colormap).lut);
   if (lut.length !== 768) throw new PayloadError(`colormap: ${lut.length} bytes, expected 768`);
   return lut;
 }
@@ -202,13 +202,18 @@ export function resize(src, h, w, H, W, out) {
 
 // Colour a map (min-max over its own values, as sdexplore.views.render.heat_overlay does) into `image`
 // (an ImageData of the same size), blended over `base` (ImageData or null) with `opacity`.
-export function paintHeat(image, heat, lut, base, opacity) {
+// `range` ({lo, hi}): fixed ends of the colour map instead (heat_overlay's vmin / vmax).
+export function paintHeat(image, heat, lut, base, opacity, range) {
   let lo = Infinity;
   let hi = -Infinity;
-  for (let i = 0; i < heat.length; i++) {
-    const v = heat[i];
-    if (v < lo) lo = v;
-    if (v > hi) hi = v;
+  if (range) {
+    ({ lo, hi } = range);
+  } else {
+    for (let i = 0; i < heat.length; i++) {
+      const v = heat[i];
+      if (v < lo) lo = v;
+      if (v > hi) hi = v;
+    }
   }
   const k = 255 / Math.max(hi - lo, 1e-12);
   const d = image.data;
