@@ -143,3 +143,14 @@ def test_pixart_labels_read_the_prompt_as_the_pipeline_cleans_it() -> None:
     assert (
         tl.ids == seen[0] and tl.words == ["a", "big", "red", "square"] and tl.prompt == "  A Big RED square "
     )
+
+
+def test_a_left_padding_tokenizer_labels_its_bos() -> None:
+    """Gemma's tokenizer pads on the left until a Sana pipeline sets it right: BOS is found where it is."""
+    from sdexplore.record.tokens import tokenize_prompt
+
+    tok = gemma_tokenizer()
+    assert tok.padding_side == "left"
+    tl = tokenize_prompt(tok, "a red circle", 8, name="gemma")
+    assert tl.kinds == ["pad"] * 4 + ["bos", "text", "text", "text"]
+    assert tl.words == ["a", "red", "circle"] and tl.positions("circle") == [7]

@@ -161,7 +161,7 @@ def _tokenize(tokenizer: Any, prompt: str, length: int) -> tuple:
     ):
         if not mask:
             kinds.append(PAD)  # CLIP (SD 1.x) pads with its EOS id: the attention mask tells them apart
-        elif special and i == 0 and id_ == tokenizer.bos_token_id:
+        elif special and id_ == tokenizer.bos_token_id:  # first, after left padding too (Gemma pads left)
             kinds.append(BOS)
         elif special and id_ == tokenizer.eos_token_id:
             kinds.append(EOS)
