@@ -479,6 +479,9 @@ def instructed_tokens(
     )
 
 
+_CHAT_CACHE: OrderedDict[tuple, tuple[weakref.ref, TokenList]] = OrderedDict()  # as _CACHE, for chat_tokens
+
+
 def chat_tokens(
     tokenizer: Any,
     prompt: str,
@@ -501,8 +504,41 @@ def chat_tokens(
     Other pipelines: ``thinking=True`` renders no thinking block (``ZImagePipeline``); ``template`` is a ``"{}"``
     format string in place of the chat template, whose first ``drop`` tokens the pipeline drops (``QwenImagePipeline``'s
     system prompt); ``pad=False`` labels only the tokens the encoder keeps (both drop the padded states).
+    Labels are remembered per tokenizer, prompt and options (each call returns a TokenList of its own).
     """
+    key = (id(tokenizer), prompt, length, name, thinking, template, drop, pad)
+    hit = _CHAT_CACHE.get(key)
+    if hit is not None and hit[0]() is tokenizer:
+        _CHAT_CACHE.move_to_end(key)
+        tl = hit[1]
+    else:
+        tl = _chat_tokens(tokenizer, prompt, length, name, thinking, template, drop, pad)
+        try:
+            _CHAT_CACHE[key] = (weakref.ref(tokenizer), tl)
+        except TypeError:  # a tokenizer that cannot be weakly referenced is simply not remembered
+            pass
+        while len(_CHAT_CACHE) > _CACHE_SIZE:
+            _CHAT_CACHE.popitem(last=False)
+    return replace(
+        tl,
+        ids=list(tl.ids),
+        pieces=list(tl.pieces),
+        kinds=list(tl.kinds),
+        truncated=list(tl.truncated),
+        segments=list(tl.segments),
+    )
 
+
+def _chat_tokens(
+    tokenizer: Any,
+    prompt: str,
+    length: int,
+    name: str,
+    thinking: bool,
+    template: str | None,
+    drop: int,
+    pad: bool,
+) -> TokenList:
     def render(content: str) -> str:
         if template is not None:
             return template.format(content)
