@@ -1,4 +1,9 @@
-"""Explorers over real recorded results: sliders change what is shown, never run the pipeline; static fallback."""
+"""Explorers over real recorded results: sliders change what is shown, never run the pipeline; static fallback.
+
+In a notebook the explorers are anywidget views of the front end's JavaScript (``sdexplore/views/web/``) over the
+page payload; these tests check the Python side: the module text, the payload each view holds, the synced
+positions. tests/test_browser.py checks them painting in JupyterLab.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from sdexplore.heatmaps import normalize, resize
 from sdexplore.record.observe import observe
 from sdexplore.results.trace import Trace
 from sdexplore.smoothness import smoothness_report
+from sdexplore.views import pages
+from sdexplore.views import payload as pl
 from sdexplore.views.export import read_frames
 from sdexplore.views.render import heat_overlay
 from sdexplore.views.widgets import (
@@ -27,7 +34,7 @@ from sdexplore.views.widgets import (
     has_widget_frontend,
 )
 from sdexplore.views.widgets._base import jpeg_bytes
-from sdexplore.views.widgets.interpolation import encode_frame
+from sdexplore.views.widgets._web import widget_esm
 from sdexplore.walks import walk
 
 PROMPT = "a big red circle on a blue background"
@@ -105,8 +112,28 @@ def test_scrubber_slider_changes_images_without_running_the_pipeline(run):
         calls.close()
     assert calls.n == 0
     assert all(first[k] != last[k] for k in first), "every panel must change between the first and last step"
-    assert f"step {STEPS} / {STEPS}" in scrub._info.value
-    assert "timestep" in scrub._info.value and "σ" in scrub._info.value
+    assert scrub.widget.step == STEPS - 1  # the synced trait the view listens to
+    steps = scrub.widget.payload["steps"]
+    assert steps["count"] == STEPS and steps["total"] == STEPS
+    assert steps["timestep"] == [float(r.timestep) for r in obs.steps]
+    assert steps["alpha_bar"] == [float(r.alpha_bar) for r in obs.steps]
+    assert f"step {STEPS} / {STEPS}" in scrub._info_html(STEPS - 1)
+
+
+def test_views_run_the_pages_own_javascript(run):
+    """One source of truth: each view's _esm is the module a page inlines, wrapped so positions reach the kernel
+    only at rest; every explorer's module text is in it."""
+    _, obs, image = run
+    for name, view in (
+        ("scrubber", TimestepScrubber(obs, static=False).widget),
+        ("attention", AttentionExplorer(obs, image, static=False).widget),
+    ):
+        body = pages.module_source(name).split("export default", 1)[0]
+        assert view._esm == widget_esm(name) and view._esm.startswith(body)
+        assert pages.web_file(f"{name}.js").split("import {", 1)[0] in view._esm  # the explorer's own header
+        assert "save_changes() {\n      pending = true;" in view._esm  # moves stay in the browser
+        assert view._css == pages.web_file("explorer.css")
+        assert f"sdx-view-{name}" in view._dom_classes
 
 
 def test_scrubber_x0_panel_shows_the_recorded_x0(run):
@@ -114,10 +141,8 @@ def test_scrubber_x0_panel_shows_the_recorded_x0(run):
     scrub = TimestepScrubber(obs, static=False)
     scrub.value = 2
     expected = obs.steps[2].preview[0].numpy()  # the recorder's own preview of x0, (h, w, 3)
-    shown = _decode(scrub.image_bytes("x0"))
-    k = shown.shape[0] // expected.shape[0]  # sent upscaled by an integer factor (nearest)
-    assert k >= 1 and shown.shape[:2] == (k * expected.shape[0], k * expected.shape[1])
-    shown = shown[::k, ::k]
+    shown = _decode(scrub.image_bytes("x0"))  # lossless PNG or WebP, at the latent size (the view enlarges)
+    assert shown.shape == expected.shape
     assert np.abs(shown.astype(int) - expected.astype(int)).max() <= 1
 
 
@@ -134,39 +159,41 @@ def test_scrubber_fills_in_live_and_follows_the_newest_step():
     with observe(pipe, on_step=listener):
         pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
     assert seen == [(i + 1, i) for i in range(STEPS)], "each step appears as it arrives; the slider follows"
+    assert scrub.widget.payload["steps"]["count"] == STEPS and scrub.pushes == 1 + STEPS
     live_bytes = scrub.image_bytes("x0")
     # the user moves back: the next run starts over, and a moved slider is not dragged along
     with observe(pipe, on_step=scrub.on_step) as obs:
         pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
     assert scrub.trace is obs.steps and scrub.num_steps == STEPS
     assert scrub.image_bytes("x0") == live_bytes  # same seed, same final step
-    scrub.value = 1
+    scrub.value = 1  # as the view reports a slider let go on step 2
     scrub.on_step(obs.steps[-1], obs.steps)
     assert scrub.value == 1 and scrub.num_steps == STEPS + 1
+    assert scrub.widget.payload["steps"]["count"] == STEPS + 1  # the new step is there, the slider not moved
 
 
-def test_live_scrubber_throttles_drawing_but_always_shows_the_last_step():
+def test_live_scrubber_throttles_updates_but_always_sends_the_last_step():
     pipe = tiny_pipeline("sd1")
-    scrub = TimestepScrubber(static=False, live_fps=1e-6)  # at most one redraw: the first step
+    scrub = TimestepScrubber(static=False, live_fps=1e-6)  # at most one update in the run: the first step
     scrub.widget  # noqa: B018
     with observe(pipe, on_step=scrub.on_step) as obs:
         pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
-    assert scrub.value == STEPS - 1 and f"step {STEPS} / {STEPS}" in scrub._info.value
-    assert sorted(scrub._cache) == [0, STEPS - 1], "skipped steps are not encoded during the run"
+    assert scrub.pushes == 1 + 2, "the empty view, the first step, the last step: nothing in between"
+    assert scrub.value == STEPS - 1 and scrub.widget.payload["steps"]["count"] == STEPS
     last = scrub.image_bytes("x0")
-    scrub.value = 2  # encoded on demand when the user scrubs back
-    assert scrub.image_bytes("x0") != last and 2 in scrub._cache
+    scrub.value = 2
+    assert scrub.image_bytes("x0") != last
     reference = TimestepScrubber(obs, static=False)
     reference.value = 2
     assert reference.image_bytes("x0") == scrub.image_bytes("x0")
+    assert reference.widget.payload["steps"]["panels"] == scrub.widget.payload["steps"]["panels"]
 
 
 def _panel(scrub, panel, shape):
-    """The array a scrubber panel shows, at one pixel per latent cell (it is sent upscaled, nearest)."""
+    """The array a scrubber panel shows, at one pixel per latent cell (the view enlarges it, nearest)."""
     shown = _decode(scrub.image_bytes(panel))
-    k = shown.shape[0] // shape[0]
-    assert k >= 1 and shown.shape[:2] == (k * shape[0], k * shape[1])
-    return shown[::k, ::k]
+    assert shown.shape[:2] == tuple(shape[:2])
+    return shown
 
 
 def _other_factors(trace):
@@ -302,14 +329,41 @@ def test_attention_controls_change_the_image_without_running_the_pipeline(run):
         shown.append(ex.displayed_png)
         ex.select(layer=next(k for k in ex.layer_groups if k.startswith("up blocks")))
         shown.append(ex.displayed_png)
-        ex.select(view="step × word grid")
-        grid = ex._grid.value
+        grid = ex.grid_html()
     finally:
         calls.close()
     assert calls.n == 0
     assert len(set(shown)) == len(shown), "each control must change the displayed image"
     assert grid.count("<img") == len(ex.step_bins()) * len(ex.words)
-    assert "keep_probs" in ex._note.value  # step range + one layer group needs every probability tensor
+    assert ex.widget.word == "circle"  # the synced trait the view listens to
+
+
+def test_attention_view_holds_every_words_maps(run):
+    """The view's payload: every word with the key positions word() sums, the maps as quantised blocks that read
+    back within a 1/510 of each map's range, per step and per layer, and the image under them."""
+    _, obs, image = run
+    m = obs.attention
+    ex = AttentionExplorer(obs, image, static=False)
+    p = ex.widget.payload
+    att = p["attention"]
+    assert [w["word"] for w in att["words"]] == ex.words and att["default_word"] == "big"
+    circle = next(w for w in att["words"] if w["word"] == "circle")
+    agg = pl.dequantize_maps(att["aggregate"])  # (T, H, W)
+    assert torch.allclose(
+        torch.from_numpy(agg[circle["positions"]].sum(0)),
+        m.word("circle"),
+        atol=1e-2 * float(m.word("circle").max()),
+    )
+    assert pl.dequantize_maps(att["steps"]).shape[0] == STEPS
+    assert [layer["name"] for layer in att["layers"]] == list(m.layers)
+    assert np.array_equal(pl.decode_image(p["image"]), np.asarray(image))
+    # the view's word follows the Python side, and the Python side the view
+    ex.select(word="red")
+    assert ex.widget.word == "red"
+    ex.widget.word = "background"  # as the view reports a click on "background"
+    assert ex.word == "background"
+    with pytest.raises(Exception, match="not offered"):
+        ex.select(word="giraffe")
 
 
 def test_attention_opens_on_the_first_content_word(run):
@@ -320,7 +374,7 @@ def test_attention_opens_on_the_first_content_word(run):
     ex = AttentionExplorer(obs, image, static=False)
     assert ex.words[0] == "a" and ex.word == "big"
     assert ex.displayed_png == ex.overlay_png("big", ex.step_range, ex.layer, ex.opacity)  # builds the widget
-    assert ex._word_buttons.value == "big"
+    assert ex.widget.word == "big" and ex.widget.payload["attention"]["default_word"] == "big"
     assert AttentionExplorer(obs, image, words=["on", "a", "background"], static=False).word == "background"
     assert first_content_word([",", "the", "<|startoftext|>", "</s>", "an", "Circle"]) == "Circle"
     assert first_content_word(["a", "on", "."]) == "a"  # nothing but stop words: the first, not an error
@@ -350,6 +404,8 @@ def test_attention_without_prompt_text_offers_key_positions(run):
     a = ex.displayed_png
     ex.select(word="#4")
     assert ex.displayed_png != a
+    assert ex.widget.payload["attention"]["words"] == []  # the view labels key positions itself ...
+    assert ex.widget.word.startswith("#4 ") and ex.word == "#4"  # ... as "#4 <token>"
 
 
 def test_attention_static_figure(run):
@@ -375,12 +431,18 @@ def test_interpolation_slider_and_smoothness(frames):
     ex = InterpolationExplorer({"walk": frames, "reversed": frames.images[::-1]}, static=False)
     a = ex.displayed("walk")
     ex.value = 3
-    assert ex.displayed("walk") != a
-    assert ex.displayed("reversed") == encode_frame(frames.images[2], ex.size)[0]
+    assert ex.widget.frame == 3 and ex.displayed("walk") != a
+    assert np.array_equal(_decode(ex.displayed("reversed")), frames.images[2])  # lossless, frame 6 - 1 - 3
     assert np.allclose(ex.reports["walk"].distances, smoothness_report(frames.images).distances)
+    walk_block = ex.widget.payload["walk"]
+    assert [c["name"] for c in walk_block["compare"]] == ["walk", "reversed"]
+    assert np.allclose(walk_block["compare"][1]["distances"], ex.reports["reversed"].distances)
+    assert "a blue square" in walk_block["labels"][3] and "t = " in walk_block["labels"][3]
     svg0, svg3 = ex.smoothness_svg(0), ex.smoothness_svg(3)
     assert svg0.startswith("<svg") and svg0 != svg3  # the marker moves
-    assert "a blue square" in ex._info.value and "t = " in ex._info.value
+    lowres = InterpolationExplorer(frames, metric="lowres", static=False)  # the payload carries its metric
+    assert np.allclose(lowres.widget.payload["walk"]["distances"], lowres.reports["frames"].distances)
+    assert not np.allclose(lowres.reports["frames"].distances, ex.reports["walk"].distances)
     with pytest.raises(ValueError, match="same number of frames"):
         InterpolationExplorer({"a": frames, "b": frames.images[:3]})
     fig = ex.figure()  # a row of frames per series, then their frame-to-frame distances
@@ -395,6 +457,8 @@ def test_walk_player_plays_and_exports(frames, tmp_path):
     a = player.displayed
     player.value = len(frames) - 1
     assert player.displayed != a
+    assert np.array_equal(_decode(player.displayed), frames.images[-1])
+    assert player._view.payload["walk"]["fps"] == 8 and player._view.fps == 8
     gif = player.export(tmp_path / "w.gif")
     assert read_frames(gif).shape[0] == len(frames)
     player._name.value = str(tmp_path / "w.mp4")
@@ -404,8 +468,8 @@ def test_walk_player_plays_and_exports(frames, tmp_path):
     player._name.value = str(tmp_path / "w.txt")
     player._on_export()  # a bad name is reported in the widget, not raised
     assert "export failed" in player._status.value
-    player._speed.value = 20
-    assert player._play.interval == 50
+    player._view.fps = 20  # as the view reports its speed slider
+    assert player.fps == 20
     fig = player.figure()  # every frame, in order
     shown = [np.asarray(ax.images[0].get_array()) for ax in fig.axes]
     assert len(shown) == len(frames)
@@ -489,8 +553,7 @@ def test_explorers_on_mmdit_change_what_is_shown_without_running_the_transformer
         shown.append(ex.displayed_png)
         ex.select(layer=obs.attention.layer_names[-1])
         shown.append(ex.displayed_png)
-        ex.select(view="step × word grid")
-        grid = ex._grid.value
+        grid = ex.grid_html()
     finally:
         handle.remove()
     assert calls == []
@@ -526,7 +589,7 @@ def test_walk_explorers_on_mmdit(mmdit_run):
     ex = InterpolationExplorer({"walk": frames}, static=False)
     a = ex.displayed("walk")
     ex.value = 2
-    assert ex.displayed("walk") != a and "a blue square" in ex._info.value
+    assert ex.displayed("walk") != a and "a blue square" in ex.widget.payload["walk"]["labels"][2]
     player = WalkPlayer(frames, static=False)
     b = player.displayed
     player.value = 3

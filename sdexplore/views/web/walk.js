@@ -4,7 +4,7 @@
 // Model traits read (anywidget names; a page's model serves them from its embedded payload):
 //   payload  object  the page payload (sdexplore.views.pages / payload.walk_payload); needs payload.walk
 //   frame    int     optional: the frame to open on (default 0); written back as the user moves
-//   fps      number  optional: the playback speed (default payload.walk.fps)
+//   fps      number  optional: the playback speed (default payload.walk.fps); written back as the user moves
 // Listens to change:payload (rebuilds) and change:frame (moves the slider).
 import { canvas, displaySize, drawBitmap, guard, h, loadImage, payloadOf, player, slider, tell } from "./core.js";
 
@@ -34,7 +34,10 @@ async function build(model, el) {
     show(next);
     tell(model, "frame", next);
   }, model.get("fps") || walk.fps || 12);
-  const speed = slider("fps", 1, 30, Math.round(play.fps), (v) => play.setFps(v), "sdx-fps");
+  const speed = slider("fps", 1, 30, Math.round(play.fps), (v) => {
+    play.setFps(v);
+    tell(model, "fps", v);
+  }, "sdx-fps");
   const root = h(
     "div",
     { class: "sdx-explorer sdx-walk-player" },

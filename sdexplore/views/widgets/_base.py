@@ -32,9 +32,9 @@ PIXELATED_CSS = "<style>.sdx-pixelated, .sdx-pixelated img { image-rendering: pi
 
 # ---------------------------------------------------------------------------------------- frontend detection
 def has_widget_frontend() -> bool:
-    """True when widgets can render: running in a Jupyter kernel with ipywidgets installed.
+    """True when widgets can render: running in a Jupyter kernel with anywidget and ipywidgets installed.
 
-    False in a plain Python script or a terminal IPython (no kernel), when ipywidgets is missing, or when the
+    False in a plain Python script or a terminal IPython (no kernel), when either is missing, or when the
     environment variable ``SDEXPLORE_STATIC=1`` asks for static figures (e.g. before exporting a notebook to
     HTML or PDF). Executing a notebook with nbclient/nbconvert *does* run a kernel: widgets are created and,
     with ``store_widget_state=True``, saved into the notebook.
@@ -42,6 +42,7 @@ def has_widget_frontend() -> bool:
     if os.environ.get(STATIC_ENV, "").strip().lower() in ("1", "true", "yes"):
         return False
     try:
+        import anywidget  # noqa: F401
         import ipywidgets  # noqa: F401
         from IPython import get_ipython
     except ImportError:
@@ -334,15 +335,18 @@ def new_figure(width: float, height: float) -> Any:
 
 
 class SliderExplorer(Explorer):
-    """An explorer driven by one main slider (``self._slider``, made in ``_build``): steps or frames."""
+    """An explorer driven by one main slider: steps or frames. Its notebook view (``self._view``, an anywidget
+    made in ``_build``) holds the slider's position in the synced trait named by ``_position``."""
+
+    _position = "frame"
 
     @property
     def value(self) -> int:
-        """Index shown (the main slider's position); builds the widget first."""
+        """Index shown (the main slider's position, as the view last reported it); builds the widget first."""
         self.widget  # noqa: B018 - build the widget first
-        return int(self._slider.value)
+        return int(getattr(self._view, self._position) or 0)
 
     @value.setter
     def value(self, i: int) -> None:
         self.widget  # noqa: B018 - build the widget first
-        self._slider.value = i
+        setattr(self._view, self._position, int(i))

@@ -4,16 +4,18 @@ step range and layer, and a step × word grid."""
 from __future__ import annotations
 
 import html
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ...errors import InvalidArgumentError
 from ...heatmaps import normalize, resize
+from .. import payload as _payload
 from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, first_content_word, heat_overlay, step_groups
 from ._base import Explorer, data_uri, jpeg_bytes, new_figure
+from ._web import web_view
 
 ALL_LAYERS = "all layers"
 
@@ -108,7 +110,7 @@ class AttentionExplorer(Explorer):
         self._png_cache = _LRU(256)
         self.last_update_ms = 0.0
         # state (mirrored by the widget)
-        self.word = first_content_word(self.words)  # "circle"'s or "red"'s map, not "a"'s
+        self._word = first_content_word(self.words)  # "circle"'s or "red"'s map, not "a"'s
         self.step_range: tuple[int, int] = (0, max(self.num_steps - 1, 0))
         self.layer = ALL_LAYERS
         self.opacity = HEAT_OPACITY
@@ -229,84 +231,54 @@ class AttentionExplorer(Explorer):
         return f"steps {a + 1}–{b + 1}<br><small>t {float(ts[a]):.0f}→{float(ts[b]):.0f}</small>"
 
     # ---- widget -----------------------------------------------------------------------------------------
-    def _build(self) -> Any:
-        import ipywidgets as w
-
-        self._word_buttons = w.ToggleButtons(options=self.words, value=self.word, description="word")
-        self._word_buttons.style.button_width = "auto"
-        self._word_buttons.add_class("sdx-word-buttons")
-        S = max(self.num_steps, 1)
-        self._range = w.IntRangeSlider(
-            value=self.step_range,
-            min=0,
-            max=S - 1,
-            description="steps",
-            readout=False,  # the caption says "steps a–b", 1-based
-            disabled=not self.has_steps,
-            continuous_update=True,
-            layout=w.Layout(width="420px"),
-        )
-        self._range.add_class("sdx-step-range")
-        self._layer = w.Dropdown(
-            options=list(self.layer_groups),
-            value=self.layer,
-            description="layers",
-            layout=w.Layout(width="420px"),
-        )
-        self._opacity = w.FloatSlider(
-            value=self.opacity, min=0.0, max=1.0, step=0.05, description="opacity", continuous_update=True
-        )
-        self._opacity.add_class("sdx-opacity")
-        self._view = w.ToggleButtons(
-            options=["overlay", "step × word grid"], value="overlay", description="view"
-        )
-        self._img = w.Image(
-            value=b"", format="jpeg", layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
-        )
-        self._img.add_class("sdx-attention-image")
-        self._grid = w.HTML()
-        self._grid.add_class("sdx-attention-grid")
-        self._caption = w.HTML()
-        self._note = w.HTML()
-        self._stage = w.Box([self._img])
-        for ctl in (self._word_buttons, self._range, self._layer, self._opacity, self._view):
-            ctl.observe(self._on_change, names="value")
-        box = w.VBox(
-            [
-                self._word_buttons,
-                w.HBox([self._range, self._opacity]),
-                w.HBox([self._layer, self._view]),
-                self._caption,
-                self._stage,
-                self._note,
-            ]
-        )
-        box.add_class("sdx-attention-explorer")
-        self._render()
-        return box
-
-    def _on_change(self, _change: Any = None) -> None:
-        self.word = self._word_buttons.value
-        self.step_range = tuple(self._range.value)
-        self.layer = self._layer.value
-        self.opacity = float(self._opacity.value)
-        self._render()
-
-    def _render(self) -> None:
-        t0 = time.perf_counter()
-        if self._view.value == "overlay":
-            self._img.value = self.overlay_png(self.word, self.step_range, self.layer, self.opacity)
-            self._stage.children = (self._img,)
-            self._caption.value = (
-                f"<b>“{html.escape(self.word)}”</b> · {self._step_label(self.step_range).replace('<br>', ' ')}"
-                f" · {html.escape(self.layer)}"
-            )
+    def payload(self) -> dict[str, Any]:
+        """The page payload the view shows (:mod:`sdexplore.views.payload`): every word's maps, aggregated,
+        per step and per layer, quantised, and the image under them."""
+        m, b = self.maps, self.batch_index
+        att = _payload.attention_block(m, index=b)
+        if self._positions:  # unlabelled maps: the view labels key positions itself
+            att["words"] = []
         else:
-            self._grid.value = self.grid_html()
-            self._stage.children = (self._grid,)
-            self._caption.value = f"each word's map over the run · {html.escape(self.layer)}"
-        self._note.value = self._needs_probs_note()
-        self.last_update_ms = (time.perf_counter() - t0) * 1000
+            offered = set(self.words)
+            att["words"] = [w for w in att["words"] if w["word"] in offered]
+            att["default_word"] = self._word
+        frames = getattr(m, "frames", None)
+        picture = _payload._pictures(self.image, frames) if self.image is not None else None
+        prov = _payload.provenance(family=m.family, prompt=m.token_lists[b].prompt)
+        out = _payload._base("observation", prov, self.cmap)
+        out["image"] = picture
+        if frames is not None:
+            out["frames"] = {"count": int(frames)}
+        out["attention"] = att
+        return out
+
+    def _view_label(self, word: str) -> str:
+        """The view's label of ``word``: the word itself, or for a key position ``#i`` the view's ``#i token``."""
+        if word in self._positions:
+            i = self._positions[word]
+            return f"#{i} {self.maps.token_lists[self.batch_index].tokens[i]}"
+        return word
+
+    @property
+    def word(self) -> str:
+        """The word shown: the view's (synced when the user picks one), else the one the explorer opened on."""
+        view = getattr(self, "_view", None)
+        if view is not None and view.word is not None:
+            for w in self.words:
+                if self._view_label(w) == view.word:
+                    return w
+        return self._word
+
+    @word.setter
+    def word(self, word: str) -> None:
+        self._word = word
+        view = getattr(self, "_view", None)
+        if view is not None:
+            view.word = self._view_label(word)
+
+    def _build(self) -> Any:
+        self._view = web_view("attention", self.payload(), word=self._view_label(self._word), frame=0)
+        return self._view
 
     def grid_html(self, cell: int = 112) -> str:
         """The step × word grid as an HTML table of images (rows: step bins, columns: words)."""
@@ -323,9 +295,10 @@ class AttentionExplorer(Explorer):
 
     @property
     def displayed_png(self) -> bytes:
-        """Image bytes (JPEG) the overlay view currently shows."""
+        """The overlay (JPEG) of the current selection (the view's word, :attr:`step_range`, :attr:`layer`,
+        :attr:`opacity`) as the Python views draw it; the view paints the same map in the browser."""
         self.widget  # noqa: B018 - build the widget first
-        return bytes(self._img.value)
+        return self.overlay_png(self.word, self.step_range, self.layer, self.opacity)
 
     def select(
         self,
@@ -333,21 +306,24 @@ class AttentionExplorer(Explorer):
         step_range: tuple[int, int] | None = None,
         layer: str | None = None,
         opacity: float | None = None,
-        view: str | None = None,
     ) -> None:
-        """Set controls programmatically (as if the user moved them)."""
-        self.widget  # noqa: B018
-        with self._word_buttons.hold_trait_notifications():
-            if word is not None:
-                self._word_buttons.value = word
-            if step_range is not None:
-                self._range.value = step_range
-            if layer is not None:
-                self._layer.value = layer
-            if opacity is not None:
-                self._opacity.value = opacity
-            if view is not None:
-                self._view.value = view
+        """Set the selection programmatically: ``word`` moves the view (a synced trait); the step range, layer
+        and opacity are those of :attr:`displayed_png`, :meth:`overlay_png` and the static figure (the view has
+        its own controls for them)."""
+        if word is not None:
+            if word not in self.words:
+                raise InvalidArgumentError(f"{word!r} is not offered; choose one of {', '.join(self.words)}.")
+            self.word = word
+        if step_range is not None:
+            self.step_range = (int(step_range[0]), int(step_range[1]))
+        if layer is not None:
+            if layer not in self.layer_groups:
+                raise InvalidArgumentError(
+                    f"{layer!r} is not a layer entry; choose one of {list(self.layer_groups)}."
+                )
+            self.layer = layer
+        if opacity is not None:
+            self.opacity = float(opacity)
 
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, n_bins: int = 4, max_words: int = 8) -> Any:

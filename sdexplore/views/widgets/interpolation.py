@@ -1,25 +1,24 @@
-"""InterpolationExplorer: a slider through precomputed frames between prompts (and seeds), with the smoothness curve."""
+"""InterpolationExplorer: a slider through precomputed frames between prompts (and seeds), with the smoothness curve.
+
+In a notebook it is the front end's interpolation explorer (``sdexplore/views/web/interpolation.js``) as an
+anywidget: the frames travel to the browser once, in the page payload.
+"""
 
 from __future__ import annotations
 
+import base64
 import html
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ...results.walk import Walk
 from ...smoothness import Metric, smoothness_report
+from .. import payload as _payload
 from ..render import as_uint8_image, spread, upscale
-from ._base import (
-    WIDGET_MIN_SIDE,
-    SliderExplorer,
-    jpeg_bytes,
-    new_figure,
-    png_bytes,
-    style_widget,
-    svg_curves,
-)
+from ._base import WIDGET_MIN_SIDE, SliderExplorer, jpeg_bytes, new_figure, png_bytes, svg_curves
+from ._web import web_view
 
 _COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b")
 
@@ -31,6 +30,14 @@ def frames_of(source: Any) -> np.ndarray:
         arr = images if images.dtype == np.uint8 else (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
         return np.ascontiguousarray(arr[..., :3])
     return np.stack([as_uint8_image(im) for im in images])  # (N, H, W, 3)
+
+
+def as_walk(source: Any, frames: np.ndarray | None = None) -> Walk:
+    """``source`` as a :class:`~sdexplore.results.Walk`: itself when it is one, else its frames with no keyframes."""
+    if isinstance(source, Walk):
+        return source
+    frames = frames_of(source) if frames is None else frames
+    return Walk(images=frames, prompts=[], seeds=[], segments=[], ts=[], keyframe_frames=[])
 
 
 def encode_frame(frame: np.ndarray, size: int) -> tuple[bytes, str]:
@@ -65,7 +72,8 @@ class InterpolationExplorer(SliderExplorer):
     by side on one slider, e.g. ``{"lerp": frames_lerp, "slerp": frames_slerp}``. Below the frames, the
     distance between consecutive frames (one curve per walk, largest jumps as red dots) with a marker at the
     current frame, and each walk's smoothness (1 − Gini of the distances: 1 = perfectly even steps).
-    Frames are encoded once; the slider never recomputes anything.
+    Frames are encoded once and held by the browser: the slider never waits on the kernel. :attr:`value` (the
+    view's synced ``frame``) follows the slider when it is let go; setting it moves the view.
 
     Args:
         source: a Walk, a frames array, or a mapping name → Walk/array (all with the same frame count).
@@ -89,17 +97,6 @@ class InterpolationExplorer(SliderExplorer):
             raise ValueError("An interpolation needs at least 2 frames.")
         self.size = size
         self.reports = {k: smoothness_report(f, metric) for k, f in self.frames.items()}
-        from tqdm.auto import tqdm
-
-        total = self.num_frames * len(self.frames)
-        self._encoded: dict[str, list[tuple[bytes, str]]] = {}
-        with tqdm(total=total, desc="encoding frames", leave=False, disable=total < 64) as bar:
-            for k, f in self.frames.items():
-                self._encoded[k] = []
-                for fr in f:
-                    self._encoded[k].append(encode_frame(fr, size))
-                    bar.update(1)
-        self.last_update_ms = 0.0
 
     def _label(self, i: int) -> str:
         walk = next(iter(self.sources.values()))
@@ -123,54 +120,33 @@ class InterpolationExplorer(SliderExplorer):
         )
 
     # ---- widget -----------------------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        """The page payload the view shows (:func:`sdexplore.views.payload.walks_payload`): every walk's frames,
+        and the distance curves and smoothness of :attr:`reports` (this explorer's ``metric``)."""
+        walks = {k: as_walk(v, self.frames[k]) for k, v in self.sources.items()}
+        out = _payload.walks_payload(walks)
+        for entry in out["walk"]["compare"]:
+            rep = self.reports[entry["name"]]
+            entry["distances"] = [float(d) for d in rep.distances]
+            entry["smoothness"] = _payload._finite(rep.smoothness)
+        first = next(iter(self.reports.values()))
+        out["walk"].update(
+            distances=[float(d) for d in first.distances],
+            smoothness=_payload._finite(first.smoothness),
+            jumps=[int(j) for j in first.jumps],
+        )
+        return out
+
     def _build(self) -> Any:
-        import ipywidgets as w
-
-        self._images = {}
-        cols = []
-        for k in self.frames:
-            data, fmt = self._encoded[k][0]
-            img = w.Image(
-                value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
-            )
-            img.add_class("sdx-interp-image")
-            img.add_class("sdx-pixelated")
-            self._images[k] = img
-            cols.append(w.VBox([w.HTML(f"<b>{html.escape(k)}</b>"), img]) if len(self.frames) > 1 else img)
-        self._slider = w.IntSlider(
-            value=0,
-            min=0,
-            max=self.num_frames - 1,
-            description="frame",
-            readout=False,  # the caption says "frame i/N", 1-based
-            continuous_update=True,
-            layout=w.Layout(width="420px"),
-        )
-        self._slider.add_class("sdx-frame-slider")
-        self._play = w.Play(value=0, min=0, max=self.num_frames - 1, interval=120)
-        w.jslink((self._play, "value"), (self._slider, "value"))
-        self._info = w.HTML()
-        self._curve = w.HTML()
-        self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
-        box = w.VBox(
-            [style_widget(), w.HBox([self._play, self._slider]), self._info, w.HBox(cols), self._curve]
-        )
-        box.add_class("sdx-interpolation-explorer")
-        self._show(0)
-        return box
-
-    def _show(self, i: int) -> None:
-        t0 = time.perf_counter()
-        for k, img in self._images.items():
-            img.value = self._encoded[k][i][0]
-        self._info.value = self._label(i)
-        self._curve.value = self.smoothness_svg(i)
-        self.last_update_ms = (time.perf_counter() - t0) * 1000
+        self._view = web_view("interpolation", self.payload(), frame=0)
+        return self._view
 
     def displayed(self, name: str | None = None) -> bytes:
-        """Bytes currently shown for walk ``name`` (default: the first)."""
+        """The encoded frame (PNG or WebP) the view shows for walk ``name`` (default: the first) at its frame."""
         self.widget  # noqa: B018
-        return bytes(self._images[name or next(iter(self._images))].value)
+        compare = self._view.payload["walk"]["compare"]
+        entry = compare[0] if name is None else next(c for c in compare if c["name"] == name)
+        return base64.b64decode(entry["images"][self.value]["data"])
 
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, count: int = 8) -> Any:

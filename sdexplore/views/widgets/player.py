@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import base64
 import html
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import export
+from .. import payload as _payload
 from ..render import spread, upscale
-from ._base import SliderExplorer, new_figure, style_widget
-from .interpolation import encode_frame, frame_label, frames_of
+from ._base import SliderExplorer, new_figure
+from ._web import web_view
+from .interpolation import as_walk, frames_of
 
 
 class WalkPlayer(SliderExplorer):
     """Play a :class:`~sdexplore.walks.Walk` (or any ``(N, H, W, 3)`` frames) and export it.
 
-    Play/pause and a frame slider (linked in the browser, so playback needs no kernel round trip to start),
-    a speed slider in frames per second, and an export row: file name, GIF or MP4, "rubber band" (forward
-    then back, for a seamless loop of a non-looping walk). Frames are encoded once up front.
+    Play/pause, a frame slider and a speed slider in frames per second: the front end's walk player
+    (``sdexplore/views/web/walk.js``) as an anywidget, the frames held by the browser, so playing and scrubbing
+    never wait on the kernel. Below it an export row (the kernel writes the file): file name, GIF or MP4,
+    "rubber band" (forward then back, for a seamless loop of a non-looping walk). :attr:`value` is the view's
+    synced ``frame``; :attr:`fps` follows its speed slider.
 
     Args:
         walk: a Walk, a frames array, or a list of images.
@@ -37,13 +41,6 @@ class WalkPlayer(SliderExplorer):
             raise ValueError("WalkPlayer needs at least one frame.")
         self.fps = float(fps)
         self.size = size
-        from tqdm.auto import tqdm
-
-        self._encoded = [
-            encode_frame(f, size)
-            for f in tqdm(self.frames, desc="encoding frames", leave=False, disable=len(self.frames) < 64)
-        ]
-        self.last_update_ms = 0.0
 
     def export(self, path: str | Path, *, fps: float | None = None, rubber: bool = False) -> Path:
         """Write the walk to ``path``: ``.gif`` or ``.mp4`` (by suffix). Returns the path."""
@@ -57,40 +54,15 @@ class WalkPlayer(SliderExplorer):
         raise ValueError(f"Export to .gif or .mp4, not {path.name!r}.")
 
     # ---- widget -----------------------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        """The page payload the view shows (:func:`sdexplore.views.payload.walk_payload`)."""
+        return _payload.walk_payload(as_walk(self.walk, self.frames), fps=self.fps)
+
     def _build(self) -> Any:
         import ipywidgets as w
 
-        n = len(self.frames)
-        data, fmt = self._encoded[0]
-        self._img = w.Image(
-            value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
-        )
-        self._img.add_class("sdx-walk-image")
-        self._img.add_class("sdx-pixelated")
-        self._slider = w.IntSlider(
-            value=0,
-            min=0,
-            max=n - 1,
-            description="frame",
-            readout=False,  # the caption says "frame i/N", 1-based
-            continuous_update=True,
-            layout=w.Layout(width="360px"),
-        )
-        self._slider.add_class("sdx-walk-slider")
-        self._play = w.Play(value=0, min=0, max=n - 1, interval=int(1000 / self.fps), repeat=True)
-        self._play.add_class("sdx-walk-play")
-        w.jslink((self._play, "value"), (self._slider, "value"))
-        self._speed = w.FloatSlider(
-            value=self.fps,
-            min=1,
-            max=30,
-            step=1,
-            description="fps",
-            continuous_update=False,
-            layout=w.Layout(width="260px"),
-        )
-        self._speed.observe(self._on_speed, names="value")
-        self._info = w.HTML()
+        self._view = web_view("walk", self.payload(), frame=0, fps=self.fps)
+        self._view.observe(self._on_speed, names="fps")
         default = "walk.gif"
         self._name = w.Text(value=default, description="file", layout=w.Layout(width="260px"))
         self._rubber = w.Checkbox(value=False, description="forward then back", indent=False)
@@ -98,24 +70,14 @@ class WalkPlayer(SliderExplorer):
         self._button.add_class("sdx-walk-export")
         self._status = w.HTML()
         self._button.on_click(self._on_export)
-        self._slider.observe(lambda ch: self._show(ch["new"]), names="value")
-        box = w.VBox(
-            [
-                style_widget(),
-                w.HBox([self._play, self._slider, self._speed]),
-                self._info,
-                self._img,
-                w.HBox([self._name, self._rubber, self._button]),
-                self._status,
-            ]
-        )
-        box.add_class("sdx-walk-player")
-        self._show(0)
+        # the player runs in the browser; exporting writes a file, so it is the kernel's (ipywidgets)
+        box = w.VBox([self._view, w.HBox([self._name, self._rubber, self._button]), self._status])
+        box.add_class("sdx-walk-player-box")
         return box
 
     def _on_speed(self, change: Any) -> None:
-        self.fps = float(change["new"])
-        self._play.interval = int(1000 / self.fps)
+        if change["new"]:
+            self.fps = float(change["new"])
 
     def _on_export(self, _button: Any = None) -> None:
         self._button.disabled = True
@@ -129,17 +91,11 @@ class WalkPlayer(SliderExplorer):
         finally:
             self._button.disabled = False
 
-    def _show(self, i: int) -> None:
-        t0 = time.perf_counter()
-        self._img.value = self._encoded[i][0]
-        self._info.value = frame_label(self.walk, i, len(self.frames))
-        self.last_update_ms = (time.perf_counter() - t0) * 1000
-
     @property
     def displayed(self) -> bytes:
-        """Bytes of the frame currently shown."""
+        """The encoded frame (PNG or WebP) the view shows at its frame."""
         self.widget  # noqa: B018
-        return bytes(self._img.value)
+        return base64.b64decode(self._view.payload["walk"]["images"][self.value]["data"])
 
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, count: int = 8) -> Any:

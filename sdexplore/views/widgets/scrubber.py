@@ -1,10 +1,14 @@
-"""TimestepScrubber: scrub (or play) through every recorded denoising step; fills in live while a run proceeds."""
+"""TimestepScrubber: scrub (or play) through every recorded denoising step; fills in live while a run proceeds.
+
+In a notebook it is the front end's scrubber (``sdexplore/views/web/scrubber.js``) as an anywidget: every step's
+pictures travel to the browser once, in the page payload, so scrubbing never waits on the kernel.
+"""
 
 from __future__ import annotations
 
-import html
+import base64
+import dataclasses
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,15 +16,10 @@ import torch
 
 from ...results.trace import StepRecord, Trace
 from ...schedule_math import flow_sigma_from_sigma
+from .. import payload as _payload
 from ..render import channel_tiles, spread, trace_preview
-from ._base import (
-    WIDGET_MIN_SIDE,
-    SliderExplorer,
-    new_figure,
-    png_bytes,
-    style_widget,
-    svg_curves,
-)
+from ._base import SliderExplorer, new_figure
+from ._web import web_view
 
 PANELS: dict[str, str] = {
     "noisy": "noisy latents",
@@ -28,15 +27,6 @@ PANELS: dict[str, str] = {
     "noise": "noise prediction",
     "latents": "latent channels",
 }
-
-
-@dataclass
-class _Frame:
-    """One step, ready to show: uint8 arrays per panel and their PNG bytes."""
-
-    record: StepRecord
-    arrays: dict[str, np.ndarray | None]  # panel → (h, w, 3) uint8 or None when not recorded
-    pngs: dict[str, bytes]  # panel → PNG bytes (a blank placeholder when not recorded)
 
 
 def _as_trace(source: Any) -> Trace | None:
@@ -60,10 +50,12 @@ class TimestepScrubber(SliderExplorer):
     """A slider over the recorded steps of one run, with play/pause.
 
     Shows, side by side, the noisy latents as a colour preview (scaled by √ᾱ first for Euler-type
-    schedulers, whose latents are x0 + σ·ε), the predicted clean image x0 (the VAE decode when recorded,
-    else its recorded preview, learned or linear), the noise prediction and the latent channels, with the
-    timestep, the noise level (σ, √ᾱ) and the guidance scale. Every image is encoded once when its step
-    arrives, so moving the slider only swaps bytes: it never runs the pipeline.
+    schedulers, whose latents are x0 + σ·ε), the predicted clean image x0 (its preview, learned or linear), the
+    VAE decode when it was recorded, the noise prediction and the latent channels, with the timestep, the noise
+    level (σ, √ᾱ) and the guidance scale. In a notebook the view is the front end's scrubber (an anywidget): every
+    step's pictures are encoded once and held by the browser, so moving the slider never waits on the kernel,
+    and the view keeps working after the kernel stops. :attr:`value` (the synced ``step``) follows the slider
+    when it is let go; setting it moves the view.
 
     Live use: create it empty, show it, and pass :meth:`on_step` as the recorder's listener; each step
     appears as it is computed and the slider follows the newest step (unless you moved it back)::
@@ -77,13 +69,15 @@ class TimestepScrubber(SliderExplorer):
         source: a :class:`~sdexplore.results.trace.Trace`, an ``Observation`` (its latest run) or a ``StepRecorder``;
             ``None`` for an empty scrubber filled by :meth:`on_step`.
         image: which image of the batch to show.
-        rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the factors the
-            trace was recorded with, ``meta["latent_rgb"]``, see :func:`sdexplore.views.render.trace_preview`).
-        size: displayed side of each panel in pixels.
-        live_fps: while filling in live, redraw at most this often (the newest step; the last step of a run
-            is always drawn), so a fast GPU run is not slowed by encoding every step. ``None``: every step.
+        rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the preview the
+            trace was recorded with, see :func:`sdexplore.views.render.trace_preview`).
+        size: kept for compatibility; the view enlarges each panel by a whole factor to at least 192 pixels.
+        live_fps: while filling in live, send the steps to the view at most this often (the last step of a run
+            is always sent), so a fast GPU run is not slowed by updating the view every step. ``None``: every step.
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
+
+    _position = "step"
 
     def __init__(
         self,
@@ -106,21 +100,15 @@ class TimestepScrubber(SliderExplorer):
         self._trace: Trace | None = None
         self.live_fps = live_fps
         self._records: list[StepRecord] = []
-        self._cache: dict[int, _Frame] = {}  # step position → prepared images (filled eagerly or on demand)
-        self._following = True  # the slider tracks the newest step while the user leaves it there
+        self._blocks: dict[int, dict[str, Any]] = {}  # step position → its encoded payload entries
+        self._arrays: dict[int, dict[str, np.ndarray | None]] = {}  # step position → the figure's pictures
+        self._sent = 0  # steps the view holds
         self._last_live = 0.0
-        self._blank = png_bytes(np.full((8, 8, 3), 235, np.uint8), min_side=8)
-        self.last_update_ms = 0.0  # kernel-side time of the latest slider update (see benchmarks)
+        self.pushes = 0  # payloads sent to the view (live updates are throttled by live_fps)
         trace = _as_trace(source)
         if trace is not None:
             self._reset(trace)
-            from tqdm.auto import tqdm
-
-            for i, rec in enumerate(
-                tqdm(trace.steps, desc="preparing steps", leave=False, disable=len(trace) < 40)
-            ):
-                self._records.append(rec)
-                self._cache[i] = self._prepare(rec)
+            self._records = list(trace.steps)
 
     # ---- data -------------------------------------------------------------------------------------------
     @property
@@ -136,36 +124,77 @@ class TimestepScrubber(SliderExplorer):
     def _reset(self, trace: Trace) -> None:
         self._trace = trace
         self._records = []
-        self._cache = {}
-        self._following = True
+        self._blocks = {}
+        self._arrays = {}
 
     def _preview(self, rec: StepRecord, of: str) -> np.ndarray:
         return trace_preview(self._trace, rec, of, image=self.image, factors=self._rgb)  # (h, w, 3)
 
-    def _prepare(self, rec: StepRecord) -> _Frame:
-        b = self.image
-        arrays: dict[str, np.ndarray | None] = dict.fromkeys(PANELS)
-        if rec.latents is not None:
-            arrays["noisy"] = self._preview(rec, "latents")
-            arrays["latents"] = channel_tiles(rec.latents[b])
-        if rec.decoded is not None:
-            arrays["x0"] = rec.decoded[b].numpy()
-        elif rec.x0 is not None:
-            arrays["x0"] = self._preview(rec, "x0")
-        elif rec.preview is not None:
-            arrays["x0"] = rec.preview[b].numpy()
-        if rec.noise_pred is not None:
-            arrays["noise"] = channel_tiles(rec.noise_pred[b])
-        pngs = {
-            k: (png_bytes(a, min_side=WIDGET_MIN_SIDE) if a is not None else self._blank)
-            for k, a in arrays.items()
-        }
-        return _Frame(rec, arrays, pngs)
+    def _step_trace(self, i: int) -> Trace:
+        """The trace cut to step ``i`` alone (its meta forced to ``rgb_factors`` when given)."""
+        meta = dict(self._trace.meta)
+        if self._rgb is not None:
+            meta.pop(
+                "latent_preview", None
+            )  # given factors mean the linear preview, as trace_preview(factors=)
+            meta["latent_rgb"] = {
+                "factors": torch.as_tensor(self._rgb[0]).float().tolist(),
+                "bias": torch.as_tensor(self._rgb[1]).float().tolist(),
+            }
+        return dataclasses.replace(self._trace, steps=[self._records[i]], meta=meta)
 
-    def _frame(self, i: int) -> _Frame:
-        if i not in self._cache:
-            self._cache[i] = self._prepare(self._records[i])
-        return self._cache[i]
+    def _block(self, i: int) -> dict[str, Any]:
+        """Step ``i``'s entries of the payload's steps block, encoded once."""
+        if i not in self._blocks:
+            block = _payload.steps_block(self._step_trace(i), index=self.image, channels=True)
+            if block is None:
+                raise ValueError(
+                    "This trace holds nothing the scrubber can show: record latents, x0 or previews "
+                    "(sdexplore.observe's default quantities)."
+                )
+            self._blocks[i] = block
+        return self._blocks[i]
+
+    def payload(self) -> dict[str, Any]:
+        """The page payload of the recorded steps so far (:mod:`sdexplore.views.payload`'s ``steps`` block):
+        what the view shows."""
+        trace = self._trace
+        n = len(self._records)
+        blocks = [self._block(i) for i in range(n)]
+        steps: dict[str, Any] = {"count": n, "total": int(trace.num_steps or n) if trace else n}
+        if blocks:
+            first = blocks[0]
+            for key in ("index", "timestep", "sigma", "alpha_bar", "guidance", "x0_source"):
+                steps[key] = [b[key][0] for b in blocks]
+            steps["flow_sigma"] = (
+                None if first["flow_sigma"] is None else [b["flow_sigma"][0] for b in blocks]
+            )
+            steps["size"] = first["size"]
+            steps["panels"] = [
+                {
+                    "key": p["key"],
+                    "title": p["title"],
+                    "images": [
+                        next(q for q in b["panels"] if q["key"] == p["key"])["images"][0] for b in blocks
+                    ],
+                }
+                for p in first["panels"]
+            ]
+        prov = _payload.provenance(
+            family=trace.family if trace else None,
+            scheduler=trace.scheduler if trace else None,
+            steps=int(trace.num_steps) if trace and trace.num_steps else None,
+            guidance_scale=float(trace.guidance_scale)
+            if trace and trace.guidance_scale is not None
+            else None,
+        )
+        out = _payload._base("observation", prov, None)
+        out["image"] = None
+        if trace is not None and trace.frames is not None:
+            out["frames"] = {"count": int(trace.frames)}
+        if n:
+            out["steps"] = steps
+        return out
 
     # ---- live listener ----------------------------------------------------------------------------------
     def on_step(self, record: StepRecord, trace: Trace) -> None:
@@ -176,76 +205,36 @@ class TimestepScrubber(SliderExplorer):
         """
         if trace is not self._trace:
             self._reset(trace)
+            self._sent = 0
         self._records.append(record)
         if self._widget is None:
             return
         n = len(self._records)
-        with self._slider.hold_trait_notifications():
-            self._slider.max = n - 1
-            self._play.max = n - 1
-            self._slider.disabled = self._play.disabled = False
-        if not self._following:
-            self._info.value = self._info_html(self._slider.value)
-            return
         now = time.perf_counter()
         final = trace.stopped_at is not None or (trace.num_steps and record.index >= trace.num_steps - 1)
         if self.live_fps is None or final or n == 1 or now - self._last_live >= 1.0 / self.live_fps:
             self._last_live = now
-            if self._slider.value == n - 1:
-                self._show(n - 1)
-            else:
-                self._slider.value = n - 1  # triggers _show
+            self._push()
+
+    def _push(self) -> None:
+        """Send the steps so far to the view; the slider follows the newest while it sits on the last sent."""
+        n = len(self._records)
+        at = self._view.step
+        following = at is None or self._sent == 0 or at >= self._sent - 1
+        with self._view.hold_sync():
+            self._view.payload = self.payload()
+            if following and n:
+                self._view.step = n - 1
+        self._sent = n
+        self.pushes += 1
 
     # ---- widget -----------------------------------------------------------------------------------------
     def _build(self) -> Any:
-        import ipywidgets as w
-
         n = len(self._records)
-        px = f"{self.size}px"
-        self._images: dict[str, Any] = {}
-        columns = []
-        for key, title in PANELS.items():
-            img = w.Image(value=self._blank, format="png", layout=w.Layout(width=px, height=px))
-            img.add_class(f"sdx-panel-{key}")
-            img.add_class("sdx-pixelated")
-            self._images[key] = img
-            columns.append(
-                w.VBox(
-                    [w.HTML(f"<b>{html.escape(title)}</b>"), img],
-                    layout=w.Layout(width=f"{self.size + 8}px", margin="0 8px 0 0"),
-                )
-            )
-        self._slider = w.IntSlider(
-            value=max(n - 1, 0) if n else 0,
-            min=0,
-            max=max(n - 1, 0),
-            description="step",
-            readout=False,  # the caption says "step i / N", 1-based
-            continuous_update=True,
-            disabled=n == 0,
-            layout=w.Layout(width="420px"),
-        )
-        self._slider.add_class("sdx-step-slider")
-        self._play = w.Play(value=self._slider.value, min=0, max=max(n - 1, 0), interval=150, disabled=n == 0)
-        w.jslink((self._play, "value"), (self._slider, "value"))
-        self._info = w.HTML()
-        self._curve = w.HTML()
-        self._slider.observe(self._on_slider, names="value")
-        box = w.VBox(
-            [
-                style_widget(),
-                w.HBox([self._play, self._slider]),
-                self._info,
-                w.HBox(columns),
-                self._curve,
-            ]
-        )
-        box.add_class("sdx-timestep-scrubber")
-        if n:
-            self._show(self._slider.value)
-        else:
-            self._info.value = "<i>waiting for the first step…</i>"
-        return box
+        self._view = web_view("scrubber", self.payload(), step=max(n - 1, 0), frame=0)
+        self._sent = n
+        self.pushes = 1
+        return self._view
 
     def _info_html(self, i: int) -> str:
         r = self._records[i]
@@ -267,36 +256,38 @@ class TimestepScrubber(SliderExplorer):
             f"guidance {r.guidance_scale:g}" + (f" · <small>x0 {src}</small>" if src else "")
         )
 
-    def _on_slider(self, change: Any) -> None:
-        self._following = change["new"] == len(self._records) - 1
-        self._show(change["new"])
-
-    def _show(self, i: int) -> None:
-        t0 = time.perf_counter()
-        if not 0 <= i < len(self._records):
-            return
-        frame = self._frame(i)
-        for key, img in self._images.items():
-            img.value = frame.pngs[key]
-        self._info.value = self._info_html(i)
-        ab = [r.alpha_bar for r in self._records]
-        self._curve.value = svg_curves(
-            [
-                ("signal √ᾱ", np.sqrt(ab).tolist(), "#1f77b4"),
-                ("noise √(1−ᾱ)", np.sqrt(1 - np.asarray(ab)).tolist(), "#d62728"),
-            ],
-            marker=i,
-            xlabel="recorded step",
-            width=4 * self.size,
-        )
-        self.last_update_ms = (time.perf_counter() - t0) * 1000
-
     def image_bytes(self, panel: str = "x0") -> bytes:
-        """PNG bytes currently displayed in ``panel`` (one of ``"noisy"``, ``"x0"``, ``"noise"``, ``"latents"``)."""
+        """The encoded picture (PNG or WebP) the view shows in ``panel`` at its current step: one of
+        ``"noisy"``, ``"x0"``, ``"decoded"`` (when recorded), ``"noise"``, ``"latents"``."""
         self.widget  # noqa: B018 - build the widget first
-        return bytes(self._images[panel].value)
+        panels = {p["key"]: p for p in self._view.payload.get("steps", {}).get("panels", [])}
+        if panel not in panels:
+            raise KeyError(f"no {panel!r} panel; this view shows {', '.join(panels) or 'nothing yet'}")
+        image = panels[panel]["images"][self.value]
+        if isinstance(image, list):  # a video: one picture per frame
+            image = image[self._view.frame or 0]
+        return base64.b64decode(image["data"])
 
     # ---- static -----------------------------------------------------------------------------------------
+    def _figure_arrays(self, i: int) -> dict[str, np.ndarray | None]:
+        """Step ``i``'s pictures for the figure, per panel of :data:`PANELS` (None where not recorded)."""
+        if i not in self._arrays:
+            rec, b = self._records[i], self.image
+            arrays: dict[str, np.ndarray | None] = dict.fromkeys(PANELS)
+            if rec.latents is not None:
+                arrays["noisy"] = self._preview(rec, "latents")
+                arrays["latents"] = channel_tiles(rec.latents[b])
+            if rec.decoded is not None:
+                arrays["x0"] = rec.decoded[b].numpy()
+            elif rec.x0 is not None:
+                arrays["x0"] = self._preview(rec, "x0")
+            elif rec.preview is not None:
+                arrays["x0"] = rec.preview[b].numpy()
+            if rec.noise_pred is not None:
+                arrays["noise"] = channel_tiles(rec.noise_pred[b])
+            self._arrays[i] = arrays
+        return self._arrays[i]
+
     def figure(self, columns: int = 6) -> Any:
         """Static figure: rows = the four panels, columns = ``columns`` steps spread over the run."""
         picks = spread(len(self._records), columns)
@@ -308,16 +299,16 @@ class TimestepScrubber(SliderExplorer):
             return fig
         axes = fig.subplots(len(PANELS), len(picks), squeeze=False)
         for c, i in enumerate(picks):
-            f = self._frame(i)
+            arrays, rec = self._figure_arrays(i), self._records[i]
             for r, (key, title) in enumerate(PANELS.items()):
                 ax = axes[r][c]
-                a = f.arrays[key]
+                a = arrays[key]
                 if a is not None:
                     ax.imshow(a, interpolation="nearest")
                 ax.set_xticks([])
                 ax.set_yticks([])
                 if r == 0:
-                    ax.set_title(f"step {f.record.index + 1}\nt={f.record.timestep:.0f}", fontsize=8)
+                    ax.set_title(f"step {rec.index + 1}\nt={rec.timestep:.0f}", fontsize=8)
                 if c == 0:
                     ax.set_ylabel(title.replace(" (", "\n("), fontsize=8)
         return fig
