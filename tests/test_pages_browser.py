@@ -23,6 +23,7 @@ from PIL import Image
 
 import sdexplore
 from sdexplore.views import pages
+from sdexplore.views import payload as pl
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -74,7 +75,7 @@ def browser():
 class Opened:
     """A page opened from file:// with every non-file request aborted and counted, and its errors collected."""
 
-    def __init__(self, browser, path: Path):
+    def __init__(self, browser, path: Path, *, page_of_sdexplore: bool = True):
         self.page = browser.new_page(viewport={"width": 1300, "height": 1400})
         self.requests: list[str] = []
         self.errors: list[str] = []
@@ -82,6 +83,9 @@ class Opened:
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
         self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
         self.page.goto(path.as_uri())
+        self.state = "ok"
+        if not page_of_sdexplore:
+            return
         self.page.wait_for_function("() => window.sdexplore && window.sdexplore.ready", timeout=PATIENCE_MS)
         self.state = self.page.evaluate(
             "async () => { const r = await window.sdexplore.ready; return r.error || 'ok'; }"
@@ -316,5 +320,52 @@ def test_edit_page_offline_word_and_opacity_change_the_maps(results, browser, tm
         page.moves(".sdx-edit-before", lambda: page.key(".sdx-edit-explorer .sdx-opacity", "ArrowLeft", 3))
         page.page.screenshot(path=str(_shots() / "page_edit.png"), full_page=True)
         assert page.requests == [] and page.errors == []
+    finally:
+        page.close()
+
+
+def test_each_module_runs_as_anywidget_esm(results, browser, tmp_path):
+    """pages.module_source(name), the form anywidget takes as ``_esm``, imports as an ES module and renders from
+    a Backbone-like model's ``payload`` trait, writing the control's trait back (``set`` + ``save_changes``)."""
+    obs, image, w = results
+    cases = [
+        ("scrubber", pl.observation_payload(obs, image=image), ".sdx-step-slider", "step"),
+        ("attention", pl.observation_payload(obs, image=image), ".sdx-opacity", None),
+        ("walk", pl.walk_payload(w), ".sdx-walk-slider", "frame"),
+        ("interpolation", pl.walk_payload(w), ".sdx-frame-slider", "frame"),
+    ]
+    blank = tmp_path / "blank.html"
+    blank.write_text('<!doctype html><meta charset="utf-8"><div id="el"></div>')
+    page = Opened(browser, blank, page_of_sdexplore=False)
+    try:
+        for name, payload, slider, trait in cases:
+            got = page.page.evaluate(
+                """async ([src, payload, slider, trait]) => {
+                  const url = URL.createObjectURL(new Blob([src], { type: "text/javascript" }));
+                  const mod = (await import(url)).default;
+                  const state = { payload }, listeners = {}, saved = [];
+                  const model = {
+                    get: (k) => state[k],
+                    set: (k, v) => { state[k] = v; (listeners["change:" + k] || []).forEach((f) => f()); },
+                    on: (e, f) => { (listeners[e] ||= []).push(f); },
+                    off: () => {},
+                    save_changes: () => saved.push(JSON.stringify(state, (k, v) => k === "payload" ? undefined : v)),
+                  };
+                  const el = document.getElementById("el");
+                  el.replaceChildren();
+                  const cleanup = await mod.render({ model, el });
+                  const input = el.querySelector(slider);
+                  input.value = input.min;
+                  input.dispatchEvent(new Event("input"));
+                  if (typeof cleanup === "function") cleanup();
+                  return { error: !!el.querySelector(".sdx-error"), canvases: el.querySelectorAll("canvas").length,
+                           state: trait ? state[trait] : null, saved: saved.length };
+                }""",
+                [pages.module_source(name), payload, slider, trait],
+            )
+            assert not got["error"] and got["canvases"] >= 1, (name, got)
+            if trait:
+                assert got["state"] == 0 and got["saved"] >= 1, (name, got)
+        assert page.errors == [] and page.requests == []
     finally:
         page.close()
