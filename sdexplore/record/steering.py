@@ -188,7 +188,8 @@ def replace_conditional(
     if new.shape[1:] != current.shape[1:]:
         raise InvalidArgumentError(
             f"The switched prompt's embedding has shape {tuple(new.shape[1:])} per image but the pipeline uses "
-            f"{tuple(current.shape[1:])}; encode it with the same pipeline (or pass prompt= instead)."
+            f"{tuple(current.shape[1:])}; encode it with the same pipeline (or pass prompt= instead). A pipeline "
+            "that keeps only a prompt's own tokens (Qwen-Image) needs a switched prompt of as many tokens."
         )
     new = new.expand(n, *new.shape[1:]) if new.shape[0] == 1 else new
     if new.shape[0] != n:
