@@ -342,3 +342,18 @@ def test_pixart_masked_cross_attention_waits_and_is_batched() -> None:
         pipe(prompt=P, generator=gen(0), callback=peek, callback_steps=1, **kw)
     assert waiting and waiting[0] > 0  # the first step's calls wait for one batched softmax
     assert torch.isfinite(rec.maps.aggregate).all()
+
+
+def test_captions_projected_each_step_are_flushed_in_one_batch() -> None:
+    """PixArt-Σ (and Sana) project the caption inside the denoiser, so every step brings new keys: the waiting
+    steps now go through one batched softmax, each against its own keys (the maps equal the explicit softmax: see
+    tests/test_conformance.py), instead of one batch per step (while the batch stays under the cache-sized cap)."""
+    pipe, kw = pipe_of("pixart-sigma"), kwargs_of("pixart-sigma")
+    rec = AttentionRecorder(pipe)
+    batches = []
+    real = rec._file
+    rec._file = lambda steps, names, p: (batches.append(list(steps)), real(steps, names, p))  # type: ignore[method-assign]
+    with rec:
+        pipe(prompt=P, generator=gen(0), **kw)
+    assert rec.maps.num_steps == STEPS
+    assert batches == [list(range(STEPS))]  # one batch holding every step

@@ -178,7 +178,9 @@ class AttentionRecorder:
             )
         unet = getattr(pipe, self.family.denoiser, None)
         # the class: the property walks every module (Z-Image's transformer has none: its layers are read below)
-        if unet is None or not (hasattr(type(unet), "attn_processors") or type(unet).__name__.startswith("ZImage")):
+        if unet is None or not (
+            hasattr(type(unet), "attn_processors") or type(unet).__name__.startswith("ZImage")
+        ):
             raise UnsupportedPipelineError(
                 f"{type(pipe).__name__} has no {self.family.denoiser} with attention processors; attention maps "
                 "need one."
@@ -288,8 +290,14 @@ class AttentionRecorder:
                 f"Concept maps are image→text maps; relation={rel!r} records another block. Record them apart."
             )
         if not joint and rel in relations.TEXT_QUERIES:
-            able = ", ".join(f.label for f in FAMILIES.values() if f.can("attention") and f.denoiser == "transformer"
-                             and not f.cross_attention and not f.video)
+            able = ", ".join(
+                f.label
+                for f in FAMILIES.values()
+                if f.can("attention")
+                and f.denoiser == "transformer"
+                and not f.cross_attention
+                and not f.video
+            )
             raise InvalidArgumentError(
                 f"relation={rel!r} needs text queries, and {self.family.label} attends to text by cross-attention, "
                 "where text tokens are only keys and values (no text query ever attends). Text→image and "
@@ -380,7 +388,9 @@ class AttentionRecorder:
                     )
                 return lambda original: cls(name, original, self._joint_sink, self._joint_gate, need_lse)
             if self.relation == "image->image":  # a UNet's (or PixArt-Σ's) self-attention layer
-                return lambda original: relations.SelfCapturingProcessor(name, original, self._gate, self._relate)
+                return lambda original: relations.SelfCapturingProcessor(
+                    name, original, self._gate, self._relate
+                )
             if wan_reproducible(procs[proc_name]):  # Wan: every frame's image tokens attend to the text
                 return lambda original: WanCapturingProcessor(name, original, self._gate, self._defer)
             return lambda original: CapturingAttnProcessor(
@@ -430,7 +440,9 @@ class AttentionRecorder:
 
     def _reproducible(self, proc_name: str, processor: Any) -> bool:
         layout = self._layouts.get(proc_name)
-        if layout is None and self.relation == "image->image":  # self-attention: diffusers' SDPA processor only
+        if (
+            layout is None and self.relation == "image->image"
+        ):  # self-attention: diffusers' SDPA processor only
             return type(processor) is AttnProcessor2_0
         if layout is None:
             return is_reproducible(processor) or wan_reproducible(processor)
@@ -711,9 +723,13 @@ class AttentionRecorder:
             step_size=None if self.step_resolution is None else self._step_size(),
             per_head=self.per_head,
             keep_probs=self.keep_probs,
-            probs_itemsize=den.dtype.itemsize if self.keep_probs else 0,  # the dtype walks the model: only if kept
+            probs_itemsize=den.dtype.itemsize
+            if self.keep_probs
+            else 0,  # the dtype walks the model: only if kept
             max_bytes=self.max_bytes,
-            extra_bytes=0 if self._qmasks is None else (2 if self._split is not None else 1) * self._qmasks.nbytes,
+            extra_bytes=0
+            if self._qmasks is None
+            else (2 if self._split is not None else 1) * self._qmasks.nbytes,
         )
         budget.check_fits(p, device, self.max_bytes)
         self._last_plan = p
@@ -864,8 +880,16 @@ class AttentionRecorder:
         rows, step = self._sel, len(self._timesteps) - 1
         if self.relation != "image->text":
             self._relate_joint(
-                name, q_img[rows], k_txt[rows], None if lse is None else lse[rows], k_img[rows], scale, rows,
-                key_bias, image_key_bias, extra,
+                name,
+                q_img[rows],
+                k_txt[rows],
+                None if lse is None else lse[rows],
+                k_img[rows],
+                scale,
+                rows,
+                key_bias,
+                image_key_bias,
+                extra,
             )
             return
         kc = oc = None
@@ -1061,7 +1085,9 @@ class AttentionRecorder:
             txt = txt if bt is None else txt.add_(bt)
             img = img if bi is None else img.add_(bi)
             lt = torch.logaddexp(txt.logsumexp(-1), img.logsumexp(-1))  # (B', heads', T)
-            lt = lt.masked_fill(lt.isneginf(), float("inf"))  # a fully masked query row attends nowhere: zeros
+            lt = lt.masked_fill(
+                lt.isneginf(), float("inf")
+            )  # a fully masked query row attends nowhere: zeros
         if self.relation == "text->image":
             p = relations.rows_probs(qt, ki, scale, lt, bi)  # (B', heads', T, HW')
         else:
@@ -1139,7 +1165,9 @@ class AttentionRecorder:
             id(source),
         )
         batch = self._queue.get(group)
-        if batch is None:  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
+        if (
+            batch is None
+        ):  # holding the text (and mask) tensor keeps its id() from being reused while batches wait
             batch = self._queue[group] = [context, {}, [], upcast, scale, rows, bias]
         batch[1].setdefault(name, key)
         batch[2].append((len(self._timesteps) - 1, name, query))
@@ -1165,6 +1193,7 @@ class AttentionRecorder:
         """Probabilities of every waiting query: per shape, one batch of steps × layers, filed like any others."""
         self._flush_joint()
         queue, self._queue, self._queued_bytes = self._queue, {}, 0
+        queue = self._flush_per_step_keys(queue)
         for _, keys, items, upcast, scale, rows, bias in queue.values():
             by_step: dict[int, list[tuple[str, torch.Tensor]]] = {}
             for step, name, q in items:
@@ -1201,6 +1230,56 @@ class AttentionRecorder:
                         probs = torch.cat([probs, self._concept_probs(names, b, q3, scores, scale)], -1)
                     probs = probs.view(n, b, heads, len(part), length, -1).permute(3, 0, 1, 2, 4, 5)
                     self._file(part, names, probs)  # (S, n, B', heads, HW, T)
+
+    def _flush_per_step_keys(self, queue: dict[tuple, list[Any]]) -> dict[tuple, list[Any]]:
+        """Batches whose text tensor is new at every step (PixArt-Σ and Sana project the caption inside the
+        denoiser): one step each, so their keys are not shared. Those of one shape and the same layers are
+        computed together here, each step against its own keys, in one batched matmul and softmax; returns the
+        batches left for :meth:`_flush`'s shared-keys path."""
+        if self.concepts or len(queue) < 2:
+            return queue
+        buckets: dict[tuple, list[tuple]] = {}
+        for group, batch in queue.items():
+            steps = {s for s, _, _ in batch[2]}
+            names = tuple(n for _, n, _ in batch[2])
+            if len(steps) != 1 or len(set(names)) != len(names):
+                return queue  # shared keys (or a layer twice): the shared-keys path
+            # shape, dtype, upcast, scale, rows; whether a mask bias comes with it; the layers
+            buckets.setdefault((*group[:5], *group[6:8], batch[6] is None, names), []).append(group)
+        if len(buckets) != 1 or any(len(groups) < 2 for groups in buckets.values()):
+            return (
+                queue  # one batch of every waiting step, or none: kept probabilities are filed in step order
+            )
+        for (*_, names), groups in buckets.items():
+            batches = [queue[g] for g in groups]
+            _, _, _, upcast, scale, rows, bias0 = batches[0]
+            k = torch.stack([torch.stack([bt[1][n] for bt in batches]) for n in names])[
+                :, :, rows
+            ]  # (n, S, B', heads, T, d): each step's own keys
+            q = torch.stack(
+                [torch.stack([dict((nm, x) for _, nm, x in bt[2])[n] for bt in batches]) for n in names]
+            )[:, :, rows]  # (n, S, B', heads, HW, d)
+            n, S, b, heads, t, d = k.shape
+            length = q.shape[-2]
+            cap = PROBS_BYTES_CPU if k.device.type == "cpu" else PROBS_BYTES
+            chunk = max(1, cap // (n * b * heads * length * t * 4))  # steps per batch
+            steps = [bt[2][0][0] for bt in batches]
+            for a in range(0, S, chunk):
+                z = min(S, a + chunk)
+                q3 = q[:, a:z].reshape(-1, length, d)  # (n*S'*B'*heads, HW, d)
+                kt = k[:, a:z].reshape(-1, t, d).transpose(1, 2)  # (n*S'*B'*heads, d, T)
+                if upcast:
+                    q3, kt = q3.float(), kt.float()
+                scores = torch.baddbmm(_empty(q3), q3, kt, beta=0.0, alpha=scale)  # (n*S'*B'*heads, HW, T)
+                if bias0 is not None:  # each step's mask: its addition to each key's score, for every query
+                    kb = torch.stack([bt[6][0][rows] for bt in batches[a:z]]).to(
+                        scores.dtype
+                    )  # (S', B', heads, T)
+                    scores += kb.expand(n, z - a, b, heads, t).reshape(-1, 1, t)
+                probs = scores.softmax(-1, dtype=torch.float32)  # (n*S'*B'*heads, HW, T)
+                probs = probs.view(n, z - a, b, heads, length, t).transpose(0, 1)  # (S', n, B', heads, HW, T)
+                self._file(steps[a:z], names, probs)
+        return {}
 
     def _concept_probs(
         self, names: tuple[str, ...], b: int, q3: torch.Tensor, scores: torch.Tensor, scale: float
