@@ -406,3 +406,26 @@ def test_edit_page_errors(an_edit, tmp_path, monkeypatch):
     with pytest.raises(InvalidArgumentError, match="index"):
         pages.save_edit(an_edit, tmp_path / "edit.html", index=2)
     assert not (tmp_path / "edit.html").exists()
+
+
+def test_walks_compared_on_one_page(a_walk, tmp_path):
+    flipped = sdexplore.Walk(
+        images=a_walk.images[::-1].copy(),
+        prompts=a_walk.prompts,
+        seeds=a_walk.seeds,
+        segments=a_walk.segments,
+        ts=a_walk.ts,
+        keyframe_frames=a_walk.keyframe_frames,
+    )
+    p = pages.read_payload(pages.save_walks({"forward": a_walk, "back": flipped}, tmp_path / "w.html"))
+    compare = p["walk"]["compare"]
+    assert [c["name"] for c in compare] == ["forward", "back"]
+    np.testing.assert_array_equal(pl.decode_image(compare[1]["images"][0]), a_walk.images[-1])
+    assert compare[1]["distances"] == pytest.approx(compare[0]["distances"][::-1])
+    with pytest.raises(InvalidArgumentError, match="one frame count"):
+        pages.save_walks(
+            {"a": a_walk, "b": sdexplore.Walk(**{**vars(flipped), "images": flipped.images[:3]})},
+            tmp_path / "x.html",
+        )
+    with pytest.raises(InvalidArgumentError, match="dict"):
+        pages.save_walks([a_walk], tmp_path / "x.html")

@@ -272,6 +272,23 @@ def save_walk(walk: Any, path: Any, **options: Any) -> Path:
     return write_page(path, _payload.walk_payload(walk, **options), ["walk", "interpolation"], title=title)
 
 
+def save_walks(walks: Any, path: Any, **options: Any) -> Path:
+    """One page comparing several walks of one frame count on one slider (``{"lerp": w1, "slerp": w2}``), each
+    with its consecutive-frame distances and smoothness; ``options`` as :meth:`Walk.save_html`."""
+    path = check_page_path(path)
+    title = options.pop("title", None)
+    if not isinstance(walks, dict) or not walks:
+        raise InvalidArgumentError(
+            "walks must be a dict name → Walk with at least one walk, e.g. {'lerp': w}."
+        )
+    counts = {name: len(w) for name, w in walks.items()}
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise InvalidArgumentError(
+            f"The walks must have one frame count (≥ 1) to share a slider; they have {counts}."
+        )
+    return write_page(path, _payload.walks_payload(walks, **options), ["interpolation"], title=title)
+
+
 def save_edit(edit: Any, path: Any, **options: Any) -> Path:
     """One self-contained page of an :class:`~sdexplore.results.edit.Edit` (source | edited | difference, and a word's
     map before and after on one scale); ``options``: ``index``, ``words``, ``model``, ``seed``, ``title``. A bad
