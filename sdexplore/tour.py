@@ -157,7 +157,13 @@ def _short(ts: list[int]) -> str:
 
 
 def _component(
-    name: str, obj: Any, family: str = "", target: str = "", pipe: Any = None, den: Any = None
+    name: str,
+    obj: Any,
+    family: str = "",
+    target: str = "",
+    pipe: Any = None,
+    den: Any = None,
+    video: bool = False,
 ) -> Component:
     params = dtype = device = None
     if isinstance(obj, torch.nn.Module):
@@ -165,11 +171,11 @@ def _component(
         first = next(obj.parameters(), None)
         if first is not None:
             dtype, device = str(first.dtype).removeprefix("torch."), str(first.device)
-    role = _FAMILY_ROLES.get(family, {}).get(name) or _role(name, obj, pipe, den)
+    role = _FAMILY_ROLES.get(family, {}).get(name) or _role(name, obj, pipe, den, video)
     return Component(name, type(obj).__name__, role.format(target=target), params, dtype, device)
 
 
-def _role(name: str, obj: Any, pipe: Any, den: Any) -> str:
+def _role(name: str, obj: Any, pipe: Any, den: Any, video: bool = False) -> str:
     """A component's role, read from the component where its name alone does not say (which tokens a tokenizer
     makes, whether a transformer attends jointly or through cross-attention)."""
     if name.startswith("tokenizer") and pipe is not None and hasattr(obj, "convert_ids_to_tokens"):
@@ -181,9 +187,7 @@ def _role(name: str, obj: Any, pipe: Any, den: Any) -> str:
         reader = f" for {type(encoder).__name__}" if encoder is not None else ""
         return f"splits the prompt into {kind.get(marker, 'tokens')}{reader}"
     if name == "transformer" and den is not None and _cross_attention(den):
-        return _ROLES["transformer:cross"].replace(
-            "{tokens}", "video" if "3D" in type(den).__name__ else "image"
-        )
+        return _ROLES["transformer:cross"].replace("{tokens}", "video" if video else "image")
     return _ROLES.get(name, "")
 
 
@@ -208,7 +212,7 @@ def describe(
     target = predicts(prediction_type(pipe.scheduler))
     den = fam.get_denoiser(pipe)
     comps = [
-        _component(n, obj, fam.name, target, pipe, den)
+        _component(n, obj, fam.name, target, pipe, den, fam.video)
         for n, obj in pipe.components.items()
         if obj is not None
     ]
@@ -220,7 +224,7 @@ def describe(
     h, w = height or default, width or default
     call = inspect.signature(type(pipe).__call__).parameters
     frames = None
-    if "num_frames" in call:  # a video pipeline (Wan): its call's own size and frame count
+    if fam.video and "num_frames" in call:  # a video family (Wan): its call's own size and frame count
         h = height or int(call["height"].default or default)
         w = width or int(call["width"].default or default)
         f = int(call["num_frames"].default)
@@ -270,13 +274,13 @@ def describe(
         prediction_type=prediction_type(pipe.scheduler),  # "flow_prediction" for flow matching (SD3)
         num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
         timesteps=[int(t) for t in sched_copy.timesteps],
-        blocks=_blocks(den),
+        blocks=_blocks(den, fam.video),
         capabilities=[c for c in CAPABILITIES if fam.can(c)],
         frames=frames,
     )
 
 
-def _blocks(den: Any) -> list[str]:
+def _blocks(den: Any, video: bool = False) -> list[str]:
     """The block structure of a transformer denoiser (MMDiT or cross-attention DiT; empty for a UNet), read from its
     module tree."""
     cfg = den.config
@@ -301,7 +305,7 @@ def _blocks(den: Any) -> list[str]:
         linear = first is not None and "Linear" in type(getattr(first, "processor", None)).__name__
         kind = "linear (softmax-free: no attention maps) self-attention" if linear else "self-attention"
         lines.append(
-            f"Transformer: {len(cross)} blocks of {kind} over the {'video' if '3D' in type(den).__name__ else 'image'}"
+            f"Transformer: {len(cross)} blocks of {kind} over the {'video' if video else 'image'}"
             f" tokens, then cross-attention to the text tokens (its softmax gives the maps); {width}"
         )
     return lines
