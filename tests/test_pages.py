@@ -392,7 +392,10 @@ def test_edit_page_round_trip(an_edit, tmp_path):
     from matplotlib import colormaps
 
     lut = np.frombuffer(__import__("base64").b64decode(e["diff_colormap"]["lut"]), np.uint8).reshape(256, 3)
-    want = (colormaps["RdBu_r"](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
+    from sdexplore.views.widgets.edit import DIFF_CMAP
+
+    assert pl.DIFF_CMAP == DIFF_CMAP  # the notebook explorer's diverging map
+    want = (colormaps[DIFF_CMAP](np.linspace(0, 1, 256))[:, :3] * 255).round().astype(np.uint8)
     np.testing.assert_array_equal(lut, want)
 
 

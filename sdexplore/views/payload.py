@@ -42,6 +42,8 @@ from PIL import Image
 from .._images import as_uint8_image
 
 FORMAT = "sdexplore.page"
+#: The colour map of an edit's map difference (after − before), as EditExplorer draws it: blue lost, red gained.
+DIFF_CMAP = "RdBu_r"
 VERSION = 1
 _PANEL_TITLES = {
     "noisy": "noisy latents",
@@ -466,7 +468,6 @@ def edit_payload(
     for each offered word (default: every distinct word of the edited prompt) its map before and after the edit
     (:meth:`~sdexplore.results.edit.Edit.word_maps`: raw mass, compared on one scale)."""
     from .render import HEAT_OPACITY, first_content_word
-    from .widgets.edit import DIFF_CMAP
 
     src, out = edit.images(index)  # (H, W, 3) each; checks the index
     src_prompt, out_prompt = edit.prompts(index)
