@@ -382,8 +382,9 @@ def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = N
 
 def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
     """What only the loaded model decides, checked before generating: SD3 and Flux work in 2x2 patches of
-    latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), and Flux.1 has
-    no CFG batch (FluxPipeline ignores a negative prompt without true CFG)."""
+    latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), Flux.1 has
+    no CFG batch (FluxPipeline ignores a negative prompt without true CFG), and a video family (Wan) has no
+    pictures for the picture commands."""
     from .._checks import check_size_limit
     from ..families import detect_family, size_unit, vae_scale_factor
 
@@ -403,6 +404,18 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
             f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "
             "model), so the pipeline would ignore the negative prompt; leave --negative out"
         )
+    if fam.video and getattr(args, "command", None) in PICTURE_COMMANDS:
+        from ..errors import UnsupportedPipelineError
+
+        raise UnsupportedPipelineError(
+            f"`sdexplore {args.command}` writes pictures and {fam.label} makes videos: record it in Python with "
+            "sdexplore.observe(pipe, steps=True, attention=True) (traces and maps keep the frame axis) and save a "
+            "page with obs.save_html(path)"
+        )
+
+
+#: Commands whose output is pictures of one image per prompt (a video family is refused there, before any step).
+PICTURE_COMMANDS = ("steps", "attention")
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
