@@ -39,6 +39,15 @@ def decode_with(vae: Any, latents: torch.Tensor) -> torch.Tensor:
     unchanged.
     """
     param = next(vae.parameters())
+    if getattr(vae.config, "latents_std", None) is not None:  # Qwen-Image's 3-D VAE: per-channel statistics
+        x = latents.to(device=param.device, dtype=param.dtype)
+        mean, std = (
+            torch.tensor(vae.config[k], dtype=x.dtype, device=x.device)
+            for k in ("latents_mean", "latents_std")
+        )
+        z = (x * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1)).unsqueeze(2)  # (B, C, 1, h, w): one frame
+        out = vae.decode(z, return_dict=False)[0][:, :, 0]  # (B, 3, H, W) in [-1, 1], as QwenImagePipeline
+        return to_uint8(out.permute(0, 2, 3, 1))  # (B, H, W, 3)
     if getattr(vae, "bn", None) is not None:  # AutoencoderKLFlux2 (Flux.2): batch-norm statistics, no scaling
         z = _flux2_denormalize(vae, latents.to(device=param.device, dtype=param.dtype))
     else:

@@ -29,6 +29,8 @@ def test_every_public_name_resolves():
         "chroma",
         "sana",
         "wan",
+        "z-image",
+        "qwen-image",
     }
     assert all(isinstance(f, sdexplore.Family) for f in sdexplore.FAMILIES.values())
     assert {"invert", "Inversion"} <= set(sdexplore.__all__) and callable(sdexplore.images.load_image)
