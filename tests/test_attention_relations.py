@@ -357,3 +357,25 @@ def test_captions_projected_each_step_are_flushed_in_one_batch() -> None:
         pipe(prompt=P, generator=gen(0), **kw)
     assert rec.maps.num_steps == STEPS
     assert batches == [list(range(STEPS))]  # one batch holding every step
+
+
+@pytest.mark.parametrize("name", ["sd1", "pixart-sigma", "sd3", "chroma"])
+def test_head_selection_on_per_token_maps(name) -> None:
+    """heads= on image→text maps: the kept probabilities are the chosen heads' own, the maps their mean."""
+    pipe, kw = pipe_of(name), kwargs_of(name)
+    _, full = _record(pipe, kw)
+    _, some = _record(pipe, kw, heads=[1])
+    a, b = full.maps, some.maps
+    assert set(a.probs) == set(b.probs)
+    for layer in a.probs:
+        assert b.probs[layer].shape[2] == 1
+        torch.testing.assert_close(b.probs[layer][:, :, 0], a.probs[layer][:, :, 1], rtol=0, atol=1e-6)
+    layer = b.layer_names[0]
+    want = a.probs[layer][:, :, 1].float().mean(0)  # (B, HW, T): the head's map, mean over steps
+    got = b.layers[layer].flatten(-2).transpose(-1, -2)  # (B, HW, T)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert some.budget.nbytes == b.nbytes
+    with pytest.raises(InvalidArgumentError, match="not per head"):
+        AttentionRecorder(
+            pipe, heads=[0], kind="output" if name in ("sd3", "chroma") else None, concepts=["sky"]
+        )

@@ -206,6 +206,11 @@ class AttentionRecorder:
         #: What the recorded maps are: "cross" (UNet) or one of "joint", "text", "output" (MMDiT).
         self.kind = kind or "cross"
         self._check_relation(joint, concepts)
+        if self.selection.heads is not None and (concepts or self.kind == "output"):
+            raise InvalidArgumentError(
+                "heads= picks attention heads to average; concept maps and kind='output' maps are not per head. "
+                "Leave heads out, or record without concepts= / kind='output'."
+            )
         if self.relation == "image->image" and not joint:  # self-attention: the attn1 layers
             cross = relations.self_attention_layers(unet)
         else:
@@ -847,7 +852,8 @@ class AttentionRecorder:
                 f"Layer {name} was called with an attention mask: concept maps need unmasked cross-attention. "
                 "Record without concepts=."
             )
-        self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads, HW, T)
+        probs = self._heads_of(probs)  # (B', heads', HW, T): the selected heads
+        self._file([len(self._timesteps) - 1], (name,), probs[None, None])  # (1, 1, B', heads', HW, T)
 
     def _text_len(self) -> int:
         """Text tokens at the head of a single-stream block's sequence (the denoiser's text input)."""
@@ -914,8 +920,9 @@ class AttentionRecorder:
             return
         lse = None if lse is None else lse[rows]  # (B', heads, HW)
         # image keys, only where "joint" maps need a log-sum-exp the kernel did not give (math fallback; a mask)
-        ki = k_img[rows] if lse is None and self.kind == "joint" else None
+        ki = self._heads_of(k_img[rows] if lse is None and self.kind == "joint" else None)
         q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
+        q, k, lse = self._heads_of(q), self._heads_of(k), self._heads_of(lse)  # the selected heads (copies)
         kb = None if key_bias is None else key_bias[rows]  # (B', T): Chroma's mask on the text keys
         kib = None if key_bias is None or ki is None else image_key_bias[rows]  # (B', HW'): on the image keys
         self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc, kb, kib))
@@ -1148,6 +1155,9 @@ class AttentionRecorder:
                 f"Layer {name} was called with an attention mask: concept maps need unmasked cross-attention. "
                 "Record without concepts=."
             )
+        if self.selection.heads is not None:  # the selected heads only (N, heads', ·, d): copies
+            query, key = self._heads_of(query), self._heads_of(key)
+            bias = None if bias is None else (self._heads_of(bias[0]), bias[1])
         if self.concepts and name not in self._concept_keys:
             self._concept_keys[name] = self._keys_of_concepts(attn, key.shape[1])
         upcast = bool(getattr(attn, "upcast_attention", False))
