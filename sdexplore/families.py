@@ -1028,6 +1028,6 @@ def size_unit(pipe: Any) -> int:
 
 def spatial_patch(config: Any) -> int:
     """Latent cells per denoiser patch along each spatial side: the config's ``patch_size`` (Wan's space-time
-    (t, h, w) patches: h), 1 where it has none."""
-    patch = getattr(config, "patch_size", None) or 1
+    (t, h, w) patches: h; Z-Image's all_patch_size, whose first the pipeline uses), 1 where it has none."""
+    patch = getattr(config, "patch_size", None) or (getattr(config, "all_patch_size", None) or (1,))[:1]
     return int(patch[-1] if isinstance(patch, list | tuple) else patch)

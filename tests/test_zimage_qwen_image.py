@@ -116,3 +116,10 @@ def test_zimage_steps_record_the_negated_prediction_and_the_scale_plus_one(zimag
         assert step.guidance_scale == 4.0
         u, c = step.noise_uncond, step.noise_cond
         torch.testing.assert_close(step.noise_pred, u + 4.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_sizes_are_multiples_of_the_vae_factor_times_the_patch(zimage, qwen) -> None:
+    from sdexplore.families import size_unit
+
+    assert size_unit(zimage) == 16  # Z-Image's transformer patchifies 2×2 itself (all_patch_size)
+    assert size_unit(qwen) == 16  # Qwen-Image's pipeline packs 2×2 latents into a token
