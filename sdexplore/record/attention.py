@@ -1263,12 +1263,14 @@ class AttentionRecorder:
         for (*_, names), groups in buckets.items():
             batches = [queue[g] for g in groups]
             _, _, _, upcast, scale, rows, bias0 = batches[0]
-            k = torch.stack([torch.stack([bt[1][n] for bt in batches]) for n in names])[
-                :, :, rows
-            ]  # (n, S, B', heads, T, d): each step's own keys
+            k = torch.stack(
+                [bt[1][n][rows] for n in names for bt in batches]
+            )  # (n*S, B', heads, T, d): each step's own keys, the captured rows only
             q = torch.stack(
-                [torch.stack([dict((nm, x) for _, nm, x in bt[2])[n] for bt in batches]) for n in names]
-            )[:, :, rows]  # (n, S, B', heads, HW, d)
+                [dict((nm, x) for _, nm, x in bt[2])[n][rows] for n in names for bt in batches]
+            )  # (n*S, B', heads, HW, d)
+            k = k.view(len(names), len(batches), *k.shape[1:])  # (n, S, B', heads, T, d)
+            q = q.view(len(names), len(batches), *q.shape[1:])  # (n, S, B', heads, HW, d)
             n, S, b, heads, t, d = k.shape
             length = q.shape[-2]
             cap = PROBS_BYTES_CPU if k.device.type == "cpu" else PROBS_BYTES
