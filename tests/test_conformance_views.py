@@ -193,3 +193,29 @@ def test_each_command_runs_on_the_family_or_refuses_in_one_line(
         assert len(errors) == 1 and errors[0].startswith("sdexplore: error: "), err
         assert "Traceback" not in err and "--debug for the traceback" not in err, err  # an expected refusal
         assert not (tmp_path / "out").exists() and not (tmp_path / "out.gif").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURE_FAMILIES)
+def test_a_negative_prompt_is_refused_exactly_where_the_pipeline_would_not_use_it(name) -> None:
+    """--negative is checked once the model is loaded: taken where a negative prompt changes the pictures, refused
+    in one sentence where the pipeline takes none (Flux.2 [klein]) or would ignore it (Flux.1 without true CFG)."""
+    import argparse
+    import inspect
+
+    from sdexplore.cli._common import _check_for_model
+    from sdexplore.cli.output import InputError
+
+    pipe, kw = pipe_of(name), call_kwargs(name)
+    args = argparse.Namespace(negative="a green square", command="edit")  # a command Wan is not refused for
+    if "negative_prompt" in inspect.signature(type(pipe).__call__).parameters:
+        out = pipe(prompt=P, generator=gen(0), **kw)
+        plain = out.frames if hasattr(out, "frames") else out.images
+        out = pipe(prompt=P, negative_prompt=args.negative, generator=gen(0), **kw)
+        used = not np.array_equal(plain, out.frames if hasattr(out, "frames") else out.images)
+    else:
+        used = False
+    if used:
+        _check_for_model(args, pipe)  # no error
+    else:
+        with pytest.raises(InputError, match="--negative is not"):
+            _check_for_model(args, pipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import re
@@ -399,11 +400,21 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
                 f"patches of the VAE's {vae_scale_factor(pipe)}x{vae_scale_factor(pipe)} blocks), got {v}"
             )
     check_size_limit(pipe, getattr(args, "height", None), getattr(args, "width", None), error=InputError)
-    if getattr(args, "negative", None) is not None and not fam.cfg_batch:
+    negative = getattr(args, "negative", None)
+    if negative is not None and "negative_prompt" not in inspect.signature(type(pipe).__call__).parameters:
         raise InputError(
-            f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "
-            "model), so the pipeline would ignore the negative prompt; leave --negative out"
+            f"--negative is not taken by {fam.label}: {type(pipe).__name__} has no negative prompt; leave "
+            "--negative out"
         )
+    # a family without a CFG batch uses the negative prompt where it runs CFG as two calls per step: always where
+    # its pipeline decides by the guidance scale (Chroma, Wan), where its default true_cfg_scale exceeds 1
+    # (Qwen-Image); never on Flux.1 at its default true_cfg_scale of 1
+    if negative is not None and not fam.cfg_batch and fam.cfg_flag is None:
+        if not fam.true_cfg({"negative_prompt": negative}, pipe):
+            raise InputError(
+                f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "
+                "model), so the pipeline would ignore the negative prompt; leave --negative out"
+            )
     if fam.video and getattr(args, "command", None) in PICTURE_COMMANDS:
         from ..errors import UnsupportedPipelineError
 
