@@ -571,20 +571,17 @@ class FluxCapturingProcessor(JointCapturingProcessor):
         double = encoder_hidden_states is not None
         txt = encoder_hidden_states.shape[1] if double else self.text_len()
         hw = hidden_states.shape[1] - (0 if double else txt)
-        bias = (
-            None
-            if attention_mask is None
-            else key_bias(attention_mask, hidden_states.shape[1] + (txt if double else 0))
-        )
+        length = hidden_states.shape[1] + (txt if double else 0)  # the joint sequence
         if (
-            (attention_mask is not None and bias is None)
+            (attention_mask is not None and not _per_query_mask(attention_mask, length))
             or txt <= 0
             or hw <= 0
-            or not self.gate(self.name, hw)
+            or not self.gate(self.name, hw)  # first: the calls it declines (true CFG's negative) cost nothing
         ):
             if parallel:
                 return self.original(attn, hidden_states, attention_mask, image_rotary_emb)
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        bias = None if attention_mask is None else key_bias(attention_mask, length)  # (N, L)
         q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, encoder_hidden_states, image_rotary_emb)
         if bias is None:
             out, lse = sdpa_with_lse(q, k, v, self.need_lse)
@@ -608,7 +605,7 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             **({} if bias is None else {"key_bias": bias[:, :txt], "image_key_bias": bias[:, txt:]}),
             q_txt=q[:, :, :txt],  # the text rows, for text→image and text→text maps
             lse_txt=None if lse is None else lse[:, :, :txt],
-            text_query_bias=None if bias is None else query_bias(attention_mask, txt),
+            text_mask=attention_mask,  # text→image / text→text read the text queries' rows of it
         )
         return flux_output(attn, self.original, hidden_states, txt, double, mlp)
 
@@ -624,12 +621,18 @@ def query_bias(mask: torch.Tensor, rows: int) -> torch.Tensor:
     return part.float()
 
 
+def _per_query_mask(mask: torch.Tensor, length: int) -> bool:
+    """Whether ``mask`` is the (N, 1, L, L) attention mask over the ``length``-token joint sequence that
+    :func:`key_bias` reads."""
+    return mask.ndim == 4 and mask.shape[-1] == length and mask.shape[-2] == length and mask.shape[1] == 1
+
+
 def key_bias(mask: torch.Tensor, length: int) -> torch.Tensor | None:
     """What an attention mask (N, 1, L, L) — bool (False: masked) or float (added, as SDPA takes it) — adds to an
     image query's score on each of the L keys, (N, L) float32, read from the last query row (an image token's);
     None for a mask of another shape. Chroma's mask is the outer product of a per-token mask whose image part is
     1, so every image query's row is that one."""
-    if mask.ndim != 4 or mask.shape[-1] != length or mask.shape[-2] != length or mask.shape[1] != 1:
+    if not _per_query_mask(mask, length):
         return None
     row = mask[:, 0, -1, :]  # (N, L): the last query is an image token
     if row.dtype == torch.bool:
