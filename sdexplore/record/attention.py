@@ -28,13 +28,13 @@ from .joint import (
     FluxCapturingProcessor,
     joint_attention_layers,
     output_scores,
-    query_bias,
     text_block,
 )
 from .joint import (
     reproducible as joint_reproducible,
 )
 from .processor import AttnProcessor2_0, CapturingAttnProcessor, is_reproducible
+from .provenance import call_provenance
 from .tokens import TokenList, padded_to, sequence_tokens, unlabelled
 from .wan import WanCapturingProcessor
 from .wan import reproducible as wan_reproducible
@@ -72,6 +72,7 @@ _RUN_STATE = (
     "_passed",
     "_rows",
     "_prompt_rows",
+    "_provenance",
     "_concept_keys",
     "_qmasks",
     "_qweights",
@@ -278,6 +279,8 @@ class AttentionRecorder:
         self._why_no_maps: str | None = None
         self._last_plan: Plan | None = None
         self._prompt_rows: tuple[list[TokenList], list[TokenList]] | None = None
+        # the current call's model, seed, ... (sdexplore.record.provenance)
+        self._provenance: dict[str, Any] = {}
         self._reset_run()
 
     # ---- context manager ----------------------------------------------------------------------------------
@@ -525,6 +528,8 @@ class AttentionRecorder:
         self._pending = None  # the previous run's maps, never read: "maps" is the latest run's
         self._reset_run()
         self._prompt_rows = self._labels_of_call(run.arguments)
+        # the prompt is in the maps' token lists already
+        self._provenance = call_provenance(self.pipe, run.arguments, run.scheduler, skip=("prompt",))
         if self.concepts and self._concept_text is None:
             self._concept_text = self._encode_concepts(run.arguments.get("max_sequence_length"))
 
@@ -565,6 +570,12 @@ class AttentionRecorder:
         returns as soon as its last step is done, and a run whose maps are never read costs no build.
         """
         self._edited = run.attention_edited
+        if run.started:  # the schedule fields are read at the first denoiser call
+            self._provenance = {
+                **self._provenance,
+                "steps": int(run.num_steps),
+                "guidance_scale": float(run.guidance_scale),
+            }
         self._pending = {k: getattr(self, k) for k in _RUN_STATE} if self._timesteps else None
         self._maps, self._why_no_maps = None, None
         self._reset_run()
@@ -1080,10 +1091,10 @@ class AttentionRecorder:
         qt = self._heads_of(q_txt[rows])  # (B', heads', T, d)
         lse_txt = extra.get("lse_txt")
         lt = None if lse_txt is None else self._heads_of(lse_txt[rows])  # (B', heads', T)
+        rb = extra.get("text_query_bias")  # (N, T, L) a mask's addition per text query and key (text first)
         T = qt.shape[-2]
-        rb = extra.get("text_mask")  # the call's (N, 1, L, L) mask, text first
-        if rb is not None:  # its addition per text query and key
-            rb = query_bias(rb, T)[rows][:, None]  # (B', 1, T, T+HW')
+        if rb is not None:
+            rb = rb[rows][:, None]  # (B', 1, T, T+HW')
             bt, bi = rb[..., :T], rb[..., T:]
         else:
             bt, bi = kb, kib
@@ -1496,7 +1507,13 @@ class AttentionRecorder:
         negative = None
         if neg_rows is not None:
             negative = AttentionMaps(**part(neg_rows), token_lists=neg_labels, **common)  # type: ignore[arg-type]
-        return AttentionMaps(**part(cond_rows), token_lists=cond_labels, negative=negative, **common)  # type: ignore[arg-type]
+        return AttentionMaps(
+            **part(cond_rows),
+            token_lists=cond_labels,
+            negative=negative,
+            provenance=dict(self._provenance),
+            **common,
+        )  # type: ignore[arg-type]
 
 
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}

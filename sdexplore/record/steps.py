@@ -26,11 +26,12 @@ import torch
 
 from ..decoding import decode_with
 from ..errors import InvalidArgumentError, RecorderStateError
-from ..families import detect_family, latent_preview, latent_rgb
+from ..families import detect_family, latent_preview, latent_rgb, vae_scale_factor
 from ..preview import ConvPreview, conv_preview_to_uint8, latent_to_uint8, uint8_factors
 from ..results.trace import TENSOR_FIELDS, StepRecord, Trace
 from ..schedule_math import prediction_type
 from .attach import Attachment, Run, Step, Subscriber, attach
+from .provenance import call_provenance
 from .steering import Steering
 
 #: Quantities recorded by default: everything but ``latents_out`` (= the next step's ``latents``) and ``decoded``.
@@ -281,6 +282,8 @@ class StepRecorder:
         trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
         if self._net_meta is not None:
             trace.meta["latent_preview"] = copy.deepcopy(self._net_meta)
+        # model, seed, prompts (the scheduler, steps and guidance are the trace's own fields); the size follows
+        trace.meta["provenance"] = call_provenance(self.pipe, run.arguments, sched, skip=("scheduler",))
         trace.mask = (
             run.mask
         )  # an inpainting call's mask (M, H, W), checked against its image at the run's start
@@ -327,6 +330,12 @@ class StepRecorder:
                 "dtype=torch.float16, or raise max_bytes."
             )
         trace.meta.update(latent_shape=list(shape), estimated_bytes=est)
+        try:
+            scale = vae_scale_factor(self.pipe)
+        except AttributeError:  # a pipeline without a VAE: no pixel size to tell
+            scale = None
+        if scale is not None:
+            trace.meta.setdefault("provenance", {})["size"] = [int(shape[-2]) * scale, int(shape[-1]) * scale]
         return None
 
     def _store(self, t: torch.Tensor, dtype: torch.dtype | None = None, fresh: bool = False) -> torch.Tensor:

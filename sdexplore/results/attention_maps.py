@@ -14,6 +14,7 @@ from .. import heatmaps as _heatmaps
 from ..errors import SelectionError, WordNotFoundError
 from ..heatmaps import Normalization, normalize, resize
 from . import fileformat as ff
+from . import provenance as _provenance
 from .tokens import TokenList, segments_from_json
 
 StepSelector = int | range | slice | Sequence[int] | None
@@ -80,6 +81,10 @@ class AttentionMaps:
     #: image→image: the selected queries as weights on the latent grid, (Q, H, W) float32, each summing to 1 (a
     #: point: one cell; a mask: its pixels equally); :meth:`query` reads query ``i``'s map. None otherwise.
     query_masks: torch.Tensor | None = None
+    #: What made the maps: the call's model, scheduler, seed, negative prompt, steps and guidance scale
+    #: (:mod:`sdexplore.results.provenance`; the prompt is in ``token_lists``). Empty where not recorded (files
+    #: saved before it was kept, the ``negative`` maps, whose call is their parent's).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     # ---- labels -------------------------------------------------------------------------------------------
     @property
@@ -393,6 +398,7 @@ class AttentionMaps:
                 "edited": self.edited,
                 "concepts": list(self.concepts),
                 "negative": self.negative._meta() if self.negative is not None else None,
+            **({"provenance": self.provenance} if self.provenance else {}),  # absent when not recorded
             }
             | ({} if self.frames is None else {"frames": self.frames})
             | (  # an image's files carry no frames key
@@ -460,6 +466,7 @@ _META_KEYS = frozenset(
         "negative",
         "frames",
         "relation",
+        "provenance",
     }
 )
 _TOKEN_KEYS = frozenset({"ids", "pieces", "kinds", "truncated", "prompt", "segments"})
@@ -587,6 +594,8 @@ def _build(
         meta.get("kind", "cross"), f"{field}.kind", choices=MAP_KINDS
     )  # files from before kinds: cross
     edited = c.bool(meta.get("edited", False), f"{field}.edited")  # files from before controls: False
+    # files from before provenance carry none
+    provenance = _provenance.check(c, meta.get("provenance", {}), f"{field}.provenance")
     _check_consistency(
         c, field, prefix, family, kind, tensors[f"{prefix}aggregate"], layers, edited, frames, relation
     )
@@ -619,6 +628,7 @@ def _build(
         frames=frames,
         relation=relation,
         query_masks=query_masks,
+        provenance=provenance,
         **concept_parts,
     )
 

@@ -15,6 +15,7 @@ from PIL import Image
 from ..errors import InvalidArgumentError, WordNotFoundError
 from . import attention_maps as _maps
 from . import fileformat as ff
+from . import provenance as _provenance
 from .attention_maps import AttentionMaps
 
 _FORMAT = "sdexplore.edit"
@@ -105,6 +106,30 @@ class Edit:
         h, w = self.images(0)[0].shape[:2]
         maps = "with maps" if self.source_maps is not None else "no maps"
         return f"Edit({src!r} → {out!r}, {self.num_images} image(s) per branch, {h}×{w}, {maps})"
+
+    def save_html(
+        self,
+        path: str | Path,
+        *,
+        index: int = 0,
+        words: list[str] | None = None,
+        model: str | None = None,
+        seed: int | None = None,
+        title: str | None = None,
+    ) -> Path:
+        """One self-contained HTML page of this edit, opening from ``file://`` with no network: source | edited |
+        difference, and each word's map before and after the edit on one scale (after − before in a diverging
+        colour map). Written atomically; returns the path.
+
+        ``index``: which image of each branch; ``words``: the words offered (default: every distinct word of the
+        edited prompt); ``model``, ``seed``: the provenance the page shows, by default what the edit's maps kept
+        of the call (the model, scheduler and seed; an edit without maps, such as FlowEdit's, keeps none);
+        ``title``: the page's title. A bad path or ``index`` raises
+        :class:`~sdexplore.errors.InvalidArgumentError` before any work.
+        """
+        from ..views import pages  # the views layer, imported only when a page is asked for
+
+        return pages.save_edit(self, path, index=index, words=words, model=model, seed=seed, title=title)
 
     # ---- save / load --------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -383,4 +408,5 @@ def take_images(maps: AttentionMaps, rows: slice) -> AttentionMaps:
         concept_aggregate=None if maps.concept_aggregate is None else maps.concept_aggregate[rows],
         concept_layers=per(maps.concept_layers),
         concept_steps=None if maps.concept_steps is None else maps.concept_steps[:, rows],
+        provenance=_provenance.take_images(maps.provenance, rows, maps.num_images),
     )

@@ -74,9 +74,11 @@ class Observation:
         range, layer, opacity) over ``image``. It opens from ``file://`` with no network; written atomically.
 
         ``image``: the generated picture to draw the maps over (default: the last step's decode, else its x0
-        preview); ``index``: which image of the batch; ``model``, ``seed``, ``prompt``, ``negative_prompt``: the
-        provenance the page shows (the prompt defaults to the recorded one; family, scheduler, steps, guidance and
-        sdexplore's version are always written); ``channels``: add the noise-prediction and latent-channel
+        preview); ``index``: which image of the batch; ``model``, ``seed``, ``prompt``, ``negative_prompt``:
+        override the provenance the page shows, which is otherwise what the recording kept of the call (model,
+        scheduler, seed or "unseeded", prompts, steps, guidance and size of image ``index``; sdexplore's version is
+        always written; an observation loaded from a file saved before provenance was kept has only its family,
+        scheduler, steps and guidance); ``channels``: add the noise-prediction and latent-channel
         panels (larger pages); ``layers``: keep each layer's maps (the layer menu). A bad path raises
         :class:`~sdexplore.errors.InvalidArgumentError`, an observation with nothing recorded
         :class:`~sdexplore.errors.NotRecordedError`, both before any work. Returns the path.

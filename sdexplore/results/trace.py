@@ -13,6 +13,7 @@ import torch
 from ..errors import InvalidArgumentError, NotRecordedError, SelectionError
 from ..preview import ConvPreview
 from . import fileformat as ff
+from . import provenance as _provenance
 
 #: Tensor quantities a step can hold, with their shapes (B = images in the batch). A video's (Wan's) tensors carry
 #: its F latent frames after the channels: latents (B, C, F, h, w), previews (B, F, h, w, 3) (see Trace.frames).
@@ -94,7 +95,9 @@ class Trace:
     # "bias": 3}, the latent → RGB preview factors the previews were made with; "latent_preview": the learned
     # convolutional preview (ConvPreview.to_dict()) the previews were made with instead, where the model folder
     # carries one (the embedded models); "schedule_begin" and
-    # "schedule_length": where the run's loop starts in the scheduler's whole schedule (img2img, strength < 1)
+    # "schedule_length": where the run's loop starts in the scheduler's whole schedule (img2img, strength < 1);
+    # "provenance": the call's model, seed, prompts and image size (sdexplore.results.provenance; absent in files
+    # saved before it was kept)
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -409,6 +412,8 @@ def _parse_meta(c: ff.Checker, value: Any, channels: int | None) -> dict[str, An
             c.list(c.get(rgb, "bias", "meta.latent_rgb.bias"), "meta.latent_rgb.bias", length=3)
         ):
             c.number(v, f"meta.latent_rgb.bias[{j}]")
+    if "provenance" in meta:
+        _provenance.check(c, meta["provenance"], "meta.provenance")
     if "latent_preview" in meta:
         try:
             net = ConvPreview.from_dict(meta["latent_preview"])

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from .._images import as_uint8_image
+from ..results import provenance as _recorded
 
 FORMAT = "sdexplore.page"
 #: The colour map of an edit's map difference (after − before), as EditExplorer draws it: blue lost, red gained.
@@ -307,8 +308,10 @@ def observation_payload(
 ) -> dict[str, Any]:
     """The payload of an :class:`~sdexplore.results.Observation`: its latest run's steps (if recorded), its
     attention maps (if recorded) and the picture to draw them over (``image``; default the last step's VAE
-    decode, else its x0 preview). Provenance fields the Observation does not hold (the model, the seed) are
-    given here; the prompt defaults to the recorded one."""
+    decode, else its x0 preview). The provenance is what the recording kept of the call (the model, scheduler,
+    seed, prompts, steps, guidance and size of image ``index``: :mod:`sdexplore.results.provenance`); ``model``,
+    ``seed``, ``prompt`` and ``negative_prompt`` given here override it (files saved before provenance was kept
+    have none)."""
     trace = obs.runs[-1] if obs.runs else None
     maps = obs.attention
     steps = steps_block(trace, index=index, channels=channels) if trace is not None else None
@@ -340,16 +343,18 @@ def observation_payload(
     picture = _pictures(image, frames) if image is not None else None
     if prompt is None and maps is not None:
         prompt = maps.token_lists[index].prompt
+    rec = recorded_provenance(trace, maps, index)
     prov = provenance(
-        model=model,
+        model=model if model is not None else rec.get("model"),
         family=(trace.family if trace is not None else None) or (maps.family if maps is not None else None),
-        scheduler=trace.scheduler if trace is not None else None,
-        seed=seed,
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        steps=int(trace.num_steps) if trace is not None and trace.num_steps else None,
-        guidance_scale=float(trace.guidance_scale) if trace is not None else None,
-        size=(picture[0] if isinstance(picture, list) else picture)["shape"] if picture is not None else None,
+        scheduler=(trace.scheduler if trace is not None else None) or rec.get("scheduler"),
+        seed=seed if seed is not None else rec.get("seed"),
+        prompt=prompt if prompt is not None else rec.get("prompt"),
+        negative_prompt=negative_prompt if negative_prompt is not None else rec.get("negative_prompt"),
+        steps=int(trace.num_steps) if trace is not None and trace.num_steps else rec.get("steps"),
+        guidance_scale=float(trace.guidance_scale) if trace is not None else rec.get("guidance_scale"),
+        size=rec.get("size")
+        or ((picture[0] if isinstance(picture, list) else picture)["shape"] if picture is not None else None),
     )
     out = _base("observation", prov, cmap)
     out["image"] = picture
@@ -360,6 +365,27 @@ def observation_payload(
     if att is not None:
         out["attention"] = att
     return out
+
+
+def recorded_provenance(trace: Any, maps: Any, index: int = 0) -> dict[str, Any]:
+    """What a recording kept of its call (``Trace.meta["provenance"]`` over ``AttentionMaps.provenance``), for
+    image ``index``: its prompt, negative prompt and seed (``"unseeded"`` without a generator); {} where nothing
+    was kept (files saved before provenance)."""
+    kept = {**(getattr(maps, "provenance", None) or {})}
+    if trace is not None:
+        kept.update(trace.meta.get("provenance") or {})
+    if not kept:
+        return {}
+    images = maps.num_images if maps is not None else _batch_size(trace)
+    return _recorded.of_image(kept, index, images)
+
+
+def _batch_size(trace: Any) -> int:
+    """Images in a trace's batch: the leading axis of any of its tensors (1 when it holds none)."""
+    for rec in trace:
+        for t in rec._tensors().values():
+            return int(t.shape[0])
+    return 1 if trace.final_latents is None else int(trace.final_latents.shape[0])
 
 
 def _pictures(image: Any, frames: int | None) -> Any:
@@ -504,14 +530,20 @@ def edit_payload(
         block["words"] = entries
         block["default_word"] = first_content_word([w for w in changed if w in offered] + offered)
     settings = dict(getattr(edit, "settings", {}) or {})
+    # the edited branch's maps keep the call's provenance; sdexplore.edit drew the latents from that generator
+    # itself, so its seed stands alone
+    kept = getattr(edit.edited_maps, "provenance", None) or {}
+    rec = _recorded.of_image(kept, index, edit.num_images)
+    if seed is None:
+        seed = settings.get("seed", _recorded.seed_of_image(kept, index, edit.num_images, notes=False))
     prov = provenance(
-        model=model,
+        model=model if model is not None else rec.get("model"),
         family=edit.edited_maps.family if edit.edited_maps is not None else settings.get("family"),
-        scheduler=settings.get("scheduler"),
-        seed=seed if seed is not None else settings.get("seed"),
+        scheduler=settings.get("scheduler") or rec.get("scheduler"),
+        seed=seed,
         prompt=f"{src_prompt} → {out_prompt}",
-        steps=settings.get("num_inference_steps"),
-        guidance_scale=settings.get("guidance_scale"),
+        steps=settings.get("num_inference_steps", rec.get("steps")),
+        guidance_scale=settings.get("guidance_scale", rec.get("guidance_scale")),
         size=[int(src.shape[0]), int(src.shape[1])],
     )
     payload = _base("edit", prov, cmap)
