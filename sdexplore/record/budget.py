@@ -8,6 +8,11 @@ The stored maps of one call are (float32 unless said; B rows captured, T keys, S
   ``keep_probs`` every probability ``S × B × heads × hw × T`` in the denoiser's dtype;
 - the per-step maps ``S × B × T × hs × ws`` at the step resolution, whatever the number of layers.
 
+Other relations (:mod:`sdexplore.record.relations`) fill the same terms: image→image maps have the ``Q`` selected
+queries in place of the ``T`` keys (and ``extra_bytes`` counts their (Q, H, W) query masks); text→image maps are
+laid out as image→text; text→text maps are ``(1, T)`` rows, the grids and the "latent" ``(1, T)``. With ``heads=``,
+``heads`` counts the selected heads.
+
 A video's maps carry its ``F`` frames before ``(h, w)`` (``plan(frames=F)``): every term but the timesteps is ``F``
 times an image's. So the maps grow as image tokens × text tokens × layers, and the per-step maps as steps: the growth laws of
 ``docs/architecture.md`` and ``tests/test_attention_budget.py``. A layer's grid is read off the denoiser's
