@@ -137,6 +137,18 @@ class AttentionRecorder:
             aggregate map and one layer exceed it. Without it, a recording larger than the memory free on the
             denoiser's device (or, on the CPU, twice that: sums and the host copy) is refused before the loop with
             the same error, naming this option.
+        relation: which block of the attention to keep, ``"queries->keys"`` (:mod:`sdexplore.record.relations`):
+            ``"image->text"`` (default, the per-token maps), ``"image->image"`` (self-attention: UNets' and
+            PixArt-Σ's ``attn1``, MMDiT's image block of the joint softmax; one map over the image keys per selected
+            query, ``maps.query(i)``), ``"text->image"`` and ``"text->text"`` (MMDiT only: each text token's row of
+            the joint softmax over the image keys, or over the text keys as a ``(1, T)`` map; ``maps.word``).
+            Recorded as ``maps.relation``; cross-attention models refuse the text-query relations (text is never a
+            query there).
+        queries: image→image only, and required there: a list of ``(y, x)`` latent cells (``maps.aggregate``'s
+            grid) and/or boolean ``(H, W)`` masks of the latent grid; each is one map (a mask: the mean over its
+            pixels' rows). Only these rows are computed and kept, never the ``(HW)²`` matrix.
+        heads: ``"mean"`` (every head) or a list of head indices: the maps average those heads only (and
+            ``per_head``/``keep_probs`` keep only those). Checked against every recorded layer before the loop.
     """
 
     def __init__(
