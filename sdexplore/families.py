@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import weakref
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError, UnsupportedPipelineError
-from .preview import ConvPreview
+from .preview import ConvPreview, fit_linear_preview, preview_swatches
 
 
 @dataclass(frozen=True)
@@ -155,9 +156,9 @@ class Family:
     text_encoders: tuple[str, ...]  # pipeline attribute names of the text encoders, in concat order
     tokenizers: tuple[str, ...]  # pipeline attribute names of the tokenizers (same order)
     latent_channels: int  # channels of the VAE latent
-    latent_rgb_factors: tuple[
-        tuple[float, float, float], ...
-    ]  # (latent_channels, 3): latent → RGB in [-1, 1]
+    # (latent_channels, 3): latent → RGB in [-1, 1]; None where none are published (Sana's DC-AE): then
+    # latent_rgb() fits factors from the pipeline's own VAE, once per VAE
+    latent_rgb_factors: tuple[tuple[float, float, float], ...] | None
     latent_rgb_bias: tuple[float, float, float]  # added after the factors
     pooled_text_embeds: bool  # does the denoiser take a pooled text embedding (SDXL's add_text_embeds)?
     cfg_uncond_first: bool = True  # in the CFG batch the unconditional half comes first
@@ -790,9 +791,9 @@ SANA = Family(
     ),  # Gemma-2 (its last hidden states, T5-like: one sequence with a padding mask)
     tokenizers=("tokenizer",),
     latent_channels=32,  # the DC-AE (32 channels, 32× smaller)
-    # No published latent → RGB factors for the DC-AE: previews are flat grey until a model folder carries its own
-    # fitted latent_rgb.json (scripts/fit_preview.py)
-    latent_rgb_factors=((0.0, 0.0, 0.0),) * 32,
+    # No published latent → RGB factors for the DC-AE: latent_rgb() fits them from the pipeline's own VAE (a model
+    # folder's latent_rgb.json, where it has one, comes first)
+    latent_rgb_factors=None,
     latent_rgb_bias=(0.0, 0.0, 0.0),
     pooled_text_embeds=False,
     denoiser="transformer",  # SanaTransformer2DModel: linear self-attention (attn1), softmax cross-attention (attn2)
@@ -971,7 +972,8 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Latent → RGB preview factors for a pipeline: ``(factors (C, 3), bias (3,))`` as float32 CPU tensors.
 
     A model folder may carry its own fitted factors in ``latent_rgb.json`` (the embedded model does);
-    otherwise the family's published factors are used.
+    otherwise the family's published factors are used, and where the family has none (Sana's DC-AE) factors
+    fitted from the pipeline's own VAE (:func:`fitted_latent_rgb`, once per VAE object).
     """
     folder = model_dir(pipe)
     if folder is not None and (folder / "latent_rgb.json").is_file():
@@ -980,10 +982,70 @@ def latent_rgb(pipe: Any) -> tuple[torch.Tensor, torch.Tensor]:
             data["bias"], dtype=torch.float32
         )
     fam = detect_family(pipe)
+    if fam.latent_rgb_factors is None:
+        factors, bias = fitted_latent_rgb(pipe.vae, vae_scale_factor(pipe))
+        return factors.clone(), bias.clone()  # the cached pair stays as fitted
     return (
         torch.tensor(fam.latent_rgb_factors, dtype=torch.float32),
         torch.tensor(fam.latent_rgb_bias, dtype=torch.float32),
     )
+
+
+#: VAE object → its fitted ``(factors, bias)``; weak, so a VAE that is dropped takes its fit with it, and nothing
+#: is stored on the pipeline or the VAE
+_FITTED_RGB: weakref.WeakKeyDictionary[Any, tuple[torch.Tensor, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def fitted_latent_rgb(vae: Any, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear latent → RGB factors fitted from a VAE itself: ``(factors (C, 3), bias (3,))`` float32 CPU.
+
+    For a family with no published factors. A fixed set of synthetic colour pictures
+    (:func:`~sdexplore.preview.preview_swatches`: solids, gradients, patches; eight latent cells a side, ``cell``
+    pixels per latent cell) is encoded to sampling-space latents (:func:`vae_sampling_latents`) and the factors are
+    the least-squares map from each latent cell to the picture's colour there
+    (:func:`~sdexplore.preview.fit_linear_preview`). Fitted once per VAE object (a weak map); no random state is
+    drawn, so a run's result is unchanged.
+    """
+    fit = _FITTED_RGB.get(vae)
+    if fit is None:
+        images = preview_swatches(8 * cell, cell)  # (B, 3, 8·cell, 8·cell)
+        latents = torch.cat([vae_sampling_latents(vae, chunk) for chunk in images.split(8)])  # (B, C, 8, 8)
+        fit = _FITTED_RGB[vae] = fit_linear_preview(latents, images)
+    return fit
+
+
+@torch.no_grad()
+def vae_sampling_latents(vae: Any, images: torch.Tensor) -> torch.Tensor:
+    """Pictures (B, 3, H, W) in [-1, 1] → the sampling-space latents (B, C, h, w) the denoiser works in, float32.
+
+    The encoder's deterministic latent (a posterior's mode, or a DC-AE's / tiny VAE's latent), then the pipelines'
+    normalisation: per-channel ``(z − latents_mean) / latents_std`` for a 3-D video VAE (Wan, Qwen-Image: one
+    frame), a batch-norm over 2×2 patches for Flux.2's, else ``(z − shift_factor) · scaling_factor``.
+    """
+    param = next(vae.parameters())
+    config = vae.config
+    video = getattr(config, "latents_std", None) is not None
+    x = images.to(device=param.device, dtype=param.dtype)
+    out = vae.encode(x[:, :, None] if video else x)  # a video VAE reads (B, 3, 1, H, W): one frame
+    z = out.latent_dist.mode() if hasattr(out, "latent_dist") else getattr(out, "latent", None)
+    if z is None:
+        z = out.latents  # AutoencoderTiny
+    z = z.float()
+    if video:
+        z = z[:, :, 0]  # (B, C, h, w)
+        mean, std = (torch.tensor(config[k], dtype=z.dtype, device=z.device).view(1, -1, 1, 1) for k in (
+            "latents_mean", "latents_std"))  # fmt: skip
+        return (z - mean) / std
+    if getattr(vae, "bn", None) is not None:  # Flux.2: batch-norm statistics over 2×2 patches
+        b, c, h, w = z.shape
+        p = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, dy, dx, h/2, w/2)
+        p = p.reshape(b, c * 4, h // 2, w // 2)  # (B, 4C, h/2, w/2): channel c·4 + 2·dy + dx
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(p)  # (1, 4C, 1, 1)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1).to(p) + config.batch_norm_eps)  # (1, 4C, 1, 1)
+        p = ((p - mean) / std).reshape(b, c, 2, 2, h // 2, w // 2)  # (B, C, dy, dx, h/2, w/2)
+        return p.permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)  # (B, C, h, w)
+    shift = getattr(config, "shift_factor", None) or 0.0
+    return (z - shift) * getattr(config, "scaling_factor", 1.0)
 
 
 def latent_preview(pipe: Any) -> ConvPreview | None:

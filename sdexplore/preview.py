@@ -199,3 +199,51 @@ def conv_preview_to_uint8(latents: torch.Tensor, net: ConvPreview) -> torch.Tens
     rgb = conv_preview_rgb(latents, net)  # (B, 3, h, w)
     levels = (rgb + 1.0).mul_(127.5).add_(0.5).clamp_(0.0, 255.0)  # + 0.5: truncation rounds
     return levels.permute(0, 2, 3, 1).to(torch.uint8, memory_format=torch.contiguous_format)  # (B, h, w, 3)
+
+
+# ------------------------------------------------------------------------------------------- fitted linear factors
+def preview_swatches(size: int, cell: int) -> torch.Tensor:
+    """A small fixed set of synthetic colour pictures (B, 3, size, size) in [-1, 1] to fit linear preview factors
+    on: solid colours (the RGB cube's corners, greys, a few mixtures), gradients crossing two channels, and grids
+    of colour patches two latent cells wide (``cell`` pixels per latent cell). Deterministic: the patches' colours
+    come from a fixed seed, never from the global random state."""
+    solids = [
+        (-1, -1, -1), (1, 1, 1), (0, 0, 0), (1, -1, -1), (-1, 1, -1), (-1, -1, 1), (-1, 1, 1), (1, -1, 1),
+        (1, 1, -1), (1, 0, -1), (-0.5, 0.5, 0), (0.5, -0.5, 0.5),
+    ]  # fmt: skip
+    pics = [torch.tensor(c, dtype=torch.float32).view(3, 1, 1).expand(3, size, size) for c in solids]
+    ramp = torch.linspace(-1.0, 1.0, size)
+    across, down = ramp.view(1, size).expand(size, size), ramp.view(size, 1).expand(size, size)
+    for a, b in ((0, 1), (1, 2), (2, 0)):  # channel a left → right, b top → bottom, the third at -1 and at +1
+        for rest in (-1.0, 1.0):
+            pic = torch.full((3, size, size), rest)
+            pic[a], pic[b] = across, down
+            pics.append(pic)
+    gen = torch.Generator().manual_seed(0)
+    side = max(1, size // (2 * cell))  # patches per side, each 2×2 latent cells
+    for _ in range(8):
+        colours = torch.rand(3, side, side, generator=gen) * 2 - 1  # (3, side, side)
+        pic = F.interpolate(colours[None], size=(size, size), mode="nearest")[0]  # (3, size, size)
+        pics.append(pic)
+    return torch.stack(pics)  # (B, 3, size, size)
+
+
+def fit_linear_preview(
+    latents: torch.Tensor, images: torch.Tensor, *, ridge: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares latent → RGB factors: ``latents`` (B, C, h, w) against ``images`` (B, 3, H, W) in [-1, 1]
+    average-pooled to the latent grid. Returns ``(factors (C, 3), bias (3,))`` float32 on the CPU, for
+    :func:`latent_to_rgb`. A small ridge (relative to the latents' mean square; the bias is not shrunk) keeps
+    the solution finite where channels are collinear."""
+    b, c, h, w = latents.shape
+    small = F.adaptive_avg_pool2d(images.double().cpu(), (h, w))  # (B, 3, h, w)
+    x = latents.double().cpu().permute(0, 2, 3, 1).reshape(-1, c)  # (B·h·w, C)
+    x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)  # (B·h·w, C + 1): the bias column
+    y = small.permute(0, 2, 3, 1).reshape(-1, 3)  # (B·h·w, 3)
+    scale = float(x[:, :c].pow(2).mean()) or 1.0
+    penalty = torch.zeros(c + 1, c + 1, dtype=torch.float64)
+    penalty[:c, :c] = torch.eye(c, dtype=torch.float64) * (ridge * scale * x.shape[0]) ** 0.5  # (C+1, C+1)
+    x = torch.cat([x, penalty])  # (B·h·w + C + 1, C + 1)
+    y = torch.cat([y, torch.zeros(c + 1, 3, dtype=torch.float64)])  # (B·h·w + C + 1, 3)
+    sol = torch.linalg.lstsq(x, y).solution  # (C + 1, 3)
+    return sol[:c].float(), sol[c].float()

@@ -20,10 +20,6 @@ from sdexplore.fixtures import ALL_FIXTURE_FAMILIES
 
 #: Known gaps, (check, family) → what is missing and where (a strict xfail each, removed by the fix).
 PENDING: dict[tuple[str, str], str] = {
-    ("scrubber", "sana"): (
-        "families.py has no latent → RGB factors for Sana's DC-AE (all zeros), so the noisy-latent and x0 previews "
-        "are flat grey: fit factors (scripts/fit_preview.py) or preview the first three latent channels min-max"
-    ),
     ("scrubber", "wan"): (
         "views/widgets/scrubber.py previews a step's latents with preview.latent_to_uint8, which takes (B, C, h, w); "
         "Wan's are (B, C, F, h, w): show one frame (a frame slider) or a frame strip"
