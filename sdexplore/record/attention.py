@@ -28,6 +28,7 @@ from .joint import (
     FluxCapturingProcessor,
     joint_attention_layers,
     output_scores,
+    query_bias,
     text_block,
 )
 from .joint import (
@@ -1103,10 +1104,10 @@ class AttentionRecorder:
         qt = self._heads_of(q_txt[rows])  # (B', heads', T, d)
         lse_txt = extra.get("lse_txt")
         lt = None if lse_txt is None else self._heads_of(lse_txt[rows])  # (B', heads', T)
-        rb = extra.get("text_query_bias")  # (N, T, L) a mask's addition per text query and key (text first)
         T = qt.shape[-2]
-        if rb is not None:
-            rb = rb[rows][:, None]  # (B', 1, T, T+HW')
+        rb = extra.get("text_mask")  # the call's (N, 1, L, L) mask, text first
+        if rb is not None:  # its addition per text query and key
+            rb = query_bias(rb, T)[rows][:, None]  # (B', 1, T, T+HW')
             bt, bi = rb[..., :T], rb[..., T:]
         else:
             bt, bi = kb, kib
