@@ -379,3 +379,18 @@ def test_head_selection_on_per_token_maps(name) -> None:
         AttentionRecorder(
             pipe, heads=[0], kind="output" if name in ("sd3", "chroma") else None, concepts=["sky"]
         )
+
+
+def test_observe_takes_the_relation_options() -> None:
+    """One options path: observe(attention={...}) hands relation, queries and heads to the recorder."""
+    import sdexplore as sdx
+
+    pipe, kw = pipe_of("sd1"), kwargs_of("sd1")
+    with sdx.observe(
+        pipe, steps=False, attention={"relation": "image->image", "queries": [(1, 1)], "heads": [0]}
+    ) as obs:
+        pipe(prompt=P, generator=gen(0), **kw)
+    maps = obs.attention
+    assert maps.relation == "image->image" and maps.query(0).shape == (8, 8)
+    with pytest.raises(InvalidArgumentError, match="no text query ever attends"):
+        sdx.observe(pipe, steps=False, attention={"relation": "text->text"})
