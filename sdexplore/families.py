@@ -211,6 +211,9 @@ class Family:
     # A transformer whose text enters through cross-attention (attn2, as in a UNet's blocks: PixArt-Σ, Sana, Wan),
     # not joint attention: its maps are kind "cross"
     cross_attention: bool = False
+    # The native image side in pixels where neither the denoiser's config (sample_size) nor the pipeline
+    # (default_sample_size) says it: Z-Image's call fills a missing height or width with 1024 in its body
+    native_size: int | None = None
 
     def can(self, capability: str) -> bool:
         """Whether this family has ``capability`` (a key of :data:`CAPABILITIES`)."""
@@ -880,6 +883,7 @@ Z_IMAGE = Family(
     encode_options=("max_sequence_length",),
     negated_output=True,
     cfg_scale_offset=1.0,
+    native_size=1024,  # ZImagePipeline.__call__: height = height or 1024
     # steps, latent edits, stop_at and the joint maps; prompt switches and guidance schedules need a text and an
     # output tensor (these are per-row lists) and are refused; controls, concepts, inversion, walks and the rest
     # name the families they run on

@@ -26,6 +26,8 @@ _ROLES = {
     "transformer": "MMDiT: image and text tokens attend jointly; predicts {target}",
     "transformer:cross": "DiT: the {tokens} tokens attend to each other, then to the text tokens (cross-attention); "
     "predicts {target}",
+    "transformer:single": "single-stream DiT: image and caption tokens in one sequence, one set of weights; "
+    "predicts {target}",
     "image_encoder": "encodes reference images (IP-Adapter)",
     "vae": "encodes pixels to latents and decodes latents back to pixels",
     "scheduler": "decides the noise levels and how each step updates the latents",
@@ -58,8 +60,13 @@ PREDICTS = {
 }
 
 
-def predicts(prediction_type: str) -> str:
-    """What a denoiser trained for ``prediction_type`` outputs, in words (the type itself when unknown)."""
+def predicts(prediction_type: str, negated: bool = False) -> str:
+    """What a denoiser trained for ``prediction_type`` outputs, in words (the type itself when unknown); ``negated``:
+    the denoiser outputs the negative, which its pipeline negates before the scheduler's step (Z-Image)."""
+    if negated and prediction_type == FLOW_PREDICTION:
+        return "x0 − ε, image minus noise (the pipeline negates it into the flow v = ε − x0)"
+    if negated:
+        return f"the negative of {PREDICTS.get(prediction_type, repr(prediction_type))} (the pipeline negates it)"
     return PREDICTS.get(prediction_type, f"its {prediction_type!r} target")
 
 
@@ -96,6 +103,7 @@ class PipelineDescription:
     #: order); everything else is refused with an error naming the families that can.
     capabilities: list[str] = field(default_factory=list)
     frames: tuple[int, int] | None = None  # a video family: (frames, latent frames) of a default call
+    negated_output: bool = False  # the denoiser outputs the negative of prediction_type's target (Z-Image)
 
     @property
     def missing(self) -> list[str]:
@@ -131,7 +139,8 @@ class PipelineDescription:
             f"{lf * lh * lw * ch:,} numbers ({self.compression:g}× fewer)",
             f"Scheduler: {self.scheduler}, {self.num_train_timesteps} training timesteps; "
             f"{len(self.timesteps)} inference steps: {_short(self.timesteps)}",
-            f"Prediction type {self.prediction_type}: the denoiser predicts {predicts(self.prediction_type)}",
+            f"Prediction type {self.prediction_type}: the denoiser predicts "
+            f"{predicts(self.prediction_type, self.negated_output)}",
             *self.blocks,
         ]
 
@@ -188,12 +197,25 @@ def _role(name: str, obj: Any, pipe: Any, den: Any, video: bool = False) -> str:
         return f"splits the prompt into {kind.get(marker, 'tokens')}{reader}"
     if name == "transformer" and den is not None and _cross_attention(den):
         return _ROLES["transformer:cross"].replace("{tokens}", "video" if video else "image")
+    if name == "transformer" and den is not None and _single_stream(den):
+        return _ROLES["transformer:single"]
     return _ROLES.get(name, "")
 
 
 def _cross_attention(den: Any) -> list[str]:
     """Names of a transformer's text cross-attention layers (``attn2``: PixArt, Sana, Wan); none for an MMDiT."""
     return [n for n, m in den.named_modules() if n.rpartition(".")[2] == "attn2" and hasattr(m, "processor")]
+
+
+def _single_stream(den: Any) -> bool:
+    """A transformer whose main layers run image and text tokens as one sequence with one set of weights (Z-Image's
+    ``layers``, after per-stream refiners), with no double-stream or cross-attention blocks."""
+    return (
+        len(getattr(den, "layers", ())) > 0
+        and not hasattr(den, "transformer_blocks")
+        and not hasattr(den, "down_blocks")
+        and not _cross_attention(den)
+    )
 
 
 def describe(
@@ -209,7 +231,7 @@ def describe(
     (its timesteps are computed on a copy).
     """
     fam = detect_family(pipe)
-    target = predicts(prediction_type(pipe.scheduler))
+    target = predicts(prediction_type(pipe.scheduler), fam.negated_output)
     den = fam.get_denoiser(pipe)
     comps = [
         _component(n, obj, fam.name, target, pipe, den, fam.video)
@@ -218,9 +240,9 @@ def describe(
     ]
     factor = vae_scale_factor(pipe)
     # latent cells of the native size: the denoiser's sample_size; Flux's transformer has none, its pipeline
-    # a default_sample_size (128: 1024 pixels)
-    cells = getattr(den.config, "sample_size", None) or getattr(pipe, "default_sample_size", None) or 64
-    default = int(cells) * factor
+    # a default_sample_size (128: 1024 pixels); Z-Image's neither, its record the call's 1024 pixels
+    cells = getattr(den.config, "sample_size", None) or getattr(pipe, "default_sample_size", None)
+    default = fam.native_size or int(cells or 64) * factor
     h, w = height or default, width or default
     call = inspect.signature(type(pipe).__call__).parameters
     frames = None
@@ -277,6 +299,7 @@ def describe(
         blocks=_blocks(den, fam.video),
         capabilities=[c for c in CAPABILITIES if fam.can(c)],
         frames=frames,
+        negated_output=fam.negated_output,
     )
 
 
@@ -307,5 +330,18 @@ def _blocks(den: Any, video: bool = False) -> list[str]:
         lines.append(
             f"Transformer: {len(cross)} blocks of {kind} over the {'video' if video else 'image'}"
             f" tokens, then cross-attention to the text tokens (its softmax gives the maps); {width}"
+        )
+    elif _single_stream(den):  # Z-Image
+        heads, dim = getattr(cfg, "n_heads", None), getattr(cfg, "dim", None)
+        width = f"{heads} heads × {dim // heads} = {dim} channels" if heads and dim else width
+        refiners = [
+            f"{len(getattr(den, a))} {what} refiner layer{'s' if len(getattr(den, a)) != 1 else ''}"
+            for a, what in (("noise_refiner", "image"), ("context_refiner", "caption"))
+            if len(getattr(den, a, ()))
+        ]
+        first = f"{' and '.join(refiners)} (each stream alone), then " if refiners else ""
+        lines.append(
+            f"Transformer: {first}{len(den.layers)} single-stream layers on one sequence of image and caption "
+            f"tokens (one set of weights, no separate text stream); {width}"
         )
     return lines

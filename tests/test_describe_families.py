@@ -85,3 +85,23 @@ def test_an_mmdit_keeps_its_joint_role_and_clip_its_bpe(pipes) -> None:
         "splits the prompt into CLIP BPE tokens"
     )
     assert detect_family(pipe_of(pipes, "sd3")).name == d.family
+
+
+def test_z_image_is_a_single_stream_dit_predicting_x0_minus_noise_at_1024(pipes) -> None:
+    """Z-Image's transformer runs image and caption tokens as one sequence (not an MMDiT) and outputs x0 − ε, which
+    the pipeline negates (the record's negated_output); its call's default size is 1024 (the record's)."""
+    pipe = pipe_of(pipes, "z-image")
+    d = describe(pipe, steps=2)
+    role = {c.name: c.role for c in d.components}["transformer"]
+    assert role.startswith("single-stream DiT") and "MMDiT" not in role and "jointly" not in role
+    assert "x0 − ε" in role and "v = ε − x0, noise minus image" not in role
+    assert d.negated_output and "the denoiser predicts x0 − ε" in str(d)
+    assert d.image_size == (1024, 1024) == (FAMILIES["z-image"].native_size,) * 2
+    assert d.latent_shape[1:] == (128, 128)
+    assert (
+        len(d.blocks) == 1 and "2 single-stream layers" in d.blocks[0] and "1 caption refiner" in d.blocks[0]
+    )
+    # the other flow families keep the flow v = ε − x0 and their own sizes
+    q = describe(pipe_of(pipes, "qwen-image"), steps=2)
+    assert not q.negated_output and "v = ε − x0" in {c.name: c.role for c in q.components}["transformer"]
+    assert q.image_size == (1024, 1024) and not any("single-stream" in b for b in q.blocks)
