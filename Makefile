@@ -23,6 +23,8 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[dev,notebooks,docs]"
+	# the tests' reference maps (tests/test_attention_map_diffusers.py); its own requirements would replace torch
+	$(BIN)/python -m pip install --quiet --no-deps "attention-map-diffusers==1.0.0"
 	touch $@
 
 setup: $(VENV)/.installed
