@@ -223,6 +223,17 @@ class Family:
             )
         return capability in self.capabilities
 
+    def require(self, capability: str, what: str, *, why: str = "", hint: str = "") -> Family:
+        """This family, if it has ``capability``; else :class:`~sdexplore.errors.UnsupportedPipelineError` in one
+        sentence naming the families that can (from their records: :func:`capable_families`).
+
+        The one way every module refuses a capability: ``what`` names the tool (``"sdexplore.invert"``), ``why``
+        (optional) says what the family lacks, ``hint`` (optional) what to do instead.
+        """
+        if self.can(capability):
+            return self
+        raise UnsupportedPipelineError(refusal(self, capability, what, why=why, hint=hint))
+
     def prediction(self, output: torch.Tensor) -> torch.Tensor:
         """The prediction the scheduler steps with, out of a denoiser output: ε alone where the denoiser also
         predicts a learned variance (PixArt's (B, 2C, h, w) → (B, C, h, w), a view), else the output itself."""
@@ -921,6 +932,29 @@ QWEN_IMAGE = Family(
     # families they run on
     capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
 )
+
+
+def capable_families(capability: str) -> list[Family]:
+    """The families whose records claim ``capability`` (a key of :data:`CAPABILITIES`), in :data:`FAMILIES` order."""
+    if capability not in CAPABILITIES:
+        raise InvalidArgumentError(
+            f"Unknown capability {capability!r}; choose one of {', '.join(CAPABILITIES)}."
+        )
+    return [f for f in FAMILIES.values() if capability in f.capabilities]
+
+
+def refusal(family: Family, capability: str, what: str, *, why: str = "", hint: str = "") -> str:
+    """The sentence a refusal of ``capability`` on ``family`` says (see :meth:`Family.require`): the tool, the family,
+    why (optional), the families that can by label, and what to do (optional)."""
+    labels = [f.label for f in capable_families(capability)]
+    able = (
+        " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels) or "no family yet"
+    )
+    because = f" ({why})" if why else ""
+    return f"{what} does not run on {family.label}{because}: it runs on {able}." + (
+        f" {hint}" if hint else ""
+    )
+
 
 #: Every supported family, in detection order.
 FAMILIES: dict[str, Family] = {

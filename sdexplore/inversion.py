@@ -224,14 +224,16 @@ def _check(
     lr: Any = NULL_TEXT_LR,
 ) -> tuple[Family, str, int, float, int, float]:
     fam = detect_family(pipe)
-    if method == "null-text" and fam.name not in NULL_TEXT_FAMILIES:
-        raise UnsupportedPipelineError(
-            f"method='null-text' optimises the unconditional half of a UNet's CFG batch: SD 1.x, SD 2.x and SDXL "
-            f"have it, {fam.label} does not. Invert {fam.label} with "
-            f"{'method=' + repr('flow') + ' or ' if fam.name in FLOW_FAMILIES else ''}another family's pipeline."
+    if method == "null-text":
+        fam.require(
+            "null-text",
+            "Null-text inversion (method='null-text')",
+            why=f"it optimises the unconditional half of a UNet's CFG batch: SD 1.x, SD 2.x and SDXL have it, "
+            f"{fam.label} does not",
+            hint=f"Invert {fam.label} with "
+            f"{'method=' + repr('flow') + ' or ' if fam.name in FLOW_FAMILIES else ''}another family's pipeline.",
         )
-    if fam.name not in ("sd1", "sd2", "sdxl", *FLOW_FAMILIES):
-        raise UnsupportedPipelineError(f"invert does not support the {fam.label} family yet.")
+    fam.require("invert", "sdexplore.invert")
     if method == "negative-prompt" and fam.name in ("flux", "flux2"):
         raise InvalidArgumentError(
             f"method='negative-prompt' needs a CFG batch with a negative prompt under guidance_scale, which "

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
 from ._checks import check_seed, check_size
-from .errors import InterpolationError, UnsupportedPipelineError
+from .errors import InterpolationError
 from .families import detect_family, vae_scale_factor
 from .interpolate import KeyframeSchedule, Spacing, keyframe_schedule, noise_slerp, slerp
 from .record.tokens import resolve_max_sequence_length
@@ -476,14 +476,11 @@ def _check_count(name: str, value: Any, lo: int, *, optional: bool = True) -> No
 def _check_walk_args(pipe: Any, **a: Any) -> None:
     """Every walk() argument checked before anything is encoded or rendered (InterpolationError naming it)."""
     fam = detect_family(pipe)
-    if not fam.can("walks"):
-        from .families import FAMILIES
-
-        able = ", ".join(f.label for f in FAMILIES.values() if f.can("walks"))
-        raise UnsupportedPipelineError(
-            f"walk does not support {fam.label} yet (its prompt embeddings come with masks or templates the walk "
-            f"does not interpolate): walks run on {able}."
-        )
+    fam.require(
+        "walks",
+        "sdexplore.walk",
+        why="its prompt embeddings come with masks or templates the walk does not interpolate",
+    )
     _check_count("frames", a["frames"], 2, optional=False)
     _check_count("batch_size", a["batch_size"], 1)
     _check_count("num_inference_steps", a["num_inference_steps"], 1)

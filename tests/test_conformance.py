@@ -642,6 +642,93 @@ def test_directions_are_refused(name) -> None:
         check_family(pipe_of(name))
 
 
+# ---- every refusal names the families that can ---------------------------------------------------------------
+def _refuse(capability: str, pipe, name: str) -> None:
+    """Ask ``pipe`` for ``capability`` through its tool's public entry point (each refuses before any step)."""
+    from sdexplore.directions.apply import check_family
+    from sdexplore.flowedit import check_flow_family
+    from sdexplore.record.ablate_text import check_ablatable
+
+    kw = call_kwargs(name)
+    calls = {
+        "stop_at": lambda: sdx.observe(pipe, stop_at=1),
+        "attention": lambda: sdx.observe(pipe, steps=True, attention=True),
+        "controls": lambda: sdx.Control(pipe, sdx.Reweight({"circle": 2.0})),
+        "inject": lambda: sdx.Control(pipe, sdx.Inject()).__enter__(),
+        "invert": lambda: sdx.invert(pipe, _picture(), "a red circle", steps=2),
+        "null-text": lambda: sdx.invert(pipe, _picture(), "a red circle", steps=2, method="null-text"),
+        "flowedit": lambda: check_flow_family(pipe),
+        "walks": lambda: sdx.walk(pipe, [P, "a green square"], seeds=[0, 1], frames=2, progress=False,
+                                  **{k: v for k, v in kw.items() if k != "output_type"}),
+        "directions": lambda: check_family(pipe),
+        "ablate-text": lambda: check_ablatable(pipe),
+    }  # fmt: skip
+    if capability == "concepts":
+        with sdx.AttentionRecorder(pipe, concepts=["sky"]):
+            pipe(prompt=P, generator=gen(0), **kw)
+    else:
+        calls[capability]()
+
+
+#: What a refusal needs before it can be asked (concepts and inject are asked of families with maps, controls).
+_REFUSAL_NEEDS = {"concepts": "attention", "inject": "controls"}
+#: Refusals still worded by their module instead of Family.require (a strict xfail each, removed by the fix).
+_OWN_WORDING = {
+    "stop_at": "record/steering.py: detect_family(pipe).require('stop_at', 'stop_at', why=...)",
+    "concepts": "record/attention.py raises InvalidArgumentError: self.family.require('concepts', 'Concept maps', "
+    "why=...)",
+    "controls": "record/control.py check_controllable: family.require('controls', 'Attention controls', ...)",
+    "inject": "record/control.py Inject: family.require('inject', 'Inject', why='it has no joint attention')",
+    "flowedit": "flowedit.py check_flow_family: fam.require('flowedit', what, why='not a flow-matching model')",
+    "ablate-text": "record/ablate_text.py check_ablatable: family.require('ablate-text', 'Causal token ablation')",
+}
+_REFUSALS = [
+    (c, n)
+    for c in CAPABILITIES
+    if c not in ("steps", "steering")
+    for n in families_without(c)
+    if FAMILIES[n].can(_REFUSAL_NEEDS.get(c, "steps"))
+]
+PENDING.update({(f"{c}-names", n): _OWN_WORDING[c] for c, n in _REFUSALS if c in _OWN_WORDING})
+
+
+@pytest.mark.parametrize(
+    ("capability", "name"),
+    [
+        pytest.param(c, n, marks=pytest.mark.xfail(strict=True, reason=PENDING[f"{c}-names", n]))
+        if (f"{c}-names", n) in PENDING
+        else pytest.param(c, n)
+        for c, n in _REFUSALS
+    ],
+)
+def test_each_refusal_names_every_family_that_can(capability, name) -> None:
+    """A capability a family's record does not claim is refused with UnsupportedPipelineError naming, by label,
+    every family whose record claims it (Family.require's sentence)."""
+    with pytest.raises(UnsupportedPipelineError) as e:
+        _refuse(capability, pipe_of(name), name)
+    message = str(e.value)
+    able = [f.label for f in FAMILIES.values() if f.can(capability)]
+    assert able and all(label in message for label in able), (capability, message)
+    assert FAMILIES[name].label in message
+
+
+def test_require_passes_a_capable_family_and_words_the_refusal() -> None:
+    from sdexplore.families import capable_families, refusal
+
+    sd1, sana = FAMILIES["sd1"], FAMILIES["sana"]
+    assert sd1.require("invert", "sdexplore.invert") is sd1
+    assert [f.name for f in capable_families("flowedit")] == ["sd3", "flux", "flux2"]
+    with pytest.raises(UnsupportedPipelineError) as e:
+        sana.require("invert", "sdexplore.invert", why="a reason", hint="Do this.")
+    assert str(e.value) == refusal(sana, "invert", "sdexplore.invert", why="a reason", hint="Do this.")
+    assert str(e.value).startswith(
+        "sdexplore.invert does not run on Sana (a reason): it runs on Stable Diffusion 1.x, "
+    )
+    assert str(e.value).endswith(" and Flux.2. Do this.")
+    with pytest.raises(InvalidArgumentError, match="Unknown capability"):
+        sana.require("teleport", "x")
+
+
 # ---- masked joint attention (Chroma) -------------------------------------------------------------------------
 def test_key_bias_reads_bool_and_float_masks_and_text_block_applies_it() -> None:
     from sdexplore.record.joint import key_bias, text_block

@@ -36,14 +36,11 @@ SUPPORTED = ("sd1", "sd2", "sdxl", "sd3")
 
 
 def check_family(pipe: Any) -> Family:
-    """The pipeline's family, or :class:`InvalidArgumentError` naming the families directions work on."""
-    fam = detect_family(pipe)
-    if fam.name not in SUPPORTED:
-        raise InvalidArgumentError(
-            f"Directions are not supported on {fam.label} yet (its classifier-free guidance is not one batch): "
-            "they work on SD 1.x, SD 2.x, SDXL and SD3 pipelines."
-        )
-    return fam
+    """The pipeline's family, or :class:`~sdexplore.errors.UnsupportedPipelineError` naming the families directions
+    work on (:meth:`Family.require`)."""
+    return detect_family(pipe).require(
+        "directions", "Directions", why="its classifier-free guidance is not one batch"
+    )
 
 
 def check_strength(strength: Any, what: str = "strength") -> float:
