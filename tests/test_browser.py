@@ -1,8 +1,11 @@
 """The explorers in a real browser: JupyterLab on 127.0.0.1, driven by Playwright with the system's Chromium.
 
 Runs a small notebook that shows all four explorers on the embedded model (and the scrubber and attention explorer
-on the tiny Flux fixture, an MMDiT family), checks they rendered (no "Loading widget", no error), then moves each
-one's control and checks that the displayed image changed. Screenshots of
+on the tiny Flux fixture, an MMDiT family) as anywidget views of the front end (sdexplore/views/web/), checks they
+rendered (no "Loading widget", no error), then moves each one's control and checks that the canvas changed. Every
+frame the page sends on the kernel's websocket is counted: dragging a slider sends none (the picture comes from
+the browser's own data), letting it go sends the one state update that tells Python where it stopped, and a
+position set in Python moves the view. Then the kernel is shut down and the views still respond. Screenshots of
 the rendered explorers go to ``$SDEXPLORE_SCREENSHOTS`` (default: the test's temp folder).
 """
 
@@ -46,10 +49,10 @@ with observe(pipe, attention=True) as obs:
     image = pipe(PROMPT, num_inference_steps=8, generator=torch.Generator().manual_seed(0)).images[0]
 w = walk(pipe, [PROMPT, "a big yellow square at the bottom right on a purple background"], seeds=[0, 1],
          frames=5, num_inference_steps=4, progress=False)""",
-    "TimestepScrubber(obs)",
-    "AttentionExplorer(obs, image)",
-    "InterpolationExplorer(w)",
-    "WalkPlayer(w)",
+    "scrub = TimestepScrubber(obs)\nscrub",
+    "att = AttentionExplorer(obs, image)\natt",
+    "interp = InterpolationExplorer(w)\ninterp",
+    "player = WalkPlayer(w)\nplayer",
     """\
 from sdexplore.fixtures import tiny_pipeline
 flux = tiny_pipeline("flux")  # an MMDiT family: joint-attention maps, packed latents
@@ -67,12 +70,19 @@ KERNEL_IDLE_JS = """() => {
 }"""
 RUN_STARTED_JS = """() => [...document.querySelectorAll('.jp-InputPrompt')].some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))"""
 
-# the page-side digest of an <img>: fetch its (blob) URL and hash the bytes, so "changed" means new pixels
-IMG_DIGEST_JS = """async (img) => {
-  const buf = new Uint8Array(await (await fetch(img.src)).arrayBuffer());
-  let h = 2166136261;
-  for (const b of buf) { h ^= b; h = Math.imul(h, 16777619) >>> 0; }
-  return buf.length + ':' + h;
+# the page-side digest of a canvas's pixels, so "changed" means new pixels
+CANVAS_DIGEST_JS = "(c) => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; " + (
+    "let h = 2166136261; for (let i = 0; i < d.length; i++) { h ^= d[i]; h = Math.imul(h, 16777619) >>> 0; } "
+    "return h; }"
+)
+# run code in the notebook's kernel (not a cell: the notebook stays as it is) and return what it printed
+KERNEL_RUN_JS = """async (code) => {
+  const k = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+  let out = "";
+  const f = k.requestExecute({ code, store_history: false });
+  f.onIOPub = (m) => { if (m.header.msg_type === "stream") out += m.content.text; };
+  await f.done;
+  return out;
 }"""
 
 
@@ -190,6 +200,38 @@ def lab(tmp_path_factory):
         log.close()
 
 
+class KernelTraffic:
+    """Every frame the page sends on a kernel websocket (JupyterLab's kernel channels), as text."""
+
+    def __init__(self, page) -> None:
+        # sync Playwright delivers these events while one of its calls runs: wait with page.wait_for_timeout
+        self.sent: list[str] = []
+        page.on("websocket", self._socket)
+
+    def _socket(self, ws) -> None:
+        if "/api/kernels/" in ws.url:
+            ws.on("framesent", self._frame)
+
+    def _frame(self, payload) -> None:
+        self.sent.append(payload if isinstance(payload, str) else payload.decode("latin-1"))
+
+    def since(self, n: int) -> list[str]:
+        return self.sent[n:]
+
+
+def _drag(page, slider, fractions) -> None:
+    """Press the mouse on a range input's thumb at its current end and move it to each fraction of its width,
+    without letting go."""
+    box = slider.bounding_box()
+    y = box["y"] + box["height"] / 2
+    value, lo, hi = (float(slider.evaluate(f"(e) => e.{k}")) for k in ("value", "min", "max"))
+    start = box["x"] + 8 + (box["width"] - 16) * (value - lo) / max(hi - lo, 1)
+    page.mouse.move(start, y)
+    page.mouse.down()
+    for f in fractions:
+        page.mouse.move(box["x"] + 8 + (box["width"] - 16) * f, y, steps=4)
+
+
 def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -201,6 +243,7 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            traffic = KernelTraffic(page)
             page.goto(f"{url}/lab/tree/explorers.ipynb?token={token}")
             # wait for the kernel to be picked (else Run All opens a kernel dialog), then run everything
             expect(page.locator(".jp-NotebookPanel-toolbar .jp-KernelName")).to_contain_text("Python 3")
@@ -214,89 +257,144 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 except Exception:
                     continue
 
-            scrubber = page.locator(".sdx-timestep-scrubber:not(.sdx-mmdit)")
-            attention = page.locator(".sdx-attention-explorer:not(.sdx-mmdit)")
-            flux_scrubber = page.locator(".sdx-timestep-scrubber.sdx-mmdit")
-            flux_attention = page.locator(".sdx-attention-explorer.sdx-mmdit")
-            interp = page.locator(".sdx-interpolation-explorer")
-            player = page.locator(".sdx-walk-player")
-            for explorer in (scrubber, attention, interp, player, flux_scrubber, flux_attention):
-                expect(explorer).to_be_visible()
+            scrubber = page.locator(".sdx-view-scrubber:not(.sdx-mmdit)")
+            attention = page.locator(".sdx-view-attention:not(.sdx-mmdit)")
+            flux_scrubber = page.locator(".sdx-view-scrubber.sdx-mmdit")
+            flux_attention = page.locator(".sdx-view-attention.sdx-mmdit")
+            interp = page.locator(".sdx-view-interpolation")
+            player = page.locator(".sdx-view-walk")
+            canvases = {
+                "scrubber": (scrubber, "canvas.sdx-panel-x0"),
+                "attention": (attention, "canvas.sdx-attention-image"),
+                "interpolation": (interp, "canvas.sdx-interp-image"),
+                "walk_player": (player, "canvas.sdx-walk-image"),
+                "flux_scrubber": (flux_scrubber, "canvas.sdx-panel-x0"),
+                "flux_attention": (flux_attention, "canvas.sdx-attention-image"),
+            }
+            for explorer, canvas in canvases.values():
+                expect(explorer.locator(canvas)).to_be_visible()  # the front end rendered (no error box)
             body = page.locator(".jp-Notebook")
             expect(body).not_to_contain_text("Loading widget")
             expect(body).not_to_contain_text("Error displaying widget")
             expect(body).not_to_contain_text("Traceback")
-            for name, explorer in (
-                ("scrubber", scrubber),
-                ("attention", attention),
-                ("interpolation", interp),
-                ("walk_player", player),
-                ("flux_scrubber", flux_scrubber),
-                ("flux_attention", flux_attention),
-            ):
+            expect(body.locator(".sdx-error")).to_have_count(0)
+            page.wait_for_function(KERNEL_IDLE_JS, timeout=PATIENCE_S * 1000)
+            assert any("execute_request" in f for f in traffic.sent), "the kernel's traffic is not being seen"
+            for name, (explorer, _) in canvases.items():
                 explorer.scroll_into_view_if_needed()
                 explorer.screenshot(path=str(shots / f"{name}.png"))
 
-            def digest(img):
-                return img.evaluate(IMG_DIGEST_JS)
+            def digest(explorer, canvas):
+                return explorer.locator(canvas).first.evaluate(CANVAS_DIGEST_JS)
 
-            def wait_changed(img, before):
+            def changes(explorer, canvas, act):
+                """act() changes the canvas's pixels (waits for the repaint)."""
+                before = digest(explorer, canvas)
+                act()
                 deadline = time.time() + PATIENCE_S
-                while time.time() < deadline:
-                    now = digest(img)
-                    if now != before:
-                        return now
-                    time.sleep(0.2)
-                pytest.fail("the displayed image did not change after moving the control")
+                while digest(explorer, canvas) == before:
+                    if time.time() > deadline:
+                        pytest.fail(f"{canvas} did not change after moving the control")
+                    time.sleep(0.05)
 
-            # TimestepScrubber: starts on the last step; step back with the keyboard on the slider handle
-            x0 = scrubber.locator("img.sdx-panel-x0")
-            before = digest(x0)
-            scrubber.locator(".sdx-step-slider .noUi-handle").focus()
-            for _ in range(4):
-                page.keyboard.press("ArrowLeft")
-            wait_changed(x0, before)
-            expect(scrubber).to_contain_text("step 4 / 8")
+            def keys(explorer, selector, key, times=1):
+                explorer.locator(selector).first.focus()
+                for _ in range(times):
+                    page.keyboard.press(key)
 
-            # AttentionExplorer: another word, then the opacity slider
-            img = attention.locator("img.sdx-attention-image")
-            before = digest(img)
-            attention.locator(".sdx-word-buttons button", has_text="circle").click()
-            before = wait_changed(img, before)
-            attention.locator(".sdx-opacity .noUi-handle").focus()
-            page.keyboard.press("ArrowLeft")
-            wait_changed(img, before)
-            attention.get_by_role("button", name="step × word grid").click()
-            grid = attention.locator(".sdx-attention-grid img")
-            expect(grid.first).to_be_visible()
-            assert grid.count() >= 2 * 11  # step bins × the prompt's 11 distinct words
-            attention.screenshot(path=str(shots / "attention_grid.png"))
+            # TimestepScrubber: drag the step slider back; the pictures change with nothing sent to the kernel
+            x0 = "canvas.sdx-panel-x0"
+            scrubber.scroll_into_view_if_needed()
+            slider = scrubber.locator("input.sdx-step-slider")
+            sent = len(traffic.sent)
+            changes(scrubber, x0, lambda: _drag(page, slider, [0.7, 0.5, 0.4]))
+            page.wait_for_timeout(
+                500
+            )  # time for any message a move might cause (and Playwright's events pumped)
+            assert traffic.since(sent) == [], "moving the slider sent a message to the kernel"
+            shown = int(slider.input_value())
+            assert shown < 7
+            expect(scrubber).to_contain_text(f"step {shown + 1} / 8")
+            page.mouse.up()  # let go: one state update tells Python where it stopped
+            deadline = time.time() + PATIENCE_S
+            while not any("comm_msg" in f for f in traffic.since(sent)):
+                assert time.time() < deadline, "letting the slider go sent no state update"
+                page.wait_for_timeout(100)  # sync Playwright delivers websocket events inside its own calls
+            told = [f for f in traffic.since(sent) if "comm_msg" in f]
+            assert (
+                len(told) == 1
+                and '"step"' in told[0]
+                and "execute_request" not in "".join(traffic.since(sent))
+            )
+            assert page.evaluate(KERNEL_RUN_JS, "print(scrub.value)").strip() == str(shown)
+            # ... and a position set in Python moves the view
+            changes(scrubber, x0, lambda: page.evaluate(KERNEL_RUN_JS, "scrub.value = 1"))
+            expect(scrubber).to_contain_text("step 2 / 8")
+            assert slider.input_value() == "1"
+
+            # AttentionExplorer: another word (synced to Python), then the opacity slider
+            image = "canvas.sdx-attention-image"
+            changes(
+                attention,
+                image,
+                lambda: attention.locator(".sdx-word-buttons button", has_text="circle").click(),
+            )
+            deadline = time.time() + PATIENCE_S
+            while page.evaluate(KERNEL_RUN_JS, "print(att.word)").strip() != "circle":
+                assert time.time() < deadline, "the word picked in the view never reached Python"
+                time.sleep(0.2)
+            changes(attention, image, lambda: keys(attention, "input.sdx-opacity", "ArrowLeft", 2))
 
             # InterpolationExplorer and WalkPlayer: frame sliders
-            for explorer, selector, slider in (
-                (interp, "img.sdx-interp-image", ".sdx-frame-slider"),
-                (player, "img.sdx-walk-image", ".sdx-walk-slider"),
-            ):
-                img = explorer.locator(selector)
-                before = digest(img)
-                explorer.locator(f"{slider} .noUi-handle").focus()
-                page.keyboard.press("ArrowRight")
-                page.keyboard.press("ArrowRight")
-                wait_changed(img, before)
-            scrubber.scroll_into_view_if_needed()
-            scrubber.screenshot(path=str(shots / "scrubber_after.png"))
+            changes(
+                interp,
+                "canvas.sdx-interp-image",
+                lambda: keys(interp, "input.sdx-frame-slider", "ArrowRight", 2),
+            )
+            changes(
+                player,
+                "canvas.sdx-walk-image",
+                lambda: keys(player, "input.sdx-walk-slider", "ArrowRight", 2),
+            )
 
             # the same explorers on Flux (tiny fixture): a step back, another word (T5 pieces merged)
-            x0 = flux_scrubber.locator("img.sdx-panel-x0")
-            before = digest(x0)
-            flux_scrubber.locator(".sdx-step-slider .noUi-handle").focus()
-            page.keyboard.press("ArrowLeft")
-            wait_changed(x0, before)
+            changes(flux_scrubber, x0, lambda: keys(flux_scrubber, "input.sdx-step-slider", "ArrowLeft"))
             expect(flux_scrubber).to_contain_text("step 3 / 4")
-            img = flux_attention.locator("img.sdx-attention-image")
-            before = digest(img)
-            flux_attention.locator(".sdx-word-buttons button", has_text="circle").click()
-            wait_changed(img, before)
-            flux_attention.screenshot(path=str(shots / "flux_attention_after.png"))
+            changes(
+                flux_attention,
+                image,
+                lambda: flux_attention.locator(".sdx-word-buttons button", has_text="circle").click(),
+            )
+            for name, (explorer, _) in canvases.items():
+                explorer.scroll_into_view_if_needed()
+                explorer.screenshot(path=str(shots / f"{name}_after.png"))
+
+            # the kernel goes; every view still responds (its data is in the browser)
+            req = urllib.request.Request(f"{url}/api/kernels?token={token}")
+            with urllib.request.urlopen(req, timeout=10) as r:
+                kernels = json.loads(r.read())
+            assert kernels, "no kernel ran the notebook"
+            for k in kernels:
+                req = urllib.request.Request(f"{url}/api/kernels/{k['id']}?token={token}", method="DELETE")
+                urllib.request.urlopen(req, timeout=30)
+            with urllib.request.urlopen(f"{url}/api/kernels?token={token}", timeout=10) as r:
+                assert json.loads(r.read()) == []
+            time.sleep(1)
+            scrubber.scroll_into_view_if_needed()
+            changes(scrubber, x0, lambda: keys(scrubber, "input.sdx-step-slider", "ArrowRight", 3))
+            expect(scrubber).to_contain_text("step 5 / 8")
+            changes(
+                attention,
+                image,
+                lambda: attention.locator(".sdx-word-buttons button", has_text="red").click(),
+            )
+            changes(
+                interp, "canvas.sdx-interp-image", lambda: keys(interp, "input.sdx-frame-slider", "ArrowLeft")
+            )
+            changes(
+                player, "canvas.sdx-walk-image", lambda: keys(player, "input.sdx-walk-slider", "ArrowLeft")
+            )
+            expect(body.locator(".sdx-error")).to_have_count(0)
+            scrubber.screenshot(path=str(shots / "scrubber_without_kernel.png"))
         finally:
             browser.close()

@@ -47,8 +47,15 @@ function restingModel(model, el) {
     },
   };
 }
+// the notebook's own shortcuts (arrow keys move between cells) must not take the keys of the view's controls
+function ownKeys(el) {
+  el.addEventListener("keydown", (e) => {
+    if (e.target instanceof Element && e.target.matches("input, select, textarea")) e.stopPropagation();
+  });
+}
 export default {
   render({ model, el }) {
+    ownKeys(el);
     return explorer.render({ model: restingModel(model, el), el });
   },
 };
