@@ -359,6 +359,57 @@ def _start_output(args: argparse.Namespace, *, folder: bool) -> _Output:
     return output
 
 
+def _html_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--html PAGE``: also write ``what`` as one self-contained HTML page (its own output transaction)."""
+    p.add_argument(
+        "--html",
+        metavar="PAGE",
+        help=f"also write {what} as one self-contained HTML page (.html; no network, opens from file://; "
+        "--force replaces an existing one)",
+    )
+
+
+def _start_page(args: argparse.Namespace) -> _Output | None:
+    """The ``--html`` page's output transaction, checked before the model loads (None without ``--html``): a
+    name ending in .html, outside the ``--out`` folder (written whole), not existing unless ``--force``."""
+    page = getattr(args, "html", None)
+    if page is None:
+        return None
+    if Path(page).suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"--html {page!r} does not end in .html; pass a page name such as run.html")
+    output = _Output(page, folder=False, force=args.force, option="--html", suffixes=".html")
+    out = getattr(args, "output", None)
+    if (
+        out is not None
+        and out.folder
+        and (out.target == output.target or out.target in output.target.parents)
+    ):
+        raise InputError(
+            f"--html {page} is inside --out {out.shown}, which is written whole; pass a page path beside it, "
+            f"e.g. {out.shown.with_suffix('.html')}"
+        )
+    output.check()
+    return output
+
+
+def _write_observation_page(path: Path, obs: Any, image: Any, args: argparse.Namespace) -> None:
+    """The ``--html`` page of a run: its steps and/or attention explorers over the final ``image``, with the
+    run's provenance (model, seed, prompt)."""
+    from ..views.pages import save_observation
+
+    picture = getattr(args, "image", None)
+    save_observation(
+        obs,
+        path,
+        image=image,
+        model=args.model or "embedded",
+        seed=None if picture is not None else args.seed,
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        title=f"sdexplore {args.command} · {args.prompt}",
+    )
+
+
 def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = None) -> Any:
     from ..errors import InvalidArgumentError
     from ..loading import embedded_model_available, load_pipeline

@@ -97,7 +97,17 @@ class _Output:
     it was.
     """
 
-    def __init__(self, out: str, *, folder: bool, force: bool) -> None:
+    def __init__(
+        self,
+        out: str,
+        *,
+        folder: bool,
+        force: bool,
+        option: str = "--out",
+        suffixes: str = ".gif or .mp4",
+    ) -> None:
+        # the option the path came from and, for a file, the suffixes it takes (named in every message)
+        self.option, self.suffixes = option, suffixes
         try:
             os.fsencode(out)  # a name the file system cannot store (a lone surrogate, a NUL byte) fails here
             if "\0" in out:
@@ -110,7 +120,7 @@ class _Output:
                 self.target = self.target.resolve()
         except (OSError, ValueError, RuntimeError) as e:
             raise InputError(
-                f"--out {out!r} is not a usable path ({_one_line(e)}); choose another --out"
+                f"{option} {out!r} is not a usable path ({_one_line(e)}); choose another {option}"
             ) from e
         self.folder, self.force = folder, force
         self.parent = self.target.parent
@@ -134,14 +144,14 @@ class _Output:
                     "folder; pass a new folder name such as run1"
                 )
         elif t.is_dir():
-            raise InputError(f"--out {shown} is a folder; pass a file name ending in .gif or .mp4")
+            raise InputError(f"{self.option} {shown} is a folder; pass a file name ending in {self.suffixes}")
         probe = self.parent
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
         where = shown if self.folder else shown.parent
         if not probe.is_dir():
             raise InputError(
-                f"cannot write into {where}: {probe} is a file, not a folder; choose another --out"
+                f"cannot write into {where}: {probe} is a file, not a folder; choose another {self.option}"
             )
         try:
             name_max = os.pathconf(probe, "PC_NAME_MAX")
@@ -150,8 +160,8 @@ class _Output:
         for part in t.relative_to(probe).parts:
             if len(os.fsencode(part)) > name_max:
                 raise InputError(
-                    f"--out {shown}: the name {part[:24]}... is longer than this file system allows "
-                    f"({name_max} bytes); choose a shorter --out"
+                    f"{self.option} {shown}: the name {part[:24]}... is longer than this file system allows "
+                    f"({name_max} bytes); choose a shorter {self.option}"
                 )
         try:  # a real probe: os.access says yes to root everywhere, even on /proc or a read-only mount
             fd, name = tempfile.mkstemp(dir=probe, prefix=".sdexplore-probe-")
@@ -159,7 +169,7 @@ class _Output:
             os.unlink(name)
         except OSError as e:
             raise InputError(
-                f"cannot write into {where}: {e.strerror or _one_line(e)} ({probe}); choose another --out"
+                f"cannot write into {where}: {e.strerror or _one_line(e)} ({probe}); choose another {self.option}"
             ) from e
         self._check_existing()
 
@@ -170,7 +180,7 @@ class _Output:
         if not self.folder:
             if not self.force:
                 raise InputError(
-                    f"{shown} already exists; pass --force to replace it, or choose another --out"
+                    f"{shown} already exists; pass --force to replace it, or choose another {self.option}"
                 )
             return
         try:
@@ -196,7 +206,9 @@ class _Output:
         try:
             self.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise InputError(f"cannot create {self.parent}: {e.strerror}; choose another --out") from e
+            raise InputError(
+                f"cannot create {self.parent}: {e.strerror}; choose another {self.option}"
+            ) from e
         self._take_lock()
         try:
             self._clear_leftovers()
@@ -224,7 +236,7 @@ class _Output:
                 continue  # taken over: try again
             except OSError as e:
                 raise InputError(
-                    f"cannot write into {self.shown.parent}: {e.strerror} ({self.lock}); choose another --out"
+                    f"cannot write into {self.shown.parent}: {e.strerror} ({self.lock}); choose another {self.option}"
                 ) from e
             with os.fdopen(fd, "w") as f:
                 f.write(me)
@@ -233,7 +245,7 @@ class _Output:
         owner = self._read_lock() or "?"
         raise OutputBusyError(
             f"another sdexplore run (pid {owner.split()[0]}) is writing {self.shown}; wait for it to end or choose "
-            f"another --out (if no run is going on, delete {self.lock})"
+            f"another {self.option} (if no run is going on, delete {self.lock})"
         )
 
     def _read_lock(self, path: Path | None = None) -> str | None:

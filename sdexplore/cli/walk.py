@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +24,14 @@ from ._common import (
     _common_options,
     _directions_option,
     _generation_options,
+    _html_option,
     _image_notes,
     _number,
     _output_options,
     _prompt,
     _seed,
     _start_output,
+    _start_page,
     _steered,
     _whole,
     _wrote,
@@ -39,8 +42,12 @@ Keyframe i is (PROMPT i, seed i); one prompt or one seed is shared by every keyf
 keyframes at least: two prompts, two seeds, or both. Each keyframe lands exactly on a frame: the
 `sdexplore steps` image of that prompt and seed.
 
+With --html PAGE the walk is also written as one self-contained page (play, scrub, the distance between
+consecutive frames; the keyframes' prompts and seeds): no network, it opens from file://.
+
 examples:
   sdexplore walk "a big red circle on a white background" "a big blue circle on a white background"
+  sdexplore walk "a red circle" "a blue square" --frames 12 --out walk.gif --html walk.html
   sdexplore walk "a small green square" --seeds 0 1 2 --frames 36 --circular --out loop.mp4
   sdexplore walk "a red circle" "a blue square" "a yellow triangle" --frames 30 --spacing ease --out tour.gif
   sdexplore walk "a big red circle at the left on a blue background" \
@@ -103,6 +110,7 @@ def add_parser(sub: Any) -> None:
         metavar="PICTURE",
         help='one picture per keyframe, "-" for none: image keyframes (see below)',
     )
+    _html_option(w, "the walk (a player and a frame slider with the frame-to-frame distances)")
     _directions_option(w)
     w.set_defaults(run=_cmd_walk)
 
@@ -135,11 +143,12 @@ def _cmd_walk(args: argparse.Namespace) -> int:
     _check_fps(args.fps, suffix, args.frames)
     _check_directions(args)
     output = _start_output(args, folder=False)
+    page = _start_page(args)
     scheduler = _check_model(args, args.model, args.scheduler)
 
     from ..walks import walk
 
-    with output, _image_notes():
+    with output, page or contextlib.nullcontext(), _image_notes():
         pipe = _common._load(args, args.model, scheduler)
         kwargs = _call_kwargs(args)
         with _steered(pipe, args):
@@ -164,7 +173,13 @@ def _cmd_walk(args: argparse.Namespace) -> int:
             result.save_mp4(output.path, fps=args.fps)
         else:
             result.save_gif(output.path, fps=args.fps)
+        if page is not None:
+            from ..views.pages import save_walk
+
+            save_walk(result, page.path, fps=min(args.fps, 60), model=args.model or "embedded")
         output.commit()
-    _wrote([output.shown])
+        if page is not None:
+            page.commit()
+    _wrote([output.shown] + ([page.shown] if page is not None else []))
     print(result.smoothness())
     return 0
