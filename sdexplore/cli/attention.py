@@ -46,6 +46,10 @@ writes into --out (default sdexplore-attention/):
   attention_grid.png       rows = groups of steps (early -> late), columns = words
   attention.safetensors    the maps: sdexplore.AttentionMaps.load("attention.safetensors")
 
+A video model (Wan) maps every latent frame: frames.png (the clip's frames side by side) replaces image.png,
+attention_WORD.png holds one heat map per latent frame left to right (each over the clip frame it ends at), and
+each grid cell is such a row of frames.
+
 Each heat map is min-max normalised on its own (it shows where a word attends, not how strongly).
 With --image PICTURE the maps are those of the picture's reconstruction (the picture inverted with the prompt,
 then regenerated from its inverted noise under observation): attention on your own picture.
@@ -73,12 +77,23 @@ def add_parser(sub: Any) -> None:
         epilog=_ATTENTION_EPILOG,
         formatter_class=fmt,
     )
-    a.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes (put it before --words)")
     a.add_argument(
-        "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
+        "prompt",
+        metavar="PROMPT",
+        help="what to generate, in quotes (put it before --words)",
     )
     a.add_argument(
-        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
+        "--words",
+        nargs="+",
+        metavar="WORD",
+        help="words of the prompt to show (default: every word)",
+    )
+    a.add_argument(
+        "--seed",
+        type=_seed,
+        default=0,
+        metavar="S",
+        help="random seed, 0 to 2**64 - 1 (default 0)",
     )
     a.add_argument(
         "--rows",
@@ -87,7 +102,11 @@ def add_parser(sub: Any) -> None:
         metavar="R",
         help="step groups in the grid (default 6)",
     )
-    a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
+    a.add_argument(
+        "--image",
+        metavar="PICTURE",
+        help="map the reconstruction of this picture (see below)",
+    )
     _directions_option(a)
     a.set_defaults(run=_cmd_attention)
 
@@ -116,7 +135,11 @@ def _word_files(words: Iterable[str]) -> dict[str, str]:
 
 def _words_to_map(tokens: Any, args: argparse.Namespace) -> list[str]:
     """The words the command maps (--words or every word of the prompt), each checked against the prompt."""
-    words = list(dict.fromkeys(args.words)) if args.words is not None else list(dict.fromkeys(tokens.words))
+    words = (
+        list(dict.fromkeys(args.words))
+        if args.words is not None
+        else list(dict.fromkeys(tokens.words))
+    )
     if not words:
         raise InputError(f"the prompt {args.prompt!r} has no words to map")
     _check_words(tokens, words, args.prompt)
@@ -138,10 +161,14 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from ..record.tokens import tokenize_prompt
 
     tokenizer = _tokenizer_before_loading(args.model)
-    words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None
-    fixed = {"image": "image.png", "grid": "attention_grid.png", "maps": "attention.safetensors"}
+    words = (
+        _words_to_map(tokenize_prompt(tokenizer, prompt), args)
+        if tokenizer is not None
+        else None
+    )
     with output:
         pipe = _common._load(args, args.model, scheduler)
+        fixed = attention_files(pipe)
         if words is None:  # a hub model: its tokenizer came with it
             words = _words_to_map(tokenize_prompt(pipe.tokenizer, prompt), args)
         word_files = _word_files(words)
@@ -153,21 +180,41 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         )
         extra = _write_directions_record(args, output.path)
         output.commit()
+    first = fixed.get("image") or fixed["frames"]
     _wrote(
-        output.shown / v for v in (fixed["image"], *word_files.values(), fixed["grid"], fixed["maps"], *extra)
+        output.shown / v
+        for v in (first, *word_files.values(), fixed["grid"], fixed["maps"], *extra)
     )
     for word in word_files:
-        m = maps.word(word)  # (h, w) raw attention mass
-        r, c = divmod(int(m.argmax()), int(m.shape[1]))
+        m = maps.word(word)  # (h, w) raw attention mass; a video's (F, h, w)
+        f, rest = divmod(int(m.argmax()), int(m.shape[-2] * m.shape[-1]))
+        r, c = divmod(rest, int(m.shape[-1]))
+        where = f"of latent frame {f}" if m.ndim == 3 else "of the image"
         print(
             f"{word}: mean attention mass {float(m.mean()):.4f}, "
-            f"peak at row {r / m.shape[0]:.2f}, column {c / m.shape[1]:.2f} of the image"
+            f"peak at row {r / m.shape[-2]:.2f}, column {c / m.shape[-1]:.2f} {where}"
         )
     return 0
 
 
+def attention_files(pipe: Any) -> dict[str, str]:
+    """The fixed files ``sdexplore attention`` writes for this pipeline, key → name: the image (a video's frames
+    side by side instead), the step × word grid, the maps."""
+    from ..families import detect_family
+
+    first = (
+        {"frames": "frames.png"}
+        if detect_family(pipe).video
+        else {"image": "image.png"}
+    )
+    return {**first, "grid": "attention_grid.png", "maps": "attention.safetensors"}
+
+
 def write_attention(
-    pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
+    pipe: Any,
+    args: argparse.Namespace,
+    fixed: dict[str, Path],
+    word_files: dict[str, Path],
 ) -> Any:
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
 
@@ -179,45 +226,81 @@ def write_attention(
     if getattr(args, "image", None) is None:
         with _steered(pipe, args):
             images, obs = generate(
-                pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+                pipe,
+                args.prompt,
+                steps=False,
+                attention=True,
+                seed=args.seed,
+                **_call_kwargs(args),
             )
     else:
         images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
     maps = obs.attention
-    image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
-    fixed["image"].parent.mkdir(parents=True, exist_ok=True)
-    _save_png(image, fixed["image"])
+    if (
+        maps.frames is not None
+    ):  # a video: one heat map per latent frame, over the clip frame it ends at
+        from .steps import _uint8_frames
+
+        clip = _uint8_frames(images[0])  # (N, H, W, 3)
+        pictures = _latent_frame_pictures(pipe, clip, maps.frames)  # F × (H, W, 3)
+        fixed["frames"].parent.mkdir(parents=True, exist_ok=True)
+        _save_png(np.concatenate(list(clip), axis=1), fixed["frames"])  # (H, N·W, 3)
+    else:
+        pictures = [np.asarray(images[0].convert("RGB"))]  # (H, W, 3) uint8
+        fixed["image"].parent.mkdir(parents=True, exist_ok=True)
+        _save_png(pictures[0], fixed["image"])
     for word, path in word_files.items():
+        heat = maps.word(word)  # (h, w); a video's (F, h, w)
+        heats = heat if maps.frames is not None else heat[None]
+        overlays = [
+            heat_overlay(pic, m, size=HEAT_MIN_SIDE)
+            for pic, m in zip(pictures, heats, strict=True)
+        ]
         _save_png(
-            heat_overlay(image, maps.word(word), size=HEAT_MIN_SIDE), path
-        )  # 64x64 is too small to read
-    _save_png(_attention_grid(maps, image, list(word_files), args.rows), fixed["grid"])
+            np.concatenate(overlays, axis=1), path
+        )  # 64x64 is too small to read; frames left to right
+    _save_png(
+        _attention_grid(maps, pictures, list(word_files), args.rows), fixed["grid"]
+    )
     maps.save(fixed["maps"])
     return maps
+
+
+def _latent_frame_pictures(
+    pipe: Any, clip: np.ndarray, frames: int
+) -> list[np.ndarray]:
+    """The clip frame each of ``frames`` latent frames ends at: a causal video VAE keeps frame 0, then one latent
+    frame per ``vae_scale_factor_temporal`` frames (Wan: 4), so latent frame f covers clip frames 4f − 3 .. 4f."""
+    temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
+    return [clip[min(f * temporal, len(clip) - 1)] for f in range(frames)]
 
 
 def _group_label(group: range, ts: list[float]) -> str:
     if len(group) == 1:
         return f"step {group[0]}\nt {ts[group[0]]:.0f}"
-    return (
-        f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
-    )
+    return f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
 
 
-def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: int) -> np.ndarray:
-    """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image."""
+def _attention_grid(
+    maps: Any, pictures: Sequence[np.ndarray], words: Sequence[str], rows: int
+) -> np.ndarray:
+    """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image; a
+    video's cell is its latent frames' maps left to right, each over its own clip frame (``pictures``)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     from ..views.render import heat_overlay, step_groups
 
-    cell = _fit(image, TILE)  # (h, w, 3)
-    h, w = cell.shape[:2]
+    tiles = [_fit(pic, TILE) for pic in pictures]  # F × (h, w, 3); an image's one
+    h, w = tiles[0].shape[:2]
+    w *= len(tiles)
     groups = step_groups(maps.num_steps, rows) if maps.steps is not None else [None]
     ts = maps.timesteps.tolist()
     left, top, gap = 84, 18, 2
     canvas = Image.new(
-        "RGB", (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap), "white"
+        "RGB",
+        (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap),
+        "white",
     )
     draw = ImageDraw.Draw(canvas)
     for c, word in enumerate(words):
@@ -228,8 +311,14 @@ def _attention_grid(maps: Any, image: np.ndarray, words: Sequence[str], rows: in
         draw.text((x + (w - draw.textlength(label)) / 2, 3), label, fill="black")
         for r, group in enumerate(groups):
             y = top + r * (h + gap)
-            heat = maps.word(word) if group is None else maps.word(word, step=group)  # (h', w')
-            canvas.paste(Image.fromarray(heat_overlay(cell, heat)), (x, y))
+            heat = (
+                maps.word(word) if group is None else maps.word(word, step=group)
+            )  # (h', w'); (F, h', w')
+            heats = heat if maps.frames is not None else heat[None]
+            cell = np.concatenate(
+                [heat_overlay(t, m) for t, m in zip(tiles, heats, strict=True)], axis=1
+            )
+            canvas.paste(Image.fromarray(cell), (x, y))
             if c == 0:
                 text = "all steps" if group is None else _group_label(group, ts)
                 draw.multiline_text((3, y + h / 2 - 12), text, fill="black")
