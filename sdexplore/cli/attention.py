@@ -77,23 +77,12 @@ def add_parser(sub: Any) -> None:
         epilog=_ATTENTION_EPILOG,
         formatter_class=fmt,
     )
+    a.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes (put it before --words)")
     a.add_argument(
-        "prompt",
-        metavar="PROMPT",
-        help="what to generate, in quotes (put it before --words)",
+        "--words", nargs="+", metavar="WORD", help="words of the prompt to show (default: every word)"
     )
     a.add_argument(
-        "--words",
-        nargs="+",
-        metavar="WORD",
-        help="words of the prompt to show (default: every word)",
-    )
-    a.add_argument(
-        "--seed",
-        type=_seed,
-        default=0,
-        metavar="S",
-        help="random seed, 0 to 2**64 - 1 (default 0)",
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
     )
     a.add_argument(
         "--rows",
@@ -102,11 +91,7 @@ def add_parser(sub: Any) -> None:
         metavar="R",
         help="step groups in the grid (default 6)",
     )
-    a.add_argument(
-        "--image",
-        metavar="PICTURE",
-        help="map the reconstruction of this picture (see below)",
-    )
+    a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
     _directions_option(a)
     a.set_defaults(run=_cmd_attention)
 
@@ -135,11 +120,7 @@ def _word_files(words: Iterable[str]) -> dict[str, str]:
 
 def _words_to_map(tokens: Any, args: argparse.Namespace) -> list[str]:
     """The words the command maps (--words or every word of the prompt), each checked against the prompt."""
-    words = (
-        list(dict.fromkeys(args.words))
-        if args.words is not None
-        else list(dict.fromkeys(tokens.words))
-    )
+    words = list(dict.fromkeys(args.words)) if args.words is not None else list(dict.fromkeys(tokens.words))
     if not words:
         raise InputError(f"the prompt {args.prompt!r} has no words to map")
     _check_words(tokens, words, args.prompt)
@@ -161,11 +142,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     from ..record.tokens import tokenize_prompt
 
     tokenizer = _tokenizer_before_loading(args.model)
-    words = (
-        _words_to_map(tokenize_prompt(tokenizer, prompt), args)
-        if tokenizer is not None
-        else None
-    )
+    words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None
     with output:
         pipe = _common._load(args, args.model, scheduler)
         fixed = attention_files(pipe)
@@ -181,10 +158,7 @@ def _cmd_attention(args: argparse.Namespace) -> int:
         extra = _write_directions_record(args, output.path)
         output.commit()
     first = fixed.get("image") or fixed["frames"]
-    _wrote(
-        output.shown / v
-        for v in (first, *word_files.values(), fixed["grid"], fixed["maps"], *extra)
-    )
+    _wrote(output.shown / v for v in (first, *word_files.values(), fixed["grid"], fixed["maps"], *extra))
     for word in word_files:
         m = maps.word(word)  # (h, w) raw attention mass; a video's (F, h, w)
         f, rest = divmod(int(m.argmax()), int(m.shape[-2] * m.shape[-1]))
@@ -202,19 +176,12 @@ def attention_files(pipe: Any) -> dict[str, str]:
     side by side instead), the step × word grid, the maps."""
     from ..families import detect_family
 
-    first = (
-        {"frames": "frames.png"}
-        if detect_family(pipe).video
-        else {"image": "image.png"}
-    )
+    first = {"frames": "frames.png"} if detect_family(pipe).video else {"image": "image.png"}
     return {**first, "grid": "attention_grid.png", "maps": "attention.safetensors"}
 
 
 def write_attention(
-    pipe: Any,
-    args: argparse.Namespace,
-    fixed: dict[str, Path],
-    word_files: dict[str, Path],
+    pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
 ) -> Any:
     """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
 
@@ -226,19 +193,12 @@ def write_attention(
     if getattr(args, "image", None) is None:
         with _steered(pipe, args):
             images, obs = generate(
-                pipe,
-                args.prompt,
-                steps=False,
-                attention=True,
-                seed=args.seed,
-                **_call_kwargs(args),
+                pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
             )
     else:
         images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
     maps = obs.attention
-    if (
-        maps.frames is not None
-    ):  # a video: one heat map per latent frame, over the clip frame it ends at
+    if maps.frames is not None:  # a video: one heat map per latent frame, over the clip frame it ends at
         from .steps import _uint8_frames
 
         clip = _uint8_frames(images[0])  # (N, H, W, 3)
@@ -252,23 +212,14 @@ def write_attention(
     for word, path in word_files.items():
         heat = maps.word(word)  # (h, w); a video's (F, h, w)
         heats = heat if maps.frames is not None else heat[None]
-        overlays = [
-            heat_overlay(pic, m, size=HEAT_MIN_SIDE)
-            for pic, m in zip(pictures, heats, strict=True)
-        ]
-        _save_png(
-            np.concatenate(overlays, axis=1), path
-        )  # 64x64 is too small to read; frames left to right
-    _save_png(
-        _attention_grid(maps, pictures, list(word_files), args.rows), fixed["grid"]
-    )
+        overlays = [heat_overlay(pic, m, size=HEAT_MIN_SIDE) for pic, m in zip(pictures, heats, strict=True)]
+        _save_png(np.concatenate(overlays, axis=1), path)  # 64x64 is too small to read; frames left to right
+    _save_png(_attention_grid(maps, pictures, list(word_files), args.rows), fixed["grid"])
     maps.save(fixed["maps"])
     return maps
 
 
-def _latent_frame_pictures(
-    pipe: Any, clip: np.ndarray, frames: int
-) -> list[np.ndarray]:
+def _latent_frame_pictures(pipe: Any, clip: np.ndarray, frames: int) -> list[np.ndarray]:
     """The clip frame each of ``frames`` latent frames ends at: a causal video VAE keeps frame 0, then one latent
     frame per ``vae_scale_factor_temporal`` frames (Wan: 4), so latent frame f covers clip frames 4f − 3 .. 4f."""
     temporal = int(getattr(pipe, "vae_scale_factor_temporal", 1) or 1)
@@ -278,12 +229,12 @@ def _latent_frame_pictures(
 def _group_label(group: range, ts: list[float]) -> str:
     if len(group) == 1:
         return f"step {group[0]}\nt {ts[group[0]]:.0f}"
-    return f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
+    return (
+        f"steps {group[0]}-{group[-1]}\nt {ts[group[0]]:.0f}-{ts[group[-1]]:.0f}"  # ASCII: PIL's default font
+    )
 
 
-def _attention_grid(
-    maps: Any, pictures: Sequence[np.ndarray], words: Sequence[str], rows: int
-) -> np.ndarray:
+def _attention_grid(maps: Any, pictures: Sequence[np.ndarray], words: Sequence[str], rows: int) -> np.ndarray:
     """(H, W, 3) uint8: one row per group of steps (early → late), one column per word, heat over the image; a
     video's cell is its latent frames' maps left to right, each over its own clip frame (``pictures``)."""
     import numpy as np
@@ -298,9 +249,7 @@ def _attention_grid(
     ts = maps.timesteps.tolist()
     left, top, gap = 84, 18, 2
     canvas = Image.new(
-        "RGB",
-        (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap),
-        "white",
+        "RGB", (left + len(words) * (w + gap) - gap, top + len(groups) * (h + gap) - gap), "white"
     )
     draw = ImageDraw.Draw(canvas)
     for c, word in enumerate(words):
@@ -311,13 +260,9 @@ def _attention_grid(
         draw.text((x + (w - draw.textlength(label)) / 2, 3), label, fill="black")
         for r, group in enumerate(groups):
             y = top + r * (h + gap)
-            heat = (
-                maps.word(word) if group is None else maps.word(word, step=group)
-            )  # (h', w'); (F, h', w')
+            heat = maps.word(word) if group is None else maps.word(word, step=group)  # (h', w'); (F, h', w')
             heats = heat if maps.frames is not None else heat[None]
-            cell = np.concatenate(
-                [heat_overlay(t, m) for t, m in zip(tiles, heats, strict=True)], axis=1
-            )
+            cell = np.concatenate([heat_overlay(t, m) for t, m in zip(tiles, heats, strict=True)], axis=1)
             canvas.paste(Image.fromarray(cell), (x, y))
             if c == 0:
                 text = "all steps" if group is None else _group_label(group, ts)

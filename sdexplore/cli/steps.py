@@ -85,11 +85,7 @@ def add_parser(sub: Any) -> None:
     )
     s.add_argument("prompt", metavar="PROMPT", help="what to generate, in quotes")
     s.add_argument(
-        "--seed",
-        type=_seed,
-        default=0,
-        metavar="S",
-        help="random seed, 0 to 2**64 - 1 (default 0)",
+        "--seed", type=_seed, default=0, metavar="S", help="random seed, 0 to 2**64 - 1 (default 0)"
     )
     s.add_argument(
         "--preview",
@@ -104,11 +100,7 @@ def add_parser(sub: Any) -> None:
         default=8.0,
         help="GIF frames per second (default 8)",
     )
-    s.add_argument(
-        "--image",
-        metavar="PICTURE",
-        help="record the reconstruction of this picture (see below)",
-    )
+    s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
     _directions_option(s)
     s.set_defaults(run=_cmd_steps)
 
@@ -123,9 +115,7 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     scheduler = _check_model(args, args.model, args.scheduler)
     with output:  # the lock is taken here: a second run into the same --out is refused before loading
         pipe = _common._load(args, args.model, scheduler)
-        names = step_files(
-            pipe, args
-        )  # an image's or a video's files, checked before any step
+        names = step_files(pipe, args)  # an image's or a video's files, checked before any step
         write_steps(pipe, args, {k: output.path / v for k, v in names.items()})
         extra = _write_directions_record(args, output.path)
         output.commit()
@@ -141,11 +131,7 @@ def step_files(pipe: Any, args: argparse.Namespace) -> dict[str, str]:
 
     fam = detect_family(pipe)
     if not fam.video:
-        names = {
-            "image": "image.png",
-            "x0": "steps_x0.png",
-            "preview": "steps_preview.png",
-        }
+        names = {"image": "image.png", "x0": "steps_x0.png", "preview": "steps_preview.png"}
         if args.preview == "linear":
             del names["x0"]
         return {**names, "gif": "denoising.gif", "trace": "trace.safetensors"}
@@ -175,9 +161,7 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     prompt, decode = args.prompt, args.preview != "linear" and "x0" in files
     if getattr(args, "image", None) is None:
         with _steered(pipe, args):
-            images, obs = generate(
-                pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args)
-            )
+            images, obs = generate(pipe, prompt, steps=True, seed=args.seed, **_call_kwargs(args))
     else:
         images, obs = _reconstruct_observed(pipe, args, steps=True)
     trace = obs.steps
@@ -198,32 +182,24 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
     image = np.asarray(images[0].convert("RGB"))  # (H, W, 3) uint8
     h, w = image.shape[:2]
     labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
-    previews = [
-        s.preview[0].numpy() for s in trace
-    ]  # each (h, w, 3) uint8, one pixel per latent cell
+    previews = [s.preview[0].numpy() for s in trace]  # each (h, w, 3) uint8, one pixel per latent cell
     files["image"].parent.mkdir(parents=True, exist_ok=True)
     _save_png(image, files["image"])
     _save_png(_strip(previews, labels, nearest=True), files["preview"])
     if decode:
-        x0s = decode_x0(
-            pipe, trace, progress=not args.no_progress
-        )  # each (H, W, 3) uint8
+        x0s = decode_x0(pipe, trace, progress=not args.no_progress)  # each (H, W, 3) uint8
         _save_png(_strip(x0s, labels, nearest=False), files["x0"])
         frames = x0s
     else:
         frames = [_fit(p, max(h, w), nearest=True) for p in previews]
     n = len(frames)
     save_gif(
-        np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]),
-        files["gif"],
-        fps=args.fps,
+        np.stack([_with_progress_bar(f, i, n) for i, f in enumerate(frames)]), files["gif"], fps=args.fps
     )
     trace.save(files["trace"])
 
 
-def _write_video_steps(
-    clip: Any, trace: Any, files: dict[str, Path], *, fps: float
-) -> None:
+def _write_video_steps(clip: Any, trace: Any, files: dict[str, Path], *, fps: float) -> None:
     """A video's ``sdexplore steps`` files: the clip (frames, H, W, 3) as a GIF and side by side, each step's
     latent frames in a row (:meth:`~sdexplore.results.Trace.frame_strip`, rows top to bottom), the denoising GIF
     of those rows, the trace."""
@@ -235,29 +211,16 @@ def _write_video_steps(
     frames = _uint8_frames(clip)  # (N, H, W, 3)
     files["video"].parent.mkdir(parents=True, exist_ok=True)
     save_gif(frames, files["video"], fps=fps)
-    _save_png(
-        np.concatenate(list(frames), axis=1), files["frames"]
-    )  # (H, N·W, 3): the frames left to right
+    _save_png(np.concatenate(list(frames), axis=1), files["frames"])  # (H, N·W, 3): the frames left to right
     F = trace.frames or 1
-    rows = [
-        np.asarray(trace.frame_strip(i)) for i in range(len(trace))
-    ]  # each (h, F·w, 3) uint8
-    rows = [
-        _fit(r, TILE * F, nearest=True) for r in rows
-    ]  # each latent frame about one tile wide
+    rows = [np.asarray(trace.frame_strip(i)) for i in range(len(trace))]  # each (h, F·w, 3) uint8
+    rows = [_fit(r, TILE * F, nearest=True) for r in rows]  # each latent frame about one tile wide
     labels = [f"{s.index} t={s.timestep:.0f}" for s in trace]
     _save_png(
-        image_grid(
-            [_label(r, lab) for r, lab in zip(rows, labels, strict=True)], cols=1
-        ),
-        files["preview"],
+        image_grid([_label(r, lab) for r, lab in zip(rows, labels, strict=True)], cols=1), files["preview"]
     )
     n = len(rows)
-    save_gif(
-        np.stack([_with_progress_bar(r, i, n) for i, r in enumerate(rows)]),
-        files["gif"],
-        fps=fps,
-    )
+    save_gif(np.stack([_with_progress_bar(r, i, n) for i, r in enumerate(rows)]), files["gif"], fps=fps)
     trace.save(files["trace"])
 
 
