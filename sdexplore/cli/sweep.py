@@ -5,10 +5,11 @@ The sweep engine is :mod:`sdexplore.sweeps`; this module only parses, checks and
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
-from ._common import _common_options, _generation_options, _seed, _whole, resolve_scheduler
+from ._common import _common_options, _generation_options, _seed, _start_page, _whole, resolve_scheduler
 from .output import InputError, _one_line
 
 _SWEEP_EPILOG = """\
@@ -31,11 +32,20 @@ examples:
   torchrun --nproc_per_node 2 -m sdexplore sweep prompts.txt --out sweep1          # 2 CPU processes
   accelerate launch --multi_gpu --num_processes 4 -m sdexplore sweep prompts.jsonl --out sweep3
   sdexplore sweep-report sweep1
+  sdexplore sweep-report sweep1 --html sweep1.html     # every picture, filtered by prompt, seed and word
 """
 
 _REPORT_EPILOG = """\
 writes into --out (default DIR/report): summary.md, summary.json, word_maps.png, iou.png (where the scene gives
 ground truth), scene_parts.png (embedded model), slowest.png.
+
+With --html PAGE also the sweep's gallery: one self-contained page of every finished item's picture, with
+filters by prompt, seed and word (the word's attention map over each picture, where the sweep kept maps); no
+network, it opens from file://.
+
+examples:
+  sdexplore sweep-report sweep1
+  sdexplore sweep-report sweep1 --html sweep1.html
 """
 
 
@@ -82,6 +92,13 @@ def add_parser(sub: Any) -> None:
     )
     r.add_argument("folder", metavar="DIR", help="a folder written by `sdexplore sweep`")
     r.add_argument("--out", metavar="PATH", help="where the report goes (default DIR/report)")
+    r.add_argument(
+        "--html",
+        metavar="PAGE",
+        help="also write the gallery: every picture, filtered by prompt, seed and word, as one self-contained "
+        "HTML page (.html; no network, opens from file://)",
+    )
+    r.add_argument("--force", action="store_true", help="replace an existing --html page")
     r.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     r.set_defaults(run=_cmd_report)
 
@@ -129,9 +146,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
             check_writable(Path(args.out).expanduser())
         except InvalidArgumentError as e:
             raise InputError(_one_line(e)) from e
+    page = _start_page(args)  # checked before any work: a name ending in .html, not there unless --force
 
-    report = sweep_report(args.folder, args.out)
+    with page or contextlib.nullcontext():
+        report = sweep_report(args.folder, args.out)
+        if page is not None:
+            from ..views.gallery import save_gallery
+
+            save_gallery(args.folder, page.path)
+            page.commit()
     print(report.markdown)
     for path in report.figures.values():
         print(f"wrote {path}")
+    if page is not None:
+        print(f"wrote {page.shown}")
     return 0
