@@ -121,3 +121,25 @@ def test_swatches_are_deterministic_and_the_least_squares_fit_recovers_known_fac
     keep = images.abs().amax((1, 2, 3)) < 1  # the unclamped ones: an exact linear map
     f, c = fit_linear_preview(latents[keep], images[keep], ridge=0.0)
     assert torch.allclose(f, true, atol=1e-4) and torch.allclose(c, shift, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux2", "wan", "qwen-image", "sana"])
+def test_the_fit_runs_on_every_kind_of_vae(name) -> None:
+    """Scaled and shifted (SD3), batch-norm over 2×2 patches (Flux.2), 3-D with per-channel statistics (Wan,
+    Qwen-Image), a DC-AE (Sana): sampling-space latents of the family's channels, as the pipelines make them."""
+    from sdexplore.images import encode_image
+
+    pipe = tiny_pipeline(name)
+    cell = vae_scale_factor(pipe)
+    pic = _scene(8 * cell)
+    latents = vae_sampling_latents(pipe.vae, pic)
+    assert latents.shape == (1, FAMILIES[name].latent_channels, 8, 8)
+    if name in ("sd3", "flux2"):  # the picture encoders sdexplore.invert uses agree
+        pixels = ((pic[0].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        want = encode_image(pipe, pixels, height=8 * cell, width=8 * cell).float()
+        read = (
+            torch.from_numpy(pixels).float().permute(2, 0, 1)[None] / 127.5 - 1
+        )  # the picture as it reads it
+        assert torch.allclose(vae_sampling_latents(pipe.vae, read), want, atol=1e-5)
+    factors, bias = fitted_latent_rgb(copy.deepcopy(pipe.vae), cell)
+    assert factors.shape == (FAMILIES[name].latent_channels, 3) and torch.isfinite(factors).all()
