@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from ._common import (
     _directions_option,
     _fit,
     _generation_options,
+    _html_option,
     _output_options,
     _prompt,
     _reconstruct_observed,
@@ -28,10 +30,12 @@ from ._common import (
     _seed,
     _slug,
     _start_output,
+    _start_page,
     _steered,
     _tokenizer_before_loading,
     _whole,
     _write_directions_record,
+    _write_observation_page,
     _wrote,
 )
 from .output import InputError
@@ -54,8 +58,13 @@ Each heat map is min-max normalised on its own (it shows where a word attends, n
 With --image PICTURE the maps are those of the picture's reconstruction (the picture inverted with the prompt,
 then regenerated from its inverted noise under observation): attention on your own picture.
 
+With --html PAGE the run is also written as one self-contained page: a word picker over the maps (per word or
+token, by step range and layer) and a step slider, with the run's model, seed and prompt; no network, it opens
+from file://.
+
 examples:
   sdexplore attention "a big red circle at the top left on a blue background"
+  sdexplore attention "a big red circle at the top left on a blue background" --out att --html att.html
   sdexplore attention "a big red circle at the top left on a blue background" --words circle "blue background" --out att
 """
 
@@ -92,6 +101,7 @@ def add_parser(sub: Any) -> None:
         help="step groups in the grid (default 6)",
     )
     a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
+    _html_option(a, "the run (a word picker over the maps, and a step slider)")
     _directions_option(a)
     a.set_defaults(run=_cmd_attention)
 
@@ -137,13 +147,14 @@ def _cmd_attention(args: argparse.Namespace) -> int:
     _check_image_options(args, [args.image])
     _check_directions(args)
     output = _start_output(args, folder=True)
+    page = _start_page(args)
     scheduler = _check_model(args, args.model, args.scheduler)
 
     from ..record.tokens import tokenize_prompt
 
     tokenizer = _tokenizer_before_loading(args.model)
     words = _words_to_map(tokenize_prompt(tokenizer, prompt), args) if tokenizer is not None else None
-    with output:
+    with output, page or contextlib.nullcontext():
         pipe = _common._load(args, args.model, scheduler)
         fixed = attention_files(pipe)
         if words is None:  # a hub model: its tokenizer came with it
@@ -154,11 +165,15 @@ def _cmd_attention(args: argparse.Namespace) -> int:
             args,
             {k: output.path / v for k, v in fixed.items()},
             {wd: output.path / v for wd, v in word_files.items()},
+            page=page and page.path,
         )
         extra = _write_directions_record(args, output.path)
         output.commit()
+        if page is not None:
+            page.commit()
     first = fixed.get("image") or fixed["frames"]
     _wrote(output.shown / v for v in (first, *word_files.values(), fixed["grid"], fixed["maps"], *extra))
+    _wrote([page.shown] if page is not None else [])
     for word in word_files:
         m = maps.word(word)  # (h, w) raw attention mass; a video's (F, h, w)
         f, rest = divmod(int(m.argmax()), int(m.shape[-2] * m.shape[-1]))
@@ -181,9 +196,15 @@ def attention_files(pipe: Any) -> dict[str, str]:
 
 
 def write_attention(
-    pipe: Any, args: argparse.Namespace, fixed: dict[str, Path], word_files: dict[str, Path]
+    pipe: Any,
+    args: argparse.Namespace,
+    fixed: dict[str, Path],
+    word_files: dict[str, Path],
+    *,
+    page: Path | None = None,
 ) -> Any:
-    """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write; returns the maps."""
+    """The work of ``sdexplore attention`` on a loaded pipeline: generate, record, write (and, given ``page``,
+    the ``--html`` page there, for which the steps are recorded too); returns the maps."""
 
     import numpy as np
 
@@ -193,10 +214,15 @@ def write_attention(
     if getattr(args, "image", None) is None:
         with _steered(pipe, args):
             images, obs = generate(
-                pipe, args.prompt, steps=False, attention=True, seed=args.seed, **_call_kwargs(args)
+                pipe,
+                args.prompt,
+                steps=page is not None,
+                attention=True,
+                seed=args.seed,
+                **_call_kwargs(args),
             )
     else:
-        images, obs = _reconstruct_observed(pipe, args, steps=False, attention=True)
+        images, obs = _reconstruct_observed(pipe, args, steps=page is not None, attention=True)
     maps = obs.attention
     if maps.frames is not None:  # a video: one heat map per latent frame, over the clip frame it ends at
         from .steps import _uint8_frames
@@ -216,6 +242,8 @@ def write_attention(
         _save_png(np.concatenate(overlays, axis=1), path)  # 64x64 is too small to read; frames left to right
     _save_png(_attention_grid(maps, pictures, list(word_files), args.rows), fixed["grid"])
     maps.save(fixed["maps"])
+    if page is not None:  # a video's maps over its frames
+        _write_observation_page(page, obs, clip if maps.frames is not None else pictures[0], args)
     return maps
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from ._common import (
     _directions_record,
     _fit,
     _generation_options,
+    _html_option,
     _number,
     _output_options,
     _prompt,
@@ -28,10 +30,12 @@ from ._common import (
     _save_png,
     _seed,
     _start_output,
+    _start_page,
     _steered,
     _strip,
     _with_progress_bar,
     _write_directions_record,
+    _write_observation_page,
     _wrote,
 )
 from .output import InputError
@@ -59,8 +63,12 @@ With --image PICTURE the steps are those of the picture's reconstruction: the pi
 prompt (sdexplore invert) and regenerated from its inverted noise under observation (image.png is the
 reconstruction; --seed is not used).
 
+With --html PAGE the run is also written as one self-contained page (a step slider over the noisy latents,
+x0 and the latent channels, with the run's model, seed and prompt): no network, it opens from file://.
+
 examples:
   sdexplore steps "a big red circle at the top left on a blue background"
+  sdexplore steps "a big red circle at the top left on a blue background" --out red --html red.html
   sdexplore steps "a big red circle at the top left on a blue background" --image scene.png --out mine
   sdexplore steps "a small green triangle" --steps 50 --scheduler euler --seed 3 --out tri
   sdexplore steps "a castle" --model stable-diffusion-v1-5/stable-diffusion-v1-5 --preview linear --out castle
@@ -101,6 +109,7 @@ def add_parser(sub: Any) -> None:
         help="GIF frames per second (default 8)",
     )
     s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
+    _html_option(s, "the steps (a step slider over the run)")
     _directions_option(s)
     s.set_defaults(run=_cmd_steps)
 
@@ -112,14 +121,19 @@ def _cmd_steps(args: argparse.Namespace) -> int:
     _check_image_options(args, [args.image])
     _check_directions(args)
     output = _start_output(args, folder=True)
+    page = _start_page(args)
     scheduler = _check_model(args, args.model, args.scheduler)
-    with output:  # the lock is taken here: a second run into the same --out is refused before loading
+    # the locks are taken here: a second run into the same --out (or --html) is refused before loading
+    with output, page or contextlib.nullcontext():
         pipe = _common._load(args, args.model, scheduler)
         names = step_files(pipe, args)  # an image's or a video's files, checked before any step
-        write_steps(pipe, args, {k: output.path / v for k, v in names.items()})
+        write_steps(pipe, args, {k: output.path / v for k, v in names.items()}, page=page and page.path)
         extra = _write_directions_record(args, output.path)
         output.commit()
+        if page is not None:
+            page.commit()
     _wrote(output.shown / v for v in [*names.values(), *extra])
+    _wrote([page.shown] if page is not None else [])
     return 0
 
 
@@ -149,9 +163,12 @@ def step_files(pipe: Any, args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> None:
+def write_steps(
+    pipe: Any, args: argparse.Namespace, files: dict[str, Path], *, page: Path | None = None
+) -> None:
     """The work of ``sdexplore steps`` on a loaded pipeline: generate, record, write ``files`` (see
-    :func:`step_files`; a video model's are its clip, its frames and a frame strip per step)."""
+    :func:`step_files`; a video model's are its clip, its frames and a frame strip per step) and, given
+    ``page``, the ``--html`` page there."""
 
     import numpy as np
 
@@ -176,6 +193,8 @@ def write_steps(pipe: Any, args: argparse.Namespace, files: dict[str, Path]) -> 
         trace.meta.update(directions=_directions_record(args))
     if getattr(args, "image", None) is not None:
         trace.meta.update(image=str(args.image), seed=None)
+    if page is not None:  # a video's page draws its frames from the trace
+        _write_observation_page(page, obs, None if "video" in files else images[0].convert("RGB"), args)
     if "video" in files:
         _write_video_steps(images[0], trace, files, fps=args.fps)
         return
