@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError, RecorderStateError
-from ..families import Family, detect_family
+from ..families import Family, detect_family, signature_of
 from ..masks import check_inpaint_inputs
 from ..schedule_math import (
     FLOW_PREDICTION,
@@ -549,8 +549,8 @@ class Attachment:
             self._end_run(error)
 
     def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if self._signature is None:
-            self._signature = inspect.signature(self.pipe.__class__.__mro__[1].__call__)
+        if self._signature is None:  # worked out once per pipeline class, not per attachment
+            self._signature = signature_of(self.pipe.__class__.__mro__[1].__call__)
         try:
             return dict(self._signature.bind_partial(self.pipe, *args, **kwargs).arguments)
         except TypeError:

@@ -59,6 +59,11 @@ JointSink = Callable[..., None]
 JointGate = Callable[[str, int], bool]
 
 _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3  # torch's SDPBackend values (torch._fused_sdp_choice)
+# the CPU flash kernel's (output, log-sum-exp): torch's own binding where it has one (the op packet's Python
+# dispatch costs more than the kernel at small sizes)
+_FLASH_CPU = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None) or (
+    lambda *a: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*a)
+)
 
 
 def sdpa_with_lse(
@@ -76,10 +81,7 @@ def sdpa_with_lse(
         try:
             choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, False))
             if query.device.type == "cpu" and choice == _FLASH:
-                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    query, key, value, 0.0, False
-                )
-                return out, lse
+                return _FLASH_CPU(query, key, value, 0.0, False)
             if query.device.type == "cuda" and choice == _FLASH:
                 res = torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, False, False)
                 return res[0], _lse_shape(res[1], query)
@@ -166,7 +168,8 @@ def joint_attention_layers(denoiser: torch.nn.Module) -> list[tuple[str, str]]:
         return [(f"{n}.processor", "unified") for n, _ in denoiser.named_modules() if _z_layer(n)]
     layers = []
     for name, module in denoiser.named_modules():
-        if not hasattr(module, "set_processor") or not (
+        # the class first: most modules are not attention, and a missing attribute on a module instance is slow
+        if not hasattr(type(module), "set_processor") or not (
             hasattr(module, "to_q") or hasattr(module, "to_qkv_mlp_proj")  # Flux.2's fused single-stream
         ):
             continue

@@ -17,7 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import InvalidArgumentError, UnsupportedPipelineError
-from ..families import detect_family
+from ..families import detect_family, signature_of
 from ..results.tokens import BOS, EOS, PAD, TEXT, WORD_END, WORD_START, Segment, SharedLabels, TokenList
 
 __all__ = [
@@ -201,7 +201,7 @@ def default_max_sequence_length(pipe: Any) -> int | None:
     """The T5 length a plain call of ``pipe`` uses (its ``__call__`` default: SD3 256, Flux 512); None without T5."""
     if "max_sequence_length" not in detect_family(pipe).encode_options:
         return None
-    param = inspect.signature(pipe.__call__).parameters.get("max_sequence_length")
+    param = signature_of(pipe.__call__).parameters.get("max_sequence_length")
     if param is None or param.default is inspect.Parameter.empty or param.default is None:
         return _MAX_T5_LENGTH
     return int(param.default)
@@ -360,7 +360,7 @@ def _further_prompt(pipe: Any, fam: Any, name: str, value: Any, prompt: str) -> 
             f"{name}={value!r} ({type(value).__name__}) is not a prompt string: label one prompt at a time."
         )
     encode = getattr(pipe, "encode_prompt", None)
-    if encode is None or name not in inspect.signature(encode).parameters:
+    if encode is None or name not in signature_of(encode).parameters:
         raise InvalidArgumentError(
             f"{fam.label} ({type(pipe).__name__}) takes no {name}: its text encoders all encode prompt; leave "
             f"{name} None."
@@ -387,12 +387,12 @@ def _with_shared(segment: Segment, second: TokenList, text: str) -> Segment:
 def _takes_instruction(pipe: Any) -> bool:
     """Whether ``pipe.encode_prompt`` prepends an instruction to the prompt (Sana's ``complex_human_instruction``)."""
     encode = getattr(pipe, "encode_prompt", None)
-    return encode is not None and "complex_human_instruction" in inspect.signature(encode).parameters
+    return encode is not None and "complex_human_instruction" in signature_of(encode).parameters
 
 
 def _call_default(pipe: Any, name: str) -> Any:
     """The default of argument ``name`` of ``pipe.__call__`` (None where it has none)."""
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    param = signature_of(type(pipe).__call__).parameters.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 

@@ -1,0 +1,93 @@
+"""The fixed costs of an observed call (issue 31's ≤ 1.15× on the tiny fixtures): what each call must not redo.
+
+No timing here: each test asserts that a piece of per-call work is gone (a signature read again, a slower kernel)
+while the values it gives are unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import pytest
+import torch
+
+import sdexplore as sdx
+from sdexplore.families import detect_family, signature_of
+from sdexplore.fixtures import tiny_pipeline
+from sdexplore.heatmaps import resize
+from sdexplore.record.attention import _upsized
+from sdexplore.record.joint import joint_attention_layers
+
+
+class _Pipe:
+    def __call__(self, prompt: str, max_sequence_length: int = 77, *, flag: bool = False) -> None: ...
+
+
+def test_signature_of_equals_inspect_and_is_worked_out_once() -> None:
+    pipe = _Pipe()
+    for fn in (_Pipe.__call__, pipe.__call__):
+        assert signature_of(fn) == inspect.signature(fn)
+        assert signature_of(fn) is signature_of(fn)  # remembered, keyed on the function
+    assert signature_of(_Pipe().__call__) is signature_of(pipe.__call__)  # never on the instance
+    assert "self" not in signature_of(pipe.__call__).parameters
+
+
+def _count_signatures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Callers (file names) of inspect.signature made from sdexplore's modules from now on."""
+    seen: list[str] = []
+    real = inspect.signature
+
+    def counting(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if "sdexplore" in caller and not caller.endswith("families.py"):
+            seen.append(caller)
+        elif caller.endswith("families.py") and sys._getframe(1).f_code.co_name != "_signature":
+            seen.append(caller)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", counting)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "pixart-sigma"])
+def test_a_second_observed_call_reads_no_signature(name, monkeypatch) -> None:
+    pipe = tiny_pipeline(name)
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    kw.update(dict(detect_family(pipe).call_defaults))
+
+    def observed():
+        with sdx.observe(pipe, steps=True, attention=True) as obs, torch.no_grad():
+            pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw)
+        return obs.attention
+
+    observed()  # the first call works out the pipeline's signatures
+    seen = _count_signatures(monkeypatch)
+    maps = observed()
+    assert seen == []
+    assert maps.token_lists[0].positions("circle", None)  # still labelled from the call's prompt
+
+
+def test_joint_layers_are_found_by_the_class_first() -> None:
+    """The scan asks each module's class for set_processor before anything slower: the same layers as asking
+    each module itself."""
+    den = tiny_pipeline("qwen-image").transformer
+    want = [
+        (f"{n}.processor", "qwen")
+        for n, m in den.named_modules()
+        if hasattr(m, "set_processor") and hasattr(m, "to_q") and getattr(m, "add_k_proj", None) is not None
+    ]
+    assert joint_attention_layers(den) == want and want
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"), [((2, 5, 4, 4), (8, 8)), ((3, 4, 6), (7, 13)), ((2, 8, 8), (8, 8)), ((2, 8, 8), (4, 4))]
+)
+def test_upsized_maps_equal_the_antialiased_resize(shape, size) -> None:
+    maps = torch.rand(shape)
+    got = _upsized(maps, size)
+    want = resize(maps, size)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    if size[0] < shape[-2]:  # shrinking: the very same antialiased kernel
+        assert torch.equal(got, want)
