@@ -3,7 +3,6 @@ record per family."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import json
 import weakref
@@ -228,7 +227,8 @@ class Family:
         """This family, if it has ``capability``; else :class:`~sdexplore.errors.UnsupportedPipelineError` in one
         sentence naming the families that can (from their records: :func:`capable_families`).
 
-        The one way every module refuses a capability: ``what`` names the tool (``"sdexplore.invert"``), ``why``
+        The one way every module refuses a capability: ``what`` names the tool (``"sdexplore.invert"``; the
+        sentence reads "Sana cannot use sdexplore.invert: why. The families that can: ... hint"), ``why``
         (optional) says what the family lacks, ``hint`` (optional) what to do instead.
         """
         if self.can(capability):
@@ -420,7 +420,7 @@ class Family:
             self.encode_layout is not None
         ):  # PixArt, Sana: no negative means "" and the call's defaults hold here
             negative_prompt = "" if negative_prompt is None else negative_prompt
-            accepted = signature_of(pipe.encode_prompt).parameters
+            accepted = inspect.signature(pipe.encode_prompt).parameters
             extra.update({k: v for k, v in self.call_defaults if k in accepted})
             if "clip_skip" not in accepted and "kwargs" not in accepted:  # Sana's encode_prompt takes none
                 if clip_skip is not None:
@@ -479,7 +479,7 @@ class Family:
         if clip_skip is not None:
             raise InvalidArgumentError(f"The {self.label} pipelines take no clip_skip; leave it None.")
 
-        accepted = signature_of(pipe.encode_prompt).parameters
+        accepted = inspect.signature(pipe.encode_prompt).parameters
         count = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
         if "do_classifier_free_guidance" in accepted:  # Wan: the negative is encoded below, when one is given
             extra = {**extra, "do_classifier_free_guidance": False}
@@ -497,29 +497,8 @@ class Family:
 
 def _call_default(pipe: Any, name: str) -> Any:
     """The default of argument ``name`` of ``pipe.__call__`` (None where it has none)."""
-    param = signature_of(type(pipe).__call__).parameters.get(name)
+    param = inspect.signature(type(pipe).__call__).parameters.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
-
-
-@functools.lru_cache(maxsize=512)
-def _signature(func: Any, bound: bool) -> inspect.Signature:
-    sig = inspect.signature(func)
-    if bound:  # what inspect.signature gives for the bound method: the first parameter (self) dropped
-        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
-    return sig
-
-
-def signature_of(fn: Any) -> inspect.Signature:
-    """``inspect.signature(fn)``, worked out once per function (keyed on the function object, never an instance):
-    a bound method's is its function's without ``self``. Every observed call reads the pipeline's signatures; this
-    keeps that reading off each call's cost."""
-    func = getattr(fn, "__func__", None)
-    try:
-        if func is not None and getattr(fn, "__self__", None) is not None:
-            return _signature(func, True)
-        return _signature(fn, False)
-    except TypeError:  # an unhashable callable: not remembered
-        return inspect.signature(fn)
 
 
 # Latent → RGB factors as published with ComfyUI's latent formats (rows = latent channels, columns = R, G, B).
@@ -972,8 +951,8 @@ def refusal(family: Family, capability: str, what: str, *, why: str = "", hint: 
     able = (
         " and ".join([", ".join(labels[:-1]), labels[-1]] if len(labels) > 1 else labels) or "no family yet"
     )
-    because = f" ({why})" if why else ""
-    return f"{what} does not run on {family.label}{because}: it runs on {able}." + (
+    because = f": {why}" if why else ""
+    return f"{family.label} cannot use {what}{because}. The families that can: {able}." + (
         f" {hint}" if hint else ""
     )
 

@@ -227,9 +227,9 @@ def _check(
     if method == "null-text":
         fam.require(
             "null-text",
-            "Null-text inversion (method='null-text')",
-            why=f"it optimises the unconditional half of a UNet's CFG batch: SD 1.x, SD 2.x and SDXL have it, "
-            f"{fam.label} does not",
+            "null-text inversion (method='null-text')",
+            why=f"it optimises the unconditional half of a UNet's CFG batch (SD 1.x, SD 2.x and SDXL have it, "
+            f"{fam.label} does not)",
             hint=f"Invert {fam.label} with "
             f"{'method=' + repr('flow') + ' or ' if fam.name in FLOW_FAMILIES else ''}another family's pipeline.",
         )

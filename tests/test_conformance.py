@@ -524,7 +524,7 @@ def test_zero_strength_controls_give_the_plain_image(name) -> None:
 
 @pytest.mark.parametrize("name", _params(families_without("controls"), "controls-refused"))
 def test_controls_are_refused_naming_the_families_that_can(name) -> None:
-    with pytest.raises(UnsupportedPipelineError, match="controls run on"):
+    with pytest.raises(UnsupportedPipelineError, match="controls"):
         sdx.Control(pipe_of(name), sdx.Reweight({"circle": 2.0}))
 
 
@@ -612,7 +612,7 @@ def test_concept_maps_are_recorded_and_leave_the_image(name) -> None:
 )
 def test_concepts_are_refused(name) -> None:
     pipe = pipe_of(name)
-    with pytest.raises((UnsupportedPipelineError, InvalidArgumentError), match="[Cc]oncept maps .* work on"):
+    with pytest.raises((UnsupportedPipelineError, InvalidArgumentError), match="[Cc]oncept maps"):
         with sdx.AttentionRecorder(pipe, concepts=["sky"]):
             pipe(prompt=P, generator=gen(0), **call_kwargs(name))
 
@@ -722,7 +722,7 @@ def test_require_passes_a_capable_family_and_words_the_refusal() -> None:
         sana.require("invert", "sdexplore.invert", why="a reason", hint="Do this.")
     assert str(e.value) == refusal(sana, "invert", "sdexplore.invert", why="a reason", hint="Do this.")
     assert str(e.value).startswith(
-        "sdexplore.invert does not run on Sana (a reason): it runs on Stable Diffusion 1.x, "
+        "Sana cannot use sdexplore.invert: a reason. The families that can: Stable Diffusion 1.x, "
     )
     assert str(e.value).endswith(" and Flux.2. Do this.")
     with pytest.raises(InvalidArgumentError, match="Unknown capability"):
