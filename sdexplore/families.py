@@ -3,6 +3,7 @@ record per family."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import weakref
@@ -420,7 +421,7 @@ class Family:
             self.encode_layout is not None
         ):  # PixArt, Sana: no negative means "" and the call's defaults hold here
             negative_prompt = "" if negative_prompt is None else negative_prompt
-            accepted = inspect.signature(pipe.encode_prompt).parameters
+            accepted = signature_of(pipe.encode_prompt).parameters
             extra.update({k: v for k, v in self.call_defaults if k in accepted})
             if "clip_skip" not in accepted and "kwargs" not in accepted:  # Sana's encode_prompt takes none
                 if clip_skip is not None:
@@ -479,7 +480,7 @@ class Family:
         if clip_skip is not None:
             raise InvalidArgumentError(f"The {self.label} pipelines take no clip_skip; leave it None.")
 
-        accepted = inspect.signature(pipe.encode_prompt).parameters
+        accepted = signature_of(pipe.encode_prompt).parameters
         count = "num_videos_per_prompt" if "num_videos_per_prompt" in accepted else "num_images_per_prompt"
         if "do_classifier_free_guidance" in accepted:  # Wan: the negative is encoded below, when one is given
             extra = {**extra, "do_classifier_free_guidance": False}
@@ -497,8 +498,29 @@ class Family:
 
 def _call_default(pipe: Any, name: str) -> Any:
     """The default of argument ``name`` of ``pipe.__call__`` (None where it has none)."""
-    param = inspect.signature(type(pipe).__call__).parameters.get(name)
+    param = signature_of(type(pipe).__call__).parameters.get(name)
     return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+@functools.lru_cache(maxsize=512)
+def _signature(func: Any, bound: bool) -> inspect.Signature:
+    sig = inspect.signature(func)
+    if bound:  # what inspect.signature gives for the bound method: the first parameter (self) dropped
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return sig
+
+
+def signature_of(fn: Any) -> inspect.Signature:
+    """``inspect.signature(fn)``, worked out once per function (keyed on the function object, never an instance):
+    a bound method's is its function's without ``self``. Every observed call reads the pipeline's signatures; this
+    keeps that reading off each call's cost."""
+    func = getattr(fn, "__func__", None)
+    try:
+        if func is not None and getattr(fn, "__self__", None) is not None:
+            return _signature(func, True)
+        return _signature(fn, False)
+    except TypeError:  # an unhashable callable: not remembered
+        return inspect.signature(fn)
 
 
 # Latent → RGB factors as published with ComfyUI's latent formats (rows = latent channels, columns = R, G, B).
