@@ -2,8 +2,10 @@
 
 ``python scripts/build_docs.py [--site-dir site]`` (``make docs``). Generated pages go to ``docs/generated/``
 (git-ignored, replaced whole at each build): the README's quick start, the CLI reference, the API reference, the
-two embedded models' cards, the benchmark results, the eight tutorials executed on the embedded model
-(explorers shown as static figures, ``SDEXPLORE_STATIC=1``) and the gallery.
+two embedded models' cards, the benchmark results, the eight tutorials executed on the embedded model and the
+gallery. The tutorials' explorers run static (``SDEXPLORE_STATIC=1``), and each one that has a front end also
+writes its self-contained page into ``tutorials/explorers/`` (:data:`EXPLORER_PAGES`), which the tutorial's page
+shows live in an ``<iframe>``: a reader scrubs the steps and picks words with no kernel and no network.
 
 ``--reuse`` skips the work when ``docs/generated/.build.json`` says the pages and ``--site-dir`` were built from
 inputs with the same digests (:func:`inputs_digest`: the sources, docs, notebooks' code cells, scripts and the
@@ -80,6 +82,9 @@ CELL_TIMEOUT_S = 1800
 STAMP = ".build.json"
 #: Files written by the executed tutorials (notebook 5's animations), in ``docs/generated/`` (left out of the site).
 TUTORIAL_OUTPUTS = ".outputs"
+#: The explorers' self-contained pages the executed tutorials write (``SDEXPLORE_EMBED_PAGES``), beside the
+#: tutorials in ``docs/generated/tutorials/``: each tutorial page's ``<iframe>`` shows one (copied into the site).
+EXPLORER_PAGES = "explorers"
 #: In TUTORIAL_OUTPUTS: the names the tutorials' kernels left in their temporary folder (should be none).
 TEMP_LEFT = "temp_left_behind.json"
 
@@ -441,6 +446,8 @@ def generate(target: Path, *, workers: int = 2) -> dict[str, float]:
             ),
             # notebook 5 writes its animations here; the notebook test checks them (mkdocs skips dot folders)
             "SDEXPLORE_OUT": str(target / TUTORIAL_OUTPUTS),
+            # each explorer's live page, beside the tutorial pages that frame it
+            "SDEXPLORE_EMBED_PAGES": str(target / "tutorials" / EXPLORER_PAGES),
             # the kernels' own temporary folder: whatever a tutorial leaves there is listed for the notebook test
             "TMPDIR": str(Path(tmp) / "kernel_tmp"),
         }

@@ -693,3 +693,22 @@ def test_edit_explorer_static_figure_and_a_saved_edit(edit_run, tmp_path):
     assert len(fig.axes) == 6  # source | edited | difference, then the swapped word before | after | change
     assert [ax.get_title() for ax in fig.axes[3:5]] == ["“blue” before", "“blue” after"]
     assert "image/png" in ex._repr_mimebundle_()
+
+
+def test_a_static_explorer_embeds_its_live_page_when_asked(run, tmp_path, monkeypatch):
+    """SDEXPLORE_EMBED_PAGES (the docs build): the static bundle gains an <iframe> of the explorer's own page,
+    written into that folder with a verifiable payload, and keeps its figure (PNG, and under the frame)."""
+    import re
+
+    _, obs, image = run
+    folder = tmp_path / "explorers"
+    assert "text/html" not in TimestepScrubber(obs, static=True)._repr_mimebundle_()  # not asked: no page
+    monkeypatch.setenv("SDEXPLORE_EMBED_PAGES", str(folder))
+    for explorer, name in ((TimestepScrubber(obs, static=True), "scrubber"), (AttentionExplorer(obs, image, static=True), "attention")):  # fmt: skip
+        bundle = explorer._repr_mimebundle_()
+        src = re.search(r'<iframe class="sdx-embed" src="([^"]+)"', bundle["text/html"]).group(1)
+        assert src.startswith(f"explorers/{name}-")
+        payload = pages.read_payload(tmp_path / src)  # the checksum verifies
+        assert payload == {**explorer.payload(), "provenance": payload["provenance"]}
+        assert bundle["image/png"] in bundle["text/html"]  # the static figure, under the frame
+    assert len(list(folder.iterdir())) == 2

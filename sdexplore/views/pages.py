@@ -95,6 +95,13 @@ async function mount() {{
   return {{ payload, models }};
 }}
 window.sdexplore = {{ ready: mount() }};
+// shown in an <iframe> (the docs site): tell the page around it this page's height, now and when it changes
+if (window.parent !== window) {{
+  const height = () => Math.ceil(document.body.getBoundingClientRect().bottom) + 16; // the content, not the frame
+  const tell = () => window.parent.postMessage({{ sdexploreHeight: height() }}, "*");
+  window.sdexplore.ready.then(tell);
+  new ResizeObserver(tell).observe(document.body);
+}}
 """
     )
     return "\n".join(parts)

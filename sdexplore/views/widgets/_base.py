@@ -20,6 +20,22 @@ from ..render import as_uint8_image, upscale
 
 #: Environment variable that forces the static (matplotlib) fallback everywhere: ``SDEXPLORE_STATIC=1``.
 STATIC_ENV = "SDEXPLORE_STATIC"
+#: Environment variable naming a folder: a static explorer that has a front end also writes its self-contained
+#: page there and shows it in an ``<iframe>`` (the docs build: the tutorials' pages embed live explorers). The
+#: folder must sit beside the rendered notebook (the frame's address is ``FOLDER_NAME/PAGE``).
+EMBED_ENV = "SDEXPLORE_EMBED_PAGES"
+#: A page's height in the frame before it reports its own (pages post their height to the frame's parent).
+_EMBED_HEIGHT = {"scrubber": 560, "attention": 640, "interpolation": 560, "walk": 460, "edit": 720}
+# the page around the frames: each frame takes the height its page reports
+_EMBED_SCRIPT = """<script>
+window.addEventListener("message", (e) => {
+  const height = e.data && e.data.sdexploreHeight;
+  if (!height) return;
+  for (const f of document.querySelectorAll("iframe.sdx-embed")) {
+    if (f.contentWindow === e.source) f.style.height = Math.ceil(height) + 4 + "px";
+  }
+});
+</script>"""
 #: Smallest side an image is shown at in a figure; smaller images (8×8 latents) are upscaled with
 #: nearest-neighbour so each latent cell stays a crisp square.
 MIN_DISPLAY_SIDE = 192
@@ -250,8 +266,47 @@ class Explorer:
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
         if not self.static:
             return self.widget._repr_mimebundle_(include=include, exclude=exclude)
-        png = figure_png(self.figure())
-        return {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": repr(self)}
+        png = base64.b64encode(figure_png(self.figure())).decode("ascii")
+        bundle = {"image/png": png, "text/plain": repr(self)}
+        embedded = self.embed_page(png) if os.environ.get(EMBED_ENV) else None
+        if embedded is not None:
+            bundle["text/html"] = embedded
+        return bundle
+
+    def embed_page(self, png: str | None = None, folder: str | os.PathLike | None = None) -> str | None:
+        """Write this explorer's self-contained page into ``folder`` (default: ``$SDEXPLORE_EMBED_PAGES``) and
+        return the HTML that shows it live in an ``<iframe>`` (with ``png``, base64 of the static figure, under a
+        "static figure" disclosure); None for an explorer without a front end. The page's name is a digest of its
+        text, so equal explorers share one file."""
+        name = getattr(self, "_web_name", None)
+        folder = folder if folder is not None else os.environ.get(EMBED_ENV)
+        if name is None or not folder:
+            return None
+        import hashlib
+        from pathlib import Path
+
+        from ..._files import write_text_atomic
+        from ..pages import page_html
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        text = page_html(self.payload(), [name], title=f"sdexplore · {type(self).__name__}")
+        page = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.html"
+        if not page.exists():
+            write_text_atomic(page, text)
+        what = html.escape(type(self).__name__)
+        figure = (
+            f'<details class="sdx-embed-static"><summary>static figure</summary>'
+            f'<img src="data:image/png;base64,{png}" alt="{what} (static figure)"></details>'
+            if png
+            else ""
+        )
+        return (
+            f'<iframe class="sdx-embed" src="{html.escape(folder.name)}/{html.escape(page.name)}" '
+            f'title="{what}: a live explorer, running in your browser" '
+            f'style="width: 100%; height: {_EMBED_HEIGHT.get(name, 600)}px; border: 1px solid #ddd"></iframe>'
+            f"{figure}{_EMBED_SCRIPT}"
+        )
 
 
 class ImageUpload:

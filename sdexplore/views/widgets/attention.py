@@ -73,6 +73,8 @@ class AttentionExplorer(Explorer):
         mask: an inpainting mask whose outline is drawn over every map (default: the Observation's ``mask``).
     """
 
+    _web_name = "attention"  # its front end: sdexplore/views/web/attention.js
+
     def __init__(
         self,
         source: Any,

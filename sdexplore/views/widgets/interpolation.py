@@ -82,6 +82,8 @@ class InterpolationExplorer(SliderExplorer):
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
 
+    _web_name = "interpolation"  # its front end: sdexplore/views/web/interpolation.js
+
     def __init__(
         self, source: Any, *, metric: Metric = "pixel", size: int = 256, static: bool | None = None
     ) -> None:

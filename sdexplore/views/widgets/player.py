@@ -33,6 +33,8 @@ class WalkPlayer(SliderExplorer):
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
 
+    _web_name = "walk"  # its front end: sdexplore/views/web/walk.js
+
     def __init__(self, walk: Any, *, fps: float = 12, size: int = 256, static: bool | None = None) -> None:
         super().__init__(static=static)
         self.walk = walk

@@ -78,6 +78,7 @@ class TimestepScrubber(SliderExplorer):
     """
 
     _position = "step"
+    _web_name = "scrubber"  # its front end: sdexplore/views/web/scrubber.js
 
     def __init__(
         self,
