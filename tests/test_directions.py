@@ -9,7 +9,12 @@ from conftest import assert_restored, gen, pipeline_state
 
 import sdexplore as sdx
 from sdexplore import directions as D
-from sdexplore.errors import InvalidArgumentError, RecorderStateError, ResultFileError
+from sdexplore.errors import (
+    InvalidArgumentError,
+    RecorderStateError,
+    ResultFileError,
+    UnsupportedPipelineError,
+)
 from sdexplore.fixtures import tiny_pipeline
 
 PAIR = ("a red circle at the left", "a blue circle at the left")
@@ -70,7 +75,7 @@ def test_a_strength_that_is_not_a_finite_number_is_refused(sd1, strength) -> Non
 
 def test_an_unsupported_family_is_refused_naming_those_that_work() -> None:
     flux = tiny_pipeline("flux")
-    with pytest.raises(InvalidArgumentError, match="SD 1.x, SD 2.x, SDXL and SD3"):
+    with pytest.raises(UnsupportedPipelineError, match="Stable Diffusion 3"):
         D.from_pairs(flux, [PAIR])
 
 
