@@ -54,6 +54,13 @@ w = walk(pipe, [PROMPT, "a big yellow square at the bottom right on a purple bac
     "interp = InterpolationExplorer(w)\ninterp",
     "player = WalkPlayer(w)\nplayer",
     """\
+from sdexplore.editing import edit
+from sdexplore.views.widgets import EditExplorer
+swap = edit(pipe, "a big red circle on a blue background", "a big green circle on a blue background",
+            num_inference_steps=6, generator=torch.Generator().manual_seed(0))
+ed = EditExplorer(swap)
+ed""",
+    """\
 from sdexplore.fixtures import tiny_pipeline
 flux = tiny_pipeline("flux")  # an MMDiT family: joint-attention maps, packed latents
 with observe(flux, attention=True) as obs_flux:
@@ -263,11 +270,13 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
             flux_attention = page.locator(".sdx-view-attention.sdx-mmdit")
             interp = page.locator(".sdx-view-interpolation")
             player = page.locator(".sdx-view-walk")
+            editor = page.locator(".sdx-view-edit")
             canvases = {
                 "scrubber": (scrubber, "canvas.sdx-panel-x0"),
                 "attention": (attention, "canvas.sdx-attention-image"),
                 "interpolation": (interp, "canvas.sdx-interp-image"),
                 "walk_player": (player, "canvas.sdx-walk-image"),
+                "edit": (editor, "canvas.sdx-edit-after"),
                 "flux_scrubber": (flux_scrubber, "canvas.sdx-panel-x0"),
                 "flux_attention": (flux_attention, "canvas.sdx-attention-image"),
             }
@@ -357,6 +366,14 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
                 lambda: keys(player, "input.sdx-walk-slider", "ArrowRight", 2),
             )
 
+            # EditExplorer: another word's maps before and after (synced to Python)
+            word = editor.locator("select.sdx-edit-word")
+            changes(editor, "canvas.sdx-edit-after", lambda: word.select_option(label="circle"))
+            deadline = time.time() + PATIENCE_S
+            while page.evaluate(KERNEL_RUN_JS, "print(ed.word)").strip() != "circle":
+                assert time.time() < deadline, "the word picked in the edit view never reached Python"
+                page.wait_for_timeout(200)
+
             # the same explorers on Flux (tiny fixture): a step back, another word (T5 pieces merged)
             changes(flux_scrubber, x0, lambda: keys(flux_scrubber, "input.sdx-step-slider", "ArrowLeft"))
             expect(flux_scrubber).to_contain_text("step 3 / 4")
@@ -394,6 +411,7 @@ def test_explorers_render_and_respond_in_jupyterlab(lab, tmp_path):
             changes(
                 player, "canvas.sdx-walk-image", lambda: keys(player, "input.sdx-walk-slider", "ArrowLeft")
             )
+            changes(editor, "canvas.sdx-edit-after", lambda: word.select_option(label="big"))
             expect(body.locator(".sdx-error")).to_have_count(0)
             scrubber.screenshot(path=str(shots / "scrubber_without_kernel.png"))
         finally:

@@ -634,22 +634,28 @@ def edit_run():
     return pipe, swap, ablation
 
 
-def _decoded(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
-
-
-def test_edit_explorer_opens_on_the_edited_word_and_the_dropdown_changes_the_maps(edit_run):
+def test_edit_explorer_opens_on_the_edited_word_and_its_view_holds_every_words_maps(edit_run):
     from sdexplore.views.widgets import EditExplorer
 
     pipe, swap, _ = edit_run
     calls = UnetCalls(pipe)
     ex = EditExplorer(swap, static=False)
     assert ex.word == "blue" and ex.words == ["a", "big", "blue", "circle"]
-    ex.widget  # noqa: B018
-    shown = bytes(ex._after.value), bytes(ex._before.value)
+    view = ex.widget
+    assert view.word == "blue" and "sdx-view-edit" in view._dom_classes
+    assert view._esm == widget_esm("edit")  # the page's own edit.js
+    edit = view.payload["edit"]
+    assert [w["word"] for w in edit["words"]] == ex.words and edit["default_word"] == "blue"
+    before, after = pl.dequantize_maps(edit["before"]), pl.dequantize_maps(edit["after"])  # (words, h, w)
+    for k, word in enumerate(ex.words):
+        b, a = ex.maps(word)
+        assert np.abs(after[k] - a.numpy()).max() <= float(a.max() - a.min()) / 500 + 1e-9
+        assert np.abs(before[k] - b.numpy()).max() <= float(b.max() - b.min()) / 500 + 1e-9
+    assert np.array_equal(pl.decode_image(edit["edited"]), ex.edited)
     ex.select(word="circle")
-    assert ex.word == "circle" and (bytes(ex._after.value), bytes(ex._before.value)) != shown
-    assert "circle" in ex._caption.value and "before" in ex._caption.value
+    assert view.word == "circle" and ex.word == "circle"
+    view.word = "big"  # as the view reports a pick
+    assert ex.word == "big" and "big" in ex.caption(ex.word)
     assert calls.n == 0  # the explorer only reads the Edit
     calls.close()
 
@@ -675,11 +681,11 @@ def test_edit_explorer_shows_an_ablated_maps_zero_after(edit_run):
     _, _, ablation = edit_run
     ex = EditExplorer(ablation, static=False)
     assert ex.word == "circle"  # the reweighted word
-    ex.widget  # noqa: B018
     zero = heat_overlay(ex.edited, torch.zeros(8, 8), size=ex.size, vmin=0.0, vmax=1.0)
     assert np.array_equal(ex.panels("circle")[1], zero)  # the bottom of the shared scale everywhere
-    after = _decoded(bytes(ex._after.value))  # what the widget shows: that picture, as JPEG
-    assert after.shape == zero.shape and np.abs(after.astype(int) - zero.astype(int)).mean() < 8
+    edit = ex.widget.payload["edit"]
+    k = [w["word"] for w in edit["words"]].index("circle")
+    assert np.abs(pl.dequantize_maps(edit["after"])[k]).max() <= 1e-6  # the view paints the same zero map
     assert "after 0.0000" in ex.caption("circle")
 
 

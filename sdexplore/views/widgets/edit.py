@@ -3,16 +3,16 @@ before the edit and after, on one colour scale."""
 
 from __future__ import annotations
 
-import html
-import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from ...errors import InvalidArgumentError
+from .. import payload as _payload
 from ..render import HEAT_CMAP, HEAT_OPACITY, first_content_word, heat_overlay
-from ._base import Explorer, jpeg_bytes, new_figure, png_bytes, style_widget
+from ._base import Explorer, new_figure
+from ._web import web_view
 
 #: Colour map of the map difference (after − before): blue where the word lost attention, red where it gained.
 DIFF_CMAP = "RdBu_r"
@@ -27,7 +27,9 @@ class EditExplorer(Explorer):
     the source's map at that word's place (:meth:`sdexplore.Edit.word_maps`: the swapped-out word in a swap) over
     the source image, the edited image's map over the edited image, both on one colour scale from 0 (raw attention
     mass, so an ablated word's map after is the bottom of the scale everywhere), and after − before. Nothing is
-    recomputed: every picture is read from the :class:`~sdexplore.Edit`.
+    recomputed: every picture is read from the :class:`~sdexplore.Edit`. In a notebook the view is the front end's
+    edit explorer (``sdexplore/views/web/edit.js``) as an anywidget over the edit's page payload: picking a word
+    never waits on the kernel; :attr:`word` is synced both ways.
 
     Args:
         edit: what :func:`sdexplore.edit` returned (or :meth:`sdexplore.Edit.load` read).
@@ -37,6 +39,8 @@ class EditExplorer(Explorer):
         cmap: colour map of the heat maps (default: the one the CLI and plots use).
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
+
+    _web_name = "edit"  # its front end: sdexplore/views/web/edit.js
 
     def __init__(
         self,
@@ -68,10 +72,9 @@ class EditExplorer(Explorer):
         if not self.words:
             raise InvalidArgumentError("EditExplorer needs at least one word to offer: pass words=[...].")
         changed = [w for w in self.changed if w in self.words]
-        self.word = first_content_word(changed + self.words)  # the edit's own word first: "green", not "a"
+        self._word = first_content_word(changed + self.words)  # the edit's own word first: "green", not "a"
         self.opacity = HEAT_OPACITY
         self._cache: dict[Any, Any] = {}
-        self.last_update_ms = 0.0
 
     # ---- data -------------------------------------------------------------------------------------------
     def maps(self, word: str) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -111,76 +114,39 @@ class EditExplorer(Explorer):
         return f"“{word}”{edited}: mean attention mass before {was}, after {float(after.mean()):.4f}"
 
     # ---- widget -----------------------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        """The page payload the view shows (:func:`sdexplore.views.payload.edit_payload`): the three pictures and
+        each offered word's maps before and after, quantised."""
+        return _payload.edit_payload(self.edit, index=self.index, words=self.words, cmap=self.cmap)
+
+    @property
+    def word(self) -> str:
+        """The word shown: the view's (synced when the user picks one), else the one the explorer opened on."""
+        view = getattr(self, "_view", None)
+        if view is not None and view.word in self.words:
+            return view.word
+        return self._word
+
+    @word.setter
+    def word(self, word: str) -> None:
+        self._word = word
+        view = getattr(self, "_view", None)
+        if view is not None:
+            view.word = word
+
     def _build(self) -> Any:
-        import ipywidgets as w
-
-        src, out = self.edit.prompts(self.index)
-
-        def panel(image: np.ndarray, title: str, cls: str) -> tuple[Any, Any]:
-            img = w.Image(value=png_bytes(image), format="png", layout=w.Layout(width=f"{self.size}px"))
-            img.add_class(cls)
-            img.add_class("sdx-pixelated")
-            return img, w.VBox([w.HTML(f"<b>{html.escape(title)}</b>"), img])
-
-        _, a = panel(self.source, "source", "sdx-edit-source")
-        _, b = panel(self.edited, "edited", "sdx-edit-edited")
-        _, c = panel(self.difference, "|edited − source|", "sdx-edit-difference")
-        self._word = w.Dropdown(options=self.words, value=self.word, description="word",
-                                disabled=not self.has_maps)  # fmt: skip
-        self._word.add_class("sdx-edit-word")
-        self._opacity = w.FloatSlider(value=self.opacity, min=0.0, max=1.0, step=0.05, description="opacity")
-        self._before = w.Image(value=b"", format="jpeg", layout=w.Layout(width=f"{self.size}px"))
-        self._after = w.Image(value=b"", format="jpeg", layout=w.Layout(width=f"{self.size}px"))
-        self._delta = w.Image(value=b"", format="jpeg", layout=w.Layout(width=f"{self.size}px"))
-        self._before.add_class("sdx-edit-before")
-        self._after.add_class("sdx-edit-after")
-        self._caption = w.HTML()
-        self._caption.add_class("sdx-edit-caption")
-        for ctl in (self._word, self._opacity):
-            ctl.observe(self._on_change, names="value")
-        maps = w.HBox(
-            [
-                w.VBox([w.HTML("<b>map before</b> (source)"), self._before]),
-                w.VBox([w.HTML("<b>map after</b> (edited)"), self._after]),
-                w.VBox([w.HTML("<b>after − before</b> (red: gained)"), self._delta]),
-            ]
-        )
-        rows = [
-            style_widget(),
-            w.HTML(f"<code>{html.escape(src)}</code> → <code>{html.escape(out)}</code>"),
-            w.HBox([a, b, c]),
-        ]
-        if self.has_maps:
-            rows += [w.HBox([self._word, self._opacity]), self._caption, maps]
-        else:
-            rows.append(w.HTML("<small>this edit kept no attention maps (attention=False)</small>"))
-        box = w.VBox(rows)
-        box.add_class("sdx-edit-explorer")
-        if self.has_maps:
-            self._render()
-        return box
-
-    def _on_change(self, _change: Any = None) -> None:
-        self.word = self._word.value
-        self.opacity = float(self._opacity.value)
-        self._render()
-
-    def _render(self) -> None:
-        t0 = time.perf_counter()
-        before, after, delta = self.panels(self.word)
-        self._before.value = jpeg_bytes(before)
-        self._after.value = jpeg_bytes(after)
-        self._delta.value = jpeg_bytes(delta)
-        self._caption.value = html.escape(self.caption(self.word))
-        self.last_update_ms = (time.perf_counter() - t0) * 1000
+        self._view = web_view("edit", self.payload(), word=self._word)
+        return self._view
 
     def select(self, word: str | None = None, opacity: float | None = None) -> None:
-        """Set controls programmatically (as if the user moved them)."""
-        self.widget  # noqa: B018 - build the widget first
+        """Set the selection programmatically: ``word`` moves the view (a synced trait); ``opacity`` is that of
+        :meth:`panels` and the static figure (the view has its own slider)."""
         if word is not None:
-            self._word.value = word
+            if word not in self.words:
+                raise InvalidArgumentError(f"{word!r} is not offered; choose one of {', '.join(self.words)}.")
+            self.word = word
         if opacity is not None:
-            self._opacity.value = opacity
+            self.opacity = float(opacity)
 
     # ---- static -----------------------------------------------------------------------------------------
     def figure(self, max_words: int = 3) -> Any:
