@@ -25,6 +25,7 @@ FRAMED = {
     "04_interpolation": ["interpolation"],
     "05_latent_walks": ["walk"],
     "06_your_own_image": ["scrubber", "attention"],
+    "07_edit_by_attention": ["edit"],
 }
 IFRAME = re.compile(r'<iframe class="sdx-embed" src="([^"]+)"')
 
@@ -44,7 +45,13 @@ def test_each_tutorial_frames_its_explorers_pages_with_their_payloads(docs_site,
         text = frame.read_text(encoding="utf-8")
         payload = pages.read_payload(text)  # ResultFileError if the checksum does not verify
         name = frame.name.split("-")[0]
-        block = {"scrubber": "steps", "attention": "attention", "interpolation": "walk", "walk": "walk"}[name]
+        block = {
+            "scrubber": "steps",
+            "attention": "attention",
+            "interpolation": "walk",
+            "walk": "walk",
+            "edit": "edit",
+        }[name]
         assert payload.get(block), f"{frame.name}: no {block} in its payload"
         assert f'data-explorer="{name}"' in text and "<script src" not in text  # one file, no network
 
