@@ -81,7 +81,8 @@ def test_joint_layers_are_found_by_the_class_first() -> None:
 
 
 @pytest.mark.parametrize(
-    ("shape", "size"), [((2, 5, 4, 4), (8, 8)), ((3, 4, 6), (7, 13)), ((2, 8, 8), (8, 8)), ((2, 8, 8), (4, 4))]
+    ("shape", "size"),
+    [((2, 5, 4, 4), (8, 8)), ((3, 4, 6), (7, 13)), ((2, 8, 8), (8, 8)), ((2, 8, 8), (4, 4))],
 )
 def test_upsized_maps_equal_the_antialiased_resize(shape, size) -> None:
     maps = torch.rand(shape)
@@ -91,3 +92,40 @@ def test_upsized_maps_equal_the_antialiased_resize(shape, size) -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     if size[0] < shape[-2]:  # shrinking: the very same antialiased kernel
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_masked_kernel_gives_sdpa_output_and_the_kept_keys_log_sum_exp(float_mask) -> None:
+    """With a mask, the CPU flash kernel's own log-sum-exp replaces a second explicit pass over the keys; its
+    output is SDPA's bit for bit (the image stays the plain call's)."""
+    from sdexplore.record.joint import sdpa_with_lse
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 37, 16) for _ in range(3))
+    keep = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+    keep[0, ..., 3:9] = False
+    mask = torch.zeros(keep.shape).masked_fill_(~keep, float("-inf")) if float_mask else keep
+    out, lse = sdpa_with_lse(q, k, v, True, mask)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    assert lse is not None and lse.shape == (2, 4, 37)
+    scores = (q @ k.transpose(-1, -2)) * 16**-0.5
+    want = scores.masked_fill(~keep, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, want, rtol=0, atol=1e-5)
+    _, none = sdpa_with_lse(q, k, v, False, mask)  # no log-sum-exp asked: SDPA alone
+    assert none is None
+
+
+def test_a_packed_family_without_cfg_unpacks_its_prediction_once() -> None:
+    """Qwen-Image without true CFG steps with the denoiser's raw output: the step's prediction and the raw output
+    are one unpacked tensor, not two copies."""
+    from sdexplore.record.attach import Subscriber, attach
+
+    pipe = tiny_pipeline("qwen-image")
+    seen = []
+    sub = Subscriber(
+        kind="listener", step=lambda step: seen.append(step.run.denoiser_out is step.model_output)
+    )
+    kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
+    with attach(pipe, sub), torch.no_grad():
+        pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw)
+    assert seen == [True, True]

@@ -704,9 +704,12 @@ class Attachment:
         prev = packed_prev
         if run.latent_grid is not None:  # packed tokens → (B, C, h, w) latents for every subscriber
             grid = run.latent_grid
+            packed_out = model_output
             model_output, sample, prev = (fam.unpack_latents(x, grid) for x in (model_output, sample, prev))
             pred_x0 = None if pred_x0 is None else fam.unpack_latents(pred_x0, grid)
-            if run.denoiser_out is not None:
+            if run.denoiser_out is packed_out:  # no CFG: the scheduler stepped with the raw output itself
+                run.denoiser_out = model_output
+            elif run.denoiser_out is not None:
                 run.denoiser_out = fam.unpack_latents(run.denoiser_out, grid)
         i = run.steps_done
         t = run.timestep(i, timestep)

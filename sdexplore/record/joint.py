@@ -62,12 +62,16 @@ _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3  # torch's SDPBackend values (torch._fused_
 # the CPU flash kernel's (output, log-sum-exp): torch's own binding where it has one (the op packet's Python
 # dispatch costs more than the kernel at small sizes)
 _FLASH_CPU = getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None) or (
-    lambda *a: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*a)
+    lambda *a, **k: torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*a, **k)
 )
 
 
 def sdpa_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, need_lse: bool = True
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    need_lse: bool = True,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``F.scaled_dot_product_attention(q, k, v)`` and the log-sum-exp of each query's scores over all keys.
 
@@ -76,7 +80,13 @@ def sdpa_with_lse(
     computes anyway: the output is bitwise SDPA's (checked for the CPU flash kernel in the tests). Returns
     (output (B, heads, L, d), lse (B, heads, L) float32 in natural-log units, or None where the chosen backend
     gives none (the math fallback): callers then compute it explicitly).
+
+    ``attn_mask`` is the call's mask as SDPA takes it (bool: False masked; or float, added): where SDPA picks the
+    CPU flash kernel for it, that kernel is called with the mask as SDPA hands it over (bool → 0 / −inf in the
+    queries' dtype), and the log-sum-exp is over the kept keys; elsewhere SDPA runs and the log-sum-exp is None.
     """
+    if attn_mask is not None:
+        return _masked_sdpa_with_lse(query, key, value, attn_mask, need_lse)
     if need_lse:
         try:
             choice = int(torch._fused_sdp_choice(query, key, value, None, 0.0, False))
@@ -98,6 +108,24 @@ def sdpa_with_lse(
         except (RuntimeError, AttributeError, TypeError):
             pass  # an op this torch build lacks: SDPA for the output, the log-sum-exp computed by the caller
     return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False), None
+
+
+def _masked_sdpa_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, need_lse: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`sdpa_with_lse` with a mask: the CPU flash kernel where SDPA picks it (bitwise SDPA's output), else
+    SDPA itself (log-sum-exp None)."""
+    if need_lse and query.device.type == "cpu" and mask.dtype in (torch.bool, query.dtype):
+        try:
+            if int(torch._fused_sdp_choice(query, key, value, mask, 0.0, False)) == _FLASH:
+                if mask.dtype == torch.bool:  # as SDPA converts a boolean mask before its kernel
+                    mask = torch.zeros(mask.shape, dtype=query.dtype, device=mask.device).masked_fill_(
+                        ~mask, float("-inf")
+                    )
+                return _FLASH_CPU(query, key, value, 0.0, False, attn_mask=mask)
+        except (RuntimeError, AttributeError, TypeError):
+            pass  # a torch build without the masked kernel: SDPA, the log-sum-exp computed by the caller
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask), None
 
 
 def _lse_shape(lse: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -588,10 +616,10 @@ class FluxCapturingProcessor(JointCapturingProcessor):
         q, k, v, mlp = flux_qkv(attn, self.original, hidden_states, encoder_hidden_states, image_rotary_emb)
         if bias is None:
             out, lse = sdpa_with_lse(q, k, v, self.need_lse)
-        else:  # Chroma: the mask as native dispatch passes it (bitwise the same call); the normaliser is worked
-            # out later by the recorder, batched, from the image keys and the mask's bias on every key
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)  # (N, heads, L, d)
-            lse = None
+        else:  # Chroma: the mask as native dispatch passes it (bitwise the same call); without the kernel's
+            # normaliser the recorder works it out later, batched, from the image keys and the mask's bias
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse, attention_mask)  # (N, heads, L, d), the CPU
+            # flash kernel's log-sum-exp over the kept keys where SDPA picks it, else None
         hidden_states = out.permute(0, 2, 1, 3).flatten(2, 3)  # (N, L, heads*d)
         hidden_states = hidden_states.to(q.dtype)
         self.sink(
@@ -607,7 +635,7 @@ class FluxCapturingProcessor(JointCapturingProcessor):
             v[:, :, txt:],
             **({} if bias is None else {"key_bias": bias[:, :txt], "image_key_bias": bias[:, txt:]}),
             q_txt=q[:, :, :txt],  # the text rows, for text→image and text→text maps
-            lse_txt=None if lse is None else lse[:, :, :txt],
+            lse_txt=None if lse is None or bias is not None else lse[:, :, :txt],  # masked: worked out there
             text_mask=attention_mask,  # text→image / text→text read the text queries' rows of it
         )
         return flux_output(attn, self.original, hidden_states, txt, double, mlp)
@@ -722,6 +750,13 @@ def _z_layer(name: str) -> bool:
     return len(parts) == 3 and parts[0] == "layers" and parts[2] == "attention"
 
 
+def mask_bias(mask: torch.Tensor) -> torch.Tensor:
+    """A boolean key mask (N, 1, 1, L) as an additive bias (N, L) float32 (0 kept, −inf masked)."""
+    return torch.zeros(mask.shape[0], mask.shape[-1], device=mask.device).masked_fill_(
+        ~mask[:, 0, 0], float("-inf")
+    )
+
+
 def masked_lse(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, rows: slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -781,16 +816,18 @@ class QwenCapturingProcessor(JointCapturingProcessor):
         else:  # the processor's own joint mask (N, 1, 1, T+HW), as native dispatch passes it
             keep = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
             mask = torch.cat([encoder_hidden_states_mask, keep], 1)[:, None, None, :]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            lse, bias = masked_lse(q, k, mask, slice(txt, None))
-            lse = torch.cat([lse.new_zeros(*lse.shape[:2], txt), lse], 2)  # (N, h, T+HW): text rows unused
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse, mask)  # lse over the kept keys, where given
+            if lse is None:
+                lse, bias = masked_lse(q, k, mask, slice(txt, None))  # (N, h, HW): the image rows
+            else:
+                lse, bias = lse[:, :, txt:], mask_bias(mask)  # (N, h, HW), (N, T+HW)
         joint = out.permute(0, 2, 1, 3).flatten(2, 3).to(q.dtype)  # (N, T+HW, h·d)
         self.sink(
             self.name,
             attn,
             q[:, :, txt:],
             k[:, :, :txt],
-            None if lse is None else lse[:, :, txt:],
+            lse if bias is not None else (None if lse is None else lse[:, :, txt:]),
             joint[:, txt:],
             joint[:, :txt],
             d**-0.5,
@@ -845,8 +882,11 @@ class ZImageCapturingProcessor(FluxCapturingProcessor):
             lse = None if lse is None else lse[:, :, :hw]
         else:
             mask = attention_mask[:, None, None, :] if attention_mask.ndim == 2 else attention_mask
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            lse, bias = masked_lse(q, k, mask, slice(0, hw))
+            out, lse = sdpa_with_lse(q, k, v, self.need_lse, mask)  # lse over the kept keys, where given
+            if lse is None:
+                lse, bias = masked_lse(q, k, mask, slice(0, hw))
+            else:
+                lse, bias = lse[:, :, :hw], mask_bias(mask)
         others = torch.cat([k[:, :, :x_len], k[:, :, text.stop :]], 2) if lse is None else k[:, :, :hw]
         hidden = out.permute(0, 2, 1, 3).flatten(2, 3).to(q.dtype)  # (N, L, heads·d)
         self.sink(
