@@ -44,14 +44,13 @@ PAPER_DEFAULTS = {"sd3": (50, 33, 3.5, 13.5), "flux": (28, 24, 1.5, 5.5), "flux2
 def check_flow_family(pipe: Any, what: str = "FlowEdit") -> Family:
     """The pipeline's family if it is a flow-matching one FlowEdit and flow inversion run on, else
     :class:`UnsupportedPipelineError` naming them."""
-    fam = detect_family(pipe)
-    if fam.name not in FLOWEDIT_FAMILIES:
-        raise UnsupportedPipelineError(
-            f"{what} needs a flow-matching model: SD3, Flux.1 or Flux.2 ({', '.join(FLOWEDIT_FAMILIES)}); "
-            f"{fam.label} is not one. Edit a picture on {fam.label} with sdexplore.edit(pipe, source, target, "
-            "image=picture) (null-text inversion, then Prompt-to-Prompt)."
-        )
-    return fam
+    return detect_family(pipe).require(
+        "flowedit",
+        what,
+        why="it needs a flow-matching model",
+        hint="Edit a picture there with sdexplore.edit(pipe, source, target, image=picture) (null-text inversion, "
+        "then Prompt-to-Prompt).",
+    )
 
 
 # ---------------------------------------------------------------- the schedule, as the pipeline makes it

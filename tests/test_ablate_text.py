@@ -67,7 +67,9 @@ def test_bad_input_is_refused_before_any_encoding() -> None:
             ablated_prompt_embeds(pipe, P, words)
     with pytest.raises(InvalidArgumentError):
         CausalAblation(pipe, "circle", images=[-1])
-    with pytest.raises(UnsupportedPipelineError, match="sd3"):
+    with pytest.raises(
+        UnsupportedPipelineError, match="Flux.2 cannot use causal token ablation.*Stable Diffusion 3"
+    ):
         CausalAblation(tiny_pipeline("flux2"), "circle")
     with CausalAblation(pipe, "square"), pytest.raises(WordNotFoundError):
         pipe(P, **RUN)

@@ -227,7 +227,7 @@ def test_misaligned_word_tokens_are_named() -> None:
 
 def test_injection_is_refused_on_the_unet_families_naming_the_families_that_can() -> None:
     pipe = tiny_pipeline("sd1")  # every family takes the word edits; Inject needs joint attention
-    with pytest.raises(UnsupportedPipelineError, match=r"SD3, Flux\.1 and Flux\.2"):
+    with pytest.raises(UnsupportedPipelineError, match=r"Stable Diffusion 3 / 3\.5, Flux\.1 and Flux\.2\."):
         Control(pipe, Inject())
     assert attachment_of(pipe) is None
 

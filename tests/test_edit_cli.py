@@ -193,8 +193,10 @@ def test_flowedit_on_a_model_that_cannot_is_one_line_and_exit_2_with_nothing_wri
         capsys, "edit", SOURCE, TARGET, "--image", picture, "--method", "flowedit", *FAST, "--out", out
     )
     lines = error_lines(err)
-    assert (rc, len(lines)) == (2, 1) and "FlowEdit needs a flow-matching model" in lines[0], err
-    assert "SD3, Flux.1 or Flux.2" in lines[0]
+    assert (rc, len(lines)) == (2, 1) and "cannot use FlowEdit: it needs a flow-matching model" in lines[0], (
+        err
+    )
+    assert "The families that can: Stable Diffusion 3 / 3.5, Flux.1 and Flux.2." in lines[0]
     assert "wrote" not in stdout and not out.exists()
 
 

@@ -8,7 +8,7 @@ from conftest import assert_restored, gen, pipeline_state
 
 import sdexplore as sdx
 import sdexplore.record.joint as joint_mod
-from sdexplore.errors import InvalidArgumentError
+from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.record.joint import sdpa_with_lse
 
@@ -359,5 +359,5 @@ def test_flux2_klein_maps_equal_an_explicit_softmax() -> None:
         image = klein(prompt=P, generator=gen(0), **cfg).images
     assert (image == plain).all() and rec.maps.num_steps == cfg["num_inference_steps"]
     torch.testing.assert_close(rec.maps.steps[0], maps.steps[0], rtol=0, atol=1e-6)  # the prompt's call
-    with pytest.raises(InvalidArgumentError, match="Flux.2"):
+    with pytest.raises(UnsupportedPipelineError, match="Flux.2 cannot use concept maps"):
         sdx.AttentionRecorder(klein, concepts=["sky"])

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError, WordNotFoundError
+from ..errors import InvalidArgumentError, RecorderStateError, WordNotFoundError
 from ..families import Family, detect_family
 from .attach import Run, Subscriber, attach, attachment_of, module_hooks
 from .tokens import resolve_max_sequence_length, tokenize_prompt
@@ -40,13 +40,12 @@ ABLATION_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux")
 
 def check_ablatable(pipe: Any) -> Family:
     """The pipeline's family if causal ablation can mask its text encoders, else UnsupportedPipelineError."""
-    family = detect_family(pipe)
-    if family.name not in ABLATION_FAMILIES:
-        raise UnsupportedPipelineError(
-            f"{family.label} cannot take causal token ablation yet: it masks CLIP and T5 text encoders "
-            f"({', '.join(ABLATION_FAMILIES)}). Zero the word's attention alone with Reweight({{word: 0.0}})."
-        )
-    return family
+    return detect_family(pipe).require(
+        "ablate-text",
+        "causal token ablation",
+        why="it masks CLIP and T5 text encoders",
+        hint="Zero the word's attention alone with Reweight({word: 0.0}).",
+    )
 
 
 @dataclass(frozen=True)

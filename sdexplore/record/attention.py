@@ -242,12 +242,12 @@ class AttentionRecorder:
             )
         #: Words whose maps are recorded although they are not in the prompt (see :meth:`AttentionMaps.concept`).
         self.concepts = list(dict.fromkeys(c.strip() for c in concepts))
-        if self.concepts and not self.family.can("concepts"):
-            able = ", ".join(f.label for f in FAMILIES.values() if f.can("concepts"))
-            raise InvalidArgumentError(
-                f"Concept maps are not available on {self.family.label} yet (Flux.2's blocks share modulation and "
-                "fuse projections differently; PixArt-Σ masks T5's padding in its cross-attention): they work on "
-                f"{able}. Record its attention maps without concepts=."
+        if self.concepts:
+            self.family.require(
+                "concepts",
+                "concept maps (concepts=)",
+                why="sdexplore does not carry concept tokens through its denoiser's blocks yet",
+                hint="Record its attention maps without concepts=.",
             )
         if self.concepts and joint and (layers is not None or scales is not None):
             raise InvalidArgumentError(

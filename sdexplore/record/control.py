@@ -56,20 +56,17 @@ from .tokens import TokenList, sequence_tokens
 
 #: Families whose attention a control can change (the message of every refusal names them).
 CONTROL_FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2")
-_CONTROL_HELP = "controls run on SD 1.x/2.x/XL, SD3, Flux.1 and Flux.2"
 #: Families with joint attention, where :class:`Inject` runs.
 JOINT_CONTROL_FAMILIES = ("sd3", "flux", "flux2")
 
 
 def check_controllable(pipe: Any, family: Family | None = None) -> Family:
     """The pipeline's family if a control can run on it, else :class:`UnsupportedPipelineError` saying which can."""
-    family = family or detect_family(pipe)
-    if family.name not in CONTROL_FAMILIES:
-        raise UnsupportedPipelineError(
-            f"{family.label} cannot take attention controls: {_CONTROL_HELP} "
-            f"({', '.join(CONTROL_FAMILIES)}). Record its attention with sdexplore.observe(pipe, attention=True)."
-        )
-    return family
+    return (family or detect_family(pipe)).require(
+        "controls",
+        "attention controls (Reweight, WordSwap, Refine, LocalBlend)",
+        hint="Record its attention with sdexplore.observe(pipe, attention=True).",
+    )
 
 
 def check_fraction(name: str, value: Any) -> float:
@@ -629,11 +626,12 @@ class Inject(AttentionEdit):
         return self.layers == [] or a >= b
 
     def bind(self, pipe: Any, family: Family, layers: list[str]) -> None:
-        if family.name not in JOINT_CONTROL_FAMILIES:
-            raise UnsupportedPipelineError(
-                f"Inject replaces image keys and values in joint attention, which {family.label} has not: it runs "
-                "on SD3, Flux.1 and Flux.2. On SD 1.x/2.x/XL use WordSwap's self_replace (self-attention maps)."
-            )
+        family.require(
+            "inject",
+            "Inject",
+            why="it replaces image keys and values in joint attention, which this family has not",
+            hint="On SD 1.x/2.x/XL use WordSwap's self_replace (self-attention maps).",
+        )
         if self.layers is None:
             self._names = set(layers)
             return

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InvalidArgumentError, RecorderStateError, UnsupportedPipelineError
+from ..errors import InvalidArgumentError, RecorderStateError
 from ..families import Family, detect_family
 from .attach import Attachment, Run, Step, Subscriber, attach
 
@@ -223,11 +223,12 @@ class Steering:
     ) -> None:
         if stop_at is not None and (not isinstance(stop_at, int) or isinstance(stop_at, bool) or stop_at < 1):
             raise InvalidArgumentError(f"stop_at must be an int ≥ 1, got {stop_at!r}.")
-        if stop_at is not None and not detect_family(pipe).can("stop_at"):
-            raise UnsupportedPipelineError(
-                f"stop_at cannot stop {type(pipe).__name__}: its loop never reads the interrupt flag, so every step "
-                "would run. Stop it yourself with num_inference_steps, or use a family that can "
-                "(sdexplore.families.FAMILIES[name].can('stop_at'))."
+        if stop_at is not None:
+            detect_family(pipe).require(
+                "stop_at",
+                "stop_at",
+                why=f"the loop of {type(pipe).__name__} never reads the interrupt flag, so every step would run",
+                hint="Stop it yourself with num_inference_steps.",
             )
         if stop_returns not in ("latents", "x0"):
             raise InvalidArgumentError(f"stop_returns must be 'latents' or 'x0', got {stop_returns!r}.")
