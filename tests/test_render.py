@@ -133,6 +133,19 @@ def test_trace_preview_uses_the_traces_factors_or_given_ones():
     assert np.array_equal(trace_preview(tr, 0, "x0"), expected)
 
 
+def test_a_trace_without_factors_of_a_family_without_published_ones_asks_for_factors():
+    tr = _trace(False)
+    del tr.meta["latent_rgb"]
+    tr.family = "sana"  # no published latent → RGB factors for its DC-AE latents
+    for call in (lambda: preview_factors(tr), lambda: trace_preview(tr, 0, "x0")):
+        with pytest.raises(
+            NotRecordedError, match=r"Sana has no published ones; pass factors=\(factors \(C, 3\)"
+        ):
+            call()
+    given = trace_preview(tr, 0, "x0", factors=(torch.ones(4, 3), torch.zeros(3)))
+    assert given[0, 0].tolist() == to_uint8(torch.tensor([1.0, 1.0, 1.0])).tolist()
+
+
 def test_trace_preview_errors_say_what_to_do():
     tr = _trace(False)
     tr[0].x0 = None

@@ -189,7 +189,7 @@ def preview_factors(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
     """The latent → RGB factors ``(factors (C, 3), bias (3,))`` a trace's previews were made with.
 
     ``trace.meta["latent_rgb"]`` (recorded since traces carry it); for an older trace without it, the
-    family's published factors.
+    family's published factors. :class:`~sdexplore.errors.NotRecordedError` where there are neither.
     """
     meta = trace.meta.get("latent_rgb")
     if meta:
@@ -204,6 +204,11 @@ def preview_factors(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotRecordedError(
             f"This trace (family {trace.family!r}) carries no latent → RGB factors in meta['latent_rgb']; "
             "pass factors=(factors (C, 3), bias (3,))."
+        )
+    if fam.latent_rgb_factors is None:  # Sana: no published factors for its DC-AE latents
+        raise NotRecordedError(
+            f"This trace carries no latent → RGB factors in meta['latent_rgb'], and {fam.label} has no published "
+            "ones; pass factors=(factors (C, 3), bias (3,))."
         )
     return (
         torch.tensor(fam.latent_rgb_factors, dtype=torch.float32),
