@@ -24,7 +24,7 @@ from _paired import median_interval, process_clock, run_pairs  # noqa: E402
 
 import sdexplore  # noqa: E402
 from sdexplore.families import detect_family  # noqa: E402
-from sdexplore.fixtures import tiny_pipeline  # noqa: E402
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline  # noqa: E402
 
 PROMPT = "a big red circle at the top left on a blue background"
 TARGET = 1.15
@@ -34,7 +34,7 @@ def family_call(pipe: Any, steps: int) -> Callable[[], Any]:
     """One plain call of the fixture ``pipe``: 64×64, ``steps`` steps, latents out, a fixed seed."""
     family = detect_family(pipe)
     kw: dict[str, Any] = dict(num_inference_steps=steps, height=64, width=64, output_type="latent")
-    kw.update(dict(family.call_defaults))
+    kw.update(fixture_call_defaults(family.name))
     if family.name in ("flux", "chroma", "wan"):  # their T5's 512 positions, mostly padding, at 64 pixels
         kw["max_sequence_length"] = 64
 

@@ -187,8 +187,9 @@ class Family:
     # What sdexplore can do with this family: names from CAPABILITIES. Anything missing is refused with
     # UnsupportedPipelineError (or InvalidArgumentError for an option) naming the families that can.
     capabilities: frozenset[str] = frozenset()
-    # Call arguments a plain call of this family's pipelines needs at the fixtures' small sizes (PixArt-Σ: no
-    # resolution binning, whose aspect-ratio table starts at 256 pixels)
+    # Call arguments a plain call of this family's pipelines needs, true of the real models (PixArt-Σ: no
+    # resolution binning, whose aspect-ratio table starts at 256 pixels); what only the tiny fixtures need is in
+    # fixtures.FIXTURE_CALL_DEFAULTS
     call_defaults: tuple[tuple[str, Any], ...] = ()
     # What the pipeline's encode_prompt returns, by position, where it is not (embeds, negative[, pooled, negative
     # pooled]): PixArt-Σ's is ("embeds", "mask", "negative", "negative_mask")
@@ -889,9 +890,6 @@ WAN = Family(
     # steps and the attn2 cross-attention maps per frame; controls, concepts, inversion, walks and the rest name
     # the families they run on
     capabilities=frozenset({"steps", "steering", "stop_at", "attention"}),
-    call_defaults=(
-        ("num_frames", 5),
-    ),  # 2 latent frames: the fixtures' short clip (the pipeline's default is 81)
     video=True,
     second_denoiser="transformer_2",
     cross_attention=True,

@@ -63,6 +63,7 @@ from transformers import (
     UMT5EncoderModel,
 )
 
+from .families import FAMILIES
 from .tokenizer import clip_tokenizer, t5_tokenizer
 
 FixtureFamily = Literal[
@@ -103,6 +104,16 @@ ALL_FIXTURE_FAMILIES: tuple[str, ...] = (
 #: Flux.1 fixture variants: "dev" (guidance-distilled: the scale is a transformer input; dynamic shifting) and
 #: "schnell" (no guidance input; a fixed shift of 1).
 FLUX_VARIANTS: tuple[str, ...] = ("dev", "schnell")
+#: Call arguments a fast call of a fixture takes beyond its record's ``Family.call_defaults`` (which are the real
+#: models' and apply to them too): Wan's short clip, 5 frames → 2 latent frames (the pipeline's default is 81).
+FIXTURE_CALL_DEFAULTS: dict[str, dict[str, Any]] = {"wan": {"num_frames": 5}}
+
+
+def fixture_call_defaults(family: str) -> dict[str, Any]:
+    """The call arguments a fast call of the ``family`` fixture needs: its record's ``Family.call_defaults``, then
+    the fixture's own (:data:`FIXTURE_CALL_DEFAULTS`)."""
+    return {**dict(FAMILIES[family].call_defaults), **FIXTURE_CALL_DEFAULTS.get(family, {})}
+
 
 _TEXT_HIDDEN = 32
 

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from sdexplore.errors import InvalidArgumentError, SelectionError, UnsupportedPipelineError
 from sdexplore.families import FAMILIES
-from sdexplore.fixtures import tiny_pipeline
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline
 from sdexplore.record.attention import AttentionRecorder
 from sdexplore.record.joint import joint_attention_layers
 from sdexplore.record.relations import grid_weights, self_attention_layers
@@ -30,7 +30,7 @@ def pipe_of(name: str):
 
 def kwargs_of(name: str) -> dict:
     kw = dict(num_inference_steps=STEPS, height=64, width=64, output_type="latent")
-    kw.update(dict(FAMILIES[name].call_defaults))
+    kw.update(fixture_call_defaults(name))
     if name in ("flux", "chroma"):
         kw["max_sequence_length"] = 32
     return kw

@@ -1,8 +1,6 @@
 """``sdexplore steps`` and ``sdexplore attention`` on a video model (the Wan fixture, saved and loaded by path):
-the clip and its frames, a frame strip per step, one heat map per latent frame, the trace and the maps files.
-
-``cli/_common.py`` refused a video family for these commands before they could write frames; the tests lift that
-check (``PICTURE_COMMANDS``) so they run the commands as they will be once it is gone.
+the clip and its frames, a frame strip per step, one heat map per latent frame, the trace and the maps files; and
+``--frames``, the clip length (the fixture's 5 frames here; the pipeline's 81 by default), checked before any step.
 """
 
 from __future__ import annotations
@@ -12,7 +10,7 @@ import pytest
 from PIL import Image
 
 import sdexplore as sdx
-from sdexplore.fixtures import tiny_pipeline
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline
 
 P = "a red circle on a blue background"
 BASE = [
@@ -27,6 +25,8 @@ BASE = [
     "64",
     "--width",
     "64",
+    "--frames",
+    str(fixture_call_defaults("wan")["num_frames"]),  # 5: two latent frames (81 by default, 6x the time)
 ]
 
 
@@ -35,13 +35,6 @@ def wan_folder(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("wan") / "wan"
     tiny_pipeline("wan").save_pretrained(path)
     return str(path)
-
-
-@pytest.fixture(autouse=True)
-def video_commands(monkeypatch):
-    from sdexplore.cli import _common
-
-    monkeypatch.setattr(_common, "PICTURE_COMMANDS", (), raising=False)
 
 
 def _png(path) -> np.ndarray:
@@ -96,3 +89,52 @@ def test_attention_writes_a_heat_map_per_latent_frame(wan_folder, tmp_path, caps
     left, right = circle[:, : circle.shape[0]], circle[:, circle.shape[0] :]
     assert not np.array_equal(left, right)  # each frame its own map over its own clip frame
     assert "of latent frame" in printed.out
+
+
+def test_frames_reach_the_call_only_when_given() -> None:
+    from sdexplore.cli import build_parser
+    from sdexplore.cli._common import _call_kwargs
+
+    for command in ("steps", "attention"):
+        args = build_parser().parse_args([command, P, "--model", "some/wan"])
+        assert "num_frames" not in _call_kwargs(args)  # the pipeline's own default (Wan: 81)
+        args = build_parser().parse_args([command, P, "--model", "some/wan", "--frames", "9"])
+        assert _call_kwargs(args)["num_frames"] == 9
+
+
+@pytest.mark.parametrize("model", [None, "tiny-shapes-mmdit"])
+def test_frames_on_the_embedded_models_are_refused_before_loading(
+    model, tmp_path, capsys, monkeypatch
+) -> None:
+    from sdexplore.cli import _common, main
+
+    monkeypatch.setattr(_common, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "steps"
+    rc = main(["steps", P, *(["--model", model] if model else []), "--frames", "5", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--frames sets a video model's clip length" in err and "makes pictures" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_clip_length_the_vae_does_not_take_is_refused_before_any_step(wan_folder, tmp_path, capsys) -> None:
+    from sdexplore.cli import main
+
+    out = tmp_path / "att"
+    base = [a if a != "5" else "6" for a in BASE]  # --frames 6: the VAE takes 1 + 4k
+    rc = main(["attention", P, "--model", wan_folder, *base, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert (
+        rc == 2 and "--frames 6: Wan 2.x's video VAE takes 1 + 4k frames" in err and "pass 5 or 9" in err
+    ), err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_frames_on_an_image_model_folder_are_refused_before_any_step(tmp_path, capsys) -> None:
+    from sdexplore.cli import main
+
+    folder = tmp_path / "sd1"
+    tiny_pipeline("sd1").save_pretrained(folder)
+    out = tmp_path / "steps"
+    rc = main(["steps", P, "--model", str(folder), *BASE, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Stable Diffusion 1.x makes pictures: leave it out" in err and not out.exists(), err

@@ -21,7 +21,7 @@ from conftest import gen
 import sdexplore as sdx
 from sdexplore.errors import InvalidArgumentError, UnsupportedPipelineError
 from sdexplore.families import CAPABILITIES, FAMILIES
-from sdexplore.fixtures import ALL_FIXTURE_FAMILIES, tiny_pipeline
+from sdexplore.fixtures import ALL_FIXTURE_FAMILIES, fixture_call_defaults, tiny_pipeline
 from sdexplore.record.joint import joint_attention_layers
 
 P = "a red circle on a blue background"
@@ -37,9 +37,10 @@ def pipe_of(name: str):
 
 
 def call_kwargs(name: str, **extra) -> dict:
-    """A fast call of family ``name``: 64 px, two steps, its record's call defaults, a short T5/Qwen sequence."""
+    """A fast call of family ``name``: 64 px, two steps, its fixture's call defaults (its record's, and the
+    fixture's own: Wan's 5 frames), a short T5/Qwen sequence."""
     fam = FAMILIES[name]
-    kw = dict(num_inference_steps=STEPS, height=64, width=64, output_type="np", **dict(fam.call_defaults))
+    kw = dict(num_inference_steps=STEPS, height=64, width=64, output_type="np", **fixture_call_defaults(name))
     if "max_sequence_length" in fam.encode_options:
         kw["max_sequence_length"] = 32
     return {**kw, **extra}

@@ -16,7 +16,7 @@ from test_conformance import P, call_kwargs, pipe_of
 
 import sdexplore as sdx
 from sdexplore.families import FAMILIES
-from sdexplore.fixtures import ALL_FIXTURE_FAMILIES
+from sdexplore.fixtures import ALL_FIXTURE_FAMILIES, fixture_call_defaults
 
 #: Known gaps, (check, family) → what is missing and where (a strict xfail each, removed by the fix).
 PENDING: dict[tuple[str, str], str] = {
@@ -24,14 +24,6 @@ PENDING: dict[tuple[str, str], str] = {
         "views/widgets/scrubber.py previews a step's latents with preview.latent_to_uint8, which takes (B, C, h, w); "
         "Wan's are (B, C, F, h, w): show one frame (a frame slider) or a frame strip"
     ),
-    **{
-        (f"cli-{c}", "wan"): (
-            "cli/_common.py _check_for_model still refuses a video family for PICTURE_COMMANDS (steps, attention), "
-            "which now write the clip, frame strips per step and per-frame maps (tests/test_cli_video.py): delete "
-            "that branch and PICTURE_COMMANDS"
-        )
-        for c in ("steps", "attention")
-    },
     ("attention-explorer", "wan"): (
         "views/widgets/attention.py draws maps.word(...) as one (h, w) heat map; Wan's are per frame, (F, h, w): "
         "pick a frame (a slider) or tile the frames"
@@ -185,6 +177,9 @@ def test_each_command_runs_on_the_family_or_refuses_in_one_line(
     runs = capability is None or fam.can(capability)
     argv = [command, "--model", saved(name), "--no-progress", "--device", "cpu", "--dtype", "float32"]
     argv += [a.format(out=tmp_path / "out", picture=picture) for a in args]
+    # a video family: the fixture's short clip (the pipeline's default, 81 frames, takes 6x as long)
+    if fam.video and command in ("steps", "attention"):
+        argv += ["--frames", str(fixture_call_defaults(name)["num_frames"])]
     rc = main(argv)
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error" in line.lower()]

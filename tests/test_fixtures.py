@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdexplore.fixtures import tiny_pipeline
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline
 
 
 def _run(pipe, seed):
@@ -38,7 +38,6 @@ def test_sd2_is_v_prediction_and_bad_family():
 
 @pytest.mark.parametrize("family", ["pixart-sigma", "chroma", "sana"])
 def test_new_family_fixtures_are_deterministic_independent_and_fixed(family):
-    from sdexplore.families import FAMILIES
 
     kw = dict(
         num_inference_steps=2,
@@ -46,7 +45,7 @@ def test_new_family_fixtures_are_deterministic_independent_and_fixed(family):
         width=64,
         output_type="np",
         max_sequence_length=16,
-        **dict(FAMILIES[family].call_defaults),
+        **fixture_call_defaults(family),
     )
     a, b = tiny_pipeline(family), tiny_pipeline(family)
     assert a.transformer is not b.transformer

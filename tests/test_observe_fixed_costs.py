@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import sdexplore as sdx
-from sdexplore.families import detect_family, signature_of
-from sdexplore.fixtures import tiny_pipeline
+from sdexplore.families import signature_of
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline
 from sdexplore.heatmaps import resize
 from sdexplore.record.attention import _upsized
 from sdexplore.record.joint import joint_attention_layers
@@ -54,7 +54,7 @@ def _count_signatures(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def test_a_second_observed_call_reads_no_signature(name, monkeypatch) -> None:
     pipe = tiny_pipeline(name)
     kw = dict(num_inference_steps=2, height=64, width=64, output_type="latent")
-    kw.update(dict(detect_family(pipe).call_defaults))
+    kw.update(fixture_call_defaults(name))
 
     def observed():
         with sdx.observe(pipe, steps=True, attention=True) as obs, torch.no_grad():

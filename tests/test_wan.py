@@ -20,7 +20,7 @@ from sdexplore.errors import (
     SelectionError,
     UnsupportedPipelineError,
 )
-from sdexplore.fixtures import tiny_pipeline
+from sdexplore.fixtures import fixture_call_defaults, tiny_pipeline
 from sdexplore.record.steps import StepRecorder
 from sdexplore.results import fileformat as ff
 from sdexplore.results.attention_maps import AttentionMaps
@@ -67,6 +67,20 @@ def test_the_fixture_makes_a_short_video(pipe, obs):
     assert obs.video.shape == (1, 5, 64, 64, 3)  # (B, frames, H, W, 3)
     assert obs.steps.frames == 2 == obs.attention.frames  # 5 frames → 1 + (5 − 1) / 4 latent frames
     assert obs.steps[0].latents.shape == (1, 16, 2, 8, 8)
+
+
+def test_generate_leaves_the_frame_count_to_the_pipeline(pipe):
+    """The record's call defaults are the real model's: generate() adds no frame count, so a real Wan makes the
+    pipeline's 81 frames (21 latent frames); the fixture's 5 frames are the tests' (fixture_call_defaults)."""
+    assert "num_frames" not in dict(sdx.FAMILIES["wan"].call_defaults)
+    assert fixture_call_defaults("wan") == {"num_frames": 5}
+    kw = {
+        **{k: v for k, v in KW.items() if k != "num_frames"},
+        "num_inference_steps": 1,
+        "output_type": "latent",
+    }
+    _, obs = sdx.generate(pipe, P, seed=0, steps=True, attention=False, **kw)
+    assert obs.steps.frames == 21 and obs.steps[0].latents.shape == (1, 16, 21, 8, 8)
 
 
 def test_the_fixture_is_deterministic_independent_and_fixed(pipe):

@@ -201,6 +201,18 @@ def _output_options(default: str, what: str) -> argparse.ArgumentParser:
     return p
 
 
+def _frames_option(p: argparse.ArgumentParser) -> None:
+    """``--frames N``: the clip length of a video model (Wan), for the commands that write a video's frames."""
+    p.add_argument(
+        "--frames",
+        dest="num_frames",
+        type=_whole(1, MAX_FRAMES),
+        metavar="N",
+        help="video models (Wan): frames of the clip, 1 + 4k such as 5 or 81 (default: the pipeline's, 81 for "
+        "Wan; fewer frames run faster)",
+    )
+
+
 def _directions_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--direction",
@@ -311,7 +323,7 @@ def _check_model(args: argparse.Namespace, model: str | None, scheduler: str | N
     Returns the scheduler's diffusers class name (``None``: the model's own).
     """
     from ..errors import SdexploreError
-    from ..loading import check_scheduler_name, pick_device, pick_dtype
+    from ..loading import EMBEDDED_MODELS, check_scheduler_name, pick_device, pick_dtype
 
     try:
         pick_dtype(args.dtype, pick_device(args.device))
@@ -323,6 +335,11 @@ def _check_model(args: argparse.Namespace, model: str | None, scheduler: str | N
     ) as e:  # torch.device("x") raises RuntimeError
         raise InputError(f"--device {args.device} --dtype {args.dtype}: {_one_line(e)}") from e
     _check_model_source(model)
+    if getattr(args, "num_frames", None) is not None and (model is None or model in EMBEDDED_MODELS):
+        raise InputError(
+            f"--frames sets a video model's clip length, and the embedded model {model or 'tiny-shapes'} makes "
+            "pictures: leave --frames out, or pass --model with a video model (Wan)"
+        )
     name = resolve_scheduler(scheduler)
     if name is None:
         return None
@@ -435,8 +452,8 @@ def _load(args: argparse.Namespace, model: str | None, scheduler: str | None = N
 def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
     """What only the loaded model decides, checked before generating: SD3 and Flux work in 2x2 patches of
     latents (sizes in multiples of 16, which FluxPipeline would otherwise round down silently), Flux.1 has
-    no CFG batch (FluxPipeline ignores a negative prompt without true CFG), and a video family (Wan) has no
-    pictures for the picture commands."""
+    no CFG batch (FluxPipeline ignores a negative prompt without true CFG), and --frames needs a video model
+    (Wan) and a clip length its VAE takes."""
     from .._checks import check_size_limit
     from ..families import detect_family, size_unit, vae_scale_factor
 
@@ -466,18 +483,18 @@ def _check_for_model(args: argparse.Namespace, pipe: Any) -> None:
                 f"--negative is not used by {fam.label}: it has no CFG batch (its guidance is distilled into the "
                 "model), so the pipeline would ignore the negative prompt; leave --negative out"
             )
-    if fam.video and getattr(args, "command", None) in PICTURE_COMMANDS:
-        from ..errors import UnsupportedPipelineError
-
-        raise UnsupportedPipelineError(
-            f"`sdexplore {args.command}` writes pictures and {fam.label} makes videos: record it in Python with "
-            "sdexplore.observe(pipe, steps=True, attention=True) (traces and maps keep the frame axis) and save a "
-            "page with obs.save_html(path)"
+    frames = getattr(args, "num_frames", None)
+    if frames is not None and not fam.video:
+        raise InputError(
+            f"--frames sets a video model's clip length, and {fam.label} makes pictures: leave it out"
         )
-
-
-#: Commands whose output is pictures of one image per prompt (a video family is refused there, before any step).
-PICTURE_COMMANDS = ("steps", "attention")
+    step = getattr(pipe, "vae_scale_factor_temporal", 1)  # Wan: 4 frames per latent frame after the first
+    if frames is not None and (frames - 1) % step:
+        low = (frames - 1) // step * step + 1
+        raise InputError(
+            f"--frames {frames}: {fam.label}'s video VAE takes 1 + {step}k frames (the pipeline would round down); "
+            f"pass {low} or {low + step}"
+        )
 
 
 def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -494,6 +511,8 @@ def _call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["width"] = args.width
     if args.negative is not None:
         kwargs["negative_prompt"] = args.negative
+    if getattr(args, "num_frames", None) is not None:  # --frames: a video model's clip length
+        kwargs["num_frames"] = args.num_frames
     return kwargs
 
 

@@ -21,6 +21,7 @@ from ._common import (
     _common_options,
     _directions_option,
     _fit,
+    _frames_option,
     _generation_options,
     _html_option,
     _output_options,
@@ -103,6 +104,7 @@ def add_parser(sub: Any) -> None:
     a.add_argument("--image", metavar="PICTURE", help="map the reconstruction of this picture (see below)")
     _html_option(a, "the run (a word picker over the maps, and a step slider)")
     _directions_option(a)
+    _frames_option(a)
     a.set_defaults(run=_cmd_attention)
 
 

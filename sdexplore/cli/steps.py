@@ -21,6 +21,7 @@ from ._common import (
     _directions_option,
     _directions_record,
     _fit,
+    _frames_option,
     _generation_options,
     _html_option,
     _number,
@@ -111,6 +112,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--image", metavar="PICTURE", help="record the reconstruction of this picture (see below)")
     _html_option(s, "the steps (a step slider over the run)")
     _directions_option(s)
+    _frames_option(s)
     s.set_defaults(run=_cmd_steps)
 
 
