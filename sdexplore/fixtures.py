@@ -884,7 +884,7 @@ def tiny_pipeline(
     3); call it with ``use_resolution_binning=False``.
     ``wan`` is a ``WanPipeline`` (text-to-video: 2 blocks of space-time self-attention and cross-attention to a
     one-layer UMT5 through the offline T5 tokenizer, (1, 2, 2) patches, a 16-channel causal video VAE of 8× in space
-    and 4× in time, UniPC on flow sigmas with shift 3); call it with ``num_frames=5`` (2 latent frames) and
+    and 4× in time, UniPC on flow sigmas with shift 3); call it with ``num_frames=5`` (2 latent frames; :func:`fixture_call_defaults`) and
     ``height=64, width=64``; its output is ``.frames`` (B, frames, H, W, 3).
     ``z-image`` is a ``ZImagePipeline`` (a single-stream DiT of 2 layers over the image tokens then the caption's,
     a 2-layer Qwen3 through the offline :func:`qwen_tokenizer`, Flux's VAE; CFG in one batch, prompt rows first).
