@@ -129,3 +129,30 @@ def test_a_packed_family_without_cfg_unpacks_its_prediction_once() -> None:
     with attach(pipe, sub), torch.no_grad():
         pipe(prompt="a red circle", generator=torch.Generator().manual_seed(0), **kw)
     assert seen == [True, True]
+
+
+def test_the_memory_check_reads_free_memory_about_once_a_second(monkeypatch) -> None:
+    """Each call's plan is checked against the host's free memory; a reading under a second old that leaves
+    twice the room is trusted (no /proc read per call), and a plan close to it reads afresh and is refused."""
+    from sdexplore.errors import MemoryBudgetError
+    from sdexplore.record import attention, budget
+
+    monkeypatch.delenv("SDEXPLORE_AVAILABLE_BYTES", raising=False)
+    monkeypatch.setattr(attention, "_FREE_CPU", [-float("inf"), 0.0])
+    free = [10 << 20]
+    reads = []
+
+    def available(device):
+        reads.append(device)
+        return free[0]
+
+    monkeypatch.setattr(budget, "available_bytes", available)
+    small = budget.Plan(["a"], [], None, None, 1 << 10, {"a": 1 << 10}, 0)
+    cpu = torch.device("cpu")
+    for _ in range(3):
+        attention._check_fits(small, cpu, None)
+    assert len(reads) == 2  # the first check reads once for the cache, once in budget.check_fits
+    free[0] = 1 << 10  # memory ran out meanwhile: a plan near the cached reading reads afresh
+    large = budget.Plan(["a"], [], None, None, 3 << 20, {"a": 3 << 20}, 0)
+    with pytest.raises(MemoryBudgetError):
+        attention._check_fits(large, cpu, None)

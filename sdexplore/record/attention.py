@@ -8,6 +8,8 @@ prompt labels the keys), before each denoiser call (a step boundary, the CFG lay
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -761,7 +763,7 @@ class AttentionRecorder:
             if self._qmasks is None
             else (2 if self._split is not None else 1) * self._qmasks.nbytes,
         )
-        budget.check_fits(p, device, self.max_bytes)
+        _check_fits(p, device, self.max_bytes)
         self._last_plan = p
         self._passed.update(p.dropped)  # module names, as the gate is called
         if p.reduced:
@@ -943,13 +945,13 @@ class AttentionRecorder:
                 p = torch.cat([p, masses], -1)  # (B', 1, HW, T+C)
             self._file([step], (name,), p[None, None])
             return
-        lse = None if lse is None else lse[rows]  # (B', heads, HW)
+        lse = _rows(lse, rows)  # (B', heads, HW)
         # image keys, only where "joint" maps need a log-sum-exp the kernel did not give (math fallback; a mask)
-        ki = self._heads_of(k_img[rows] if lse is None and self.kind == "joint" else None)
-        q, k = q_img[rows], k_txt[rows]  # (B', heads, HW, d), (B', heads, T, d): views, no copy
+        ki = self._heads_of(_rows(k_img, rows) if lse is None and self.kind == "joint" else None)
+        q, k = _rows(q_img, rows), _rows(k_txt, rows)  # (B', heads, HW, d), (B', heads, T, d): views, no copy
         q, k, lse = self._heads_of(q), self._heads_of(k), self._heads_of(lse)  # the selected heads (copies)
-        kb = None if key_bias is None else key_bias[rows]  # (B', T): Chroma's mask on the text keys
-        kib = None if key_bias is None or ki is None else image_key_bias[rows]  # (B', HW'): on the image keys
+        kb = _rows(key_bias, rows)  # (B', T): Chroma's mask on the text keys
+        kib = None if key_bias is None or ki is None else _rows(image_key_bias, rows)  # (B', HW'): image keys
         self._joint_queue.setdefault(name, []).append((step, q, k, lse, ki, scale, kc, kb, kib))
         self._queued_bytes += sum(x.numel() * x.element_size() for x in (q, k, ki) if x is not None)
         if self._queued_bytes > QUEUE_BYTES:
@@ -975,9 +977,9 @@ class AttentionRecorder:
         def stacked(names: list[str], i: int) -> torch.Tensor | None:
             if queue[names[0]][0][i] is None:
                 return None
-            return torch.stack(
-                [torch.stack([it[i] for it in queue[n]]) for n in names], 1
-            )  # (S, n, B', heads, ...)
+            items = [queue[n] for n in names]  # every layer of a group waited for the same steps
+            flat = torch.stack([its[s][i] for s in range(len(items[0])) for its in items])  # (S*n, B', ...)
+            return flat.unflatten(0, (len(items[0]), len(names)))  # (S, n, B', heads, ...)
 
         for key, names in groups.items():
             steps, scale = list(key[0]), key[1]
@@ -1530,6 +1532,28 @@ class AttentionRecorder:
 
 
 _EMPTY: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+_FREE_CPU: list[float] = [-math.inf, 0.0]  # (when, bytes): the latest reading of the host's free memory
+_FREE_FOR_S = 1.0  # a reading this recent is trusted where a plan needs at most half of it
+
+
+def _check_fits(p: Plan, device: torch.device, max_bytes: int | None) -> None:
+    """:func:`budget.check_fits`, without reading the host's free memory again (a ``/proc`` read every call) where
+    a reading under a second old leaves twice the room the plan needs; any closer call reads afresh."""
+    if device.type == "cpu" and not os.environ.get("SDEXPLORE_AVAILABLE_BYTES"):
+        when, free = _FREE_CPU
+        if time.monotonic() - when < _FREE_FOR_S and 2 * p.nbytes * 2 <= free:  # on the CPU: twice the bytes
+            return
+        free_now = budget.available_bytes(device)
+        if free_now is not None:
+            _FREE_CPU[:] = [time.monotonic(), float(free_now)]
+    budget.check_fits(p, device, max_bytes)
+
+
+def _rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """``x[rows]``; ``x`` itself where ``rows`` is every row (no view to make)."""
+    if x is None or (rows.start is None and rows.stop is None and rows.step is None):
+        return x
+    return x[rows]
 
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
