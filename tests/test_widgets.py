@@ -718,3 +718,5 @@ def test_a_static_explorer_embeds_its_live_page_when_asked(run, tmp_path, monkey
         assert payload == {**explorer.payload(), "provenance": payload["provenance"]}
         assert bundle["image/png"] in bundle["text/html"]  # the static figure, under the frame
     assert len(list(folder.iterdir())) == 2
+    assert "text/html" not in TimestepScrubber(static=True)._repr_mimebundle_()  # empty: the figure alone
+    assert len(list(folder.iterdir())) == 2

@@ -24,6 +24,14 @@ STATIC_ENV = "SDEXPLORE_STATIC"
 #: page there and shows it in an ``<iframe>`` (the docs build: the tutorials' pages embed live explorers). The
 #: folder must sit beside the rendered notebook (the frame's address is ``FOLDER_NAME/PAGE``).
 EMBED_ENV = "SDEXPLORE_EMBED_PAGES"
+#: The payload block each front end needs (an explorer without it is not embedded).
+_EMBED_NEEDS = {
+    "scrubber": "steps",
+    "attention": "attention",
+    "interpolation": "walk",
+    "walk": "walk",
+    "edit": "edit",
+}
 #: A page's height in the frame before it reports its own (pages post their height to the frame's parent).
 _EMBED_HEIGHT = {"scrubber": 560, "attention": 640, "interpolation": 560, "walk": 460, "edit": 720}
 # the page around the frames: each frame takes the height its page reports
@@ -276,8 +284,8 @@ class Explorer:
     def embed_page(self, png: str | None = None, folder: str | os.PathLike | None = None) -> str | None:
         """Write this explorer's self-contained page into ``folder`` (default: ``$SDEXPLORE_EMBED_PAGES``) and
         return the HTML that shows it live in an ``<iframe>`` (with ``png``, base64 of the static figure, under a
-        "static figure" disclosure); None for an explorer without a front end. The page's name is a digest of its
-        text, so equal explorers share one file."""
+        "static figure" disclosure); None for an explorer without a front end or with nothing to show yet. The
+        page's name is a digest of its text, so equal explorers share one file."""
         name = getattr(self, "_web_name", None)
         folder = folder if folder is not None else os.environ.get(EMBED_ENV)
         if name is None or not folder:
@@ -288,9 +296,12 @@ class Explorer:
         from ..._files import write_text_atomic
         from ..pages import page_html
 
+        payload = self.payload()
+        if not payload.get(_EMBED_NEEDS.get(name, name)):
+            return None  # nothing to explore yet (a live scrubber shown before its run): the figure says so
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        text = page_html(self.payload(), [name], title=f"sdexplore · {type(self).__name__}")
+        text = page_html(payload, [name], title=f"sdexplore · {type(self).__name__}")
         page = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:16]}.html"
         if not page.exists():
             write_text_atomic(page, text)
