@@ -21,7 +21,9 @@ import pytest
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("0*.ipynb"))
 #: A top-level line that makes an explorer (the cell then displays it: a static figure in the executed copy).
-EXPLORER = re.compile(r"^(\w+ = )?(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer|EditExplorer|DirectionExplorer)\(")
+EXPLORER = re.compile(
+    r"^(\w+ = )?(TimestepScrubber|AttentionExplorer|InterpolationExplorer|WalkPlayer|EditExplorer|DirectionExplorer)\("
+)
 #: Notebook → explorers it must display.
 EXPLORERS = {
     "02_step_by_step.ipynb": 2,  # TimestepScrubber after the run, and the live one

@@ -156,9 +156,7 @@ def _tokenize(tokenizer: Any, prompt: str, length: int) -> tuple:
     )
     ids = [int(i) for i in enc.input_ids]
     kinds = []
-    for i, (id_, mask, special) in enumerate(
-        zip(ids, enc.attention_mask, enc.special_tokens_mask, strict=True)
-    ):
+    for id_, mask, special in zip(ids, enc.attention_mask, enc.special_tokens_mask, strict=True):
         if not mask:
             kinds.append(PAD)  # CLIP (SD 1.x) pads with its EOS id: the attention mask tells them apart
         elif special and id_ == tokenizer.bos_token_id:  # first, after left padding too (Gemma pads left)
