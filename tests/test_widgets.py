@@ -720,3 +720,19 @@ def test_a_static_explorer_embeds_its_live_page_when_asked(run, tmp_path, monkey
     assert len(list(folder.iterdir())) == 2
     assert "text/html" not in TimestepScrubber(static=True)._repr_mimebundle_()  # empty: the figure alone
     assert len(list(folder.iterdir())) == 2
+
+
+def test_scrubber_payload_carries_the_traces_noted_provenance(run):
+    _, obs, _ = run
+    trace = Trace.from_state(*obs.steps.to_state())
+    trace.meta = {
+        **trace.meta,
+        "prompt": PROMPT,
+        "seed": 3,
+        "model": "embedded",
+    }  # as `sdexplore steps` notes
+    prov = TimestepScrubber(trace, static=True).payload()["provenance"]
+    assert (prov["prompt"], prov["seed"], prov["model"], prov["steps"]) == (PROMPT, 3, "embedded", STEPS)
+    assert (
+        "prompt" not in TimestepScrubber(obs, static=True).payload()["provenance"]
+    )  # nothing noted: none shown

@@ -181,7 +181,11 @@ class TimestepScrubber(SliderExplorer):
                 }
                 for p in first["panels"]
             ]
+        meta = trace.meta if trace else {}
         prov = _payload.provenance(
+            model=meta.get("model"),
+            seed=meta.get("seed"),
+            prompt=meta.get("prompt"),  # what the command line (or the caller) noted in the trace
             family=trace.family if trace else None,
             scheduler=trace.scheduler if trace else None,
             steps=int(trace.num_steps) if trace and trace.num_steps else None,
