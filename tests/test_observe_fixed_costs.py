@@ -156,3 +156,22 @@ def test_the_memory_check_reads_free_memory_about_once_a_second(monkeypatch) -> 
     large = budget.Plan(["a"], [], None, None, 3 << 20, {"a": 3 << 20}, 0)
     with pytest.raises(MemoryBudgetError):
         attention._check_fits(large, cpu, None)
+
+
+def test_the_layers_mean_is_resized_a_few_layers_at_a_time(monkeypatch) -> None:
+    """Building the maps resizes a run of layers at a time (at most RESIZE_BYTES of resized maps), never every layer
+    at the latent size at once: SD3.5-medium at 1024² would hold 24 × 333 × 128² floats twice (about 1 GiB). The
+    mean is the same as resizing each layer alone."""
+    from sdexplore.record import attention
+
+    torch.manual_seed(0)
+    maps = [torch.rand(1, 7, 4, 4) for _ in range(5)] + [torch.rand(1, 7, 2, 2) for _ in range(3)]
+    one = 4 * 7 * 8 * 8  # bytes of one resized map (float32)
+    monkeypatch.setattr(attention, "RESIZE_BYTES", 2 * one)
+    held = []
+    real = attention._upsized
+    monkeypatch.setattr(attention, "_upsized", lambda m, s: held.append(m.shape[0] * one) or real(m, s))
+    got = attention._resized_mean(maps, (8, 8))
+    assert max(held) <= 2 * one and len(held) == 5  # 2 + 2 + 1 of the first grid, 2 + 1 of the second
+    want = torch.stack([resize(m, (8, 8)) for m in maps]).mean(0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
