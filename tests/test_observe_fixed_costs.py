@@ -175,3 +175,18 @@ def test_the_layers_mean_is_resized_a_few_layers_at_a_time(monkeypatch) -> None:
     assert max(held) <= 2 * one and len(held) == 5  # 2 + 2 + 1 of the first grid, 2 + 1 of the second
     want = torch.stack([resize(m, (8, 8)) for m in maps]).mean(0)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("negative", [False, True])
+def test_built_maps_are_each_their_own_tensor(negative) -> None:
+    """Without a second copy of every map at the end of a call, the result's tensors still share no storage with
+    each other or with the recorder (a later run or an edit of one never changes another)."""
+    pipe = tiny_pipeline("sd1")
+    opts = {"per_head": True, "negative": negative}
+    with sdx.observe(pipe, steps=False, attention=opts) as obs, torch.no_grad():
+        pipe("a red circle", num_inference_steps=2, height=64, width=64, output_type="latent")
+    maps = obs.attention
+    parts = [maps] + ([maps.negative] if negative else [])
+    tensors = [t for m in parts for t in (m.aggregate, m.steps, *m.layers.values(), *m.layer_heads.values())]
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    assert len(set(ptrs)) == len(ptrs)

@@ -1463,6 +1463,7 @@ class AttentionRecorder:
             n.removesuffix(".processor") for n in self._captured if n.removesuffix(".processor") in means
         ]
         layers = {n: _grid_maps(means[n], self._layer_hw[n]) for n in order}  # (B', T[, F], h, w) each
+        del means  # laid out afresh as the layers' maps: the sums need not stay alive beside them
         aggregate = _resized_mean(list(layers.values()), (H, W))  # (B', T, H, W)
         steps = self._step_maps()  # (S, B', T[, F], hs, ws)
         heads = None
@@ -1473,10 +1474,14 @@ class AttentionRecorder:
         )  # (S, B', heads, HW, T)
         timesteps = torch.tensor(self._timesteps, dtype=torch.float32)  # (S,) host floats: no device read
 
-        def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-            return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
-
         T, C = self._num_keys, len(self.concepts)
+        # one part of every row and no concept columns: each tensor above is this build's own, nothing to separate
+        solo = self._split is None and not C
+
+        def own(x: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+            if solo and x.device.type == "cpu" and x.dtype == (dtype or x.dtype):
+                return x.contiguous()  # made by this build: no second copy
+            return x.to("cpu", dtype or x.dtype, copy=True)  # a copy: halves never share storage
 
         def text(x: torch.Tensor, dim: int) -> torch.Tensor:
             return x.narrow(dim, 0, T) if C else x  # the prompt's key positions (concepts come after them)
