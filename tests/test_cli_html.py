@@ -142,3 +142,17 @@ def test_sweep_report_html_writes_the_gallery(capsys, tmp_path, sweep_folder):
     assert rc == 2 and "--force" in err
     rc, _, err = run(capsys, "sweep-report", sweep_folder, "--html", tmp_path / "g.png")
     assert rc == 2 and "does not end in .html" in err
+
+
+def test_sweep_html_writes_the_gallery_when_the_sweep_is_done(capsys, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a big red circle at the top left on a blue background\na small green square\n")
+    page = tmp_path / "sw.html"
+    page.write_text("mine")
+    argv = ["sweep", prompts, "--seeds", "0", "1", "--steps", "2", "--out", tmp_path / "sw", "--html", page]
+    rc, _, err = run(capsys, *argv, "--no-progress")
+    assert rc == 2 and "--force" in err and not (tmp_path / "sw").exists()  # refused before any item
+    rc, stdout, _ = run(capsys, *argv, "--no-progress", "--force")
+    assert rc == 0 and f"wrote {page}" in stdout
+    gallery = pages.read_payload(page)["gallery"]
+    assert len(gallery["items"]) == gallery["planned"] == 4 and "square" in gallery["words"]

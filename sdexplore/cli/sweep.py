@@ -23,6 +23,7 @@ writes into --out:
                        steps.json (per-step summaries), scene.json (embedded model: the scorer's reading, IoU),
                        manifest.json (every file's SHA-256)
   index.jsonl          one line per item: status and figures (pandas.read_json(path, lines=True))
+and with --html PAGE, beside it: the sweep's gallery (as sweep-report --html writes it)
 
 Rerun the same command to resume: complete items are skipped, missing or corrupt ones redone.
 
@@ -82,6 +83,13 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="images per pipeline call (default 1)",
     )
+    s.add_argument(
+        "--html",
+        metavar="PAGE",
+        help="when the sweep is done, also write its gallery: every picture, filtered by prompt, seed and word, as "
+        "one self-contained HTML page (.html; no network, opens from file://)",
+    )
+    s.add_argument("--force", action="store_true", help="replace an existing --html page")
     s.set_defaults(run=_cmd_sweep)
     r = sub.add_parser(
         "sweep-report",
@@ -112,6 +120,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         check_writable(Path(args.out).expanduser())
     except InvalidArgumentError as e:
         raise InputError(_one_line(e)) from e
+    page = _start_page(args)  # checked before any work: a name ending in .html, not there unless --force
 
     result = sweep(
         args.prompts,
@@ -131,8 +140,15 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         progress=not args.no_progress,
     )
-    if result.index is not None:
+    if result.index is not None:  # the main process (one of several under accelerate or torchrun)
         print(result)
+        if page is not None:
+            from ..views.gallery import save_gallery
+
+            with page:
+                save_gallery(args.out, page.path)
+                page.commit()
+            print(f"wrote {page.shown}")
     return 0
 
 
