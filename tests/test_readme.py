@@ -96,6 +96,10 @@ def test_every_readme_example_runs_and_gives_what_it_says(tmp_path, monkeypatch)
     assert [read_scene(im).background for im in walk.images] == ["white"] * len(walk)  # never flips
     _reads_as(walk.images[0], walk.prompts[0])
     _reads_as(walk.images[-1], walk.prompts[-1])
+    page = Path("red_circle.html").read_text(encoding="utf-8")  # the pages: whole files carrying their own run
+    assert page.lower().startswith("<!doctype html") and page.rstrip().endswith("</html>")
+    assert prompt_qs in page and "tiny-shapes" in page
+    assert walk.prompts[0] in Path("red_to_blue.html").read_text(encoding="utf-8")
 
     # Inversion: within 2 dB of the VAE's round trip at CFG 1 and 25 steps; the regeneration is the picture
     inv_state = state("inv_cfg")
