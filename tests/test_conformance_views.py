@@ -19,16 +19,7 @@ from sdexplore.families import FAMILIES
 from sdexplore.fixtures import ALL_FIXTURE_FAMILIES, fixture_call_defaults
 
 #: Known gaps, (check, family) → what is missing and where (a strict xfail each, removed by the fix).
-PENDING: dict[tuple[str, str], str] = {
-    ("scrubber", "wan"): (
-        "views/widgets/scrubber.py previews a step's latents with preview.latent_to_uint8, which takes (B, C, h, w); "
-        "Wan's are (B, C, F, h, w): show one frame (a frame slider) or a frame strip"
-    ),
-    ("attention-explorer", "wan"): (
-        "views/widgets/attention.py draws maps.word(...) as one (h, w) heat map; Wan's are per frame, (F, h, w): "
-        "pick a frame (a slider) or tile the frames"
-    ),
-}
+PENDING: dict[tuple[str, str], str] = {}  # (check, family) → what the family still lacks (strict xfails)
 
 
 def _params(check: str) -> list:

@@ -254,7 +254,8 @@ def trace_preview(
     image: int = 0,
     factors: tuple[Any, Any] | None = None,
 ) -> np.ndarray:
-    """Latent → RGB preview of one recorded step's ``of`` (``"x0"``, ``"latents"``, …): (h, w, 3) uint8.
+    """Latent → RGB preview of one recorded step's ``of`` (``"x0"``, ``"latents"``, …): (h, w, 3) uint8; a video's
+    (latents (B, C, F, h, w)) is its frames side by side, (h, F·w, 3), as :meth:`Trace.frame_strip` lays them.
 
     Uses the preview the trace was recorded with: its learned convolutional preview where it has one
     (:func:`preview_net`), else its linear factors (:func:`preview_factors`); ``factors`` forces the linear
@@ -280,12 +281,47 @@ def trace_preview(
             if factors is None
             else (torch.as_tensor(factors[0]).float(), torch.as_tensor(factors[1]).float())
         )
-    lat = t[image : image + 1].float().cpu()  # (1, C, h, w)
+    lat = t[image : image + 1].float().cpu()  # (1, C, h, w); a video's (1, C, F, h, w)
     if of in ("latents", "latents_out") and trace.meta.get("ve_latents"):
         lat = lat * _signal_level(trace, pos, of)  # VE → VP form, the scale the factors expect
-    if net is not None:
-        return conv_preview_to_uint8(lat, net)[0].numpy()  # (h, w, 3): the recorder's own preview function
-    return latent_to_uint8(lat, f, b)[0].numpy()  # (h, w, 3): the recorder's own preview function
+    if lat.ndim == 5:  # a video: its F frames as a batch (F, C, h, w), then side by side
+        lat = lat[0].permute(1, 0, 2, 3)  # (C, F, h, w) → (F, C, h, w)
+    # the recorder's own preview function: (1 or F, h, w, 3)
+    rgb = conv_preview_to_uint8(lat, net) if net is not None else latent_to_uint8(lat, f, b)
+    return rgb.permute(1, 0, 2, 3).flatten(1, 2).numpy()  # (h, F·w, 3): an image's F is 1
+
+
+def frame_row(pictures: Sequence[np.ndarray], pad: int = 0) -> np.ndarray:
+    """Pictures of one height, each (h, w_i, 3) uint8, side by side left to right: (h, Σw_i + pad·(n−1), 3), the
+    gaps white (a video's frames as one strip, as :meth:`Trace.frame_strip` lays them)."""
+    pictures = [np.asarray(p) for p in pictures]
+    if not pictures:
+        raise ValueError("frame_row needs at least one picture.")
+    gap = np.full((pictures[0].shape[0], pad, 3), 255, np.uint8)  # (h, pad, 3)
+    parts = [part for p in pictures for part in (gap, p)][1:] if pad else pictures
+    return np.concatenate(parts, axis=1)
+
+
+def clip_frames(image: Any, frames: int) -> list[np.ndarray]:
+    """The picture under each of a video's ``frames`` latent frames, (H, W, 3) uint8 each.
+
+    ``image``: the clip's N pixel frames (N, H, W, 3) (a pipeline's ``.frames[0]``) or a list of them, or one
+    picture (shown under every frame). Wan's VAE packs pixel frame j into latent frame (j + 3) // 4 (frame 0
+    alone, then four at a time), so latent frame f is shown over the last pixel frame it holds, min(4·f, N − 1);
+    a clip of another length (not 4·(F − 1) + 1 frames) is sampled evenly."""
+    arr = image if isinstance(image, list) else None
+    if arr is None:
+        a = image.detach().cpu() if isinstance(image, torch.Tensor) else image
+        a = a if isinstance(a, Image.Image) else np.asarray(a)
+        arr = list(a) if isinstance(a, np.ndarray) and a.ndim == 4 and a.shape[0] > 1 else None
+    if arr is None:  # one picture under every frame
+        return [as_uint8_image(image)] * frames
+    n = len(arr)
+    if n == 4 * (frames - 1) + 1:
+        picks = [min(4 * f, n - 1) for f in range(frames)]
+    else:
+        picks = [round(f * (n - 1) / max(frames - 1, 1)) for f in range(frames)]
+    return [as_uint8_image(arr[j]) for j in picks]
 
 
 # ---------------------------------------------------------------------------------------- x0 decodes

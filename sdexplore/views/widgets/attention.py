@@ -13,7 +13,17 @@ import torch
 from ...errors import InvalidArgumentError
 from ...heatmaps import normalize, resize
 from .. import payload as _payload
-from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, first_content_word, heat_overlay, step_groups
+from ..render import (
+    HEAT_CMAP,
+    HEAT_OPACITY,
+    as_uint8_image,
+    clip_frames,
+    first_content_word,
+    frame_row,
+    heat_overlay,
+    spread,
+    step_groups,
+)
 from ._base import Explorer, data_uri, jpeg_bytes, new_figure
 from ._web import web_view
 
@@ -63,7 +73,10 @@ class AttentionExplorer(Explorer):
 
     Args:
         source: :class:`~sdexplore.results.attention_maps.AttentionMaps` or an ``Observation`` with attention.
-        image: the generated image (PIL, array or tensor) to draw the maps over; ``None`` shows maps alone.
+        image: the generated image (PIL, array or tensor) to draw the maps over; ``None`` shows maps alone. For a
+            video's maps (Wan: per latent frame) the clip's frames (N, H, W, 3), a pipeline's ``.frames[0]``: each
+            latent frame's map is drawn over the last pixel frame it holds (:func:`~sdexplore.views.render.clip_frames`);
+            one picture is shown under every frame.
         words: the words offered (default: every distinct word of the prompt); the explorer opens on the first
             that is not a stop word (:data:`sdexplore.views.render.STOP_WORDS`) or punctuation.
         batch_index: which image of the batch.
@@ -94,7 +107,11 @@ class AttentionExplorer(Explorer):
         #: An inpainting mask whose outline is drawn on every overlay (default: the Observation's own).
         self.mask = mask if mask is not None else getattr(source, "mask", None)
         self.batch_index = batch_index
-        self.image = as_uint8_image(image) if image is not None else None
+        #: A video's latent frames F (every map is per frame), None for an image's maps.
+        self.frames: int | None = getattr(self.maps, "frames", None)
+        # a video: the picture under each latent frame, (H, W, 3) uint8 each
+        self._clip = clip_frames(image, self.frames) if image is not None and self.frames else None
+        self.image = self._clip[0] if self._clip else as_uint8_image(image) if image is not None else None
         self.size = size
         self.cmap = cmap
         prompt_words = list(dict.fromkeys(self.maps.token_lists[batch_index].words))
@@ -152,7 +169,8 @@ class AttentionExplorer(Explorer):
     def heat(
         self, word: str, step_range: tuple[int, int] | None = None, layer: str = ALL_LAYERS
     ) -> torch.Tensor:
-        """The min-max normalised map (h, w) of ``word`` for a step range (inclusive) and a layer-menu entry."""
+        """The min-max normalised map (h, w) of ``word`` for a step range (inclusive) and a layer-menu entry; a
+        video's (F, h, w), each frame normalised on its own."""
         step_range = tuple(step_range) if step_range is not None else (0, max(self.num_steps - 1, 0))
         key = (word, step_range, layer)
         return self._heat_cache.get_or(key, lambda: self._compute_heat(word, step_range, layer))
@@ -199,24 +217,46 @@ class AttentionExplorer(Explorer):
         layer: str = ALL_LAYERS,
         opacity: float = HEAT_OPACITY,
         size: int | None = None,
+        frame: int | None = None,
     ) -> bytes:
-        """JPEG bytes of the heat map of ``word`` over the image (cached)."""
+        """JPEG bytes of the heat map of ``word`` over the image (cached); a video's at latent frame ``frame``
+        (default: the one the view shows, else the first) over its own picture."""
         size = size or self.size
         step_range = tuple(step_range) if step_range is not None else (0, max(self.num_steps - 1, 0))
-        key = (word, step_range, layer, round(float(opacity), 3), size)
+        frame = self._frame(frame)
+        key = (word, step_range, layer, round(float(opacity), 3), size, frame)
         return self._png_cache.get_or(
-            key,
-            lambda: jpeg_bytes(
-                heat_overlay(
-                    self.image,
-                    self.heat(word, step_range, layer),
-                    opacity=opacity,
-                    cmap=self.cmap,
-                    size=size,
-                    mask=self.mask,
-                )
-            ),
+            key, lambda: jpeg_bytes(self._overlay(word, step_range, layer, opacity, size, frame))
         )
+
+    def _frame(self, frame: int | None) -> int | None:
+        """The latent frame shown: ``frame``, else the view's, else 0 (None for an image's maps)."""
+        if self.frames is None:
+            return None
+        if frame is None:
+            frame = getattr(getattr(self, "_view", None), "frame", None) or 0
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < self.frames:
+            raise InvalidArgumentError(
+                f"frame={frame!r} is not a frame of these maps: pass an int in 0..{self.frames - 1}."
+            )
+        return frame
+
+    def _overlay(
+        self,
+        word: str,
+        step_range: tuple[int, int],
+        layer: str,
+        opacity: float,
+        size: int | None,
+        frame: int | None,
+    ) -> Any:
+        """``word``'s map over the picture, (H, W, 3) uint8: an image's, or a video's latent frame ``frame``."""
+        heat = self.heat(word, step_range, layer)  # (h, w); a video's (F, h, w)
+        picture = self.image
+        if frame is not None:
+            heat = heat[frame]  # (h, w)
+            picture = self._clip[frame] if self._clip else None
+        return heat_overlay(picture, heat, opacity=opacity, cmap=self.cmap, size=size, mask=self.mask)
 
     def step_bins(self, n_bins: int = 5) -> list[tuple[int, int]]:
         """Split the selected step range into up to ``n_bins`` consecutive (inclusive) ranges."""
@@ -244,8 +284,11 @@ class AttentionExplorer(Explorer):
             offered = set(self.words)
             att["words"] = [w for w in att["words"] if w["word"] in offered]
             att["default_word"] = self._word
-        frames = getattr(m, "frames", None)
-        picture = _payload._pictures(self.image, frames) if self.image is not None else None
+        frames = self.frames
+        if self._clip:  # a video: each latent frame's own picture
+            picture = [_payload.encode_image(p) for p in self._clip]
+        else:
+            picture = _payload._pictures(self.image, frames) if self.image is not None else None
         prov = _payload.provenance(family=m.family, prompt=m.token_lists[b].prompt)
         out = _payload._base("observation", prov, self.cmap)
         out["image"] = picture
@@ -328,11 +371,15 @@ class AttentionExplorer(Explorer):
             self.opacity = float(opacity)
 
     # ---- static -----------------------------------------------------------------------------------------
-    def figure(self, n_bins: int = 4, max_words: int = 8) -> Any:
-        """Static figure: a step × word grid of heat maps over the image (plus the whole-run row)."""
+    def figure(self, n_bins: int = 4, max_words: int = 8, max_frames: int = 6) -> Any:
+        """Static figure: a step × word grid of heat maps over the image (plus the whole-run row). A video's
+        maps: each cell is the word's map per latent frame, each over its own frame, side by side (up to
+        ``max_frames`` frames spread over the clip)."""
         words = self.words[:max_words]
         bins = self.step_bins(n_bins) if self.has_steps else []
         rows = [*bins, (0, max(self.num_steps - 1, 0))]
+        if self.frames is not None:
+            return self._video_figure(words, rows, spread(self.frames, max_frames))
         fig = new_figure(1.7 * len(words) + 0.6, 1.7 * len(rows))
         axes = fig.subplots(len(rows), len(words), squeeze=False)
         for r, rng in enumerate(rows):
@@ -355,6 +402,27 @@ class AttentionExplorer(Explorer):
                 if c == 0:
                     label = "all steps" if r == len(rows) - 1 else f"steps {rng[0] + 1}–{rng[1] + 1}"
                     ax.set_ylabel(label, fontsize=8)
+        return fig
+
+    def _video_figure(self, words: list[str], rows: list[tuple[int, int]], frames: list[int]) -> Any:
+        """The step × word grid of a video's maps: each cell the word's map at ``frames``, left to right."""
+        cell = 1.1 * len(frames)
+        fig = new_figure(cell * len(words) + 0.6, 1.3 * len(rows) + 0.4)
+        axes = fig.subplots(len(rows), len(words), squeeze=False)
+        for r, rng in enumerate(rows):
+            for c, wd in enumerate(words):
+                ax = axes[r][c]
+                strip = [self._overlay(wd, rng, self.layer, self.opacity, 96, f) for f in frames]
+                ax.imshow(frame_row(strip, pad=2))  # (H, n·W + gaps, 3)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(wd, fontsize=9)
+                if c == 0:
+                    label = "all steps" if r == len(rows) - 1 else f"steps {rng[0] + 1}–{rng[1] + 1}"
+                    ax.set_ylabel(label, fontsize=8)
+        shown = ", ".join(str(f + 1) for f in frames)
+        fig.suptitle(f"latent frames {shown} of {self.frames}, left to right", fontsize=8)
         return fig
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ import torch
 from ...results.trace import StepRecord, Trace
 from ...schedule_math import flow_sigma_from_sigma
 from .. import payload as _payload
-from ..render import channel_tiles, spread, trace_preview
+from ..render import channel_tiles, frame_row, spread, trace_preview
 from ._base import SliderExplorer, new_figure
 from ._web import web_view
 
@@ -280,22 +280,26 @@ class TimestepScrubber(SliderExplorer):
             rec, b = self._records[i], self.image
             arrays: dict[str, np.ndarray | None] = dict.fromkeys(PANELS)
             if rec.latents is not None:
-                arrays["noisy"] = self._preview(rec, "latents")
-                arrays["latents"] = channel_tiles(rec.latents[b])
+                arrays["noisy"] = self._preview(rec, "latents")  # a video's: its frames' strip
+                arrays["latents"] = _tiles(rec.latents[b])
             if rec.decoded is not None:
-                arrays["x0"] = rec.decoded[b].numpy()
+                arrays["x0"] = _strip(rec.decoded[b])
             elif rec.x0 is not None:
                 arrays["x0"] = self._preview(rec, "x0")
             elif rec.preview is not None:
-                arrays["x0"] = rec.preview[b].numpy()
+                arrays["x0"] = _strip(rec.preview[b])
             if rec.noise_pred is not None:
-                arrays["noise"] = channel_tiles(rec.noise_pred[b])
+                arrays["noise"] = _tiles(rec.noise_pred[b])
             self._arrays[i] = arrays
         return self._arrays[i]
 
     def figure(self, columns: int = 6) -> Any:
-        """Static figure: rows = the four panels, columns = ``columns`` steps spread over the run."""
+        """Static figure: rows = the four panels, columns = ``columns`` steps spread over the run. A video's
+        trace: each panel is the step's frames side by side (a frame strip), one row per step and panel, the
+        steps top to bottom."""
         picks = spread(len(self._records), columns)
+        if picks and self._trace is not None and self._trace.frames is not None:
+            return self._video_figure(picks)
         fig = new_figure(1.8 * max(len(picks), 1), 1.9 * len(PANELS))
         if not picks:
             ax = fig.add_subplot()
@@ -318,5 +322,39 @@ class TimestepScrubber(SliderExplorer):
                     ax.set_ylabel(title.replace(" (", "\n("), fontsize=8)
         return fig
 
+    def _video_figure(self, picks: list[int]) -> Any:
+        """The figure of a video's trace: for each picked step, a row per recorded panel, its frame strip."""
+        F = int(self._trace.frames)
+        rows = [(i, key, a) for i in picks for key, a in self._figure_arrays(i).items() if a is not None]
+        width = min(1.6 * F + 1.0, 16.0)
+        h, w = rows[0][2].shape[:2]
+        fig = new_figure(width, len(rows) * ((width - 1.0) * h / w + 0.25))
+        axes = fig.subplots(len(rows), 1, squeeze=False)
+        for r, (i, key, a) in enumerate(rows):
+            ax, rec = axes[r][0], self._records[i]
+            ax.imshow(a, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_ylabel(f"step {rec.index + 1}\n{PANELS[key]}", fontsize=7)
+            if r == 0:
+                ax.set_title(f"frames 1–{F} left to right (latent frames)", fontsize=8)
+        return fig
+
     def __repr__(self) -> str:
         return f"TimestepScrubber({self.num_steps} steps)"
+
+
+def _strip(pictures: torch.Tensor) -> np.ndarray:
+    """One image's pictures: (h, w, 3) as they are, a video's (F, h, w, 3) side by side (h, F·w, 3)."""
+    a = pictures.cpu().numpy()
+    return frame_row(list(a)) if a.ndim == 4 else a
+
+
+def _tiles(tensor: torch.Tensor) -> np.ndarray:
+    """A latent-shaped (C, h, w) as channel tiles; a video's (C, F, h, w) one tile grid per frame, side by side,
+    on one colour scale."""
+    if tensor.ndim == 3:
+        return channel_tiles(tensor)
+    x = tensor.detach().float().cpu()  # (C, F, h, w)
+    scale = float(x.abs().flatten().quantile(0.99)) or 1.0
+    return frame_row([channel_tiles(x[:, f], scale=scale) for f in range(x.shape[1])], pad=3)
