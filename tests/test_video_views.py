@@ -85,3 +85,22 @@ def test_the_attention_explorer_draws_each_latent_frame_over_its_clip_frame(wan)
     drawn = [np.asarray(im.get_array(), np.float64) for ax in fig.axes for im in ax.get_images()]
     assert drawn and all(a.max() - a.min() > 1e-6 for a in drawn)
     assert "latent frames" in fig._suptitle.get_text()
+
+
+def test_the_plots_draw_a_video_frame_by_frame(wan) -> None:
+    from sdexplore.views.plots.attention import plot_words, word_overlay
+    from sdexplore.views.plots.steps import plot_latent_channels, step_image
+    from sdexplore.views.render import as_uint8_image, heat_overlay
+
+    obs, clip = wan
+    maps, trace = obs.attention, obs.steps
+    F = maps.frames
+    strip = word_overlay(maps, "circle", image=clip)  # every frame, side by side
+    H, W = clip.shape[1:3]
+    assert strip.shape == (H, F * W, 3)
+    last = word_overlay(maps, "circle", image=clip, frame=F - 1)
+    want = heat_overlay(as_uint8_image(clip[-1]), maps.word("circle", frame=F - 1))
+    assert np.array_equal(last, want) and np.array_equal(strip[:, -W:], last)
+    assert np.array_equal(step_image(trace, 0, "preview"), np.asarray(trace.frame_strip(0)))
+    plot_words(maps, ["red", "circle"], image=clip)
+    plot_latent_channels(trace, 0)

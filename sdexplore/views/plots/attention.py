@@ -12,7 +12,7 @@ from ...errors import InvalidArgumentError
 from ...heatmaps import Normalization
 from ...heatmaps import normalize as norm
 from ...results.attention_maps import AttentionMaps, StepSelector
-from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, heat_overlay, spread
+from ..render import HEAT_CMAP, HEAT_OPACITY, as_uint8_image, clip_frames, frame_row, heat_overlay, spread
 
 
 def word_overlay(
@@ -27,14 +27,55 @@ def word_overlay(
     cmap: str = HEAT_CMAP,
     alpha: float = HEAT_OPACITY,
     mask: Any = None,
+    frame: int | None = None,
 ) -> np.ndarray:
     """The picture :func:`plot_word` draws: ``word``'s map over ``image`` (or alone), (H, W, 3) uint8; ``mask``:
     an inpainting mask (``obs.mask``) whose outline is drawn on top.
 
+    A video's maps (``maps.frames``): latent frame ``frame``'s map, or with ``frame=None`` every frame's side by
+    side, (H, F·W, 3); ``image`` may then be the clip (N, H, W, 3), each map drawn over the last pixel frame its
+    latent frame holds (:func:`sdexplore.views.render.clip_frames`).
+
     ``"minmax"`` stretches each map to the whole colour map; ``"mass"`` / ``"sum"`` keep zero at its bottom
     and the map's peak at its top. The blend is :func:`sdexplore.views.render.heat_overlay`, as in the CLI and widgets.
     """
-    heat = maps.word(word, step=step, layer=layer, index=index)  # (h, w) attention mass
+    if maps.frames is not None:
+        frames = range(maps.frames) if frame is None else [frame]
+        pictures = clip_frames(image, maps.frames) if image is not None else [None] * maps.frames
+        one = dict(
+            step=step, layer=layer, index=index, normalize=normalize, cmap=cmap, alpha=alpha, mask=mask
+        )
+        return frame_row([_overlay(maps, word, pictures[f], frame=f, **one) for f in frames])
+    return _overlay(
+        maps,
+        word,
+        image,
+        step=step,
+        layer=layer,
+        index=index,
+        normalize=normalize,
+        cmap=cmap,
+        alpha=alpha,
+        mask=mask,
+    )
+
+
+def _overlay(
+    maps: AttentionMaps,
+    word: str,
+    image: Any,
+    *,
+    step: StepSelector,
+    layer: str | None,
+    index: int,
+    normalize: Normalization,
+    cmap: str,
+    alpha: float,
+    mask: Any,
+    frame: int | None = None,
+) -> np.ndarray:
+    """One map (an image's, or a video's latent frame ``frame``) over one picture, (H, W, 3) uint8."""
+    heat = maps.word(word, step=step, layer=layer, index=index, frame=frame)  # (h, w) attention mass
     # heat_overlay stretches min-max by itself: the raw map keeps the blend bit for bit the CLI's and widgets'
     if normalize != "minmax":
         heat = norm(heat, normalize)
@@ -117,11 +158,14 @@ def plot_words(
         )
     words = list(words) if words is not None else _default_words(maps, index)
     lead = 1 if image is not None else 0
-    aspect = maps.image_size[0] / maps.image_size[1]  # rows / columns of a cell
+    aspect = maps.image_size[0] / maps.image_size[1] / (maps.frames or 1)  # rows / columns of a cell
     n = lead + len(words)
     fig, axes = plt.subplots(1, n, figsize=(size * n, size * aspect + 0.4), squeeze=False)
     if image is not None:
-        axes[0, 0].imshow(as_uint8_image(image))
+        lead_picture = (
+            as_uint8_image(image) if maps.frames is None else frame_row(clip_frames(image, maps.frames))
+        )  # a video's: the frame under each latent frame, side by side
+        axes[0, 0].imshow(lead_picture)
         axes[0, 0].set_title("image", fontsize=9)
         axes[0, 0].set_axis_off()
     for ax, word in zip(axes[0, lead:], words, strict=True):

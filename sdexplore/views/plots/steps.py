@@ -24,7 +24,8 @@ def pick_steps(trace: Trace, count: int = 8) -> list[int]:
 
 
 def step_image(trace: Trace, position: int, quantity: str = "preview", image: int = 0) -> np.ndarray:
-    """One record's picture as (H, W, 3) uint8: a preview / decode, or a latent quantity through latent→RGB.
+    """One record's picture as (H, W, 3) uint8: a preview / decode, or a latent quantity through latent→RGB; a
+    video's frames side by side, (H, F·W, 3) (:meth:`Trace.frame_strip`).
 
     Latent quantities are previewed with the factors the trace was recorded with (``meta["latent_rgb"]``)
     and Euler-type noisy latents scaled by √ᾱ first: :func:`sdexplore.views.render.trace_preview`.
@@ -41,6 +42,8 @@ def step_image(trace: Trace, position: int, quantity: str = "preview", image: in
         raise NotRecordedError(
             f"{quantity!r} was not recorded at step {rec.index}; record it with quantities=(..., {quantity!r})."
         )
+    if t.ndim == 5:  # a video: (B, F, H, W, 3)
+        return np.asarray(trace.frame_strip(position, index=image, quantity=quantity))  # (H, F·W, 3)
     return t[image].cpu().numpy()  # (H, W, 3)
 
 
@@ -87,7 +90,10 @@ def plot_latent_channels(
     t = getattr(rec, quantity, None) if quantity in _LATENT_QUANTITIES else None
     if t is None:
         raise ValueError(f"{quantity!r} is not a recorded latent quantity of step {rec.index}.")
-    lat = t[image].float().cpu().numpy()  # (C, h, w)
+    lat = t[image].float().cpu().numpy()  # (C, h, w); a video's (C, F, h, w)
+    if lat.ndim == 4:  # a video: each channel's frames side by side
+        c, f, h, w = lat.shape
+        lat = lat.transpose(0, 2, 1, 3).reshape(c, h, f * w)  # (C, h, F·w)
     lim = float(np.abs(lat).max()) or 1.0
     fig, axes = plt.subplots(1, lat.shape[0], figsize=(1.9 * lat.shape[0] + 0.6, 2.2), squeeze=False)
     for c in range(lat.shape[0]):
