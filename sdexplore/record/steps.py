@@ -279,7 +279,12 @@ class StepRecorder:
             every=self.config.every,
             guidance_scale=float(getattr(self.pipe, "_guidance_scale", None) or 1.0),  # Qwen-Image's is None
         )
-        trace.meta["latent_rgb"] = copy.deepcopy(self._rgb_meta)  # each trace its own, free to edit
+        # each trace its own, free to edit (lists of floats: copying the lists is a deep copy, at a tenth of the cost)
+        rgb = self._rgb_meta
+        trace.meta["latent_rgb"] = {
+            "factors": [list(row) for row in rgb["factors"]],
+            "bias": list(rgb["bias"]),
+        }
         if self._net_meta is not None:
             trace.meta["latent_preview"] = copy.deepcopy(self._net_meta)
         # model, seed, prompts (the scheduler, steps and guidance are the trace's own fields); the size follows
@@ -342,10 +347,14 @@ class StepRecorder:
         """A copy of ``t`` for the trace (``fresh``: ``t`` is already a new tensor of the recorder's own, so it is
         kept as it is when device and dtype match)."""
         dev = self.config.device
+        dtype = dtype or self.config.dtype
         if t.device.type == "cuda" and dev.type == "cpu" and self.config.on_step is None:
             self._staged = True  # stay on the GPU until the run ends: no step waits for a transfer
             dev = t.device
-        return t.detach().to(device=dev, dtype=dtype or self.config.dtype, copy=not fresh)
+        if fresh and t.dtype == dtype and t.device == dev and not t.requires_grad:
+            # already the recorder's own, where it belongs: what .to() would return, without the call
+            return t
+        return t.detach().to(device=dev, dtype=dtype, copy=not fresh)
 
     def _preview_factors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # cached per device: a host → GPU copy every step would wait for the GPU each time
@@ -372,12 +381,23 @@ class StepRecorder:
             trace.final_latents = self._store(step.prev_sample)
         return None
 
+    def _plan(self) -> tuple[tuple[str, ...], bool]:
+        """What every step records, worked out once per config: the latent-shaped quantities kept (in
+        ``_LATENT_SHAPED`` order) and whether x0 is needed."""
+        cfg = self.config
+        plan = self.__dict__.get("_plan_of")
+        if plan is None or plan[0] is not cfg:
+            qs = cfg.quantities
+            need_x0 = "x0" in qs or "decoded" in qs or ("preview" in qs and cfg.preview_of == "x0")
+            plan = self._plan_of = (cfg, tuple(q for q in _LATENT_SHAPED if q in qs), need_x0)
+        return plan[1], plan[2]
+
     def _record(self, step: Step) -> StepRecord:
         qs = self.config.quantities
+        latent_qs, need_x0 = self._plan()
         run = step.run
         sample = step.sample  # (B, C, h, w)
         b = sample.shape[0]
-        need_x0 = "x0" in qs or "decoded" in qs or ("preview" in qs and self.config.preview_of == "x0")
         x0 = step.x0 if need_x0 else None
         rec = StepRecord(
             index=step.index,
@@ -398,7 +418,7 @@ class StepRecorder:
             sources["noise_uncond"], sources["noise_cond"] = self.family.cfg_halves(out)  # (B, C, h, w) each
         elif out is not None:
             sources["noise_cond"] = out
-        kept = [q for q in _LATENT_SHAPED if q in qs and sources.get(q) is not None]
+        kept = [q for q in latent_qs if sources.get(q) is not None]
         if kept:
             # one copy for all of them: (k, B, C, h, w) → a view per quantity (k kernels fewer each step)
             block = self._store(torch.stack([sources[q] for q in kept]), fresh=True)
@@ -407,7 +427,7 @@ class StepRecorder:
         if "noise_norm" in qs:
             mo = step.model_output
             norm = torch.linalg.vector_norm(mo, dim=tuple(range(1, mo.ndim)), dtype=torch.float32).mul_(
-                1.0 / math.sqrt(mo[0].numel())
+                1.0 / math.sqrt(mo.numel() // mo.shape[0])  # one row's size, without indexing a row out
             )  # (B,) root mean square (over frames too, for a video)
             rec.noise_norm = self._store(norm, torch.float32, fresh=True)
         if "preview" in qs:
