@@ -369,3 +369,36 @@ def test_each_module_runs_as_anywidget_esm(results, browser, tmp_path):
         assert page.errors == [] and page.requests == []
     finally:
         page.close()
+
+
+def test_an_image_to_image_page_offers_its_queries(browser, tmp_path):
+    """Self-attention maps (image→image, one per recorded query): the page names the relation, offers a menu of
+    the queries instead of the words, and choosing another query repaints the map with its point marked."""
+    from sdexplore.fixtures import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:6] = True
+    with sdexplore.observe(pipe, attention=dict(relation="image->image", queries=[(2, 3), mask])) as obs:
+        image = pipe(
+            PROMPT, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)
+        )
+    path = obs.save_html(tmp_path / "self_attention.html", image=image.images[0])
+    page = Opened(browser, path)
+    try:
+        assert page.state == "ok" and page.page.locator(".sdx-error").count() == 0
+        relation = page.page.locator(".sdx-attention .sdx-relation")
+        assert (
+            relation.get_attribute("data-relation") == "image->image"
+            and "image → image" in relation.inner_text()
+        )
+        assert page.page.locator(".sdx-attention .sdx-word-buttons").count() == 0  # queries, not words
+        caption = page.page.locator(".sdx-attention .sdx-caption")
+        assert "query 0: cell (2, 3)" in caption.inner_text()
+        second = page.page.locator(".sdx-query option").nth(1).get_attribute("value")
+        page.moves(".sdx-attention-image", lambda: page.page.select_option(".sdx-query", second))
+        assert "query 1: mask of 16 cells" in caption.inner_text()
+        page.page.screenshot(path=str(_shots() / "page_image_to_image.png"), full_page=True)
+        assert page.errors == [] and page.requests == []
+    finally:
+        page.close()

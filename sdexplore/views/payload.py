@@ -16,7 +16,10 @@ WebP (whichever is smaller), maps as uint8 arrays with each map's own (min, max)
                "alpha_bar": [S], "guidance": [S], "x0_source": [S], "flow_sigma": [S] | null,
                "size": [h, w], "panels": [{"key", "title", "images": [IMAGE per step]}]} | absent,
      "attention": {"kind", "family", "edited", "tokens": [T], "kinds": [T],
+                   "relation": "image->text" | "text->image" | "image->image",
                    "words": [{"word", "positions": [...]}], "default_word", "opacity", "timesteps": [S],
+                   "queries": [{"label", "point": [y, x] (fractions of the picture), "cells"}] (image->image
+                              only: axis T of every map block is then the queries, and words are []),
                    "aggregate": MAPS [T, H, W], "steps": MAPS [S, T, h, w] | null,
                    "layers": [{"name", "maps": MAPS [T, h, w]}]} | absent,
      "walk": {...} | absent, "edit": {...} | absent}
@@ -261,7 +264,10 @@ def attention_block(
     maps: Any, *, index: int = 0, steps: bool = True, layers: bool = True, opacity: float | None = None
 ) -> dict[str, Any]:
     """The attention explorer's data of AttentionMaps (image ``index``): every key position's maps,
-    aggregated, per step (where recorded) and per layer (where kept), quantised."""
+    aggregated, per step (where recorded) and per layer (where kept), quantised. ``relation`` says what the maps
+    are: image→text (a text key's map over the image queries), text→image (a text query's map over the image
+    keys: the same per-word layout) or image→image (``queries``: each selected query point's map over the image
+    keys, in the place of the words)."""
     from .render import HEAT_OPACITY, first_content_word
 
     video = getattr(maps, "frames", None)
@@ -273,8 +279,13 @@ def attention_block(
     tl = maps.token_lists[index]
     # each distinct word with every key position AttentionMaps.word() sums for it (all occurrences, all segments)
     words = [{"word": w, "positions": sorted(set(tl.positions(w)))} for w in dict.fromkeys(tl.words)]
-    return {
+    relation = getattr(maps, "relation", "image->text")
+    queries = _queries(maps.query_masks) if relation == "image->image" else None
+    if queries is not None:
+        words = []  # the maps' axis 1 is the selected queries, not the prompt's tokens
+    block = {
         "kind": maps.kind,
+        "relation": relation,
         "family": maps.family,
         "edited": bool(maps.edited),
         "tokens": list(tl.tokens),
@@ -291,6 +302,30 @@ def attention_block(
         if layers
         else [],  # each (T, h, w) or (F, T, h, w)
     }
+    if queries is not None:
+        block["queries"] = queries
+    return block
+
+
+def _queries(masks: torch.Tensor) -> list[dict[str, Any]]:
+    """image→image: each selected query (``query_masks`` (Q, H, W), weights summing to 1) as the page marks it: its
+    centre as fractions of the picture, its cell count, and a label (a point's cell, or a mask's size)."""
+    Q, H, W = masks.shape
+    ys = (torch.arange(H, dtype=torch.float32) + 0.5)[:, None]  # (H, 1) cell centres
+    xs = (torch.arange(W, dtype=torch.float32) + 0.5)[None, :]  # (1, W)
+    out = []
+    for i in range(Q):
+        m = masks[i].float()
+        total = float(m.sum()) or 1.0
+        cy, cx = float((m * ys).sum()) / total, float((m * xs).sum()) / total  # latent cells
+        cells = int((m > 0).sum())
+        label = (
+            f"query {i}: cell ({int(cy)}, {int(cx)})"
+            if cells == 1
+            else f"query {i}: mask of {cells} cells around ({cy - 0.5:.1f}, {cx - 0.5:.1f})"
+        )
+        out.append({"label": label, "point": [cy / H, cx / W], "cells": cells})
+    return out
 
 
 def observation_payload(
@@ -315,7 +350,8 @@ def observation_payload(
     trace = obs.runs[-1] if obs.runs else None
     maps = obs.attention
     steps = steps_block(trace, index=index, channels=channels) if trace is not None else None
-    per_word = maps is not None and getattr(maps, "relation", "image->text") == "image->text"
+    # image→text, text→image and image→image maps are each a map over the picture; text→text rows are not
+    per_word = maps is not None and getattr(maps, "relation", "image->text") != "text->text"
     att = attention_block(maps, index=index, layers=layers) if per_word else None
     frames = (trace.frames if trace is not None else None) or (
         getattr(maps, "frames", None) if per_word else None

@@ -3,6 +3,9 @@
 // a step range where per-step maps were recorded; a layer menu (all layers, each resolution, each layer) where
 // per-layer maps were kept; the heat map's opacity. Each map is min-max normalised over the image (its shape,
 // not its strength) and coloured with the payload's matplotlib colour map, as the Python views draw it.
+// The maps' relation (payload.attention.relation) is named above them: image→text (where the image attends to the
+// word), text→image (where the word's queries look in the image: the same chips), or image→image (a menu of the
+// recorded query points instead of the words, the chosen point marked on its map over the image).
 //
 // Model traits read (anywidget names; a page's model serves them from its embedded payload):
 //   payload  object  the page payload (sdexplore.views.pages.observation_payload); needs payload.attention
@@ -60,8 +63,13 @@ async function build(model, el) {
   if (byRes.size > 1) for (const [k, ls] of byRes) groups.set(`${k} (${ls.length})`, ls);
   for (const l of layers) groups.set(l.name, [l]);
 
-  const words = att.words.length ? att.words : att.tokens.map((t, i) => ({ word: `#${i} ${t}`, positions: [i] }));
-  const tokens = att.tokens.map((t, i) => ({ word: `${i}: ${t}`, positions: [i] }));
+  const relation = att.relation || "image->text";
+  const queries = relation === "image->image" && att.queries
+    ? att.queries.map((q, i) => ({ word: q.label, positions: [i], point: q.point }))
+    : null; // image→image: axis 1 of every map is the selected queries
+  const words = queries
+    || (att.words.length ? att.words : att.tokens.map((t, i) => ({ word: `#${i} ${t}`, positions: [i] })));
+  const tokens = queries || att.tokens.map((t, i) => ({ word: `${i}: ${t}`, positions: [i] }));
   const state = {
     mode: "words",
     word: null,
@@ -144,8 +152,11 @@ async function build(model, el) {
     resize(m, mh, mw, DH, DW, big);
     paintHeat(out, big, lut, baseOf(state.frame), state.opacity);
     ctx.putImageData(out, 0, 0);
+    const at = queries && pick(state.word);
+    if (at) markPoint(at.point);
     caption.textContent =
-      `“${state.word}” · ${stepLabel()} · ${state.layer}` + (F ? ` · frame ${state.frame + 1} / ${F}` : "");
+      (queries ? state.word : `“${state.word}”`) + ` · ${stepLabel()} · ${state.layer}` +
+      (F ? ` · frame ${state.frame + 1} / ${F}` : "");
     const ranged = perStep && (state.from > 0 || state.to < S - 1);
     note.textContent =
       state.layer !== ALL && ranged
@@ -155,7 +166,29 @@ async function build(model, el) {
           : "";
   }
 
+  // the query point of an image→image map: a ring, white over black so it shows on any colour
+  function markPoint([y, x]) {
+    const [cy, cx, r] = [y * DH, x * DW, Math.max(4, Math.round(Math.min(DH, DW) / 40))];
+    for (const [colour, width] of [["#000", 4], ["#fff", 2]]) {
+      ctx.beginPath();
+      ctx.arc(cx, cy, r, 0, 2 * Math.PI);
+      ctx.strokeStyle = colour;
+      ctx.lineWidth = width;
+      ctx.stroke();
+    }
+  }
+
   // ---- controls
+  const direction = h("div", {
+    class: "sdx-relation",
+    style: "margin: 4px 0; font-size: 12px; color: #555",
+    "data-relation": relation,
+    text: {
+      "image->text": "image → text: how much each pixel of the image attends to the word",
+      "text->image": "text → image: where the word's queries look in the image",
+      "image->image": "image → image: where the marked point's query looks in the image",
+    }[relation] || relation,
+  });
   const chips = h("div", { class: "sdx-chips sdx-word-buttons" });
   function fillChips() {
     const list = state.mode === "words" ? words : tokens;
@@ -176,6 +209,7 @@ async function build(model, el) {
     state.word = w.word;
     state.positions = w.positions;
     for (const b of chips.children) b.classList.toggle("sdx-active", b.dataset.word === w.word);
+    if (queryMenu) queryMenu.value = w.word;
     paint();
     tell(model, "word", w.word);
   }
@@ -184,7 +218,19 @@ async function build(model, el) {
     state.mode = modeBox.value;
     fillChips();
   });
-  const rows = [h("div", { class: "sdx-controls" }, modeBox, chips)];
+  let rows;
+  let queryMenu = null;
+  if (queries) {
+    // image→image: one menu of the recorded queries, in the recorder's order
+    const menu = h("select", { class: "sdx-query" }, queries.map((q) => h("option", { value: q.word, text: q.word })));
+    menu.value = state.word;
+    menu.addEventListener("change", () => select(pick(menu.value)));
+    queryMenu = menu;
+    const label = h("label", { class: "sdx-control" }, h("span", { class: "sdx-label", text: "query" }), menu);
+    rows = [direction, h("div", { class: "sdx-controls" }, label)];
+  } else {
+    rows = [direction, h("div", { class: "sdx-controls" }, modeBox, chips)];
+  }
   const row2 = [];
   if (perStep) {
     const a = slider("from step", 0, S - 1, state.from, (v) => {
