@@ -91,3 +91,47 @@ def test_the_steps_plan_is_worked_out_once_per_config() -> None:
     assert rec._plan() is not None and rec.__dict__["_plan_of"][0] is rec.config
     rec.config = steps_module.StepConfig(quantities=("x0", "latents"), preview_of="latents")
     assert rec._plan() == (("latents", "x0"), True)  # a new config, a new plan, in the recording order
+
+
+@pytest.mark.parametrize("name", ["qwen-image", "flux"])
+def test_a_packed_step_is_unpacked_in_one_copy_with_the_same_values(name, monkeypatch) -> None:
+    """A packed family's step hands out the prediction, the latents in and out unpacked from one block: one
+    unpack a step (not one per tensor), each tensor equal to its own unpacking and contiguous."""
+    from sdexplore.families import Family, detect_family
+    from sdexplore.record.attach import Subscriber, attach
+
+    pipe = tiny_pipeline(name)
+    fam = detect_family(pipe)
+    packed, unpacked, calls = [], [], []
+    real_step = pipe.scheduler.step
+
+    def scheduler_step(model_output, timestep, sample, *args, **kwargs):  # the scheduler's packed tensors
+        out = real_step(model_output, timestep, sample, *args, **kwargs)
+        packed.append((model_output.clone(), sample.clone(), out[0].clone()))
+        return out
+
+    real_unpack = Family.unpack_latents
+
+    def counting(self, tokens, grid):
+        calls.append(tokens.shape[0])
+        return real_unpack(self, tokens, grid)
+
+    pipe.scheduler.step = scheduler_step
+    monkeypatch.setattr(Family, "unpack_latents", counting)
+    tap = Subscriber(
+        kind="listener",
+        step=lambda step: unpacked.append(
+            (step.model_output.clone(), step.sample.clone(), step.prev_sample.clone(), step.run.latent_grid)
+        ),
+    )
+    try:
+        with attach(pipe, tap):
+            _call(pipe, name)
+    finally:
+        del pipe.scheduler.step
+    assert len(unpacked) == len(packed) == 2
+    b = packed[0][0].shape[0]
+    assert calls == [3 * b, 3 * b]  # one unpack of the three tensors a step
+    for (mo, sample, prev, grid), raw in zip(unpacked, packed, strict=True):
+        for got, tokens in zip((mo, sample, prev), raw, strict=True):
+            assert torch.equal(got, real_unpack(fam, tokens, grid)) and got.is_contiguous()

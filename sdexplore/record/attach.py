@@ -705,8 +705,9 @@ class Attachment:
         if run.latent_grid is not None:  # packed tokens → (B, C, h, w) latents for every subscriber
             grid = run.latent_grid
             packed_out = model_output
-            model_output, sample, prev = (fam.unpack_latents(x, grid) for x in (model_output, sample, prev))
-            pred_x0 = None if pred_x0 is None else fam.unpack_latents(pred_x0, grid)
+            model_output, sample, prev, pred_x0 = _unpack_together(
+                fam, grid, model_output, sample, prev, pred_x0
+            )
             if run.denoiser_out is packed_out:  # no CFG: the scheduler stepped with the raw output itself
                 run.denoiser_out = model_output
             elif run.denoiser_out is not None:
@@ -750,6 +751,22 @@ class Attachment:
             return (new, *result[1:])
         result.prev_sample = new
         return result
+
+
+def _unpack_together(
+    fam: Family, grid: tuple[int, int], *tokens: torch.Tensor | None
+) -> tuple[torch.Tensor | None, ...]:
+    """Packed tokens (B, h/p · w/p, C·p²) as latents (B, C, h, w), each its own rows of one unpacked block where
+    they share shape, dtype and device (one copy in place of one per tensor: the same values); None stays None."""
+    present = [t for t in tokens if t is not None]
+    first = present[0]
+    if len(present) > 1 and all(
+        t.shape == first.shape and t.dtype == first.dtype and t.device == first.device for t in present
+    ):
+        block = fam.unpack_latents(torch.cat(present), grid)  # (k·B, C, h, w)
+        parts = iter(block.split(first.shape[0]))  # k × (B, C, h, w), each contiguous
+        return tuple(None if t is None else next(parts) for t in tokens)
+    return tuple(None if t is None else fam.unpack_latents(t, grid) for t in tokens)
 
 
 def _observed_class(cls: type) -> type:
