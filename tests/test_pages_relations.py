@@ -67,3 +67,20 @@ def test_image_to_text_maps_name_their_relation_and_text_rows_are_left_out() -> 
     assert pl.observation_payload(obs, image=image)["attention"]["relation"] == "image->text"
     obs, image = _observed("flux", relation="text->text")
     assert "attention" not in pl.observation_payload(obs, image=image)
+
+
+def test_the_attention_explorer_offers_image_to_image_queries(self_attention) -> None:
+    from sdexplore.heatmaps import normalize
+    from sdexplore.views.widgets import AttentionExplorer
+
+    obs, image = self_attention
+    ex = AttentionExplorer(obs, image, static=True)
+    assert ex.relation == "image->image" and ex.words == [
+        q["label"] for q in pl._queries(obs.attention.query_masks)
+    ]
+    assert torch.allclose(ex.heat(ex.words[1]), normalize(obs.attention.query(1), "minmax"))
+    assert ex.payload()["attention"]["default_word"] == ex.words[0]
+    fig = ex.figure(n_bins=2)
+    drawn = [np.asarray(im.get_array(), np.float64) for ax in fig.axes for im in ax.get_images()]
+    assert len(drawn) == 2 * 3 and all(a.max() - a.min() > 1e-6 for a in drawn)  # 2 queries × (2 bins + all)
+    assert "image → image" in fig._suptitle.get_text()

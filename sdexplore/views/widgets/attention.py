@@ -28,6 +28,11 @@ from ._base import Explorer, data_uri, jpeg_bytes, new_figure
 from ._web import web_view
 
 ALL_LAYERS = "all layers"
+#: How the static figure names a relation other than image→text (the page says the same above its maps).
+_DIRECTIONS = {
+    "text->image": "text → image: where each word's queries look in the image",
+    "image->image": "image → image: where each recorded query point looks in the image",
+}
 
 
 #: Words the explorer does not open on: articles, prepositions, conjunctions and the like, whose maps spread
@@ -114,7 +119,14 @@ class AttentionExplorer(Explorer):
         self.image = self._clip[0] if self._clip else as_uint8_image(image) if image is not None else None
         self.size = size
         self.cmap = cmap
-        prompt_words = list(dict.fromkeys(self.maps.token_lists[batch_index].words))
+        #: What the maps hold (``maps.relation``): image→text and text→image maps are per word, image→image maps
+        #: per recorded query point (offered as :attr:`words`, labelled as the page labels them).
+        self.relation: str = getattr(self.maps, "relation", "image->text")
+        self._queries: dict[str, int] = {}
+        if self.relation == "image->image":
+            labels = [q["label"] for q in _payload._queries(self.maps.query_masks)]
+            self._queries = {label: i for i, label in enumerate(labels)}
+        prompt_words = list(self._queries) or list(dict.fromkeys(self.maps.token_lists[batch_index].words))
         self.words = list(words) if words is not None else prompt_words
         # maps recorded without the prompt's text (prompt_embeds=...) have no words: offer key positions
         self._positions: dict[str, int] = {}
@@ -179,7 +191,11 @@ class AttentionExplorer(Explorer):
         m, b = self.maps, self.batch_index
         steps = self._steps_selected(step_range)
         names = self.layer_groups.get(layer, [])
-        if word in self._positions:  # unlabelled maps: a key position
+        if word in self._queries:  # image→image: a recorded query point's map
+
+            def one(**kw: Any) -> torch.Tensor:
+                return m.query(self._queries[word], index=b, **kw)
+        elif word in self._positions:  # unlabelled maps: a key position
 
             def one(**kw: Any) -> torch.Tensor:
                 return m.token(self._positions[word], index=b, **kw)
@@ -278,7 +294,9 @@ class AttentionExplorer(Explorer):
         per step and per layer, quantised, and the image under them."""
         m, b = self.maps, self.batch_index
         att = _payload.attention_block(m, index=b)
-        if self._positions:  # unlabelled maps: the view labels key positions itself
+        if self._queries:  # image→image: the view offers the payload's queries, labelled as self.words
+            att["default_word"] = self._word
+        elif self._positions:  # unlabelled maps: the view labels key positions itself
             att["words"] = []
         else:
             offered = set(self.words)
@@ -402,6 +420,8 @@ class AttentionExplorer(Explorer):
                 if c == 0:
                     label = "all steps" if r == len(rows) - 1 else f"steps {rng[0] + 1}–{rng[1] + 1}"
                     ax.set_ylabel(label, fontsize=8)
+        if self.relation != "image->text":
+            fig.suptitle(_DIRECTIONS.get(self.relation, self.relation), fontsize=8)
         return fig
 
     def _video_figure(self, words: list[str], rows: list[tuple[int, int]], frames: list[int]) -> Any:
