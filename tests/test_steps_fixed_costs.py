@@ -135,3 +135,22 @@ def test_a_packed_step_is_unpacked_in_one_copy_with_the_same_values(name, monkey
     for (mo, sample, prev, grid), raw in zip(unpacked, packed, strict=True):
         for got, tokens in zip((mo, sample, prev), raw, strict=True):
             assert torch.equal(got, real_unpack(fam, tokens, grid)) and got.is_contiguous()
+
+
+def test_a_video_preview_hands_its_frames_channels_last_to_the_linear_preview(monkeypatch) -> None:
+    """A video's frames reach the linear preview as (B·F, C, h, w) whose (B·F·h·w, C) rows are already laid out:
+    one copy a step, not two; the previews are those of the frames flattened the plain way (the values test
+    above)."""
+    pipe = tiny_pipeline("wan")
+    seen = []
+    real = steps_module.latent_to_uint8
+
+    def spying(latents, *args, **kwargs):
+        seen.append(latents.permute(0, 2, 3, 1).is_contiguous())
+        return real(latents, *args, **kwargs)
+
+    monkeypatch.setattr(steps_module, "latent_to_uint8", spying)
+    with sdx.observe(pipe, steps=True) as obs:
+        _call(pipe, "wan")
+    assert seen == [True, True]
+    assert obs.runs[0].steps[0].preview.ndim == 5  # (B, F, h, w, 3)

@@ -441,8 +441,14 @@ class StepRecorder:
             frames = (
                 src.shape[2] if src.ndim == 5 else None
             )  # a video's (B, C, F, h, w): every frame previewed
-            if frames is not None:
+            if frames is not None and self._net is not None:
                 src = src.movedim(2, 1).flatten(0, 1)  # (B·F, C, h, w)
+            elif frames is not None:
+                # (B·F, C, h, w) laid out channels-last: one copy, which the linear preview's (B·F·h·w, C) rows
+                # then view (the same rows, so the same values, as flattening the frames and copying again)
+                nb, nc, nf, nh, nw = src.shape
+                rows = src.permute(0, 2, 3, 4, 1).contiguous()  # (B, F, h, w, C)
+                src = rows.view(nb * nf, nh, nw, nc).permute(0, 3, 1, 2)  # (B·F, C, h, w), a view
             if self._net is not None:
                 net = self._net_dev.get(src.device)
                 if net is None:  # cached per device, as the factors are
