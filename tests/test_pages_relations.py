@@ -84,3 +84,15 @@ def test_the_attention_explorer_offers_image_to_image_queries(self_attention) ->
     drawn = [np.asarray(im.get_array(), np.float64) for ax in fig.axes for im in ax.get_images()]
     assert len(drawn) == 2 * 3 and all(a.max() - a.min() > 1e-6 for a in drawn)  # 2 queries × (2 bins + all)
     assert "image → image" in fig._suptitle.get_text()
+
+
+def test_a_page_heading_names_its_relation(self_attention) -> None:
+    from sdexplore.views import pages
+
+    def heading(obs, image) -> str:
+        html = pages.page_html(pl.observation_payload(obs, image=image), ["attention"])
+        return html.split("<h2>", 1)[1].split("</h2>", 1)[0]
+
+    assert heading(*self_attention) == "Self-attention per query point"
+    assert heading(*_observed("flux", relation="text->image")) == "Attention per word (text → image)"
+    assert heading(*_observed("flux")) == "Attention per word"

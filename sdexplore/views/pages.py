@@ -130,9 +130,13 @@ def page_html(payload: dict[str, Any], explorers: list[str], *, title: str | Non
     text = _payload_text(payload)
     prov = payload.get("provenance", {})
     title = title or f"sdexplore · {prov.get('prompt') or payload.get('kind', 'result')}"
+    relation = (payload.get("attention") or {}).get("relation", "image->text")
     headings = {
         "scrubber": "Steps",
-        "attention": "Attention per word",
+        "attention": {
+            "text->image": "Attention per word (text → image)",
+            "image->image": "Self-attention per query point",
+        }.get(relation, "Attention per word"),
         "walk": "Walk",
         "interpolation": "Frames",
         "edit": "The edit",
