@@ -178,6 +178,7 @@ def test_live_scrubber_throttles_updates_but_always_sends_the_last_step():
     scrub.widget  # noqa: B018
     with observe(pipe, on_step=scrub.on_step) as obs:
         pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    scrub.wait()  # the worker may still be encoding when the call returns
     assert scrub.pushes == 1 + 2, "the empty view, the first step, the last step: nothing in between"
     assert scrub.value == STEPS - 1 and scrub.widget.payload["steps"]["count"] == STEPS
     last = scrub.image_bytes("x0")
@@ -187,6 +188,93 @@ def test_live_scrubber_throttles_updates_but_always_sends_the_last_step():
     reference.value = 2
     assert reference.image_bytes("x0") == scrub.image_bytes("x0")
     assert reference.widget.payload["steps"]["panels"] == scrub.widget.payload["steps"]["panels"]
+
+
+def test_live_scrubber_draws_off_the_denoising_thread(monkeypatch):
+    """The step listener only copies and queues: no picture is drawn or encoded on the thread running the
+    pipeline, the image equals a plain call's, and the view ends holding every step a replay would show."""
+    import threading
+
+    from sdexplore.views.widgets import scrubber as scrubber_module
+
+    drawn_on = []
+    real = scrubber_module._payload.steps_block
+
+    def spy(*args, **kwargs):
+        drawn_on.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scrubber_module._payload, "steps_block", spy)
+    pipe = tiny_pipeline("sd1")
+    plain = np.asarray(pipe(PROMPT, num_inference_steps=STEPS, generator=_gen()).images[0])
+    scrub = TimestepScrubber(static=False)
+    scrub.widget  # noqa: B018
+    caller = threading.current_thread()
+    with observe(pipe, on_step=scrub.on_step) as obs:
+        watched = np.asarray(pipe(PROMPT, num_inference_steps=STEPS, generator=_gen()).images[0])
+    assert drawn_on and caller not in drawn_on, "the denoising thread drew a step"
+    scrub.wait()
+    assert np.array_equal(watched, plain)
+    assert scrub.value == STEPS - 1 and scrub.widget.payload["steps"]["count"] == STEPS
+    replay = TimestepScrubber(obs, static=False)
+    assert scrub.widget.payload["steps"] == replay.widget.payload["steps"]
+
+
+def test_live_scrubber_works_on_a_copy_of_each_step():
+    """A record written after the listener returned (the caller's own tensors) does not change the view."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = tiny_pipeline("sd1")
+    with observe(pipe) as obs:
+        pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    trace = obs.steps
+    reference = TimestepScrubber(obs, static=False).widget.payload["steps"]
+    scrub = TimestepScrubber(static=False)
+    scrub.widget  # noqa: B018
+    gate = threading.Event()
+    scrub._worker = ThreadPoolExecutor(max_workers=1)
+    scrub._worker.submit(gate.wait)  # hold the worker until every step is queued and overwritten
+    for rec in trace.steps:
+        scrub.on_step(rec, trace)
+    saved = [rec.latents.clone() for rec in trace.steps]
+    for rec in trace.steps:
+        rec.latents.fill_(7.0)
+    gate.set()
+    scrub.wait()
+    for rec, kept in zip(trace.steps, saved, strict=True):
+        rec.latents.copy_(kept)
+    assert scrub.widget.payload["steps"] == reference
+
+
+def test_live_scrubber_completes_an_interrupted_run_on_wait():
+    """A run that stops before its last step (an exception) leaves skipped steps undrawn until wait()."""
+    pipe = tiny_pipeline("sd1")
+    scrub = TimestepScrubber(static=False, live_fps=1e-6)  # draws the first step only while running
+    scrub.widget  # noqa: B018
+
+    def boom(p, i, t, kw):
+        if i == 3:
+            raise KeyboardInterrupt
+        return kw
+
+    with pytest.raises(KeyboardInterrupt):
+        with observe(pipe, on_step=scrub.on_step) as obs:
+            pipe(PROMPT, num_inference_steps=STEPS, generator=_gen(), callback_on_step_end=boom)
+    scrub.wait()
+    received = scrub.num_steps
+    assert 3 <= received < STEPS and scrub.widget.payload["steps"]["count"] == received
+    assert scrub.widget.payload["steps"] == TimestepScrubber(obs.steps, static=False).widget.payload["steps"]
+
+
+def test_live_scrubber_reports_a_trace_it_cannot_show():
+    pipe = tiny_pipeline("sd1")
+    scrub = TimestepScrubber(static=False)
+    scrub.widget  # noqa: B018
+    with pytest.raises(ValueError, match="nothing the scrubber can show"):
+        with observe(pipe, quantities=("noise_norm",), on_step=scrub.on_step):
+            pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+        scrub.wait()
 
 
 def _panel(scrub, panel, shape):
@@ -736,3 +824,27 @@ def test_scrubber_payload_carries_the_traces_noted_provenance(run):
     assert (
         "prompt" not in TimestepScrubber(obs, static=True).payload()["provenance"]
     )  # nothing noted: none shown
+
+
+def test_live_scrubber_in_a_notebook_completes_when_the_cell_ends(monkeypatch):
+    """Under IPython the replay-quality encoding of every step waits for post_run_cell, not the run's tail."""
+    import IPython
+    from IPython.core.events import EventManager, available_events
+
+    class Shell:
+        events = None
+
+    shell = Shell()
+    shell.events = EventManager(shell, available_events)
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    pipe = tiny_pipeline("sd1")
+    scrub = TimestepScrubber(static=False, live_fps=1e-6)  # the first and the last step drawn while running
+    scrub.widget  # noqa: B018
+    with observe(pipe, on_step=scrub.on_step) as obs:
+        pipe(PROMPT, num_inference_steps=STEPS, generator=_gen())
+    assert scrub.value == 1 and scrub.widget.payload["steps"]["index"] == [0, STEPS - 1]
+    shell.events.trigger("post_run_cell", None)
+    scrub._settle()
+    assert scrub.value == STEPS - 1
+    assert scrub.widget.payload["steps"] == TimestepScrubber(obs, static=False).widget.payload["steps"]
+    assert shell.events.callbacks["post_run_cell"] == [], "the hook is removed once it ran"

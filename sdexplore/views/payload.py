@@ -36,6 +36,7 @@ import datetime
 import io
 import math
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -189,9 +190,16 @@ def frame_trace(trace: Any, frame: int) -> Any:
     return replace(trace, steps=steps, final_latents=one(trace.final_latents, 2))
 
 
-def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[str, Any] | None:
+def steps_block(
+    trace: Any,
+    *,
+    index: int = 0,
+    channels: bool = False,
+    encode: Callable[[np.ndarray], dict[str, Any]] = encode_image,
+) -> dict[str, Any] | None:
     """The scrubber's data of a Trace: per recorded step its numbers and its panels (None if no panel can be
-    drawn: nothing latent-shaped or pictured was recorded)."""
+    drawn: nothing latent-shaped or pictured was recorded). ``encode``: picture → IMAGE entry (a live view
+    passes a quicker one than :func:`encode_image`)."""
     from ..schedule_math import flow_sigma_from_sigma
     from .render import trace_preview
 
@@ -241,7 +249,7 @@ def steps_block(trace: Any, *, index: int = 0, channels: bool = False) -> dict[s
             for view in views:
                 arr = picture(view, view.steps[pos], pos, key)
                 size = size or [int(arr.shape[0]), int(arr.shape[1])]
-                per.append(encode_image(arr))
+                per.append(encode(arr))
             images.append(per if F is not None else per[0])
         panels.append({"key": key, "title": _PANEL_TITLES[key], "images": images})
     flow = trace.prediction_type == "flow_prediction"

@@ -2,22 +2,33 @@
 
 In a notebook it is the front end's scrubber (``sdexplore/views/web/scrubber.js``) as an anywidget: every step's
 pictures travel to the browser once, in the page payload, so scrubbing never waits on the kernel.
+
+Watching a run live costs the run little: the step listener only copies the new record and queues it. A worker
+thread of the scrubber's own draws at most ``live_fps`` of the steps a second, each quickly encoded, and sends the
+view those drawn so far. Once the run is over (in a notebook, when the cell ends; elsewhere at the last step) it
+draws and encodes every step as a replay would (the final payload is a replay's, byte for byte) and sends them
+all. Setting a widget's trait from another thread is what ipywidgets' "Asynchronous widgets" guide does:
+ipykernel hands every IOPub message, whatever thread sends it, to its own IO thread.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import io
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ...results.trace import StepRecord, Trace
 from ...schedule_math import flow_sigma_from_sigma
 from .. import payload as _payload
-from ..render import channel_tiles, frame_row, spread, trace_preview
+from ..render import as_uint8_image, channel_tiles, frame_row, spread, trace_preview
 from ._base import SliderExplorer, new_figure
 from ._web import web_view
 
@@ -27,6 +38,14 @@ PANELS: dict[str, str] = {
     "noise": "noise prediction",
     "latents": "latent channels",
 }
+
+
+def _draft_image(image: np.ndarray) -> dict[str, Any]:
+    """A live view's picture, encoded quickly (PNG, fastest compression) rather than smallest."""
+    arr = as_uint8_image(image)  # (H, W, 3)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+    return {"mime": "image/png", "data": _payload.b64(buf.getvalue()), "shape": [arr.shape[0], arr.shape[1]]}
 
 
 def _as_trace(source: Any) -> Trace | None:
@@ -65,6 +84,10 @@ class TimestepScrubber(SliderExplorer):
         with sdexplore.observe(pipe, on_step=scrubber.on_step):
             pipe(prompt)
 
+    The pictures are drawn and encoded on a worker thread, off the denoising loop; :meth:`wait` returns once the
+    view holds every step received (reading :attr:`value` or :meth:`image_bytes` in the same cell as the run
+    may need it first).
+
     Args:
         source: a :class:`~sdexplore.results.trace.Trace`, an ``Observation`` (its latest run) or a ``StepRecorder``;
             ``None`` for an empty scrubber filled by :meth:`on_step`.
@@ -72,8 +95,8 @@ class TimestepScrubber(SliderExplorer):
         rgb_factors: ``(factors (C, 3), bias (3,))`` for the latent → RGB preview (default: the preview the
             trace was recorded with, see :func:`sdexplore.views.render.trace_preview`).
         size: kept for compatibility; the view enlarges each panel by a whole factor to at least 192 pixels.
-        live_fps: while filling in live, send the steps to the view at most this often (the last step of a run
-            is always sent), so a fast GPU run is not slowed by updating the view every step. ``None``: every step.
+        live_fps: while filling in live, send the steps to the view at most this often (the first and the last
+            step of a run are always sent). ``None``: after every step.
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
 
@@ -87,7 +110,7 @@ class TimestepScrubber(SliderExplorer):
         image: int = 0,
         rgb_factors: tuple[torch.Tensor, torch.Tensor] | None = None,
         size: int = 192,
-        live_fps: float | None = 12.0,
+        live_fps: float | None = 4.0,
         static: bool | None = None,
     ) -> None:
         super().__init__(static=static)
@@ -102,10 +125,21 @@ class TimestepScrubber(SliderExplorer):
         self.live_fps = live_fps
         self._records: list[StepRecord] = []
         self._blocks: dict[int, dict[str, Any]] = {}  # step position → its encoded payload entries
+        self._copies: dict[
+            int, StepRecord
+        ] = {}  # live: step position → the copy of its record the worker reads
+        self._drafts: dict[int, dict[str, Any]] = {}  # live: the steps drawn during the run, quickly encoded
         self._arrays: dict[int, dict[str, np.ndarray | None]] = {}  # step position → the figure's pictures
         self._sent = 0  # steps the view holds
         self._last_live = 0.0
         self.pushes = 0  # payloads sent to the view (live updates are throttled by live_fps)
+        # live: one worker thread encodes the queued steps in order and updates the view; the lock guards the
+        # shared state (the trace shown, the encoded blocks, what the view holds) between it and on_step
+        self._lock = threading.RLock()
+        self._worker: ThreadPoolExecutor | None = None
+        self._last_job: Future | None = None
+        self._failure: BaseException | None = None
+        self._cell_hook: Any = None  # the post_run_cell callback that completes the view, while registered
         trace = _as_trace(source)
         if trace is not None:
             self._reset(trace)
@@ -126,14 +160,16 @@ class TimestepScrubber(SliderExplorer):
         self._trace = trace
         self._records = []
         self._blocks = {}
+        self._copies = {}
+        self._drafts = {}
         self._arrays = {}
 
     def _preview(self, rec: StepRecord, of: str) -> np.ndarray:
         return trace_preview(self._trace, rec, of, image=self.image, factors=self._rgb)  # (h, w, 3)
 
-    def _step_trace(self, i: int) -> Trace:
-        """The trace cut to step ``i`` alone (its meta forced to ``rgb_factors`` when given)."""
-        meta = dict(self._trace.meta)
+    def _step_trace(self, trace: Trace, record: StepRecord) -> Trace:
+        """``trace`` cut to the one step ``record`` (its meta forced to ``rgb_factors`` when given)."""
+        meta = dict(trace.meta)
         if self._rgb is not None:
             meta.pop(
                 "latent_preview", None
@@ -142,26 +178,41 @@ class TimestepScrubber(SliderExplorer):
                 "factors": torch.as_tensor(self._rgb[0]).float().tolist(),
                 "bias": torch.as_tensor(self._rgb[1]).float().tolist(),
             }
-        return dataclasses.replace(self._trace, steps=[self._records[i]], meta=meta)
+        return dataclasses.replace(trace, steps=[record], meta=meta)
+
+    def _encode(self, trace: Trace, record: StepRecord, *, draft: bool = False) -> dict[str, Any]:
+        """The payload's steps block of the one step ``record`` of ``trace``: its pictures drawn and encoded
+        (``draft``: as a quick PNG, for the live view during a run)."""
+        block = _payload.steps_block(
+            self._step_trace(trace, record),
+            index=self.image,
+            channels=True,
+            encode=_draft_image if draft else _payload.encode_image,
+        )
+        if block is None:
+            raise ValueError(
+                "This trace holds nothing the scrubber can show: record latents, x0 or previews "
+                "(sdexplore.observe's default quantities)."
+            )
+        return block
 
     def _block(self, i: int) -> dict[str, Any]:
         """Step ``i``'s entries of the payload's steps block, encoded once."""
-        if i not in self._blocks:
-            block = _payload.steps_block(self._step_trace(i), index=self.image, channels=True)
-            if block is None:
-                raise ValueError(
-                    "This trace holds nothing the scrubber can show: record latents, x0 or previews "
-                    "(sdexplore.observe's default quantities)."
-                )
-            self._blocks[i] = block
-        return self._blocks[i]
+        block = self._blocks.get(i)
+        if block is None:
+            record = self._copies.get(i) or self._records[i]
+            block = self._blocks[i] = self._encode(self._trace, record)
+        return block
 
     def payload(self) -> dict[str, Any]:
         """The page payload of the recorded steps so far (:mod:`sdexplore.views.payload`'s ``steps`` block):
-        what the view shows."""
+        what the view shows once a run is in."""
+        return self._assemble([self._block(i) for i in range(len(self._records))])
+
+    def _assemble(self, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+        """The page payload of these steps' blocks, in order."""
         trace = self._trace
-        n = len(self._records)
-        blocks = [self._block(i) for i in range(n)]
+        n = len(blocks)
         steps: dict[str, Any] = {"count": n, "total": int(trace.num_steps or n) if trace else n}
         if blocks:
             first = blocks[0]
@@ -206,34 +257,140 @@ class TimestepScrubber(SliderExplorer):
         """Step listener for ``StepRecorder(on_step=...)`` / ``observe(..., on_step=...)``: add one step live.
 
         A record from a new trace (a new pipeline call) starts over. The slider follows the newest step while
-        it sits on the last one.
+        it sits on the last one. The step's tensors are copied here; the scrubber's worker thread draws and
+        encodes its pictures, so the denoising loop does not wait for them.
         """
+        if self._failure is not None:  # the worker could not draw an earlier step: say so in the run
+            failure, self._failure = self._failure, None
+            raise failure
         if trace is not self._trace:
-            self._reset(trace)
-            self._sent = 0
-        self._records.append(record)
+            with self._lock:  # not while the worker updates the view
+                self._reset(trace)
+                self._sent = 0
+        self._records.append(record)  # the worker reads its copy, never this list
         if self._widget is None:
             return
-        n = len(self._records)
+        i = len(self._records) - 1
+        final = bool(
+            trace.stopped_at is not None or (trace.num_steps and record.index >= trace.num_steps - 1)
+        )
+        # a copy of the step's tensors: the worker never reads a tensor the caller may still write
+        copy = dataclasses.replace(
+            record,
+            **{
+                f.name: v.clone()
+                for f in dataclasses.fields(record)
+                if isinstance(v := getattr(record, f.name), torch.Tensor)
+            },
+        )
+        self._copies[i] = copy
         now = time.perf_counter()
-        final = trace.stopped_at is not None or (trace.num_steps and record.index >= trace.num_steps - 1)
-        if self.live_fps is None or final or n == 1 or now - self._last_live >= 1.0 / self.live_fps:
-            self._last_live = now
-            self._push()
+        due = self.live_fps is None or i == 0 or now - self._last_live >= 1.0 / self.live_fps
+        if not (due or final):
+            return  # drawn after the run: the worker is not woken for it
+        self._last_live = now
+        # in a notebook, the replay-quality encoding of every step waits for the cell's end (the run's tail,
+        # e.g. the VAE decode, does not share the interpreter with it); the last step is drawn quickly first
+        complete = final and not self._complete_after_cell()
+        self._submit(self._live_step, trace, i, copy, complete)
 
-    def _push(self) -> None:
-        """Send the steps so far to the view; the slider follows the newest while it sits on the last sent."""
-        n = len(self._records)
-        at = self._view.step
-        following = at is None or self._sent == 0 or at >= self._sent - 1
-        with self._view.hold_sync():
-            self._view.payload = self.payload()
-            if following and n:
-                self._view.step = n - 1
-        self._sent = n
-        self.pushes += 1
+    def _submit(self, job: Any, *args: Any) -> None:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdexplore-scrubber")
+        self._last_job = self._worker.submit(job, *args)
+
+    def _complete_after_cell(self) -> bool:
+        """Have the worker complete the view when the running IPython cell ends (``post_run_cell``); False
+        outside IPython."""
+        try:
+            from IPython import get_ipython
+        except ImportError:  # pragma: no cover - IPython comes with ipywidgets
+            return False
+        shell = get_ipython()
+        if shell is None:
+            return False
+        if self._cell_hook is None:
+
+            def cell_done(*_: Any) -> None:
+                shell.events.unregister("post_run_cell", cell_done)
+                self._cell_hook = None
+                self._submit(self._complete)
+
+            shell.events.register("post_run_cell", cell_done)
+            self._cell_hook = cell_done
+        return True
+
+    def _live_step(self, trace: Trace, i: int, record: StepRecord, complete: bool) -> None:
+        """The worker's part of a live step the view is due (at most ``live_fps`` a second, and the first):
+        draw it quickly and send the steps drawn so far; ``complete`` (the run is over): encode every step as a
+        replay would and send them all instead."""
+        try:
+            with self._lock:
+                if trace is not self._trace:  # a newer run started meanwhile: this step is not shown
+                    return
+                if complete:  # every step, as a replay would draw them
+                    self._complete()
+                    return
+                self._drafts[i] = self._encode(trace, record, draft=True)
+                shown = sorted({*self._blocks, *self._drafts})  # the steps drawn so far, in order
+                self._push([self._blocks.get(j) or self._drafts[j] for j in shown])
+        except Exception as e:  # raised by the next on_step or wait(), on the caller's thread
+            self._failure = e
+
+    def _complete(self) -> None:
+        """Encode every step received as a replay would and send them all (the drafts are dropped)."""
+        with self._lock:
+            if self._widget is None or not self._records:
+                return
+            if self._drafts or self._sent < len(self._records):
+                self._push([self._block(i) for i in range(len(self._records))])
+                self._drafts.clear()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return once the view holds every step received so far, as a replay of them would show them.
+
+        After an interrupted run (no last step), this draws the steps the live view skipped. Raises what the
+        worker met drawing a step (a trace with nothing to show), or ``TimeoutError`` after ``timeout`` seconds.
+        """
+        self._settle(timeout)
+        self._complete()
+
+    def _settle(self, timeout: float | None = None) -> None:
+        """Wait for the worker's queued steps; raise what it met drawing one."""
+        job = self._last_job
+        if job is not None:
+            job.result(timeout)
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _push(self, blocks: list[dict[str, Any]]) -> None:
+        """Send these steps' blocks to the view; the slider follows the newest while it sits on the last sent."""
+        with self._lock:
+            n = len(blocks)
+            at = self._view.step
+            following = at is None or self._sent == 0 or at >= self._sent - 1
+            with self._view.hold_sync():
+                self._view.payload = self._assemble(blocks)
+                if following and n:
+                    self._view.step = n - 1
+            self._sent = n
+            self.pushes += 1
 
     # ---- widget -----------------------------------------------------------------------------------------
+    @property
+    def value(self) -> int:
+        """Step shown (the slider's position, as the view last reported it, once the live worker has handled
+        every step received); builds the widget first."""
+        self.widget  # noqa: B018 - build the widget first
+        self._settle()
+        return int(self._view.step or 0)
+
+    @value.setter
+    def value(self, i: int) -> None:
+        self.widget  # noqa: B018 - build the widget first
+        self._view.step = int(i)
+
     def _build(self) -> Any:
         n = len(self._records)
         self._view = web_view("scrubber", self.payload(), step=max(n - 1, 0), frame=0)
@@ -265,6 +422,7 @@ class TimestepScrubber(SliderExplorer):
         """The encoded picture (PNG or WebP) the view shows in ``panel`` at its current step: one of
         ``"noisy"``, ``"x0"``, ``"decoded"`` (when recorded), ``"noise"``, ``"latents"``."""
         self.widget  # noqa: B018 - build the widget first
+        self.wait()  # a live run's last steps may still be on the worker
         panels = {p["key"]: p for p in self._view.payload.get("steps", {}).get("panels", [])}
         if panel not in panels:
             raise KeyError(f"no {panel!r} panel; this view shows {', '.join(panels) or 'nothing yet'}")
