@@ -14,11 +14,13 @@ Latency: Playwright opens each page from file:// (every other request aborted); 
 phase of the display frame, the input's value is set, an ``input`` event dispatched (the explorer paints its canvas
 synchronously), and the time to the next ``requestAnimationFrame`` callback (the frame that shows it) is taken with
 ``performance.now()``; median of ``--moves`` (≥ 50) moves. The handler's own time (dispatch → return) is reported
-beside it. ``--kernel`` measures today's ipywidgets TimestepScrubber the same way in JupyterLab (arrow key on the
-slider → the kernel's new PNG decoded → next frame).
+beside it. ``--kernel`` measures two scrubbers inside JupyterLab: a small ipywidgets one defined in the benchmark's
+notebook (an IntSlider and an Image whose observer sets that step's PNG from the kernel, as the explorers did
+before the anywidget views: arrow key on the slider → the kernel's new PNG decoded → next frame), and the anywidget
+TimestepScrubber (input → painted, as above).
 
     python benchmarks/bench_pages.py                 # sizes + latency, a table
-    python benchmarks/bench_pages.py --kernel        # also the ipywidgets kernel round trip (starts JupyterLab)
+    python benchmarks/bench_pages.py --kernel        # also both scrubbers in JupyterLab (starts JupyterLab)
     python benchmarks/run.py --only pages            # the same rows in run.py's table
 """
 
@@ -251,80 +253,115 @@ def latency(paths: dict[str, Path], moves: int) -> list[dict[str, Any]]:
     return rows
 
 
-def kernel_latency(moves: int) -> dict[str, Any]:
-    """Today's ipywidgets TimestepScrubber in JupyterLab, measured the same way: arrow key on the slider → the
-    kernel sends the step's PNG → decoded → the next frame. Needs jupyterlab (the notebooks extra)."""
+# the kernel baseline's notebook: a small ipywidgets scrubber (an IntSlider and an Image whose observer sets that
+# step's PNG from the kernel, as the explorers did before the anywidget views), then the anywidget TimestepScrubber
+KERNEL_CELLS = [
+    "import torch\nfrom sdexplore import load_pipeline, observe\nfrom sdexplore.views.widgets import TimestepScrubber\n"
+    "torch.set_num_threads(1)\npipe = load_pipeline()\n"
+    f"with observe(pipe, attention=True) as obs:\n    pipe({PROMPT!r}, generator=torch.Generator().manual_seed(0))",
+    "import io\nimport ipywidgets as w\nfrom PIL import Image\nfrom sdexplore.views.render import trace_preview\n\n\n"
+    "def png(i):  # step i's x0 preview, enlarged to at least 64 px, as the ipywidgets scrubber sent it\n"
+    "    a = trace_preview(obs.steps, i, 'x0')  # (h, w, 3)\n"
+    "    k = max(1, -(-64 // a.shape[0]))\n"
+    "    buf = io.BytesIO()\n"
+    "    Image.fromarray(a.repeat(k, 0).repeat(k, 1)).save(buf, format='PNG')\n"
+    "    return buf.getvalue()\n\n\n"
+    "pngs = [png(i) for i in range(len(obs.steps))]  # encoded once: a move only sends bytes\n"
+    "slider = w.IntSlider(value=len(pngs) // 2, min=0, max=len(pngs) - 1)\n"
+    "slider.add_class('sdx-bench-slider')\n"
+    "img = w.Image(value=pngs[slider.value], format='png')\n"
+    "img.add_class('sdx-bench-img')\n"
+    "slider.observe(lambda change: setattr(img, 'value', pngs[change['new']]), names='value')\n"
+    "w.VBox([slider, img])",
+    "TimestepScrubber(obs)",
+]
+
+# arrow key on the ipywidgets slider → the kernel sets the Image's PNG → decoded → the next frame; median of n
+KERNEL_JS = """async ([n]) => {
+  const handle = document.querySelector('.sdx-bench-slider .noUi-handle');
+  const img = document.querySelector('img.sdx-bench-img');
+  const frame = () => new Promise((r) => requestAnimationFrame(r));
+  const times = [];
+  let lost = 0;
+  for (let i = 0; i < n; i++) {
+    await frame();
+    await new Promise((r) => setTimeout(r, Math.random() * 16));
+    const before = img.src;
+    const changed = new Promise((resolve) => {
+      const obs = new MutationObserver(() => { if (img.src !== before) { obs.disconnect(); resolve(true); } });
+      obs.observe(img, { attributes: true, attributeFilter: ['src'] });
+      setTimeout(() => { obs.disconnect(); resolve(false); }, 5000);
+    });
+    const key = i % 2 ? 'ArrowRight' : 'ArrowLeft';
+    const t0 = performance.now();
+    handle.dispatchEvent(new KeyboardEvent('keydown', { key, bubbles: true }));
+    if (!(await changed)) { lost++; continue; }
+    await img.decode();
+    await frame();
+    times.push(performance.now() - t0);
+  }
+  times.sort((a, b) => a - b);
+  return { total: times[Math.floor(times.length / 2)], n: times.length, lost };
+}"""
+
+
+def kernel_latency(moves: int) -> list[dict[str, Any]]:
+    """Two scrubbers in JupyterLab: a small ipywidgets one whose every move is a kernel round trip (arrow key on
+    the slider → the kernel sets the step's PNG → decoded → the next frame), and the anywidget TimestepScrubber
+    (input → painted, as the pages are measured: it paints in the browser). Needs jupyterlab (the notebooks
+    extra)."""
     import nbformat
 
     sys.path.insert(0, str(ROOT / "tests"))
     import test_browser as tb  # the JupyterLab fixture's setup, reused
     from playwright.sync_api import sync_playwright
 
-    cells = [
-        "import torch\nfrom sdexplore import load_pipeline, observe\nfrom sdexplore.views.widgets import TimestepScrubber\n"
-        "torch.set_num_threads(1)\npipe = load_pipeline()\n"
-        f"with observe(pipe, attention=True) as obs:\n    pipe({PROMPT!r}, generator=torch.Generator().manual_seed(0))",
-        "TimestepScrubber(obs)",
-    ]
-    tb.NOTEBOOK_CELLS[:] = cells
     gen = tb.lab.__wrapped__(_Factory())
     url, token, root = next(gen)
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in KERNEL_CELLS])
     nb.metadata["kernelspec"] = {
         "name": tb.KERNEL_NAME,
         "display_name": "Python 3 (ipykernel)",
         "language": "python",
     }
-    nbformat.write(nb, root / "explorers.ipynb")
-    js = """async ([n]) => {
-      const root = document.querySelector('.sdx-timestep-scrubber');
-      const handle = root.querySelector('.sdx-step-slider .noUi-handle');
-      const img = root.querySelector('img.sdx-panel-x0');
-      const frame = () => new Promise((r) => requestAnimationFrame(r));
-      const times = [];
-      for (let i = 0; i < n; i++) {
-        await frame();
-        await new Promise((r) => setTimeout(r, Math.random() * 16));
-        const before = img.src;
-        const changed = new Promise((resolve) => {
-          const obs = new MutationObserver(() => { if (img.src !== before) { obs.disconnect(); resolve(); } });
-          obs.observe(img, { attributes: true, attributeFilter: ['src'] });
-        });
-        const key = i % 2 ? 'ArrowRight' : 'ArrowLeft';
-        const t0 = performance.now();
-        handle.dispatchEvent(new KeyboardEvent('keydown', { key, bubbles: true }));
-        await changed;
-        await img.decode();
-        await frame();
-        times.push(performance.now() - t0);
-      }
-      times.sort((a, b) => a - b);
-      return times[Math.floor(times.length / 2)];
-    }"""
+    nbformat.write(nb, root / "kernel_bench.ipynb")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=tb.CHROMIUM, args=tb.CHROMIUM_ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"{url}/lab/tree/explorers.ipynb?token={token}")
+            page = browser.new_page(viewport={"width": 1500, "height": 1400})
+            page.goto(f"{url}/lab/tree/kernel_bench.ipynb?token={token}")
             page.locator(".jp-NotebookPanel-toolbar .jp-KernelName").filter(has_text="Python 3").wait_for(
                 timeout=300_000
             )
             page.wait_for_function(tb.KERNEL_IDLE_JS, timeout=300_000)
             page.locator(".jp-Notebook .jp-Cell").first.click()
             page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            page.locator(".sdx-timestep-scrubber img.sdx-panel-x0").wait_for(timeout=300_000)
+            page.locator("img.sdx-bench-img").wait_for(timeout=300_000)
+            page.locator(".sdx-view-scrubber .sdx-step-slider").wait_for(timeout=300_000)
+            page.wait_for_function(tb.KERNEL_IDLE_JS, timeout=300_000)
             time.sleep(2)
-            ms = page.evaluate(js, [moves])
+            ipy = page.evaluate(KERNEL_JS, [moves])
+            any_ = page.evaluate(LATENCY_JS, [".sdx-view-scrubber .sdx-step-slider", moves])
             browser.close()
     finally:
         gen.close()
-    return {
-        "page": "JupyterLab (ipywidgets, kernel round trip)",
-        "control": "scrubber step",
-        "ms": ms,
-        "handler_ms": float("nan"),
-        "moves": moves,
-    }
+    return [
+        {
+            "page": "JupyterLab: ipywidgets slider + Image (kernel round trip)",
+            "control": "scrubber step",
+            "ms": ipy["total"],
+            "handler_ms": float("nan"),
+            "moves": ipy["n"],
+            "lost": ipy["lost"],
+        },
+        {
+            "page": "JupyterLab: anywidget TimestepScrubber",
+            "control": "scrubber step",
+            "ms": any_["total"],
+            "handler_ms": any_["handler"],
+            "moves": any_["n"],
+        },
+    ]
 
 
 class _Factory:
@@ -382,7 +419,7 @@ def measure(moves: int = 60, kernel: bool = False, out: Path | None = None) -> d
     ]
     lat = latency({"embedded": embedded, "sd15-shaped": sd15, "walk": walk_page}, moves)
     if kernel:
-        lat.append(kernel_latency(max(20, moves // 3)))
+        lat += kernel_latency(moves)
     return {"sizes": sizes, "latency": lat, "folder": str(out)}
 
 
@@ -400,8 +437,10 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'page':44s} {'control':22s} {'ms':>7s} {'handler':>8s} {'moves':>6s} {'ok':>4s}")
     for x in r["latency"]:
         ok = "yes" if x["ms"] <= BUDGET_MS else "NO"
+        lost = f"  ({x['lost']} moves got no new picture in 5 s)" if x.get("lost") else ""
         print(
             f"{x['page']:44s} {x['control']:22s} {x['ms']:7.2f} {x['handler_ms']:8.2f} {x['moves']:6d} {ok:>4s}"
+            + lost
         )
     print(f"\npages in {r['folder']}")
 
@@ -441,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--moves", type=int, default=60, help="slider moves per control (median; ≥ 50)")
     ap.add_argument(
-        "--kernel", action="store_true", help="also measure the ipywidgets scrubber in JupyterLab"
+        "--kernel",
+        action="store_true",
+        help="also measure a kernel round-trip ipywidgets scrubber and the anywidget one in JupyterLab",
     )
     ap.add_argument("--out", type=Path, default=None, help="folder for the pages (default: a temporary one)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
