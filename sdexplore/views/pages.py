@@ -24,7 +24,7 @@ from ..errors import InvalidArgumentError, NotRecordedError, ResultFileError
 from . import payload as _payload
 
 #: The explorers (one JavaScript module each, in sdexplore/views/web/).
-EXPLORERS = ("scrubber", "attention", "walk", "interpolation", "edit")
+EXPLORERS = ("scrubber", "attention", "walk", "interpolation", "edit", "directions")
 _IMPORT_CORE = re.compile(r"import\s*\{[^}]*\}\s*from\s*\"\./core\.js\";\s*")
 _EXPORT = re.compile(r"^export (?=(async )?function |const |class |let )", re.M)
 _PAYLOAD_ID = "sdx-payload"
@@ -140,6 +140,7 @@ def page_html(payload: dict[str, Any], explorers: list[str], *, title: str | Non
         "walk": "Walk",
         "interpolation": "Frames",
         "edit": "The edit",
+        "directions": "Directions",
     }
     facts = [
         (k, prov[k])

@@ -5,7 +5,7 @@ and in a self-contained page (embedded, see :mod:`sdexplore.views.pages`). Pictu
 WebP (whichever is smaller), maps as uint8 arrays with each map's own (min, max), deflated; the colour map as the
 256 colours matplotlib gives the Python views. Format (version 1)::
 
-    {"format": "sdexplore.page", "version": 1, "kind": "observation" | "walk" | "edit",
+    {"format": "sdexplore.page", "version": 1, "kind": "observation" | "walk" | "edit" | "directions",
      "provenance": {model, family, scheduler, seed, prompt, negative_prompt, steps, guidance_scale,
                     size: [H, W], sdexplore, date},
      "colormap": {"name": "jet", "lut": b64(256 × RGB uint8)},
@@ -22,7 +22,7 @@ WebP (whichever is smaller), maps as uint8 arrays with each map's own (min, max)
                               only: axis T of every map block is then the queries, and words are []),
                    "aggregate": MAPS [T, H, W], "steps": MAPS [S, T, h, w] | null,
                    "layers": [{"name", "maps": MAPS [T, h, w]}]} | absent,
-     "walk": {...} | absent, "edit": {...} | absent}
+     "walk": {...} | absent, "edit": {...} | absent, "directions": {...} | absent (directions_payload)}
     IMAGE = {"mime": "image/png" | "image/webp", "data": b64, "shape": [H, W]}
     MAPS  = {"shape": [..., h, w], "codec": "deflate", "data": b64(zlib(uint8 codes)),
              "delta": axis (optional: codes stored as differences along that leading axis, mod 256),
@@ -594,3 +594,30 @@ def edit_payload(
     payload["image"] = None
     payload["edit"] = block
     return payload
+
+
+# ---------------------------------------------------------------------------------------------- directions
+def directions_payload(
+    frames: dict[str, Any], strengths: dict[str, list[float]], *, quality: int | None = None
+) -> dict[str, Any]:
+    """The payload of the direction explorer: per direction (``frames[name]``, (N, H, W, 3) pictures rendered at
+    ``strengths[name]``, e.g. by ``Direction.walk``) its pictures and strengths, opening at the strength nearest 0.
+    Format: ``"directions": {"count": D, "rows": [{"name", "strengths": [N], "start", "images": [IMAGE] * N}]}``."""
+    rows = []
+    for name, fr in frames.items():
+        s = [float(x) for x in strengths[name]]
+        if len(s) != len(fr):
+            raise ValueError(f"direction {name!r}: {len(fr)} frames but {len(s)} strengths")
+        rows.append(
+            {
+                "name": str(name),
+                "strengths": s,
+                "start": int(np.argmin(np.abs(s))),
+                "images": [encode_image(f, quality=quality) for f in fr],
+            }
+        )
+    first = np.asarray(next(iter(frames.values())))
+    out = _base("directions", provenance(size=[int(first.shape[1]), int(first.shape[2])]), None)
+    out["image"] = None
+    out["directions"] = {"count": len(rows), "rows": rows}
+    return out

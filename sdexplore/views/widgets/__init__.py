@@ -5,10 +5,10 @@ pipeline: moving a control only shows what was already computed. In a Jupyter ke
 as a widget; in a plain script, with ``static=True``, or with ``SDEXPLORE_STATIC=1`` it displays (and
 ``.figure()`` returns) a matplotlib figure instead.
 
-TimestepScrubber, AttentionExplorer, InterpolationExplorer and WalkPlayer are anywidget views of the front end
-the self-contained pages use (``sdexplore/views/web/``, see :mod:`sdexplore.views.pages`): their data lives in
-the browser, so a control never waits on the kernel and the view outlives it. EditExplorer and DirectionExplorer
-are ipywidgets views over pictures computed beforehand (the front end has no module for them yet).
+TimestepScrubber, AttentionExplorer, InterpolationExplorer, WalkPlayer, EditExplorer and DirectionExplorer are
+anywidget views of the front end the self-contained pages use (``sdexplore/views/web/``, see
+:mod:`sdexplore.views.pages`): their data lives in the browser, so a control never waits on the kernel and the
+view outlives it.
 """
 
 from __future__ import annotations

@@ -31,9 +31,17 @@ _EMBED_NEEDS = {
     "interpolation": "walk",
     "walk": "walk",
     "edit": "edit",
+    "directions": "directions",
 }
 #: A page's height in the frame before it reports its own (pages post their height to the frame's parent).
-_EMBED_HEIGHT = {"scrubber": 560, "attention": 640, "interpolation": 560, "walk": 460, "edit": 720}
+_EMBED_HEIGHT = {
+    "scrubber": 560,
+    "attention": 640,
+    "interpolation": 560,
+    "walk": 460,
+    "edit": 720,
+    "directions": 360,
+}
 # the page around the frames: each frame takes the height its page reports
 _EMBED_SCRIPT = """<script>
 window.addEventListener("message", (e) => {

@@ -1,15 +1,20 @@
-"""DirectionExplorer: a strength slider per direction, over frames rendered beforehand (a walk along each direction)."""
+"""DirectionExplorer: a strength slider per direction, over frames rendered beforehand (a walk along each direction).
+
+In a notebook it is the front end's direction explorer (``sdexplore/views/web/directions.js``) as an anywidget:
+every frame travels to the browser once, in the page payload, so moving a slider never waits on the kernel.
+"""
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
 import numpy as np
 
 from ...errors import InvalidArgumentError
-from ._base import Explorer, new_figure, style_widget
-from .interpolation import encode_frame, frames_of
+from .. import payload as _payload
+from ._base import Explorer, new_figure
+from ._web import web_view
+from .interpolation import frames_of
 
 
 def _strengths(walk: Any, n: int) -> list[float]:
@@ -25,14 +30,17 @@ class DirectionExplorer(Explorer):
     """Move along each direction with its own strength slider and see the image at that strength.
 
     Nothing is computed here: each direction's frames come from :meth:`sdexplore.directions.Direction.walk` (one
-    walk per direction, at strengths −s…s), and a slider picks the frame. The static figure is the grid of every
-    direction (rows) at every strength (columns).
+    walk per direction, at strengths −s…s), and a slider picks the frame. In a notebook the view is the front
+    end's (an anywidget holding every frame), so a slider never waits on the kernel. The static figure is the grid
+    of every direction (rows) at every strength (columns).
 
     Args:
         walks: ``{name: walk}`` (or a list of walks, named by their direction) made by ``Direction.walk``.
-        size: displayed side of each image in pixels.
+        size: kept for compatibility; the view enlarges each picture by a whole factor to at least 192 pixels.
         static: force the static figure (True) or the widget (False); default: detect a widget frontend.
     """
+
+    _web_name = "directions"  # its front end: sdexplore/views/web/directions.js
 
     def __init__(self, walks: Any, *, size: int = 192, static: bool | None = None) -> None:
         super().__init__(static=static)
@@ -48,7 +56,7 @@ class DirectionExplorer(Explorer):
         self.frames = {k: frames_of(w) for k, w in walks.items()}  # name → (N, H, W, 3) uint8
         self.strengths = {k: _strengths(w, len(self.frames[k])) for k, w in walks.items()}
         self.size = size
-        self._encoded = {k: [encode_frame(f, size) for f in fr] for k, fr in self.frames.items()}
+        self._payload_cache: dict[str, Any] | None = None
 
     def frame(self, name: str, strength: float) -> np.ndarray:
         """The frame of direction ``name`` nearest ``strength`` (H, W, 3) uint8."""
@@ -56,40 +64,15 @@ class DirectionExplorer(Explorer):
         return self.frames[name][i]
 
     # ---- widget -----------------------------------------------------------------------------------------
+    def payload(self) -> dict[str, Any]:
+        """The page payload (:func:`sdexplore.views.payload.directions_payload`): what the view shows."""
+        if self._payload_cache is None:
+            self._payload_cache = _payload.directions_payload(self.frames, self.strengths)
+        return self._payload_cache
+
     def _build(self) -> Any:
-        import ipywidgets as w
-
-        rows = []
-        self._sliders: dict[str, Any] = {}
-        for name in self.names:
-            strengths = self.strengths[name]
-            middle = int(np.argmin([abs(s) for s in strengths]))
-            data, fmt = self._encoded[name][middle]
-            img = w.Image(
-                value=data, format=fmt, layout=w.Layout(width=f"{self.size}px", height=f"{self.size}px")
-            )
-            img.add_class("sdx-direction-image")
-            img.add_class("sdx-pixelated")
-            slider = w.SelectionSlider(
-                options=[(f"{s:+.2f}", i) for i, s in enumerate(strengths)],
-                value=middle,
-                description="strength",
-                continuous_update=True,
-                layout=w.Layout(width="360px"),
-            )
-            slider.add_class("sdx-direction-slider")
-
-            def on_change(change: dict, name: str = name, img: Any = img) -> None:
-                data, fmt = self._encoded[name][int(change["new"])]
-                img.format, img.value = fmt, data
-
-            slider.observe(on_change, names="value")
-            self._sliders[name] = slider
-            title = w.HTML(f"<b>{html.escape(name)}</b>")
-            rows.append(w.VBox([title, slider, img]))
-        box = w.HBox([style_widget(), *rows])
-        box.add_class("sdx-direction-explorer")
-        return box
+        self._view = web_view("directions", self.payload())
+        return self._view
 
     def figure(self) -> Any:
         """Every direction (rows) at every strength (columns)."""
