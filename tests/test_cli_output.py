@@ -50,10 +50,10 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_writes(capsys
     started, release = threading.Event(), threading.Event()
     real = cli_steps.write_steps
 
-    def slow_write(pipe, args, files):
+    def slow_write(pipe, args, files, **kw):
         started.set()
         assert release.wait(60)
-        real(pipe, args, files)
+        real(pipe, args, files, **kw)
 
     monkeypatch.setattr(cli_steps, "write_steps", slow_write)
     first: list[int] = []
@@ -260,9 +260,9 @@ def test_force_replaces_sdexplores_own_output_only_while_its_manifest_holds(caps
 
     real = cli_steps.write_steps
 
-    def user_adds_a_file_meanwhile(pipe, args, files):
+    def user_adds_a_file_meanwhile(pipe, args, files, **kw):
         (out / "notes.txt").write_text("written during the run")
-        real(pipe, args, files)
+        real(pipe, args, files, **kw)
 
     monkeypatch.setattr(cli_steps, "write_steps", user_adds_a_file_meanwhile)
     rc, stdout, err = run(capsys, "steps", "a blue square", *FAST, "--out", out, "--force")

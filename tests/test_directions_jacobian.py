@@ -9,7 +9,7 @@ import torch
 from conftest import assert_restored, gen, pipeline_state
 
 from sdexplore import directions as D
-from sdexplore.errors import InvalidArgumentError, ResultFileError
+from sdexplore.errors import InvalidArgumentError, ResultFileError, UnsupportedPipelineError
 from sdexplore.families import detect_family
 from sdexplore.fixtures import tiny_pipeline
 from sdexplore.results.directions import DirectionData
@@ -225,7 +225,7 @@ def test_an_unsupported_family_is_refused() -> None:
     calls = []
     hook = flux.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(InvalidArgumentError, match="SD 1.x, SD 2.x, SDXL and SD3"):
+        with pytest.raises(UnsupportedPipelineError, match="Stable Diffusion 1.x.*Stable Diffusion 3"):
             D.jacobian(flux, PROMPT, step=1)
     finally:
         hook.remove()
