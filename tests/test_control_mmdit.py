@@ -231,7 +231,9 @@ def test_recorded_joint_maps_are_the_edited_ones_in_either_order(pipe) -> None:
         assert float(obs.attention.word("circle").abs().max()) == 0.0
         assert float(obs.attention.word("red").min()) > 0.0
     res = sdx.edit(pipe, P, Q, cross_replace=1.0, generator=gen(0), num_inference_steps=3)
-    torch.testing.assert_close(res.edited_maps.aggregate, res.source_maps.aggregate, rtol=0, atol=0)
+    # the edited rows' block is the source's, to float32 rounding: the source row's maps take the log-sum-exp the
+    # CPU flash kernel returns (a412fe3), the replaced rows an explicit softmax over the same scores
+    torch.testing.assert_close(res.edited_maps.aggregate, res.source_maps.aggregate, rtol=4 * 2**-23, atol=1e-9)
     assert not np.array_equal(_arrays(res.source), _arrays(res.edited))  # the values still come from "blue"
 
 
