@@ -26,6 +26,7 @@ FRAMED = {
     "05_latent_walks": ["walk"],
     "06_your_own_image": ["scrubber", "attention"],
     "07_edit_by_attention": ["edit"],
+    "08_directions": ["directions"],
 }
 IFRAME = re.compile(r'<iframe class="sdx-embed" src="([^"]+)"')
 
