@@ -52,6 +52,7 @@ def test_each_tutorial_frames_its_explorers_pages_with_their_payloads(docs_site,
             "interpolation": "walk",
             "walk": "walk",
             "edit": "edit",
+            "directions": "directions",
         }[name]
         assert payload.get(block), f"{frame.name}: no {block} in its payload"
         assert f'data-explorer="{name}"' in text and "<script src" not in text  # one file, no network
