@@ -93,6 +93,11 @@ def test_vae_only_then_vae_from_trains_a_new_unet_on_that_vae_and_fine_tunes_kee
     try:
         train.main(vae_argv)
         train.main(new_argv)
+        # a budget already spent before phase 2 starts (a loaded machine) still trains and exports one step
+        late = tmp_path / "late"
+        train.main(common + ["--vae-from", str(vae_dir), "--minutes", "0.0001", "--out", str(late),
+                             "--run-dir", str(tmp_path / "c3")])  # fmt: skip
+        assert json.loads((late / "training.json").read_text())["unet_steps"] == 1
         first = StableDiffusionPipeline.from_pretrained(new_dir, local_files_only=True)
         first_vae, first_channels = first.vae.state_dict(), tuple(first.unet.config.block_out_channels)
         # A folder whose UNet is not build_unet()'s (as an older shipped model's was): three levels, 8 channels.

@@ -327,7 +327,8 @@ def train_unet(run: Run, deadline: float, prompt_ids: torch.Tensor, empty_ids: t
     smooth = None
     first_step, t_first = run.step, None
     calibrate = max(first_step + 40, config.warmup)
-    while time.time() < deadline:
+    # at least one step, even past the deadline: a loaded machine never exports an untrained phase 2
+    while time.time() < deadline or run.step == first_step:
         if run.step == first_step + 10:  # time steps 10..calibrate, past the first (slow, warming-up) ones
             t_first = time.time()
         if run.total_steps is None and run.step == calibrate:
