@@ -36,7 +36,7 @@ def test_steps_html_writes_the_runs_page_beside_its_folder(capsys, tmp_path):
     assert rc == 0 and f"wrote {page}" in stdout
     payload = pages.read_payload(page)  # the checksum verifies
     prov = payload["provenance"]
-    assert (prov["model"], prov["seed"], prov["prompt"], prov["steps"]) == ("embedded", 5, PROMPT, 3)
+    assert (prov["model"], prov["seed"], prov["prompt"], prov["steps"]) == ("tiny-shapes", 5, PROMPT, 3)
     steps = payload["steps"]
     assert steps["count"] == 3 and {p["key"] for p in steps["panels"]} >= {"noisy", "x0"}
     image = np.asarray(Image.open(out / "image.png").convert("RGB"))

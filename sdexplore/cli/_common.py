@@ -419,7 +419,7 @@ def _write_observation_page(path: Path, obs: Any, image: Any, args: argparse.Nam
         obs,
         path,
         image=image,
-        model=args.model or "embedded",
+        model=args.model,  # None: the recorded provenance names the model (the embedded one by its name)
         seed=None if picture is not None else args.seed,
         prompt=args.prompt,
         negative_prompt=args.negative,
