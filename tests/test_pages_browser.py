@@ -286,6 +286,8 @@ def test_a_video_page_gets_a_frame_slider(browser, tmp_path):
     try:
         assert page.state == "ok" and page.page.locator(".sdx-error").count() == 0
         assert "frame 1 / 2" in page.page.locator(".sdx-scrubber .sdx-info").inner_text()
+        chart = page.page.locator(".sdx-scrubber .sdx-chart").inner_html()  # a flow model's mixing weights
+        assert "signal 1−σ" in chart and "noise σ" in chart and "√ᾱ" not in chart
         page.moves(".sdx-panel-x0", lambda: page.key(".sdx-scrubber .sdx-frame-slider", "ArrowRight"))
         assert "frame 2 / 2" in page.page.locator(".sdx-scrubber .sdx-info").inner_text()
         page.moves(".sdx-attention-image", lambda: page.key(".sdx-attention .sdx-frame-slider", "ArrowRight"))

@@ -54,11 +54,18 @@ async function build(model, el) {
   const info = h("div", { class: "sdx-info" });
   const total = steps.total || S;
   const sa = steps.alpha_bar.map((a) => Math.sqrt(a));
+  // a flow model mixes x_t = (1 − σ) x0 + σ ε: its curves are those two weights, not √ᾱ and √(1−ᾱ)
+  const curves = steps.flow_sigma
+    ? [
+        { label: "signal 1−σ", values: steps.flow_sigma.map((s) => 1 - s), colour: "#1f77b4" },
+        { label: "noise σ", values: steps.flow_sigma, colour: "#d62728" },
+      ]
+    : [
+        { label: "signal √ᾱ", values: sa, colour: "#1f77b4" },
+        { label: "noise √(1−ᾱ)", values: steps.alpha_bar.map((a) => Math.sqrt(1 - a)), colour: "#d62728" },
+      ];
   const chart = lineChart(
-    [
-      { label: "signal √ᾱ", values: sa, colour: "#1f77b4" },
-      { label: "noise √(1−ᾱ)", values: steps.alpha_bar.map((a) => Math.sqrt(1 - a)), colour: "#d62728" },
-    ],
+    curves,
     { xlabel: "recorded step", width: Math.max(360, columns.length * (W + 12)) },
   );
 
