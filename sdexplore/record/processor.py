@@ -56,6 +56,15 @@ Defer = Callable[
 ]
 
 
+def query_length(hidden_states: torch.Tensor) -> int:
+    """The image tokens of an attention call's input: (B, N, C) tokens, or a (B, C, H, W) feature map's H·W."""
+    return (
+        hidden_states.shape[1]
+        if hidden_states.ndim == 3
+        else hidden_states.shape[-1] * hidden_states.shape[-2]
+    )
+
+
 def is_reproducible(processor: Any) -> bool:
     """Whether ``processor`` computes plain attention that :class:`CapturingAttnProcessor` reproduces (under a
     control, the processor the control wraps)."""
@@ -116,11 +125,7 @@ class CapturingAttnProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        seq_len = (
-            hidden_states.shape[1]
-            if hidden_states.ndim == 3
-            else hidden_states.shape[-1] * hidden_states.shape[-2]
-        )
+        seq_len = query_length(hidden_states)
         rows = None if encoder_hidden_states is None else self.gate(self.name, seq_len)
         if rows is None:
             return self.original(
@@ -256,11 +261,7 @@ class ControlledAttnProcessor:
     ) -> torch.Tensor:
         plain = self.capture if self.capture is not None else self.original
         cross = encoder_hidden_states is not None
-        seq_len = (
-            hidden_states.shape[1]
-            if hidden_states.ndim == 3
-            else hidden_states.shape[-1] * hidden_states.shape[-2]
-        )
+        seq_len = query_length(hidden_states)
         call = None if cross != self.cross else self.begin(self.name, cross, seq_len, hidden_states.shape[0])
         if call is None:
             return plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
 from ..results.attention_maps import RELATIONS, TEXT_QUERIES
+from .processor import query_length
 
 __all__ = ["RELATIONS", "TEXT_QUERIES", "SelfCapturingProcessor", "Selection", "parse"]
 
@@ -254,11 +255,7 @@ class SelfCapturingProcessor:
         *args: Any,
         **kwargs: Any,
     ) -> torch.Tensor:
-        seq_len = (
-            hidden_states.shape[1]
-            if hidden_states.ndim == 3
-            else hidden_states.shape[-1] * hidden_states.shape[-2]
-        )
+        seq_len = query_length(hidden_states)
         rows = None
         if encoder_hidden_states is None and attention_mask is None and not args and not kwargs:
             rows = self.gate(self.name, seq_len)
