@@ -384,6 +384,32 @@ export async function guard(el, fn) {
   }
 }
 
+/**
+ * The anywidget render of an explorer: build its view, rebuild it on a new payload, and hand each trait in
+ * `traits` (name → (view, value) => void) to the view when Python sets it. Returns the teardown that undoes all of
+ * it and stops the view's player if it has one.
+ */
+export async function mountExplorer(model, el, build, traits = {}) {
+  let view = await guard(el, () => build(model, el));
+  const stop = () => view && view.stop && view.stop();
+  const handlers = Object.entries(traits).map(([name, set]) => [
+    `change:${name}`,
+    () => view && set(view, model.get(name)),
+  ]);
+  handlers.push([
+    "change:payload",
+    async () => {
+      stop();
+      view = await guard(el, () => build(model, el));
+    },
+  ]);
+  for (const [event, handler] of handlers) model.on(event, handler);
+  return () => {
+    stop();
+    for (const [event, handler] of handlers) model.off(event, handler);
+  };
+}
+
 // The payload a model holds (anywidget: the `payload` trait; a page: its embedded payload), checked.
 export function payloadOf(model) {
   const p = model.get("payload");

@@ -4,7 +4,7 @@
 // Model traits read (anywidget names; a page's model serves them from its embedded payload):
 //   payload  object  the page payload (sdexplore.views.payload.directions_payload); needs payload.directions
 // Listens to change:payload (rebuilds).
-import { canvas, displaySize, drawBitmap, guard, h, loadImage, payloadOf, slider } from "./core.js";
+import { canvas, displaySize, drawBitmap, h, loadImage, mountExplorer, payloadOf, slider } from "./core.js";
 
 const signed = (s) => (s >= 0 ? "+" : "−") + Math.abs(s).toFixed(2);
 
@@ -41,10 +41,5 @@ async function build(model, el) {
 }
 
 export default {
-  async render({ model, el }) {
-    await guard(el, () => build(model, el));
-    const onPayload = () => guard(el, () => build(model, el));
-    model.on("change:payload", onPayload);
-    return () => model.off("change:payload", onPayload);
-  },
+  render: ({ model, el }) => mountExplorer(model, el, build),
 };

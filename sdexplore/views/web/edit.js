@@ -12,10 +12,10 @@ import {
   colourTable,
   displaySize,
   drawBitmap,
-  guard,
   h,
   loadImage,
   loadMaps,
+  mountExplorer,
   paintHeat,
   payloadOf,
   resize,
@@ -128,17 +128,5 @@ async function build(model, el) {
 }
 
 export default {
-  async render({ model, el }) {
-    let view = await guard(el, () => build(model, el));
-    const onWord = () => view && view.selectWord(model.get("word"));
-    const onPayload = async () => {
-      view = await guard(el, () => build(model, el));
-    };
-    model.on("change:word", onWord);
-    model.on("change:payload", onPayload);
-    return () => {
-      model.off("change:word", onWord);
-      model.off("change:payload", onPayload);
-    };
-  },
+  render: ({ model, el }) => mountExplorer(model, el, build, { word: (view, word) => view.selectWord(word) }),
 };

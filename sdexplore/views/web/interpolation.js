@@ -7,7 +7,18 @@
 //   payload  object  the page payload (payload.walk_payload or walks_payload); needs payload.walk
 //   frame    int     optional: the frame to open on (default 0); written back as the user moves
 // Listens to change:payload (rebuilds) and change:frame (moves the slider).
-import { canvas, displaySize, drawBitmap, guard, h, lineChart, loadImage, payloadOf, slider, tell } from "./core.js";
+import {
+  canvas,
+  displaySize,
+  drawBitmap,
+  h,
+  lineChart,
+  loadImage,
+  mountExplorer,
+  payloadOf,
+  slider,
+  tell,
+} from "./core.js";
 
 const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b"];
 
@@ -72,17 +83,5 @@ async function build(model, el) {
 }
 
 export default {
-  async render({ model, el }) {
-    let view = await guard(el, () => build(model, el));
-    const onFrame = () => view && view.setFrame(model.get("frame"));
-    const onPayload = async () => {
-      view = await guard(el, () => build(model, el));
-    };
-    model.on("change:frame", onFrame);
-    model.on("change:payload", onPayload);
-    return () => {
-      model.off("change:frame", onFrame);
-      model.off("change:payload", onPayload);
-    };
-  },
+  render: ({ model, el }) => mountExplorer(model, el, build, { frame: (view, frame) => view.setFrame(frame) }),
 };

@@ -13,10 +13,10 @@ import {
   canvas,
   displaySize,
   drawBitmap,
-  guard,
   h,
   lineChart,
   loadImage,
+  mountExplorer,
   payloadOf,
   player,
   slider,
@@ -141,19 +141,5 @@ async function build(model, el) {
 }
 
 export default {
-  async render({ model, el }) {
-    let view = await guard(el, () => build(model, el));
-    const onStep = () => view && view.setStep(model.get("step"));
-    const onPayload = async () => {
-      if (view) view.stop();
-      view = await guard(el, () => build(model, el));
-    };
-    model.on("change:step", onStep);
-    model.on("change:payload", onPayload);
-    return () => {
-      if (view) view.stop();
-      model.off("change:step", onStep);
-      model.off("change:payload", onPayload);
-    };
-  },
+  render: ({ model, el }) => mountExplorer(model, el, build, { step: (view, step) => view.setStep(step) }),
 };

@@ -6,7 +6,18 @@
 //   frame    int     optional: the frame to open on (default 0); written back as the user moves
 //   fps      number  optional: the playback speed (default payload.walk.fps); written back as the user moves
 // Listens to change:payload (rebuilds) and change:frame (moves the slider).
-import { canvas, displaySize, drawBitmap, guard, h, loadImage, payloadOf, player, slider, tell } from "./core.js";
+import {
+  canvas,
+  displaySize,
+  drawBitmap,
+  h,
+  loadImage,
+  mountExplorer,
+  payloadOf,
+  player,
+  slider,
+  tell,
+} from "./core.js";
 
 async function build(model, el) {
   const payload = payloadOf(model);
@@ -59,19 +70,5 @@ async function build(model, el) {
 }
 
 export default {
-  async render({ model, el }) {
-    let view = await guard(el, () => build(model, el));
-    const onFrame = () => view && view.setFrame(model.get("frame"));
-    const onPayload = async () => {
-      if (view) view.stop();
-      view = await guard(el, () => build(model, el));
-    };
-    model.on("change:frame", onFrame);
-    model.on("change:payload", onPayload);
-    return () => {
-      if (view) view.stop();
-      model.off("change:frame", onFrame);
-      model.off("change:payload", onPayload);
-    };
-  },
+  render: ({ model, el }) => mountExplorer(model, el, build, { frame: (view, frame) => view.setFrame(frame) }),
 };
